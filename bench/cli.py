@@ -1,0 +1,198 @@
+"""The `bench` command line: thin; each subcommand calls one library function.
+
+Exit status 0 on success; 2 on bad input, with one line saying what was wrong and how
+to mend it, and no traceback unless --debug.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from bench.errors import BenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train defended classifiers, attack them with a standard matrix, keep every number.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+Results = Annotated[str, typer.Option("--results", envvar="BENCH_RESULTS", help="Results folder (bench.db, checkpoints/).")]
+Db = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the store (default: sqlite in --results).")]
+DataRoot = Annotated[Optional[str], typer.Option("--data-root", envvar="BENCH_DATA", help="Folder holding MNIST/CIFAR/SVHN files.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Defense = Annotated[str, typer.Option("--defense", help="Defense name (`bench ls defenses`), or `all` for run.")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="Preset name (`bench ls presets`) or TOML file.")]
+Set = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (repeatable).")]
+Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits (default), mnist, cifar10, cifar100, svhn.")]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the dataset's).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and noise.")]
+
+
+def _bench(results, db, device, data_root, progress=None):
+    from bench.schedule import Bench
+
+    return Bench.open(results, db=db, device=device, data_root=data_root, progress=progress)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True)
+
+
+@app.command("ls")
+def ls(what: Annotated[str, typer.Argument(help="defenses, attacks, matrices, datasets or presets")] = "defenses"):
+    """List defenses, attacks, matrices, datasets or presets."""
+    from bench.data import DATASETS
+    from bench.matrix import BUILTIN, load_matrix
+    from bench.presets import all_presets
+    from bench.registry import ATTACKS, DEFENSES
+
+    if what == "defenses":
+        for name in DEFENSES.names():
+            out.print(f"{name:18} {DEFENSES.get(name).doc.splitlines()[0] if DEFENSES.get(name).doc else ''}")
+    elif what == "attacks":
+        for name in ATTACKS.names():
+            out.print(f"{name:18} {ATTACKS.get(name).doc.splitlines()[0] if ATTACKS.get(name).doc else ''}")
+    elif what == "matrices":
+        for name in BUILTIN:
+            out.print(f"{name:8} {len(load_matrix(name)[1])} cell tables")
+    elif what == "datasets":
+        for name, spec in DATASETS.items():
+            out.print(f"{name:9} {spec.num_classes:3} classes  {spec.threat.name:14} arch {spec.default_arch}")
+    elif what == "presets":
+        for name, p in all_presets().items():
+            out.print(f"{name:40} {p.defense:16} {p.dataset:9} {p.source}")
+    else:
+        raise BenchError(f"cannot list {what!r}: choose defenses, attacks, matrices, datasets or presets")
+
+
+@app.command("train")
+def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset: Dataset = None,
+              arch: Arch = None, seed: Seed = 0, results: Results = "results", db: Db = None,
+              data_root: DataRoot = None, device: Device = "auto"):
+    """Train (or find) the checkpoint of one recipe."""
+    from bench.schedule import RunSpec, ensure_checkpoint, resolve
+
+    spec = RunSpec(defense, dataset, preset, tuple(set_ or ()), arch, seed)
+    recipe = resolve(spec)
+    with _progress() as progress:
+        bench = _bench(results, db, device, data_root, progress)
+        row, trained = ensure_checkpoint(bench, recipe)
+    verb = "trained" if trained else "found"
+    out.print(f"{verb} {row.defense} [{row.key}] clean accuracy {row.meta['clean_acc']:.4f} "
+              f"({row.train_seconds:.1f} s training) at {row.path}")
+
+
+@app.command("run")
+def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", help="quick, full, paper or a TOML file.")] = "quick",
+            preset: Preset = None, set_: Set = None, dataset: Dataset = None, arch: Arch = None,
+            seed: Seed = 0, results: Results = "results", db: Db = None,
+            data_root: DataRoot = None, device: Device = "auto"):
+    """Train what is missing, run every missing cell of the matrix, print the results."""
+    from bench.registry import DEFENSES
+    from bench.results import result_rows
+    from bench.schedule import RunSpec, run_defense
+
+    names = DEFENSES.names() if defense == "all" else [defense]
+    if defense != "all":
+        DEFENSES.get(defense)
+    keys = set()
+    with _progress() as progress:
+        bench = _bench(results, db, device, data_root, progress)
+        for name in names:
+            spec = RunSpec(name, dataset, preset if defense != "all" else None, tuple(set_ or ()), arch, seed)
+            report = run_defense(bench, spec, matrix)
+            keys.add(report.checkpoint.key)
+            err.print(f"{name} [{report.checkpoint.key[:8]}]: "
+                      f"{'trained' if report.trained else 'checkpoint found'}, "
+                      f"{len(report.cells_run)} of {report.cells_total} cells run")
+    _print_rows(result_rows(bench.store, checkpoint_keys=keys), "table")
+
+
+@app.command("results")
+def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+                defense: Annotated[Optional[str], typer.Option("--defense")] = None,
+                dataset: Dataset = None, results: Results = "results", db: Db = None):
+    """Print stored results: every cell, plus each checkpoint's worst case."""
+    from bench.results import result_rows
+
+    if format not in ("table", "csv", "json"):
+        raise BenchError(f"--format must be table, csv or json, got {format!r}")
+    bench = _bench(results, db, "cpu", None)
+    _print_rows(result_rows(bench.store, defense=defense, dataset=dataset), format)
+
+
+@app.command("site")
+def site_cmd(out_dir: Annotated[str, typer.Option("--out", help="Folder to write the static site into.")] = "site",
+             results: Results = "results", db: Db = None):
+    """Render the static leaderboard from the store (reads only the store, writes only --out)."""
+    from bench.site import build_site
+
+    bench = _bench(results, db, "cpu", None)
+    index = build_site(bench.store, out_dir)
+    out.print(f"wrote the leaderboard to {index}")
+
+
+def _print_rows(rows: list[dict], fmt: str) -> None:
+    from bench.results import COLUMNS
+
+    if fmt == "json":
+        print(json.dumps(rows, indent=1))
+        return
+    if fmt == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=COLUMNS + ["flags"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "flags": ";".join(r.get("flags", []))})
+        return
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for col in ("defense", "checkpoint", "attack", "clean", "robust", "n", "s"):
+        table.add_column(col, justify="right" if col in ("clean", "robust", "n", "s") else "left",
+                         overflow="fold")
+    for r in rows:
+        attack = r["attack"]
+        if attack == "worst_case" and r.get("flags"):
+            attack += f" (flags: {', '.join(r['flags'])})"
+        table.add_row(r["defense"], r["checkpoint"][:8], attack,
+                      f"{r['clean_acc']:.3f}" if r["clean_acc"] is not None else "",
+                      f"{r['robust_acc']:.3f}", str(r["n"]),
+                      f"{r['seconds']:.1f}" if r["seconds"] is not None else "")
+    if not rows:
+        out.print("no results stored yet: run `bench run --defense NAME`")
+        return
+    out.print(table)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except BenchError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: every cell committed so far is kept; run again to finish")
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,10 @@
+"""The one exception type the command line turns into exit status 2.
+
+Anything a user can get wrong (a name, a file, a folder, a value) raises BenchError
+with a single line that says what was wrong and how to mend it. Everything else is a
+bug and keeps its traceback.
+"""
+
+
+class BenchError(Exception):
+    """Bad input: printed as one line, exit status 2."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: the digits data and small trained models, built once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.data import get_spec, load_dataset
+from bench.models import build_model
+from bench.registry import DEFENSES
+from bench.train import TrainConfig, TrainContext, train
+
+torch.set_num_threads(2)
+
+
+def train_digits(defense: str, epochs: int = 15, seed: int = 0, **values) -> torch.nn.Module:
+    """A digits_cnn trained with one defense's loss (quick settings, seeded)."""
+    spec = get_spec("digits")
+    entry = DEFENSES.get(defense)
+    x, y = load_dataset("digits", "train")
+    torch.manual_seed(seed)
+    model = build_model("digits_cnn", spec)
+    ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator().manual_seed(seed))
+    train(model, entry.fn, entry.make_config(values), TrainConfig(epochs=epochs), x, y, ctx)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    return load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def natural_model():
+    return train_digits("natural")
