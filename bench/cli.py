@@ -128,6 +128,47 @@ def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv
     _print_rows(result_rows(bench.store, defense=defense, dataset=dataset), format)
 
 
+@app.command("transfer")
+def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense name, checkpoint key, or all.")],
+                 target: Annotated[str, typer.Option("--target", help="Defense name, checkpoint key, or all.")] = "all",
+                 attack: Annotated[Optional[str], typer.Option("--attack", help="Cell key to craft with (default PGD-10).")] = None,
+                 dataset: Annotated[str, typer.Option("--dataset")] = "digits",
+                 results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto"):
+    """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
+    from bench.results import result_rows
+    from bench.transfer import run_transfers
+
+    with _progress() as progress:
+        bench = _bench(results, db, device, data_root, progress)
+        report = run_transfers(bench, source, target, attack, dataset)
+    err.print(f"crafted {report.crafted} source set(s), reused {report.reused}; "
+              f"evaluated {report.evaluated} source/target pair(s), {report.skipped} already stored")
+    _print_grid(report.grid)
+
+
+def _print_grid(grid: list[dict]) -> None:
+    from rich.table import Table
+
+    sources = list(dict.fromkeys(g["source"] for g in grid))
+    table = Table(title="robust accuracy of target (rows) on examples crafted on source (columns)")
+    table.add_column("target \\ source")
+    for s in sources:
+        table.add_column(s, justify="right")
+    for t in dict.fromkeys(g["target"] for g in grid):
+        cells = {g["source"]: g["robust_acc"] for g in grid if g["target"] == t}
+        table.add_row(t, *[f"{cells[s]:.3f}" if s in cells else "" for s in sources])
+    out.print(table)
+
+
+@app.command("perf")
+def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")] = False,
+             device: Device = "auto"):
+    """Time our attacks against torchattacks on the same model and inputs."""
+    from bench.perf import run_perf
+
+    run_perf(device=device, as_json=as_json)
+
+
 @app.command("site")
 def site_cmd(out_dir: Annotated[str, typer.Option("--out", help="Folder to write the static site into.")] = "site",
              results: Results = "results", db: Db = None):
