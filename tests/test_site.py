@@ -1,0 +1,487 @@
+"""The static leaderboard, checked the way a person sees it: in a real headless browser.
+
+The store is synthetic (rows written through bench.store, no model runs), the site is
+built once per module, and Debian's chromium is driven by playwright through its
+executable path (playwright's own browser download is not used). Expected numbers are
+computed here from the stored rows, independently of bench.site; the worst case comes
+from the store's own definition, bench.store.worst_case.
+
+Install: `apt-get install -y chromium` and `pip install playwright`. Without them these
+browser tests skip, except under CI=true, where they fail and say what to install.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+
+from bench.errors import BenchError
+from bench.site import MARKER, build_site
+from bench.store import Store, pack_bits, worst_case
+
+N = 60  # test-set size of the synthetic store
+SPSA_IDX = list(range(0, N, 3))  # the subset an SPSA cell ran on
+XSS = "<script>window.__pwned = 1</script>"
+INSTALL = "apt-get install -y chromium && pip install playwright"
+
+
+# --- the synthetic store -----------------------------------------------------------------
+def _bits(acc: float, seed: int, n: int = N) -> np.ndarray:
+    """n booleans with exactly round(acc * n) true, at seeded places."""
+    out = np.zeros(n, dtype=bool)
+    out[np.random.default_rng(seed).permutation(n)[: round(acc * n)]] = True
+    return out
+
+
+def _pgd(steps: int, loss: str = "xent", restarts: int = 1, norm: str = "linf", eps: float = 0.2) -> tuple:
+    params = {"eps": eps, "steps": steps, "step_size": 0.05, "loss": loss, "norm": norm,
+              "random_start": True, "restarts": restarts}
+    key = (f"pgd:eps={eps:g},loss={loss},norm={norm},random_start=true,restarts={restarts},"
+           f"step_size=0.05,steps={steps}")
+    return "pgd", key, params, f"{norm}-{eps:g}"
+
+
+FGSM = ("fgsm", "fgsm:eps=0.2,loss=xent", {"eps": 0.2, "loss": "xent"}, "linf-0.2")
+SPSA = ("spsa", "spsa:eps=0.2,iterations=10,samples=64,subset=20", {"eps": 0.2, "iterations": 10, "samples": 64},
+        "linf-0.2")
+AUTO = ("autoattack", "autoattack:eps=0.2,norm=linf", {"eps": 0.2, "norm": "linf"}, "linf-0.2")
+
+
+def _unbounded(eps: float) -> tuple:
+    return ("unbounded", f"unbounded:eps={eps:g},loss=xent,steps=20", {"eps": eps, "loss": "xent", "steps": 20},
+            f"unbounded-{eps:g}")
+
+
+# (defense, preset, dataset, threat, clean, [(cell, robust accuracy)], extra meta, config)
+CHECKPOINTS = [
+    ("natural", "natural_digits", "digits", "linf-0.2", 0.95,
+     [(FGSM, 0.30), (_pgd(5), 0.20), (_pgd(20), 0.10), (_pgd(200), 0.05), (_pgd(20, "cw"), 0.15),
+      (_pgd(20, restarts=10), 0.05), (SPSA, 0.25), (AUTO, 0.0), (_unbounded(0.4), 0.05), (_unbounded(1.0), 0.0),
+      (_pgd(20, norm="l2", eps=1.5), 0.4), (_pgd(20, "cw", norm="l2", eps=1.5), 0.45)],
+     {"paper": {"clean": 0.99, "pgd20": 0.02, "pgd200": 0.01}}, {}),
+    ("logit_squeeze", "logit_squeeze_digits", "digits", "linf-0.2", 0.9,
+     [(FGSM, 0.55), (_pgd(5), 0.6), (_pgd(20), 0.5), (_pgd(50), 0.45), (_pgd(20, "cw"), 0.4), (SPSA, 0.35),
+      (_pgd(20, norm="l2", eps=1.5), 0.6)],
+     {"preset_description": f"squeezes logits {XSS}<b>not bold</b>"}, {"beta": 0.05, "note": XSS}),
+    ("label_smoothing", None, "digits", "linf-0.2", 0.93,
+     [(FGSM, 0.45), (_pgd(20), 0.3), (_pgd(1000), 0.2)], {}, {"smoothing": 0.1}),
+    ("pgd_at", None, "digits", "linf-0.2", 0.8, [], {}, {}),  # trained, nothing attacked yet
+    ("natural", None, "mnist", "linf-0.3", 0.99,
+     [(("fgsm", "fgsm:eps=0.3,loss=xent", {"eps": 0.3, "loss": "xent"}, "linf-0.3"), 0.1),
+      (_pgd(20, eps=0.3), 0.01)], {}, {}),
+]
+
+
+def _hist(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"edges": np.linspace(-10, 10, 21).round(3).tolist(), "clean": rng.integers(0, 50, 20).tolist(),
+            "adv": rng.integers(0, 50, 20).tolist()}
+
+
+def make_store(folder: Path) -> Store:
+    store = Store(f"sqlite:///{folder / 'bench.db'}")
+    ids = []
+    for i, (defense, preset, dataset, threat, clean, cells, meta, config) in enumerate(CHECKPOINTS):
+        ck = store.add_checkpoint(
+            key=f"{i:04d}{defense[:4]}abcdef01", dataset=dataset, defense=defense, preset=preset, arch="digits_cnn",
+            seed=i, threat=threat, config=config, train_config={"epochs": 3, "lr": 0.01}, path=f"/nowhere/{i}",
+            sha256=f"{i:064d}", epochs=3, train_seconds=10.0 + 7 * i, device="cpu (2 cores)",
+            meta={"clean_acc": clean, "package_version": "0.1.0", "torch_version": "2.x", "git_commit": "deadbeef",
+                  "logit_stats": {"mean": 0.5, "variance": 3.0}, **meta})
+        ids.append(ck.id)
+        clean_bits = _bits(clean, seed=1000 + i)
+        for j, ((attack, key, params, cthreat), acc) in enumerate(cells):
+            subset = attack == "spsa"
+            n = len(SPSA_IDX) if subset else N
+            # Robust implies clean; the accuracy is what is stored, the bits follow it.
+            bits = _bits(acc, seed=100 * i + j, n=n) & (clean_bits[SPSA_IDX] if subset else clean_bits)
+            store.add_evaluation(ck.id, cell_key=key, attack=attack, params=params, threat=cthreat,
+                                 clean_acc=clean, robust_acc=float(bits.mean()), n=n, seconds=1.5,
+                                 correct_bits=pack_bits(bits), indices=SPSA_IDX if subset else None,
+                                 extra={"logit_hist": _hist(j), "adv_logit_stats": {"mean": -1.0},
+                                        "warnings": ["AutoAttack: possible gradient masking"] if attack == "autoattack" else []})
+    # A 3 x 3 transfer grid among the first three digits checkpoints, diagonal included.
+    _, key, params, _ = _pgd(10)
+    for s in ids[:3]:
+        for t in ids[:3]:
+            bits = _bits(0.3 + 0.1 * ((s + 2 * t) % 5), seed=7 * s + t)
+            store.add_transfer(s, t, cell_key=key, attack="pgd", params=params, threat="linf-0.2", clean_acc=0.9,
+                               robust_acc=float(bits.mean()), n=N, seconds=0.5, correct_bits=pack_bits(bits), extra={})
+    store.replace_flags(ids[1], [{"name": "spsa_stronger_than_pgd", "message": "SPSA beats PGD on the same images.",
+                                  "numbers": {"spsa": 0.35, "pgd_same_images": 0.5, "n": 20}}])
+    return store
+
+
+def expected_rows(store: Store) -> dict[str, dict]:
+    """What each checkpoint's row on its own board must show, from the stored rows alone."""
+    out = {}
+    for ck in store.checkpoints():
+        cells = [e for e in store.evaluations([ck.id]) if e.threat == ck.threat]
+        transfers = [t for t in store.transfers([ck.id]) if t.target_id == ck.id]
+
+        def lowest(match):
+            hits = [e.robust_acc for e in cells if match(e)]
+            return min(hits) if hits else None
+
+        def pgd(steps, loss="xent"):
+            return lowest(lambda e: e.attack == "pgd" and e.params["steps"] == steps and e.params["loss"] == loss
+                          and e.params["restarts"] == 1)
+
+        steps = [e.params["steps"] for e in cells if e.attack == "pgd" and e.params["loss"] == "xent"
+                 and e.params["restarts"] == 1]
+        wc = worst_case(ck, cells, transfers, N) if any(e.indices is None for e in cells) else None
+        out[ck.key] = {"board": f"board-{ck.dataset}-{ck.threat}", "clean": ck.meta["clean_acc"],
+                       "fgsm": lowest(lambda e: e.attack == "fgsm"), "pgd20": pgd(20),
+                       "pgd_longest": pgd(max(steps)) if steps else None, "cw20": pgd(20, "cw"),
+                       "spsa": lowest(lambda e: e.attack == "spsa"),
+                       "autoattack": lowest(lambda e: e.attack == "autoattack"),
+                       "worst": wc["robust_acc"] if wc else None}
+    return out
+
+
+# --- fixtures ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("site")
+    store = make_store(folder)
+    index = build_site(store, folder / "site")
+    return types.SimpleNamespace(store=store, index=index, root=index.parent)
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("BENCH_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        path = name and (shutil.which(name) or (name if Path(name).is_file() else None))
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    problem = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        problem = "the playwright package is not installed"
+    executable = _chromium()
+    if problem is None and executable is None:
+        problem = "no chromium executable on PATH (set BENCH_CHROMIUM to its path)"
+    if problem:
+        message = f"browser tests need a headless chromium: {problem}; install with `{INSTALL}`"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, headless=True)
+        yield b
+        b.close()
+
+
+class Session:
+    """A browser context that records every request and refuses any that would leave the machine."""
+
+    def __init__(self, browser, **options):
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900}, **options)
+        self.requests: list[str] = []
+        self.refused: list[str] = []
+        self.errors: list[str] = []
+        self.context.on("request", lambda r: self.requests.append(r.url))
+        self.context.route("**/*", self._route)
+
+    def _route(self, route):
+        url = route.request.url
+        if urlsplit(url).scheme in ("file", "data", "about"):
+            route.continue_()
+        else:
+            self.refused.append(url)
+            route.abort()
+
+    def open(self, url: str):
+        page = self.context.new_page()
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.goto(url)
+        return page
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture()
+def session(browser):
+    s = Session(browser)
+    yield s
+    s.close()
+    assert not s.refused, f"requests that would leave the machine: {s.refused}"
+    outside = [u for u in s.requests if urlsplit(u).scheme not in ("file", "data", "about")]
+    assert not outside, f"non-local requests: {outside}"
+    assert not s.errors, f"errors in the page: {s.errors}"
+
+
+ROWS_JS = """(table) => Array.from(table.tBodies[0].rows).filter(r => !r.hidden).map(r => {
+  const cells = {};
+  r.querySelectorAll('td[data-col]').forEach(td => {
+    cells[td.dataset.col] = {value: td.dataset.value, text: td.innerText.trim()};
+  });
+  return {key: r.dataset.key, cells: cells, text: r.innerText};
+})"""
+
+
+def _board_rows(page, board_id: str) -> list[dict]:
+    return page.eval_on_selector(f"[id='{board_id}'] table.board", ROWS_JS)
+
+
+# --- the board ---------------------------------------------------------------------------
+def test_every_checkpoint_is_on_its_board_with_the_stored_numbers(built, session):
+    page = session.open(built.index.as_uri())
+    expected = expected_rows(built.store)
+    boards: dict[str, list] = {}
+    for key, want in expected.items():
+        rows = boards.setdefault(want["board"], _board_rows(page, want["board"]))
+        row = next((r for r in rows if r["key"] == key), None)
+        assert row is not None, f"checkpoint {key} missing from {want['board']}"
+        for col in ("clean", "fgsm", "pgd20", "pgd_longest", "cw20", "spsa", "autoattack", "worst"):
+            shown = row["cells"][col]
+            if want[col] is None:
+                assert shown["value"] == "" and shown["text"].startswith("–"), (key, col, shown)
+            else:
+                assert float(shown["value"]) == pytest.approx(want[col], abs=1e-12), (key, col)
+                assert shown["text"].split()[0] == f"{100 * want[col]:.2f}", (key, col, shown)
+    # Ranked by worst case, best first; checkpoints without one come last.
+    for board, rows in boards.items():
+        worst = [expected[r["key"]]["worst"] for r in rows]
+        known = [w for w in worst if w is not None]
+        assert known == sorted(known, reverse=True) and worst[: len(known)] == known, board
+        assert len(rows) == sum(1 for w in expected.values() if w["board"] == board)
+
+
+def test_paper_numbers_stand_beside_ours(built, session):
+    page = session.open(built.index.as_uri())
+    natural = next(r for r in _board_rows(page, "board-digits-linf-0.2") if r["key"] == "0000natuabcdef01")
+    assert "paper 99.00" in natural["cells"]["clean"]["text"]
+    assert "paper 2.00" in natural["cells"]["pgd20"]["text"]
+    assert "paper 1.00" in natural["cells"]["pgd_longest"]["text"]  # the paper's pgd200 beside our PGD-200
+
+
+def test_other_threat_models_get_their_own_board(built, session):
+    page = session.open(built.index.as_uri())
+    ids = page.eval_on_selector_all("section.board-section", "s => s.map(x => x.id)")
+    assert ids == ["board-digits-linf-0.2", "board-digits-l2-1.5", "board-mnist-linf-0.3"]
+    l2 = _board_rows(page, "board-digits-l2-1.5")
+    assert sorted(r["key"] for r in l2) == ["0000natuabcdef01", "0001logiabcdef01"]
+    store = {e.cell_key: e.robust_acc for e in built.store.evaluations() if e.threat == "l2-1.5"
+             and e.params["loss"] == "xent" and e.checkpoint_id == built.store.checkpoint(l2[0]["key"]).id}
+    assert float(l2[0]["cells"]["pgd20"]["value"]) == pytest.approx(min(store.values()))
+
+
+def test_clicking_a_header_sorts_the_rows(built, session):
+    page = session.open(built.index.as_uri())
+    board = "board-digits-linf-0.2"
+
+    def column(col):
+        return [r["cells"][col]["value"] for r in _board_rows(page, board)]
+
+    header = page.locator(f"[id='{board}'] th[data-col='clean']")
+    header.click()
+    values = [float(v) for v in column("clean")]
+    assert values == sorted(values, reverse=True) and header.get_attribute("aria-sort") == "descending"
+    header.click()
+    values = [float(v) for v in column("clean")]
+    assert values == sorted(values) and header.get_attribute("aria-sort") == "ascending"
+    # Missing numbers stay at the bottom whichever way a column sorts.
+    page.locator(f"[id='{board}'] th[data-col='fgsm']").click()
+    fgsm = column("fgsm")
+    assert fgsm[-1] == "" and [float(v) for v in fgsm[:-1]] == sorted(map(float, fgsm[:-1]), reverse=True)
+    # Text columns sort alphabetically, and the keyboard works too.
+    defense = page.locator(f"[id='{board}'] th", has_text="Defense")
+    defense.focus()
+    page.keyboard.press("Enter")
+    names = column("defense")
+    assert names == sorted(names) and defense.get_attribute("aria-sort") == "ascending"
+
+
+def test_the_search_box_filters_rows(built, session):
+    page = session.open(built.index.as_uri())
+    page.fill("#filter", "squeeze")
+    rows = _board_rows(page, "board-digits-linf-0.2")
+    assert [r["key"] for r in rows] == ["0001logiabcdef01"]
+    assert page.inner_text("#filter-count") == "2 of 7 rows"  # it is on the L2 board too
+    page.fill("#filter", "")
+    assert len(_board_rows(page, "board-digits-linf-0.2")) == 4
+
+
+def test_the_board_is_complete_without_javascript(built, browser):
+    s = Session(browser, java_script_enabled=False)
+    try:
+        page = s.open(built.index.as_uri())
+        assert not page.is_visible("#filter")  # the search box needs script, so it stays hidden
+        rows = _board_rows(page, "board-digits-linf-0.2")
+        expected = {k: w for k, w in expected_rows(built.store).items() if w["board"] == "board-digits-linf-0.2"}
+        assert sorted(r["key"] for r in rows) == sorted(expected)
+        for r in rows:
+            assert r["cells"]["clean"]["text"].split()[0] == f"{100 * expected[r['key']]['clean']:.2f}"
+        worst = [expected[r["key"]]["worst"] for r in rows]
+        assert worst[-1] is None and worst[:-1] == sorted(worst[:-1], reverse=True)
+    finally:
+        s.close()
+
+
+# --- links, requests, pages ----------------------------------------------------------------
+LINKS_JS = """() => Array.from(document.querySelectorAll('a[href], link[href], img[src], script[src], iframe[src]'))
+  .map(e => e.href || e.src)"""
+
+
+def test_every_local_link_resolves_and_nothing_leaves_the_machine(built, session):
+    root = built.root.resolve()
+    pages = {built.index.as_uri()}
+    todo = [built.index.as_uri()]
+    ids: dict[str, set] = {}
+    links: list[tuple[str, str]] = []
+    while todo:
+        url = todo.pop()
+        page = session.open(url)
+        ids[url] = set(page.eval_on_selector_all("[id]", "es => es.map(e => e.id)"))
+        for link in page.evaluate(LINKS_JS):
+            parts = urlsplit(link)
+            assert parts.scheme == "file", f"{url} links outside the site: {link}"
+            links.append((url, link))
+            target = Path(unquote(parts.path))
+            assert target.is_file(), f"{url} links to a missing file: {link}"
+            assert root in target.resolve().parents, f"{url} links outside the site folder: {link}"
+            page_url = link.split("#")[0]
+            if target.suffix == ".html" and page_url not in pages:
+                pages.add(page_url)
+                todo.append(page_url)
+        page.close()
+    for url, link in links:
+        page_url, _, fragment = link.partition("#")
+        if fragment:
+            assert unquote(fragment) in ids[page_url], f"{url} links to a missing anchor: {link}"
+    # index, transfer, attacks and one page per checkpoint, all reached by links
+    assert len(pages) == 3 + len(CHECKPOINTS)
+    assert len(session.requests) >= len(pages)
+
+
+def test_checkpoint_page_shows_cells_plots_flags_and_provenance(built, session):
+    natural = built.store.checkpoint("0000natuabcdef01")
+    page = session.open((built.root / "ck" / f"{natural.key}.html").as_uri())
+    cells = page.eval_on_selector_all("#cells tbody tr", "rs => rs.map(r => r.innerText)")
+    assert len(cells) == len(CHECKPOINTS[0][5])
+    text = page.inner_text("body")
+    for needle in (natural.sha256, "deadbeef", "2.x", "seed", "natural_digits"):
+        assert needle in text
+    # Four plots, each a drawn SVG with a visible size.
+    for plot in ("pgd-steps", "eps-sweep", "restarts", "logits"):
+        box = page.locator(f"#plot-{plot} svg").bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 60, plot
+    # L-inf steps 5, 20, 200 on cross-entropy, 20 on CW, and L2 PGD-20 on both: six markers;
+    # the eps sweep has two.
+    assert page.locator("#plot-pgd-steps circle").count() == 6
+    assert page.locator("#plot-eps-sweep circle").count() == 2
+    squeeze = built.store.checkpoint("0001logiabcdef01")
+    page = session.open((built.root / "ck" / f"{squeeze.key}.html").as_uri())
+    flag = page.inner_text("#flag-spsa_stronger_than_pgd")
+    assert "SPSA beats PGD on the same images." in flag and "pgd_same_images" in flag and "0.5" in flag
+    assert page.locator("#plot-eps-sweep .empty").count() == 1  # no sweep stored: said so, not drawn
+
+
+def test_script_in_stored_text_shows_as_text(built, session):
+    ck = built.store.checkpoint("0001logiabcdef01")
+    page = session.open((built.root / "ck" / f"{ck.key}.html").as_uri())
+    assert page.evaluate("window.__pwned") is None
+    assert XSS in page.inner_text(".description")
+    assert page.locator(".description b").count() == 0
+    assert XSS in page.inner_text("#config")
+
+
+def test_transfer_page_is_a_target_by_source_grid(built, session):
+    page = session.open((built.root / "transfer.html").as_uri())
+    grid = page.eval_on_selector("table.transfer", """t => ({
+        sources: Array.from(t.tHead.rows[1].cells).slice(1, -1).map(c => c.querySelector('a').innerText),
+        rows: Array.from(t.tBodies[0].rows).map(r => ({target: r.cells[0].querySelector('a').innerText,
+              values: Array.from(r.querySelectorAll('td.heat')).map(c => c.dataset.value)}))})""")
+    ids = sorted({t.source_id for t in built.store.transfers()})
+    names = ["natural (natural_digits)", "logit_squeeze (logit_squeeze_digits)", "label_smoothing"]
+    assert grid["sources"] == names and [r["target"] for r in grid["rows"]] == names
+    for t in built.store.transfers():  # rows are targets, columns sources
+        shown = grid["rows"][ids.index(t.target_id)]["values"][ids.index(t.source_id)]
+        assert float(shown) == pytest.approx(t.robust_acc)
+    assert page.locator("td.diagonal").count() == 3
+
+
+def test_attacks_page_explains_every_stored_cell_key(built, session):
+    page = session.open((built.root / "attacks.html").as_uri())
+    keys = set(page.eval_on_selector_all("article.cell h4", "hs => hs.map(h => h.innerText)"))
+    stored = {e.cell_key for e in built.store.evaluations()} | {t.cell_key for t in built.store.transfers()}
+    assert keys == stored
+    pgd = page.inner_text("#attack-pgd")
+    assert "Madry" in pgd and "Gradient steps per restart" in pgd  # module and field docstrings
+
+
+def test_screenshot(built, session, tmp_path):
+    page = session.open(built.index.as_uri())
+    shot = tmp_path / "board.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+# --- writing the folder (no browser needed) ------------------------------------------------
+def test_bad_out_is_one_line_bench_error(built, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(BenchError, match="cannot write the site") as exc:
+        build_site(built.store, blocker / "site")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(BenchError, match="is a file"):
+        build_site(built.store, blocker)
+    stranger = tmp_path / "not-a-site"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(BenchError, match="refusing to replace"):
+        build_site(built.store, stranger)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_cli_exits_2_on_unwritable_out(built, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    db = built.store.url
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "site", "--db", db, "--results", str(tmp_path),
+                           "--out", str(blocker / "site")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: cannot write the site") and "Traceback" not in proc.stderr
+
+
+def test_a_failed_build_leaves_the_old_site(built, tmp_path, monkeypatch):
+    out = tmp_path / "site"
+    build_site(built.store, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (out / MARKER).is_file()
+    import bench.site
+
+    def broken(data, folder):
+        (folder / "index.html").write_text("half a site")
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(bench.site, "_render", broken)
+    with pytest.raises(RuntimeError, match="exploded"):
+        build_site(built.store, out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # no temporary folder left behind
+
+
+def test_rebuild_replaces_the_site_and_an_empty_store_renders(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'empty.db'}")
+    out = tmp_path / "site"
+    build_site(store, out)
+    index = build_site(store, out)
+    assert "No checkpoints are stored yet" in index.read_text()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("empty.db")] == ["site"]
