@@ -17,7 +17,8 @@ from bench.errors import BenchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train defended classifiers, attack them with a standard matrix, keep every number.")
-out = Console(soft_wrap=True)
+# Piped output (CI logs, `| less`) gets a wide console so cell keys are not folded.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 Results = Annotated[str, typer.Option("--results", envvar="BENCH_RESULTS", help="Results folder (bench.db, checkpoints/).")]
@@ -39,6 +40,11 @@ def _bench(results, db, device, data_root, progress=None):
 
 
 def _progress():
+    """Progress bars on a terminal; nothing in logs and pipes, where bars are noise."""
+    import contextlib
+
+    if not err.is_terminal:
+        return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -162,11 +168,17 @@ def _print_grid(grid: list[dict]) -> None:
 
 @app.command("perf")
 def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")] = False,
-             device: Device = "auto"):
-    """Time our attacks against torchattacks on the same model and inputs."""
-    from bench.perf import run_perf
+             device: Device = "auto",
+             size: Annotated[str, typer.Option("--size", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test).")] = "default",
+             threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")] = None):
+    """Time our attacks against torchattacks on the same model and inputs, and the fast path."""
+    from bench.perf import SIZES, run_perf
 
-    run_perf(device=device, as_json=as_json)
+    if size not in SIZES:
+        raise BenchError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    if threads is not None and threads < 1:
+        raise BenchError(f"--threads must be at least 1, got {threads}")
+    run_perf(device=device, as_json=as_json, size=size, threads=threads)
 
 
 @app.command("site")
@@ -237,3 +249,7 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
         raise
+
+
+if __name__ == "__main__":
+    main()
