@@ -335,7 +335,7 @@ KILL_MATRIX = """
 [[cell]]
 attack = "pgd"
 early_stop = false
-steps = [400, 401, 402, 403, 404, 405, 406, 407]
+steps = [150, 151, 152, 153, 154, 155, 156, 157]
 """
 
 
