@@ -50,9 +50,9 @@ MARKER = ".bench-site"
 # (meta["paper"]); None is the longest PGD run, whatever its step count.
 BOARD_COLUMNS = [
     ("fgsm", "FGSM", "fgsm"),
-    ("pgd20", "PGD-20", "pgd20"),
+    ("pgd20", "PGD\u201120", "pgd20"),  # non-breaking hyphens: a header never splits there
     ("pgd_longest", "PGD longest", None),
-    ("cw20", "CW-20", "cw20"),
+    ("cw20", "CW\u201120", "cw20"),
     ("spsa", "SPSA", "spsa"),
     ("autoattack", "AutoAttack", "autoattack"),
 ]
@@ -234,13 +234,17 @@ def _name(ck: Checkpoint) -> str:
 
 
 def _prose(text: str) -> list[list[tuple[bool, str]]]:
-    """A docstring as paragraphs of (is_code, text) runs; `backticks` become code."""
-    out = []
-    for para in re.split(r"\n\s*\n", inspect.cleandoc(text or "")):
-        if para.strip():
-            parts = re.split(r"`([^`]*)`", para)
-            out.append([(i % 2 == 1, p) for i, p in enumerate(parts) if p])
-    return out
+    """A docstring as paragraphs of (is_code, text) runs; `backticks` become code.
+
+    Source line breaks are dropped (the page reflows the text), except before a bullet.
+    """
+    return [_runs(re.sub(r"\n(?!\s*[-*] )\s*", " ", para))
+            for para in re.split(r"\n\s*\n", inspect.cleandoc(text or "")) if para.strip()]
+
+
+def _runs(text: str) -> list[tuple[bool, str]]:
+    parts = re.split(r"`([^`]*)`", text)
+    return [(i % 2 == 1, p) for i, p in enumerate(parts) if p]
 
 
 # --- the boards --------------------------------------------------------------------------
@@ -325,9 +329,7 @@ def _checkpoint_page(ck: Checkpoint, data: _Data, by_id: dict[int, Checkpoint], 
     """The template context of one checkpoint's page."""
     meta = ck.meta or {}
     description, source = presets.get(ck.preset or "", ("", ""))
-    cells = sorted(data.cells[ck.id], key=lambda e: (
-        e.threat != ck.threat, e.threat, e.attack, str(e.params.get("loss", "")),
-        e.params.get("restarts", 1), e.params.get("steps", 0), e.params.get("eps", 0), e.cell_key))
+    cells = sorted(data.cells[ck.id], key=lambda e: (e.threat != ck.threat, *_cell_order(e)))
     shown = {"key", "defense", "config", "train", "dataset", "arch", "seed", "epochs", "train_seconds",
              "device", "preset", "paper", "clean_acc", "logit_stats", "package_version", "git_commit",
              "torch_version", "sha256", "preset_description", "preset_source", "train_losses"}
@@ -547,14 +549,18 @@ def _parse_key(cell_key: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 def _attacks(data: _Data) -> list[dict]:
+    """Every registered or stored attack: its docstrings, its parameters, its stored cells.
+
+    A cell's meaning is its parameters, so each attack's stored cells form one table with
+    a column per parameter of the key, under the table that explains the parameters.
+    """
     from bench.matrix import Cell
     from bench.registry import ATTACKS
 
-    subset_doc = field_docs(Cell).get("subset", "")
     stored: dict[str, dict[str, dict]] = defaultdict(dict)
     for attacked, group in [*data.cells.items(), *data.incoming.items()]:
         for e in group:
-            entry = stored[e.attack].setdefault(e.cell_key, {"threat": e.threat, "checkpoints": set(), "n": e.n})
+            entry = stored[e.attack].setdefault(e.cell_key, {"cell": e, "checkpoints": set()})
             entry["checkpoints"].add(attacked)
     attacks = []
     for name in sorted(set(ATTACKS.names()) | set(stored)):
@@ -566,29 +572,38 @@ def _attacks(data: _Data) -> list[dict]:
             for f in dataclasses.fields(entry.config):
                 default = f.default if f.default is not dataclasses.MISSING else (
                     "(computed)" if f.default_factory is not dataclasses.MISSING else "(required)")
-                fields.append({"name": f.name, "type": str(f.type), "default": _num(default),
-                               "doc": docs.get(f.name, ""), "in_key": f.metadata.get("key", True)})
-        cells = []
-        for key, info in sorted(stored[name].items()):
-            _, params = _parse_key(key)
-            cells.append({"key": key, "anchor": cell_anchor(key), "threat": info["threat"], "n": info["n"],
-                          "label": cell_label(name, _key_params(params)),
-                          "checkpoints": len(info["checkpoints"]),
-                          "params": [(k, v, docs.get(k) or (subset_doc if k == "subset" else "")) for k, v in params]})
-        attacks.append({"name": name, "registered": entry is not None,
-                        "module_doc": _prose(module.__doc__ if module and module.__doc__ else ""),
-                        "doc": _prose(entry.doc) if entry else [], "fields": fields, "cells": cells})
+                fields.append({"name": f.name, "type": str(f.type),
+                               "default": "unset" if default is None else _num(default),
+                               "doc": _runs(" ".join(docs.get(f.name, "").split())),
+                               "in_key": f.metadata.get("key", True)})
+        cells = sorted(stored[name].values(), key=lambda info: _cell_order(info["cell"]))
+        parsed = [dict(_parse_key(info["cell"].cell_key)[1]) for info in cells]
+        columns = list(dict.fromkeys([*(f["name"] for f in fields if f["in_key"]), *(k for p in parsed for k in p)]))
+        columns = [c for c in columns if any(c in p for p in parsed)]
+        if any("subset" in p for p in parsed) and not any(f["name"] == "subset" for f in fields):
+            fields.append({"name": "subset", "type": "int", "default": "0", "in_key": True,
+                           "doc": _runs(field_docs(Cell).get("subset", "") + " Set by the matrix, for any attack.")})
+        attacks.append({
+            "name": name, "registered": entry is not None,
+            "module_doc": _prose(module.__doc__ if module and module.__doc__ else ""),
+            "doc": _prose(entry.doc) if entry else [], "fields": fields, "columns": columns,
+            "cells": [{"key": info["cell"].cell_key, "anchor": cell_anchor(info["cell"].cell_key),
+                       "label": cell_label(name, info["cell"].params), "threat": info["cell"].threat,
+                       "n": info["cell"].n, "checkpoints": len(info["checkpoints"]),
+                       "params": [p.get(c, "") for c in columns]} for info, p in zip(cells, parsed)]})
     return attacks
 
 
-def _key_params(params: list[tuple[str, str]]) -> dict:
-    out: dict[str, Any] = {}
-    for k, v in params:
-        try:
-            out[k] = int(v)
-        except ValueError:
-            out[k] = v
-    return out
+def _cell_order(e: _Cell) -> tuple:
+    """Cells in reading order: by threat, attack, loss, restarts, steps, eps."""
+    p = e.params
+
+    def number(k, default=0.0):
+        v = p.get(k, default)
+        return v if isinstance(v, (int, float)) else default
+
+    return (e.threat, e.attack, str(p.get("loss", "")), number("restarts", 1), number("steps"), number("eps"),
+            e.cell_key)
 
 
 # --- rendering and publishing ------------------------------------------------------------
@@ -674,12 +689,12 @@ def _publish(tmp: Path, out: Path) -> None:
 
 # --- plots -------------------------------------------------------------------------------
 # Hand-written SVG rather than matplotlib. The spec asks for matplotlib, but a site of
-# 1,000 checkpoints has 4,000 plots: benchmarks/site_render.py --compare-matplotlib
-# measures matplotlib (Agg, one reused figure per plot kind, SVG output) at about 25 ms
-# a plot on this machine (~100 s for the site, ten times the 10 s budget), and these
-# functions at well under 0.1 ms. The plots are simple (lines with markers, a two-series
-# histogram), so a hundred lines of SVG do what matplotlib would, with the same look
-# on every page.
+# 1,000 checkpoints has 4,000 plots and a 10 s budget. `python benchmarks/site_render.py
+# --compare-matplotlib` draws the same plots both ways: matplotlib (Agg, one reused
+# figure, only savefig timed) took about 80 ms of CPU a plot on the 2-core dev machine,
+# over 300 s for the site; these functions take about 0.2 ms, under a second. The plots
+# are simple (lines with markers, two overlaid histograms), so a hundred lines of SVG do
+# what matplotlib would, inline in the page, with hover titles on every point.
 W, H = 360, 230
 LEFT, RIGHT, TOP, BOTTOM = 48, 12, 12, 40
 COLORS = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000"]
