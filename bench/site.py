@@ -206,6 +206,15 @@ def _num(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _exact(value: Any) -> str:
+    """A config or sidecar value as stored: strings as they are, the rest as JSON (floats in full)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _seconds(value: float | None) -> str:
     if value is None:
         return ""
@@ -307,7 +316,7 @@ def _boards(data: _Data) -> list[dict]:
                          "cols": cols, "worst": wc["robust_acc"] if wc else None,
                          "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
                                    for f in data.flags[cid]] if threat == ck.threat else [],
-                         "cost": {"value": repr(float(ck.train_seconds)), "text": _seconds(ck.train_seconds),
+                         "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",
                                   "device": ck.device}})
         rows.sort(key=lambda r: (r["worst"] is None, -(r["worst"] or 0.0), r["defense"], r["key"]))
         for rank, r in enumerate(rows, 1):
@@ -344,7 +353,8 @@ def _checkpoint_page(ck: Checkpoint, data: _Data, by_id: dict[int, Checkpoint], 
     losses = meta.get("train_losses")
     if isinstance(losses, list) and losses and isinstance(losses[-1], (int, float)):
         provenance.append(("final training loss", _num(float(losses[-1]))))
-    provenance += [(k, _num(v)) for k, v in sorted(meta.items()) if k not in shown]
+    # Whatever else the sidecar holds, so provenance added later shows without a code change.
+    provenance += [(k, _clip(_exact(v))) for k, v in sorted(meta.items()) if k not in shown]
 
     labels: dict[str, float] = {}
     for e in cells:
@@ -368,8 +378,8 @@ def _checkpoint_page(ck: Checkpoint, data: _Data, by_id: dict[int, Checkpoint], 
         "description": meta.get("preset_description") or description,
         "source": meta.get("preset_source") or source,
         "provenance": provenance,
-        "config": [(k, _num(v)) for k, v in sorted((ck.config or {}).items())],
-        "train_config": [(k, _num(v)) for k, v in sorted((ck.train_config or {}).items())],
+        "config": [(k, _exact(v)) for k, v in sorted((ck.config or {}).items())],
+        "train_config": [(k, _exact(v)) for k, v in sorted((ck.train_config or {}).items())],
         "paper": paper,
         "cells": [{"key": e.cell_key, "anchor": cell_anchor(e.cell_key), "attack": e.attack, "threat": e.threat,
                    "clean": pct(e.clean_acc), "robust": pct(e.robust_acc), "n": e.n,
@@ -441,7 +451,8 @@ def _plots(ck: Checkpoint, cells: list[_Cell]) -> dict:
             name, eps = f"{e.params.get('loss', 'xent')} PGD", e.params["eps"]
             sweep[name][eps] = min(sweep[name].get(eps, 1.0), e.robust_acc)
     lines = [(t, sorted(s.items())) for t, s in sorted(sweep.items())]
-    budget = next((e.params.get("eps") for e in own if e.attack == "pgd" and e.threat == ck.threat), None)
+    budget = next((e.params["eps"] for e in own if e.threat == ck.threat
+                   and isinstance(e.params.get("eps"), (int, float))), None)
     add("eps-sweep", "Accuracy against epsilon (unbounded sweep)",
         "PGD with a growing budget must reach 0% accuracy; a plateau above zero is a sign of gradient masking."
         + (f" The dashed line is the threat model's eps = {budget:g}." if budget is not None else ""),
