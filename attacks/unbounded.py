@@ -1,0 +1,81 @@
+"""Unbounded PGD: the sanity sweep of Shafahi et al. (2019), Appendix F, Table 9.
+
+L-inf PGD whose budget grows from a multiple of the threat model's eps up to the whole
+input range (eps = 1 on [0, 1] inputs, where every image is reachable). Accuracy must
+fall to zero at the top of the sweep; if it does not, PGD cannot follow the model's
+gradients (Athalye et al.'s sanity check) and every bounded number for that model is
+suspect. The cells count toward their own threat model, `unbounded-<eps>`, so they
+never enter the worst case.
+
+Steps and step size grow with eps as in Table 9 (30 steps at eps 50/255 up to 200 steps
+at 255/255): 20 steps per threat-eps of budget, at most 200, with Madry et al.'s step
+of 2.5 * eps / steps. The PGD itself is attacks.pgd.run_pgd, so the sweep tests the
+very code the bounded cells run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from attacks._losses import LOSSES
+from attacks.pgd import PGD, run_pgd
+from bench.registry import register_attack
+
+STEPS_PER_THREAT_EPS = 20
+"""The threat model's own PGD-20 at multiple 1, growing linearly with the budget."""
+MAX_STEPS = 200
+"""Table 9's longest run: 200 steps at the whole input range."""
+
+
+@dataclass(frozen=True)
+class Unbounded:
+    multiple: float = field(default=32.0, metadata={"key": False})
+    """eps as a multiple of the threat model's L-inf eps, capped at 1.0. Only fills an
+    unset eps: the key records eps itself, so two multiples that cap at the same eps
+    (16 and 32 on digits, say) are one cell."""
+    eps: float | None = None
+    """L-inf radius; unset means min(1, multiple * threat eps)."""
+    steps: int | None = None
+    """PGD steps; unset means 20 per threat-eps of budget, at most 200 (Table 9)."""
+    step_size: float | None = None
+    """Step length; unset means 2.5 * eps / steps."""
+    loss: str = "xent"
+    """Objective: `xent` (cross-entropy, as in Table 9) or `cw` (Carlini-Wagner margin)."""
+    random_start: bool = True
+    """Start from a uniform point of the ball."""
+    early_stop: bool = field(default=True, metadata={"key": False})
+    """Drop a sample from the batch once broken (speed only, as in PGD)."""
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not self.multiple > 0:
+            raise ValueError(f"multiple must be above zero, got {self.multiple!r}")
+        if self.eps is not None and not 0 < self.eps <= 1:
+            raise ValueError(f"eps must be in (0, 1] (inputs live in [0, 1]), got {self.eps!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps!r}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ValueError(f"step_size must be above zero, got {self.step_size!r}")
+
+    def with_threat(self, threat) -> "Unbounded":
+        eps = self.eps if self.eps is not None else min(1.0, self.multiple * threat.eps)
+        # Derived from eps, not from multiple, so equal budgets give equal cells.
+        steps = self.steps or min(MAX_STEPS, math.ceil(STEPS_PER_THREAT_EPS * eps / threat.eps - 1e-9))
+        step = self.step_size if self.step_size is not None else 2.5 * eps / steps
+        return replace(self, eps=eps, steps=steps, step_size=step)
+
+    def threat_key(self) -> str:
+        return f"unbounded-{self.eps:g}"
+
+    def pgd(self) -> PGD:
+        """The PGD config this cell runs."""
+        return PGD(eps=self.eps, steps=self.steps, step_size=self.step_size, loss=self.loss,
+                   norm="linf", random_start=self.random_start, restarts=1,
+                   early_stop=self.early_stop)
+
+
+@register_attack("unbounded", config=Unbounded)
+def perturb(model, x, y, cfg: Unbounded, *, generator=None):
+    """L-inf PGD at a budget up to the whole input range (Shafahi et al. Table 9)."""
+    return run_pgd(model, x, y, cfg.pgd(), generator)[0]
