@@ -63,7 +63,8 @@ class AutoAttack:
 
 def seed_from(generator: torch.Generator | None) -> int:
     """The integer seed pyautoattack gets: the next draw of the cell's generator."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
 
 class _ToWarnings(logging.Handler):
