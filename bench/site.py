@@ -291,7 +291,8 @@ def _boards(data: _Data) -> list[dict]:
         for cid in members[(dataset, threat)]:
             ck = by_id[cid]
             meta = ck.meta or {}
-            paper = meta.get("paper") or {}
+            # The paper's numbers are for the checkpoint's own threat model only.
+            paper = (meta.get("paper") or {}) if threat == ck.threat else {}
             size = test_size.get((cid, threat))
             wc = None
             if size:
@@ -310,7 +311,7 @@ def _boards(data: _Data) -> list[dict]:
                     note = f"on {int(n)} images"
                 cols.append(_cell(col, v, paper.get(label) if label else None, note))
             cols.append(_cell("worst", wc["robust_acc"] if wc else None, None,
-                              f"{wc['cells']} cells" if wc else ""))
+                              f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""))
             rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
                          "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
                          "cols": cols, "worst": wc["robust_acc"] if wc else None,
@@ -653,7 +654,7 @@ def _column_help() -> list[tuple[str, str]]:
     return [
         ("Clean", "accuracy on the unperturbed test set, measured when the checkpoint was stored"),
         ("FGSM", "one signed-gradient step of the full budget (label fgsm)"),
-        ("PGD-20", "20 steps of L-inf PGD on cross-entropy, one random start (label pgd20)"),
+        ("PGD-20", "20 steps of PGD in the board's norm on cross-entropy, one random start (label pgd20)"),
         ("PGD longest", "the single-start cross-entropy PGD cell with the most steps (label pgdN)"),
         ("CW-20", "20 steps of PGD on the Carlini-Wagner margin (label cw20)"),
         ("SPSA", "the gradient-free SPSA attack, on the fixed subset of test images it ran on"),

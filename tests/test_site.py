@@ -267,6 +267,9 @@ def test_paper_numbers_stand_beside_ours(built, session):
     assert "paper 99.00" in natural["cells"]["clean"]["text"]
     assert "paper 2.00" in natural["cells"]["pgd20"]["text"]
     assert "paper 1.00" in natural["cells"]["pgd_longest"]["text"]  # the paper's pgd200 beside our PGD-200
+    # The paper's numbers are for the checkpoint's own threat model, not for its L2 cells.
+    l2 = next(r for r in _board_rows(page, "board-digits-l2-1.5") if r["key"] == "0000natuabcdef01")
+    assert not any("paper" in c["text"] for c in l2["cells"].values())
 
 
 def test_other_threat_models_get_their_own_board(built, session):
@@ -425,8 +428,11 @@ def test_attacks_page_explains_every_stored_cell_key(built, session):
 
 
 def test_screenshot(built, session, tmp_path):
+    """A picture of the rendered board; kept under $BENCH_ARTIFACTS when CI sets it."""
     page = session.open(built.index.as_uri())
-    shot = tmp_path / "board.png"
+    folder = Path(os.environ.get("BENCH_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    shot = folder / "test_site_board.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
