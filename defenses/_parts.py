@@ -56,10 +56,10 @@ def pgd_adversary(model, x, y, *, eps: float, steps: int, step_size: float,
     """Madry et al.'s training adversary: L-inf PGD-k on cross-entropy from a random start.
 
     Unlike the evaluation attack this runs every step on every sample and returns the
-    last iterate, as adversarial training prescribes. `y` is class indices or, for mixed
-    examples, a target distribution per row (F.cross_entropy takes either). The model is put in eval mode while
+    last iterate, as adversarial training prescribes. The model is put in eval mode while
     crafting so batch-norm statistics are not updated by adversarial batches, then
-    restored; gradients are taken with respect to the input only.
+    restored; gradients are taken with respect to the input only. `y` is class indices
+    or, for mixed examples, a target distribution per row (F.cross_entropy takes both).
     """
     was_training = model.training
     model.eval()

@@ -29,6 +29,12 @@ Choices the paper leaves open, and what is done here:
   term is 8 times the adversarial loss, at 0.95 about equal to it.
 - ||.||^2 is each example's squared logit norm, averaged over the batch; L_adv and h
   are batch means.
+
+A failure mode to know: the pairing term's gradient is (L_adv / ratio) * grad(log h),
+which grows as the clean and adversarial predictions become identical and confident
+(h -> 0). When the pairing term outweighs the adversarial loss early in training, a
+model can fall into that state, every prediction one confident class; a small digits
+CNN trained from scratch does so at ratio 0.125 and 0.95 (lrm_digits uses 8).
 """
 from __future__ import annotations
 

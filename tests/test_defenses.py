@@ -169,7 +169,8 @@ def ce(z0: float, z1: float, label: int) -> float:
 
 
 def loss_of(name, x, y, num_classes=2, **values):
-    return float(DEFENSES.get(name).fn(identity, x, torch.tensor(y), config(name, **values), ctx(num_classes)))
+    cfg = config(name, **values)
+    return float(DEFENSES.get(name).fn(identity, x, torch.tensor(y), cfg, ctx(num_classes)))
 
 
 def test_label_smoothing_loss_by_hand():
@@ -191,14 +192,16 @@ def test_logit_similarity_loss_by_hand():
     # Z - 1 = [[0, 0], [2, 0]]: Frobenius norm 2, over b = 2 is 1.
     z = torch.tensor([[1.0, 1.0], [3.0, 1.0]])
     expected = (math.log(2) + ce(3, 1, 0)) / 2 + 0.5 * 1.0
-    assert loss_of("logit_similarity", z, [0, 0], beta=0.5, gamma=1.0, sigma=0.0) == pytest.approx(expected, rel=1e-6)
+    value = loss_of("logit_similarity", z, [0, 0], beta=0.5, gamma=1.0, sigma=0.0)
+    assert value == pytest.approx(expected, rel=1e-6)
 
 
 def test_clp_loss_by_hand():
     # Pairs (row 0, row 2) and (row 1, row 3): squared differences 1, 0, 0, 1 -> mean 1/2.
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 0.0]])
     ce_mean = (ce(1, 0, 0) + ce(0, 1, 1) + ce(2, 0, 0) + ce(0, 0, 1)) / 4
-    assert loss_of("clp", z, [0, 1, 0, 1], pair_weight=0.5, sigma=0.0) == pytest.approx(ce_mean + 0.5 * 0.5, rel=1e-6)
+    value = loss_of("clp", z, [0, 1, 0, 1], pair_weight=0.5, sigma=0.0)
+    assert value == pytest.approx(ce_mean + 0.5 * 0.5, rel=1e-6)
 
 
 @pytest.fixture
@@ -247,7 +250,8 @@ def lrm_by_hand(ratio, beta):
 def test_lrm_loss_by_hand(fixed_adversary):
     fixed_adversary("lrm", torch.tensor(LRM_ADV))
     for ratio in (0.125, 0.95):
-        value = loss_of("lrm", torch.tensor(LRM_CLEAN), [0], smoothing=0.2, mixing="none", beta=0.1, ratio=ratio)
+        value = loss_of("lrm", torch.tensor(LRM_CLEAN), [0], smoothing=0.2, mixing="none",
+                        beta=0.1, ratio=ratio)
         assert value == pytest.approx(lrm_by_hand(ratio, 0.1), rel=1e-6)
     # The pairing term is the adversarial loss over the ratio: at 0.125, 8 times it.
     adv_loss = -(0.8 * math.log(0.25) + 0.2 * math.log(0.75))
@@ -303,7 +307,8 @@ BAD = [
     ("pgd_at", {"clean_weight": 1.5}), ("pgd_at", {"attack_steps": 0}), ("pgd_at", {"attack_eps": 0.0}),
     ("pgd_at", {"squeeze_beta": -1.0}), ("alp", {"pair_weight": -0.5}), ("alp", {"attack_step_size": 2.0}),
     ("clp", {"pair_weight": -1.0}), ("clp", {"sigma": 2.0}),
-    ("lrm", {"ratio": 0.0}), ("lrm", {"mixing": "cutmix"}), ("lrm", {"smoothing": 1.0}), ("lrm", {"beta": -1e-3}),
+    ("lrm", {"ratio": 0.0}), ("lrm", {"mixing": "cutmix"}), ("lrm", {"smoothing": 1.0}),
+    ("lrm", {"beta": -1e-3}),
 ]
 
 
