@@ -25,6 +25,9 @@ Results = Annotated[str, typer.Option("--results", envvar="BENCH_RESULTS", help=
 Db = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the store (default: sqlite in --results).")]
 DataRoot = Annotated[Optional[str], typer.Option("--data-root", envvar="BENCH_DATA", help="Folder holding MNIST/CIFAR/SVHN files.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Threads = Annotated[int, typer.Option("--threads", envvar="BENCH_THREADS",
+                                      help="CPU threads for torch (default 1: reproducible weights on any machine; "
+                                           "raise it for large models on a CPU).")]
 Defense = Annotated[str, typer.Option("--defense", help="Defense name (`bench ls defenses`), or `all` for run.")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Preset name (`bench ls presets`) or TOML file.")]
 Set = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (repeatable).")]
@@ -33,9 +36,17 @@ Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture (defau
 Seed = Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and noise.")]
 
 
-def _bench(results, db, device, data_root, progress=None):
+def _bench(results, db, device, data_root, progress=None, threads: int = 1):
+    import torch
+
     from bench.schedule import Bench
 
+    # One thread by default: the intra-op thread count changes float summation order and
+    # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
+    # other made a digits run twenty times slower (see tests/conftest.py).
+    if threads < 1:
+        raise BenchError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
     return Bench.open(results, db=db, device=device, data_root=data_root, progress=progress)
 
 
@@ -81,14 +92,14 @@ def ls(what: Annotated[str, typer.Argument(help="defenses, attacks, matrices, da
 @app.command("train")
 def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset: Dataset = None,
               arch: Arch = None, seed: Seed = 0, results: Results = "results", db: Db = None,
-              data_root: DataRoot = None, device: Device = "auto"):
+              data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
     """Train (or find) the checkpoint of one recipe."""
     from bench.schedule import RunSpec, ensure_checkpoint, resolve
 
     spec = RunSpec(defense, dataset, preset, tuple(set_ or ()), arch, seed)
     recipe = resolve(spec)
     with _progress() as progress:
-        bench = _bench(results, db, device, data_root, progress)
+        bench = _bench(results, db, device, data_root, progress, threads)
         row, trained = ensure_checkpoint(bench, recipe)
     verb = "trained" if trained else "found"
     out.print(f"{verb} {row.defense} [{row.key}] clean accuracy {row.meta['clean_acc']:.4f} "
@@ -99,7 +110,7 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
 def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", help="quick, full, paper or a TOML file.")] = "quick",
             preset: Preset = None, set_: Set = None, dataset: Dataset = None, arch: Arch = None,
             seed: Seed = 0, results: Results = "results", db: Db = None,
-            data_root: DataRoot = None, device: Device = "auto"):
+            data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
     """Train what is missing, run every missing cell of the matrix, print the results."""
     from bench.registry import DEFENSES
     from bench.results import result_rows
@@ -110,7 +121,7 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
         DEFENSES.get(defense)
     keys = set()
     with _progress() as progress:
-        bench = _bench(results, db, device, data_root, progress)
+        bench = _bench(results, db, device, data_root, progress, threads)
         for name in names:
             spec = RunSpec(name, dataset, preset if defense != "all" else None, tuple(set_ or ()), arch, seed)
             report = run_defense(bench, spec, matrix)
@@ -139,13 +150,14 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense n
                  target: Annotated[str, typer.Option("--target", help="Defense name, checkpoint key, or all.")] = "all",
                  attack: Annotated[Optional[str], typer.Option("--attack", help="Cell key to craft with (default PGD-10).")] = None,
                  dataset: Annotated[str, typer.Option("--dataset")] = "digits",
-                 results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto"):
+                 results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
+                 threads: Threads = 1):
     """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
     from bench.results import result_rows
     from bench.transfer import run_transfers
 
     with _progress() as progress:
-        bench = _bench(results, db, device, data_root, progress)
+        bench = _bench(results, db, device, data_root, progress, threads)
         report = run_transfers(bench, source, target, attack, dataset)
     err.print(f"crafted {report.crafted} source set(s), reused {report.reused}; "
               f"evaluated {report.evaluated} source/target pair(s), {report.skipped} already stored")
