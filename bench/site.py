@@ -703,8 +703,8 @@ def _publish(tmp: Path, out: Path) -> None:
 # Hand-written SVG rather than matplotlib. The spec asks for matplotlib, but a site of
 # 1,000 checkpoints has 4,000 plots and a 10 s budget. `python benchmarks/site_render.py
 # --compare-matplotlib` draws the same plots both ways: matplotlib (Agg, one reused
-# figure, only savefig timed) took about 80 ms of CPU a plot on the 2-core dev machine,
-# over 300 s for the site; these functions take about 0.2 ms, under a second. The plots
+# figure, only savefig timed) took 70-100 ms of CPU a plot on the 2-core dev machine,
+# about 300 s for the site; these functions take about 0.2 ms, under a second. The plots
 # are simple (lines with markers, two overlaid histograms), so a hundred lines of SVG do
 # what matplotlib would, inline in the page, with hover titles on every point.
 W, H = 360, 230
