@@ -82,7 +82,8 @@ def build_site(store: Store, out_dir: str | os.PathLike) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise BenchError(f"cannot write the site to {str(out)!r} ({exc.strerror}); "
+        where = f": {exc.filename}" if exc.filename else ""
+        raise BenchError(f"cannot write the site to {str(out)!r} ({exc.strerror}{where}); "
                          "pass --out DIR with a folder you can write") from exc
     try:
         _render(_load(store), tmp)
@@ -432,11 +433,14 @@ def _plots(ck: Checkpoint, cells: list[_Cell]) -> dict:
         listing.append({"id": name, "svg": Markup(svg), "title": title, "caption": caption, "empty": empty})
 
     # Robust accuracy against PGD steps: one line per loss, norm and threat (single start).
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     series = defaultdict(dict)
     for e in own:
-        if e.attack == "pgd" and e.params.get("restarts", 1) == 1:
+        steps = e.params.get("steps")
+        if e.attack == "pgd" and e.params.get("restarts", 1) == 1 and number(steps) and steps > 0:
             name = f"{e.params.get('loss')} {e.threat}"
-            steps = e.params.get("steps")
             series[name][steps] = min(series[name].get(steps, 1.0), e.robust_acc)
     lines = [(n, sorted(s.items())) for n, s in sorted(series.items())]
     add("pgd-steps", "Robust accuracy against PGD steps",
@@ -448,12 +452,11 @@ def _plots(ck: Checkpoint, cells: list[_Cell]) -> dict:
     # Each budget is its own threat model (unbounded-<eps>), so group by loss instead.
     sweep: dict[str, dict] = defaultdict(dict)
     for e in own:
-        if e.attack == "unbounded" and isinstance(e.params.get("eps"), (int, float)):
+        if e.attack == "unbounded" and number(e.params.get("eps")):
             name, eps = f"{e.params.get('loss', 'xent')} PGD", e.params["eps"]
             sweep[name][eps] = min(sweep[name].get(eps, 1.0), e.robust_acc)
     lines = [(t, sorted(s.items())) for t, s in sorted(sweep.items())]
-    budget = next((e.params["eps"] for e in own if e.threat == ck.threat
-                   and isinstance(e.params.get("eps"), (int, float))), None)
+    budget = next((e.params["eps"] for e in own if e.threat == ck.threat and number(e.params.get("eps"))), None)
     add("eps-sweep", "Accuracy against epsilon (unbounded sweep)",
         "PGD with a growing budget must reach 0% accuracy; a plateau above zero is a sign of gradient masking."
         + (f" The dashed line is the threat model's eps = {budget:g}." if budget is not None else ""),
@@ -463,9 +466,9 @@ def _plots(ck: Checkpoint, cells: list[_Cell]) -> dict:
     # Accuracy against restarts: one line per loss, steps and threat with several restart counts.
     by_restarts = defaultdict(dict)
     for e in own:
-        if e.attack == "pgd":
+        r = e.params.get("restarts", 1)
+        if e.attack == "pgd" and number(r):
             name = f"{e.params.get('loss')}-{e.params.get('steps')} {e.threat}"
-            r = e.params.get("restarts", 1)
             by_restarts[name][r] = min(by_restarts[name].get(r, 1.0), e.robust_acc)
     lines = [(n, sorted(s.items())) for n, s in sorted(by_restarts.items()) if len(s) > 1]
     add("restarts", "Accuracy against random restarts",
@@ -475,7 +478,8 @@ def _plots(ck: Checkpoint, cells: list[_Cell]) -> dict:
 
     # Logit distribution on clean and adversarial data, from the strongest cell that kept it.
     ranked = sorted((e for e in own if e.threat == ck.threat),
-                    key=lambda e: (e.robust_acc, -(e.params.get("steps") or 0), e.cell_key))
+                    key=lambda e: (e.robust_acc, -(e.params.get("steps") if number(e.params.get("steps")) else 0),
+                                   e.cell_key))
     strongest = next((e for e in ranked if _histogram(e.extra.get("logit_hist"))), None)
     hist = strongest.extra["logit_hist"] if strongest else None
     add("logits", "Distribution of logits, clean and adversarial",
