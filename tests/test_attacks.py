@@ -149,6 +149,26 @@ def test_evaluate_restores_train_mode(training_model, sample):
     assert training_model.training
 
 
+def perturb_under_autocast(model, cell, x, y, bf16: bool) -> torch.Tensor:
+    with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return ATTACKS.get(cell.attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name,params", [("spsa", {"samples": 32, "iterations": 5}), ("autoattack", {})])
+def test_fp32_attacks_ignore_a_callers_bf16_autocast(natural_model, sample, name, params):
+    """SPSA's finite differences over delta = 0.01 and the packaged AutoAttack run in fp32
+    even where the fast path crafts under bf16 autocast (CUDA by default)."""
+    x, y = sample
+    cell = make_cell(name, params, THREAT)
+    plain = perturb_under_autocast(natural_model, cell, x, y, bf16=False)
+    under = perturb_under_autocast(natural_model, cell, x, y, bf16=True)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+    # The control: PGD does follow the caller's autocast, so the context above is live.
+    pgd_cell = make_cell("pgd", {"steps": 5}, THREAT)
+    assert not torch.equal(perturb_under_autocast(natural_model, pgd_cell, x, y, bf16=True),
+                           perturb_under_autocast(natural_model, pgd_cell, x, y, bf16=False))
+
+
 @pytest.mark.parametrize("name,values", [
     ("spsa", {"samples": 3}), ("spsa", {"iterations": 0}), ("spsa", {"lr": 0.0}),
     ("unbounded", {"eps": 1.5}), ("unbounded", {"multiple": -1.0}), ("unbounded", {"loss": "dlr"}),
