@@ -8,13 +8,16 @@ this process; an executor for a cluster only has to honour the same `map`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib.metadata
+import itertools
 import os
 import tempfile
 import time
 import tomllib
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -44,10 +47,42 @@ class Bench:
     """A rich Progress (or None) to show training and attack progress on."""
     eval_batch: int = 0
     """Evaluation batch size; 0 picks one for the device."""
+    precision: str = ""
+    """The fast path's arithmetic for crafting attacks and for training: `fp32`, or `bf16`
+    (autocast; weights and the attack's iterates stay fp32). Empty picks the device's
+    default: bf16 on a CUDA device that has it (`bench perf` checks that PGD's robust
+    accuracy agrees with fp32 within half a point), fp32 on the CPU, always. Stored
+    accuracies are verified in fp32 whatever crafted the inputs."""
+    channels_last: bool | None = None
+    """NHWC activations and weights for convolutions; unset means on for CUDA, off on the
+    CPU (where fp32 results must stay bit for bit what they were)."""
+    fold_bn: bool | None = None
+    """Attack a copy of the frozen model with each eval-mode batch norm folded into the
+    convolution before it (the same function, a third fewer memory passes); unset means
+    on for CUDA, off on the CPU."""
+    compile: bool = False
+    """torch.compile the model for attacks (off by default: it costs about a minute per
+    model; `bench perf` times it)."""
+
+    def __post_init__(self):
+        if not self.precision:
+            self.precision = default_precision(self.device)
+        if self.precision not in PRECISIONS:
+            raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.channels_last is None:
+            self.channels_last = self.device.startswith("cuda")
+        if self.fold_bn is None:
+            self.fold_bn = self.device.startswith("cuda")
+
+    @property
+    def fast(self) -> dict:
+        """The fast-path keyword arguments of craft and evaluate, as this bench sets them."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "fold_bn": self.fold_bn,
+                "compile": self.compile}
 
     @classmethod
     def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
-             data_root: str | None = None, progress: Any = None) -> "Bench":
+             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Bench":
         path = Path(results)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -56,10 +91,20 @@ class Bench:
         except OSError as exc:
             raise BenchError(f"results folder {str(path)!r} is not writable ({exc.strerror}); "
                              "pass --results DIR or set BENCH_RESULTS to a folder you can write") from exc
-        return cls(path, Store.for_results(path, db), resolve_device(device), data_root, progress)
+        return cls(path, Store.for_results(path, db), resolve_device(device), data_root, progress, **fast)
 
     def batch_size(self) -> int:
         return self.eval_batch or (4096 if self.device.startswith("cuda") else 1024)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_precision(device: str) -> str:
+    """bf16 on CUDA devices that support it; fp32 everywhere else (never bf16 on a CPU)."""
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def resolve_device(device: str) -> str:
@@ -211,50 +256,147 @@ class EvalJob:
     device: str
     batch_size: int
     seed: int = 0
+    fast: dict = dataclasses.field(default_factory=dict)
+    """Fast-path keywords for evaluate (precision, channels_last, fold_bn, compile); see Bench.fast."""
 
     def run(self) -> dict:
         return evaluate(self.model, self.cell, self.x, self.y, device=self.device,
-                        batch_size=self.batch_size, seed=self.seed)
+                        batch_size=self.batch_size, seed=self.seed, **self.fast)
+
+
+# --- the fast path -----------------------------------------------------------------------
+# Attacks and predictions keep their data on the device for the whole call, run in large
+# batches with the model frozen (eval mode, no weight gradients), and, where the caller
+# asks (Bench sets it from the device), in NHWC memory, in bf16 autocast, on a copy with
+# batch norm folded into the convolutions, or compiled. On the CPU none of these is on by
+# default, so fp32 results stay what they were.
+_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast on `device` for precision `bf16`; a no-op context for `fp32`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def memory_format(model: torch.nn.Module, channels_last: bool):
+    """The model's 4-d weights in channels-last layout for the duration, then restored."""
+    weights = [t for t in model.parameters() if t.dim() == 4]
+    if not channels_last or not weights or weights[0].is_contiguous(memory_format=torch.channels_last):
+        yield model
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a weight or buffer is replaced or updated in place."""
+    return tuple((t.data_ptr(), t._version, tuple(t.stride()))
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _fold_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """A traced copy of an eval-mode model with each conv -> batch norm pair folded into
+    one convolution (torch.fx's fuser); a plain copy where the model does not trace."""
+    from torch.fx.experimental.optimization import fuse
+    from torch.fx.proxy import TraceError
+
+    try:
+        return fuse(model)
+    except (TraceError, TypeError, NotImplementedError, RuntimeError):
+        return copy.deepcopy(model)
+
+
+@contextlib.contextmanager
+def fast_model(model: torch.nn.Module, *, channels_last: bool = False, fold_bn: bool = False,
+               compile: bool = False):
+    """The frozen model as the fast path runs it. Plain or channels-last only: the model
+    itself (weights converted for the duration). With folding or compiling: a private
+    copy, built once and kept while the model's weights stay the same."""
+    if not (fold_bn or compile):
+        with memory_format(model, channels_last):
+            yield model
+        return
+    key = (channels_last, fold_bn, compile, _weights_key(model))
+    cached = _PREPARED.get(model)
+    if cached is None or cached[0] != key:
+        net = _fold_bn(model) if fold_bn else copy.deepcopy(model)
+        net.eval().requires_grad_(False)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if compile:  # dynamic batch: early stop shrinks the working batch
+            net = torch.compile(net, dynamic=True)
+        cached = _PREPARED[model] = (key, net)
+    yield cached[1]
+
+
+def _on_device(t: torch.Tensor, device: str, channels_last: bool) -> torch.Tensor:
+    t = t.to(device)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
 
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
-          on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Adversarial examples for (x, y) from one cell, in batches, on `device`."""
+          on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
+          channels_last: bool = False, fold_bn: bool = False, compile: bool = False) -> torch.Tensor:
+    """Adversarial examples for (x, y) from one cell, in batches, on `device`.
+
+    The whole set moves to the device once and comes back once. `precision`,
+    `channels_last`, `fold_bn` and `compile` select the fast path (see Bench); the
+    defaults are the plain fp32 path.
+    """
     perturb = ATTACKS.get(cell.attack).fn
     gen = torch.Generator(device=device).manual_seed(seed)
+    xd, yd = _on_device(x, device, channels_last), y.to(device)
     out = []
-    with frozen(model):
+    with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile) as net:
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device)
-            yb = y[i:i + batch_size].to(device)
-            x_adv = perturb(model, xb, yb, cell.config, generator=gen).detach()
-            if x_adv.shape != xb.shape or bool((x_adv < 0).any() or (x_adv > 1).any()):
-                raise RuntimeError(f"attack {cell.attack!r} returned inputs outside [0, 1] or of the wrong shape")
-            out.append(x_adv.cpu())
+            xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
+            with autocast(device, precision):
+                x_adv = perturb(net, xb, yb, cell.config, generator=gen).detach()
+            if x_adv.shape != xb.shape:
+                raise RuntimeError(f"attack {cell.attack!r} returned inputs of the wrong shape")
+            out.append(x_adv.float())
             if on_batch:
                 on_batch(len(xb))
-    return torch.cat(out)
+    x_adv = torch.cat(out)
+    if bool(((x_adv < 0) | (x_adv > 1)).any()):
+        raise RuntimeError(f"attack {cell.attack!r} returned inputs outside [0, 1]")
+    return x_adv.cpu().contiguous()
 
 
 @torch.no_grad()
-def predict(model, x: torch.Tensor, *, device: str, batch_size: int) -> torch.Tensor:
+def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32",
+            channels_last: bool = False) -> torch.Tensor:
+    """Logits (fp32, on the CPU) for x, in batches on `device`."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    xd = _on_device(x, device, channels_last)
+    with memory_format(model, channels_last), autocast(device, precision):
+        logits = [model(xd[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    return torch.cat(logits).cpu()
 
 
 def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
-             on_batch: Callable[[int], None] | None = None) -> dict:
+             on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
+             channels_last: bool = False, fold_bn: bool = False, compile: bool = False) -> dict:
+    """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
+    craft can only make the attack weaker, which `bench perf` measures, never the model
+    look broken by rounding)."""
     idx = subset_indices(len(x), cell.subset)
     if idx is not None:
         x, y = x[idx], y[idx]
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        x_adv = craft(model, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch)
+        x_adv = craft(model, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
+                      precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile)
     seconds = time.perf_counter() - start
-    clean_logits = predict(model, x, device=device, batch_size=batch_size)
-    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size)
+    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
+    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=channels_last)
     clean = clean_logits.argmax(1) == y
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
@@ -266,7 +408,8 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
         "n": len(y), "seconds": seconds, "correct_bits": pack_bits(robust.numpy()),
         "indices": None if idx is None else idx.tolist(),
         "extra": {"logit_hist": histogram(clean_logits, adv_logits),
-                  "adv_logit_stats": logit_stats(adv_logits, y), "warnings": messages},
+                  "adv_logit_stats": logit_stats(adv_logits, y), "warnings": messages,
+                  "precision": precision},
         "device": device,
     }
 
@@ -321,7 +464,7 @@ def train_checkpoint(bench: Bench, recipe: Recipe, directory: Path) -> dict:
                               recipe.train_config.epochs * -(-len(x) // recipe.train_config.batch_size))
     try:
         result = train(model, entry.fn, recipe.config, recipe.train_config, x.to(device), y.to(device),
-                       ctx, on_step=on_step)
+                       ctx, on_step=on_step, precision=bench.precision, channels_last=bench.channels_last)
     except FloatingPointError as exc:
         raise BenchError(f"training {recipe.defense!r} diverged: {exc}; lower lr or the "
                          "regularization weight with --set") from exc
@@ -338,7 +481,7 @@ def train_checkpoint(bench: Bench, recipe: Recipe, directory: Path) -> dict:
         "clean_acc": float((logits.argmax(1) == y_test).float().mean()),
         "logit_stats": logit_stats(logits, y_test),
         "package_version": package_version(), "git_commit": ckpt.git_commit(),
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "precision": bench.precision,
     }
     return ckpt.save_checkpoint(model, directory, meta)
 
@@ -388,7 +531,7 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
         x, y = load_dataset(recipe.dataset.name, "test", bench.data_root)
         model = load_model(row, bench.device)
         executor = executor or LocalExecutor()
-        jobs = [EvalJob(model, c, x, y, bench.device, bench.batch_size()) for c in missing]
+        jobs = [EvalJob(model, c, x, y, bench.device, bench.batch_size(), fast=bench.fast) for c in missing]
         on_step, finish = _progress(bench, f"attack {recipe.defense} [{row.key[:8]}]", len(jobs))
         try:
             for i, (job, result) in enumerate(executor.map(jobs), 1):

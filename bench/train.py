@@ -5,6 +5,11 @@ walks it in minibatches; the defense's `loss(model, x, y, cfg, ctx)` gives the s
 minimize. Schedule, optimizer and augmentation are the shared TrainConfig below, so two
 defenses differ only in their loss. The same seed gives the same weights on the same
 machine.
+
+On a GPU the caller (bench.schedule, from Bench) turns on the fast path: channels-last
+weights and inputs, and the loss (the training adversary included) under bf16 autocast,
+with fp32 weights, optimizer and backward accumulation, so no loss scaling is needed.
+Neither is on by default, and the CPU never uses them: its results stay bit for bit.
 """
 from __future__ import annotations
 
@@ -106,8 +111,18 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Ten
 
 def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig,
           x: torch.Tensor, y: torch.Tensor, ctx: TrainContext,
-          on_step: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over (x, y) for train_cfg.epochs."""
+          on_step: Callable[[int, int, float], None] | None = None, *,
+          precision: str = "fp32", channels_last: bool = False) -> TrainResult:
+    """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over (x, y) for train_cfg.epochs.
+
+    `precision` `bf16` runs the loss under bf16 autocast; `channels_last` keeps weights
+    and inputs NHWC while training (the weights are handed back in the default layout).
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if train_cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
@@ -130,7 +145,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
             xb = augment(x[idx], train_cfg.augment, ctx.generator)
             for group in opt.param_groups:
                 group["lr"] = lr_at(train_cfg, epoch + i / per_epoch)
-            loss = loss_fn(model, xb, y[idx], cfg, ctx)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(model, xb, y[idx], cfg, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -143,5 +159,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
             raise FloatingPointError(f"training loss became {epoch_loss} in epoch {epoch + 1}")
         result.losses.append(epoch_loss)
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
     return result
