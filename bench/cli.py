@@ -182,7 +182,7 @@ def _print_grid(grid: list[dict]) -> None:
 def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")] = False,
              device: Device = "auto",
              size: Annotated[str, typer.Option("--size", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test).")] = "default",
-             threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's choice).")] = None):
+             threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).")] = None):
     """Time our attacks against torchattacks on the same model and inputs, and the fast path."""
     from bench.perf import SIZES, run_perf
 
