@@ -372,10 +372,9 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
 @torch.no_grad()
 def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32",
             channels_last: bool = False) -> torch.Tensor:
-    """Logits (fp32, on the CPU) for x, in batches on `device`."""
-    model.eval()
+    """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored."""
     xd = _on_device(x, device, channels_last)
-    with memory_format(model, channels_last), autocast(device, precision):
+    with frozen(model), memory_format(model, channels_last), autocast(device, precision):
         logits = [model(xd[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.cat(logits).cpu()
 
@@ -478,6 +477,10 @@ def train_checkpoint(bench: Bench, recipe: Recipe, directory: Path) -> dict:
         "train_losses": result.losses, "device": _device_name(device),
         "preset": recipe.preset.name if recipe.preset else None,
         "paper": recipe.preset.paper if recipe.preset else {},
+        "preset_description": recipe.preset.description if recipe.preset else "",
+        "preset_source": recipe.preset.source if recipe.preset else "",
+        # The intra-op thread count changes float summation order, hence the weights.
+        "torch_threads": torch.get_num_threads(),
         "clean_acc": float((logits.argmax(1) == y_test).float().mean()),
         "logit_stats": logit_stats(logits, y_test),
         "package_version": package_version(), "git_commit": ckpt.git_commit(),

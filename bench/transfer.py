@@ -61,7 +61,8 @@ def crafted_examples(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> tupl
         if cached["x_adv"].shape == x.shape:
             return cached["x_adv"], True
     model = load_model(source, bench.device)
-    x_adv = craft(model, cell, x, y, device=bench.device, batch_size=bench.batch_size())
+    # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32 below.
+    x_adv = craft(model, cell, x, y, device=bench.device, batch_size=bench.batch_size(), **bench.fast)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

@@ -141,8 +141,6 @@ def test_attack_leaves_the_model_as_it_found_it(training_model, sample, name, pa
     assert torch.equal(x, x_copy)
 
 
-@pytest.mark.xfail(strict=False, reason="bench.schedule.evaluate -> predict() calls model.eval() and "
-                   "never restores train mode (craft's frozen() does restore); reported to its owner")
 def test_evaluate_restores_train_mode(training_model, sample):
     x, y = sample
     run(training_model, make_cell("fgsm", {}, THREAT), x, y)
