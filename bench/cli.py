@@ -6,7 +6,6 @@ to mend it, and no traceback unless --debug.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated, Optional
 
@@ -153,7 +152,6 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense n
                  results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
                  threads: Threads = 1):
     """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
-    from bench.results import result_rows
     from bench.transfer import run_transfers
 
     with _progress() as progress:

@@ -147,6 +147,30 @@ def coerce(annotation: Any, value: Any, *, what: str) -> Any:
     raise BenchError(f"{what} must be {base}, got {value!r}")
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring literal written under each field of a dataclass (the string right
+    after `x: int = 1`), inherited fields included."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
 # The two plugin kinds. Plugin modules (built-in or third-party) register with
 # `@register_defense(...)` / `@register_attack(...)` imported from here.
 DEFENSES: Registry = Registry("defense", "defenses", "bench.defenses")

@@ -17,7 +17,6 @@ runs a model: what a plot needs was stored with its cell.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import html
@@ -29,7 +28,6 @@ import re
 import shutil
 import sys
 import tempfile
-import textwrap
 import types
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -40,6 +38,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from bench.errors import BenchError
+from bench.registry import field_docs
 from bench.store import Checkpoint, Evaluation, Store, Transfer, unpack_bits, worst_case
 
 MARKER = ".bench-site"
@@ -543,22 +542,6 @@ def _heat(value: float | None) -> str:
 
 
 # --- the attacks page --------------------------------------------------------------------
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under a dataclass's fields (`x: int = 1` then `\"\"\"...\"\"\"`)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
-            docs[node.target.id] = inspect.cleandoc(after.value.value)
-    return docs
-
-
 def _parse_key(cell_key: str) -> tuple[str, list[tuple[str, str]]]:
     name, _, rest = cell_key.partition(":")
     return name, [tuple(p.partition("=")[::2]) for p in rest.split(",") if p]

@@ -7,8 +7,6 @@ all stored cells of the checkpoint's threat model, transfer cells included.
 """
 from __future__ import annotations
 
-import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,8 +14,8 @@ from typing import Any, Iterable
 import numpy as np
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
                         create_engine, delete, event, select)
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from bench.errors import BenchError
 

@@ -10,6 +10,8 @@ Every random number comes from the generator passed in, so a seed fixes the run.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -179,12 +181,23 @@ def vh_mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
             share * targets + (1 - share) * targets[partner])
 
 
-def check_attack_fields(cfg) -> None:
-    """ValueError unless a config's training-adversary fields make a PGD attack."""
-    if cfg.attack_steps < 1:
-        raise ValueError(f"attack_steps must be at least 1, got {cfg.attack_steps}")
-    for name in ("attack_eps", "attack_step_size"):
-        value = getattr(cfg, name)
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"{name} must be in (0, 1] pixel units or unset (the dataset's "
-                             f"threat model), got {value}")
+@dataclass(frozen=True)
+class TrainingAdversary:
+    """The training adversary's fields, shared by every defense that trains on PGD
+    examples (pgd_at, alp, lrm); a subclass's __post_init__ calls this one's."""
+
+    attack_steps: int = 10
+    """k: PGD steps of the training adversary."""
+    attack_eps: float | None = None
+    """L-inf radius of the training adversary; unset is the dataset's threat model eps."""
+    attack_step_size: float | None = None
+    """PGD step of the training adversary; unset is the dataset's threat model step."""
+
+    def __post_init__(self):
+        if self.attack_steps < 1:
+            raise ValueError(f"attack_steps must be at least 1, got {self.attack_steps}")
+        for name in ("attack_eps", "attack_step_size"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1] pixel units or unset (the dataset's "
+                                 f"threat model), got {value}")

@@ -16,21 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.registry import register_defense
-from defenses._parts import check_attack_fields, logit_pairing, logit_sq_norm, training_adversary
+from defenses._parts import TrainingAdversary, logit_pairing, logit_sq_norm, training_adversary
 
 
 @dataclass(frozen=True)
-class ALP:
+class ALP(TrainingAdversary):
     clean_weight: float = 0.5
     """a: weight of the clean examples' cross-entropy; 0.5 is M-PGD, 0 adversarial-only."""
     pair_weight: float = 0.5
     """lambda: weight of the clean-adversarial logit pairing loss."""
-    attack_steps: int = 10
-    """k: PGD steps of the training adversary."""
-    attack_eps: float | None = None
-    """L-inf radius of the training adversary; unset is the dataset's threat model eps."""
-    attack_step_size: float | None = None
-    """PGD step of the training adversary; unset is the dataset's threat model step."""
     squeeze_beta: float = 0.0
     """Weight of the squared logit norm (logit squeezing); 0 turns it off."""
 
@@ -40,7 +34,7 @@ class ALP:
         if self.pair_weight < 0 or self.squeeze_beta < 0:
             raise ValueError("pair_weight and squeeze_beta must be non-negative, got "
                              f"{self.pair_weight} and {self.squeeze_beta}")
-        check_attack_fields(self)
+        super().__post_init__()
 
 
 @register_defense("alp", config=ALP)

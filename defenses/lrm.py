@@ -43,14 +43,14 @@ from dataclasses import dataclass
 import torch
 
 from bench.registry import register_defense
-from defenses._parts import (check_attack_fields, logit_sq_norm, mixup, prediction_cross_entropy,
+from defenses._parts import (TrainingAdversary, logit_sq_norm, mixup, prediction_cross_entropy,
                              smoothed_targets, soft_cross_entropy, training_adversary, vh_mixup)
 
 MIXINGS = {"vh_mixup": vh_mixup, "mixup": mixup}
 
 
 @dataclass(frozen=True)
-class LRM:
+class LRM(TrainingAdversary):
     smoothing: float = 0.1
     """s: label smoothing of the targets (Summers & Dinneen Eq. 8)."""
     mixing: str = "vh_mixup"
@@ -61,12 +61,6 @@ class LRM:
     """Weight of the squeezing term ||f(x)||^2 + ||f(x_adv)||^2."""
     ratio: float = 0.125
     """Adversarial loss / pairing term: h's coefficient is (L_adv / h) / ratio, held constant."""
-    attack_steps: int = 10
-    """k: PGD steps of the training adversary."""
-    attack_eps: float | None = None
-    """L-inf radius of the training adversary; unset is the dataset's threat model eps."""
-    attack_step_size: float | None = None
-    """PGD step of the training adversary; unset is the dataset's threat model step."""
 
     def __post_init__(self):
         if not 0 <= self.smoothing < 1:
@@ -79,7 +73,7 @@ class LRM:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if not self.ratio > 0:
             raise ValueError(f"ratio must be positive, got {self.ratio}")
-        check_attack_fields(self)
+        super().__post_init__()
 
 
 def pairing_coefficient(adv_loss: torch.Tensor, h: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -18,19 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.registry import register_defense
-from defenses._parts import check_attack_fields, logit_sq_norm, training_adversary
+from defenses._parts import TrainingAdversary, logit_sq_norm, training_adversary
 
 
 @dataclass(frozen=True)
-class PGDAT:
+class PGDAT(TrainingAdversary):
     clean_weight: float = 0.0
     """a: weight of the clean examples' loss; 0 adversarial-only, 0.5 mixed minibatch."""
-    attack_steps: int = 10
-    """k: PGD steps of the training adversary."""
-    attack_eps: float | None = None
-    """L-inf radius of the training adversary; unset is the dataset's threat model eps."""
-    attack_step_size: float | None = None
-    """PGD step of the training adversary; unset is the dataset's threat model step."""
     squeeze_beta: float = 0.0
     """Weight of the squared logit norm (logit squeezing); 0 turns it off."""
 
@@ -39,7 +33,7 @@ class PGDAT:
             raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
         if self.squeeze_beta < 0:
             raise ValueError(f"squeeze_beta must be non-negative, got {self.squeeze_beta}")
-        check_attack_fields(self)
+        super().__post_init__()
 
 
 @register_defense("pgd_at", config=PGDAT)

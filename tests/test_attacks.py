@@ -38,16 +38,6 @@ CASES = [(name, params) for name in ATTACKS.names() for params in FAST.get(name,
 IDS = [f"{name}-{i}" for name in ATTACKS.names() for i in range(len(FAST.get(name, [{}])))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast as two on an idle machine and far faster on a
-    loaded one, where OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def robust_model():
     """Adversarially trained digits model: PGD-AT with its digits preset (fewer epochs),

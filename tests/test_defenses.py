@@ -7,11 +7,8 @@ defense's whole loss can be checked on a 2-class toy batch.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
 
 import pytest
 import torch
@@ -20,21 +17,11 @@ import defenses._parts as parts
 from bench.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.models import build_model
-from bench.registry import DEFENSES
+from bench.registry import DEFENSES, field_docs
 from bench.train import TrainConfig, TrainContext, train
 
 LN3 = math.log(3.0)
 THREAT = get_spec("digits").threat
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Digits models are tiny: one thread beats two, and does not fight other processes
-    for a shared two-core machine (oversubscribed, two threads run many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ctx(num_classes: int = 2, seed: int = 0) -> TrainContext:
@@ -322,23 +309,12 @@ def test_bad_settings_are_refused(name, values):
 
 
 # --- the whole registry ----------------------------------------------------------------
-def field_docstrings(cls) -> dict[str, str]:
-    """Field name -> the string literal right under it in the class body."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
-            docs[node.target.id] = following.value.value
-    return docs
-
-
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_config_is_documented_frozen_and_buildable(name):
     entry = DEFENSES.get(name)
     cfg = entry.make_config({})  # the defaults are a valid config
     assert type(cfg).__dataclass_params__.frozen
-    docs = field_docstrings(entry.config)
+    docs = field_docs(entry.config)
     undocumented = [f.name for f in dataclasses.fields(entry.config) if not docs.get(f.name, "").strip()]
     assert not undocumented, f"{name}: fields without a docstring: {undocumented}"
     assert entry.doc, f"{name}: the loss function needs a docstring (`bench ls defenses` shows it)"

@@ -19,16 +19,6 @@ from attacks.pgd import PGD, run_pgd
 DIGITS = get_spec("digits")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast as two on an idle machine and far
-    faster on a loaded one, where OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_model():
     """A digits_cnn trained for a few seconds: accurate enough that a small eps breaks
