@@ -127,7 +127,7 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
             keys.add(report.checkpoint.key)
             err.print(f"{name} [{report.checkpoint.key[:8]}]: "
                       f"{'trained' if report.trained else 'checkpoint found'}, "
-                      f"{len(report.cells_run)} of {report.cells_total} cells run")
+                      f"{len(report.cells_run)} of {report.cells_total} cells run", markup=False)
     _print_rows(result_rows(bench.store, checkpoint_keys=keys), "table")
 
 
@@ -158,21 +158,23 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense n
         bench = _bench(results, db, device, data_root, progress, threads)
         report = run_transfers(bench, source, target, attack, dataset)
     err.print(f"crafted {report.crafted} source set(s), reused {report.reused}; "
-              f"evaluated {report.evaluated} source/target pair(s), {report.skipped} already stored")
+              f"evaluated {report.evaluated} source/target pair(s), {report.skipped} already stored", markup=False)
     _print_grid(report.grid)
 
 
 def _print_grid(grid: list[dict]) -> None:
     from rich.table import Table
 
+    from rich.markup import escape  # names such as lrm[b425ac] are not markup
+
     sources = list(dict.fromkeys(g["source"] for g in grid))
     table = Table(title="robust accuracy of target (rows) on examples crafted on source (columns)")
     table.add_column("target \\ source")
     for s in sources:
-        table.add_column(s, justify="right")
+        table.add_column(escape(s), justify="right")
     for t in dict.fromkeys(g["target"] for g in grid):
         cells = {g["source"]: g["robust_acc"] for g in grid if g["target"] == t}
-        table.add_row(t, *[f"{cells[s]:.3f}" if s in cells else "" for s in sources])
+        table.add_row(escape(t), *[f"{cells[s]:.3f}" if s in cells else "" for s in sources])
     out.print(table)
 
 
@@ -216,6 +218,7 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         for r in rows:
             w.writerow({**r, "flags": ";".join(r.get("flags", []))})
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(show_lines=False)
@@ -226,7 +229,7 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         attack = r["attack"]
         if attack == "worst_case" and r.get("flags"):
             attack += f" (flags: {', '.join(r['flags'])})"
-        table.add_row(r["defense"], r["checkpoint"][:8], attack,
+        table.add_row(r["defense"], r["checkpoint"][:8], escape(attack),
                       f"{r['clean_acc']:.3f}" if r["clean_acc"] is not None else "",
                       f"{r['robust_acc']:.3f}", str(r["n"]),
                       f"{r['seconds']:.1f}" if r["seconds"] is not None else "")

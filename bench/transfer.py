@@ -117,7 +117,9 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     for ck in targets:
         if ck.id in touched:
             recompute_flags(bench.store, ck)
-    names = {c.id: f"{c.defense}[{c.key[:6]}]" for c in checkpoints}
+    # A defense's name alone where it has one checkpoint here; with its key where several.
+    counts = {d: sum(c.defense == d for c in checkpoints) for d in {c.defense for c in checkpoints}}
+    names = {c.id: c.defense if counts[c.defense] == 1 else f"{c.defense}[{c.key[:6]}]" for c in checkpoints}
     wanted_src, wanted_tgt = {c.id for c in sources}, {c.id for c in targets}
     report.grid = [{"source": names[t.source_id], "target": names[t.target_id], "robust_acc": t.robust_acc,
                     "cell": t.cell_key}
