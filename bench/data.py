@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, DATASETS, n=2, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise BenchError(f"unknown dataset {name!r}{hint} (datasets: {', '.join(DATASETS)})")
+        raise BenchError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS, n=2)} (datasets: {', '.join(DATASETS)})")
     return DATASETS[name]
 
 

@@ -8,3 +8,11 @@ bug and keeps its traceback.
 
 class BenchError(Exception):
     """Bad input: printed as one line, exit status 2."""
+
+
+def did_you_mean(name: str, choices, n: int = 3) -> str:
+    """'; did you mean a, b?' naming the choices closest to a misspelt name, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""

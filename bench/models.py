@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 
 
 class Normalize(nn.Module):
@@ -148,10 +148,6 @@ ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
 def build_model(arch: str, spec) -> nn.Module:
     """`spec` is a bench.data.DatasetSpec: channels, classes and normalization."""
     if arch not in ARCHS:
-        import difflib
-
-        close = difflib.get_close_matches(arch, ARCHS, n=2, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise BenchError(f"unknown architecture {arch!r}{hint} (architectures: {', '.join(ARCHS)})")
+        raise BenchError(f"unknown architecture {arch!r}{did_you_mean(arch, ARCHS, n=2)} (architectures: {', '.join(ARCHS)})")
     net = ARCHS[arch](spec.shape[0], spec.num_classes)
     return nn.Sequential(Normalize(spec.mean, spec.std), net)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "defenses" / "presets"
 
@@ -64,11 +64,7 @@ def get_preset(name: str) -> Preset:
         return _read(path)
     presets = all_presets()
     if name not in presets:
-        import difflib
-
-        close = difflib.get_close_matches(name, presets, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise BenchError(f"unknown preset {name!r}{hint} (`bench ls presets` lists them)")
+        raise BenchError(f"unknown preset {name!r}{did_you_mean(name, presets)} (`bench ls presets` lists them)")
     return presets[name]
 
 

@@ -8,7 +8,6 @@ error rather than a silent gap in the leaderboard.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.metadata
 import pkgutil
@@ -16,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -86,8 +85,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Entry[T]:
         self.load()
         if name not in self._entries:
-            close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, self._entries)
             raise BenchError(
                 f"unknown {self.kind} {name!r}{hint} (`bench ls {self.kind}s` lists them)"
             )
@@ -111,8 +109,7 @@ def build_config(cls: type, values: dict[str, Any], *, what: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], fields, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(unknown[0], fields)
         raise BenchError(
             f"{what}: unknown setting {unknown[0]!r}{hint} "
             f"(settings: {', '.join(sorted(fields)) or 'none'})"

@@ -25,9 +25,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from attacks._losses import cw_margin
 from bench import checkpoint as ckpt
 from bench.data import DatasetSpec, get_spec, load_dataset
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 from bench.matrix import Cell, matrix_cells
 from bench.models import build_model
 from bench.presets import Preset, default_preset, get_preset
@@ -181,10 +182,7 @@ def resolve(spec: RunSpec) -> Recipe:
         elif key in train_fields:
             train_values[key] = value
         else:
-            import difflib
-
-            close = difflib.get_close_matches(key, defense_fields | train_fields, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(key, defense_fields | train_fields)
             raise BenchError(f"--set {key}: not a setting of {spec.defense!r} or of training{hint} "
                              f"(defense: {', '.join(sorted(defense_fields)) or 'none'}; "
                              f"training: {', '.join(sorted(train_fields))})")
@@ -222,14 +220,12 @@ def subset_indices(n: int, subset: int) -> np.ndarray | None:
 
 def logit_stats(logits: torch.Tensor, y: torch.Tensor) -> dict:
     """Summary statistics of logits: the quantities the seeds explain robustness by."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, y[:, None], float("-inf"))
     return {
         "mean": float(logits.mean()),
         "variance": float(logits.var()),
         "dynamic_range": float((logits.amax(1) - logits.amin(1)).mean()),
-        "mean_gap": float((true - other.amax(1)).mean()),
+        # The logit gap (true logit minus the best other) is the CW margin, negated.
+        "mean_gap": float(-cw_margin(logits, y).mean()),
     }
 
 
