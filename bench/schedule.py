@@ -27,6 +27,7 @@ import torch
 
 from attacks._losses import cw_margin
 from bench import checkpoint as ckpt
+from bench import rewrite
 from bench.data import DatasetSpec, get_spec, load_dataset
 from bench.errors import BenchError, did_you_mean
 from bench.matrix import Cell, matrix_cells
@@ -64,6 +65,10 @@ class Bench:
     compile: bool = False
     """torch.compile the model for attacks (off by default: it costs about a minute per
     model; `bench perf` times it)."""
+    exact_rewrites: bool = True
+    """Rewrite the frozen model's graph in ways that change no bit of any logit or input
+    gradient (ReLU after max pooling; CPU max pooling in NHWC; see bench.rewrite). On
+    everywhere; off only to measure what it saves."""
 
     def __post_init__(self):
         if not self.precision:
@@ -79,7 +84,7 @@ class Bench:
     def fast(self) -> dict:
         """The fast-path keyword arguments of craft and evaluate, as this bench sets them."""
         return {"precision": self.precision, "channels_last": self.channels_last, "fold_bn": self.fold_bn,
-                "compile": self.compile}
+                "compile": self.compile, "exact_rewrites": self.exact_rewrites}
 
     @classmethod
     def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
@@ -253,7 +258,7 @@ class EvalJob:
     batch_size: int
     seed: int = 0
     fast: dict = dataclasses.field(default_factory=dict)
-    """Fast-path keywords for evaluate (precision, channels_last, fold_bn, compile); see Bench.fast."""
+    """Fast-path keywords for evaluate (see Bench.fast)."""
 
     def run(self) -> dict:
         return evaluate(self.model, self.cell, self.x, self.y, device=self.device,
@@ -296,32 +301,26 @@ def _weights_key(model: torch.nn.Module) -> tuple:
                  for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def _fold_bn(model: torch.nn.Module) -> torch.nn.Module:
-    """A traced copy of an eval-mode model with each conv -> batch norm pair folded into
-    one convolution (torch.fx's fuser); a plain copy where the model does not trace."""
-    from torch.fx.experimental.optimization import fuse
-    from torch.fx.proxy import TraceError
-
-    try:
-        return fuse(model)
-    except (TraceError, TypeError, NotImplementedError, RuntimeError):
-        return copy.deepcopy(model)
-
-
 @contextlib.contextmanager
 def fast_model(model: torch.nn.Module, *, channels_last: bool = False, fold_bn: bool = False,
-               compile: bool = False):
-    """The frozen model as the fast path runs it. Plain or channels-last only: the model
-    itself (weights converted for the duration). With folding or compiling: a private
-    copy, built once and kept while the model's weights stay the same."""
+               compile: bool = False, exact_rewrites: bool = False):
+    """The frozen model as the fast path runs it, built once and kept per model.
+
+    Plain, channels-last or exactly rewritten only: the model itself or a traced graph
+    that shares its parameters (weights converted to channels-last for the duration).
+    With folding or compiling: a private copy, rebuilt when the model's weights change.
+    """
     if not (fold_bn or compile):
+        net = rewrite.exact_view(model) if exact_rewrites else model
         with memory_format(model, channels_last):
-            yield model
+            yield net
         return
-    key = (channels_last, fold_bn, compile, _weights_key(model))
+    key = (channels_last, fold_bn, compile, exact_rewrites, _weights_key(model))
     cached = _PREPARED.get(model)
     if cached is None or cached[0] != key:
-        net = _fold_bn(model) if fold_bn else copy.deepcopy(model)
+        net = rewrite.fold_bn(model) if fold_bn else copy.deepcopy(model)
+        if exact_rewrites:
+            net = rewrite.exact_rewrite(net)
         net.eval().requires_grad_(False)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -338,18 +337,20 @@ def _on_device(t: torch.Tensor, device: str, channels_last: bool) -> torch.Tenso
 
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
           on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
-          channels_last: bool = False, fold_bn: bool = False, compile: bool = False) -> torch.Tensor:
+          channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
+          exact_rewrites: bool = False) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
     The whole set moves to the device once and comes back once. `precision`,
-    `channels_last`, `fold_bn` and `compile` select the fast path (see Bench); the
-    defaults are the plain fp32 path.
+    `channels_last`, `fold_bn`, `compile` and `exact_rewrites` select the fast path (see
+    Bench); the defaults are the plain fp32 path.
     """
     perturb = ATTACKS.get(cell.attack).fn
     gen = torch.Generator(device=device).manual_seed(seed)
     xd, yd = _on_device(x, device, channels_last), y.to(device)
     out = []
-    with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile) as net:
+    with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
+                                   exact_rewrites=exact_rewrites) as net:
         for i in range(0, len(x), batch_size):
             xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
             with autocast(device, precision):
@@ -377,7 +378,8 @@ def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: 
 
 def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
              on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
-             channels_last: bool = False, fold_bn: bool = False, compile: bool = False) -> dict:
+             channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
+             exact_rewrites: bool = False) -> dict:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding)."""
@@ -388,7 +390,8 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x_adv = craft(model, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
-                      precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile)
+                      precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
+                      exact_rewrites=exact_rewrites)
     seconds = time.perf_counter() - start
     clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
     adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=channels_last)
