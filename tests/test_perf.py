@@ -77,7 +77,8 @@ def test_bf16_is_never_the_cpu_default(tmp_path):
     bench = Bench.open(tmp_path, device="cpu")
     assert default_precision("cpu") == "fp32"
     assert bench.precision == "fp32" and bench.channels_last is False and bench.compile is False
-    assert bench.fast == {"precision": "fp32", "channels_last": False, "fold_bn": False, "compile": False}
+    assert bench.fast == {"precision": "fp32", "channels_last": False, "fold_bn": False, "compile": False,
+                          "exact_rewrites": True}  # exact: changes no bit (tests/test_rewrite.py)
     assert Bench.open(tmp_path, device="cpu", precision="bf16").precision == "bf16"  # only when asked
     with pytest.raises(BenchError):
         Bench.open(tmp_path, device="cpu", precision="fp8")
@@ -93,11 +94,12 @@ def test_perf_tiny_runs_and_reports(tmp_path, monkeypatch):
     assert data["device"] == "cpu" and "gpu" not in data
     assert "race:" in err.getvalue()  # progress on stderr, figures on stdout
     race = data["race"]
-    for k in ("torchattacks", "ours_equal_work", "ours_early_stop"):
+    for k in ("torchattacks", "ours_equal_work", "ours_early_stop", "ours_equal_work_unrewritten"):
         assert race["seconds"][k] > 0 and race["images_steps_per_s"][k] > 0
         assert 0 <= race["robust_acc"][k] <= 1
     assert race["ratio_equal_work"] > 0 and race["ratio_early_stop"] > 0
     assert race["robust_acc"]["ours_equal_work"] == race["robust_acc"]["ours_early_stop"]
+    assert race["robust_acc"]["ours_equal_work"] == race["robust_acc"]["ours_equal_work_unrewritten"]
     assert race["model"]["defense"] in ("pgd_at", "logit_squeeze")
     for key in ("images", "steps"):
         assert all(r["seconds"] > 0 for r in data["scaling"][key])
