@@ -38,6 +38,18 @@ class ModulePools(nn.Module):
         return self.head(p.flatten(1))
 
 
+class Asserts(nn.Module):
+    """Fails under symbolic tracing with an AssertionError, not a TraceError."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        assert isinstance(x, torch.Tensor), "a tensor"
+        return F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)
+
+
 class Branchy(nn.Module):
     """Control flow on the data: torch.fx cannot trace it."""
 
@@ -108,6 +120,8 @@ def test_relu_moves_after_the_pool_only_when_the_pool_is_its_one_user():
 def test_models_the_rewrite_does_not_touch_are_returned_as_they_are():
     branchy = Branchy()
     assert exact_rewrite(branchy) is branchy  # untraceable
+    asserts = Asserts()
+    assert exact_rewrite(asserts) is asserts
     resnet = build_model("resnet8", get_spec("cifar10"))
     assert exact_rewrite(resnet) is resnet  # nothing to rewrite
 
