@@ -124,9 +124,13 @@ def exact_rewrite(model: nn.Module) -> nn.Module:
         if args is None:
             continue
         src, *rest = args
+        # Move a ReLU only when the pool is all that reads it and it is all that reads its
+        # input: an in-place ReLU also changes what other readers of its input see.
         relu = src if isinstance(src, fx.Node) and _is_relu(src, gm) and len(src.users) == 1 else None
-        if relu is not None:
+        if relu is not None and isinstance(relu.args[0], fx.Node) and len(relu.args[0].users) == 1:
             src = relu.args[0]
+        else:
+            relu = None
         with graph.inserting_after(node):
             pooled = graph.call_function(max_pool2d_nhwc, (src, *rest))
         node.replace_all_uses_with(pooled)
@@ -160,7 +164,7 @@ def exact_view(model: nn.Module) -> nn.Module:
         view = exact_rewrite(model)
         # Never the model itself as the value: a weak key its own value keeps alive.
         cached = _VIEWS[model] = (key, None if view is model else view)
-    return cached[1] or model
+    return model if cached[1] is None else cached[1]
 
 
 def fold_bn(model: nn.Module) -> nn.Module:

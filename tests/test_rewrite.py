@@ -38,6 +38,21 @@ class ModulePools(nn.Module):
         return self.head(p.flatten(1))
 
 
+class InplaceRelu(nn.Module):
+    """An in-place ReLU whose input has a second reader: moving it after the pool would
+    change what that reader sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 2 * 2, 10)
+
+    def forward(self, x):
+        a = self.conv(x)
+        h = F.relu(a, inplace=True)
+        return self.head(F.max_pool2d(h, 2).flatten(1)) + a.mean((1, 2, 3))[:, None]
+
+
 class Asserts(nn.Module):
     """Fails under symbolic tracing with an AssertionError, not a TraceError."""
 
@@ -89,6 +104,7 @@ def _targets(gm):
     (lambda: build_model("digits_cnn", DIGITS), DIGITS.shape),
     (lambda: build_model("madry_mnist", MNIST), MNIST.shape),
     (ModulePools, (1, 4, 4)),
+    (InplaceRelu, (1, 4, 4)),
 ])
 def test_rewrite_changes_no_logit_and_no_gradient(build, shape):
     torch.manual_seed(0)
