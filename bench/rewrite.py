@@ -112,6 +112,16 @@ def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU
 
 
+def _movable_relu(node, gm: fx.GraphModule) -> fx.Node | None:
+    """`node` if it is a ReLU that may move after the pool reading it: the pool is all
+    that reads it, and it is all that reads its input (an in-place ReLU also changes
+    what other readers of its input see); None otherwise."""
+    if not (isinstance(node, fx.Node) and _is_relu(node, gm) and len(node.users) == 1):
+        return None
+    source = node.args[0]
+    return node if isinstance(source, fx.Node) and len(source.users) == 1 else None
+
+
 def exact_rewrite(model: nn.Module) -> nn.Module:
     """The model with both exact rewrites applied, sharing its parameters; the model
     itself where nothing applies or it does not trace."""
@@ -124,13 +134,9 @@ def exact_rewrite(model: nn.Module) -> nn.Module:
         if args is None:
             continue
         src, *rest = args
-        # Move a ReLU only when the pool is all that reads it and it is all that reads its
-        # input: an in-place ReLU also changes what other readers of its input see.
-        relu = src if isinstance(src, fx.Node) and _is_relu(src, gm) and len(src.users) == 1 else None
-        if relu is not None and isinstance(relu.args[0], fx.Node) and len(relu.args[0].users) == 1:
+        relu = _movable_relu(src, gm)
+        if relu is not None:
             src = relu.args[0]
-        else:
-            relu = None
         with graph.inserting_after(node):
             pooled = graph.call_function(max_pool2d_nhwc, (src, *rest))
         node.replace_all_uses_with(pooled)
