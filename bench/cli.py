@@ -38,7 +38,7 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed of initialization, data 
 def _bench(results, db, device, data_root, progress=None, threads: int = 1):
     import torch
 
-    from bench.schedule import Bench
+    from bench.env import Bench
 
     # One thread by default: the intra-op thread count changes float summation order and
     # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
@@ -93,7 +93,8 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
               arch: Arch = None, seed: Seed = 0, results: Results = "results", db: Db = None,
               data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
     """Train (or find) the checkpoint of one recipe."""
-    from bench.schedule import RunSpec, ensure_checkpoint, resolve
+    from bench.recipe import RunSpec, resolve
+    from bench.schedule import ensure_checkpoint
 
     spec = RunSpec(defense, dataset, preset, tuple(set_ or ()), arch, seed)
     recipe = resolve(spec)
@@ -113,7 +114,8 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
     """Train what is missing, run every missing cell of the matrix, print the results."""
     from bench.registry import DEFENSES
     from bench.results import result_rows
-    from bench.schedule import RunSpec, run_defense
+    from bench.recipe import RunSpec
+    from bench.schedule import run_defense
 
     names = DEFENSES.names() if defense == "all" else [defense]
     if defense != "all":

@@ -2,7 +2,7 @@
 
 One process, one model and one set of inputs per comparison:
 
-- race: our PGD (through `schedule.craft`, the path every cell takes) against
+- race: our PGD (through `fastpath.craft`, the path every cell takes) against
   torchattacks' PGD with the same steps, eps, step size and random start, on a robust
   digits model trained here (pgd_at when registered, else logit_squeeze with noise).
   Early stop off is equal work (every sample takes every step); early stop on is what
@@ -37,8 +37,10 @@ from bench.errors import BenchError
 from bench.matrix import make_cell
 from bench.models import build_model
 from bench.registry import DEFENSES
-from bench.schedule import (Bench, RunSpec, craft, ensure_checkpoint, frozen, load_model, predict,
-                            resolve, resolve_device, run_defense)
+from bench.env import Bench, resolve_device
+from bench.fastpath import craft, frozen, predict
+from bench.recipe import RunSpec, resolve
+from bench.schedule import ensure_checkpoint, load_model, run_defense
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _robust(model, x_adv, x, y, bench: Bench) -> float:
-    """Robust accuracy of (x_adv, x) verified in fp32, as schedule.evaluate counts it."""
+    """Robust accuracy of (x_adv, x) verified in fp32, as fastpath.evaluate counts it."""
     bs = bench.batch_size()
     clean = predict(model, x, device=bench.device, batch_size=bs).argmax(1) == y.cpu()
     adv = predict(model, x_adv, device=bench.device, batch_size=bs).argmax(1) == y.cpu()
@@ -281,7 +283,7 @@ def matrix_in_fp32(bench: Bench, matrix: dict, log: Log) -> dict:
     """Every cell of the timed matrix again on the same checkpoint, crafted on the plain
     fp32 path: what the fast path's precision changes, cell by cell."""
     from bench.matrix import matrix_cells
-    from bench.schedule import evaluate
+    from bench.fastpath import evaluate
 
     row = bench.store.checkpoint(matrix["checkpoint"])
     model = load_model(row, bench.device)

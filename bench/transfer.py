@@ -20,7 +20,9 @@ from bench.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.flags import recompute_flags
 from bench.matrix import Cell, make_cell, parse_cell_key
-from bench.schedule import Bench, craft, load_model, predict
+from bench.env import Bench
+from bench.fastpath import craft, predict
+from bench.schedule import load_model
 from bench.store import Checkpoint, pack_bits
 
 DEFAULT_ATTACK = {"steps": 10}  # PGD-10, as Summers & Dinneen Table 2

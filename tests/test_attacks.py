@@ -18,7 +18,7 @@ from bench.matrix import make_cell, matrix_cells
 from bench.presets import default_preset
 from bench.registry import ATTACKS, DEFENSES
 from bench.results import result_rows
-from bench.schedule import craft, evaluate, frozen, subset_indices
+from bench.fastpath import craft, evaluate, frozen, subset_indices
 from bench.store import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case
 from conftest import train_digits
 

@@ -23,7 +23,10 @@ from bench.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
-from bench.schedule import Bench, RunSpec, resolve, run_defense, subset_indices
+from bench.env import Bench
+from bench.fastpath import subset_indices
+from bench.recipe import RunSpec, resolve
+from bench.schedule import run_defense
 from bench.store import pack_bits, unpack_bits, worst_case
 
 DIGITS = get_spec("digits")

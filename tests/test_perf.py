@@ -13,7 +13,8 @@ from bench.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.matrix import make_cell
 from bench.models import build_model
-from bench.schedule import Bench, craft, default_precision, frozen
+from bench.env import Bench
+from bench.fastpath import craft, default_precision, frozen
 from attacks.pgd import PGD, run_pgd
 
 DIGITS = get_spec("digits")

@@ -13,7 +13,7 @@ from bench.data import DATASETS, get_spec
 from bench.models import ARCHS
 from bench.presets import PRESET_DIR, all_presets, default_preset
 from bench.registry import DEFENSES, build_config
-from bench.schedule import RunSpec, resolve
+from bench.recipe import RunSpec, resolve
 from bench.train import TrainConfig
 from defenses._parts import alpha_to_smoothing
 
@@ -47,9 +47,9 @@ def test_preset_resolves_as_a_recipe(name, monkeypatch):
     """What `bench train --preset NAME` resolves to, without loading any data. The
     architecture is checked by name above; building a WRN-28-10 per preset would take
     most of this file's time."""
-    import bench.schedule
+    import bench.recipe
 
-    monkeypatch.setattr(bench.schedule, "build_model", lambda arch, spec: None)
+    monkeypatch.setattr(bench.recipe, "build_model", lambda arch, spec: None)
     preset = PRESETS[name]
     recipe = resolve(RunSpec(defense=preset.defense, preset=name))
     assert recipe.dataset.name == preset.dataset

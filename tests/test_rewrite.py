@@ -13,7 +13,7 @@ from bench.data import get_spec
 from bench.matrix import make_cell
 from bench.models import build_model
 from bench.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
-from bench.schedule import craft, frozen
+from bench.fastpath import craft, frozen
 
 DIGITS = get_spec("digits")
 MNIST = get_spec("mnist")

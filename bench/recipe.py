@@ -1,0 +1,95 @@
+"""Recipes: what the user asked for (RunSpec) resolved into what gets trained (Recipe).
+
+A defense's config is its dataclass defaults, then a preset, then `--set key=value`
+overrides; the canonical JSON of the result, with dataset, architecture and seed,
+hashes to the checkpoint key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from bench import checkpoint as ckpt
+from bench.data import DatasetSpec, get_spec
+from bench.errors import BenchError, did_you_mean
+from bench.models import build_model
+from bench.presets import Preset, default_preset, get_preset
+from bench.registry import DEFENSES, build_config
+from bench.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the user asked for; `resolve` turns it into a concrete recipe."""
+
+    defense: str
+    dataset: str | None = None
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+    """`key=value` strings; keys of the defense config or of TrainConfig."""
+    arch: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    defense: str
+    config: Any
+    train_config: TrainConfig
+    dataset: DatasetSpec
+    arch: str
+    seed: int
+    preset: Preset | None
+
+    @property
+    def key(self) -> str:
+        return ckpt.checkpoint_key(self.defense, self.config, self.train_config,
+                                   self.dataset.name, self.arch, self.seed)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise BenchError(f"--set {item!r} is not key=value (e.g. --set beta=0.5)")
+    try:  # TOML value syntax: 0.5, 3, true, "batch", [100, 150]
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().removeprefix("train."), value
+
+
+def resolve(spec: RunSpec) -> Recipe:
+    entry = DEFENSES.get(spec.defense)
+    preset = get_preset(spec.preset) if spec.preset else None
+    if preset and preset.defense != spec.defense:
+        raise BenchError(f"preset {preset.name!r} is for defense {preset.defense!r}, not {spec.defense!r}")
+    dataset = spec.dataset or (preset.dataset if preset else "digits")
+    ds = get_spec(dataset)
+    if preset and preset.dataset != dataset:
+        raise BenchError(f"preset {preset.name!r} is for dataset {preset.dataset!r}; "
+                         f"drop --dataset or pass --dataset {preset.dataset}")
+    preset = preset or default_preset(spec.defense, dataset)
+
+    defense_values = dict(preset.config) if preset else {}
+    train_values = dict(preset.train) if preset else {}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    defense_fields = {f.name for f in dataclasses.fields(entry.config)}
+    for item in spec.overrides:
+        key, value = parse_override(item)
+        if key in defense_fields:
+            defense_values[key] = value
+        elif key in train_fields:
+            train_values[key] = value
+        else:
+            hint = did_you_mean(key, defense_fields | train_fields)
+            raise BenchError(f"--set {key}: not a setting of {spec.defense!r} or of training{hint} "
+                             f"(defense: {', '.join(sorted(defense_fields)) or 'none'}; "
+                             f"training: {', '.join(sorted(train_fields))})")
+    cfg = entry.make_config(defense_values)
+    train_cfg = build_config(TrainConfig, train_values, what="training")
+    arch = spec.arch or (preset.arch if preset and preset.arch else ds.default_arch)
+    build_model(arch, ds)  # fail early on an unknown architecture
+    return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset)
+
