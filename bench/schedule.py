@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from bench.errors import BenchError
 from bench.executors import LocalExecutor
 from bench.fastpath import logit_stats, predict
 from bench.jobs import EvalJob
-from bench.matrix import matrix_cells
+from bench.matrix import Cell, matrix_cells
 from bench.models import build_model
 from bench.recipe import Recipe, RunSpec, resolve
 from bench.registry import DEFENSES
@@ -134,15 +135,26 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
     recipe = resolve(spec)
     cells = matrix_cells(matrix, recipe.dataset.threat)  # a bad matrix fails before training
     row, trained = ensure_checkpoint(bench, recipe)
+    ran = attack_checkpoint(bench, row, cells, lambda: load_model(row, bench.device), executor)
+    return RunReport(row, trained, ran, len(cells))
+
+
+def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
+                      model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
+    """Run the cells the store lacks for one stored checkpoint, commit each result as it
+    arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
+    called when a cell is missing. Returns the keys of the cells run."""
+    from bench.flags import recompute_flags
+
     done = bench.store.done_cells(row.id)
     missing = [c for c in cells if c.key not in done]
     ran: list[str] = []
     if missing:
-        x, y = load_dataset(recipe.dataset.name, "test", bench.data_root)
-        model = load_model(row, bench.device)
+        x, y = load_dataset(row.dataset, "test", bench.data_root)
+        net = model()
         executor = executor or LocalExecutor()
-        jobs = [EvalJob(model, c, x, y, bench.device, bench.batch_size(), fast=bench.fast) for c in missing]
-        on_step, finish = _progress(bench, f"attack {recipe.defense} [{row.key[:8]}]", len(jobs))
+        jobs = [EvalJob(net, c, x, y, bench.device, bench.batch_size(), fast=bench.fast) for c in missing]
+        on_step, finish = _progress(bench, f"attack {row.defense} [{row.key[:8]}]", len(jobs))
         try:
             for i, (job, result) in enumerate(executor.map(jobs), 1):
                 bench.store.add_evaluation(row.id, **result)
@@ -151,7 +163,5 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
                     on_step(i)
         finally:
             finish()
-    from bench.flags import recompute_flags
-
     recompute_flags(bench.store, row)
-    return RunReport(row, trained, ran, len(cells))
+    return ran
