@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
-                        create_engine, delete, event, select)
+                        create_engine, delete, event, select, text)
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -129,7 +129,7 @@ class Store:
             self.engine = create_engine(url)
             if url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
+            _create_schema(self.engine)
         except (SQLAlchemyError, ValueError) as exc:
             raise BenchError(f"cannot open the store at {url!r}: {str(exc).splitlines()[0]}; "
                              "check --db or that the results folder is writable") from exc
@@ -206,7 +206,10 @@ class Store:
         stmt = self.insert(model).values(**values)
         with self.Session.begin() as s:
             if hasattr(stmt, "on_conflict_do_nothing"):
-                return s.execute(stmt.on_conflict_do_nothing(index_elements=unique)).rowcount == 1
+                # RETURNING the key tells whether a row went in (rowcount is not reliable
+                # for an INSERT that returns rows, which PostgreSQL's dialect adds).
+                stmt = stmt.on_conflict_do_nothing(index_elements=unique)
+                return s.execute(stmt.returning(*model.__table__.primary_key.columns)).first() is not None
             try:  # other databases: the unique constraint still guards; losing is not an error
                 with s.begin_nested():
                     s.execute(stmt)
@@ -231,6 +234,17 @@ class Store:
             q = q.where(Flag.checkpoint_id.in_(list(checkpoint_ids)))
         with self.Session() as s:
             return list(s.scalars(q))
+
+
+def _create_schema(engine) -> None:
+    """Create missing tables, one driver at a time: two drivers opening a new store at
+    once would otherwise both see a table missing and the second CREATE would fail."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # held until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(7364021)"))
+        elif engine.dialect.name == "sqlite":  # take the write lock now (waits busy_timeout)
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        Base.metadata.create_all(conn)
 
 
 _DIALECT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
