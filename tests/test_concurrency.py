@@ -145,3 +145,21 @@ def test_a_failing_attack_fails_its_own_cell_and_the_run_exits_nonzero(bench_plu
     assert "failed failing:" in run.stderr and "RuntimeError: this attack always fails" in run.stderr
     assert "second line" not in run.stderr and "Traceback" not in run.stderr
     assert [e.cell_key for e in Store(f"sqlite:///{res / 'bench.db'}").evaluations()] == ["fgsm:eps=0.2,loss=xent"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--executor", "dask"], "--executor must be one of local, ray, got 'dask'"),
+    (["--ray-address", "auto"], "--ray-address is for --executor ray"),
+])
+def test_bad_executor_options_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message):
+    from bench import cli
+
+    argv = ["run", "--defense", "natural", "--results", str(tmp_path / "res"), *args]
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+    run = subprocess.run([shutil_which_bench(), *argv], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr and run.stderr.count("\n") == 1
+    assert not (tmp_path / "res" / "checkpoints").exists()
