@@ -4,7 +4,8 @@ Each job is one task that asks for `cpus_per_task` CPUs (and, on CUDA, `gpus_per
 of a GPU, a fraction letting several tasks share one) and sets torch's thread count to
 its CPUs, so a task computes exactly what the local executor computes with the same
 thread count. What many jobs share (a model, the test set; a job's `SHARED` fields) is
-put into Ray's object store once and handed to every task by reference. Results come
+put into Ray's object store once and handed to every task by reference; each worker
+fetches it once and keeps it for the next tasks. Results come
 back to the driver in the order tasks finish (`ray.wait`); the driver alone writes the
 store. A task whose worker dies (killed, out of memory, a lost node) is retried by Ray
 (`max_retries`); a job that raises is not retried, and comes back as `Failed`.
@@ -12,6 +13,7 @@ store. A task whose worker dies (killed, out of memory, a lost node) is retried 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import Any, Iterable, Iterator
 
 from bench.errors import BenchError
@@ -26,12 +28,33 @@ def _ray():
     return ray
 
 
-def _run_job(job: Any, names: tuple[str, ...], threads: int, *values: Any) -> Any:
-    """The task body: put the shared values back into the job, fix the thread count, run."""
+_WORKER_CACHE: "OrderedDict[str, Any]" = OrderedDict()
+"""In each worker process: the shared values it fetched last, by object id. A model is
+then deserialized once per worker rather than once per cell, and the fast path's per-model
+preparation (bench.fastpath.fast_model) is reused across its cells."""
+_WORKER_CACHE_SIZE = 8
+
+
+def _fetch(ref: Any) -> Any:
+    import ray
+
+    key = ref.hex()
+    if key in _WORKER_CACHE:
+        _WORKER_CACHE.move_to_end(key)
+    else:
+        _WORKER_CACHE[key] = ray.get(ref)
+        while len(_WORKER_CACHE) > _WORKER_CACHE_SIZE:
+            _WORKER_CACHE.popitem(last=False)
+    return _WORKER_CACHE[key]
+
+
+def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list) -> Any:
+    """The task body: put the shared values back into the job, fix the thread count, run.
+    `refs` come in a list so that Ray hands over the references, not copies of the values."""
     import torch
 
     torch.set_num_threads(threads)
-    return dataclasses.replace(job, **dict(zip(names, values))).run()
+    return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
 
 
 class RayExecutor:
@@ -94,7 +117,7 @@ class RayExecutor:
             gpus = self.gpus_per_task if str(getattr(job, "device", "cpu")).startswith("cuda") else 0
             task = self._task.options(num_cpus=self.cpus_per_task, num_gpus=gpus, max_retries=self.max_retries,
                                       retry_exceptions=False)
-            inflight[task.remote(stub, names, self.cpus_per_task, *[put(getattr(job, n)) for n in names])] = job
+            inflight[task.remote(stub, names, self.cpus_per_task, [put(getattr(job, n)) for n in names])] = job
 
         while inflight or not exhausted:
             idle = False
