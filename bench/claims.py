@@ -84,7 +84,7 @@ class Claims:
         """Claim `key` for this driver: True if it is now ours, False if another holds it."""
         now = time.time()
         until = now + self.lease
-        won = self.store._insert_new(Claim, {"key": key, "owner": self.owner, "expires_at": until}, ["key"])
+        won = self.store.insert_new(Claim, {"key": key, "owner": self.owner, "expires_at": until}, ["key"])
         if not won:
             with self.store.Session.begin() as s:
                 holder = s.scalar(select(Claim.owner).where(Claim.key == key))

@@ -1,8 +1,10 @@
 """The driver: what is missing -> jobs -> an executor -> the store.
 
-`run_defense` resolves a recipe, finds or trains its checkpoint, expands the matrix, and
-hands the cells the store lacks to an executor, committing each result in its own
-transaction as it arrives. Only this driver writes to the store.
+`run_defenses` resolves recipes, finds or trains their checkpoints (all trainings as jobs
+on the executor), expands the matrix, and hands every cell the store lacks to the
+executor (again all at once), committing each result in its own transaction as it
+arrives. Only this driver writes to the store, and it claims each training and cell
+before handing it out (bench.claims), so drivers sharing a store never compute one twice.
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ Every evaluation is one row per (checkpoint, cell key), committed in its own
 transaction together with the packed per-sample correctness bits, so a killed run
 loses at most the cell it was in. Worst-case robust accuracy is the per-sample AND over
 all stored cells of the checkpoint's threat model, transfer cells included.
+
+Writes are idempotent (INSERT ... ON CONFLICT DO NOTHING on each table's unique key), so
+several drivers may share one store, SQLite on one machine or PostgreSQL
+(`postgresql+psycopg://...`) across many; the `claims` table keeps them from computing
+the same work twice (bench.claims).
 """
 from __future__ import annotations
 
@@ -148,7 +153,7 @@ class Store:
 
     def add_checkpoint(self, **fields: Any) -> Checkpoint:
         """Record a checkpoint, or keep the row another driver recorded first; the stored row."""
-        self._insert_new(Checkpoint, fields, ["key"])
+        self.insert_new(Checkpoint, fields, ["key"])
         return self.checkpoint(fields["key"])
 
     def checkpoints(self, dataset: str | None = None, defense: str | None = None) -> list[Checkpoint]:
@@ -167,7 +172,7 @@ class Store:
 
     def add_evaluation(self, checkpoint_id: int, **fields: Any) -> bool:
         """Store one cell's result; False (and nothing written) if the row exists already."""
-        return self._insert_new(Evaluation, dict(fields, checkpoint_id=checkpoint_id),
+        return self.insert_new(Evaluation, dict(fields, checkpoint_id=checkpoint_id),
                                 ["checkpoint_id", "cell_key"])
 
     def evaluations(self, checkpoint_ids: Iterable[int] | None = None) -> list[Evaluation]:
@@ -184,7 +189,7 @@ class Store:
 
     def add_transfer(self, source_id: int, target_id: int, **fields: Any) -> bool:
         """Store one transfer result; False (and nothing written) if the row exists already."""
-        return self._insert_new(Transfer, dict(fields, source_id=source_id, target_id=target_id),
+        return self.insert_new(Transfer, dict(fields, source_id=source_id, target_id=target_id),
                                 ["source_id", "target_id", "cell_key"])
 
     def transfers(self, checkpoint_ids: Iterable[int] | None = None) -> list[Transfer]:
@@ -196,14 +201,11 @@ class Store:
             return list(s.scalars(q))
 
     # --- idempotent writes ---------------------------------------------------------------
-    def insert(self, model: type[Base]):
-        """An INSERT that can take ON CONFLICT DO NOTHING (SQLite and PostgreSQL dialects)."""
-        return _DIALECT_INSERT.get(self.engine.dialect.name, sa_insert)(model)
-
-    def _insert_new(self, model: type[Base], values: dict, unique: list[str]) -> bool:
+    def insert_new(self, model: type[Base], values: dict, unique: list[str]) -> bool:
         """INSERT ... ON CONFLICT (unique) DO NOTHING: two drivers writing the same row
         leave one row and no error. True if this call wrote it."""
-        stmt = self.insert(model).values(**values)
+        # The dialect's own INSERT (SQLite, PostgreSQL) has ON CONFLICT DO NOTHING.
+        stmt = _DIALECT_INSERT.get(self.engine.dialect.name, sa_insert)(model).values(**values)
         with self.Session.begin() as s:
             if hasattr(stmt, "on_conflict_do_nothing"):
                 # RETURNING the key tells whether a row went in (rowcount is not reliable

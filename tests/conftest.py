@@ -41,4 +41,4 @@ def natural_model():
 
 
 # Real PostgreSQL and Ray servers and the test plugins (tests/servers.py).
-from servers import bench_plugins, postgres_server, ray_cluster, store_url  # noqa: E402,F401
+from servers import bench_plugins, postgres_server, ray_cluster, registered_plugins, store_url  # noqa: E402,F401

@@ -15,6 +15,7 @@ they fail instead.
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import shutil
 import subprocess
@@ -110,10 +111,8 @@ PLUGIN_NAMES = {"defenses": ["logged_natural"], "attacks": ["logged_bim", "kille
 
 @pytest.fixture(scope="session")
 def bench_plugins(tmp_path_factory):
-    """The folder holding the plugin package (put it on PYTHONPATH for subprocesses);
-    the plugins are registered in this process for the session."""
-    from bench.registry import ATTACKS, DEFENSES
-
+    """The folder holding the plugin package: put it on PYTHONPATH for subprocesses and
+    Ray workers. Nothing is registered in this process (see `registered_plugins`)."""
     root = tmp_path_factory.mktemp("plugins")
     (root / "bench_test_plugins.py").write_text(PLUGIN)
     info = root / "bench_test_plugins-0.1.dist-info"
@@ -121,16 +120,28 @@ def bench_plugins(tmp_path_factory):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bench_test_plugins\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[bench.defenses]\nlogged = bench_test_plugins\n"
                                            "[bench.attacks]\nlogged = bench_test_plugins\n")
-    sys.path.insert(0, str(root))
-    DEFENSES._loaded = ATTACKS._loaded = False
-    DEFENSES.load()
+    return root
+
+
+@pytest.fixture
+def registered_plugins(bench_plugins):
+    """The test plugins registered in this process for one test, then removed again, so
+    that tests parametrized over the whole registry never see them."""
+    from bench.registry import ATTACKS, DEFENSES
+
+    DEFENSES.load()  # the built-ins first, while the plugin folder is not on sys.path
     ATTACKS.load()
-    yield root
-    sys.path.remove(str(root))
-    for name in PLUGIN_NAMES["defenses"]:
-        DEFENSES.unregister(name)
-    for name in PLUGIN_NAMES["attacks"]:
-        ATTACKS.unregister(name)
+    sys.path.insert(0, str(bench_plugins))
+    try:
+        module = sys.modules.get("bench_test_plugins")
+        importlib.reload(module) if module else importlib.import_module("bench_test_plugins")
+        yield bench_plugins
+    finally:
+        sys.path.remove(str(bench_plugins))
+        for name in PLUGIN_NAMES["defenses"]:
+            DEFENSES.unregister(name)
+        for name in PLUGIN_NAMES["attacks"]:
+            ATTACKS.unregister(name)
 
 
 def plugin_env(plugins: Path, log: Path) -> dict:

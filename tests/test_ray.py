@@ -41,7 +41,8 @@ def _numbers(bench: Bench) -> tuple[dict, dict, dict]:
     return weights, cells, transfers
 
 
-def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluster, tmp_path, monkeypatch):
+def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluster, registered_plugins, tmp_path,
+                                                                      monkeypatch):
     matrix = tmp_path / "small.toml"
     matrix.write_text(MATRIX)
     specs = [RunSpec("natural", overrides=("epochs=2",)), RunSpec("logit_squeeze", overrides=("epochs=2",))]
@@ -68,7 +69,7 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
     assert (weights, cells, transfers) == _numbers(local)  # trained weights too: equal sha256
 
 
-def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_cluster, tmp_path):
+def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_cluster, registered_plugins, tmp_path):
     bench = Bench.open(tmp_path / "res")
     row, _ = ensure_checkpoint(bench, resolve(RunSpec("natural", overrides=("epochs=1",))))
     threat = resolve(RunSpec("natural")).dataset.threat
@@ -90,7 +91,7 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_clu
     assert again.store.evaluations()[0].correct_bits == first.correct_bits
 
 
-def test_a_failing_attack_fails_its_own_cell_on_ray(ray_cluster, tmp_path):
+def test_a_failing_attack_fails_its_own_cell_on_ray(ray_cluster, registered_plugins, tmp_path):
     bench = Bench.open(tmp_path / "res")
     row, _ = ensure_checkpoint(bench, resolve(RunSpec("natural", overrides=("epochs=1",))))
     threat = resolve(RunSpec("natural")).dataset.threat
