@@ -151,6 +151,8 @@ def test_a_failing_attack_fails_its_own_cell_and_the_run_exits_nonzero(bench_plu
 @pytest.mark.parametrize("args, message", [
     (["--executor", "dask"], "--executor must be one of local, ray, got 'dask'"),
     (["--ray-address", "auto"], "--ray-address is for --executor ray"),
+    (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach a Ray cluster at '127.0.0.1:1'"),
+    (["--executor", "ray", "--ray-address", "head-node"], "is not auto or host:port"),
 ])
 def test_bad_executor_options_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message):
     from bench import cli

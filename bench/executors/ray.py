@@ -13,6 +13,7 @@ store. A task whose worker dies (killed, out of memory, a lost node) is retried 
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator
 
@@ -57,6 +58,21 @@ def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list) -> Any:
     return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
 
 
+def _check_reachable(address: str | None) -> None:
+    """Fail at once on a host:port nobody listens on (Ray itself retries for minutes)."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise BenchError(f"--ray-address {address!r} is not auto or host:port (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as exc:
+        raise BenchError(f"cannot reach a Ray cluster at {address!r} ({exc.strerror or exc}); start one "
+                         "with `ray start --head` there, or leave --ray-address unset for a local "
+                         "cluster") from exc
+
+
 class RayExecutor:
     """Runs jobs as Ray tasks; yields (job, result) as tasks finish.
 
@@ -76,6 +92,7 @@ class RayExecutor:
         self.cpus_per_task = cpus_per_task
         self.gpus_per_task = gpus_per_task
         self.max_retries = max_retries
+        _check_reachable(address)
         self.started = not ray.is_initialized()
         if self.started:
             try:
