@@ -49,7 +49,9 @@ class EvalJob:
     """What the driver knows the job by (the checkpoint key); not used to compute."""
 
     def run(self) -> dict:
-        return evaluate(self.model, self.cell, self.x, self.y, device=self.device,
+        # In place and a no-op where the model is on the device already (the local executor).
+        model = self.model.to(self.device)
+        return evaluate(model, self.cell, self.x, self.y, device=self.device,
                         batch_size=self.batch_size, seed=self.seed, **self.fast)
 
 
@@ -72,7 +74,8 @@ class CraftJob:
     """What the driver knows the job by (the source checkpoint key)."""
 
     def run(self) -> torch.Tensor:
-        return craft(self.model, self.cell, self.x, self.y, device=self.device,
+        model = self.model.to(self.device)  # see EvalJob.run
+        return craft(model, self.cell, self.x, self.y, device=self.device,
                      batch_size=self.batch_size, **self.fast)
 
 
