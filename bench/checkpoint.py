@@ -64,7 +64,9 @@ def git_commit() -> str | None:
 
 
 def save_checkpoint(model: torch.nn.Module, directory: Path, meta: dict) -> dict:
-    """Write weights and meta atomically; returns meta with the weights' sha256 added."""
+    """Write weights and meta atomically; returns the meta of the folder now in place:
+    ours with the weights' sha256 added, or that of an intact folder another writer put
+    there first (the same recipe, so the same weights on the same machine)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
@@ -73,13 +75,29 @@ def save_checkpoint(model: torch.nn.Module, directory: Path, meta: dict) -> dict
         save_file(state, str(weights))
         meta = dict(meta, sha256=sha256_file(weights))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=list))
-        if directory.exists():  # a previous run wrote it but died before recording it
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        # Renaming a folder onto an existing, non-empty one fails, so of two writers of
+        # the same key only one puts its folder in place; the other keeps what is there.
+        for _ in range(3):
+            try:
+                os.rename(tmp, directory)
+                return meta
+            except OSError:
+                if not directory.exists():
+                    raise
+            existing = read_meta(directory)
+            if existing is not None:  # another writer was first with an intact folder
+                return existing
+            # A broken folder (not intact): move it aside atomically, then try again.
+            aside = Path(tempfile.mkdtemp(prefix=".broken-", dir=directory.parent))
+            try:
+                os.rename(directory, aside / "old")
+            except FileNotFoundError:  # another writer moved it first
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
+        raise BenchError(f"could not put checkpoint folder {str(directory)!r} in place; check the folder")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return meta
 
 
 def read_meta(directory: Path) -> dict | None:

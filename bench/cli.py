@@ -33,6 +33,12 @@ Set = Annotated[Optional[list[str]], typer.Option("--set", help="Override a sett
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits (default), mnist, cifar10, cifar100, svhn.")]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the dataset's).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and noise.")]
+Executor = Annotated[str, typer.Option("--executor", envvar="BENCH_EXECUTOR",
+                                       help="Where trainings and cells run: local (this process) or ray (Ray tasks).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", envvar="BENCH_RAY_ADDRESS",
+                                                   help="Ray cluster to join: auto or host:port (unset: start a local one).")]
+RayGpus = Annotated[float, typer.Option("--ray-gpus", envvar="BENCH_RAY_GPUS",
+                                        help="GPUs per Ray task on CUDA; a fraction shares a GPU (e.g. 0.25).")]
 
 
 def _bench(results, db, device, data_root, progress=None, threads: int = 1):
@@ -47,6 +53,14 @@ def _bench(results, db, device, data_root, progress=None, threads: int = 1):
         raise BenchError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     return Bench.open(results, db=db, device=device, data_root=data_root, progress=progress)
+
+
+def _executor(kind: str, ray_address: str | None, threads: int, ray_gpus: float):
+    """The executor the options ask for (a context manager: a local Ray cluster it starts
+    is stopped on exit). Each Ray task gets --threads CPUs and as many torch threads."""
+    from bench.executors import make_executor
+
+    return make_executor(kind, ray_address=ray_address, threads=threads, gpus_per_task=ray_gpus)
 
 
 def _progress():
@@ -91,7 +105,8 @@ def ls(what: Annotated[str, typer.Argument(help="defenses, attacks, matrices, da
 @app.command("train")
 def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset: Dataset = None,
               arch: Arch = None, seed: Seed = 0, results: Results = "results", db: Db = None,
-              data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
+              data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1,
+              executor: Executor = "local", ray_address: RayAddress = None, ray_gpus: RayGpus = 1.0):
     """Train (or find) the checkpoint of one recipe."""
     from bench.recipe import RunSpec, resolve
     from bench.schedule import ensure_checkpoint
@@ -100,7 +115,8 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
     recipe = resolve(spec)
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)
-        row, trained = ensure_checkpoint(bench, recipe)
+        with _executor(executor, ray_address, threads, ray_gpus) as ex:
+            row, trained = ensure_checkpoint(bench, recipe, ex)
     verb = "trained" if trained else "found"
     out.print(f"{verb} {row.defense} [{row.key}] clean accuracy {row.meta['clean_acc']:.4f} "
               f"({row.train_seconds:.1f} s training) at {row.path}")
@@ -110,27 +126,36 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
 def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", help="quick, full, paper or a TOML file.")] = "quick",
             preset: Preset = None, set_: Set = None, dataset: Dataset = None, arch: Arch = None,
             seed: Seed = 0, results: Results = "results", db: Db = None,
-            data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
+            data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1,
+            executor: Executor = "local", ray_address: RayAddress = None, ray_gpus: RayGpus = 1.0):
     """Train what is missing, run every missing cell of the matrix, print the results."""
     from bench.registry import DEFENSES
     from bench.results import result_rows
     from bench.recipe import RunSpec
-    from bench.schedule import run_defense
+    from bench.schedule import run_defenses
 
     names = DEFENSES.names() if defense == "all" else [defense]
     if defense != "all":
         DEFENSES.get(defense)
-    keys = set()
+    specs = [RunSpec(name, dataset, preset if defense != "all" else None, tuple(set_ or ()), arch, seed)
+             for name in names]
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)
-        for name in names:
-            spec = RunSpec(name, dataset, preset if defense != "all" else None, tuple(set_ or ()), arch, seed)
-            report = run_defense(bench, spec, matrix)
-            keys.add(report.checkpoint.key)
-            err.print(f"{name} [{report.checkpoint.key[:8]}]: "
-                      f"{'trained' if report.trained else 'checkpoint found'}, "
-                      f"{len(report.cells_run)} of {report.cells_total} cells run", markup=False)
-    _print_rows(result_rows(bench.store, checkpoint_keys=keys), "table")
+        with _executor(executor, ray_address, threads, ray_gpus) as ex:
+            reports = run_defenses(bench, specs, matrix, ex)
+    failed = 0
+    for spec, report in zip(specs, reports):
+        err.print(f"{spec.defense} [{report.checkpoint.key[:8]}]: "
+                  f"{'trained' if report.trained else 'checkpoint found'}, "
+                  f"{len(report.cells_run)} of {report.cells_total} cells run", markup=False)
+        for cell, reason in report.failures.items():
+            err.print(f"  failed {cell}: {reason}", markup=False, highlight=False, soft_wrap=True)
+            failed += 1
+    _print_rows(result_rows(bench.store, checkpoint_keys={r.checkpoint.key for r in reports}), "table")
+    if failed:
+        err.print(f"{failed} cell(s) failed (reasons above); the others are stored. Fix the attack "
+                  "and run again to fill them in", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command("results")
@@ -152,13 +177,15 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense n
                  attack: Annotated[Optional[str], typer.Option("--attack", help="Cell key to craft with (default PGD-10).")] = None,
                  dataset: Annotated[str, typer.Option("--dataset")] = "digits",
                  results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
-                 threads: Threads = 1):
+                 threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
+                 ray_gpus: RayGpus = 1.0):
     """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
     from bench.transfer import run_transfers
 
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)
-        report = run_transfers(bench, source, target, attack, dataset)
+        with _executor(executor, ray_address, threads, ray_gpus) as ex:
+            report = run_transfers(bench, source, target, attack, dataset, executor=ex)
     err.print(f"crafted {report.crafted} source set(s), reused {report.reused}; "
               f"evaluated {report.evaluated} source/target pair(s), {report.skipped} already stored", markup=False)
     _print_grid(report.grid)
@@ -246,7 +273,9 @@ def main() -> None:
     if debug:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) without standalone mode
+            sys.exit(code)
     except BenchError as exc:
         if debug:
             raise

@@ -1,106 +1,100 @@
 """The driver: what is missing -> jobs -> an executor -> the store.
 
-`run_defense` resolves a recipe, finds or trains its checkpoint, expands the matrix, and
-hands the cells the store lacks to an executor, committing each result in its own
-transaction as it arrives. Only this driver writes to the store.
+`run_defenses` resolves recipes, finds or trains their checkpoints (all trainings as jobs
+on the executor), expands the matrix, and hands every cell the store lacks to the
+executor (again all at once), committing each result in its own transaction as it
+arrives. Only this driver writes to the store, and it claims each training and cell
+before handing it out (bench.claims), so drivers sharing a store never compute one twice.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from bench import checkpoint as ckpt
+from bench.claims import Claims, claimed
 from bench.data import load_dataset
 from bench.env import Bench
 from bench.errors import BenchError
 from bench.executors import LocalExecutor
-from bench.fastpath import logit_stats, predict
-from bench.jobs import EvalJob
+from bench.jobs import EvalJob, Failed, TrainJob, package_version  # noqa: F401 (package_version: bench.site)
 from bench.matrix import Cell, matrix_cells
-from bench.models import build_model
 from bench.recipe import Recipe, RunSpec, resolve
-from bench.registry import DEFENSES
 from bench.store import Checkpoint
-from bench.train import TrainContext, train
 
 
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("robustness-bench")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def ensure_checkpoint(bench: Bench, recipe: Recipe) -> tuple[Checkpoint, bool]:
+def ensure_checkpoint(bench: Bench, recipe: Recipe, executor=None) -> tuple[Checkpoint, bool]:
     """The stored checkpoint for a recipe, training it first if absent. (row, trained?)"""
-    key = recipe.key
-    row = bench.store.checkpoint(key)
-    if row is not None:
-        return row, False
+    rows, trained = ensure_checkpoints(bench, [recipe], executor)
+    return rows[0], recipe.key in trained
+
+
+def ensure_checkpoints(bench: Bench, recipes: list[Recipe], executor=None) -> tuple[list[Checkpoint], set[str]]:
+    """The stored checkpoints of `recipes` (in their order) and the keys trained here.
+
+    Missing ones are trained as jobs on the executor (in parallel where it runs several),
+    each under a claim, so that a second driver on the same store waits for the training
+    and reads its row instead of training it again.
+    """
+    executor = executor or LocalExecutor()
+    unique = {r.key: r for r in recipes}
+    trained: set[str] = set()
+    failures: list[Failed] = []
+    bars: dict[str, Callable[[], None]] = {}
+
+    def directory(recipe: Recipe) -> Path:
+        return ckpt.checkpoint_dir(bench.results, recipe.dataset.name, recipe.defense, recipe.key)
+
+    with Claims(bench.store) as claims:
+        def jobs():
+            for recipe in claimed(unique.values(), claims, key=lambda r: f"train:{r.key}",
+                                  done=lambda r: bench.store.checkpoint(r.key) is not None):
+                if recipe is None:
+                    yield None
+                    continue
+                meta = ckpt.read_meta(directory(recipe))
+                if meta is not None:  # written by a run killed before recording it: adopt it
+                    _record_checkpoint(bench, recipe, directory(recipe), meta)
+                    claims.release(f"train:{recipe.key}")
+                    continue
+                steps = recipe.train_config.epochs * -(-_train_size(recipe, bench) // recipe.train_config.batch_size)
+                on_step, bars[recipe.key] = _progress(bench, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
+                yield TrainJob(recipe, directory(recipe), bench.device, bench.data_root, bench.batch_size(),
+                               precision=bench.precision, channels_last=bench.channels_last, on_step=on_step)
+
+        try:
+            for job, meta in executor.map(jobs()):
+                bars.pop(job.recipe.key, lambda: None)()
+                if isinstance(meta, Failed):
+                    failures.append(meta)
+                else:
+                    _record_checkpoint(bench, job.recipe, job.directory, meta)
+                    trained.add(job.recipe.key)
+                claims.release(f"train:{job.recipe.key}")
+        finally:
+            for done in bars.values():
+                done()
+    if failures:  # the other trainings are recorded; the first failure stops the run
+        raise failures[0].error or BenchError(f"training failed: {failures[0].reason}")
+    return [bench.store.checkpoint(r.key) for r in recipes], trained
+
+
+def _train_size(recipe: Recipe, bench: Bench) -> int:
+    return len(load_dataset(recipe.dataset.name, "train", bench.data_root)[1])
+
+
+def _record_checkpoint(bench: Bench, recipe: Recipe, directory: Path, meta: dict) -> Checkpoint:
+    """Record a checkpoint folder in the store (idempotent: a row already there is kept)."""
     ds = recipe.dataset
-    directory = ckpt.checkpoint_dir(bench.results, ds.name, recipe.defense, key)
-    meta = ckpt.read_meta(directory)
-    trained = meta is None
-    if trained:  # not on disk either (a run killed after writing adopts its file instead)
-        meta = train_checkpoint(bench, recipe, directory)
-    row = bench.store.add_checkpoint(
-        key=key, dataset=ds.name, defense=recipe.defense,
+    return bench.store.add_checkpoint(
+        key=recipe.key, dataset=ds.name, defense=recipe.defense,
         preset=recipe.preset.name if recipe.preset else None, arch=recipe.arch, seed=recipe.seed,
         threat=ds.threat.name, config=meta["config"], train_config=meta["train"], path=str(directory),
         sha256=meta["sha256"], epochs=meta["epochs"], train_seconds=meta["train_seconds"],
         device=meta["device"], meta=meta)
-    return row, trained
-
-
-def train_checkpoint(bench: Bench, recipe: Recipe, directory: Path) -> dict:
-    ds = recipe.dataset
-    entry = DEFENSES.get(recipe.defense)
-    x, y = load_dataset(ds.name, "train", bench.data_root)
-    x_test, y_test = load_dataset(ds.name, "test", bench.data_root)
-    device = bench.device
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe.arch, ds).to(device)
-    ctx = TrainContext(ds.num_classes, ds.threat, torch.Generator(device=device).manual_seed(recipe.seed))
-    on_step, done = _progress(bench, f"train {recipe.defense} [{recipe.key[:8]}]",
-                              recipe.train_config.epochs * -(-len(x) // recipe.train_config.batch_size))
-    try:
-        result = train(model, entry.fn, recipe.config, recipe.train_config, x.to(device), y.to(device),
-                       ctx, on_step=on_step, precision=bench.precision, channels_last=bench.channels_last)
-    except FloatingPointError as exc:
-        raise BenchError(f"training {recipe.defense!r} diverged: {exc}; lower lr or the "
-                         "regularization weight with --set") from exc
-    finally:
-        done()
-    logits = predict(model, x_test, device=device, batch_size=bench.batch_size())
-    meta = {
-        "key": recipe.key, "defense": recipe.defense, "config": dataclasses.asdict(recipe.config),
-        "train": dataclasses.asdict(recipe.train_config), "dataset": ds.name, "arch": recipe.arch,
-        "seed": recipe.seed, "epochs": recipe.train_config.epochs, "train_seconds": result.seconds,
-        "train_losses": result.losses, "device": _device_name(device),
-        "preset": recipe.preset.name if recipe.preset else None,
-        "paper": recipe.preset.paper if recipe.preset else {},
-        "preset_description": recipe.preset.description if recipe.preset else "",
-        "preset_source": recipe.preset.source if recipe.preset else "",
-        # The intra-op thread count changes float summation order, hence the weights.
-        "torch_threads": torch.get_num_threads(),
-        "clean_acc": float((logits.argmax(1) == y_test).float().mean()),
-        "logit_stats": logit_stats(logits, y_test),
-        "package_version": package_version(), "git_commit": ckpt.git_commit(),
-        "torch_version": torch.__version__, "precision": bench.precision,
-    }
-    return ckpt.save_checkpoint(model, directory, meta)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 def _progress(bench: Bench, label: str, total: int):
@@ -129,39 +123,103 @@ class RunReport:
     trained: bool
     cells_run: list[str]
     cells_total: int
+    failures: dict[str, str] = field(default_factory=dict)
+    """Cell key -> one-line reason, for each cell whose attack raised."""
+
+
+class CellsRun(list):
+    """The keys of the cells run (a list, in the order they finished), and the cells that
+    failed: `failures`, cell key -> one-line reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures: dict[str, str] = {}
 
 
 def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunReport:
-    recipe = resolve(spec)
-    cells = matrix_cells(matrix, recipe.dataset.threat)  # a bad matrix fails before training
-    row, trained = ensure_checkpoint(bench, recipe)
-    ran = attack_checkpoint(bench, row, cells, lambda: load_model(row, bench.device), executor)
-    return RunReport(row, trained, ran, len(cells))
+    return run_defenses(bench, [spec], matrix, executor)[0]
+
+
+def run_defenses(bench: Bench, specs: list[RunSpec], matrix: str, executor=None) -> list[RunReport]:
+    """Train what is missing (all trainings first, in parallel on a parallel executor),
+    then run every missing cell of every checkpoint (again in parallel)."""
+    recipes = [resolve(s) for s in specs]
+    cells = {r.key: matrix_cells(matrix, r.dataset.threat) for r in recipes}  # a bad matrix fails first
+    rows, trained = ensure_checkpoints(bench, recipes, executor)
+    unique = list({row.key: row for row in rows}.values())
+    ran = attack_checkpoints(bench, [(row, cells[row.key], _loader(row, bench.device)) for row in unique],
+                             executor)
+    return [RunReport(row, row.key in trained, ran[row.id], len(cells[row.key]), ran[row.id].failures)
+            for row in rows]
+
+
+def _loader(row: Checkpoint, device: str) -> Callable[[], torch.nn.Module]:
+    return lambda: load_model(row, device)
 
 
 def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
                       model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
     """Run the cells the store lacks for one stored checkpoint, commit each result as it
     arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
-    called when a cell is missing. Returns the keys of the cells run."""
+    called when a cell is missing. Returns the keys of the cells run (a CellsRun, whose
+    `failures` names the cells whose attack raised)."""
+    return attack_checkpoints(bench, [(row, cells, model)], executor)[row.id]
+
+
+def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Callable[[], torch.nn.Module]]],
+                       executor=None) -> dict[int, CellsRun]:
+    """`attack_checkpoint` for several checkpoints as one stream of jobs, so a parallel
+    executor attacks them all at once. Each cell runs under a claim: a second driver on
+    the same store waits for it and reads the row instead of running it again."""
     from bench.flags import recompute_flags
 
-    done = bench.store.done_cells(row.id)
-    missing = [c for c in cells if c.key not in done]
-    ran: list[str] = []
-    if missing:
-        x, y = load_dataset(row.dataset, "test", bench.data_root)
-        net = model()
-        executor = executor or LocalExecutor()
-        jobs = [EvalJob(net, c, x, y, bench.device, bench.batch_size(), fast=bench.fast) for c in missing]
-        on_step, finish = _progress(bench, f"attack {row.defense} [{row.key[:8]}]", len(jobs))
+    executor = executor or LocalExecutor()
+    ran = {row.id: CellsRun() for row, _, _ in work}
+    rows = {row.key: row for row, _, _ in work}
+    models: dict[str, torch.nn.Module] = {}
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bars: dict[str, tuple] = {}
+
+    def claim_key(item) -> str:
+        return f"eval:{item[0].key}:{item[1].key}"
+
+    def missing():
+        for row, cells, build in work:
+            done = bench.store.done_cells(row.id)
+            yield from ((row, c, build) for c in cells if c.key not in done)
+
+    with Claims(bench.store) as claims:
+        def jobs():
+            for item in claimed(missing(), claims, key=claim_key,
+                                done=lambda it: it[1].key in bench.store.done_cells(it[0].id)):
+                if item is None:
+                    yield None
+                    continue
+                row, cell, build = item
+                if row.key not in models:  # built once, on the first cell this driver runs
+                    models[row.key] = build()
+                    data.setdefault(row.dataset, load_dataset(row.dataset, "test", bench.data_root))
+                    bars[row.key] = _progress(bench, f"attack {row.defense} [{row.key[:8]}]",
+                                              sum(len(c) for r, c, _ in work if r.key == row.key))
+                x, y = data[row.dataset]
+                yield EvalJob(models[row.key], cell, x, y, bench.device, bench.batch_size(), fast=bench.fast,
+                              label=row.key)
+
         try:
-            for i, (job, result) in enumerate(executor.map(jobs), 1):
-                bench.store.add_evaluation(row.id, **result)
-                ran.append(job.cell.key)
+            for job, result in executor.map(jobs()):
+                row = rows[job.label]
+                if isinstance(result, Failed):
+                    ran[row.id].failures[job.cell.key] = result.reason
+                else:
+                    bench.store.add_evaluation(row.id, **result)
+                    ran[row.id].append(job.cell.key)
+                claims.release(f"eval:{row.key}:{job.cell.key}")
+                on_step = bars[row.key][0]
                 if on_step:
-                    on_step(i)
+                    on_step(len(bench.store.done_cells(row.id)) + len(ran[row.id].failures))
         finally:
-            finish()
-    recompute_flags(bench.store, row)
+            for _, finish in bars.values():
+                finish()
+    for row, _, _ in work:
+        recompute_flags(bench.store, row)
     return ran

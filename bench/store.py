@@ -4,6 +4,11 @@ Every evaluation is one row per (checkpoint, cell key), committed in its own
 transaction together with the packed per-sample correctness bits, so a killed run
 loses at most the cell it was in. Worst-case robust accuracy is the per-sample AND over
 all stored cells of the checkpoint's threat model, transfer cells included.
+
+Writes are idempotent (INSERT ... ON CONFLICT DO NOTHING on each table's unique key), so
+several drivers may share one store, SQLite on one machine or PostgreSQL
+(`postgresql+psycopg://...`) across many; the `claims` table keeps them from computing
+the same work twice (bench.claims).
 """
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from typing import Any, Iterable
 
 import numpy as np
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
-                        create_engine, delete, event, select)
-from sqlalchemy.exc import SQLAlchemyError
+                        create_engine, delete, event, select, text)
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from bench.errors import BenchError
@@ -90,6 +97,18 @@ class Transfer(_CellResult, Base):
     target_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), index=True)
 
 
+class Claim(Base):
+    """A driver's lease on one piece of work (a training, a cell): see bench.claims."""
+
+    __tablename__ = "claims"
+    key: Mapped[str] = mapped_column(String(640), primary_key=True)
+    """What is claimed, e.g. `train:<checkpoint key>` or `eval:<checkpoint key>:<cell key>`."""
+    owner: Mapped[str] = mapped_column(String(128))
+    """host:pid:nonce of the driver holding it."""
+    expires_at: Mapped[float] = mapped_column(Float)
+    """Unix time after which any driver may take the claim over (renewed while working)."""
+
+
 class Flag(Base):
     __tablename__ = "flags"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -115,7 +134,7 @@ class Store:
             self.engine = create_engine(url)
             if url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            Base.metadata.create_all(self.engine)
+            _create_schema(self.engine)
         except (SQLAlchemyError, ValueError) as exc:
             raise BenchError(f"cannot open the store at {url!r}: {str(exc).splitlines()[0]}; "
                              "check --db or that the results folder is writable") from exc
@@ -133,10 +152,9 @@ class Store:
             return s.scalar(select(Checkpoint).where(Checkpoint.key == key))
 
     def add_checkpoint(self, **fields: Any) -> Checkpoint:
-        with self.Session.begin() as s:
-            row = Checkpoint(**fields)
-            s.add(row)
-        return row
+        """Record a checkpoint, or keep the row another driver recorded first; the stored row."""
+        self.insert_new(Checkpoint, fields, ["key"])
+        return self.checkpoint(fields["key"])
 
     def checkpoints(self, dataset: str | None = None, defense: str | None = None) -> list[Checkpoint]:
         q = select(Checkpoint).order_by(Checkpoint.id)
@@ -152,9 +170,10 @@ class Store:
         with self.Session() as s:
             return set(s.scalars(select(Evaluation.cell_key).where(Evaluation.checkpoint_id == checkpoint_id)))
 
-    def add_evaluation(self, checkpoint_id: int, **fields: Any) -> None:
-        with self.Session.begin() as s:
-            s.add(Evaluation(checkpoint_id=checkpoint_id, **fields))
+    def add_evaluation(self, checkpoint_id: int, **fields: Any) -> bool:
+        """Store one cell's result; False (and nothing written) if the row exists already."""
+        return self.insert_new(Evaluation, dict(fields, checkpoint_id=checkpoint_id),
+                                ["checkpoint_id", "cell_key"])
 
     def evaluations(self, checkpoint_ids: Iterable[int] | None = None) -> list[Evaluation]:
         q = select(Evaluation).order_by(Evaluation.id)
@@ -168,9 +187,10 @@ class Store:
             return set(s.scalars(select(Transfer.target_id).where(
                 Transfer.source_id == source_id, Transfer.cell_key == cell_key)))
 
-    def add_transfer(self, source_id: int, target_id: int, **fields: Any) -> None:
-        with self.Session.begin() as s:
-            s.add(Transfer(source_id=source_id, target_id=target_id, **fields))
+    def add_transfer(self, source_id: int, target_id: int, **fields: Any) -> bool:
+        """Store one transfer result; False (and nothing written) if the row exists already."""
+        return self.insert_new(Transfer, dict(fields, source_id=source_id, target_id=target_id),
+                                ["source_id", "target_id", "cell_key"])
 
     def transfers(self, checkpoint_ids: Iterable[int] | None = None) -> list[Transfer]:
         q = select(Transfer).order_by(Transfer.id)
@@ -180,10 +200,32 @@ class Store:
         with self.Session() as s:
             return list(s.scalars(q))
 
+    # --- idempotent writes ---------------------------------------------------------------
+    def insert_new(self, model: type[Base], values: dict, unique: list[str]) -> bool:
+        """INSERT ... ON CONFLICT (unique) DO NOTHING: two drivers writing the same row
+        leave one row and no error. True if this call wrote it."""
+        # The dialect's own INSERT (SQLite, PostgreSQL) has ON CONFLICT DO NOTHING.
+        stmt = _DIALECT_INSERT.get(self.engine.dialect.name, sa_insert)(model).values(**values)
+        with self.Session.begin() as s:
+            if hasattr(stmt, "on_conflict_do_nothing"):
+                # RETURNING the key tells whether a row went in (rowcount is not reliable
+                # for an INSERT that returns rows, which PostgreSQL's dialect adds).
+                stmt = stmt.on_conflict_do_nothing(index_elements=unique)
+                return s.execute(stmt.returning(*model.__table__.primary_key.columns)).first() is not None
+            try:  # other databases: the unique constraint still guards; losing is not an error
+                with s.begin_nested():
+                    s.execute(stmt)
+                return True
+            except IntegrityError:
+                return False
+
     # --- flags -------------------------------------------------------------------------
     def replace_flags(self, checkpoint_id: int, flags: list[dict]) -> None:
         """Flags are derived data: recomputed from the cells, replaced in one transaction."""
         with self.Session.begin() as s:
+            # Lock the checkpoint's row first (PostgreSQL; SQLite has one writer anyway), so
+            # two drivers replacing flags at once queue instead of both inserting theirs.
+            s.execute(select(Checkpoint.id).where(Checkpoint.id == checkpoint_id).with_for_update())
             s.execute(delete(Flag).where(Flag.checkpoint_id == checkpoint_id))
             for f in flags:
                 s.add(Flag(checkpoint_id=checkpoint_id, **f))
@@ -194,6 +236,20 @@ class Store:
             q = q.where(Flag.checkpoint_id.in_(list(checkpoint_ids)))
         with self.Session() as s:
             return list(s.scalars(q))
+
+
+def _create_schema(engine) -> None:
+    """Create missing tables, one driver at a time: two drivers opening a new store at
+    once would otherwise both see a table missing and the second CREATE would fail."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # held until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(7364021)"))
+        elif engine.dialect.name == "sqlite":  # take the write lock now (waits busy_timeout)
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        Base.metadata.create_all(conn)
+
+
+_DIALECT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -21,7 +21,10 @@ from bench.errors import BenchError
 from bench.flags import recompute_flags
 from bench.matrix import Cell, make_cell, parse_cell_key
 from bench.env import Bench
-from bench.fastpath import craft, predict
+from bench.fastpath import predict
+from bench.claims import Claims, claimed
+from bench.executors import LocalExecutor
+from bench.jobs import CraftJob, Failed
 from bench.schedule import load_model
 from bench.store import Checkpoint, pack_bits
 
@@ -55,16 +58,17 @@ def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
     return results / "transfers" / source.dataset / source.key / f"{digest}.safetensors"
 
 
-def crafted_examples(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
-    """(x_adv, reused?) for a source and cell, from the cache or freshly crafted."""
+def cached_examples(bench: Bench, source: Checkpoint, cell: Cell, x) -> torch.Tensor | None:
     path = cache_path(bench.results, source, cell)
     if path.is_file():
         cached = load_file(str(path))
         if cached["x_adv"].shape == x.shape:
-            return cached["x_adv"], True
-    model = load_model(source, bench.device)
-    # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32 below.
-    x_adv = craft(model, cell, x, y, device=bench.device, batch_size=bench.batch_size(), **bench.fast)
+            return cached["x_adv"]
+    return None
+
+
+def write_cache(bench: Bench, source: Checkpoint, cell: Cell, x_adv: torch.Tensor) -> None:
+    path = cache_path(bench.results, source, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -74,11 +78,18 @@ def crafted_examples(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> tupl
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return x_adv, False
+
+
+def _craft_job(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
+    # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32.
+    return CraftJob(load_model(source, bench.device), cell, x, y, bench.device, bench.batch_size(),
+                    fast=bench.fast, label=source.key)
 
 
 def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
-                  dataset: str = "digits") -> TransferReport:
+                  dataset: str = "digits", executor=None) -> TransferReport:
+    """Craft on each source (as jobs on the executor, each under a claim, cached on disk),
+    then judge every target on each source's examples here, committing row by row."""
     spec = get_spec(dataset)
     cell = parse_cell_key(attack, spec.threat) if attack else make_cell("pgd", DEFAULT_ATTACK, spec.threat)
     if cell.subset:
@@ -87,35 +98,73 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     sources = select(checkpoints, source, "source", dataset)
     targets = select(checkpoints, target, "target", dataset)
     x, y = load_dataset(dataset, "test", bench.data_root)
+    executor = executor or LocalExecutor()
     report = TransferReport()
     models: dict[int, torch.nn.Module] = {}
     clean: dict[int, torch.Tensor] = {}
     touched: set[int] = set()
     task = bench.progress.add_task("transfer", total=len(sources) * len(targets)) if bench.progress else None
-    for src in sources:
+
+    def todo(src: Checkpoint) -> list[Checkpoint]:
         done = bench.store.done_transfers(src.id, cell.key)
-        todo = [t for t in targets if t.id not in done]
-        report.skipped += len(targets) - len(todo)
-        if todo:
-            x_adv, reused = crafted_examples(bench, src, cell, x, y)
-            report.reused += reused
-            report.crafted += not reused
-        for tgt in todo:
+        return [t for t in targets if t.id not in done]
+
+    def judge(src: Checkpoint, x_adv: torch.Tensor) -> None:
+        for tgt in todo(src):
             if tgt.id not in models:
                 models[tgt.id] = load_model(tgt, bench.device)
                 clean[tgt.id] = predict(models[tgt.id], x, device=bench.device,
                                         batch_size=bench.batch_size()).argmax(1) == y
             adv = predict(models[tgt.id], x_adv, device=bench.device, batch_size=bench.batch_size())
             robust = (adv.argmax(1) == y) & clean[tgt.id]
-            bench.store.add_transfer(
+            report.evaluated += bench.store.add_transfer(
                 src.id, tgt.id, cell_key=cell.key, attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean[tgt.id].float().mean()),
                 robust_acc=float(robust.float().mean()), n=len(y), seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()), indices=None, extra={}, device=bench.device)
-            report.evaluated += 1
             touched.add(tgt.id)
         if task is not None:
             bench.progress.advance(task, len(targets))
+
+    pending = []
+    for src in sources:
+        if not todo(src):
+            report.skipped += len(targets)
+            if task is not None:
+                bench.progress.advance(task, len(targets))
+            continue
+        report.skipped += len(targets) - len(todo(src))
+        cached = cached_examples(bench, src, cell, x)
+        if cached is None:
+            pending.append(src)
+        else:
+            report.reused += 1
+            judge(src, cached)
+    by_key = {src.key: src for src in pending}
+    with Claims(bench.store) as claims:
+        # A source another driver is crafting is waited for, then read from the cache.
+        def ready(src: Checkpoint) -> bool:
+            return not todo(src) or cache_path(bench.results, src, cell).is_file()
+
+        def jobs():
+            for src in claimed(pending, claims, key=lambda s: f"craft:{s.key}:{cell.key}", done=ready):
+                yield None if src is None else _craft_job(bench, src, cell, x, y)
+
+        for job, x_adv in executor.map(jobs()):
+            src = by_key[job.label]
+            if isinstance(x_adv, Failed):
+                claims.release(f"craft:{src.key}:{cell.key}")
+                raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {x_adv.reason}")
+            write_cache(bench, src, cell, x_adv)
+            claims.release(f"craft:{src.key}:{cell.key}")
+            report.crafted += 1
+            judge(src, x_adv)
+    for src in pending:  # crafted by another driver meanwhile
+        if todo(src):
+            x_adv = cached_examples(bench, src, cell, x)
+            if x_adv is not None:
+                report.reused += 1
+                judge(src, x_adv)
     for ck in targets:
         if ck.id in touched:
             recompute_flags(bench.store, ck)

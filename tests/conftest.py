@@ -38,3 +38,7 @@ def digits_test():
 @pytest.fixture(scope="session")
 def natural_model():
     return train_digits("natural")
+
+
+# Real PostgreSQL and Ray servers and the test plugins (tests/servers.py).
+from servers import bench_plugins, postgres_server, ray_cluster, registered_plugins, store_url  # noqa: E402,F401
