@@ -115,11 +115,14 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
     from bench.registry import DEFENSES
     from bench.results import result_rows
     from bench.recipe import RunSpec
-    from bench.schedule import run_defense
+    from bench.schedule import plan_run, run_defense
 
     names = DEFENSES.names() if defense == "all" else [defense]
     if defense != "all":
         DEFENSES.get(defense)
+    for name in names:  # every recipe and cell checked before the store is opened
+        plan_run(RunSpec(name, dataset, preset if defense != "all" else None, tuple(set_ or ()), arch, seed),
+                 matrix, data_root)
     keys = set()
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)

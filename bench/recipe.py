@@ -60,7 +60,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip().removeprefix("train."), value
 
 
+SEED_LIMIT = 2**31
+"""Seeds are stored in a 32-bit integer column (PostgreSQL's INTEGER)."""
+
+
 def resolve(spec: RunSpec) -> Recipe:
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < SEED_LIMIT:
+        raise BenchError(f"--seed must be an integer in [0, {SEED_LIMIT}), got {spec.seed!r}")
     entry = DEFENSES.get(spec.defense)
     preset = get_preset(spec.preset) if spec.preset else None
     if preset and preset.defense != spec.defense:
@@ -87,8 +93,9 @@ def resolve(spec: RunSpec) -> Recipe:
             raise BenchError(f"--set {key}: not a setting of {spec.defense!r} or of training{hint} "
                              f"(defense: {', '.join(sorted(defense_fields)) or 'none'}; "
                              f"training: {', '.join(sorted(train_fields))})")
-    cfg = entry.make_config(defense_values)
-    train_cfg = build_config(TrainConfig, train_values, what="training")
+    source = f"preset {preset.name!r} or --set" if preset else "--set"
+    cfg = entry.make_config(defense_values, what=f"{spec.defense} ({source})")
+    train_cfg = build_config(TrainConfig, train_values, what=f"training ({source})")
     arch = spec.arch or (preset.arch if preset and preset.arch else ds.default_arch)
     build_model(arch, ds)  # fail early on an unknown architecture
     return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset)

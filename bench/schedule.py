@@ -131,9 +131,16 @@ class RunReport:
     cells_total: int
 
 
-def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunReport:
+def plan_run(spec: RunSpec, matrix: str, data_root: str | None) -> tuple[Recipe, list[Cell]]:
+    """The recipe and the matrix's cells with every value checked, subsets against the
+    size of the dataset's test set, before anything trains or runs."""
     recipe = resolve(spec)
-    cells = matrix_cells(matrix, recipe.dataset.threat)  # a bad matrix fails before training
+    test_size = len(load_dataset(recipe.dataset.name, "test", data_root)[1])
+    return recipe, matrix_cells(matrix, recipe.dataset.threat, test_size=test_size)
+
+
+def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunReport:
+    recipe, cells = plan_run(spec, matrix, bench.data_root)  # bad input fails before training
     row, trained = ensure_checkpoint(bench, recipe)
     ran = attack_checkpoint(bench, row, cells, lambda: load_model(row, bench.device), executor)
     return RunReport(row, trained, ran, len(cells))

@@ -98,3 +98,73 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
 
     with pytest.raises(BenchError, match="cannot list"):
         cli.main()
+
+
+class _Planted:
+    """A CIFAR batch entry whose unpickling would create a file (a stand-in for any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _issue_inputs(tmp: Path) -> dict[str, str]:
+    """The files behind the reported cases: matrices, a crafted CIFAR batch, a truncated MNIST."""
+    import pickle
+    import struct
+
+    for name, eps in (("nan", "nan"), ("seven", "7.0"), ("negative", "-0.1")):
+        (tmp / f"{name}.toml").write_text(f'[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\neps = {eps}\n')
+    cifar = tmp / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump({"data": _Planted(tmp / "planted"), "labels": [0]}, f)
+    raw = tmp / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, 10, 28, 28) + bytes(999))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 10) + bytes(10))
+    return {"{nan}": str(tmp / "nan.toml"), "{seven}": str(tmp / "seven.toml"),
+            "{negative}": str(tmp / "negative.toml"), "{cifar}": str(tmp / "cifar"), "{mnist}": str(tmp / "mnist")}
+
+
+# Every case reported against the bench, beyond the usage errors above.
+ISSUE_CASES = [
+    (["run", "--defense", "natural", "--matrix", "{nan}"], "cell 2 (pgd): eps must be a finite number, got nan"),
+    (["run", "--defense", "natural", "--matrix", "{seven}"], "cell 2 (pgd): eps must be in (0, 1] for L-inf, got 7.0"),
+    (["run", "--defense", "natural", "--matrix", "{negative}"], "cell 2 (pgd): eps must be in (0, 1] for L-inf, got -0.1"),
+    (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{cifar}"],
+     "is refused: it refers to posix.system"),
+    (["run", "--defense", "natural", "--dataset", "mnist", "--data-root", "{mnist}"],
+     "t10k-images-idx3-ubyte' is corrupt or truncated"),
+    (["run", "--defense", "natural", "--db", "postgresql+psycopg2://bench@localhost/bench"],
+     'install the postgres extra (pip install -e ".[postgres]")'),
+    (["results", "--db", "mysql://bench@localhost/bench"], "its database driver (MySQLdb) is not installed"),
+    (["results", "--db", "not a url"], "check --db (an SQLAlchemy URL"),
+    (["run", "--defense", "natural", "--set", "lr=nan"], "lr must be a finite number, got nan"),
+    (["run", "--defense", "natural", "--seed", "-5"], "--seed must be an integer in [0, 2147483648)"),
+]
+
+
+@pytest.mark.parametrize("args, message", ISSUE_CASES)
+def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path, monkeypatch, capsys,
+                                                                   args, message):
+    subst = _issue_inputs(tmp_path)
+    before = _store_state(store)
+    code, _, err = _cli(monkeypatch, capsys, *[subst.get(a, a) for a in args], "--results", str(store))
+    assert code == 2 and _one_line(err) and message in err, err
+    assert _store_state(store) == before
+    assert not (tmp_path / "planted").exists()
+
+
+def test_defense_all_checks_every_recipe_before_training_any(store, monkeypatch, capsys):
+    # `pair_weight` is a setting of alp and clp, the first two in order, but not of
+    # gaussian_noise, the third: nothing may train before that is found out.
+    before = _store_state(store)
+    code, _, err = _cli(monkeypatch, capsys, "run", "--defense", "all", "--set", "pair_weight=0.5",
+                        "--results", str(store))
+    assert code == 2 and _one_line(err) and "--set pair_weight: not a setting of 'gaussian_noise'" in err
+    assert _store_state(store) == before
