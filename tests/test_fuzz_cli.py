@@ -1,0 +1,152 @@
+"""Property-based: random matrix files and random --set values thrown at the command line.
+
+Every run ends in status 0 or 2 (never a traceback: any other exception fails the
+test), and a run that ends in 2 leaves the store byte for byte as it was. Runs go
+in-process through `bench.cli.main` to stay fast; the tiny checkpoint they attack is
+trained once. Valid draws are kept cheap on purpose (FGSM and PGD of at most 3 steps
+and 3 restarts on digits, one epoch of training), and the examples are derandomized so
+the suite is the same on every run.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench import cli
+
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def _state(results: Path) -> tuple[bytes, list[str]]:
+    ckpts = results / "checkpoints"
+    return (results / "bench.db").read_bytes(), sorted(str(p.relative_to(results)) for p in ckpts.rglob("*"))
+
+
+def _main(*argv: str) -> tuple[int, str]:
+    """(exit status, stderr) of one in-process `bench` command."""
+    err = io.StringIO()
+    with mock.patch.object(sys, "argv", ["bench", *argv]), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("fuzz") / "res"
+    code, err = _main("train", "--defense", "natural", "--set", "epochs=1", "--results", str(results))
+    assert code == 0, err
+    return results
+
+
+def _checked_run(results: Path, *argv: str) -> None:
+    before = _state(results)
+    code, err = _main(*argv, "--results", str(results))
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert _state(results) == before, err
+    else:
+        # Close the connections the finished run left behind, so that SQLite's WAL is in
+        # bench.db before the next snapshot (collecting after every run costs too much).
+        gc.collect()
+
+
+# --- TOML values: valid ones small, invalid ones of every kind -----------------------
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)  # a TOML basic string (JSON escapes are TOML escapes)
+
+
+SCALARS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-0.5, max_value=1.5),
+    st.integers(min_value=-3, max_value=3),
+    st.integers(min_value=-2**63, max_value=-4),
+    st.booleans(),
+    st.sampled_from(["xent", "cw", "linf", "l2", "l3", "hinge", ""]),
+    st.text(max_size=8),
+)
+# Fields of the two cheap attacks, plus fields neither has. Counts are drawn from the
+# small scalars only, so a valid draw never runs long.
+FIELDS = ["eps", "steps", "restarts", "step_size", "loss", "norm", "random_start", "early_stop",
+          "subset", "iterations", "bogus"]
+SMALL = st.one_of(st.integers(min_value=-2, max_value=3), st.sampled_from([0.5, "3", None]))
+
+
+@st.composite
+def cell_tables(draw):
+    attack = draw(st.sampled_from(["fgsm", "pgd", "pgd", "pgdd", "", "autoattack_"]))
+    fields = draw(st.lists(st.sampled_from(FIELDS), unique=True, max_size=4))
+    lines = [f"attack = {json.dumps(attack)}"]
+    lists = 0
+    for field in fields:
+        values = SMALL.filter(lambda v: v is not None) if field in ("steps", "restarts", "subset", "iterations") \
+            else SCALARS
+        if lists < 2 and draw(st.booleans()):
+            lists += 1
+            lines.append(f"{field} = {_toml(draw(st.lists(values, max_size=2)))}")
+        else:
+            lines.append(f"{field} = {_toml(draw(values))}")
+    return "[[cell]]\n" + "\n".join(lines) + "\n"
+
+
+MATRICES = st.one_of(
+    st.lists(cell_tables(), min_size=1, max_size=2).map("\n".join),
+    st.text(max_size=40),  # anything at all: mostly not TOML
+    st.just("[cell]\nattack = 'fgsm'\n"),  # a table, not an array of tables
+)
+
+
+@FUZZ
+@given(text=MATRICES)
+def test_random_matrix_files_end_in_0_or_2_and_a_refusal_changes_nothing(store, tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("matrix") / "m.toml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    _checked_run(store, "run", "--defense", "natural", "--set", "epochs=1", "--matrix", str(path))
+
+
+# --- --set values ------------------------------------------------------------------
+# Keys of training and of logit_squeeze, and keys of neither; epochs and batch_size are
+# pinned afterwards (the last --set wins) so a valid draw trains one quick epoch.
+SET_KEYS = ["lr", "momentum", "weight_decay", "optimizer", "schedule", "milestones", "warmup_epochs",
+            "augment", "beta", "sigma", "form", "train.lr", "bogus", ""]
+RAW_VALUES = st.one_of(
+    SCALARS.map(_toml),
+    st.lists(SCALARS, max_size=3).map(_toml),
+    st.sampled_from(["sgd", "adam", "step", "batch", "example", "[1, 2", "{}", "1e999", "0x10", "=", "nan"]),
+    st.text(max_size=10),
+)
+
+
+@FUZZ
+@given(sets=st.lists(st.tuples(st.sampled_from(SET_KEYS), RAW_VALUES), min_size=1, max_size=3))
+def test_random_set_values_end_in_0_or_2_and_a_refusal_changes_nothing(store, sets):
+    argv = ["train", "--defense", "logit_squeeze"]
+    for key, value in sets:
+        argv += ["--set", f"{key}={value}"]
+    argv += ["--set", "epochs=1", "--set", "batch_size=128"]
+    _checked_run(store, *argv)
