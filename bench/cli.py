@@ -33,6 +33,8 @@ Set = Annotated[Optional[list[str]], typer.Option("--set", help="Override a sett
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits (default), mnist, cifar10, cifar100, svhn.")]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the dataset's).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and noise.")]
+MAX_THREADS = 1024
+"""More than any machine has; torch overflows on values past a C int."""
 
 
 def _bench(results, db, device, data_root, progress=None, threads: int = 1):
@@ -43,8 +45,8 @@ def _bench(results, db, device, data_root, progress=None, threads: int = 1):
     # One thread by default: the intra-op thread count changes float summation order and
     # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
     # other made a digits run twenty times slower (see tests/conftest.py).
-    if threads < 1:
-        raise BenchError(f"--threads must be at least 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     torch.set_num_threads(threads)
     return Bench.open(results, db=db, device=device, data_root=data_root, progress=progress)
 
@@ -193,8 +195,8 @@ def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSO
 
     if size not in SIZES:
         raise BenchError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
-    if threads is not None and threads < 1:
-        raise BenchError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     run_perf(device=device, as_json=as_json, size=size, threads=threads)
 
 

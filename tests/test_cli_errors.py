@@ -25,7 +25,8 @@ USAGE_ERRORS = [
     (["run", "--defense", "natural", "--no-such-option"], "no such option"),
     (["ls", "defenses", "extra"], "unexpected extra argument"),
     (["ls", "nothing"], "cannot list 'nothing'"),
-    (["train", "--defense", "natural", "--threads", "0"], "--threads must be at least 1"),
+    (["train", "--defense", "natural", "--threads", "0"], "--threads must be between 1 and 1024, got 0"),
+    (["run", "--defense", "natural", "--threads", "99999999999"], "--threads must be between 1 and 1024"),
 ]
 
 
@@ -168,3 +169,14 @@ def test_defense_all_checks_every_recipe_before_training_any(store, monkeypatch,
                         "--results", str(store))
     assert code == 2 and _one_line(err) and "--set pair_weight: not a setting of 'gaussian_noise'" in err
     assert _store_state(store) == before
+
+
+def test_ctrl_c_exits_130_saying_what_is_kept(monkeypatch, capsys):
+    import bench.presets
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.presets, "all_presets", interrupted)
+    code, _, err = _cli(monkeypatch, capsys, "ls", "presets")
+    assert code == 130 and _one_line(err) and err.startswith("interrupted: every cell committed so far is kept")
