@@ -103,13 +103,19 @@ def test_every_builtin_preset_and_matrix_is_valid():
             assert matrix_cells(matrix, get_spec(dataset).threat, test_size=10_000)
 
 
-def test_every_attack_config_refuses_nan_in_every_float_field():
-    for name in ATTACKS.names():
-        entry = ATTACKS.get(name)
-        for field in dataclasses.fields(entry.config):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_config_refuses_non_finite_values_in_every_float_field(bad):
+    configs = [(f"attack {n}", ATTACKS.get(n).config) for n in ATTACKS.names()]
+    configs += [(f"defense {n}", DEFENSES.get(n).config) for n in DEFENSES.names()]
+    configs += [("training", TrainConfig)]
+    checked = 0
+    for what, cls in configs:
+        for field in dataclasses.fields(cls):
             if "float" in str(field.type):
-                with pytest.raises(BenchError, match=f"{field.name} must be a finite number"):
-                    entry.make_config({field.name: float("nan")})
+                with pytest.raises(BenchError, match=f"{what}: {field.name} must be a finite number"):
+                    build_config(cls, {field.name: bad}, what=what)
+                checked += 1
+    assert checked >= 20  # every registry contributes: this is no vacuous loop
 
 
 @pytest.mark.parametrize("text, message", [
