@@ -97,6 +97,23 @@ def resolve(spec: RunSpec) -> Recipe:
     cfg = entry.make_config(defense_values, what=f"{spec.defense} ({source})")
     train_cfg = build_config(TrainConfig, train_values, what=f"training ({source})")
     arch = spec.arch or (preset.arch if preset and preset.arch else ds.default_arch)
-    build_model(arch, ds)  # fail early on an unknown architecture
+    _check_fits(arch, ds)  # fail early on an unknown architecture or one the images do not fit
     return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset)
 
+
+def _check_fits(arch: str, ds: DatasetSpec) -> None:
+    """One forward pass of a zero image: an architecture built for other image sizes (a
+    28x28 MNIST network on 8x8 digits) fails here, not in the middle of training."""
+    import torch
+
+    model = build_model(arch, ds).eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *ds.shape))
+    except RuntimeError as exc:
+        raise BenchError(f"architecture {arch!r} does not fit the {'x'.join(map(str, ds.shape))} images of "
+                         f"{ds.name} ({str(exc).splitlines()[0]}); drop --arch for the dataset's default "
+                         f"{ds.default_arch!r}") from exc
+    if tuple(logits.shape) != (1, ds.num_classes):
+        raise BenchError(f"architecture {arch!r} gives logits of shape {tuple(logits.shape)} on {ds.name}, "
+                         f"not (1, {ds.num_classes}); drop --arch for the dataset's default {ds.default_arch!r}")

@@ -85,6 +85,11 @@ def test_bad_set_values_are_refused_by_name(override, message):
     assert message in str(exc.value) and "--set" in str(exc.value)
 
 
+def test_an_architecture_the_images_do_not_fit_is_refused_before_training():
+    with pytest.raises(BenchError, match="architecture 'madry_mnist' does not fit the 1x8x8 images of digits"):
+        resolve(RunSpec("natural", arch="madry_mnist"))
+
+
 @pytest.mark.parametrize("seed", [-1, 2**31, 10**30])
 def test_seeds_outside_the_stored_range_are_refused(seed):
     with pytest.raises(BenchError, match="--seed must be an integer in"):
