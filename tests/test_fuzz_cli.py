@@ -150,3 +150,38 @@ def test_random_set_values_end_in_0_or_2_and_a_refusal_changes_nothing(store, se
         argv += ["--set", f"{key}={value}"]
     argv += ["--set", "epochs=1", "--set", "batch_size=128"]
     _checked_run(store, *argv)
+
+
+# --- preset files ------------------------------------------------------------------
+# Mostly well-formed, so that draws reach the value checks and some train; the rest
+# break one thing at a time (a missing or mistyped key, an unknown one, a bad value).
+PRESET_VALUES = st.one_of(st.sampled_from([0.0, 0.1, 0.5, 1.0, 3, "batch", "sgd", [2, 3]]), SCALARS)
+
+
+@st.composite
+def preset_files(draw):
+    lines = []
+    for key, values in (("defense", st.sampled_from(["logit_squeeze"] * 4 + ["natural", 3])),
+                        ("dataset", st.sampled_from(["digits"] * 4 + ["mnist", "", 1.5])),
+                        ("arch", st.sampled_from(["digits_cnn"] * 3 + ["madry_mnist", "nope", True]))):
+        if draw(st.integers(0, 9)):
+            lines.append(f"{key} = {_toml(draw(values))}")
+    if not draw(st.integers(0, 5)):
+        lines.append(f"bogus = {_toml(draw(SCALARS))}")
+    for table, keys in (("config", ["beta", "sigma", "form", "bogus"]),
+                        ("train", ["lr", "momentum", "optimizer", "milestones", "epochs"]),
+                        ("paper", ["clean", "pgd20"])):
+        if draw(st.booleans()):
+            lines.append(f"[{table}]")
+            for key in draw(st.lists(st.sampled_from(keys), unique=True, max_size=2)):
+                lines.append(f"{key} = {_toml(draw(PRESET_VALUES))}")
+    return "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=30)
+@given(text=preset_files())
+def test_random_preset_files_end_in_0_or_2_and_a_refusal_changes_nothing(store, tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("preset") / "mine.toml"
+    path.write_text(text)
+    _checked_run(store, "train", "--defense", "logit_squeeze", "--preset", str(path),
+                 "--set", "epochs=1", "--set", "batch_size=128")
