@@ -144,6 +144,8 @@ ISSUE_CASES = [
     (["run", "--defense", "natural", "--db", "postgresql+psycopg2://bench@localhost/bench"],
      'install the postgres extra (pip install -e ".[postgres]")'),
     (["results", "--db", "mysql://bench@localhost/bench"], "its database driver (MySQLdb) is not installed"),
+    # Plain postgresql:// is psycopg's: not installed, the driver line; installed, no server here.
+    (["results", "--db", "postgresql://bench@127.0.0.1:9/bench"], "cannot open the store at 'postgresql://"),
     (["results", "--db", "not a url"], "check --db (an SQLAlchemy URL"),
     (["run", "--defense", "natural", "--set", "lr=nan"], "lr must be a finite number, got nan"),
     (["run", "--defense", "natural", "--seed", "-5"], "--seed must be an integer in [0, 2147483648)"),
