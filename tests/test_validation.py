@@ -14,7 +14,7 @@ import pytest
 from bench.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.matrix import BUILTIN, matrix_cells
-from bench.presets import all_presets, get_preset
+from bench.presets import all_presets
 from bench.recipe import RunSpec, resolve
 from bench.registry import ATTACKS, DEFENSES, build_config
 from bench.schedule import plan_run
@@ -80,7 +80,7 @@ def test_subset_within_the_test_set_is_accepted(tmp_path):
     ("sigma=inf", "sigma must be a finite number, got inf"),
 ])
 def test_bad_set_values_are_refused_by_name(override, message):
-    with pytest.raises(BenchError, match=None) as exc:
+    with pytest.raises(BenchError) as exc:
         resolve(RunSpec("logit_squeeze", overrides=(override,)))
     assert message in str(exc.value) and "--set" in str(exc.value)
 
