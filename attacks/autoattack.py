@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bench.registry import register_attack
+from bench.validate import NORMS, one_of, radius
 
 
 class AutoAttackWarning(UserWarning):
@@ -45,12 +46,9 @@ class AutoAttack:
     (adds APGD-DLR and untargeted FAB, with 5 restarts each; slower)."""
 
     def __post_init__(self):
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        if self.version not in ("standard", "plus"):
-            raise ValueError(f"version must be 'standard' or 'plus', got {self.version!r}")
-        if self.eps is not None and not self.eps > 0:
-            raise ValueError(f"eps must be above zero, got {self.eps!r}")
+        one_of("norm", self.norm, NORMS)
+        one_of("version", self.version, ("standard", "plus"))
+        radius("eps", self.eps, self.norm)
 
     def with_threat(self, threat) -> "AutoAttack":
         if self.eps is not None:

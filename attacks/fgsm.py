@@ -10,6 +10,7 @@ import torch
 
 from attacks._losses import LOSSES
 from bench.registry import register_attack
+from bench.validate import one_of, radius
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class FGSM:
         return f"linf-{self.eps:g}"
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        one_of("loss", self.loss, LOSSES)
+        radius("eps", self.eps, "linf")
 
 
 @register_attack("fgsm", config=FGSM)

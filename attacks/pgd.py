@@ -29,6 +29,7 @@ import torch
 
 from attacks._losses import LOSSES
 from bench.registry import register_attack
+from bench.validate import NORMS, at_least, one_of, positive, radius
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,13 @@ class PGD:
     left out of the cell key; off gives equal work for benchmarks."""
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError("steps and restarts must be at least 1")
+        one_of("loss", self.loss, LOSSES)
+        one_of("norm", self.norm, NORMS)
+        radius("eps", self.eps, self.norm)
+        at_least("steps", self.steps, 1)
+        at_least("restarts", self.restarts, 1)
+        if self.step_size is not None:
+            positive("step_size", self.step_size)
 
     def with_threat(self, threat) -> "PGD":
         eps = self.eps if self.eps is not None else (threat.eps if self.norm == "linf" else threat.l2_eps)

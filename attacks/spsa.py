@@ -23,6 +23,7 @@ import torch
 
 from attacks._losses import cw_margin
 from bench.registry import register_attack
+from bench.validate import at_least, positive, radius
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,14 @@ class SPSA:
     """Most inputs in one forward pass; bounds memory, changes no result."""
 
     def __post_init__(self):
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations!r}")
-        if self.samples < 2 or self.samples % 2:
+        radius("eps", self.eps, "linf")
+        at_least("iterations", self.iterations, 1)
+        at_least("samples", self.samples, 2)
+        if self.samples % 2:
             raise ValueError(f"samples must be a positive even number (antithetic pairs), got {self.samples!r}")
-        if not self.lr > 0 or not self.delta > 0:
-            raise ValueError("lr and delta must be above zero")
+        positive("lr", self.lr)
+        positive("delta", self.delta)
+        at_least("max_batch", self.max_batch, 1)
         if self.max_batch < self.samples:
             raise ValueError(f"max_batch ({self.max_batch}) must hold one image's samples ({self.samples})")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from attacks._losses import LOSSES
 from attacks.pgd import PGD, run_pgd
 from bench.registry import register_attack
+from bench.validate import at_least, one_of, positive, radius
 
 STEPS_PER_THREAT_EPS = 20
 """The threat model's own PGD-20 at multiple 1, growing linearly with the budget."""
@@ -47,16 +48,13 @@ class Unbounded:
     """Drop a sample from the batch once broken (speed only, as in PGD)."""
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if not self.multiple > 0:
-            raise ValueError(f"multiple must be above zero, got {self.multiple!r}")
-        if self.eps is not None and not 0 < self.eps <= 1:
-            raise ValueError(f"eps must be in (0, 1] (inputs live in [0, 1]), got {self.eps!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps!r}")
-        if self.step_size is not None and not self.step_size > 0:
-            raise ValueError(f"step_size must be above zero, got {self.step_size!r}")
+        one_of("loss", self.loss, LOSSES)
+        positive("multiple", self.multiple)
+        radius("eps", self.eps, "linf")
+        if self.steps is not None:
+            at_least("steps", self.steps, 1)
+        if self.step_size is not None:
+            positive("step_size", self.step_size)
 
     def with_threat(self, threat) -> "Unbounded":
         eps = self.eps if self.eps is not None else min(1.0, self.multiple * threat.eps)

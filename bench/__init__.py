@@ -6,7 +6,18 @@ For scripts and notebooks:
     x, y = load_dataset("digits", split="test")     # x in [0, 1], (N, C, H, W)
     model = load_checkpoint("results/checkpoints/digits/natural/<key>")  # eval mode
 """
-from bench.checkpoint import load_checkpoint
-from bench.data import load_dataset
-
 __all__ = ["load_checkpoint", "load_dataset"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that the command line's --help and usage errors answer
+    # at once instead of after importing torch (seconds).
+    if name == "load_checkpoint":
+        from bench.checkpoint import load_checkpoint
+
+        return load_checkpoint
+    if name == "load_dataset":
+        from bench.data import load_dataset
+
+        return load_dataset
+    raise AttributeError(f"module 'bench' has no attribute {name!r}")

@@ -39,6 +39,8 @@ RayAddress = Annotated[Optional[str], typer.Option("--ray-address", envvar="BENC
                                                    help="Ray cluster to join: auto or host:port (unset: start a local one).")]
 RayGpus = Annotated[float, typer.Option("--ray-gpus", envvar="BENCH_RAY_GPUS",
                                         help="GPUs per Ray task on CUDA; a fraction shares a GPU (e.g. 0.25).")]
+MAX_THREADS = 1024
+"""More than any machine has; torch overflows on values past a C int."""
 
 
 def _bench(results, db, device, data_root, progress=None, threads: int = 1):
@@ -49,8 +51,8 @@ def _bench(results, db, device, data_root, progress=None, threads: int = 1):
     # One thread by default: the intra-op thread count changes float summation order and
     # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
     # other made a digits run twenty times slower (see tests/conftest.py).
-    if threads < 1:
-        raise BenchError(f"--threads must be at least 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     torch.set_num_threads(threads)
     return Bench.open(results, db=db, device=device, data_root=data_root, progress=progress)
 
@@ -132,13 +134,15 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
     from bench.registry import DEFENSES
     from bench.results import result_rows
     from bench.recipe import RunSpec
-    from bench.schedule import run_defenses
+    from bench.schedule import plan_run, run_defenses
 
     names = DEFENSES.names() if defense == "all" else [defense]
     if defense != "all":
         DEFENSES.get(defense)
     specs = [RunSpec(name, dataset, preset if defense != "all" else None, tuple(set_ or ()), arch, seed)
              for name in names]
+    for spec in specs:  # every recipe and cell checked before the store is opened
+        plan_run(spec, matrix, data_root)
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)
         with _executor(executor, ray_address, threads, ray_gpus) as ex:
@@ -217,8 +221,8 @@ def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSO
 
     if size not in SIZES:
         raise BenchError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
-    if threads is not None and threads < 1:
-        raise BenchError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     run_perf(device=device, as_json=as_json, size=size, threads=threads)
 
 
@@ -268,31 +272,68 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
     out.print(table)
 
 
+def _usage_line(exc: BaseException) -> str:
+    """One line for a usage error of the CLI library: what was wrong, then where help is.
+
+    The library's own text (usage block, then "Error: ...") is several lines. Recent typer
+    carries its own copy of click and older typer raises click's classes (click itself may
+    not even be installed), so the exception is recognised by what both give it (an exit
+    code and format_message), never by importing either module.
+    """
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "bench"
+    return f"error: {message or type(exc).__name__}; see `{command} --help`"
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    return isinstance(getattr(exc, "exit_code", None), int) and callable(getattr(exc, "format_message", None))
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {k.__name__ for k in type(exc).__mro__}
+
+
+def _interrupted() -> None:
+    err.print("interrupted: every cell committed so far is kept; run again to finish")
+    sys.exit(130)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
     try:
-        code = app(standalone_mode=False)
-        if isinstance(code, int) and code:  # typer.Exit(code) without standalone mode
-            sys.exit(code)
+        # Not standalone, so that every error comes here and leaves as one line; the
+        # library then returns what a command's `typer.Exit(code)` asked for (or 130 where
+        # it caught a Ctrl-C itself, as recent typer does) instead of calling sys.exit.
+        code = app(standalone_mode=False, prog_name="bench")
     except BenchError as exc:
         if debug:
             raise
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted: every cell committed so far is kept; run again to finish")
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        _interrupted()
+    except Exception as exc:  # the CLI library's own errors: usage (2), abort (Ctrl-C, EOF)
+        if debug:
+            raise
+        names = _class_names(exc)
+        if "NoArgsIsHelpError" in names:  # bare `bench`: its message is the help text
+            print(exc.format_message())
+            sys.exit(0)
+        if "Abort" in names:
+            _interrupted()
+        if not _is_usage_error(exc):
+            raise
+        err.print(_usage_line(exc), markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

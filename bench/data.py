@@ -78,31 +78,21 @@ def _require_root(name: str, root: str | None) -> Path:
     return path
 
 
-def _torchvision(name: str, make: Callable[[str, bool], object]):
-    def load(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        path = _require_root(name, root)
-        try:
-            ds = make(str(path), split == "train")
-        except (RuntimeError, FileNotFoundError, OSError) as exc:
-            raise BenchError(
-                f"dataset {name!r} not found under {str(path)!r}: {DATASETS[name].files_hint} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'missing'})"
-            ) from exc
-        return _to_tensors(ds)
+def _mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's idx files through torchvision's reader, each checked (bench.datafiles);
+    straight from its uint8 tensors: no per-item transform, no PIL."""
+    from bench.datafiles import read_idx
 
-    return load
-
-
-def _to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST straight from torchvision's uint8 tensor: no per-item transform, no PIL."""
-    x = ds.data[:, None].float().div_(255.0)
-    return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
-
-
-def _mnist(root: str, train: bool):
-    from torchvision.datasets import MNIST
-
-    return MNIST(root, train=train, download=False)
+    raw = _require_root("mnist", root) / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    hint = DATASETS["mnist"].files_hint
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte", 3, "mnist", hint)
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", 1, "mnist", hint)
+    if tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels) or int(labels.max()) > 9:
+        raise BenchError(f"dataset 'mnist': {str(raw)!r} holds images {tuple(images.shape)} and "
+                         f"{len(labels)} labels up to {int(labels.max())}; expected N x 28 x 28 images "
+                         f"and N labels in 0..9; {hint}")
+    return images[:, None].float().div_(255.0).contiguous(), labels.to(torch.int64)
 
 
 # CIFAR and SVHN are read straight from their published formats rather than through
@@ -110,24 +100,22 @@ def _mnist(root: str, train: bool):
 # which costs seconds and rejects the small files the tests write in the same format.
 def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key: str):
     def load(split: str, root: str | None):
-        import pickle
-
         import numpy as np
 
+        from bench.datafiles import read_cifar_batch
+
         base = _require_root(_NAMES[folder], root) / folder
+        spec = DATASETS[_NAMES[folder]]
         files = train_files if split == "train" else test_files
         xs, ys = [], []
         for name in files:
             path = base / name
             if not path.is_file():
-                raise BenchError(f"dataset {_NAMES[folder]!r}: {str(path)!r} is missing; "
-                                 f"{DATASETS[_NAMES[folder]].files_hint}")
-            with open(path, "rb") as f:
-                # The CIFAR python format is a pickle by definition (these are data files the
-                # user placed, never checkpoints, which are only ever read as safetensors).
-                batch = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+                raise BenchError(f"dataset {_NAMES[folder]!r}: {str(path)!r} is missing; {spec.files_hint}")
+            # A pickle by definition, so read with an unpickler that admits only arrays.
+            x, y = read_cifar_batch(path, label_key, spec.num_classes, spec.name, spec.files_hint)
+            xs.append(x)
+            ys.append(y)
         x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
         return x, torch.from_numpy(np.concatenate(ys))
 
@@ -136,14 +124,15 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
 
 def _svhn(split: str, root: str | None):
     import numpy as np
-    from scipy.io import loadmat
+
+    from bench.datafiles import read_svhn_mat
 
     path = _require_root("svhn", root) / ("train_32x32.mat" if split == "train" else "test_32x32.mat")
     if not path.is_file():
         raise BenchError(f"dataset 'svhn': {str(path)!r} is missing; {DATASETS['svhn'].files_hint}")
-    mat = loadmat(str(path))
-    x = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1))).float().div_(255.0)
-    y = torch.from_numpy(mat["y"].astype(np.int64).ravel())
+    pixels, labels = read_svhn_mat(path, "svhn", DATASETS["svhn"].files_hint)
+    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(3, 2, 0, 1))).float().div_(255.0)
+    y = torch.from_numpy(labels)
     return x, y.masked_fill_(y == 10, 0)  # SVHN stores the digit 0 as label 10
 
 
@@ -164,7 +153,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         "mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "madry_mnist",
         ThreatModel(eps=0.3, step_size=0.01, l2_eps=2.0),
-        _torchvision("mnist", _mnist),
+        _mnist,
         "put MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte under it",
     ),
     # CIFAR at 8/255, step 2/255 (Madry et al.; Shafahi et al. Table 3).

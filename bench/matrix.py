@@ -52,15 +52,27 @@ def cell_key(attack: str, config: Any, subset: int = 0) -> str:
     return f"{attack}:" + ",".join(sorted(parts))
 
 
-def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell") -> Cell:
+def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell",
+              test_size: int | None = None) -> Cell:
+    """One concrete cell; `where` names its origin (file and cell) in every error, and
+    `test_size`, where the dataset is known, bounds its subset."""
     params = dict(params)
     subset = params.pop("subset", 0)
     if not isinstance(subset, int) or isinstance(subset, bool) or subset < 0:
-        raise BenchError(f"{where}: subset must be a non-negative integer, got {subset!r}")
-    entry = ATTACKS.get(attack)
-    cfg = entry.make_config(params)
+        raise BenchError(f"{where} ({attack}): subset must be a non-negative integer, got {subset!r}")
+    if test_size is not None and subset > test_size:
+        raise BenchError(f"{where} ({attack}): subset must be at most the test set's {test_size} images, "
+                         f"got {subset} (0 runs on all of them)")
+    try:
+        entry = ATTACKS.get(attack)
+    except BenchError as exc:
+        raise BenchError(f"{where}: {exc}") from exc
+    cfg = entry.make_config(params, what=f"{where} ({attack})")
     if hasattr(cfg, "with_threat"):
-        cfg = cfg.with_threat(threat)
+        try:  # the budget filled from the threat model is checked like one given
+            cfg = cfg.with_threat(threat)
+        except (TypeError, ValueError) as exc:
+            raise BenchError(f"{where} ({attack}): {exc}") from exc
     key = cell_key(attack, cfg, subset)
     return Cell(attack, cfg, key, cfg.threat_key(), subset)
 
@@ -98,7 +110,11 @@ def load_matrix(name_or_path: str) -> tuple[str, list[dict]]:
         if not path.is_file():
             raise BenchError(f"unknown matrix {name_or_path!r}: give one of {', '.join(BUILTIN)} "
                              "or the path of a TOML file")
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BenchError(f"matrix {name_or_path!r} cannot be read as UTF-8 text ({exc}); "
+                             "give a TOML file") from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -110,7 +126,7 @@ def load_matrix(name_or_path: str) -> tuple[str, list[dict]]:
     return Path(where).stem, cells
 
 
-def expand(cells: list[dict], threat, *, where: str = "matrix") -> list[Cell]:
+def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int | None = None) -> list[Cell]:
     out: dict[str, Cell] = {}
     for i, table in enumerate(cells):
         table = dict(table)
@@ -118,13 +134,18 @@ def expand(cells: list[dict], threat, *, where: str = "matrix") -> list[Cell]:
         if not isinstance(attack, str):
             raise BenchError(f"{where}: cell {i + 1} has no attack = \"name\"")
         lists = {k: v for k, v in table.items() if isinstance(v, list)}
+        empty = [k for k, v in lists.items() if not v]
+        if empty:
+            raise BenchError(f"{where}: cell {i + 1} ({attack}): {empty[0]} = [] gives no cells; "
+                             "list at least one value or drop the key")
         for combo in itertools.product(*lists.values()) if lists else [()]:
             params = dict(table, **dict(zip(lists, combo)))
-            cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}")
+            cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}", test_size=test_size)
             out.setdefault(cell.key, cell)
     return list(out.values())
 
 
-def matrix_cells(name_or_path: str, threat) -> list[Cell]:
-    name, raw = load_matrix(name_or_path)
-    return expand(raw, threat, where=f"matrix {name!r}")
+def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> list[Cell]:
+    """Every cell of a matrix; errors name the matrix as given (built-in name or path)."""
+    _, raw = load_matrix(name_or_path)
+    return expand(raw, threat, where=f"matrix {name_or_path!r}", test_size=test_size)

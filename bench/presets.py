@@ -33,7 +33,9 @@ class Preset:
 
 def _read(path: Path) -> Preset:
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchError(f"preset {str(path)!r} cannot be read as UTF-8 text ({exc}); give a TOML file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"preset {str(path)!r} is not valid TOML: {exc}") from exc
     for key in ("defense", "dataset"):
@@ -43,12 +45,29 @@ def _read(path: Path) -> Preset:
     extra = sorted(set(raw) - known)
     if extra:
         raise BenchError(f"preset {str(path)!r} has unknown key {extra[0]!r} (keys: {', '.join(sorted(known))})")
+    _check_types(path, raw)
     return Preset(
         name=path.stem, defense=raw["defense"], dataset=raw["dataset"], arch=raw.get("arch"),
         description=raw.get("description", ""), source=raw.get("source", ""),
         config=dict(raw.get("config", {})), train=dict(raw.get("train", {})),
         paper={k: float(v) for k, v in raw.get("paper", {}).items()},
     )
+
+
+def _check_types(path: Path, raw: dict[str, Any]) -> None:
+    """Top-level strings and tables of the right kind, paper numbers in [0, 1]. The
+    config and train tables are checked field by field when a recipe is built from them
+    (bench.registry.build_config), like every --set value."""
+    where = f"preset {str(path)!r}"
+    for key in ("defense", "dataset", "arch", "description", "source"):
+        if key in raw and not isinstance(raw[key], str):
+            raise BenchError(f"{where}: {key} must be a string, got {raw[key]!r}")
+    for key in ("config", "train", "paper"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise BenchError(f"{where}: {key} must be a table ([{key}]), got {raw[key]!r}")
+    for column, value in raw.get("paper", {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise BenchError(f"{where}: paper.{column} must be an accuracy in [0, 1], got {value!r}")
 
 
 def all_presets() -> dict[str, Preset]:

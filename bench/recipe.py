@@ -60,7 +60,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip().removeprefix("train."), value
 
 
+SEED_LIMIT = 2**31
+"""Seeds are stored in a 32-bit integer column (PostgreSQL's INTEGER)."""
+
+
 def resolve(spec: RunSpec) -> Recipe:
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < SEED_LIMIT:
+        raise BenchError(f"--seed must be an integer in [0, {SEED_LIMIT}), got {spec.seed!r}")
     entry = DEFENSES.get(spec.defense)
     preset = get_preset(spec.preset) if spec.preset else None
     if preset and preset.defense != spec.defense:
@@ -87,9 +93,27 @@ def resolve(spec: RunSpec) -> Recipe:
             raise BenchError(f"--set {key}: not a setting of {spec.defense!r} or of training{hint} "
                              f"(defense: {', '.join(sorted(defense_fields)) or 'none'}; "
                              f"training: {', '.join(sorted(train_fields))})")
-    cfg = entry.make_config(defense_values)
-    train_cfg = build_config(TrainConfig, train_values, what="training")
+    source = f"preset {preset.name!r} or --set" if preset else "--set"
+    cfg = entry.make_config(defense_values, what=f"{spec.defense} ({source})")
+    train_cfg = build_config(TrainConfig, train_values, what=f"training ({source})")
     arch = spec.arch or (preset.arch if preset and preset.arch else ds.default_arch)
-    build_model(arch, ds)  # fail early on an unknown architecture
+    _check_fits(arch, ds)  # fail early on an unknown architecture or one the images do not fit
     return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset)
 
+
+def _check_fits(arch: str, ds: DatasetSpec) -> None:
+    """One forward pass of a zero image: an architecture built for other image sizes (a
+    28x28 MNIST network on 8x8 digits) fails here, not in the middle of training."""
+    import torch
+
+    model = build_model(arch, ds).eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *ds.shape))
+    except RuntimeError as exc:
+        raise BenchError(f"architecture {arch!r} does not fit the {'x'.join(map(str, ds.shape))} images of "
+                         f"{ds.name} ({str(exc).splitlines()[0]}); drop --arch for the dataset's default "
+                         f"{ds.default_arch!r}") from exc
+    if tuple(logits.shape) != (1, ds.num_classes):
+        raise BenchError(f"architecture {arch!r} gives logits of shape {tuple(logits.shape)} on {ds.name}, "
+                         f"not (1, {ds.num_classes}); drop --arch for the dataset's default {ds.default_arch!r}")

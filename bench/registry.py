@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import math
 import pkgutil
 import re
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ class Entry(Generic[T]):
     config: type
     doc: str
 
-    def make_config(self, values: dict[str, Any] | None = None) -> Any:
-        """The config dataclass from defaults plus `values`, with types checked."""
-        return build_config(self.config, values or {}, what=f"{self.name}")
+    def make_config(self, values: dict[str, Any] | None = None, *, what: str | None = None) -> Any:
+        """The config dataclass from defaults plus `values`, with types and ranges checked;
+        `what` names where the values came from in errors (default: the plugin's name)."""
+        return build_config(self.config, values or {}, what=what or self.name)
 
 
 class Registry(Generic[T]):
@@ -116,10 +118,10 @@ def build_config(cls: type, values: dict[str, Any], *, what: str) -> Any:
         )
     clean: dict[str, Any] = {}
     for key, value in values.items():
-        clean[key] = coerce(fields[key].type, value, what=f"{what}.{key}")
+        clean[key] = coerce(fields[key].type, value, what=f"{what}: {key}")
     try:
         return cls(**clean)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise BenchError(f"{what}: {exc}") from exc
 
 
@@ -132,7 +134,16 @@ def coerce(annotation: Any, value: Any, *, what: str) -> Any:
     if value is None and optional:
         return None
     if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN and infinity pass every check written as `value < 0` and poison the numbers
+        # a run stores, so no config field takes them.
+        if not math.isfinite(value):
+            raise BenchError(f"{what} must be a finite number, got {value!r}")
         return float(value)
+    if base.startswith("tuple[") and base.endswith(",...]"):  # e.g. tuple[int, ...]
+        if not isinstance(value, (list, tuple)):
+            raise BenchError(f"{what} must be a list, got {value!r}")
+        item = base.removeprefix("tuple[").removesuffix(",...]")
+        return tuple(coerce(item, v, what=f"{what}[{i}]") for i, v in enumerate(value))
     if base == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if base == "bool" and isinstance(value, bool):

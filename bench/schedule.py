@@ -136,6 +136,14 @@ class CellsRun(list):
         self.failures: dict[str, str] = {}
 
 
+def plan_run(spec: RunSpec, matrix: str, data_root: str | None) -> tuple[Recipe, list[Cell]]:
+    """The recipe and the matrix's cells with every value checked, subsets against the
+    size of the dataset's test set, before anything trains or runs."""
+    recipe = resolve(spec)
+    test_size = len(load_dataset(recipe.dataset.name, "test", data_root)[1])
+    return recipe, matrix_cells(matrix, recipe.dataset.threat, test_size=test_size)
+
+
 def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunReport:
     return run_defenses(bench, [spec], matrix, executor)[0]
 
@@ -143,8 +151,9 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
 def run_defenses(bench: Bench, specs: list[RunSpec], matrix: str, executor=None) -> list[RunReport]:
     """Train what is missing (all trainings first, in parallel on a parallel executor),
     then run every missing cell of every checkpoint (again in parallel)."""
-    recipes = [resolve(s) for s in specs]
-    cells = {r.key: matrix_cells(matrix, r.dataset.threat) for r in recipes}  # a bad matrix fails first
+    plans = [plan_run(s, matrix, bench.data_root) for s in specs]  # bad input fails before training
+    recipes = [recipe for recipe, _ in plans]
+    cells = {recipe.key: c for recipe, c in plans}
     rows, trained = ensure_checkpoints(bench, recipes, executor)
     unique = list({row.key: row for row in rows}.values())
     ran = attack_checkpoints(bench, [(row, cells[row.key], _loader(row, bench.device)) for row in unique],

@@ -135,9 +135,15 @@ class Store:
             if url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             _create_schema(self.engine)
-        except (SQLAlchemyError, ValueError) as exc:
-            raise BenchError(f"cannot open the store at {url!r}: {str(exc).splitlines()[0]}; "
-                             "check --db or that the results folder is writable") from exc
+        except ImportError as exc:  # the URL names a database driver that is not installed
+            raise BenchError(
+                f"cannot open the store at {url!r}: its database driver ({exc.name or exc}) is not "
+                "installed; for PostgreSQL install the postgres extra (pip install -e \".[postgres]\") "
+                "and give --db postgresql+psycopg://USER@HOST/DBNAME") from exc
+        except (SQLAlchemyError, ValueError, TypeError) as exc:
+            raise BenchError(f"cannot open the store at {url!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}; "
+                             "check --db (an SQLAlchemy URL such as sqlite:///results/bench.db or "
+                             "postgresql+psycopg://USER@HOST/DBNAME) or that the results folder is writable") from exc
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod

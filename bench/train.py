@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from bench.data import ThreatModel
+from bench.validate import at_least, in_range, non_negative, one_of, positive
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,17 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
-        if self.augment not in ("none", "crop", "crop_flip"):
-            raise ValueError(f"augment must be none, crop or crop_flip, got {self.augment!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be positive, lr above zero")
+        one_of("optimizer", self.optimizer, ("sgd", "adam"))
+        one_of("schedule", self.schedule, ("cosine", "step", "constant"))
+        one_of("augment", self.augment, ("none", "crop", "crop_flip"))
+        at_least("epochs", self.epochs, 1)
+        at_least("batch_size", self.batch_size, 1)
+        positive("lr", self.lr)
+        in_range("momentum", self.momentum, 0, 1, high_open=True)
+        non_negative("weight_decay", self.weight_decay)
+        non_negative("warmup_epochs", self.warmup_epochs)
+        for m in self.milestones:
+            at_least("each milestone", m, 1)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def test_preset_resolves_as_a_recipe(name, monkeypatch):
     most of this file's time."""
     import bench.recipe
 
-    monkeypatch.setattr(bench.recipe, "build_model", lambda arch, spec: None)
+    monkeypatch.setattr(bench.recipe, "_check_fits", lambda arch, spec: None)
     preset = PRESETS[name]
     recipe = resolve(RunSpec(defense=preset.defense, preset=name))
     assert recipe.dataset.name == preset.dataset

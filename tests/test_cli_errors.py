@@ -1,0 +1,184 @@
+"""Usage errors of the command line: exit status 2, one line, no traceback, store untouched.
+
+Run through the installed `bench` console script in a subprocess (what a user types,
+with whatever typer the environment resolved) and in-process through `bench.cli.main`.
+CI also runs this file alone in a freshly resolved virtual environment.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import cli
+
+# The console script installed beside this interpreter (a venv's bin/, or the system's).
+BENCH = Path(sys.executable).parent / "bench"
+
+USAGE_ERRORS = [
+    (["run"], "missing option '--defense'; see `bench run --help`"),
+    (["run", "--defense", "natural", "--seed", "abc"], "'--seed'"),
+    (["nosuchcommand"], "no such command 'nosuchcommand'; see `bench --help`"),
+    (["run", "--defense", "natural", "--no-such-option"], "no such option"),
+    (["ls", "defenses", "extra"], "unexpected extra argument"),
+    (["ls", "nothing"], "cannot list 'nothing'"),
+    (["train", "--defense", "natural", "--threads", "0"], "--threads must be between 1 and 1024, got 0"),
+    (["run", "--defense", "natural", "--threads", "99999999999"], "--threads must be between 1 and 1024"),
+]
+
+
+def _store_state(results: Path) -> tuple[bytes, list[str]]:
+    """bench.db's bytes and the checkpoint folder's listing: what must not change."""
+    db = results / "bench.db"
+    ckpts = results / "checkpoints"
+    listing = sorted(str(p.relative_to(results)) for p in ckpts.rglob("*")) if ckpts.exists() else []
+    return (db.read_bytes() if db.exists() else b""), listing
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A results folder holding one tiny trained checkpoint and its quick-matrix cells."""
+    from bench.env import Bench
+    from bench.recipe import RunSpec
+    from bench.schedule import run_defense
+
+    results = tmp_path_factory.mktemp("cli-errors") / "res"
+    bench = Bench.open(results)
+    run_defense(bench, RunSpec("natural", overrides=("epochs=1",)), "quick")
+    bench.store.engine.dispose()  # closes SQLite's WAL into bench.db before it is compared
+    return results
+
+
+def _one_line(err: str) -> bool:
+    return err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", USAGE_ERRORS)
+def test_usage_errors_of_the_installed_script_are_one_line(store, args, message):
+    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
+    before = _store_state(store)
+    proc = subprocess.run([str(BENCH), *args, *(["--results", str(store)] if args[0] in ("run", "train") else [])],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 2, proc.stderr
+    assert _one_line(proc.stderr), proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr
+    assert _store_state(store) == before
+
+
+def _cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("args, message", USAGE_ERRORS)
+def test_usage_errors_in_process_are_one_line(store, monkeypatch, capsys, args, message):
+    before = _store_state(store)
+    extra = ["--results", str(store)] if args[0] in ("run", "train") else []
+    code, _, err = _cli(monkeypatch, capsys, *args, *extra)
+    assert code == 2 and _one_line(err) and err.startswith("error: ") and message in err, err
+    assert _store_state(store) == before
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], []])
+def test_help_and_bare_bench_exit_0_with_the_usage(args):
+    proc = subprocess.run([str(BENCH), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: bench" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench", "ls", "nothing", "--debug"])
+    from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="cannot list"):
+        cli.main()
+
+
+class _Planted:
+    """A CIFAR batch entry whose unpickling would create a file (a stand-in for any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _issue_inputs(tmp: Path) -> dict[str, str]:
+    """The files behind the reported cases: matrices, a crafted CIFAR batch, a truncated MNIST."""
+    import pickle
+    import struct
+
+    for name, eps in (("nan", "nan"), ("seven", "7.0"), ("negative", "-0.1")):
+        (tmp / f"{name}.toml").write_text(f'[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\neps = {eps}\n')
+    cifar = tmp / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump({"data": _Planted(tmp / "planted"), "labels": [0]}, f)
+    raw = tmp / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, 10, 28, 28) + bytes(999))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 10) + bytes(10))
+    return {"{nan}": str(tmp / "nan.toml"), "{seven}": str(tmp / "seven.toml"),
+            "{negative}": str(tmp / "negative.toml"), "{cifar}": str(tmp / "cifar"), "{mnist}": str(tmp / "mnist")}
+
+
+# Every case reported against the bench, beyond the usage errors above.
+ISSUE_CASES = [
+    (["run", "--defense", "natural", "--matrix", "{nan}"], "cell 2 (pgd): eps must be a finite number, got nan"),
+    (["run", "--defense", "natural", "--matrix", "{seven}"], "cell 2 (pgd): eps must be in (0, 1] for L-inf, got 7.0"),
+    (["run", "--defense", "natural", "--matrix", "{negative}"], "cell 2 (pgd): eps must be in (0, 1] for L-inf, got -0.1"),
+    (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{cifar}"],
+     "is refused: it refers to posix.system"),
+    (["run", "--defense", "natural", "--dataset", "mnist", "--data-root", "{mnist}"],
+     "t10k-images-idx3-ubyte' is corrupt or truncated"),
+    (["run", "--defense", "natural", "--db", "postgresql+psycopg2://bench@localhost/bench"],
+     'install the postgres extra (pip install -e ".[postgres]")'),
+    (["results", "--db", "mysql://bench@localhost/bench"], "its database driver (MySQLdb) is not installed"),
+    # Plain postgresql:// is psycopg's: not installed, the driver line; installed, no server here.
+    (["results", "--db", "postgresql://bench@127.0.0.1:9/bench"], "cannot open the store at 'postgresql://"),
+    (["results", "--db", "not a url"], "check --db (an SQLAlchemy URL"),
+    (["run", "--defense", "natural", "--set", "lr=nan"], "lr must be a finite number, got nan"),
+    (["run", "--defense", "natural", "--seed", "-5"], "--seed must be an integer in [0, 2147483648)"),
+]
+
+
+@pytest.mark.parametrize("args, message", ISSUE_CASES)
+def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path, monkeypatch, capsys,
+                                                                   args, message):
+    subst = _issue_inputs(tmp_path)
+    before = _store_state(store)
+    code, _, err = _cli(monkeypatch, capsys, *[subst.get(a, a) for a in args], "--results", str(store))
+    assert code == 2 and _one_line(err) and message in err, err
+    assert _store_state(store) == before
+    assert not (tmp_path / "planted").exists()
+
+
+def test_defense_all_checks_every_recipe_before_training_any(store, monkeypatch, capsys):
+    # `pair_weight` is a setting of alp and clp, the first two in order, but not of
+    # gaussian_noise, the third: nothing may train before that is found out.
+    before = _store_state(store)
+    code, _, err = _cli(monkeypatch, capsys, "run", "--defense", "all", "--set", "pair_weight=0.5",
+                        "--results", str(store))
+    assert code == 2 and _one_line(err) and "--set pair_weight: not a setting of 'gaussian_noise'" in err
+    assert _store_state(store) == before
+
+
+def test_ctrl_c_exits_130_saying_what_is_kept(monkeypatch, capsys):
+    import bench.presets
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.presets, "all_presets", interrupted)
+    code, _, err = _cli(monkeypatch, capsys, "ls", "presets")
+    assert code == 130 and _one_line(err) and err.startswith("interrupted: every cell committed so far is kept")
