@@ -17,6 +17,7 @@ import torch
 
 from bench import checkpoint as ckpt
 from bench.data import load_dataset
+from bench.diagnose import ensure_diagnostic
 from bench.env import Bench
 from bench.errors import BenchError
 from bench.executors import LocalExecutor
@@ -136,6 +137,7 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
     cells = matrix_cells(matrix, recipe.dataset.threat)  # a bad matrix fails before training
     row, trained = ensure_checkpoint(bench, recipe)
     ran = attack_checkpoint(bench, row, cells, lambda: load_model(row, bench.device), executor)
+    ensure_diagnostic(bench, row, lambda: load_model(row, bench.device))
     return RunReport(row, trained, ran, len(cells))
 
 

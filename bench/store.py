@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
                         create_engine, delete, event, select)
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from bench.errors import BenchError
@@ -97,6 +97,27 @@ class Flag(Base):
     name: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(String(1024))
     numbers: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[str] = mapped_column(String(32), default=_now)
+
+
+class Diagnostic(Base):
+    """Shafahi et al.'s linearized robustness of one checkpoint on its test set
+    (bench.diagnostics): derived once from the weights, so one row per checkpoint."""
+
+    __tablename__ = "diagnostics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), unique=True, index=True)
+    eps: Mapped[float] = mapped_column(Float)
+    """The threat eps the predicted accuracy is taken at."""
+    n: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[dict] = mapped_column(JSON)
+    """Medians, means, quartiles, predicted and clean accuracy, logit variance."""
+    samples: Mapped[dict] = mapped_column(JSON)
+    """Per-sample lists in test-set order: logit_gap, grad_gap, eps_l, coherence,
+    grad_norm_true, grad_norm_adv, correct, and the clean logits."""
+    landscape: Mapped[dict] = mapped_column(JSON)
+    """Cross-entropy grids around the first test images (adversarial x random direction)."""
+    seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
 
 
@@ -194,6 +215,22 @@ class Store:
             q = q.where(Flag.checkpoint_id.in_(list(checkpoint_ids)))
         with self.Session() as s:
             return list(s.scalars(q))
+
+    # --- diagnostics -------------------------------------------------------------------
+    def diagnostics(self, checkpoint_ids: Iterable[int] | None = None) -> list[Diagnostic]:
+        q = select(Diagnostic).order_by(Diagnostic.checkpoint_id)
+        if checkpoint_ids is not None:
+            q = q.where(Diagnostic.checkpoint_id.in_(list(checkpoint_ids)))
+        with self.Session() as s:
+            return list(s.scalars(q))
+
+    def add_diagnostic(self, checkpoint_id: int, **fields: Any) -> None:
+        """Insert once: a row another driver committed first is the same derived data."""
+        try:
+            with self.Session.begin() as s:
+                s.add(Diagnostic(checkpoint_id=checkpoint_id, **fields))
+        except IntegrityError:
+            pass
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
