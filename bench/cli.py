@@ -147,7 +147,7 @@ def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv
 
 
 @app.command("diagnose")
-def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", help="Defense name or checkpoint key (prefix).")],
+def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", help="Defense name, checkpoint key (prefix), or all.")],
                  format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
                  dataset: Dataset = None, results: Results = "results", db: Db = None,
                  data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):

@@ -38,9 +38,12 @@ def ensure_diagnostic(bench: Bench, row: Checkpoint, model: Callable[[], torch.n
 
 
 def select_checkpoints(store: Store, name: str, dataset: str | None) -> list[Checkpoint]:
-    """A defense name (every checkpoint of it), or a checkpoint key or key prefix."""
+    """`all`, a defense name (every checkpoint of it), or a checkpoint key or key prefix."""
     cks = store.checkpoints(dataset=dataset)
-    chosen = [c for c in cks if c.defense == name] or [c for c in cks if name and c.key.startswith(name)]
+    if name == "all":
+        chosen = cks
+    else:
+        chosen = [c for c in cks if c.defense == name] or [c for c in cks if name and c.key.startswith(name)]
     if not chosen:
         where = f" on {dataset}" if dataset else ""
         raise BenchError(f"no stored checkpoint{where} matches --defense {name!r} (a defense name or "

@@ -186,6 +186,9 @@ def test_diagnose_cli_table_and_json(small_results, monkeypatch, capsys):
     code, out, _ = _cli(monkeypatch, capsys, "diagnose", "--defense", key[:10], "--results", str(small_results))
     assert code == 0 and "pgd_at" in out and key[:8] in out
     assert f"{rows[0]['median_logit_gap']:.3g}" in out and f"{rows[0]['predicted_acc']:.3f}" in out
+    code, out, _ = _cli(monkeypatch, capsys, "diagnose", "--defense", "all", "--format", "json",
+                        "--results", str(small_results))
+    assert code == 0 and [r["defense"] for r in json.loads(out)] == ["natural", "pgd_at"]
 
 
 @pytest.mark.parametrize("args, message", [
