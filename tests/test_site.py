@@ -380,6 +380,8 @@ def test_every_local_link_resolves_and_nothing_leaves_the_machine(built, session
         ids[url] = set(page.eval_on_selector_all("[id]", "es => es.map(e => e.id)"))
         for link in page.evaluate(LINKS_JS):
             parts = urlsplit(link)
+            if parts.scheme == "data":  # pictures inlined in the page (the loss landscapes)
+                continue
             assert parts.scheme == "file", f"{url} links outside the site: {link}"
             links.append((url, link))
             target = Path(unquote(parts.path))
@@ -463,6 +465,11 @@ DIAG_JS = """(table) => Array.from(table.tBodies[0].rows).map(r => {
 })"""
 
 
+PIXELS_JS = """(img) => { const c = document.createElement('canvas'); c.width = img.naturalWidth;
+  c.height = img.naturalHeight; const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+  return Array.from(g.getImageData(0, 0, c.width, c.height).data); }"""
+
+
 def _expected_diag(store: Store, ck) -> dict:
     """What a Table 1 row must show, from the stored rows alone (measured accuracies are
     the weakest stored FGSM and L-inf PGD cells at the diagnostic's eps)."""
@@ -492,8 +499,15 @@ def test_checkpoint_page_shows_its_stored_diagnostics(built, session):
     rows = page.eval_on_selector("#diag-row", DIAG_JS)
     assert len(rows) == 1 and rows[0]["key"] == natural.key
     _check_diag_row(rows[0]["cells"], _expected_diag(built.store, natural))
-    assert page.locator(".landscapes svg").count() == 8
-    assert page.locator("#landscape-0 rect").count() == 25  # the stored 5 x 5 grid
+    # Eight landscapes, each a PNG the browser decodes to the stored 5 x 5 grid.
+    sizes = page.eval_on_selector_all(".landscapes img", "is => is.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[True, 5, 5]] * 8
+    # The highest stored loss of the eight is drawn in the top colour, the lowest in the bottom one.
+    grids = np.array(built.store.diagnostics([natural.id])[0].landscape["loss"])
+    hi_at, lo_at = np.unravel_index(grids.argmax(), grids.shape), np.unravel_index(grids.argmin(), grids.shape)
+    for (image, row, col), color in ((hi_at, [253, 231, 37]), (lo_at, [68, 1, 84])):
+        pixels = page.eval_on_selector(f"#landscape-{image} img", PIXELS_JS)
+        assert pixels[4 * (row * 5 + col):4 * (row * 5 + col) + 3] == color
     for plot in ("logit-gap", "grad-gap", "eps-l", "coherence"):
         box = page.locator(f"#plot-diag-{plot} svg").bounding_box()
         assert box and box["width"] > 100, plot
