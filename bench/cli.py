@@ -175,6 +175,38 @@ def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv
     _print_rows(result_rows(bench.store, defense=defense, dataset=dataset), format)
 
 
+@app.command("diagnose")
+def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", help="Defense name, checkpoint key (prefix), or all.")],
+                 format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+                 dataset: Dataset = None, results: Results = "results", db: Db = None,
+                 data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
+    """Shafahi et al.'s Table 1 row: logit gap, gradient gap, epsilon_L, predicted vs measured accuracy."""
+    from bench.diagnose import diagnose_rows
+
+    if format not in ("table", "json"):
+        raise BenchError(f"--format must be table or json, got {format!r}")
+    bench = _bench(results, db, device, data_root, None, threads)
+    rows = diagnose_rows(bench, defense, dataset)
+    if format == "json":
+        print(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    def num(v, fmt):
+        return "" if v is None else f"{v:{fmt}}"
+
+    table = Table(title="linearized robustness (Shafahi et al. Eq. 4, Table 1), medians over the test set")
+    for col in ("defense", "checkpoint", "dataset", "eps", "logit gap", "gradient gap", "eps_L", "coherence",
+                "predicted", "FGSM", "PGD"):
+        table.add_column(col, justify="left" if col in ("defense", "checkpoint", "dataset") else "right")
+    for r in rows:
+        table.add_row(r["defense"], r["checkpoint"][:8], r["dataset"], f"{r['eps']:g}",
+                      num(r["median_logit_gap"], ".3g"), num(r["median_grad_gap"], ".3g"),
+                      num(r["median_eps_l"], ".3g"), num(r["median_coherence"], ".2f"),
+                      num(r["predicted_acc"], ".3f"), num(r["fgsm_acc"], ".3f"), num(r["pgd_acc"], ".3f"))
+    out.print(table)
+
+
 @app.command("transfer")
 def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense name, checkpoint key, or all.")],
                  target: Annotated[str, typer.Option("--target", help="Defense name, checkpoint key, or all.")] = "all",

@@ -17,6 +17,7 @@ import torch
 from bench import checkpoint as ckpt
 from bench.claims import Claims, claimed
 from bench.data import load_dataset
+from bench.diagnose import ensure_diagnostic
 from bench.env import Bench
 from bench.errors import BenchError
 from bench.executors import LocalExecutor
@@ -158,6 +159,8 @@ def run_defenses(bench: Bench, specs: list[RunSpec], matrix: str, executor=None)
     unique = list({row.key: row for row in rows}.values())
     ran = attack_checkpoints(bench, [(row, cells[row.key], _loader(row, bench.device)) for row in unique],
                              executor)
+    for row in unique:
+        ensure_diagnostic(bench, row, _loader(row, bench.device))
     return [RunReport(row, row.key in trained, ran[row.id], len(cells[row.key]), ran[row.id].failures)
             for row in rows]
 

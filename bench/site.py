@@ -149,6 +149,8 @@ class _Data:
     flags: dict[int, list]
     frame: pd.DataFrame
     """One row per stored evaluation: checkpoint_id, cell_key, attack, threat, label, ..."""
+    diagnostics: dict = dataclasses.field(default_factory=dict)
+    """bench.store.Diagnostic rows by checkpoint id."""
 
 
 def _read_cells(store: Store, table) -> list[_Cell]:
@@ -185,7 +187,8 @@ def _load(store: Store) -> _Data:
     frame = pd.DataFrame(rows, columns=["checkpoint_id", "cell_key", "attack", "threat", "label", "steps",
                                         "loss", "restarts", "robust_acc", "n", "subset"])
     frame = frame.astype({"subset": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
-    return _Data(cks, cells, incoming, outgoing, flags, frame)
+    diagnostics = {d.checkpoint_id: d for d in store.diagnostics()}
+    return _Data(cks, cells, incoming, outgoing, flags, frame, diagnostics)
 
 
 # --- formatting ----------------------------------------------------------------------------
@@ -392,7 +395,16 @@ def _checkpoint_page(ck: Checkpoint, data: _Data, by_id: dict[int, Checkpoint], 
                    "numbers": [(k, _num(v)) for k, v in (f.numbers or {}).items()]} for f in data.flags[ck.id]],
         "logit_stats": plots["logit_stats"],
         "plots": plots["list"],
+        "diagnostics": _diagnostics_section(ck, data, root),
     }
+
+
+def _diagnostics_section(ck: Checkpoint, data: _Data, root: str) -> dict | None:
+    from bench.site_diagnostics import checkpoint_section
+
+    natural = next((data.diagnostics[c.id] for c in data.checkpoints
+                    if c.dataset == ck.dataset and c.defense == "natural" and c.id in data.diagnostics), None)
+    return checkpoint_section(ck, data.diagnostics.get(ck.id), natural, data.cells[ck.id], root)
 
 
 def _histogram(hist: Any) -> bool:
@@ -630,11 +642,24 @@ def _render(data: _Data, out: Path) -> None:
         root="", title="Transfer", grids=_transfer_grids(data), **common))
     _write(out / "attacks.html", env.get_template("attacks.html").render(
         root="", title="Attacks", attacks=_attacks(data), columns=_column_help(), **common))
+    _render_compare(data, out, env, common)
     page = env.get_template("checkpoint.html")
     presets = _preset_text()
     (out / "ck").mkdir()
     for ck in data.checkpoints:
         _write(out / page_path(ck), page.render(**_checkpoint_page(ck, data, by_id, "../", presets), **common))
+
+
+def _render_compare(data: _Data, out: Path, env, common: dict) -> None:
+    """compare-<dataset>.html for every dataset with a checkpoint (bench.site_diagnostics)."""
+    from bench.site_diagnostics import compare_page, compare_path
+
+    template = env.get_template("compare.html")
+    for dataset in dict.fromkeys(ck.dataset for ck in data.checkpoints):
+        cks = [ck for ck in data.checkpoints if ck.dataset == dataset]
+        _write(out / compare_path(dataset), template.render(
+            root="", title=f"Why it is robust: {dataset}",
+            **compare_page(dataset, cks, data.diagnostics, data.cells, "", page_path), **common))
 
 
 def _column_help() -> list[tuple[str, str]]:

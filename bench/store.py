@@ -119,6 +119,27 @@ class Flag(Base):
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
 
 
+class Diagnostic(Base):
+    """Shafahi et al.'s linearized robustness of one checkpoint on its test set
+    (bench.diagnostics): derived once from the weights, so one row per checkpoint."""
+
+    __tablename__ = "diagnostics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), unique=True, index=True)
+    eps: Mapped[float] = mapped_column(Float)
+    """The threat eps the predicted accuracy is taken at."""
+    n: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[dict] = mapped_column(JSON)
+    """Medians, means, quartiles, predicted and clean accuracy, logit variance."""
+    samples: Mapped[dict] = mapped_column(JSON)
+    """Per-sample lists in test-set order: logit_gap, grad_gap, eps_l, coherence,
+    grad_norm_true, grad_norm_adv, correct, and the clean logits."""
+    landscape: Mapped[dict] = mapped_column(JSON)
+    """Cross-entropy grids around the first test images (adversarial x random direction)."""
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[str] = mapped_column(String(32), default=_now)
+
+
 def pack_bits(correct: np.ndarray) -> bytes:
     return np.packbits(np.asarray(correct, dtype=bool)).tobytes()
 
@@ -242,6 +263,18 @@ class Store:
             q = q.where(Flag.checkpoint_id.in_(list(checkpoint_ids)))
         with self.Session() as s:
             return list(s.scalars(q))
+
+    # --- diagnostics -------------------------------------------------------------------
+    def diagnostics(self, checkpoint_ids: Iterable[int] | None = None) -> list[Diagnostic]:
+        q = select(Diagnostic).order_by(Diagnostic.checkpoint_id)
+        if checkpoint_ids is not None:
+            q = q.where(Diagnostic.checkpoint_id.in_(list(checkpoint_ids)))
+        with self.Session() as s:
+            return list(s.scalars(q))
+
+    def add_diagnostic(self, checkpoint_id: int, **fields: Any) -> bool:
+        """Insert once: a row another driver committed first is the same derived data."""
+        return self.insert_new(Diagnostic, {"checkpoint_id": checkpoint_id, **fields}, ["checkpoint_id"])
 
 
 def _create_schema(engine) -> None:

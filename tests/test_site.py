@@ -71,7 +71,7 @@ CHECKPOINTS = [
      {"preset_description": f"squeezes logits {XSS}<b>not bold</b>"}, {"beta": 0.05, "note": XSS}),
     ("label_smoothing", None, "digits", "linf-0.2", 0.93,
      [(FGSM, 0.45), (_pgd(20), 0.3), (_pgd(1000), 0.2)], {}, {"smoothing": 0.1}),
-    ("pgd_at", None, "digits", "linf-0.2", 0.8, [], {}, {}),  # trained, nothing attacked yet
+    ("pgd_at", None, "digits", "linf-0.2", 0.8, [], {}, {"attack_steps": 5}),  # trained, nothing attacked yet
     ("natural", None, "mnist", "linf-0.3", 0.99,
      [(("fgsm", "fgsm:eps=0.3,loss=xent", {"eps": 0.3, "loss": "xent"}, "linf-0.3"), 0.1),
       (_pgd(20, eps=0.3), 0.01)], {}, {}),
@@ -82,6 +82,32 @@ def _hist(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {"edges": np.linspace(-10, 10, 21).round(3).tolist(), "clean": rng.integers(0, 50, 20).tolist(),
             "adv": rng.integers(0, 50, 20).tolist()}
+
+
+DIAGNOSED = (0, 1, 3)  # natural, logit_squeeze and pgd_at on digits; the others have none
+
+
+def _add_diagnostic(store: Store, checkpoint_id: int, seed: int) -> None:
+    """Synthetic per-sample diagnostics, summarized by bench.diagnostics itself."""
+    import torch
+
+    from bench.diagnostics import SAMPLE_FIELDS, _rounded, summarize
+
+    rng = np.random.default_rng(seed)
+    gap = rng.normal(3 + seed, 2, N)
+    grad_gap = rng.uniform(5, 80, N)
+    samples = {"logit_gap": gap, "grad_gap": grad_gap, "eps_l": gap / grad_gap,
+               "coherence": rng.uniform(-1, 1, N), "grad_norm_true": rng.uniform(1, 50, N),
+               "grad_norm_adv": rng.uniform(1, 50, N), "correct": gap > 0}
+    logits = torch.tensor(rng.normal(0, 3, (N, 10)))
+    stored = {k: _rounded(samples[k]) for k in SAMPLE_FIELDS}
+    stored["correct"] = [bool(c) for c in samples["correct"]]
+    stored["logits"] = _rounded(logits.numpy(), 4)
+    values = np.linspace(-0.25, 0.25, 5).tolist()
+    land = {"values": values, "span": 1.25, "eps": 0.2, "seed": 0,
+            "loss": [rng.uniform(0, 3, (5, 5)).round(4).tolist() for _ in range(8)]}
+    store.add_diagnostic(checkpoint_id, eps=0.2, n=N, summary=summarize(samples, logits, 0.2), samples=stored,
+                         landscape=land, seconds=0.1)
 
 
 def make_store(folder: Path) -> Store:
@@ -113,6 +139,8 @@ def make_store(folder: Path) -> Store:
             bits = _bits(0.3 + 0.1 * ((s + 2 * t) % 5), seed=7 * s + t)
             store.add_transfer(s, t, cell_key=key, attack="pgd", params=params, threat="linf-0.2", clean_acc=0.9,
                                robust_acc=float(bits.mean()), n=N, seconds=0.5, correct_bits=pack_bits(bits), extra={})
+    for i in DIAGNOSED:
+        _add_diagnostic(store, ids[i], seed=i)
     store.replace_flags(ids[1], [{"name": "spsa_stronger_than_pgd", "message": "SPSA beats PGD on the same images.",
                                   "numbers": {"spsa": 0.35, "pgd_same_images": 0.5, "n": 20}}])
     return store
@@ -352,6 +380,8 @@ def test_every_local_link_resolves_and_nothing_leaves_the_machine(built, session
         ids[url] = set(page.eval_on_selector_all("[id]", "es => es.map(e => e.id)"))
         for link in page.evaluate(LINKS_JS):
             parts = urlsplit(link)
+            if parts.scheme == "data":  # pictures inlined in the page (the loss landscapes)
+                continue
             assert parts.scheme == "file", f"{url} links outside the site: {link}"
             links.append((url, link))
             target = Path(unquote(parts.path))
@@ -366,8 +396,9 @@ def test_every_local_link_resolves_and_nothing_leaves_the_machine(built, session
         page_url, _, fragment = link.partition("#")
         if fragment:
             assert unquote(fragment) in ids[page_url], f"{url} links to a missing anchor: {link}"
-    # index, transfer, attacks and one page per checkpoint, all reached by links
-    assert len(pages) == 3 + len(CHECKPOINTS)
+    # index, transfer, attacks, one page per checkpoint and one comparison page per
+    # dataset (digits, mnist), all reached by links
+    assert len(pages) == 3 + len(CHECKPOINTS) + 2
     assert len(session.requests) >= len(pages)
 
 
@@ -425,6 +456,91 @@ def test_attacks_page_explains_every_stored_cell_key(built, session):
     assert keys == stored
     pgd = page.inner_text("#attack-pgd")
     assert "Madry" in pgd and "Gradient steps per restart" in pgd  # module and field docstrings
+
+
+DIAG_JS = """(table) => Array.from(table.tBodies[0].rows).map(r => {
+  const cells = {};
+  r.querySelectorAll('td[data-col]').forEach(td => { cells[td.dataset.col] = td.dataset.value; });
+  return {key: r.dataset.key, cells: cells};
+})"""
+
+
+PIXELS_JS = """(img) => { const c = document.createElement('canvas'); c.width = img.naturalWidth;
+  c.height = img.naturalHeight; const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+  return Array.from(g.getImageData(0, 0, c.width, c.height).data); }"""
+
+
+def _expected_diag(store: Store, ck) -> dict:
+    """What a Table 1 row must show, from the stored rows alone (measured accuracies are
+    the weakest stored FGSM and L-inf PGD cells at the diagnostic's eps)."""
+    d = store.diagnostics([ck.id])[0]
+    cells = [e for e in store.evaluations([ck.id]) if e.indices is None and e.threat == ck.threat
+             and e.params.get("eps") == d.eps and e.params.get("norm", "linf") == "linf"]
+    fgsm = [e.robust_acc for e in cells if e.attack == "fgsm"]
+    pgd = [e.robust_acc for e in cells if e.attack == "pgd"]
+    s = d.summary
+    return {"logit_gap": s["logit_gap"]["median"], "grad_gap": s["grad_gap"]["median"],
+            "eps_l": s["eps_l"]["median"], "coherence": s["coherence"]["median"],
+            "logit_variance": s["logit_variance"], "predicted": s["predicted_acc"], "clean": s["clean_acc"],
+            "fgsm": min(fgsm) if fgsm else None, "pgd": min(pgd) if pgd else None}
+
+
+def _check_diag_row(shown: dict, expected: dict) -> None:
+    for col, value in expected.items():
+        if value is None:
+            assert shown[col] == "", col
+        else:
+            assert float(shown[col]) == pytest.approx(value, rel=1e-12), col
+
+
+def test_checkpoint_page_shows_its_stored_diagnostics(built, session):
+    natural = built.store.checkpoint("0000natuabcdef01")
+    page = session.open((built.root / "ck" / f"{natural.key}.html").as_uri())
+    rows = page.eval_on_selector("#diag-row", DIAG_JS)
+    assert len(rows) == 1 and rows[0]["key"] == natural.key
+    _check_diag_row(rows[0]["cells"], _expected_diag(built.store, natural))
+    # Eight landscapes, each a PNG the browser decodes to the stored 5 x 5 grid.
+    sizes = page.eval_on_selector_all(".landscapes img", "is => is.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[True, 5, 5]] * 8
+    # The highest stored loss of the eight is drawn in the top colour, the lowest in the bottom one.
+    grids = np.array(built.store.diagnostics([natural.id])[0].landscape["loss"])
+    hi_at, lo_at = np.unravel_index(grids.argmax(), grids.shape), np.unravel_index(grids.argmin(), grids.shape)
+    for (image, row, col), color in ((hi_at, [253, 231, 37]), (lo_at, [68, 1, 84])):
+        pixels = page.eval_on_selector(f"#landscape-{image} img", PIXELS_JS)
+        assert pixels[4 * (row * 5 + col):4 * (row * 5 + col) + 3] == color
+    for plot in ("logit-gap", "grad-gap", "eps-l", "coherence"):
+        box = page.locator(f"#plot-diag-{plot} svg").bounding_box()
+        assert box and box["width"] > 100, plot
+    # logit_squeeze is drawn against natural training on the same dataset.
+    squeeze = built.store.checkpoint("0001logiabcdef01")
+    page = session.open((built.root / "ck" / f"{squeeze.key}.html").as_uri())
+    assert "natural" in page.inner_text("#plot-diag-logit-gap")
+    # A checkpoint without diagnostics says how to compute them.
+    smoothing = built.store.checkpoint("0002labeabcdef01")
+    page = session.open((built.root / "ck" / f"{smoothing.key}.html").as_uri())
+    assert f"bench diagnose --defense {smoothing.key}" in page.inner_text("#diagnostics")
+
+
+def test_compare_page_puts_every_checkpoint_side_by_side(built, session):
+    page = session.open(built.index.as_uri())
+    page.click("#board-digits-linf-0\\.2 a.compare-link")
+    assert page.url.endswith("compare-digits.html")
+    rows = page.eval_on_selector("#compare-table", DIAG_JS)
+    digits = [ck for ck in built.store.checkpoints(dataset="digits")]
+    diagnosed = [ck for i, ck in enumerate(digits) if i in DIAGNOSED]
+    assert [r["key"] for r in rows] == [ck.key for ck in diagnosed]
+    for r, ck in zip(rows, diagnosed):
+        _check_diag_row(r["cells"], _expected_diag(built.store, ck))
+    missing = page.inner_text("#table .note")
+    assert "label_smoothing" in missing and "Not computed yet" in missing
+    # Fig. 2: natural and the adversarially trained pgd_at, not the regularizer.
+    fig2 = page.inner_text("#fig2 figcaption")
+    assert "natural" in fig2 and "pgd_at" in fig2 and "PGD-5" in fig2 and "logit_squeeze" not in fig2
+    # Fig. 1: two plots per diagnosed checkpoint.
+    assert page.locator("#fig1 figure svg").count() == 2 * len(diagnosed)
+    # The mnist comparison page exists and says nothing is computed there.
+    page = session.open((built.root / "compare-mnist.html").as_uri())
+    assert "No diagnostics stored for mnist" in page.inner_text("#table")
 
 
 def test_screenshot(built, session, tmp_path):
