@@ -123,6 +123,18 @@ def load_model(row: Checkpoint, device: str) -> torch.nn.Module:
     return ckpt.build_from_meta(meta, Path(row.path) / "model.safetensors", device)
 
 
+def _once(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """`build`, called at most once."""
+    made: list[torch.nn.Module] = []
+
+    def get() -> torch.nn.Module:
+        if not made:
+            made.append(build())
+        return made[0]
+
+    return get
+
+
 @dataclass
 class RunReport:
     checkpoint: Checkpoint
@@ -132,10 +144,15 @@ class RunReport:
 
 
 def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunReport:
+    from bench.surrogates import check_transfer, transfer_cells
+
     recipe = resolve(spec)
     cells = matrix_cells(matrix, recipe.dataset.threat)  # a bad matrix fails before training
+    check_transfer(matrix, recipe.dataset)
     row, trained = ensure_checkpoint(bench, recipe)
-    ran = attack_checkpoint(bench, row, cells, lambda: load_model(row, bench.device), executor)
+    build = _once(lambda: load_model(row, bench.device))
+    ran = attack_checkpoint(bench, row, cells, build, executor)
+    ran += transfer_cells(bench, row, matrix, build)
     return RunReport(row, trained, ran, len(cells))
 
 
@@ -144,8 +161,13 @@ def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
     """Run the cells the store lacks for one stored checkpoint, commit each result as it
     arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
     called when a cell is missing. Returns the keys of the cells run."""
+    from bench.adaptive import adapt_cells
+    from bench.admission import ensure_admission
     from bench.flags import recompute_flags
 
+    model = _once(model)
+    # What the model does (randomness, zero gradients, ...) chooses how it is attacked.
+    cells = adapt_cells(cells, ensure_admission(bench, row, model))
     done = bench.store.done_cells(row.id)
     missing = [c for c in cells if c.key not in done]
     ran: list[str] = []

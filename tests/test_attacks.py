@@ -33,6 +33,7 @@ FAST: dict[str, list[dict]] = {
     "unbounded": [{"multiple": 2, "steps": 10}, {"multiple": 32, "steps": 10}],
     "spsa": [{"samples": 32, "iterations": 5}],
     "autoattack": [{}, {"norm": "l2"}],
+    "square": [{"queries": 100}, {"queries": 100, "norm": "l2"}],
 }
 CASES = [(name, params) for name in ATTACKS.names() for params in FAST.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in ATTACKS.names() for i in range(len(FAST.get(name, [{}])))]
