@@ -213,8 +213,10 @@ def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: li
 
 
 def randomized_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    r = _admission(ck).get("randomized")
-    return {"numbers": dict(r)} if r and r["max_output_diff"] > 0 else None
+    from bench.admission import is_randomized
+
+    a = _admission(ck)
+    return {"numbers": dict(a["randomized"])} if is_randomized(a) else None
 
 
 def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:

@@ -233,3 +233,56 @@ def test_admission_flags_carry_their_numbers(natural_model, digits_test):
     assert inner["autograd_in_forward"]["autograd_calls_per_forward"] == 1
     x, _ = digits_test
     assert count_autograd_calls(natural_model, x[:4]) == 0
+
+
+TRANSFER_MATRIX = """
+[[cell]]
+attack = "fgsm"
+
+[transfer]
+surrogates = ["natural"]
+cells = ["pgd:steps=5"]
+"""
+
+
+def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
+    from bench.env import Bench
+    from bench.recipe import RunSpec
+    from bench.schedule import run_defense
+
+    matrix = tmp_path / "t.toml"
+    matrix.write_text(TRANSFER_MATRIX)
+    results = tmp_path / "results"
+    rows = bench.evaluate(Saturated(natural_model), name="sat", matrix=str(matrix), results=results, device="cpu")
+    store = Store.for_results(results)
+    ids = {c.defense: c.id for c in store.checkpoints()}
+    assert set(ids) == {"sat", "natural"}  # the surrogate: the natural recipe's own checkpoint
+    (t,) = store.transfers()
+    assert (t.source_id, t.target_id, t.extra["surrogate"]) == (ids["natural"], ids["sat"], "natural")
+    assert t.cell_key.startswith("pgd:") and "steps=5" in t.cell_key
+    (wc,) = [r for r in rows if r["attack"] == "worst_case"]
+    assert wc["cells"] == 2 and wc["robust_acc"] <= t.robust_acc
+    # A rerun crafts and judges nothing; the surrogate is never its own transfer target.
+    bench.evaluate(Saturated(natural_model), name="sat", matrix=str(matrix), results=results, device="cpu")
+    report = run_defense(Bench.open(results, device="cpu"), RunSpec("natural"), str(matrix))
+    assert not report.trained and len(store.transfers()) == 1
+
+
+class Saturated(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * 1000.0
+
+
+def test_boards_tell_override_variants_apart():
+    from bench.site import _overrides
+
+    def ck(id_, beta, epochs=30, preset="logit_squeeze_digits"):
+        return Checkpoint(id=id_, dataset="digits", defense="logit_squeeze", preset=preset,
+                          config={"beta": beta, "sigma": 0.5}, train_config={"epochs": epochs, "lr": 0.1})
+
+    labels = _overrides([ck(1, 0.5), ck(2, 1.0), ck(3, 1.0, epochs=5), ck(4, 0.5, preset=None)])
+    assert labels == {1: "beta=0.5, epochs=30", 2: "beta=1, epochs=30", 3: "beta=1, epochs=5"}
