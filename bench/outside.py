@@ -277,9 +277,11 @@ def record(bench, candidate: Candidate):
     directory = ckpt.checkpoint_dir(bench.results, candidate.dataset.name, candidate.name, key)
     meta = ckpt.read_meta(directory)
     if meta is None:
+        from bench.fastpath import predict
+
         x, y = load_dataset(candidate.dataset.name, "test", bench.data_root)
-        with torch.no_grad():
-            clean = float((candidate.model(x).argmax(1) == y).float().mean())
+        logits = predict(candidate.model.to(bench.device), x, device=bench.device, batch_size=bench.batch_size())
+        clean = float((logits.argmax(1) == y).float().mean())
         meta = save(candidate, directory, {
             "key": key, "defense": candidate.name, "config": {}, "train": {}, "dataset": candidate.dataset.name,
             "arch": ARCH, "seed": 0, "epochs": 0, "train_seconds": 0.0, "device": _device_name(bench.device),
@@ -320,8 +322,8 @@ def evaluate_outside(bench, candidate: Candidate, matrix: str = "full", executor
         return model.to(bench.device).eval()
 
     ran = attack_checkpoint(bench, row, cells, build, executor)
-    ran += transfer_cells(bench, row, matrix, build)
-    return EvalReport(row, added, ran, len(cells))
+    transfers, transfer_total = transfer_cells(bench, row, matrix, build)
+    return EvalReport(row, added, ran + transfers, len(cells) + transfer_total)
 
 
 def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",

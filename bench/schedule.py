@@ -152,15 +152,16 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
     row, trained = ensure_checkpoint(bench, recipe)
     build = _once(lambda: load_model(row, bench.device))
     ran = attack_checkpoint(bench, row, cells, build, executor)
-    ran += transfer_cells(bench, row, matrix, build)
-    return RunReport(row, trained, ran, len(cells))
+    transfers, transfer_total = transfer_cells(bench, row, matrix, build)
+    return RunReport(row, trained, ran + transfers, len(cells) + transfer_total)
 
 
 def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
                       model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
     """Run the cells the store lacks for one stored checkpoint, commit each result as it
     arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
-    called when a cell is missing. Returns the keys of the cells run."""
+    called (once) when a cell or the admission checks are missing. The checks choose how
+    the cells run (bench.adaptive.adapt_cells). Returns the keys of the cells run."""
     from bench.adaptive import adapt_cells
     from bench.admission import ensure_admission
     from bench.flags import recompute_flags

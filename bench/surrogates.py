@@ -33,25 +33,29 @@ def check_transfer(matrix: str, dataset) -> None:
         parse_cell_key(key, dataset.threat)
 
 
-def transfer_cells(bench: Bench, row: Checkpoint, matrix: str, model: Callable[[], torch.nn.Module]) -> list[str]:
-    """Run the matrix's transfer cells the store lacks for `row`; returns 'surrogate|cell' keys run."""
+def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
+                   model: Callable[[], torch.nn.Module]) -> tuple[list[str], int]:
+    """Run the matrix's transfer cells the store lacks for `row`.
+
+    Returns the 'surrogate|cell' keys run and how many transfer cells `row` has in all."""
     from bench.schedule import ensure_checkpoint
     from bench.transfer import crafted_examples
 
     surrogates, keys = matrix_transfer(matrix)
     if not surrogates:
-        return []
+        return [], 0
     from bench.data import get_spec
 
     spec = get_spec(row.dataset)
     cells = [parse_cell_key(k, spec.threat) for k in keys]
     randomized = is_randomized((row.meta or {}).get("admission"))
     x = y = clean = None
-    ran = []
+    ran, total = [], 0
     for name in surrogates:
         source, _ = ensure_checkpoint(bench, resolve(RunSpec(name, row.dataset)))
         if source.id == row.id:
             continue
+        total += len(cells)
         for cell in cells:
             key = adaptive_key(cell.key, 0, VOTES) if randomized else cell.key
             if row.id in bench.store.done_transfers(source.id, key):
@@ -72,7 +76,7 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str, model: Callable[[
         from bench.flags import recompute_flags
 
         recompute_flags(bench.store, row)
-    return ran
+    return ran, total
 
 
 def _correct(model, x, y, bench: Bench, randomized: bool) -> torch.Tensor:
