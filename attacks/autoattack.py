@@ -41,14 +41,15 @@ class AutoAttack:
     norm: str = "linf"
     """`linf` or `l2`."""
     version: str = "standard"
-    """pyautoattack's version: `standard` (APGD-CE, APGD-T, FAB-T, Square) or `plus`
-    (adds APGD-DLR and untargeted FAB, with 5 restarts each; slower)."""
+    """pyautoattack's version: `standard` (APGD-CE, APGD-T, FAB-T, Square), `plus`
+    (adds APGD-DLR and untargeted FAB, with 5 restarts each; slower) or `rand` (for
+    randomized models: APGD-CE and APGD-DLR, each gradient averaged over 20 passes)."""
 
     def __post_init__(self):
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        if self.version not in ("standard", "plus"):
-            raise ValueError(f"version must be 'standard' or 'plus', got {self.version!r}")
+        if self.version not in ("standard", "plus", "rand"):
+            raise ValueError(f"version must be 'standard', 'plus' or 'rand', got {self.version!r}")
         if self.eps is not None and not self.eps > 0:
             raise ValueError(f"eps must be above zero, got {self.eps!r}")
 
@@ -59,6 +60,11 @@ class AutoAttack:
 
     def threat_key(self) -> str:
         return f"{self.norm}-{self.eps:g}"
+
+    def for_randomized(self) -> "AutoAttack":
+        """AutoAttack's own version for randomized models, which averages its gradients
+        over passes itself (bench.adaptive then adds no EOT wrapper)."""
+        return replace(self, version="rand")
 
 
 def seed_from(generator: torch.Generator | None) -> int:

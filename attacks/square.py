@@ -10,6 +10,7 @@ package reseeds, is saved and restored around the run.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +20,9 @@ from bench.registry import register_attack
 
 @dataclass(frozen=True)
 class Square:
+    queries_only: ClassVar[bool] = True
+    """Reads only the model's outputs: on a randomized model it faces the noise as it is,
+    with no EOT wrapper around the model (bench.adaptive)."""
     eps: float | None = None
     """Radius; unset means the dataset's threat model (L-inf eps or L2 eps)."""
     norm: str = "linf"

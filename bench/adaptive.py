@@ -9,8 +9,10 @@
   `passes` forward passes, so the attack's gradient is averaged over the model's
   randomness (Expectation over Transformation, as AutoAttack's `rand` version averages
   its gradients).
-- `adapt_cells`: a model whose forward pass varies gets every cell crafted through EOT
-  and judged by a majority of passes, both recorded in the cell key
+- `adapt_cells`: a model whose forward pass varies gets its gradient cells crafted
+  through EOT (AutoAttack runs its own `rand` version, which averages over 20 passes;
+  Square and SPSA, which read only outputs, run as they are), and every cell judged by a
+  majority of passes, all recorded in the cell key
   (`...,eot=8,rounds=3,votes=21`): a sample counts as correct when more than half of
   `votes` independent passes classify it correctly, and it counts as robust when it
   stays correct through `rounds` attacks, each on what the verdict left standing (an
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 
 from bench.admission import is_randomized
-from bench.matrix import Cell
+from bench.matrix import Cell, cell_key
 
 EOT_PASSES = 8
 """Forward passes averaged per gradient step on a randomized model."""
@@ -111,13 +113,25 @@ def majority_correct(model, x: torch.Tensor, y: torch.Tensor, votes: int, *, dev
 
 
 def adaptive_key(key: str, eot: int, votes: int, rounds: int = 1) -> str:
-    return f"{key},eot={eot}" + (f",rounds={rounds}" if rounds > 1 else "") + f",votes={votes}"
+    return key + (f",eot={eot}" if eot > 1 else "") + (f",rounds={rounds}" if rounds > 1 else "") + f",votes={votes}"
 
 
 def adapt_cells(cells: list[Cell], admission: dict | None) -> list[Cell]:
     """The cells as this model needs them: EOT crafting and majority votes if randomized."""
     if not is_randomized(admission):
         return cells
-    return [dataclasses.replace(c, key=adaptive_key(c.key, EOT_PASSES, VOTES, ROUNDS), eot=EOT_PASSES,
-                                votes=VOTES, rounds=ROUNDS)
-            for c in cells]
+    return [_for_randomized(c) for c in cells]
+
+
+def _for_randomized(c: Cell) -> Cell:
+    """EOT for gradient attacks; none for attacks that read only outputs (config
+    `queries_only`) or that average over passes themselves (config `for_randomized()`,
+    AutoAttack's `rand` version); majority votes and rounds for all."""
+    config, key, eot = c.config, c.key, EOT_PASSES
+    if getattr(config, "queries_only", False):
+        eot = 1
+    if hasattr(config, "for_randomized"):
+        config, eot = config.for_randomized(), 1
+        key = cell_key(c.attack, config, c.subset)
+    return dataclasses.replace(c, config=config, key=adaptive_key(key, eot, VOTES, ROUNDS), eot=eot,
+                               votes=VOTES, rounds=ROUNDS)

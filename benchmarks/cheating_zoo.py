@@ -1,6 +1,7 @@
 """The cheating zoo on digits: worst case before and after adaptive evaluation, against an adaptive attack.
 
-    python benchmarks/cheating_zoo.py            # about ten minutes on 2 CPU cores
+    python benchmarks/cheating_zoo.py                   # every model (tens of minutes on 2 CPU cores)
+    python benchmarks/cheating_zoo.py noisy natural     # some of them
 
 Three cheaters wrap a trained digits model (tests/test_cheaters.py defines them):
 `quantized` rounds its input to 4 grey levels (zero gradients), `saturated` multiplies
@@ -83,6 +84,8 @@ def main() -> None:
     zoo = [("quantized", Quantized(natural), natural), ("saturated", Saturated(natural), natural),
            ("noisy", Noisy(robust_base, 0.2), robust_base), ("natural", natural, natural),
            ("pgd_at", robust_base, robust_base)]
+    only = set(sys.argv[1:])
+    zoo = [z for z in zoo if not only or z[0] in only]
     results = Path(tempfile.mkdtemp(prefix="zoo-"))
     print(f"{'model':10} {'before':>7} {'after':>7} {'adaptive':>9} {'s':>6}  masking flags")
     for kind, model, base in zoo:

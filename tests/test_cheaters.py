@@ -233,3 +233,18 @@ def test_eot_view_averages_passes():
     m = Count()
     out = EOT(m, 4)(torch.ones(2, 1, 1, 3))
     assert m.calls == 4 and torch.equal(out, torch.full((2, 3), 2.5))
+
+
+def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
+    from bench.adaptive import adapt_cells
+    from bench.matrix import make_cell
+
+    noisy = {"randomized": {"share_prediction_changed": 0.2, "max_relative_diff": 0.3, "max_output_diff": 1.0}}
+    steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 1e-7, "max_output_diff": 1e-6}}
+    cells = [make_cell(a, p, THREAT) for a, p in (("pgd", {"steps": 20}), ("square", {}), ("autoattack", {}))]
+    assert adapt_cells(cells, steady) == cells  # a GPU kernel's rounding is not randomness
+    pgd20, square, aa = adapt_cells(cells, noisy)
+    assert (pgd20.eot, pgd20.votes, pgd20.rounds) == (8, 21, 3) and pgd20.key == cells[0].key + ",eot=8,rounds=3,votes=21"
+    assert (square.eot, square.votes) == (1, 21) and square.key == cells[1].key + ",rounds=3,votes=21"
+    assert aa.config.version == "rand" and aa.eot == 1
+    assert aa.key == "autoattack:eps=0.2,norm=linf,version=rand,rounds=3,votes=21"
