@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from bench import checkpoint as ckpt
 from bench.data import DatasetSpec, get_spec, load_dataset
-from bench.errors import BenchError
+from bench.errors import BenchError, did_you_mean
 from bench.matrix import matrix_cells
 from bench.registry import DEFENSES
 
@@ -108,8 +108,6 @@ def build(factory: Factory, source: Path | None = None) -> torch.nn.Module:
     fn = getattr(module, factory.function, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        from bench.errors import did_you_mean
-
         raise BenchError(f"--model {factory.reference!r}: {factory.module} has no function "
                          f"{factory.function!r}{did_you_mean(factory.function, names)}")
     try:

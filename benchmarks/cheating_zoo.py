@@ -15,8 +15,8 @@ model. For each it prints:
 - after: the worst case `bench.evaluate(model, matrix="full")` stores, and its flags;
 - adaptive: an attack written for the cheat, outside the bench, on all 360 images:
   PGD-50 through a BPDA straight-through estimator (quantized), PGD-50 on the margin
-  loss (saturated), EOT PGD-20 averaging the loss gradient over 8 passes judged by a
-  majority of 21 passes (noisy); AutoAttack for the honest controls.
+  loss (saturated), EOT PGD-100 on the margin loss averaging its gradient over 8 passes,
+  judged by a majority of 21 passes (noisy); AutoAttack for the honest controls.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from bench.matrix import make_cell, matrix_cells  # noqa: E402
 from bench.presets import default_preset  # noqa: E402
 from bench.store import Evaluation, worst_case  # noqa: E402
 from conftest import train_digits  # noqa: E402
-from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402
+from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402,F401
 
 SPEC = get_spec("digits")
 
@@ -61,10 +61,10 @@ def adaptive(kind: str, model, base, x, y) -> float:
     if kind == "saturated":
         return robust(model, pgd(model, x, y, margin), x, y)
     if kind == "noisy":
-        def eot_xent(m, xa, ya):
-            return sum(xent(m, xa, ya) for _ in range(8)) / 8
+        def eot_margin(m, xa, ya):
+            return sum(margin(m, xa, ya) for _ in range(8)) / 8
 
-        x_adv = pgd(model, x, y, eot_xent, steps=20)
+        x_adv = pgd(model, x, y, eot_margin, steps=100)
         ok = majority_correct(model, x_adv, y, 21, device="cpu", batch_size=1024)
         return float((ok & majority_correct(model, x, y, 21, device="cpu", batch_size=1024)).float().mean())
     from attacks.autoattack import run_autoattack, seed_from
