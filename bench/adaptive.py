@@ -12,14 +12,14 @@
 - `adapt_cells`: a model whose forward pass varies gets its gradient cells crafted
   through EOT (AutoAttack runs its own `rand` version, which averages over 20 passes;
   Square and SPSA, which read only outputs, run as they are), and every cell judged by a
-  majority of passes, all recorded in the cell key
-  (`...,eot=8,rounds=3,votes=21`): a sample counts as correct when more than half of
-  `votes` independent passes classify it correctly, and it counts as robust when it
-  stays correct through `rounds` attacks, each on what the verdict left standing (an
-  attack stops at the first iterate its noisy view misclassifies, where the verdict is
-  a coin flip). One noisy pass can neither save a sample
-  (the model does not look robust because of its noise) nor remove one (the per-sample
-  AND over many cells does not pile up each cell's unlucky draws).
+  majority of passes, all recorded in the cell key (`...,eot=8,rounds=3,votes=21`). A
+  sample counts as correct when more than half of `votes` passes classify it correctly
+  (the same seeded passes for every verdict), and as robust when it stays correct
+  through `rounds` attacks, each on what the verdict left standing (an attack stops at
+  the first iterate its noisy view misclassifies, where the verdict is a coin flip). One
+  noisy pass can neither save a sample (the model does not look robust because of its
+  noise) nor remove one (the per-sample AND over many cells does not pile up each cell's
+  unlucky draws).
 """
 from __future__ import annotations
 
@@ -102,13 +102,20 @@ class EOT(torch.nn.Module):
 
 @torch.no_grad()
 def majority_correct(model, x: torch.Tensor, y: torch.Tensor, votes: int, *, device: str,
-                     batch_size: int) -> torch.Tensor:
-    """Per sample: more than half of `votes` forward passes classify it correctly (on the CPU)."""
-    from bench.fastpath import predict
+                     batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Per sample: more than half of `votes` forward passes classify it correctly (on the CPU).
+
+    The passes draw from torch's generators seeded with `seed` (restored afterwards), so
+    every verdict on the same batch uses the same noise: the clean verdict is the same
+    in every cell, and an input an attack barely moved gets the verdict its clean input
+    got, instead of a fresh coin flip per cell that the per-sample AND would pile up.
+    """
+    from bench.fastpath import predict, seeded_noise
 
     hits = torch.zeros(len(y), dtype=torch.int64)
-    for _ in range(votes):
-        hits += (predict(model, x, device=device, batch_size=batch_size).argmax(1) == y).long()
+    with seeded_noise(device, seed):
+        for _ in range(votes):
+            hits += (predict(model, x, device=device, batch_size=batch_size).argmax(1) == y).long()
     return 2 * hits > votes
 
 

@@ -248,3 +248,18 @@ def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
     assert (square.eot, square.votes) == (1, 21) and square.key == cells[1].key + ",rounds=3,votes=21"
     assert aa.config.version == "rand" and aa.eot == 1
     assert aa.key == "autoattack:eps=0.2,norm=linf,version=rand,rounds=3,votes=21"
+
+
+def test_randomized_cells_are_reproducible(natural_model, digits_test):
+    import dataclasses
+
+    from bench.fastpath import evaluate
+    from bench.matrix import make_cell
+
+    x, y = digits_test
+    cell = make_cell("pgd", {"steps": 5}, THREAT)
+    cell = dataclasses.replace(cell, key=cell.key + ",eot=2,rounds=2,votes=5", eot=2, votes=5, rounds=2)
+    noisy = Noisy(natural_model, sigma=0.2).eval()
+    first, second = (evaluate(noisy, cell, x[:64], y[:64], device="cpu", batch_size=1024) for _ in range(2))
+    assert first["correct_bits"] == second["correct_bits"] and first["clean_acc"] == second["clean_acc"]
+    assert 0 < first["robust_acc"] < first["clean_acc"]
