@@ -161,7 +161,7 @@ def test_fp32_attacks_ignore_a_callers_bf16_autocast(natural_model, sample, name
 @pytest.mark.parametrize("name,values", [
     ("spsa", {"samples": 3}), ("spsa", {"iterations": 0}), ("spsa", {"lr": 0.0}),
     ("unbounded", {"eps": 1.5}), ("unbounded", {"multiple": -1.0}), ("unbounded", {"loss": "dlr"}),
-    ("autoattack", {"norm": "l1"}), ("autoattack", {"version": "rand"}),
+    ("autoattack", {"norm": "l1"}), ("autoattack", {"version": "custom"}),
 ])
 def test_bad_settings_are_refused(name, values):
     with pytest.raises(BenchError, match=next(iter(values))):
