@@ -39,7 +39,7 @@ from bench.matrix import make_cell, matrix_cells  # noqa: E402
 from bench.presets import default_preset  # noqa: E402
 from bench.store import Evaluation, worst_case  # noqa: E402
 from conftest import train_digits  # noqa: E402
-from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402,F401
+from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402
 
 SPEC = get_spec("digits")
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import bench
 from bench import cli
 from bench.admission import admit, count_autograd_calls
-from bench.data import get_spec, load_dataset
+from bench.data import get_spec
 from bench.flags import compute_flags
 from bench.outside import weights_hash
 from bench.store import Checkpoint, Store
