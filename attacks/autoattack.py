@@ -42,12 +42,13 @@ class AutoAttack:
     norm: str = "linf"
     """`linf` or `l2`."""
     version: str = "standard"
-    """pyautoattack's version: `standard` (APGD-CE, APGD-T, FAB-T, Square) or `plus`
-    (adds APGD-DLR and untargeted FAB, with 5 restarts each; slower)."""
+    """pyautoattack's version: `standard` (APGD-CE, APGD-T, FAB-T, Square), `plus`
+    (adds APGD-DLR and untargeted FAB, with 5 restarts each; slower) or `rand` (for
+    randomized models: APGD-CE and APGD-DLR, each gradient averaged over 20 passes)."""
 
     def __post_init__(self):
         one_of("norm", self.norm, NORMS)
-        one_of("version", self.version, ("standard", "plus"))
+        one_of("version", self.version, ("standard", "plus", "rand"))
         radius("eps", self.eps, self.norm)
 
     def with_threat(self, threat) -> "AutoAttack":
@@ -57,6 +58,11 @@ class AutoAttack:
 
     def threat_key(self) -> str:
         return f"{self.norm}-{self.eps:g}"
+
+    def for_randomized(self) -> "AutoAttack":
+        """AutoAttack's own version for randomized models, which averages its gradients
+        over passes itself (bench.adaptive then adds no EOT wrapper)."""
+        return replace(self, version="rand")
 
 
 def seed_from(generator: torch.Generator | None) -> int:

@@ -18,6 +18,7 @@ key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,9 @@ from bench.validate import at_least, positive, radius
 
 @dataclass(frozen=True)
 class SPSA:
+    queries_only: ClassVar[bool] = True
+    """Reads only the model's outputs: on a randomized model its own averaging over
+    directions faces the noise, with no EOT wrapper around the model (bench.adaptive)."""
     eps: float | None = None
     """L-inf radius; unset means the dataset's threat model."""
     iterations: int = 100

@@ -5,8 +5,9 @@ For scripts and notebooks:
     from bench import load_dataset, load_checkpoint
     x, y = load_dataset("digits", split="test")     # x in [0, 1], (N, C, H, W)
     model = load_checkpoint("results/checkpoints/digits/natural/<key>")  # eval mode
+    rows = evaluate(my_model, name="mine", dataset="digits", matrix="full")  # your own model
 """
-__all__ = ["load_checkpoint", "load_dataset"]
+__all__ = ["evaluate", "load_checkpoint", "load_dataset"]
 
 
 def __getattr__(name: str):
@@ -20,4 +21,8 @@ def __getattr__(name: str):
         from bench.data import load_dataset
 
         return load_dataset
+    if name == "evaluate":
+        from bench.outside import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'bench' has no attribute {name!r}")

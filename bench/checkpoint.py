@@ -116,6 +116,10 @@ def build_from_meta(meta: dict, weights: Path, device: str = "cpu") -> torch.nn.
     from bench.data import get_spec
     from bench.models import build_model
 
+    if meta.get("outside"):  # a user's model: rebuilt from its factory, not an architecture
+        from bench.outside import rebuild
+
+        return rebuild(meta, weights.parent, device)
     model = build_model(meta["arch"], get_spec(meta["dataset"]))
     model.load_state_dict(load_file(str(weights), device="cpu"))
     return model.to(device).eval()

@@ -162,6 +162,38 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION; FUNCTION returns an nn.Module "
+                                                "taking [0, 1] inputs and returning logits. MODULE is a module "
+                                                "name or a .py path.")],
+             name: Annotated[str, typer.Option("--name", help="The name your model goes by on the boards.")],
+             weights: Annotated[Optional[str], typer.Option("--weights", help="A .safetensors file of the model's "
+                                                            "state_dict (never a pickle).")] = None,
+             dataset: Annotated[str, typer.Option("--dataset", help="digits (default), mnist, cifar10, cifar100, svhn.")] = "digits",
+             matrix: Annotated[str, typer.Option("--matrix", help="quick, full, paper or a TOML file.")] = "full",
+             results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
+             threads: Threads = 1):
+    """Judge your own model with the same matrix; stored by name and weights hash."""
+    import torch
+
+    from bench.matrix import matrix_cells
+    from bench.outside import evaluate_outside, prepare
+    from bench.results import result_rows
+    from bench.surrogates import check_transfer
+
+    torch.set_num_threads(max(threads, 1))
+    # Everything the user gave is checked before the results folder or store is touched.
+    candidate = prepare(model, name, dataset, weights, data_root)
+    matrix_cells(matrix, candidate.dataset.threat)
+    check_transfer(matrix, candidate.dataset)
+    with _progress() as progress:
+        bench = _bench(results, db, device, data_root, progress, threads)
+        report = evaluate_outside(bench, candidate, matrix)
+    err.print(f"{name} [{report.checkpoint.key[:8]}]: {'added' if report.added else 'found'}, "
+              f"{len(report.cells_run)} of {report.cells_total} cells run", markup=False)
+    _print_rows(result_rows(bench.store, checkpoint_keys={report.checkpoint.key}), "table")
+
+
 @app.command("results")
 def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
                 defense: Annotated[Optional[str], typer.Option("--defense")] = None,

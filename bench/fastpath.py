@@ -189,6 +189,14 @@ def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: 
     return torch.cat(logits).cpu()
 
 
+@contextlib.contextmanager
+def seeded_noise(device: str, seed: int):
+    """torch's global generators (CPU and `device`) seeded for the duration, then restored."""
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
              on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
              channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
@@ -199,10 +207,19 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     idx = subset_indices(len(x), cell.subset)
     if idx is not None:
         x, y = x[idx], y[idx]
+    target = model
+    if cell.eot > 1:  # a randomized model: attacked through its mean logits, plainly
+        from bench.adaptive import EOT
+
+        target = EOT(model, cell.eot)
+        fold_bn = compile = exact_rewrites = False
+    # A randomized model draws its noise from torch's global generators: seeded from the
+    # cell's seed for the craft (and restored), so its cells are reproducible too.
+    noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
-        x_adv = craft(model, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
+        x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
                       precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
                       exact_rewrites=exact_rewrites)
     seconds = time.perf_counter() - start
@@ -211,6 +228,27 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     clean = clean_logits.argmax(1) == y
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
+    if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
+        from bench.adaptive import majority_correct
+
+        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=seed)
+        robust = majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size,
+                                  seed=seed) & clean
+        # An attack stops at the first iterate its noisy view misclassifies, right at the
+        # boundary, where the verdict is a coin flip; so what the verdict leaves standing
+        # is attacked again (fresh seed), `cell.rounds` times in all.
+        for extra in range(1, cell.rounds):
+            left = robust.nonzero().squeeze(1)
+            if len(left) == 0:
+                break
+            with seeded_noise(device, seed + extra):
+                again = craft(target, cell, x[left], y[left], device=device, batch_size=batch_size,
+                              seed=seed + extra, precision=precision, channels_last=channels_last,
+                              fold_bn=fold_bn, compile=compile, exact_rewrites=exact_rewrites)
+            x_adv[left] = again
+            robust[left] = majority_correct(model, again, y[left], cell.votes, device=device,
+                                            batch_size=batch_size, seed=seed + extra)
+        seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
     return {
         "cell_key": cell.key, "attack": cell.attack, "threat": cell.threat,

@@ -38,7 +38,35 @@ FLAG_TEXT = {
     "unbounded_not_zero": "PGD with an unbounded budget does not drive accuracy to zero: the attack "
                           "cannot follow the model's gradients (Athalye et al.'s sanity check).",
     "autoattack_warning": "AutoAttack's own checks warned about this model.",
+    "outputs_probabilities": "The model's outputs lie in [0, 1] and sum to 1 per sample: they are "
+                             "probabilities, not logits. Cross-entropy on probabilities has flattened "
+                             "gradients, so gradient attacks understate what is possible.",
+    "randomized_forward": "Repeated forward passes on the same inputs differ: the model is randomized. "
+                          "Its cells are crafted with EOT (gradients averaged over passes) and each "
+                          "verdict is a majority of passes, as the cell keys record.",
+    "autograd_in_forward": "The forward pass calls autograd itself (a defense that optimizes at inference "
+                           "time): attacks that differentiate through it may follow a gradient of the "
+                           "wrong function; an adaptive attack is needed.",
+    "zero_gradients": "Some samples have an input gradient of cross-entropy of exactly "
+                      "zero (a saturated softmax, a step function or a detached input): gradient "
+                      "attacks cannot move them, so their robustness is unproven (Pintor et al.'s "
+                      "indicator of unavailable gradients; AutoAttack's zero-gradient check).",
+    "noise_flips": "Predictions change under uniform noise of a twentieth of the budget on a model "
+                   "whose passes do not vary: the loss surface is too rugged for its gradient to "
+                   "point anywhere useful (gradient shattering).",
+    "attack_not_converged": "A traced PGD run's cross-entropy was still rising over its last tenth of "
+                            "steps: the attack had not converged (Pintor et al.'s incomplete "
+                            "optimization), so longer or stronger attacks may find more.",
+    "square_stronger_than_pgd": "The query-based Square attack broke more than a point of samples "
+                                "that no white-box gradient attack (FGSM, PGD) broke: a black-box "
+                                "attack beating white-box ones means the gradients are masked "
+                                "(Pintor et al.; AutoAttack's Square check).",
 }
+
+MASKING = ("fgsm_stronger_than_pgd", "spsa_stronger_than_pgd", "transfer_stronger_than_pgd",
+           "unbounded_not_zero", "outputs_probabilities", "randomized_forward", "autograd_in_forward",
+           "zero_gradients", "noise_flips", "square_stronger_than_pgd")
+"""Flags that say the gradients an attack follows are masked, broken or random."""
 
 
 def _pgd(cells: list[Evaluation], threat: str) -> list[Evaluation]:
@@ -169,6 +197,102 @@ def autoattack_warning(ck: Checkpoint, cells: list[Evaluation], transfers: list[
     return {"numbers": {"warnings": messages, "cells": [c.cell_key for c in raised]}}
 
 
+def _admission(ck: Checkpoint) -> dict:
+    return (getattr(ck, "meta", None) or {}).get("admission") or {}
+
+
+PROBABILITY_TOLERANCE = 1e-4
+
+
+def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    p = _admission(ck).get("probabilities")
+    if p and p["min"] >= -PROBABILITY_TOLERANCE and p["max"] <= 1 + PROBABILITY_TOLERANCE \
+            and p["max_row_sum_error"] <= PROBABILITY_TOLERANCE:
+        return {"numbers": dict(p)}
+    return None
+
+
+def randomized_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    from bench.admission import is_randomized
+
+    a = _admission(ck)
+    return {"numbers": dict(a["randomized"])} if is_randomized(a) else None
+
+
+def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    calls = _admission(ck).get("autograd_calls")
+    return {"numbers": {"autograd_calls_per_forward": calls}} if calls else None
+
+
+def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    z = _admission(ck).get("zero_gradient")
+    return {"numbers": dict(z)} if z and z["count"] > 0 else None
+
+
+NOISE_FLIP_SHARE = 0.02
+"""More than this share of correct samples flipping under tiny noise raises noise_flips."""
+
+
+def noise_flips(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    n = _admission(ck).get("noise_flips")
+    if n and n["correct"] and n["flipped"] / n["correct"] > NOISE_FLIP_SHARE:
+        return {"numbers": dict(n, share=n["flipped"] / n["correct"])}
+    return None
+
+
+RISING = 0.05
+"""A traced PGD's mean loss rising by more than this fraction over its last tenth of steps."""
+
+
+def attack_not_converged(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    t = _admission(ck).get("loss_rising")
+    if not t:
+        return None
+    before, last = t["loss_before_tail"], t["loss_last"]
+    if last - before > RISING * max(abs(before), 1e-12):
+        return {"numbers": {k: t[k] for k in ("steps", "n", "tail", "loss_before_tail", "loss_last", "trace")}}
+    return None
+
+
+WHITE_BOX = ("fgsm", "pgd")
+BLACK_BOX = ("square",)
+"""Query-based cells compared sample by sample with the white-box ones (SPSA and transfers
+have flags of their own, compared by accuracy on the same images)."""
+
+
+def _broken(cell, size: int) -> np.ndarray:
+    """A bool per test sample: broken by this cell (False where it did not run)."""
+    out = np.zeros(size, dtype=bool)
+    bits = cell.correct()
+    if cell.indices is None:
+        if len(bits) == size:
+            out = ~bits
+    else:
+        out[np.asarray(cell.indices, dtype=np.int64)] = ~bits
+    return out
+
+
+def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
+    black = [c for c in cells if c.attack in BLACK_BOX and c.threat == ck.threat]
+    full = [c for c in white if c.indices is None]
+    if not full or not black:
+        return None
+    size = full[0].n
+    by_white = np.zeros(size, dtype=bool)
+    for c in white:
+        by_white |= _broken(c, size)
+    by_black = np.zeros(size, dtype=bool)
+    for c in black:
+        by_black |= _broken(c, size)
+    only = int((by_black & ~by_white).sum())
+    if _beyond(only / size):
+        return {"numbers": {"broken_only_by_square": only, "n": size, "share": only / size,
+                            "whitebox_broken": int(by_white.sum()), "square_broken": int(by_black.sum()),
+                            "cells": sorted({c.cell_key for c in black})}}
+    return None
+
+
 CHECKS: dict[str, Callable] = {
     "pgd_still_falling": pgd_still_falling,
     "restarts_matter": restarts_matter,
@@ -177,6 +301,13 @@ CHECKS: dict[str, Callable] = {
     "transfer_stronger_than_pgd": transfer_stronger_than_pgd,
     "unbounded_not_zero": unbounded_not_zero,
     "autoattack_warning": autoattack_warning,
+    "outputs_probabilities": outputs_probabilities,
+    "randomized_forward": randomized_forward,
+    "autograd_in_forward": autograd_in_forward,
+    "zero_gradients": zero_gradients,
+    "noise_flips": noise_flips,
+    "attack_not_converged": attack_not_converged,
+    "square_stronger_than_pgd": square_stronger_than_pgd,
 }
 
 

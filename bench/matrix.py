@@ -33,6 +33,12 @@ class Cell:
     """The threat model the cell counts toward, e.g. linf-0.2."""
     subset: int = 0
     """0: the whole test set; N: the first N of a seeded permutation of it."""
+    eot: int = 0
+    """Forward passes whose mean logits the attack follows (bench.adaptive.EOT); 0: one."""
+    votes: int = 0
+    """Passes that judge each prediction by majority (randomized models); 0: one pass."""
+    rounds: int = 1
+    """Times the attack runs on what the majority verdict leaves standing (randomized models)."""
 
 
 def _fmt(value: Any) -> str:
@@ -149,3 +155,21 @@ def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> lis
     """Every cell of a matrix; errors name the matrix as given (built-in name or path)."""
     _, raw = load_matrix(name_or_path)
     return expand(raw, threat, where=f"matrix {name_or_path!r}", test_size=test_size)
+
+
+def matrix_transfer(name_or_path: str) -> tuple[list[str], list[str]]:
+    """(surrogate defenses, transfer cell keys) of a matrix's [transfer] table; empty if none."""
+    name, _ = load_matrix(name_or_path)
+    if name_or_path in BUILTIN:
+        text = resources.files("bench").joinpath("matrices", f"{name_or_path}.toml").read_text()
+    else:
+        text = Path(name_or_path).read_text()
+    table = tomllib.loads(text).get("transfer") or {}
+    surrogates, cells = table.get("surrogates", []), table.get("cells", [])
+    if not (isinstance(surrogates, list) and all(isinstance(s, str) for s in surrogates)
+            and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):
+        raise BenchError(f"matrix {name!r}: [transfer] takes surrogates = [\"natural\", ...] and "
+                         "cells = [\"pgd:steps=20\", ...]")
+    if surrogates and not cells:
+        raise BenchError(f"matrix {name!r}: [transfer] names surrogates but no cells to craft with")
+    return surrogates, cells

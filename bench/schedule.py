@@ -118,6 +118,18 @@ def load_model(row: Checkpoint, device: str) -> torch.nn.Module:
     return ckpt.build_from_meta(meta, Path(row.path) / "model.safetensors", device)
 
 
+def _once(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """`build`, called at most once."""
+    made: list[torch.nn.Module] = []
+
+    def get() -> torch.nn.Module:
+        if not made:
+            made.append(build())
+        return made[0]
+
+    return get
+
+
 @dataclass
 class RunReport:
     checkpoint: Checkpoint
@@ -140,9 +152,13 @@ class CellsRun(list):
 def plan_run(spec: RunSpec, matrix: str, data_root: str | None) -> tuple[Recipe, list[Cell]]:
     """The recipe and the matrix's cells with every value checked, subsets against the
     size of the dataset's test set, before anything trains or runs."""
+    from bench.surrogates import check_transfer
+
     recipe = resolve(spec)
     test_size = len(load_dataset(recipe.dataset.name, "test", data_root)[1])
-    return recipe, matrix_cells(matrix, recipe.dataset.threat, test_size=test_size)
+    cells = matrix_cells(matrix, recipe.dataset.threat, test_size=test_size)
+    check_transfer(matrix, recipe.dataset)
+    return recipe, cells
 
 
 def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunReport:
@@ -151,17 +167,22 @@ def run_defense(bench: Bench, spec: RunSpec, matrix: str, executor=None) -> RunR
 
 def run_defenses(bench: Bench, specs: list[RunSpec], matrix: str, executor=None) -> list[RunReport]:
     """Train what is missing (all trainings first, in parallel on a parallel executor),
-    then run every missing cell of every checkpoint (again in parallel)."""
+    then run every missing cell of every checkpoint (again in parallel), then the
+    matrix's transfer cells from the bench's surrogates, then the diagnostics."""
+    from bench.surrogates import transfer_cells
+
     plans = [plan_run(s, matrix, bench.data_root) for s in specs]  # bad input fails before training
     recipes = [recipe for recipe, _ in plans]
     cells = {recipe.key: c for recipe, c in plans}
     rows, trained = ensure_checkpoints(bench, recipes, executor)
     unique = list({row.key: row for row in rows}.values())
-    ran = attack_checkpoints(bench, [(row, cells[row.key], _loader(row, bench.device)) for row in unique],
-                             executor)
+    builds = {row.key: _once(_loader(row, bench.device)) for row in unique}
+    ran = attack_checkpoints(bench, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
+    transfers = {row.key: transfer_cells(bench, row, matrix, builds[row.key]) for row in unique}
     for row in unique:
-        ensure_diagnostic(bench, row, _loader(row, bench.device))
-    return [RunReport(row, row.key in trained, ran[row.id], len(cells[row.key]), ran[row.id].failures)
+        ensure_diagnostic(bench, row, builds[row.key])
+    return [RunReport(row, row.key in trained, [*ran[row.id], *transfers[row.key][0]],
+                      len(cells[row.key]) + transfers[row.key][1], ran[row.id].failures)
             for row in rows]
 
 
@@ -173,8 +194,9 @@ def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
                       model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
     """Run the cells the store lacks for one stored checkpoint, commit each result as it
     arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
-    called when a cell is missing. Returns the keys of the cells run (a CellsRun, whose
-    `failures` names the cells whose attack raised)."""
+    called (once) when a cell or the admission checks are missing. The checks choose how
+    the cells run (bench.adaptive.adapt_cells). Returns the keys of the cells run (a
+    CellsRun, whose `failures` names the cells whose attack raised)."""
     return attack_checkpoints(bench, [(row, cells, model)], executor)[row.id]
 
 
@@ -183,8 +205,13 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     """`attack_checkpoint` for several checkpoints as one stream of jobs, so a parallel
     executor attacks them all at once. Each cell runs under a claim: a second driver on
     the same store waits for it and reads the row instead of running it again."""
+    from bench.adaptive import adapt_cells
+    from bench.admission import ensure_admission
     from bench.flags import recompute_flags
 
+    # What each model does (randomness, zero gradients, ...) chooses how it is attacked.
+    work = [(row, adapt_cells(cells, ensure_admission(bench, row, build)), build)
+            for row, cells, build in ((r, c, _once(b)) for r, c, b in work)]
     executor = executor or LocalExecutor()
     ran = {row.id: CellsRun() for row, _, _ in work}
     rows = {row.key: row for row, _, _ in work}

@@ -151,6 +151,9 @@ class _Data:
     """One row per stored evaluation: checkpoint_id, cell_key, attack, threat, label, ..."""
     diagnostics: dict = dataclasses.field(default_factory=dict)
     """bench.store.Diagnostic rows by checkpoint id."""
+    overrides: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Per checkpoint, the settings that tell it apart from others of its defense and
+    preset (`beta=0.5, epochs=30`); absent where nothing needs telling apart."""
 
 
 def _read_cells(store: Store, table) -> list[_Cell]:
@@ -188,7 +191,28 @@ def _load(store: Store) -> _Data:
                                         "loss", "restarts", "robust_acc", "n", "subset"])
     frame = frame.astype({"subset": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
     diagnostics = {d.checkpoint_id: d for d in store.diagnostics()}
-    return _Data(cks, cells, incoming, outgoing, flags, frame, diagnostics)
+    return _Data(cks, cells, incoming, outgoing, flags, frame, diagnostics, _overrides(cks))
+
+
+def _overrides(cks: list[Checkpoint]) -> dict[int, str]:
+    """The config and training settings that differ within each group of checkpoints
+    sharing dataset, defense and preset (two `--set` variants of one recipe), as text."""
+    groups: dict[tuple, list[Checkpoint]] = defaultdict(list)
+    for ck in cks:
+        groups[(ck.dataset, ck.defense, ck.preset)].append(ck)
+    out: dict[int, str] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        flat = {ck.id: {**{k: v for k, v in (ck.config or {}).items() if not isinstance(v, dict)},
+                        **(ck.train_config or {})} for ck in members}
+        keys = sorted({k for f in flat.values() for k in f})
+        differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+        for ck in members:
+            text = ", ".join(f"{k}={_num(flat[ck.id].get(k))}" for k in differ)
+            if text:
+                out[ck.id] = text
+    return out
 
 
 # --- formatting ----------------------------------------------------------------------------
@@ -241,8 +265,10 @@ def page_path(ck: Checkpoint) -> str:
     return f"ck/{ck.key}.html" if _SAFE.match(ck.key) else f"ck/id-{ck.id}.html"
 
 
-def _name(ck: Checkpoint) -> str:
-    return f"{ck.defense} ({ck.preset})" if ck.preset else ck.defense
+def _name(ck: Checkpoint, data: "_Data | None" = None) -> str:
+    name = f"{ck.defense} ({ck.preset})" if ck.preset else ck.defense
+    extra = data.overrides.get(ck.id) if data is not None else None
+    return f"{name} [{extra}]" if extra else name
 
 
 def _prose(text: str) -> list[list[tuple[bool, str]]]:
@@ -317,6 +343,8 @@ def _boards(data: _Data) -> list[dict]:
                               f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""))
             rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
                          "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
+                         "overrides": data.overrides.get(cid, ""),
+                         "outside": (meta.get("outside") or {}).get("factory") or "",
                          "cols": cols, "worst": wc["robust_acc"] if wc else None,
                          "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
                                    for f in data.flags[cid]] if threat == ck.threat else [],
@@ -371,13 +399,14 @@ def _checkpoint_page(ck: Checkpoint, data: _Data, by_id: dict[int, Checkpoint], 
 
     def transfer_row(t: _Cell, other: int) -> dict:
         o = by_id.get(other)
-        return {"name": _name(o) if o else f"checkpoint {other}", "short": o.key[:8] if o else "",
+        return {"name": _name(o, data) if o else f"checkpoint {other}", "short": o.key[:8] if o else "",
                 "href": f"{root}{page_path(o)}" if o else "", "cell_key": t.cell_key,
                 "anchor": cell_anchor(t.cell_key), "robust": pct(t.robust_acc), "n": t.n}
 
     plots = _plots(ck, cells)
     return {
-        "root": root, "title": f"{_name(ck)} [{ck.key[:8]}]", "ck": ck, "name": _name(ck),
+        "root": root, "title": f"{_name(ck, data)} [{ck.key[:8]}]", "ck": ck, "name": _name(ck, data),
+        "outside": meta.get("outside"),
         "clean": pct(meta.get("clean_acc")),
         "description": meta.get("preset_description") or description,
         "source": meta.get("preset_source") or source,
@@ -532,13 +561,13 @@ def _transfer_grids(data: _Data) -> list[dict]:
                 v = None if math.isnan(v) else float(v)
                 cells.append({"text": pct(v) or "–", "value": "" if v is None else repr(v),
                               "style": _heat(v), "diagonal": s == t,
-                              "title": f"{_name(ck)} attacked with examples crafted on {_name(by_id[s])}"})
+                              "title": f"{_name(ck, data)} attacked with examples crafted on {_name(by_id[s], data)}"})
             others = [grid.at[t, s] for s in sources if s != t and not math.isnan(grid.at[t, s])]
-            rows.append({"name": _name(ck), "short": ck.key[:8], "href": page_path(ck),
+            rows.append({"name": _name(ck, data), "short": ck.key[:8], "href": page_path(ck),
                          "cells": cells, "min": pct(min(others)) if others else "–"})
         grids.append({"dataset": dataset, "cell_key": cell_key, "anchor": cell_anchor(cell_key),
                       "n": int(group["n"].max()),
-                      "sources": [{"name": _name(by_id[s]), "short": by_id[s].key[:8],
+                      "sources": [{"name": _name(by_id[s], data), "short": by_id[s].key[:8],
                                    "href": page_path(by_id[s])} for s in sources],
                       "rows": rows})
     return grids

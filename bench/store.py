@@ -183,6 +183,11 @@ class Store:
         self.insert_new(Checkpoint, fields, ["key"])
         return self.checkpoint(fields["key"])
 
+    def set_meta(self, checkpoint_id: int, meta: dict) -> None:
+        """Replace a checkpoint's meta (derived measurements such as admission checks)."""
+        with self.Session.begin() as s:
+            s.get(Checkpoint, checkpoint_id).meta = dict(meta)
+
     def checkpoints(self, dataset: str | None = None, defense: str | None = None) -> list[Checkpoint]:
         q = select(Checkpoint).order_by(Checkpoint.id)
         if dataset:

@@ -86,6 +86,17 @@ def _craft_job(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
                     fast=bench.fast, label=source.key)
 
 
+def crafted_examples(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
+    """(x_adv, reused?) for a source and cell: from the cache, or crafted in this process
+    and cached (the matrix's surrogate transfers, which the driver runs itself)."""
+    cached = cached_examples(bench, source, cell, x)
+    if cached is not None:
+        return cached, True
+    x_adv = _craft_job(bench, source, cell, x, y).run()
+    write_cache(bench, source, cell, x_adv)
+    return x_adv, False
+
+
 def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
                   dataset: str = "digits", executor=None) -> TransferReport:
     """Craft on each source (as jobs on the executor, each under a claim, cached on disk),

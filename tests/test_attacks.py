@@ -33,6 +33,7 @@ FAST: dict[str, list[dict]] = {
     "unbounded": [{"multiple": 2, "steps": 10}, {"multiple": 32, "steps": 10}],
     "spsa": [{"samples": 32, "iterations": 5}],
     "autoattack": [{}, {"norm": "l2"}],
+    "square": [{"queries": 100}, {"queries": 100, "norm": "l2"}],
 }
 CASES = [(name, params) for name in ATTACKS.names() for params in FAST.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in ATTACKS.names() for i in range(len(FAST.get(name, [{}])))]
@@ -160,7 +161,7 @@ def test_fp32_attacks_ignore_a_callers_bf16_autocast(natural_model, sample, name
 @pytest.mark.parametrize("name,values", [
     ("spsa", {"samples": 3}), ("spsa", {"iterations": 0}), ("spsa", {"lr": 0.0}),
     ("unbounded", {"eps": 1.5}), ("unbounded", {"multiple": -1.0}), ("unbounded", {"loss": "dlr"}),
-    ("autoattack", {"norm": "l1"}), ("autoattack", {"version": "rand"}),
+    ("autoattack", {"norm": "l1"}), ("autoattack", {"version": "custom"}),
 ])
 def test_bad_settings_are_refused(name, values):
     with pytest.raises(BenchError, match=next(iter(values))):

@@ -1,0 +1,64 @@
+"""Square Attack (Andriushchenko et al., 2020) through the `pyautoattack` package.
+
+A query-based attack: it reads only the model's logits (random square-shaped updates at
+the corners of the eps-ball, kept when the margin loss improves), so masked gradients
+cannot stop it. AutoAttack runs it last and only on what its gradient attacks left
+standing; as a cell of its own it runs on every sample, and enters the worst case like
+any other cell. Seeded from the cell's generator; torch's global generator, which the
+package reseeds, is saved and restored around the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from attacks.autoattack import seed_from
+from bench.registry import register_attack
+
+
+@dataclass(frozen=True)
+class Square:
+    queries_only: ClassVar[bool] = True
+    """Reads only the model's outputs: on a randomized model it faces the noise as it is,
+    with no EOT wrapper around the model (bench.adaptive)."""
+    eps: float | None = None
+    """Radius; unset means the dataset's threat model (L-inf eps or L2 eps)."""
+    norm: str = "linf"
+    """`linf` or `l2`."""
+    queries: int = 5000
+    """Queries per sample at most (AutoAttack's standard version: 5,000)."""
+    p_init: float = 0.8
+    """Initial fraction of pixels a square covers (the paper's 0.8)."""
+
+    def __post_init__(self):
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.queries < 1:
+            raise ValueError(f"queries must be at least 1, got {self.queries!r}")
+        if self.eps is not None and not self.eps > 0:
+            raise ValueError(f"eps must be above zero, got {self.eps!r}")
+
+    def with_threat(self, threat) -> "Square":
+        if self.eps is not None:
+            return self
+        return replace(self, eps=threat.eps if self.norm == "linf" else threat.l2_eps)
+
+    def threat_key(self) -> str:
+        return f"{self.norm}-{self.eps:g}"
+
+
+@register_attack("square", config=Square)
+def perturb(model, x, y, cfg: Square, *, generator=None):
+    """Square Attack on the margin loss, every sample, seeded from the generator."""
+    from pyautoattack.square import SquareAttack
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    seed = seed_from(generator)
+    with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        attack = SquareAttack(model, norm="Linf" if cfg.norm == "linf" else "L2", eps=cfg.eps,
+                              n_queries=cfg.queries, p_init=cfg.p_init, n_restarts=1, seed=seed,
+                              verbose=False, device=x.device)
+        x_adv = attack.perturb(x.float(), y)
+    return x_adv.clamp(0, 1).detach()

@@ -1,0 +1,105 @@
+"""The cheating zoo on digits: worst case before and after adaptive evaluation, against an adaptive attack.
+
+    python benchmarks/cheating_zoo.py                   # every model (tens of minutes on 2 CPU cores)
+    python benchmarks/cheating_zoo.py noisy natural     # some of them
+
+Three cheaters wrap a trained digits model (tests/test_cheaters.py defines them):
+`quantized` rounds its input to 4 grey levels (zero gradients), `saturated` multiplies
+its logits by 1000 (a softmax saturated to exactly 0 and 1), `noisy` adds Gaussian noise
+(sigma 0.2) to its input at every pass; the honest controls are a natural and a PGD-AT
+model. For each it prints:
+
+- before: the per-sample AND over the `full` matrix as it was without adaptive
+  evaluation (AutoAttack on a 100-image subset, no Square cell, no transfers, every
+  cell judged by one pass, no EOT);
+- after: the worst case `bench.evaluate(model, matrix="full")` stores, and its flags;
+- adaptive: an attack written for the cheat, outside the bench, on all 360 images:
+  PGD-50 through a BPDA straight-through estimator (quantized), PGD-50 on the margin
+  loss (saturated), EOT PGD-100 on the margin loss averaging its gradient over 8 passes,
+  judged by a majority of 21 passes (noisy); AutoAttack for the honest controls.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import bench  # noqa: E402
+from bench.adaptive import majority_correct  # noqa: E402
+from bench.data import get_spec, load_dataset  # noqa: E402
+from bench.fastpath import evaluate  # noqa: E402
+from bench.flags import MASKING  # noqa: E402
+from bench.matrix import make_cell, matrix_cells  # noqa: E402
+from bench.presets import default_preset  # noqa: E402
+from bench.store import Evaluation, worst_case  # noqa: E402
+from conftest import train_digits  # noqa: E402
+from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402
+
+SPEC = get_spec("digits")
+
+
+def before(model, x, y) -> float:
+    """The old full matrix: AutoAttack on 100 images, no Square, no transfers, one pass."""
+    cells = [c for c in matrix_cells("full", SPEC.threat) if c.attack not in ("autoattack", "square")]
+    cells.append(make_cell("autoattack", {"subset": 100}, SPEC.threat))
+    rows = []
+    for c in cells:
+        r = evaluate(model, c, x, y, device="cpu", batch_size=1024)
+        rows.append(Evaluation(**{k: v for k, v in r.items() if k in Evaluation.__table__.columns}))
+    return worst_case(types.SimpleNamespace(threat=SPEC.threat.name), rows, [], len(y))["robust_acc"]
+
+
+def adaptive(kind: str, model, base, x, y) -> float:
+    if kind == "quantized":
+        return robust(model, pgd(Quantized(base, bpda=True), x, y, xent), x, y)
+    if kind == "saturated":
+        return robust(model, pgd(model, x, y, margin), x, y)
+    if kind == "noisy":
+        def eot_margin(m, xa, ya):
+            return sum(margin(m, xa, ya) for _ in range(8)) / 8
+
+        x_adv = pgd(model, x, y, eot_margin, steps=100)
+        ok = majority_correct(model, x_adv, y, 21, device="cpu", batch_size=1024)
+        return float((ok & majority_correct(model, x, y, 21, device="cpu", batch_size=1024)).float().mean())
+    from attacks.autoattack import run_autoattack, seed_from
+    from bench.matrix import make_cell as mc
+
+    cfg = mc("autoattack", {}, SPEC.threat).config
+    x_adv, _ = run_autoattack(model, x, y, cfg, seed_from(torch.Generator().manual_seed(0)))
+    return robust(model, x_adv, x, y)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    x, y = load_dataset("digits", "test")
+    natural = train_digits("natural")
+    robust_base = train_digits("pgd_at", epochs=8, **default_preset("pgd_at", "digits").config)
+    torch.manual_seed(0)
+    zoo = [("quantized", Quantized(natural), natural), ("saturated", Saturated(natural), natural),
+           ("noisy", Noisy(robust_base, 0.2), robust_base), ("natural", natural, natural),
+           ("pgd_at", robust_base, robust_base)]
+    only = set(sys.argv[1:])
+    zoo = [z for z in zoo if not only or z[0] in only]
+    results = Path(tempfile.mkdtemp(prefix="zoo-"))
+    print(f"{'model':10} {'before':>7} {'after':>7} {'adaptive':>9} {'s':>6}  masking flags")
+    for kind, model, base in zoo:
+        model.eval()
+        start = time.perf_counter()
+        b = before(model, x, y)
+        rows = bench.evaluate(model, name=f"zoo_{kind}", matrix="full", results=results, device="cpu")
+        (wc,) = [r for r in rows if r["attack"] == "worst_case"]
+        a = adaptive(kind, model, base, x, y)
+        flags = sorted(set(wc["flags"]) & set(MASKING))
+        print(f"{kind:10} {100 * b:6.2f}% {100 * wc['robust_acc']:6.2f}% {100 * a:8.2f}% "
+              f"{time.perf_counter() - start:6.1f}  {', '.join(flags) or '-'}", flush=True)
+    print(f"store: {results}")
+
+
+if __name__ == "__main__":
+    main()
