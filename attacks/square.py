@@ -16,6 +16,7 @@ import torch
 
 from attacks.autoattack import seed_from
 from bench.registry import register_attack
+from bench.validate import NORMS, at_least, in_range, one_of, radius
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,10 @@ class Square:
     """Initial fraction of pixels a square covers (the paper's 0.8)."""
 
     def __post_init__(self):
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        if self.queries < 1:
-            raise ValueError(f"queries must be at least 1, got {self.queries!r}")
-        if self.eps is not None and not self.eps > 0:
-            raise ValueError(f"eps must be above zero, got {self.eps!r}")
+        one_of("norm", self.norm, NORMS)
+        at_least("queries", self.queries, 1)
+        radius("eps", self.eps, self.norm)
+        in_range("p_init", self.p_init, 0, 1, low_open=True)
 
     def with_threat(self, threat) -> "Square":
         if self.eps is not None:
