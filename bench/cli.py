@@ -172,7 +172,8 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION
              dataset: Annotated[str, typer.Option("--dataset", help="digits (default), mnist, cifar10, cifar100, svhn.")] = "digits",
              matrix: Annotated[str, typer.Option("--matrix", help="quick, full, paper or a TOML file.")] = "full",
              results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
-             threads: Threads = 1):
+             threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
+             ray_gpus: RayGpus = 1.0):
     """Judge your own model with the same matrix; stored by name and weights hash."""
     import torch
 
@@ -188,10 +189,17 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION
     check_transfer(matrix, candidate.dataset)
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)
-        report = evaluate_outside(bench, candidate, matrix)
+        with _executor(executor, ray_address, threads, ray_gpus) as ex:
+            report = evaluate_outside(bench, candidate, matrix, ex)
     err.print(f"{name} [{report.checkpoint.key[:8]}]: {'added' if report.added else 'found'}, "
               f"{len(report.cells_run)} of {report.cells_total} cells run", markup=False)
+    for cell, reason in report.failures.items():
+        err.print(f"  failed {cell}: {reason}", markup=False, highlight=False, soft_wrap=True)
     _print_rows(result_rows(bench.store, checkpoint_keys={report.checkpoint.key}), "table")
+    if report.failures:
+        err.print(f"{len(report.failures)} cell(s) failed (reasons above); the others are stored. Fix the "
+                  "attack and run again to fill them in", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command("results")

@@ -14,6 +14,8 @@ class; every user error is a one-line BenchError.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import importlib
 import importlib.util
@@ -83,6 +85,9 @@ def _import(factory: Factory, source: Path | None = None):
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # dataclasses and pickling look modules up by name
+            # Nowhere else can import it by that name (a Ray worker, say), so whatever
+            # ships a model of its classes sends the module's code along (bench.executors.ray).
+            module.__pickle_by_value__ = True
             try:
                 spec.loader.exec_module(module)
             except BaseException:
@@ -304,6 +309,8 @@ class EvalReport:
     added: bool
     cells_run: list[str]
     cells_total: int
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Cell key -> one-line reason, for each cell whose attack raised."""
 
 
 def evaluate_outside(bench, candidate: Candidate, matrix: str = "full", executor=None) -> EvalReport:
@@ -321,7 +328,7 @@ def evaluate_outside(bench, candidate: Candidate, matrix: str = "full", executor
 
     ran = attack_checkpoint(bench, row, cells, build, executor)
     transfers, transfer_total = transfer_cells(bench, row, matrix, build)
-    return EvalReport(row, added, ran + transfers, len(cells) + transfer_total)
+    return EvalReport(row, added, [*ran, *transfers], len(cells) + transfer_total, ran.failures)
 
 
 def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",

@@ -125,3 +125,48 @@ def test_bench_run_and_transfer_take_executor_ray(ray_cluster, tmp_path, monkeyp
     rows = json.loads(capsys.readouterr().out)
     # 3 cells of the run's checkpoint, and a 2 x 2 transfer grid over both checkpoints
     assert sum(r["attack"] != "worst_case" for r in rows) == 3 + 4 and ray.is_initialized()
+
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build():
+    torch.manual_seed(0)
+    return Tiny()
+'''
+
+
+def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path, monkeypatch):
+    """A model whose class lives in a .py file no worker can import by name travels with
+    its code (bench.executors.ray), and its cells equal a local run bit for bit."""
+    import sys
+
+    from bench import cli
+    from bench.store import Store
+
+    (tmp_path / "my_models.py").write_text(MODEL_FILE)
+    (tmp_path / "m.toml").write_text('[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\nsteps = [5, 10]\n')
+    stored = {}
+    for executor in ("local", "ray"):
+        results = tmp_path / executor
+        monkeypatch.setattr(sys, "argv", ["bench", "eval", "--model", str(tmp_path / "my_models.py:build"),
+                                          "--name", "tiny", "--matrix", str(tmp_path / "m.toml"),
+                                          "--results", str(results), "--executor", executor])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+            raise SystemExit(0)
+        assert exc.value.code == 0
+        store = Store(f"sqlite:///{results / 'bench.db'}")
+        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits) for e in store.evaluations()}
+    assert len(stored["local"]) == 3 and stored["ray"] == stored["local"]

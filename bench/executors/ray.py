@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator
+
+import torch
 
 from bench.errors import BenchError
 from bench.jobs import Failed
@@ -56,6 +59,18 @@ def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list) -> Any:
 
     torch.set_num_threads(threads)
     return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
+
+
+def _by_value(ray: Any, value: Any) -> None:
+    """Send the code of a model's classes along with it where workers cannot import their
+    module by name: a model factory the bench loaded from a .py path (bench.outside marks
+    such modules), which Ray would otherwise pickle as a reference no worker resolves."""
+    if not isinstance(value, torch.nn.Module):
+        return
+    for name in {type(m).__module__ for m in value.modules()}:
+        module = sys.modules.get(name)
+        if getattr(module, "__pickle_by_value__", False):
+            ray.cloudpickle.register_pickle_by_value(module)
 
 
 def _check_reachable(address: str | None) -> None:
@@ -125,6 +140,7 @@ class RayExecutor:
 
         def put(value: Any):
             if id(value) not in shared:
+                _by_value(ray, value)
                 shared[id(value)] = (value, ray.put(value))
             return shared[id(value)][1]
 
