@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,7 @@ def test_diagnose_cli_table_and_json(small_results, monkeypatch, capsys):
 def test_diagnose_bad_input_exits_2_with_one_line(small_results, monkeypatch, capsys, args, message):
     code, out, err = _cli(monkeypatch, capsys, "diagnose", *args, "--results", str(small_results))
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
-    proc = subprocess.run(["bench", "diagnose", *args, "--results", str(small_results)],
+    bench = str(Path(sys.executable).with_name("bench"))  # the installed script beside this Python
+    proc = subprocess.run([bench, "diagnose", *args, "--results", str(small_results)],
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
