@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import cli
+from cli_run import run_cli as _cli
 
 # The console script installed beside this interpreter (a venv's bin/, or the system's).
 BENCH = Path(sys.executable).parent / "bench"
@@ -66,15 +67,6 @@ def test_usage_errors_of_the_installed_script_are_one_line(store, args, message)
     assert _one_line(proc.stderr), proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert _store_state(store) == before
-
-
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 @pytest.mark.parametrize("args, message", USAGE_ERRORS)

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import bench
-from bench import cli
 from bench.checkpoint import checkpoint_key, load_checkpoint
 from bench.data import get_spec, load_dataset
 from bench.errors import BenchError
@@ -28,6 +27,7 @@ from bench.fastpath import subset_indices
 from bench.recipe import RunSpec, resolve
 from bench.schedule import run_defense
 from bench.store import pack_bits, unpack_bits, worst_case
+from cli_run import run_cli as _cli
 
 DIGITS = get_spec("digits")
 
@@ -276,15 +276,6 @@ def test_altered_weights_are_refused(tmp_path):
 
 
 # --- the command line ------------------------------------------------------------------
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
-
-
 def test_results_json_has_the_promised_fields(tmp_path, monkeypatch, capsys):
     run_defense(Bench.open(tmp_path), RunSpec("natural", overrides=("epochs=2",)), "quick")
     code, out, _ = _cli(monkeypatch, capsys, "results", "--format", "json", "--results", str(tmp_path))

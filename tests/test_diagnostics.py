@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import cli
 from bench.diagnose import diagnose_rows
 from bench.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
                                stored_eps_l, diagnose)
 from bench.env import Bench
 from bench.recipe import RunSpec
 from bench.schedule import run_defense
+from cli_run import run_cli as _cli
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Module:
@@ -167,15 +167,6 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
         assert row["median_logit_gap"] == pytest.approx(fresh["logit_gap"]["median"], rel=1e-6)
         assert row["predicted_acc"] == fresh["predicted_acc"]
         assert 0 <= row["predicted_acc"] <= row["clean_acc"]
-
-
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 def test_diagnose_cli_table_and_json(small_results, monkeypatch, capsys):
