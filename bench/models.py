@@ -22,58 +22,46 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class DigitsCNN(nn.Module):
-    """A small CNN for 8x8 digits: two 3x3 conv layers and a linear head.
+class TwoConvCNN(nn.Module):
+    """Two conv layers, each followed by ReLU and 2x2 max pooling, and a two-layer head.
+
+    One class for the three small CNNs of `ARCHS` (they differ only in widths, kernel
+    size and the side of the pooled map); the layer names are those of their checkpoints.
+    """
+
+    def __init__(self, in_ch: int, num_classes: int, widths: tuple[int, int], kernel: int,
+                 pooled_side: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, widths[0], kernel, padding=kernel // 2)
+        self.conv2 = nn.Conv2d(widths[0], widths[1], kernel, padding=kernel // 2)
+        self.fc1 = nn.Linear(widths[1] * pooled_side * pooled_side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def digits_cnn(in_ch: int, num_classes: int) -> TwoConvCNN:
+    """A small CNN for 8x8 digits: 3x3 conv 16, pool, 3x3 conv 32, pool, fc 64.
 
     Kept small on purpose (about 0.2 MFLOP a forward pass) so a 1,000-step PGD over the
     whole digits test set takes seconds on two CPU cores.
     """
-
-    def __init__(self, in_ch: int, num_classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 2 * 2, 64)
-        self.fc2 = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+    return TwoConvCNN(in_ch, num_classes, (16, 32), 3, 2, 64)
 
 
-class SmallMNIST(nn.Module):
+def small_mnist(in_ch: int, num_classes: int) -> TwoConvCNN:
     """A two-conv CNN for 28x28 MNIST that a CPU trains and attacks in minutes: 3x3 conv
     8, pool, 3x3 conv 16, pool, fc 64 (about 0.33 M multiply-adds a forward pass, a
     tenth of Madry et al.'s CNN, whose 1024-wide layer alone costs 3.2 M)."""
-
-    def __init__(self, in_ch: int, num_classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 7 * 7, 64)
-        self.fc2 = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+    return TwoConvCNN(in_ch, num_classes, (8, 16), 3, 7, 64)
 
 
-class MadryMNIST(nn.Module):
+def madry_mnist(in_ch: int, num_classes: int) -> TwoConvCNN:
     """The MNIST CNN of Madry et al.: 5x5 conv 32, pool, 5x5 conv 64, pool, fc 1024."""
-
-    def __init__(self, in_ch: int, num_classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 32, 5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
-        self.fc1 = nn.Linear(64 * 7 * 7, 1024)
-        self.fc2 = nn.Linear(1024, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+    return TwoConvCNN(in_ch, num_classes, (32, 64), 5, 7, 1024)
 
 
 class BasicBlock(nn.Module):
@@ -154,9 +142,9 @@ class WideResNet(nn.Module):
 
 
 ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
-    "digits_cnn": lambda c, k: DigitsCNN(c, k),
-    "madry_mnist": lambda c, k: MadryMNIST(c, k),
-    "mnist_small": lambda c, k: SmallMNIST(c, k),
+    "digits_cnn": digits_cnn,
+    "madry_mnist": madry_mnist,
+    "mnist_small": small_mnist,
     "resnet18": lambda c, k: ResNet(c, k, (2, 2, 2, 2), (64, 128, 256, 512)),
     "resnet8": lambda c, k: ResNet(c, k, (1, 1, 1), (16, 32, 64)),
     "wrn28_10": lambda c, k: WideResNet(c, k, 28, 10),
