@@ -1,0 +1,27 @@
+"""Behaviour is unchanged by moving code: the digits store's content after the README's
+first command and a transfer grid hashes to the digest recorded before `bench/` was
+split into layers (every checkpoint key, cell key, per-sample bit vector and flag; see
+tests/store_digest.py, which reads the database with sqlite3 alone).
+
+The digest changes only with a change that is meant to change numbers; such a change
+records the new digest here and says why in its commit.
+"""
+from __future__ import annotations
+
+from cli_run import run_cli
+from store_digest import store_content, store_digest
+
+RECORDED = "5d5e46ccfe19ac389bb64c38f45782f7b772ad064b231d909ea5e81e80f4258a"
+"""Recorded on the flat package (before the layers), with `bench run --defense
+logit_squeeze --matrix full` then `bench transfer --source natural --target all`."""
+
+
+def test_digits_store_digest_is_unchanged(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "run", "--defense", "logit_squeeze", "--matrix", "full")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "transfer", "--source", "natural", "--target", "all")
+    assert code == 0, err
+    content = store_content(tmp_path / "results" / "bench.db")
+    assert {k: len(v) for k, v in content.items()} == {"checkpoints": 3, "cells": 24, "transfers": 7, "flags": 1}
+    assert store_digest(tmp_path / "results" / "bench.db") == RECORDED
