@@ -11,7 +11,7 @@ Three things are done around the package so it behaves like a bench attack:
 - Its own sanity checks (randomized or dynamic model, probabilities instead of logits,
   zero gradients, Square beating the gradient attacks) go to the `auto-attack` logger,
   not to Python warnings; they are re-raised as `AutoAttackWarning`s so that
-  bench.fastpath.evaluate records them and flags.autoattack_warning fires. Nothing is
+  bench.engine.evaluate.evaluate records them and flags.autoattack_warning fires. Nothing is
   printed (the package's stderr fallback for unhandled log records included).
 - Its dynamic-defense check traces calls with sys.settrace and counts them in a
   module-level dict it never resets, so one traced model would make every later run
@@ -61,7 +61,7 @@ class AutoAttack:
 
     def for_randomized(self) -> "AutoAttack":
         """AutoAttack's own version for randomized models, which averages its gradients
-        over passes itself (bench.adaptive then adds no EOT wrapper)."""
+        over passes itself (bench.science.adaptive then adds no EOT wrapper)."""
         return replace(self, version="rand")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from attacks._losses import LOSSES
+from bench.engine.losses import LOSSES
 from bench.registry import register_attack
 from bench.validate import one_of, radius
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from attacks._losses import LOSSES
+from bench.engine.losses import LOSSES
 from bench.registry import register_attack
 from bench.validate import NORMS, at_least, one_of, positive, radius
 

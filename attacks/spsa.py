@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from attacks._losses import cw_margin
+from bench.engine.losses import cw_margin
 from bench.registry import register_attack
 from bench.validate import at_least, positive, radius
 
@@ -31,7 +31,7 @@ from bench.validate import at_least, positive, radius
 class SPSA:
     queries_only: ClassVar[bool] = True
     """Reads only the model's outputs: on a randomized model its own averaging over
-    directions faces the noise, with no EOT wrapper around the model (bench.adaptive)."""
+    directions faces the noise, with no EOT wrapper around the model (bench.science.adaptive)."""
     eps: float | None = None
     """L-inf radius; unset means the dataset's threat model."""
     iterations: int = 100

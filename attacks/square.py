@@ -23,7 +23,7 @@ from bench.validate import NORMS, at_least, in_range, one_of, radius
 class Square:
     queries_only: ClassVar[bool] = True
     """Reads only the model's outputs: on a randomized model it faces the noise as it is,
-    with no EOT wrapper around the model (bench.adaptive)."""
+    with no EOT wrapper around the model (bench.science.adaptive)."""
     eps: float | None = None
     """Radius; unset means the dataset's threat model (L-inf eps or L2 eps)."""
     norm: str = "linf"

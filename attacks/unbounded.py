@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from attacks._losses import LOSSES
+from bench.engine.losses import LOSSES
 from attacks.pgd import PGD, run_pgd
 from bench.registry import register_attack
 from bench.validate import at_least, one_of, positive, radius

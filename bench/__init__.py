@@ -14,15 +14,15 @@ def __getattr__(name: str):
     # Imported on first use, so that the command line's --help and usage errors answer
     # at once instead of after importing torch (seconds).
     if name == "load_checkpoint":
-        from bench.checkpoint import load_checkpoint
+        from bench.store.checkpoints import load_checkpoint
 
         return load_checkpoint
     if name == "load_dataset":
-        from bench.data import load_dataset
+        from bench.core.data import load_dataset
 
         return load_dataset
     if name == "evaluate":
-        from bench.outside import evaluate
+        from bench.run.outside import evaluate
 
         return evaluate
     raise AttributeError(f"module 'bench' has no attribute {name!r}")

@@ -46,7 +46,7 @@ MAX_THREADS = 1024
 def _bench(results, db, device, data_root, progress=None, threads: int = 1):
     import torch
 
-    from bench.env import Bench
+    from bench.run.bench import Bench
 
     # One thread by default: the intra-op thread count changes float summation order and
     # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
@@ -60,7 +60,7 @@ def _bench(results, db, device, data_root, progress=None, threads: int = 1):
 def _executor(kind: str, ray_address: str | None, threads: int, ray_gpus: float):
     """The executor the options ask for (a context manager: a local Ray cluster it starts
     is stopped on exit). Each Ray task gets --threads CPUs and as many torch threads."""
-    from bench.executors import make_executor
+    from bench.run.executors import make_executor
 
     return make_executor(kind, ray_address=ray_address, threads=threads, gpus_per_task=ray_gpus)
 
@@ -80,9 +80,9 @@ def _progress():
 @app.command("ls")
 def ls(what: Annotated[str, typer.Argument(help="defenses, attacks, matrices, datasets or presets")] = "defenses"):
     """List defenses, attacks, matrices, datasets or presets."""
-    from bench.data import DATASETS
-    from bench.matrix import BUILTIN, load_matrix
-    from bench.presets import all_presets
+    from bench.core.data import DATASETS
+    from bench.core.matrix import BUILTIN, load_matrix
+    from bench.core.presets import all_presets
     from bench.registry import ATTACKS, DEFENSES
 
     if what == "defenses":
@@ -110,8 +110,8 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
               data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1,
               executor: Executor = "local", ray_address: RayAddress = None, ray_gpus: RayGpus = 1.0):
     """Train (or find) the checkpoint of one recipe."""
-    from bench.recipe import RunSpec, resolve
-    from bench.schedule import ensure_checkpoint
+    from bench.run.recipe import RunSpec, resolve
+    from bench.run.driver import ensure_checkpoint
 
     spec = RunSpec(defense, dataset, preset, tuple(set_ or ()), arch, seed)
     recipe = resolve(spec)
@@ -132,9 +132,9 @@ def run_cmd(defense: Defense, matrix: Annotated[str, typer.Option("--matrix", he
             executor: Executor = "local", ray_address: RayAddress = None, ray_gpus: RayGpus = 1.0):
     """Train what is missing, run every missing cell of the matrix, print the results."""
     from bench.registry import DEFENSES
-    from bench.results import result_rows
-    from bench.recipe import RunSpec
-    from bench.schedule import plan_run, run_defenses
+    from bench.reporting.results import result_rows
+    from bench.run.recipe import RunSpec
+    from bench.run.driver import plan_run, run_defenses
 
     names = DEFENSES.names() if defense == "all" else [defense]
     if defense != "all":
@@ -177,10 +177,10 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION
     """Judge your own model with the same matrix; stored by name and weights hash."""
     import torch
 
-    from bench.matrix import matrix_cells
-    from bench.outside import evaluate_outside, prepare
-    from bench.results import result_rows
-    from bench.surrogates import check_transfer
+    from bench.core.matrix import matrix_cells
+    from bench.run.outside import evaluate_outside, prepare
+    from bench.reporting.results import result_rows
+    from bench.run.surrogates import check_transfer
 
     torch.set_num_threads(max(threads, 1))
     # Everything the user gave is checked before the results folder or store is touched.
@@ -207,7 +207,7 @@ def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv
                 defense: Annotated[Optional[str], typer.Option("--defense")] = None,
                 dataset: Dataset = None, results: Results = "results", db: Db = None):
     """Print stored results: every cell, plus each checkpoint's worst case."""
-    from bench.results import result_rows
+    from bench.reporting.results import result_rows
 
     if format not in ("table", "csv", "json"):
         raise BenchError(f"--format must be table, csv or json, got {format!r}")
@@ -221,7 +221,7 @@ def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", help="Defense
                  dataset: Dataset = None, results: Results = "results", db: Db = None,
                  data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
     """Shafahi et al.'s Table 1 row: logit gap, gradient gap, epsilon_L, predicted vs measured accuracy."""
-    from bench.diagnose import diagnose_rows
+    from bench.reporting.diagnosis import diagnose_rows
 
     if format not in ("table", "json"):
         raise BenchError(f"--format must be table or json, got {format!r}")
@@ -256,7 +256,7 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense n
                  threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
                  ray_gpus: RayGpus = 1.0):
     """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
-    from bench.transfer import run_transfers
+    from bench.run.transfer import run_transfers
 
     with _progress() as progress:
         bench = _bench(results, db, device, data_root, progress, threads)
@@ -302,7 +302,7 @@ def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSO
 def site_cmd(out_dir: Annotated[str, typer.Option("--out", help="Folder to write the static site into.")] = "site",
              results: Results = "results", db: Db = None):
     """Render the static leaderboard from the store (reads only the store, writes only --out)."""
-    from bench.site import build_site
+    from bench.reporting.site import build_site
 
     bench = _bench(results, db, "cpu", None)
     index = build_site(bench.store, out_dir)
@@ -310,7 +310,7 @@ def site_cmd(out_dir: Annotated[str, typer.Option("--out", help="Folder to write
 
 
 def _print_rows(rows: list[dict], fmt: str) -> None:
-    from bench.results import COLUMNS
+    from bench.reporting.results import COLUMNS
 
     if fmt == "json":
         print(json.dumps(rows, indent=1))

@@ -32,15 +32,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench.data import get_spec, load_dataset
+from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
-from bench.matrix import make_cell
-from bench.models import build_model
+from bench.core.matrix import make_cell
+from bench.core.models import build_model
 from bench.registry import DEFENSES
-from bench.env import Bench, resolve_device
-from bench.fastpath import craft, frozen, predict
-from bench.recipe import RunSpec, resolve
-from bench.schedule import ensure_checkpoint, load_model, run_defense
+from bench.run.bench import Bench, resolve_device
+from bench.engine.evaluate import craft, frozen, predict
+from bench.run.recipe import RunSpec, resolve
+from bench.run.driver import ensure_checkpoint, load_model, run_defense
 
 
 @dataclass(frozen=True)
@@ -282,8 +282,8 @@ def matrix_timing(bench: Bench, size: PerfSize, log: Log, defense: str = "logit_
 def matrix_in_fp32(bench: Bench, matrix: dict, log: Log) -> dict:
     """Every cell of the timed matrix again on the same checkpoint, crafted on the plain
     fp32 path: what the fast path's precision changes, cell by cell."""
-    from bench.matrix import matrix_cells
-    from bench.fastpath import evaluate
+    from bench.core.matrix import matrix_cells
+    from bench.engine.evaluate import evaluate
 
     row = bench.store.checkpoint(matrix["checkpoint"])
     model = load_model(row, bench.device)
@@ -348,8 +348,8 @@ def synthetic_cifar(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch
 
 def train_timing(bench: Bench, size: PerfSize, log: Log) -> tuple[dict, torch.nn.Module]:
     """Seconds per epoch of pgd_at-style 7-step PGD training of ResNet-18 on CIFAR-shaped
-    synthetic data, through bench.train with the bench's fast path."""
-    from bench.train import TrainConfig, TrainContext, train
+    synthetic data, through bench.engine.train with the bench's fast path."""
+    from bench.engine.train import TrainConfig, TrainContext, train
     from defenses._parts import pgd_adversary
 
     spec = get_spec("cifar10")

@@ -31,13 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import bench  # noqa: E402
-from bench.adaptive import majority_correct  # noqa: E402
-from bench.data import get_spec, load_dataset  # noqa: E402
-from bench.fastpath import evaluate  # noqa: E402
-from bench.flags import MASKING  # noqa: E402
-from bench.matrix import make_cell, matrix_cells  # noqa: E402
-from bench.presets import default_preset  # noqa: E402
-from bench.store import Evaluation, worst_case  # noqa: E402
+from bench.science.adaptive import majority_correct  # noqa: E402
+from bench.core.data import get_spec, load_dataset  # noqa: E402
+from bench.engine.evaluate import evaluate  # noqa: E402
+from bench.science.flags import MASKING  # noqa: E402
+from bench.core.matrix import make_cell, matrix_cells  # noqa: E402
+from bench.core.presets import default_preset  # noqa: E402
+from bench.store.db import Evaluation, worst_case  # noqa: E402
 from conftest import train_digits  # noqa: E402
 from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402
 
@@ -68,7 +68,7 @@ def adaptive(kind: str, model, base, x, y) -> float:
         ok = majority_correct(model, x_adv, y, 21, device="cpu", batch_size=1024)
         return float((ok & majority_correct(model, x, y, 21, device="cpu", batch_size=1024)).float().mean())
     from attacks.autoattack import run_autoattack, seed_from
-    from bench.matrix import make_cell as mc
+    from bench.core.matrix import make_cell as mc
 
     cfg = mc("autoattack", {}, SPEC.threat).config
     x_adv, _ = run_autoattack(model, x, y, cfg, seed_from(torch.Generator().manual_seed(0)))

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.store import Store
+from bench.store.db import Store
 
 
 def _run(executor: str, results: Path, matrix: str, sets: list[str]) -> float:

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.site import build_site
-from bench.store import Store
+from bench.reporting.site import build_site
+from bench.store.db import Store
 
 LIMIT = 300 * 1024
 

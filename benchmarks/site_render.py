@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
-from bench.flags import FLAG_TEXT
-from bench.site import build_site, svg_hist, svg_lines
-from bench.store import Checkpoint, Evaluation, Flag, Store, Transfer, pack_bits
+from bench.science.flags import FLAG_TEXT
+from bench.reporting.site import build_site, svg_hist, svg_lines
+from bench.store.db import Checkpoint, Evaluation, Flag, Store, Transfer, pack_bits
 
 TEST_SIZE = 1000
 DEFENSES = ["natural", "label_smoothing", "logit_squeeze", "gaussian_noise", "alp", "lrm"]

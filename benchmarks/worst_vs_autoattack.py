@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from attacks.autoattack import seed_from
-from bench.admission import is_randomized
-from bench.data import get_spec, load_dataset
-from bench.results import result_rows
-from bench.schedule import load_model
-from bench.store import Store
+from bench.science.admission import is_randomized
+from bench.core.data import get_spec, load_dataset
+from bench.reporting.results import result_rows
+from bench.run.driver import load_model
+from bench.store.db import Store
 
 
 def autoattack_direct(model, x, y, eps: float) -> float:

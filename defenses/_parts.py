@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.rewrite import exact_view
+from bench.engine.rewrite import exact_view
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def pgd_adversary(model, x, y, *, eps: float, steps: int, step_size: float,
     crafting so batch-norm statistics are not updated by adversarial batches, then
     restored; gradients are taken with respect to the input only. `y` is class indices
     or, for mixed examples, a target distribution per row (F.cross_entropy takes both).
-    The steps run on the model's exact rewrite (bench.rewrite): the same gradients, bit
+    The steps run on the model's exact rewrite (bench.engine.rewrite): the same gradients, bit
     for bit, in less time.
     """
     was_training = model.training

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from bench.data import get_spec, load_dataset
-from bench.models import build_model
+from bench.core.data import get_spec, load_dataset
+from bench.core.models import build_model
 from bench.registry import DEFENSES
-from bench.train import TrainConfig, TrainContext, train
+from bench.engine.train import TrainConfig, TrainContext, train
 
 # One intra-op thread: the digits models are too small to gain from more, and when the
 # cores are shared (a parallel build, a busy CI host) OpenMP threads spin-waiting for

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from attacks.autoattack import seed_from
-from bench.data import get_spec
+from bench.core.data import get_spec
 from bench.errors import BenchError
-from bench.flags import compute_flags
-from bench.matrix import make_cell, matrix_cells
-from bench.presets import default_preset
+from bench.science.flags import compute_flags
+from bench.core.matrix import make_cell, matrix_cells
+from bench.core.presets import default_preset
 from bench.registry import ATTACKS, DEFENSES
-from bench.results import result_rows
-from bench.fastpath import craft, evaluate, frozen, subset_indices
-from bench.store import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case
+from bench.reporting.results import result_rows
+from bench.engine.evaluate import craft, evaluate, frozen, subset_indices
+from bench.store.db import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case
 from conftest import train_digits
 
 DIGITS = get_spec("digits")

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from bench.adaptive import BPDA, EOT, majority_correct
-from bench.data import get_spec
-from bench.flags import MASKING
-from bench.presets import default_preset
+from bench.science.adaptive import BPDA, EOT, majority_correct
+from bench.core.data import get_spec
+from bench.science.flags import MASKING
+from bench.core.presets import default_preset
 from conftest import train_digits
 
 THREAT = get_spec("digits").threat
@@ -177,7 +177,7 @@ eps = [1e-6, 2e-6, 3e-6, 4e-6, 5e-6, 6e-6, 7e-6, 8e-6, 9e-6, 1e-5]
 
 
 def test_randomized_model_is_judged_by_eot_and_majority(adv_trained, digits_test, results, tmp_path):
-    from bench.store import Store
+    from bench.store.db import Store
 
     x, y = digits_test
     matrix = tmp_path / "random.toml"
@@ -236,8 +236,8 @@ def test_eot_view_averages_passes():
 
 
 def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
-    from bench.adaptive import adapt_cells
-    from bench.matrix import make_cell
+    from bench.science.adaptive import adapt_cells
+    from bench.core.matrix import make_cell
 
     noisy = {"randomized": {"share_prediction_changed": 0.2, "max_relative_diff": 0.3, "max_output_diff": 1.0}}
     steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 1e-7, "max_output_diff": 1e-6}}
@@ -253,8 +253,8 @@ def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
 def test_randomized_cells_are_reproducible(natural_model, digits_test):
     import dataclasses
 
-    from bench.fastpath import evaluate
-    from bench.matrix import make_cell
+    from bench.engine.evaluate import evaluate
+    from bench.core.matrix import make_cell
 
     x, y = digits_test
     cell = make_cell("pgd", {"steps": 5}, THREAT)

@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from bench.claims import Claims
-from bench.store import Checkpoint, Claim, Evaluation, Flag, Store, Transfer
+from bench.store.claims import Claims
+from bench.store.db import Checkpoint, Claim, Evaluation, Flag, Store, Transfer
 from servers import plugin_env, read_log
 
 CHECKPOINT = dict(key="k" * 16, dataset="digits", defense="natural", preset=None, arch="digits_cnn", seed=0,

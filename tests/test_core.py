@@ -17,16 +17,16 @@ import pytest
 import torch
 
 import bench
-from bench.checkpoint import checkpoint_key, load_checkpoint
-from bench.data import get_spec, load_dataset
+from bench.store.checkpoints import checkpoint_key, load_checkpoint
+from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
-from bench.matrix import cell_key, make_cell, matrix_cells
+from bench.core.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
-from bench.env import Bench
-from bench.fastpath import subset_indices
-from bench.recipe import RunSpec, resolve
-from bench.schedule import run_defense
-from bench.store import pack_bits, unpack_bits, worst_case
+from bench.run.bench import Bench
+from bench.engine.evaluate import subset_indices
+from bench.run.recipe import RunSpec, resolve
+from bench.run.driver import run_defense
+from bench.store.db import pack_bits, unpack_bits, worst_case
 from cli_run import run_cli as _cli
 
 DIGITS = get_spec("digits")

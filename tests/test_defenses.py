@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import defenses._parts as parts
-from bench.data import get_spec, load_dataset
+from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
-from bench.models import build_model
+from bench.core.models import build_model
 from bench.registry import DEFENSES, field_docs
-from bench.train import TrainConfig, TrainContext, train
+from bench.engine.train import TrainConfig, TrainContext, train
 
 LN3 = math.log(3.0)
 THREAT = get_spec("digits").threat

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.diagnose import diagnose_rows
-from bench.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
+from bench.reporting.diagnosis import diagnose_rows
+from bench.science.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
                                stored_eps_l, diagnose)
-from bench.env import Bench
-from bench.recipe import RunSpec
-from bench.schedule import run_defense
+from bench.run.bench import Bench
+from bench.run.recipe import RunSpec
+from bench.run.driver import run_defense
 from cli_run import run_cli as _cli
 
 
@@ -160,8 +160,8 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
         pgd = [v for (cid, k), v in evals.items() if cid == ck.id and k.startswith("pgd:")]
         assert row["pgd_acc"] == min(pgd)
         # Recomputing from the weights gives the stored values.
-        from bench.data import load_dataset
-        from bench.schedule import load_model
+        from bench.core.data import load_dataset
+        from bench.run.driver import load_model
         x, y = load_dataset("digits", "test")
         fresh = diagnose(load_model(ck, "cpu"), x, y, 0.2)["summary"]
         assert row["median_logit_gap"] == pytest.approx(fresh["logit_gap"]["median"], rel=1e-6)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.data import _cached, get_spec, load_dataset
-from bench.models import build_model
-from bench.presets import default_preset
+from bench.core.data import _cached, get_spec, load_dataset
+from bench.core.models import build_model
+from bench.core.presets import default_preset
 from bench.registry import DEFENSES
 
 

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 import bench
 from bench import cli
-from bench.admission import admit, count_autograd_calls
-from bench.data import get_spec
-from bench.flags import compute_flags
-from bench.outside import weights_hash
-from bench.store import Checkpoint, Store
+from bench.science.admission import admit, count_autograd_calls
+from bench.core.data import get_spec
+from bench.science.flags import compute_flags
+from bench.run.outside import weights_hash
+from bench.store.db import Checkpoint, Store
 
 DIGITS = get_spec("digits")
 MATRIX = """
@@ -27,8 +27,8 @@ attack = "pgd"
 steps = 10
 """
 FACTORY = """
-from bench.data import get_spec
-from bench.models import build_model
+from bench.core.data import get_spec
+from bench.core.models import build_model
 
 
 def build():
@@ -246,9 +246,9 @@ cells = ["pgd:steps=5"]
 
 
 def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
-    from bench.env import Bench
-    from bench.recipe import RunSpec
-    from bench.schedule import run_defense
+    from bench.run.bench import Bench
+    from bench.run.recipe import RunSpec
+    from bench.run.driver import run_defense
 
     matrix = tmp_path / "t.toml"
     matrix.write_text(TRANSFER_MATRIX)
@@ -278,7 +278,7 @@ class Saturated(torch.nn.Module):
 
 
 def test_boards_tell_override_variants_apart():
-    from bench.site import _overrides
+    from bench.reporting.site import _overrides
 
     def ck(id_, beta, epochs=30, preset="logit_squeeze_digits"):
         return Checkpoint(id=id_, dataset="digits", defense="logit_squeeze", preset=preset,

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.data import get_spec, load_dataset
+from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
-from bench.matrix import make_cell
-from bench.models import build_model
-from bench.env import Bench
-from bench.fastpath import craft, default_precision, frozen
+from bench.core.matrix import make_cell
+from bench.core.models import build_model
+from bench.run.bench import Bench
+from bench.engine.evaluate import craft, default_precision, frozen
 from attacks.pgd import PGD, run_pgd
 
 DIGITS = get_spec("digits")

@@ -9,12 +9,12 @@ import re
 
 import pytest
 
-from bench.data import DATASETS, get_spec
-from bench.models import ARCHS
-from bench.presets import PRESET_DIR, all_presets, default_preset
+from bench.core.data import DATASETS, get_spec
+from bench.core.models import ARCHS
+from bench.core.presets import PRESET_DIR, all_presets, default_preset
 from bench.registry import DEFENSES, build_config
-from bench.recipe import RunSpec, resolve
-from bench.train import TrainConfig
+from bench.run.recipe import RunSpec, resolve
+from bench.engine.train import TrainConfig
 from defenses._parts import alpha_to_smoothing
 
 PAPER_COLUMNS = {"clean", "fgsm", "pgd5", "pgd10", "pgd20", "pgd40", "pgd50", "pgd100", "pgd200",
@@ -47,9 +47,9 @@ def test_preset_resolves_as_a_recipe(name, monkeypatch):
     """What `bench train --preset NAME` resolves to, without loading any data. The
     architecture is checked by name above; building a WRN-28-10 per preset would take
     most of this file's time."""
-    import bench.recipe
+    import bench.run.recipe
 
-    monkeypatch.setattr(bench.recipe, "_check_fits", lambda arch, spec: None)
+    monkeypatch.setattr(bench.run.recipe, "_check_fits", lambda arch, spec: None)
     preset = PRESETS[name]
     recipe = resolve(RunSpec(defense=preset.defense, preset=name))
     assert recipe.dataset.name == preset.dataset

@@ -8,12 +8,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from bench.env import Bench  # noqa: E402
-from bench.executors.ray import RayExecutor  # noqa: E402
-from bench.matrix import make_cell  # noqa: E402
-from bench.recipe import RunSpec, resolve  # noqa: E402
-from bench.schedule import attack_checkpoint, ensure_checkpoint, load_model, run_defenses  # noqa: E402
-from bench.transfer import run_transfers  # noqa: E402
+from bench.run.bench import Bench  # noqa: E402
+from bench.run.executors.ray import RayExecutor  # noqa: E402
+from bench.core.matrix import make_cell  # noqa: E402
+from bench.run.recipe import RunSpec, resolve  # noqa: E402
+from bench.run.driver import attack_checkpoint, ensure_checkpoint, load_model, run_defenses  # noqa: E402
+from bench.run.transfer import run_transfers  # noqa: E402
 from servers import read_log  # noqa: E402
 
 MATRIX = """
@@ -149,11 +149,11 @@ def build():
 
 def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path, monkeypatch):
     """A model whose class lives in a .py file no worker can import by name travels with
-    its code (bench.executors.ray), and its cells equal a local run bit for bit."""
+    its code (bench.run.executors.ray), and its cells equal a local run bit for bit."""
     import sys
 
     from bench import cli
-    from bench.store import Store
+    from bench.store.db import Store
 
     (tmp_path / "my_models.py").write_text(MODEL_FILE)
     (tmp_path / "m.toml").write_text('[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\nsteps = [5, 10]\n')

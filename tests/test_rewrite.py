@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import defenses._parts as parts
-from bench.data import get_spec
-from bench.matrix import make_cell
-from bench.models import build_model
-from bench.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
-from bench.fastpath import craft, frozen
+from bench.core.data import get_spec
+from bench.core.matrix import make_cell
+from bench.core.models import build_model
+from bench.engine.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
+from bench.engine.evaluate import craft, frozen
 
 DIGITS = get_spec("digits")
 MNIST = get_spec("mnist")

@@ -1,10 +1,10 @@
 """The static leaderboard, checked the way a person sees it: in a real headless browser.
 
-The store is synthetic (rows written through bench.store, no model runs), the site is
+The store is synthetic (rows written through bench.store.db, no model runs), the site is
 built once per module, and Debian's chromium is driven by playwright through its
 executable path (playwright's own browser download is not used). Expected numbers are
-computed here from the stored rows, independently of bench.site; the worst case comes
-from the store's own definition, bench.store.worst_case.
+computed here from the stored rows, independently of bench.reporting.site; the worst case comes
+from the store's own definition, bench.store.db.worst_case.
 
 Install: `apt-get install -y chromium` and `pip install playwright`. Without them these
 browser tests skip, except under CI=true, where they fail and say what to install.
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from bench.errors import BenchError
-from bench.site import MARKER, build_site
-from bench.store import Store, pack_bits, worst_case
+from bench.reporting.site import MARKER, build_site
+from bench.store.db import Store, pack_bits, worst_case
 
 N = 60  # test-set size of the synthetic store
 SPSA_IDX = list(range(0, N, 3))  # the subset an SPSA cell ran on
@@ -88,10 +88,10 @@ DIAGNOSED = (0, 1, 3)  # natural, logit_squeeze and pgd_at on digits; the others
 
 
 def _add_diagnostic(store: Store, checkpoint_id: int, seed: int) -> None:
-    """Synthetic per-sample diagnostics, summarized by bench.diagnostics itself."""
+    """Synthetic per-sample diagnostics, summarized by bench.science.diagnostics itself."""
     import torch
 
-    from bench.diagnostics import SAMPLE_FIELDS, _rounded, summarize
+    from bench.science.diagnostics import SAMPLE_FIELDS, _rounded, summarize
 
     rng = np.random.default_rng(seed)
     gap = rng.normal(3 + seed, 2, N)
@@ -589,13 +589,13 @@ def test_a_failed_build_leaves_the_old_site(built, tmp_path, monkeypatch):
     build_site(built.store, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert (out / MARKER).is_file()
-    import bench.site
+    import bench.reporting.site
 
     def broken(data, folder):
         (folder / "index.html").write_text("half a site")
         raise RuntimeError("template exploded")
 
-    monkeypatch.setattr(bench.site, "_render", broken)
+    monkeypatch.setattr(bench.reporting.site, "_render", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         build_site(built.store, out)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

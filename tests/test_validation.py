@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.data import get_spec, load_dataset
+from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
-from bench.matrix import BUILTIN, matrix_cells
-from bench.presets import all_presets
-from bench.recipe import RunSpec, resolve
+from bench.core.matrix import BUILTIN, matrix_cells
+from bench.core.presets import all_presets
+from bench.run.recipe import RunSpec, resolve
 from bench.registry import ATTACKS, DEFENSES, build_config
-from bench.schedule import plan_run
-from bench.train import TrainConfig
+from bench.run.driver import plan_run
+from bench.engine.train import TrainConfig
 
 DIGITS = get_spec("digits")
 

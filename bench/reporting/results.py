@@ -1,0 +1,48 @@
+"""Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint.
+
+This is what `bench results` prints and what the site's pages start from.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from bench.store.db import Store, worst_case
+
+COLUMNS = ["defense", "preset", "dataset", "checkpoint", "attack", "threat", "clean_acc",
+           "robust_acc", "n", "seconds"]
+
+
+def result_rows(store: Store, defense: str | None = None, dataset: str | None = None,
+                checkpoint_keys: set[str] | None = None) -> list[dict]:
+    cks = [c for c in store.checkpoints(dataset=dataset, defense=defense)
+           if checkpoint_keys is None or c.key in checkpoint_keys]
+    if not cks:
+        return []
+    ids = [c.id for c in cks]
+    by_ck: dict[int, list] = defaultdict(list)
+    for e in store.evaluations(ids):
+        by_ck[e.checkpoint_id].append(e)
+    incoming: dict[int, list] = defaultdict(list)
+    for t in store.transfers(ids):
+        incoming[t.target_id].append(t)
+    flags: dict[int, list[str]] = defaultdict(list)
+    for f in store.flags(ids):
+        flags[f.checkpoint_id].append(f.name)
+    rows = []
+    for ck in cks:
+        base = {"defense": ck.defense, "preset": ck.preset, "dataset": ck.dataset, "checkpoint": ck.key}
+        clean = ck.meta.get("clean_acc")
+        for e in by_ck[ck.id]:
+            rows.append({**base, "attack": e.cell_key, "threat": e.threat, "clean_acc": e.clean_acc,
+                         "robust_acc": e.robust_acc, "n": e.n, "seconds": round(e.seconds, 3)})
+        for t in incoming[ck.id]:
+            rows.append({**base, "attack": f"transfer[{t.source_id}]:{t.cell_key}", "threat": t.threat,
+                         "clean_acc": t.clean_acc, "robust_acc": t.robust_acc, "n": t.n,
+                         "seconds": round(t.seconds, 3)})
+        test_size = next((e.n for e in by_ck[ck.id] if e.indices is None), 0)
+        wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size) if test_size else None
+        if wc:
+            rows.append({**base, "attack": "worst_case", "threat": ck.threat, "clean_acc": clean,
+                         "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None,
+                         "cells": wc["cells"], "flags": sorted(flags[ck.id])})
+    return rows

@@ -1,0 +1,90 @@
+"""The environment a command runs in: results folder, store, device and fast-path settings."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.errors import BenchError
+from bench.engine.evaluate import PRECISIONS, default_precision
+from bench.store.db import Store
+
+
+@dataclass
+class Bench:
+    results: Path
+    store: Store
+    device: str
+    data_root: str | None
+    progress: Any = None
+    """A rich Progress (or None) to show training and attack progress on."""
+    eval_batch: int = 0
+    """Evaluation batch size; 0 picks one for the device."""
+    precision: str = ""
+    """The fast path's arithmetic for crafting attacks and for training: `fp32`, or `bf16`
+    (autocast; weights and the attack's iterates stay fp32). Empty picks the device's
+    default: bf16 on a CUDA device that has it (`bench perf` checks that PGD's robust
+    accuracy agrees with fp32 within half a point), fp32 on the CPU, always. Stored
+    accuracies are verified in fp32 whatever crafted the inputs."""
+    channels_last: bool | None = None
+    """NHWC activations and weights for convolutions; unset means on for CUDA, off on the
+    CPU (where fp32 results must stay bit for bit what they were)."""
+    fold_bn: bool | None = None
+    """Attack a copy of the frozen model with each eval-mode batch norm folded into the
+    convolution before it (the same function, a third fewer memory passes); unset means
+    on for CUDA, off on the CPU."""
+    compile: bool = False
+    """torch.compile the model for attacks (off by default: it costs about a minute per
+    model; `bench perf` times it)."""
+    exact_rewrites: bool = True
+    """Rewrite the frozen model's graph in ways that change no bit of any logit or input
+    gradient (ReLU after max pooling; CPU max pooling in NHWC; see bench.engine.rewrite). On
+    everywhere; off only to measure what it saves."""
+
+    def __post_init__(self):
+        if not self.precision:
+            self.precision = default_precision(self.device)
+        if self.precision not in PRECISIONS:
+            raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.channels_last is None:
+            self.channels_last = self.device.startswith("cuda")
+        if self.fold_bn is None:
+            self.fold_bn = self.device.startswith("cuda")
+
+    @property
+    def fast(self) -> dict:
+        """The fast-path keyword arguments of craft and evaluate, as this bench sets them."""
+        return {"precision": self.precision, "channels_last": self.channels_last, "fold_bn": self.fold_bn,
+                "compile": self.compile, "exact_rewrites": self.exact_rewrites}
+
+    @classmethod
+    def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
+             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Bench":
+        path = Path(results)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            raise BenchError(f"results folder {str(path)!r} is not writable ({exc.strerror}); "
+                             "pass --results DIR or set BENCH_RESULTS to a folder you can write") from exc
+        return cls(path, Store.for_results(path, db), resolve_device(device), data_root, progress, **fast)
+
+    def batch_size(self) -> int:
+        return self.eval_batch or (4096 if self.device.startswith("cuda") else 1024)
+
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BenchError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
+

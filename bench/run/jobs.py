@@ -1,0 +1,170 @@
+"""Jobs: the units of work the driver hands to an executor. Each has `run() -> result`.
+
+A job is a plain dataclass that can be pickled to a worker. Two class attributes tell an
+executor how to move it: `SHARED` names fields many jobs hold the same object in (a
+model, the test set), which a distributed executor ships once and lets every job read;
+`LOCAL` names fields that only make sense in the driver's process (progress callbacks),
+which such an executor drops. Jobs never touch the store: they return what the driver
+commits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+from bench.store import checkpoints as ckpt
+from bench.core.data import load_dataset
+from bench.errors import BenchError
+from bench.engine.evaluate import craft, evaluate, logit_stats, predict
+from bench.core.matrix import Cell
+from bench.core.models import build_model
+from bench.run.recipe import Recipe
+from bench.registry import DEFENSES
+from bench.engine.train import TrainContext, train
+
+
+@dataclass
+class EvalJob:
+    """Attack one model with one cell on (x, y); returns the row the store keeps."""
+
+    SHARED: ClassVar[tuple[str, ...]] = ("model", "x", "y")
+    LOCAL: ClassVar[tuple[str, ...]] = ()
+
+    model: torch.nn.Module
+    cell: Cell
+    x: torch.Tensor
+    y: torch.Tensor
+    device: str
+    batch_size: int
+    seed: int = 0
+    fast: dict = dataclasses.field(default_factory=dict)
+    """Fast-path keywords for evaluate (see Bench.fast)."""
+    label: str = ""
+    """What the driver knows the job by (the checkpoint key); not used to compute."""
+
+    def run(self) -> dict:
+        # In place and a no-op where the model is on the device already (the local executor).
+        model = self.model.to(self.device)
+        return evaluate(model, self.cell, self.x, self.y, device=self.device,
+                        batch_size=self.batch_size, seed=self.seed, **self.fast)
+
+
+@dataclass
+class CraftJob:
+    """Adversarial examples of one cell on one (source) model; returns them on the CPU."""
+
+    SHARED: ClassVar[tuple[str, ...]] = ("model", "x", "y")
+    LOCAL: ClassVar[tuple[str, ...]] = ()
+
+    model: torch.nn.Module
+    cell: Cell
+    x: torch.Tensor
+    y: torch.Tensor
+    device: str
+    batch_size: int
+    fast: dict = dataclasses.field(default_factory=dict)
+    """Fast-path keywords for craft (see Bench.fast)."""
+    label: str = ""
+    """What the driver knows the job by (the source checkpoint key)."""
+
+    def run(self) -> torch.Tensor:
+        model = self.model.to(self.device)  # see EvalJob.run
+        return craft(model, self.cell, self.x, self.y, device=self.device,
+                     batch_size=self.batch_size, **self.fast)
+
+
+@dataclass
+class TrainJob:
+    """Train one recipe and write its checkpoint folder; returns the folder's meta.
+
+    The folder is the only thing a worker writes (atomically, see
+    bench.store.checkpoints.save_checkpoint), so with several machines it must be a folder they
+    all share; the driver records the checkpoint in the store.
+    """
+
+    SHARED: ClassVar[tuple[str, ...]] = ()
+    LOCAL: ClassVar[tuple[str, ...]] = ("on_step",)
+
+    recipe: Recipe
+    directory: Path
+    device: str
+    data_root: str | None
+    batch_size: int
+    """Evaluation batch size (for the clean accuracy recorded in the meta)."""
+    precision: str = "fp32"
+    channels_last: bool = False
+    on_step: Callable[[int, int, float], None] | None = None
+    """Progress callback of the training loop (driver-side only)."""
+
+    @property
+    def label(self) -> str:
+        return self.recipe.key
+
+    def run(self) -> dict:
+        recipe, device = self.recipe, self.device
+        ds = recipe.dataset
+        entry = DEFENSES.get(recipe.defense)
+        x, y = load_dataset(ds.name, "train", self.data_root)
+        x_test, y_test = load_dataset(ds.name, "test", self.data_root)
+        torch.manual_seed(recipe.seed)
+        model = build_model(recipe.arch, ds).to(device)
+        ctx = TrainContext(ds.num_classes, ds.threat, torch.Generator(device=device).manual_seed(recipe.seed))
+        try:
+            result = train(model, entry.fn, recipe.config, recipe.train_config, x.to(device), y.to(device),
+                           ctx, on_step=self.on_step, precision=self.precision,
+                           channels_last=self.channels_last)
+        except FloatingPointError as exc:
+            raise BenchError(f"training {recipe.defense!r} diverged: {exc}; lower lr or the "
+                             "regularization weight with --set") from exc
+        logits = predict(model, x_test, device=device, batch_size=self.batch_size)
+        meta = {
+            "key": recipe.key, "defense": recipe.defense, "config": dataclasses.asdict(recipe.config),
+            "train": dataclasses.asdict(recipe.train_config), "dataset": ds.name, "arch": recipe.arch,
+            "seed": recipe.seed, "epochs": recipe.train_config.epochs, "train_seconds": result.seconds,
+            "train_losses": result.losses, "device": device_name(device),
+            "preset": recipe.preset.name if recipe.preset else None,
+            "paper": recipe.preset.paper if recipe.preset else {},
+            "preset_description": recipe.preset.description if recipe.preset else "",
+            "preset_source": recipe.preset.source if recipe.preset else "",
+            # The intra-op thread count changes float summation order, hence the weights.
+            "torch_threads": torch.get_num_threads(),
+            "clean_acc": float((logits.argmax(1) == y_test).float().mean()),
+            "logit_stats": logit_stats(logits, y_test),
+            "package_version": package_version(), "git_commit": ckpt.git_commit(),
+            "torch_version": torch.__version__, "precision": self.precision,
+        }
+        return ckpt.save_checkpoint(model, self.directory, meta)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What an executor yields instead of a result when a job raised."""
+
+    reason: str
+    """One line: the exception's type and first line of its message."""
+    error: BaseException | None = None
+    """The exception itself, where it could be brought back to the driver."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failed":
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return cls(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, exc)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("robustness-bench")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"

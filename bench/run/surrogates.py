@@ -1,0 +1,85 @@
+"""Black-box transfer cells of a matrix: every model faces examples crafted on surrogates.
+
+A matrix's `[transfer]` table names surrogate defenses and the cells crafted on them.
+Each surrogate is the bench's own checkpoint of that defense's default recipe for the
+dataset (trained on first use, then found like any checkpoint, and the very checkpoint
+`bench run --defense NAME` gives). Its adversarial examples are crafted once and cached
+(bench.run.transfer), then judged on the model under test and stored as transfer rows,
+which the worst case and the flags read like any cell. A surrogate is not its own
+transfer target (that would be white-box).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from bench.science.adaptive import VOTES, adaptive_key, majority_correct
+from bench.science.admission import is_randomized
+from bench.core.data import load_dataset
+from bench.run.bench import Bench
+from bench.engine.evaluate import predict
+from bench.core.matrix import matrix_transfer, parse_cell_key
+from bench.run.recipe import RunSpec, resolve
+from bench.store.db import Checkpoint, pack_bits
+
+
+def check_transfer(matrix: str, dataset) -> None:
+    """Fail on a bad [transfer] table before anything is trained or written."""
+    surrogates, cells = matrix_transfer(matrix)
+    for name in surrogates:
+        resolve(RunSpec(name, dataset.name))
+    for key in cells:
+        parse_cell_key(key, dataset.threat)
+
+
+def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
+                   model: Callable[[], torch.nn.Module]) -> tuple[list[str], int]:
+    """Run the matrix's transfer cells the store lacks for `row`.
+
+    Returns the 'surrogate|cell' keys run and how many transfer cells `row` has in all."""
+    from bench.run.driver import ensure_checkpoint
+    from bench.run.transfer import crafted_examples
+
+    surrogates, keys = matrix_transfer(matrix)
+    if not surrogates:
+        return [], 0
+    from bench.core.data import get_spec
+
+    spec = get_spec(row.dataset)
+    cells = [parse_cell_key(k, spec.threat) for k in keys]
+    randomized = is_randomized((row.meta or {}).get("admission"))
+    x = y = clean = None
+    ran, total = [], 0
+    for name in surrogates:
+        source, _ = ensure_checkpoint(bench, resolve(RunSpec(name, row.dataset)))
+        if source.id == row.id:
+            continue
+        total += len(cells)
+        for cell in cells:
+            key = adaptive_key(cell.key, 0, VOTES) if randomized else cell.key
+            if row.id in bench.store.done_transfers(source.id, key):
+                continue
+            if x is None:
+                x, y = load_dataset(row.dataset, "test", bench.data_root)
+                clean = _correct(model(), x, y, bench, randomized)
+            x_adv, _ = crafted_examples(bench, source, cell, x, y)
+            robust = _correct(model(), x_adv, y, bench, randomized) & clean
+            bench.store.add_transfer(
+                source.id, row.id, cell_key=key, attack=cell.attack, params=dict(vars(cell.config)),
+                threat=cell.threat, clean_acc=float(clean.float().mean()),
+                robust_acc=float(robust.float().mean()), n=len(y), seconds=0.0,
+                correct_bits=pack_bits(robust.numpy()), indices=None,
+                extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=bench.device)
+            ran.append(f"{name}|{key}")
+    if ran:
+        from bench.science.flags import recompute_flags
+
+        recompute_flags(bench.store, row)
+    return ran, total
+
+
+def _correct(model, x, y, bench: Bench, randomized: bool) -> torch.Tensor:
+    if randomized:
+        return majority_correct(model, x, y, VOTES, device=bench.device, batch_size=bench.batch_size())
+    return predict(model, x, device=bench.device, batch_size=bench.batch_size()).argmax(1) == y

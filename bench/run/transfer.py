@@ -1,0 +1,190 @@
+"""Black-box transfer grids: craft on a source checkpoint, evaluate targets on it.
+
+Adversarial examples are crafted once per (source checkpoint, cell) and cached as
+safetensors under results/transfers/, so a rerun or a new target never recrafts. Each
+(source, target, cell) result is one row committed in its own transaction. The
+diagonal of a grid is the source attacking itself, i.e. white-box, kept for reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.core.data import get_spec, load_dataset
+from bench.errors import BenchError
+from bench.science.flags import recompute_flags
+from bench.core.matrix import Cell, make_cell, parse_cell_key
+from bench.run.bench import Bench
+from bench.engine.evaluate import predict
+from bench.store.claims import Claims, claimed
+from bench.run.executors import LocalExecutor
+from bench.run.jobs import CraftJob, Failed
+from bench.run.driver import load_model
+from bench.store.db import Checkpoint, pack_bits
+
+DEFAULT_ATTACK = {"steps": 10}  # PGD-10, as Summers & Dinneen Table 2
+
+
+@dataclass
+class TransferReport:
+    crafted: int = 0
+    reused: int = 0
+    evaluated: int = 0
+    skipped: int = 0
+    grid: list[dict] = field(default_factory=list)
+
+
+def select(checkpoints: list[Checkpoint], name: str, role: str, dataset: str) -> list[Checkpoint]:
+    """`all`, a defense name, or a checkpoint key prefix."""
+    if name == "all":
+        chosen = checkpoints
+    else:
+        chosen = [c for c in checkpoints if c.defense == name] or \
+                 [c for c in checkpoints if c.key.startswith(name)]
+    if not chosen:
+        raise BenchError(f"no stored {dataset} checkpoint matches --{role} {name!r}: train one first "
+                         f"(`bench run --defense {name if name != 'all' else 'NAME'} --dataset {dataset}`)")
+    return chosen
+
+
+def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
+    digest = hashlib.sha256(cell.key.encode()).hexdigest()[:16]
+    return results / "transfers" / source.dataset / source.key / f"{digest}.safetensors"
+
+
+def cached_examples(bench: Bench, source: Checkpoint, cell: Cell, x) -> torch.Tensor | None:
+    path = cache_path(bench.results, source, cell)
+    if path.is_file():
+        cached = load_file(str(path))
+        if cached["x_adv"].shape == x.shape:
+            return cached["x_adv"]
+    return None
+
+
+def write_cache(bench: Bench, source: Checkpoint, cell: Cell, x_adv: torch.Tensor) -> None:
+    path = cache_path(bench.results, source, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"x_adv": x_adv.contiguous()}, tmp, metadata={"cell": cell.key, "source": source.key})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _craft_job(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
+    # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32.
+    return CraftJob(load_model(source, bench.device), cell, x, y, bench.device, bench.batch_size(),
+                    fast=bench.fast, label=source.key)
+
+
+def crafted_examples(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
+    """(x_adv, reused?) for a source and cell: from the cache, or crafted in this process
+    and cached (the matrix's surrogate transfers, which the driver runs itself)."""
+    cached = cached_examples(bench, source, cell, x)
+    if cached is not None:
+        return cached, True
+    x_adv = _craft_job(bench, source, cell, x, y).run()
+    write_cache(bench, source, cell, x_adv)
+    return x_adv, False
+
+
+def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
+                  dataset: str = "digits", executor=None) -> TransferReport:
+    """Craft on each source (as jobs on the executor, each under a claim, cached on disk),
+    then judge every target on each source's examples here, committing row by row."""
+    spec = get_spec(dataset)
+    cell = parse_cell_key(attack, spec.threat) if attack else make_cell("pgd", DEFAULT_ATTACK, spec.threat)
+    if cell.subset:
+        raise BenchError("transfer cells run on the whole test set; drop subset= from --attack")
+    checkpoints = bench.store.checkpoints(dataset=dataset)
+    sources = select(checkpoints, source, "source", dataset)
+    targets = select(checkpoints, target, "target", dataset)
+    x, y = load_dataset(dataset, "test", bench.data_root)
+    executor = executor or LocalExecutor()
+    report = TransferReport()
+    models: dict[int, torch.nn.Module] = {}
+    clean: dict[int, torch.Tensor] = {}
+    touched: set[int] = set()
+    task = bench.progress.add_task("transfer", total=len(sources) * len(targets)) if bench.progress else None
+
+    def todo(src: Checkpoint) -> list[Checkpoint]:
+        done = bench.store.done_transfers(src.id, cell.key)
+        return [t for t in targets if t.id not in done]
+
+    def judge(src: Checkpoint, x_adv: torch.Tensor) -> None:
+        for tgt in todo(src):
+            if tgt.id not in models:
+                models[tgt.id] = load_model(tgt, bench.device)
+                clean[tgt.id] = predict(models[tgt.id], x, device=bench.device,
+                                        batch_size=bench.batch_size()).argmax(1) == y
+            adv = predict(models[tgt.id], x_adv, device=bench.device, batch_size=bench.batch_size())
+            robust = (adv.argmax(1) == y) & clean[tgt.id]
+            report.evaluated += bench.store.add_transfer(
+                src.id, tgt.id, cell_key=cell.key, attack=cell.attack, params=dict(vars(cell.config)),
+                threat=cell.threat, clean_acc=float(clean[tgt.id].float().mean()),
+                robust_acc=float(robust.float().mean()), n=len(y), seconds=0.0,
+                correct_bits=pack_bits(robust.numpy()), indices=None, extra={}, device=bench.device)
+            touched.add(tgt.id)
+        if task is not None:
+            bench.progress.advance(task, len(targets))
+
+    pending = []
+    for src in sources:
+        if not todo(src):
+            report.skipped += len(targets)
+            if task is not None:
+                bench.progress.advance(task, len(targets))
+            continue
+        report.skipped += len(targets) - len(todo(src))
+        cached = cached_examples(bench, src, cell, x)
+        if cached is None:
+            pending.append(src)
+        else:
+            report.reused += 1
+            judge(src, cached)
+    by_key = {src.key: src for src in pending}
+    with Claims(bench.store) as claims:
+        # A source another driver is crafting is waited for, then read from the cache.
+        def ready(src: Checkpoint) -> bool:
+            return not todo(src) or cache_path(bench.results, src, cell).is_file()
+
+        def jobs():
+            for src in claimed(pending, claims, key=lambda s: f"craft:{s.key}:{cell.key}", done=ready):
+                yield None if src is None else _craft_job(bench, src, cell, x, y)
+
+        for job, x_adv in executor.map(jobs()):
+            src = by_key[job.label]
+            if isinstance(x_adv, Failed):
+                claims.release(f"craft:{src.key}:{cell.key}")
+                raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {x_adv.reason}")
+            write_cache(bench, src, cell, x_adv)
+            claims.release(f"craft:{src.key}:{cell.key}")
+            report.crafted += 1
+            judge(src, x_adv)
+    for src in pending:  # crafted by another driver meanwhile
+        if todo(src):
+            x_adv = cached_examples(bench, src, cell, x)
+            if x_adv is not None:
+                report.reused += 1
+                judge(src, x_adv)
+    for ck in targets:
+        if ck.id in touched:
+            recompute_flags(bench.store, ck)
+    # A defense's name alone where it has one checkpoint here; with its key where several.
+    counts = {d: sum(c.defense == d for c in checkpoints) for d in {c.defense for c in checkpoints}}
+    names = {c.id: c.defense if counts[c.defense] == 1 else f"{c.defense}[{c.key[:6]}]" for c in checkpoints}
+    wanted_src, wanted_tgt = {c.id for c in sources}, {c.id for c in targets}
+    report.grid = [{"source": names[t.source_id], "target": names[t.target_id], "robust_acc": t.robust_acc,
+                    "cell": t.cell_key}
+                   for t in bench.store.transfers(wanted_tgt)
+                   if t.cell_key == cell.key and t.source_id in wanted_src and t.target_id in wanted_tgt]
+    return report

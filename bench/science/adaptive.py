@@ -1,0 +1,144 @@
+"""Adaptive attacks: what a model's admission checks call for.
+
+- `BPDA`: for a model author. Wrap a non-differentiable step (quantization, JPEG, a
+  denoiser that is not differentiable) so that its forward pass is exact and its
+  backward pass is the identity or a differentiable approximation the author gives
+  (Athalye et al. 2018, Backward Pass Differentiable Approximation). Every gradient
+  attack of the matrix then follows the approximation, with no change to the attack.
+- `EOT`: the view of a randomized model that gradient attacks see: the mean logits of
+  `passes` forward passes, so the attack's gradient is averaged over the model's
+  randomness (Expectation over Transformation, as AutoAttack's `rand` version averages
+  its gradients).
+- `adapt_cells`: a model whose forward pass varies gets its gradient cells crafted
+  through EOT (AutoAttack runs its own `rand` version, which averages over 20 passes;
+  Square and SPSA, which read only outputs, run as they are), and every cell judged by a
+  majority of passes, all recorded in the cell key (`...,eot=8,rounds=3,votes=21`). A
+  sample counts as correct when more than half of `votes` passes classify it correctly
+  (the same seeded passes for every verdict), and as robust when it stays correct
+  through `rounds` attacks, each on what the verdict left standing (an attack stops at
+  the first iterate its noisy view misclassifies, where the verdict is a coin flip). One
+  noisy pass can neither save a sample (the model does not look robust because of its
+  noise) nor remove one (the per-sample AND over many cells does not pile up each cell's
+  unlucky draws).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from bench.science.admission import is_randomized
+from bench.core.matrix import Cell, cell_key
+
+EOT_PASSES = 8
+"""Forward passes averaged per gradient step on a randomized model."""
+ROUNDS = 3
+"""Attack rounds on a randomized model: each attacks what the verdict left standing."""
+VOTES = 21
+"""Independent passes that judge a randomized model's prediction; odd, so a majority exists.
+With 21, a sample the model gets right 9 times in 10 is misjudged with probability
+about 1e-7, so thirty cells remove it with probability about 3e-6."""
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: `exact`; backward: the incoming gradient to `approx`, unchanged."""
+
+    @staticmethod
+    def forward(ctx, approx, exact):
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class BPDA(torch.nn.Module):
+    """A non-differentiable step made attackable: exact forward, approximate backward.
+
+    `forward_fn(x)` is the exact step. `backward_fn(x)` is a differentiable function
+    whose gradient stands in for the step's; None means the identity (the straight-
+    through estimator, right for steps that return something close to their input, such
+    as quantization). The output equals `forward_fn(x)` exactly; its gradient with
+    respect to x is that of `backward_fn(x)`.
+
+        class Quantized(nn.Module):
+            def __init__(self, net):
+                super().__init__()
+                self.net, self.round = net, BPDA(lambda x: torch.round(x * 3) / 3)
+            def forward(self, x):
+                return self.net(self.round(x))
+    """
+
+    def __init__(self, forward_fn: Callable[[torch.Tensor], torch.Tensor],
+                 backward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.forward_fn = forward_fn
+        self.backward_fn = backward_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            exact = self.forward_fn(x)
+        if not x.requires_grad:
+            return exact
+        # The exact values go forward (bit for bit: no `approx + (exact - approx)` rounding);
+        # the gradient goes back through the approximation's graph, or straight to x.
+        approx = x if self.backward_fn is None else self.backward_fn(x)
+        return _StraightThrough.apply(approx, exact)
+
+
+class EOT(torch.nn.Module):
+    """The mean logits of `passes` forward passes of a randomized model."""
+
+    def __init__(self, model: torch.nn.Module, passes: int = EOT_PASSES):
+        super().__init__()
+        if passes < 1:
+            raise ValueError(f"passes must be at least 1, got {passes}")
+        self.model, self.passes = model, passes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.model(x) for _ in range(self.passes)]).mean(0)
+
+
+@torch.no_grad()
+def majority_correct(model, x: torch.Tensor, y: torch.Tensor, votes: int, *, device: str,
+                     batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Per sample: more than half of `votes` forward passes classify it correctly (on the CPU).
+
+    The passes draw from torch's generators seeded with `seed` (restored afterwards), so
+    every verdict on the same batch uses the same noise: the clean verdict is the same
+    in every cell, and an input an attack barely moved gets the verdict its clean input
+    got, instead of a fresh coin flip per cell that the per-sample AND would pile up.
+    """
+    from bench.engine.evaluate import predict, seeded_noise
+
+    hits = torch.zeros(len(y), dtype=torch.int64)
+    with seeded_noise(device, seed):
+        for _ in range(votes):
+            hits += (predict(model, x, device=device, batch_size=batch_size).argmax(1) == y).long()
+    return 2 * hits > votes
+
+
+def adaptive_key(key: str, eot: int, votes: int, rounds: int = 1) -> str:
+    return key + (f",eot={eot}" if eot > 1 else "") + (f",rounds={rounds}" if rounds > 1 else "") + f",votes={votes}"
+
+
+def adapt_cells(cells: list[Cell], admission: dict | None) -> list[Cell]:
+    """The cells as this model needs them: EOT crafting and majority votes if randomized."""
+    if not is_randomized(admission):
+        return cells
+    return [_for_randomized(c) for c in cells]
+
+
+def _for_randomized(c: Cell) -> Cell:
+    """EOT for gradient attacks; none for attacks that read only outputs (config
+    `queries_only`) or that average over passes themselves (config `for_randomized()`,
+    AutoAttack's `rand` version); majority votes and rounds for all."""
+    config, key, eot = c.config, c.key, EOT_PASSES
+    if getattr(config, "queries_only", False):
+        eot = 1
+    if hasattr(config, "for_randomized"):
+        config, eot = config.for_randomized(), 1
+        key = cell_key(c.attack, config, c.subset)
+    return dataclasses.replace(c, config=config, key=adaptive_key(key, eot, VOTES, ROUNDS), eot=eot,
+                               votes=VOTES, rounds=ROUNDS)

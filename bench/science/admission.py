@@ -1,0 +1,184 @@
+"""Admission checks: what a model does before it is attacked, measured once, kept in its meta.
+
+The checks AutoAttack runs on a model (pyautoattack's checks.py) and two of Pintor et
+al.'s indicators of attack failure (NeurIPS 2022), measured on the test set with numbers
+rather than warnings. None refuses a model; each becomes a flag (bench.science.flags) with the
+numbers that raised it, and two choose adaptive attacks (bench.science.adaptive): a forward
+pass that varies gets EOT cells judged by a majority of passes.
+
+- `probabilities`: every output row lies in [0, 1] and sums to 1, i.e. softmax outputs,
+  on which cross-entropy attacks see flattened gradients.
+- `randomized`: repeated forward passes on the same inputs differ.
+- `autograd_calls`: torch.autograd.grad or backward called inside one forward pass (a
+  defense that optimizes its input at inference time).
+- `zero_gradient`: samples whose input gradient of the cross-entropy is exactly zero
+  (saturated softmax, a step function, a detached input).
+- `noise_flips`: correctly classified samples whose prediction changes under uniform
+  noise of a twentieth of the threat budget, on a model whose passes do not vary: a
+  loss surface too rugged for a gradient to describe.
+- `loss_rising`: a PGD run on cross-entropy, traced step by step; the mean loss still
+  climbing over its last tenth of steps means the attack stopped before converging.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.engine.evaluate import frozen
+
+SCHEMA = 2
+"""Bumped when a check changes, so stored checks are measured again."""
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    n: int = 500
+    """Test samples the checks use (the first n)."""
+    passes: int = 5
+    """Forward passes compared for randomness (AutoAttack's check uses 5)."""
+    noise_fraction: float = 0.05
+    """Noise amplitude for `noise_flips`, as a fraction of the L-inf budget."""
+    trace_steps: int = 100
+    """PGD steps of the traced run behind `loss_rising`."""
+    seed: int = 0
+    """Seed of the noise and of the traced run's random start."""
+
+
+def _autograd_codes() -> set:
+    import torch.autograd
+
+    fns = [torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward]
+    return {getattr(f, "__code__", None) for f in fns} - {None}
+
+
+def count_autograd_calls(model, x) -> int:
+    """Calls of torch.autograd.grad/backward made by one forward pass of model on x.
+
+    Traced by code object (sys.setprofile), so an alias (`from torch.autograd import grad`)
+    counts too; any profiler already installed is put back.
+    """
+    codes = _autograd_codes()
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        if event == "call" and frame.f_code in codes:
+            calls += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        with torch.enable_grad():
+            model(x.clone().requires_grad_(True))
+    finally:
+        sys.setprofile(previous)
+    return calls
+
+
+def _zero_grad_share(model, x, y) -> tuple[int, int]:
+    """(samples whose cross-entropy input gradient is exactly zero, samples)."""
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(xg).float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg)
+    zero = grad.flatten(1).abs().sum(1) == 0
+    return int(zero.sum()), len(x)
+
+
+def _traced_pgd(model, x, y, eps: float, steps: int, generator) -> list[float]:
+    """Mean cross-entropy per step of a plain L-inf PGD (step 2.5 eps / steps), no early stop."""
+    step = 2.5 * eps / steps
+    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    x_adv = (x + (2 * torch.rand(x.shape, generator=generator).to(x.device) - 1) * eps).clamp(lo, hi)
+    trace = []
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            losses = F.cross_entropy(model(x_adv).float(), y, reduction="none")
+            (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+        trace.append(float(losses.detach().mean()))
+        x_adv = (x_adv.detach() + step * grad.sign()).clamp(lo, hi)
+    return trace
+
+
+def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+          cfg: AdmissionConfig = AdmissionConfig()) -> dict:
+    """Every admission check on the first cfg.n samples; numbers only, judged in bench.science.flags."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x, y = x[:cfg.n].to(device), y[:cfg.n].to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with frozen(model):
+        with torch.no_grad():
+            outs = [model(x).float() for _ in range(cfg.passes)]
+        z = outs[0]
+        preds = torch.stack([o.argmax(1) for o in outs])
+        norm = z.norm(dim=1).clamp_min(1e-10)
+        randomized = {
+            "passes": cfg.passes,
+            "max_output_diff": max(float((o - z).abs().max()) for o in outs),
+            # Per sample, relative to its output's norm (AutoAttack's check): a GPU kernel
+            # choice moves outputs by ~1e-7 of that, which is not randomness.
+            "max_relative_diff": max(float(((o - z).norm(dim=1) / norm).max()) for o in outs),
+            "share_prediction_changed": float((preds != preds[0]).any(0).float().mean()),
+        }
+        probabilities = {"min": float(z.min()), "max": float(z.max()),
+                         "max_row_sum_error": float((z.sum(1) - 1).abs().max())}
+        zero, n = _zero_grad_share(model, x, y)
+        calls = count_autograd_calls(model, x[:8])
+        noise = None
+        if not _varies(randomized):
+            amp = cfg.noise_fraction * eps
+            noisy = (x + (2 * torch.rand(x.shape, generator=gen).to(device) - 1) * amp).clamp(0, 1)
+            with torch.no_grad():
+                flipped = model(noisy).float().argmax(1) != z.argmax(1)
+            correct = z.argmax(1) == y
+            noise = {"amplitude": amp, "flipped": int((flipped & correct).sum()), "correct": int(correct.sum())}
+        sub = slice(0, min(100, len(x)))
+        trace = _traced_pgd(model, x[sub], y[sub], eps, cfg.trace_steps, gen)
+    tail = max(2, cfg.trace_steps // 10)
+    return {
+        "schema": SCHEMA, "config": asdict(cfg), "n": n,
+        "probabilities": probabilities,
+        "randomized": randomized,
+        "autograd_calls": calls,
+        "zero_gradient": {"count": zero, "n": n, "share": zero / n},
+        "noise_flips": noise,
+        "loss_rising": {"steps": cfg.trace_steps, "n": len(x[sub]), "tail": tail,
+                        "loss_before_tail": trace[-tail - 1], "loss_last": trace[-1],
+                        "trace": [round(v, 5) for v in trace[:: max(1, cfg.trace_steps // 20)]]},
+    }
+
+
+RELATIVE_TOLERANCE = 1e-4
+"""Outputs that move by more than this fraction of their norm between passes, or any
+prediction that changes, make a model randomized (AutoAttack's check uses 1e-4)."""
+
+
+def _varies(r: dict) -> bool:
+    relative = r.get("max_relative_diff", r["max_output_diff"])
+    return r["share_prediction_changed"] > 0 or relative > RELATIVE_TOLERANCE
+
+
+def is_randomized(admission: dict | None) -> bool:
+    return bool(admission) and _varies(admission["randomized"])
+
+
+def ensure_admission(bench, row, model) -> dict:
+    """The checkpoint's admission checks: from its meta, or measured now and stored there.
+
+    `model` builds the model; it is called only when the checks are missing or stale.
+    """
+    from bench.core.data import get_spec, load_dataset
+
+    stored = (row.meta or {}).get("admission")
+    if stored and stored.get("schema") == SCHEMA:
+        return stored
+    x, y = load_dataset(row.dataset, "test", bench.data_root)
+    result = admit(model(), x, y, get_spec(row.dataset).threat.eps)
+    meta = dict(row.meta or {}, admission=result)
+    bench.store.set_meta(row.id, meta)
+    row.meta = meta
+    return result

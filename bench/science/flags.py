@@ -1,0 +1,326 @@
+"""Reliability checks over stored results: signs of gradient masking and weak attacks.
+
+Each check reads the checkpoint's stored cells and returns a flag with the numbers that
+raised it (and the keys of the cells they come from), or nothing. Flags are derived
+data: recomputed after every run and replaced in one transaction. "More than a point"
+means more than 0.01 of accuracy. White-box PGD means the full-test-set L-inf PGD cells
+of the checkpoint's own threat model; a subset cell (SPSA on 100 images) is compared
+with PGD on the very same images.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+
+from bench.store.db import Checkpoint, Evaluation, Store, Transfer
+
+POINT = 0.01
+
+
+def _beyond(drop: float) -> bool:
+    """More than a point. Accuracies are k/n stored through float32 means, so a drop of
+    exactly one point can read as 0.0100000x; that is still one point, not more."""
+    return drop - POINT > 1e-6
+
+FLAG_TEXT = {
+    "pgd_still_falling": "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter "
+                         "attacks had not converged, so short-PGD numbers overstate robustness.",
+    "restarts_matter": "Random restarts lower accuracy by more than a point: single-start PGD is "
+                       "not finding the worst case, a sign of a rugged or masked loss surface.",
+    "fgsm_stronger_than_pgd": "One FGSM step beats iterative PGD: the iterative attack is being "
+                              "misled, a classic sign of gradient masking.",
+    "spsa_stronger_than_pgd": "The gradient-free SPSA attack beats white-box PGD on the same images: "
+                              "the gradients PGD follows are not informative (gradient masking).",
+    "transfer_stronger_than_pgd": "A black-box transfer attack beats white-box PGD: white-box "
+                                  "gradients are masked.",
+    "unbounded_not_zero": "PGD with an unbounded budget does not drive accuracy to zero: the attack "
+                          "cannot follow the model's gradients (Athalye et al.'s sanity check).",
+    "autoattack_warning": "AutoAttack's own checks warned about this model.",
+    "outputs_probabilities": "The model's outputs lie in [0, 1] and sum to 1 per sample: they are "
+                             "probabilities, not logits. Cross-entropy on probabilities has flattened "
+                             "gradients, so gradient attacks understate what is possible.",
+    "randomized_forward": "Repeated forward passes on the same inputs differ: the model is randomized. "
+                          "Its cells are crafted with EOT (gradients averaged over passes) and each "
+                          "verdict is a majority of passes, as the cell keys record.",
+    "autograd_in_forward": "The forward pass calls autograd itself (a defense that optimizes at inference "
+                           "time): attacks that differentiate through it may follow a gradient of the "
+                           "wrong function; an adaptive attack is needed.",
+    "zero_gradients": "Some samples have an input gradient of cross-entropy of exactly "
+                      "zero (a saturated softmax, a step function or a detached input): gradient "
+                      "attacks cannot move them, so their robustness is unproven (Pintor et al.'s "
+                      "indicator of unavailable gradients; AutoAttack's zero-gradient check).",
+    "noise_flips": "Predictions change under uniform noise of a twentieth of the budget on a model "
+                   "whose passes do not vary: the loss surface is too rugged for its gradient to "
+                   "point anywhere useful (gradient shattering).",
+    "attack_not_converged": "A traced PGD run's cross-entropy was still rising over its last tenth of "
+                            "steps: the attack had not converged (Pintor et al.'s incomplete "
+                            "optimization), so longer or stronger attacks may find more.",
+    "square_stronger_than_pgd": "The query-based Square attack broke more than a point of samples "
+                                "that no white-box gradient attack (FGSM, PGD) broke: a black-box "
+                                "attack beating white-box ones means the gradients are masked "
+                                "(Pintor et al.; AutoAttack's Square check).",
+}
+
+MASKING = ("fgsm_stronger_than_pgd", "spsa_stronger_than_pgd", "transfer_stronger_than_pgd",
+           "unbounded_not_zero", "outputs_probabilities", "randomized_forward", "autograd_in_forward",
+           "zero_gradients", "noise_flips", "square_stronger_than_pgd")
+"""Flags that say the gradients an attack follows are masked, broken or random."""
+
+
+def _pgd(cells: list[Evaluation], threat: str) -> list[Evaluation]:
+    """White-box PGD: full-set L-inf PGD cells of the threat model."""
+    return [c for c in cells if c.attack == "pgd" and c.threat == threat and c.indices is None
+            and c.params.get("norm", "linf") == "linf"]
+
+
+def _variant(c: Evaluation, *fields: str) -> tuple:
+    """What a cell shares with the cells it is compared to (all but steps or restarts)."""
+    return tuple(c.params.get(f) for f in fields)
+
+
+def _acc_on(cell: Evaluation | Transfer, indices) -> float:
+    """A full-set cell's robust accuracy on the given test-set indices (None: all)."""
+    bits = cell.correct()
+    return float(bits.mean()) if indices is None else float(bits[np.asarray(indices, dtype=np.int64)].mean())
+
+
+def _strongest_pgd_on(cells: list[Evaluation], threat: str, indices) -> tuple[float, str] | None:
+    """(accuracy, cell key) of the strongest white-box PGD cell on these images."""
+    scored = [(_acc_on(c, indices), c.cell_key) for c in _pgd(cells, threat)]
+    return min(scored) if scored else None
+
+
+def pgd_still_falling(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    groups: dict[tuple, dict[int, Evaluation]] = defaultdict(dict)
+    for c in _pgd(cells, ck.threat):
+        if c.params.get("restarts", 1) == 1:
+            groups[_variant(c, "loss", "step_size", "random_start")][c.params["steps"]] = c
+    worst = None
+    for by_steps in groups.values():
+        longest = max(by_steps)
+        if 20 not in by_steps or longest <= 20:
+            continue
+        drop = by_steps[20].robust_acc - by_steps[longest].robust_acc
+        if _beyond(drop) and (worst is None or drop > worst["drop"]):
+            worst = {"loss": by_steps[20].params.get("loss"), "pgd20": by_steps[20].robust_acc,
+                     "steps": longest, "longest": by_steps[longest].robust_acc, "drop": drop,
+                     "cells": [by_steps[20].cell_key, by_steps[longest].cell_key]}
+    return {"numbers": worst} if worst else None
+
+
+def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    groups: dict[tuple, list[Evaluation]] = defaultdict(list)
+    for c in _pgd(cells, ck.threat):
+        groups[_variant(c, "loss", "steps", "step_size", "random_start")].append(c)
+    worst = None
+    for runs in groups.values():
+        single = next((c for c in runs if c.params.get("restarts", 1) == 1), None)
+        if single is None:
+            continue
+        for c in runs:
+            drop = single.robust_acc - c.robust_acc
+            if c.params.get("restarts", 1) > 1 and _beyond(drop) and (worst is None or drop > worst["drop"]):
+                worst = {"loss": c.params.get("loss"), "steps": c.params["steps"], "restarts": c.params["restarts"],
+                         "single": single.robust_acc, "restarts_acc": c.robust_acc, "drop": drop,
+                         "cells": [single.cell_key, c.cell_key]}
+    return {"numbers": worst} if worst else None
+
+
+def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    fgsm = [c for c in cells if c.attack == "fgsm" and c.threat == ck.threat and c.indices is None]
+    pgd = _pgd(cells, ck.threat)
+    if not fgsm or not pgd:
+        return None
+    f = min(fgsm, key=lambda c: c.robust_acc)
+    best = min(pgd, key=lambda c: c.robust_acc)
+    if _beyond(best.robust_acc - f.robust_acc):
+        return {"numbers": {"fgsm": f.robust_acc, "best_pgd": best.robust_acc,
+                            "cells": [f.cell_key, best.cell_key]}}
+    return None
+
+
+def _stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], rivals: list) -> dict | None:
+    """The rival cell that beats the strongest PGD on its own images by the most."""
+    worst = None
+    for r in rivals:
+        pgd = _strongest_pgd_on(cells, ck.threat, r.indices)
+        if pgd is None:
+            return None
+        gap = pgd[0] - r.robust_acc
+        if _beyond(gap) and (worst is None or gap > worst[0]):
+            worst = (gap, r, pgd)
+    return worst
+
+
+def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    spsa = [c for c in cells if c.attack == "spsa" and c.threat == ck.threat]
+    hit = _stronger_than_pgd(ck, cells, spsa)
+    if hit is None:
+        return None
+    gap, c, (pgd_acc, pgd_key) = hit
+    return {"numbers": {"spsa": c.robust_acc, "pgd_same_images": pgd_acc, "n": c.n,
+                        "cells": [c.cell_key, pgd_key]}}
+
+
+def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
+    hit = _stronger_than_pgd(ck, cells, incoming)
+    if hit is None:
+        return None
+    gap, t, (pgd_acc, pgd_key) = hit
+    return {"numbers": {"transfer": t.robust_acc, "source_id": t.source_id, "pgd_same_images": pgd_acc,
+                        "n": t.n, "cells": [t.cell_key, pgd_key]}}
+
+
+def unbounded_not_zero(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    sweep = [c for c in cells if c.attack == "unbounded"]
+    if not sweep:
+        return None
+    top_eps = max(c.params["eps"] for c in sweep)
+    # Several cells may share the top eps (Table 9 has two at 150/255): the best of them.
+    top = min((c for c in sweep if c.params["eps"] == top_eps), key=lambda c: c.robust_acc)
+    if top.robust_acc > 0:
+        curve = {f"{e:g}": min(c.robust_acc for c in sweep if c.params["eps"] == e)
+                 for e in sorted({c.params["eps"] for c in sweep})}
+        return {"numbers": {"eps": top_eps, "accuracy": top.robust_acc, "sweep": curve,
+                            "cells": [top.cell_key]}}
+    return None
+
+
+def autoattack_warning(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    raised = [c for c in cells if c.attack == "autoattack" and (c.extra or {}).get("warnings")]
+    if not raised:
+        return None
+    messages = sorted({m for c in raised for m in c.extra["warnings"]})
+    return {"numbers": {"warnings": messages, "cells": [c.cell_key for c in raised]}}
+
+
+def _admission(ck: Checkpoint) -> dict:
+    return (getattr(ck, "meta", None) or {}).get("admission") or {}
+
+
+PROBABILITY_TOLERANCE = 1e-4
+
+
+def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    p = _admission(ck).get("probabilities")
+    if p and p["min"] >= -PROBABILITY_TOLERANCE and p["max"] <= 1 + PROBABILITY_TOLERANCE \
+            and p["max_row_sum_error"] <= PROBABILITY_TOLERANCE:
+        return {"numbers": dict(p)}
+    return None
+
+
+def randomized_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    from bench.science.admission import is_randomized
+
+    a = _admission(ck)
+    return {"numbers": dict(a["randomized"])} if is_randomized(a) else None
+
+
+def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    calls = _admission(ck).get("autograd_calls")
+    return {"numbers": {"autograd_calls_per_forward": calls}} if calls else None
+
+
+def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    z = _admission(ck).get("zero_gradient")
+    return {"numbers": dict(z)} if z and z["count"] > 0 else None
+
+
+NOISE_FLIP_SHARE = 0.02
+"""More than this share of correct samples flipping under tiny noise raises noise_flips."""
+
+
+def noise_flips(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    n = _admission(ck).get("noise_flips")
+    if n and n["correct"] and n["flipped"] / n["correct"] > NOISE_FLIP_SHARE:
+        return {"numbers": dict(n, share=n["flipped"] / n["correct"])}
+    return None
+
+
+RISING = 0.05
+"""A traced PGD's mean loss rising by more than this fraction over its last tenth of steps."""
+
+
+def attack_not_converged(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    t = _admission(ck).get("loss_rising")
+    if not t:
+        return None
+    before, last = t["loss_before_tail"], t["loss_last"]
+    if last - before > RISING * max(abs(before), 1e-12):
+        return {"numbers": {k: t[k] for k in ("steps", "n", "tail", "loss_before_tail", "loss_last", "trace")}}
+    return None
+
+
+WHITE_BOX = ("fgsm", "pgd")
+BLACK_BOX = ("square",)
+"""Query-based cells compared sample by sample with the white-box ones (SPSA and transfers
+have flags of their own, compared by accuracy on the same images)."""
+
+
+def _broken(cell, size: int) -> np.ndarray:
+    """A bool per test sample: broken by this cell (False where it did not run)."""
+    out = np.zeros(size, dtype=bool)
+    bits = cell.correct()
+    if cell.indices is None:
+        if len(bits) == size:
+            out = ~bits
+    else:
+        out[np.asarray(cell.indices, dtype=np.int64)] = ~bits
+    return out
+
+
+def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
+    black = [c for c in cells if c.attack in BLACK_BOX and c.threat == ck.threat]
+    full = [c for c in white if c.indices is None]
+    if not full or not black:
+        return None
+    size = full[0].n
+    by_white = np.zeros(size, dtype=bool)
+    for c in white:
+        by_white |= _broken(c, size)
+    by_black = np.zeros(size, dtype=bool)
+    for c in black:
+        by_black |= _broken(c, size)
+    only = int((by_black & ~by_white).sum())
+    if _beyond(only / size):
+        return {"numbers": {"broken_only_by_square": only, "n": size, "share": only / size,
+                            "whitebox_broken": int(by_white.sum()), "square_broken": int(by_black.sum()),
+                            "cells": sorted({c.cell_key for c in black})}}
+    return None
+
+
+CHECKS: dict[str, Callable] = {
+    "pgd_still_falling": pgd_still_falling,
+    "restarts_matter": restarts_matter,
+    "fgsm_stronger_than_pgd": fgsm_stronger_than_pgd,
+    "spsa_stronger_than_pgd": spsa_stronger_than_pgd,
+    "transfer_stronger_than_pgd": transfer_stronger_than_pgd,
+    "unbounded_not_zero": unbounded_not_zero,
+    "autoattack_warning": autoattack_warning,
+    "outputs_probabilities": outputs_probabilities,
+    "randomized_forward": randomized_forward,
+    "autograd_in_forward": autograd_in_forward,
+    "zero_gradients": zero_gradients,
+    "noise_flips": noise_flips,
+    "attack_not_converged": attack_not_converged,
+    "square_stronger_than_pgd": square_stronger_than_pgd,
+}
+
+
+def compute_flags(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> list[dict]:
+    flags = []
+    for name, check in CHECKS.items():
+        hit = check(ck, cells, transfers)
+        if hit:
+            flags.append({"name": name, "message": FLAG_TEXT[name], "numbers": hit["numbers"]})
+    return flags
+
+
+def recompute_flags(store: Store, ck: Checkpoint) -> list[dict]:
+    flags = compute_flags(ck, store.evaluations([ck.id]), store.transfers([ck.id]))
+    store.replace_flags(ck.id, flags)
+    return flags
