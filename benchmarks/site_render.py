@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
+from bench.reporting.site import build_site
+from bench.reporting.site.svg import svg_hist, svg_lines
 from bench.science.flags import FLAG_TEXT
-from bench.reporting.site import build_site, svg_hist, svg_lines
 from bench.store.db import Checkpoint, Evaluation, Flag, Store, Transfer, pack_bits
 
 TEST_SIZE = 1000

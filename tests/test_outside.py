@@ -278,11 +278,11 @@ class Saturated(torch.nn.Module):
 
 
 def test_boards_tell_override_variants_apart():
-    from bench.reporting.site import _overrides
+    from bench.reporting.site.load import override_labels
 
     def ck(id_, beta, epochs=30, preset="logit_squeeze_digits"):
         return Checkpoint(id=id_, dataset="digits", defense="logit_squeeze", preset=preset,
                           config={"beta": beta, "sigma": 0.5}, train_config={"epochs": epochs, "lr": 0.1})
 
-    labels = _overrides([ck(1, 0.5), ck(2, 1.0), ck(3, 1.0, epochs=5), ck(4, 0.5, preset=None)])
+    labels = override_labels([ck(1, 0.5), ck(2, 1.0), ck(3, 1.0, epochs=5), ck(4, 0.5, preset=None)])
     assert labels == {1: "beta=0.5, epochs=30", 2: "beta=1, epochs=30", 3: "beta=1, epochs=5"}

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bench.errors import BenchError
-from bench.reporting.site import MARKER, build_site
+from bench.reporting.site import MARKER, build_site, render
 from bench.store.db import Store, pack_bits, worst_case
 
 N = 60  # test-set size of the synthetic store
@@ -589,13 +589,11 @@ def test_a_failed_build_leaves_the_old_site(built, tmp_path, monkeypatch):
     build_site(built.store, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert (out / MARKER).is_file()
-    import bench.reporting.site
-
     def broken(data, folder):
         (folder / "index.html").write_text("half a site")
         raise RuntimeError("template exploded")
 
-    monkeypatch.setattr(bench.reporting.site, "_render", broken)
+    monkeypatch.setattr(render, "render", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         build_site(built.store, out)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

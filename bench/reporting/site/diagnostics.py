@@ -10,20 +10,18 @@
   checkpoint trained against an adversary, labelled by the adversary's strength
   (their Fig. 2: logits squashed more under stronger training adversaries).
 
-Plots are hand-written SVG like bench.reporting.site's (see the note there on why not matplotlib).
+Plots are hand-written SVG from bench.reporting.site.svg (see the note there on why not matplotlib).
 """
 from __future__ import annotations
-
-import base64
-import math
-import struct
-import zlib
-from typing import Any
 
 import numpy as np
 from markupsafe import Markup
 
+from bench.core.data import DATASETS
 from bench.reporting.diagnosis import measured
+from bench.reporting.format import fmt, pct
+from bench.reporting.site.names import compare_path, page_path
+from bench.reporting.site.svg import heatmap_png, svg_hist
 from bench.science.diagnostics import stored_eps_l
 
 # Quantities of the Table 1 row: (summary key, header, format).
@@ -39,18 +37,6 @@ QUANTITIES = [
 HIST_BINS = 30
 HEAT_CELL = 5
 """Pixels per landscape grid point."""
-# A perceptually ordered palette (viridis, five stops) for the loss heatmaps.
-PALETTE = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-
-
-def fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:{spec}}"
-
-
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
 
 
 def _values(diag, name: str) -> np.ndarray:
@@ -79,8 +65,6 @@ def table_row(ck, diag, cells: list, href: str) -> dict:
 def _hist_svg(series: list[tuple[str, np.ndarray]], xlabel: str) -> str:
     """Overlaid histograms on shared bins spanning the 1st to 99th percentile of all the
     values (the rest fall into the end bins, so one outlier cannot squash the plot)."""
-    from bench.reporting.site import svg_hist
-
     pooled = np.concatenate([v for _, v in series if len(v)]) if any(len(v) for _, v in series) else np.array([])
     if not len(pooled):
         return ""
@@ -104,41 +88,6 @@ def fig1_plots(ck, diag, natural, prefix: str = "diag") -> list[dict]:
             series.append(("natural", _values(natural, key)))
         plots.append({"id": f"{prefix}-{key.replace('_', '-')}", "title": title, "svg": Markup(_hist_svg(series, xlabel))})
     return plots
-
-
-def _rgb(t: float) -> tuple[int, int, int]:
-    t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
-    i = min(int(t), len(PALETTE) - 2)
-    f = t - i
-    r, g, b = (round(a + (c - a) * f) for a, c in zip(PALETTE[i], PALETTE[i + 1]))
-    return r, g, b
-
-
-def heatmap_png(loss: list[list[float | None]], lo: float, hi: float) -> str:
-    """One landscape as a PNG data URI, one pixel a grid point (the page scales it up
-    with crisp edges): rows the adversarial direction (top −, bottom +), columns the
-    random one, colour log(1 + loss) on a scale shared by the images. A 21 x 21 grid as
-    SVG squares was 30 KB a picture, 240 KB a page; as PNG it is under 2 KB."""
-    span = (math.log1p(hi) - math.log1p(lo)) or 1.0
-    rows = []
-    for row in loss:
-        pixels = bytearray()
-        for v in row:
-            color = (153, 153, 153) if v is None else _rgb((math.log1p(v) - math.log1p(lo)) / span)
-            pixels.extend(color)
-        rows.append(bytes(pixels))
-    return "data:image/png;base64," + base64.b64encode(_png(rows, len(loss[0]), len(loss))).decode()
-
-
-def _png(rows: list[bytes], width: int, height: int) -> bytes:
-    """An 8-bit RGB PNG from raw rows. Written out here (a signature and three chunks)
-    rather than adding an imaging library as a dependency for one tiny picture type."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    raw = b"".join(b"\x00" + row for row in rows)  # filter type 0 (none) on every row
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
 def landscapes(diag) -> dict:
@@ -170,10 +119,6 @@ def checkpoint_section(ck, diag, natural, cells: list, root: str) -> dict | None
             "natural": natural is not None and natural.checkpoint_id != diag.checkpoint_id}
 
 
-def compare_path(dataset: str) -> str:
-    return f"compare-{dataset}.html"
-
-
 def _adversary(ck) -> tuple[float, str, str] | None:
     """(strength, short label, long label) of a checkpoint's training adversary, from its
     config: steps times step size is how far it can walk; None when it trains on none."""
@@ -181,8 +126,6 @@ def _adversary(ck) -> tuple[float, str, str] | None:
     steps = cfg.get("attack_steps")
     if not isinstance(steps, int) or cfg.get("clean_weight", 0.0) == 1.0:
         return None
-    from bench.core.data import DATASETS
-
     threat = DATASETS[ck.dataset].threat if ck.dataset in DATASETS else None
     step = cfg.get("attack_step_size") or (threat.step_size if threat else None)
     eps = cfg.get("attack_eps") or (threat.eps if threat else None)
@@ -208,7 +151,7 @@ def fig2_plot(cks, diags: dict) -> dict:
             "labels": [label for _, _, label, _ in series]}
 
 
-def compare_page(dataset: str, cks: list, diags: dict, cells: dict, root: str, page_path) -> dict:
+def compare_page(dataset: str, cks: list, diags: dict, cells: dict, root: str) -> dict:
     """The template context of compare-<dataset>.html."""
     rows = [table_row(ck, diags[ck.id], cells.get(ck.id, []), f"{root}{page_path(ck)}")
             for ck in cks if ck.id in diags]

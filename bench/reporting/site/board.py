@@ -1,0 +1,102 @@
+"""index.html's boards: one per dataset and threat model, ranked by worst-case robust accuracy."""
+from __future__ import annotations
+
+import math
+import types
+from collections import defaultdict
+
+from bench.reporting.format import missing, pct
+from bench.reporting.site.load import SiteData
+from bench.reporting.site.names import page_path
+from bench.store.db import worst_case
+
+# Board columns after clean accuracy: (column id, header, cell label). The label is what
+# `cell_label` calls a cell, and also the key of the paper's number in a preset
+# (meta["paper"]); None is the longest PGD run, whatever its step count.
+BOARD_COLUMNS = [
+    ("fgsm", "FGSM", "fgsm"),
+    ("pgd20", "PGD\u201120", "pgd20"),  # non-breaking hyphens: a header never splits there
+    ("pgd_longest", "PGD longest", None),
+    ("cw20", "CW\u201120", "cw20"),
+    ("spsa", "SPSA", "spsa"),
+    ("autoattack", "AutoAttack", "autoattack"),
+]
+
+
+def boards(data: SiteData) -> list[dict]:
+    """One board per dataset and threat model, rows ranked by worst-case robust accuracy.
+
+    A checkpoint's own threat model always has a board; another threat model (an L2
+    budget, say) gets one where some cell of it falls in a board column.
+    """
+    frame = data.frame
+    full = frame[~frame["subset"]]
+    # The strongest (lowest) number per checkpoint, threat and column label.
+    table = frame.groupby(["checkpoint_id", "threat", "label"])["robust_acc"].min().to_dict()
+    subset_n = frame[frame["subset"]].groupby(["checkpoint_id", "threat", "label"])["n"].min().to_dict()
+    pgd = full[(full["attack"] == "pgd") & (full["loss"] == "xent") & (full["restarts"] == 1)]
+    longest = pgd.groupby(["checkpoint_id", "threat"])["steps"].max().to_dict()
+    test_size = full.groupby(["checkpoint_id", "threat"])["n"].max().to_dict()
+    column_labels = {label for _, _, label in BOARD_COLUMNS if label}
+    by_id = {ck.id: ck for ck in data.checkpoints}
+
+    members: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for ck in data.checkpoints:
+        members[(ck.dataset, ck.threat)].add(ck.id)
+    for cid, threat in {*longest, *((c, t) for c, t, label in table if label in column_labels)}:
+        members[(by_id[cid].dataset, threat)].add(cid)
+
+    def value(cid, threat, label):
+        v = table.get((cid, threat, label))
+        return None if v is None or math.isnan(v) else float(v)
+
+    out = []
+    own = {(ck.dataset, ck.threat) for ck in data.checkpoints}
+    for dataset, threat in sorted(members, key=lambda k: (k[0], k not in own, k[1])):
+        rows = []
+        for cid in members[(dataset, threat)]:
+            ck = by_id[cid]
+            meta = ck.meta or {}
+            # The paper's numbers are for the checkpoint's own threat model only.
+            paper = (meta.get("paper") or {}) if threat == ck.threat else {}
+            size = test_size.get((cid, threat))
+            wc = None
+            if size:
+                wc = worst_case(types.SimpleNamespace(threat=threat), data.cells[cid],
+                                data.incoming[cid], int(size))
+            cols = [_cell("clean", meta.get("clean_acc"), paper.get("clean"))]
+            for col, _, label in BOARD_COLUMNS:
+                note = ""
+                if label is None:
+                    steps = longest.get((cid, threat))
+                    label = f"pgd{int(steps)}" if steps is not None and not math.isnan(steps) else None
+                    note = f"{int(steps)} steps" if label else ""
+                v = value(cid, threat, label) if label else None
+                n = subset_n.get((cid, threat, label)) if label else None
+                if n is not None and v is not None:
+                    note = f"on {int(n)} images"
+                cols.append(_cell(col, v, paper.get(label) if label else None, note))
+            cols.append(_cell("worst", wc["robust_acc"] if wc else None, None,
+                              f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""))
+            rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
+                         "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
+                         "overrides": data.overrides.get(cid, ""),
+                         "outside": (meta.get("outside") or {}).get("factory") or "",
+                         "cols": cols, "worst": wc["robust_acc"] if wc else None,
+                         "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
+                                   for f in data.flags[cid]] if threat == ck.threat else [],
+                         "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",
+                                  "device": ck.device}})
+        rows.sort(key=lambda r: (r["worst"] is None, -(r["worst"] or 0.0), r["defense"], r["key"]))
+        for rank, r in enumerate(rows, 1):
+            r["rank"] = rank
+        out.append({"id": f"board-{dataset}-{threat}", "dataset": dataset, "threat": threat,
+                       "own": (dataset, threat) in own, "rows": rows,
+                       "columns": [("clean", "Clean")] + [(c, h) for c, h, _ in BOARD_COLUMNS] + [("worst", "Worst case")]})
+    return out
+
+
+def _cell(col: str, value: float | None, paper: float | None, note: str = "") -> dict:
+    # No paper number prints no note at all, not a dash (the template tests for the text).
+    return {"col": col, "value": "" if value is None else repr(float(value)), "text": pct(value),
+            "paper": "" if missing(paper) else pct(paper), "note": note}

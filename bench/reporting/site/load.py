@@ -1,0 +1,146 @@
+"""Reading the store into what the pages are computed from: one read per table, no ORM objects."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import defaultdict
+
+import pandas as pd
+from sqlalchemy import Text, null, select, type_coerce
+
+from bench.reporting.format import num
+from bench.reporting.site.names import cell_label
+from bench.store.db import Checkpoint, Evaluation, Store, Transfer, unpack_bits
+
+
+@dataclasses.dataclass(slots=True)
+class StoredCell:
+    """One stored evaluation or transfer row, read with a plain select (no ORM objects).
+
+    `extra` comes as text and is parsed on first use: it holds the logit histograms and
+    is most of a row's bytes, and only a few pages need it.
+    """
+
+    checkpoint_id: int
+    """The attacked checkpoint (a transfer's target)."""
+    source_id: int | None
+    cell_key: str
+    attack: str
+    params: dict
+    threat: str
+    clean_acc: float
+    robust_acc: float
+    n: int
+    seconds: float
+    correct_bits: bytes
+    indices: list | None
+    raw_extra: str | None
+    device: str
+    _extra: dict | None = None
+
+    def correct(self):
+        return unpack_bits(self.correct_bits, self.n)
+
+    @property
+    def extra(self) -> dict:
+        if self._extra is None:
+            self._extra = json.loads(self.raw_extra) if self.raw_extra else {}
+        return self._extra
+
+    @property
+    def warnings(self) -> list[str]:
+        # Most cells warn of nothing; seeing that in the text spares parsing the histograms.
+        raw = self.raw_extra or ""
+        if '"warnings"' not in raw or _NO_WARNINGS.search(raw):
+            return []
+        return [str(w) for w in self.extra.get("warnings") or []]
+
+
+_NO_WARNINGS = re.compile(r'"warnings"\s*:\s*\[\s*\]')
+
+
+@dataclasses.dataclass
+class SiteData:
+    checkpoints: list[Checkpoint]
+    cells: dict[int, list[StoredCell]]
+    incoming: dict[int, list[StoredCell]]
+    outgoing: dict[int, list[StoredCell]]
+    flags: dict[int, list]
+    frame: pd.DataFrame
+    """One row per stored evaluation: checkpoint_id, cell_key, attack, threat, label, ..."""
+    diagnostics: dict = dataclasses.field(default_factory=dict)
+    """bench.store.db.Diagnostic rows by checkpoint id."""
+    overrides: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Per checkpoint, the settings that tell it apart from others of its defense and
+    preset (`beta=0.5, epochs=30`); absent where nothing needs telling apart."""
+
+
+def _read_cells(store: Store, table) -> list[StoredCell]:
+    target = table.target_id if table is Transfer else table.checkpoint_id
+    source = table.source_id if table is Transfer else null()
+    query = select(target, source, table.cell_key, table.attack, table.params, table.threat, table.clean_acc,
+                   table.robust_acc, table.n, table.seconds, table.correct_bits, table.indices,
+                   type_coerce(table.extra, Text), table.device).order_by(table.id)
+    with store.Session() as s:
+        return [StoredCell(*row) for row in s.execute(query)]
+
+
+def load_data(store: Store) -> SiteData:
+    """Everything the site shows, read from the store once."""
+    cks = store.checkpoints()
+    cells: dict[int, list[StoredCell]] = defaultdict(list)
+    for e in _read_cells(store, Evaluation):
+        cells[e.checkpoint_id].append(e)
+    incoming: dict[int, list[StoredCell]] = defaultdict(list)
+    outgoing: dict[int, list[StoredCell]] = defaultdict(list)
+    for t in _read_cells(store, Transfer):
+        incoming[t.checkpoint_id].append(t)
+        outgoing[t.source_id].append(t)
+    flags: dict[int, list] = defaultdict(list)
+    for f in store.flags():
+        flags[f.checkpoint_id].append(f)
+    rows = [(e.checkpoint_id, e.cell_key, e.attack, e.threat, cell_label(e.attack, e.params),
+             e.params.get("steps") if e.attack == "pgd" else None,
+             e.params.get("loss") if e.attack == "pgd" else None,
+             e.params.get("restarts", 1) if e.attack == "pgd" else None,
+             e.robust_acc, e.n, e.indices is not None)
+            for group in cells.values() for e in group]
+    frame = pd.DataFrame(rows, columns=["checkpoint_id", "cell_key", "attack", "threat", "label", "steps",
+                                        "loss", "restarts", "robust_acc", "n", "subset"])
+    frame = frame.astype({"subset": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
+    diagnostics = {d.checkpoint_id: d for d in store.diagnostics()}
+    return SiteData(cks, cells, incoming, outgoing, flags, frame, diagnostics, override_labels(cks))
+
+
+def override_labels(cks: list[Checkpoint]) -> dict[int, str]:
+    """The config and training settings that differ within each group of checkpoints
+    sharing dataset, defense and preset (two `--set` variants of one recipe), as text."""
+    groups: dict[tuple, list[Checkpoint]] = defaultdict(list)
+    for ck in cks:
+        groups[(ck.dataset, ck.defense, ck.preset)].append(ck)
+    out: dict[int, str] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        flat = {ck.id: {**{k: v for k, v in (ck.config or {}).items() if not isinstance(v, dict)},
+                        **(ck.train_config or {})} for ck in members}
+        keys = sorted({k for f in flat.values() for k in f})
+        differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
+        for ck in members:
+            text = ", ".join(f"{k}={num(flat[ck.id].get(k))}" for k in differ)
+            if text:
+                out[ck.id] = text
+    return out
+
+
+def cell_order(e: StoredCell) -> tuple:
+    """Cells in reading order: by threat, attack, loss, restarts, steps, eps."""
+    p = e.params
+
+    def number(k, default=0.0):
+        v = p.get(k, default)
+        return v if isinstance(v, (int, float)) else default
+
+    return (e.threat, e.attack, str(p.get("loss", "")), number("restarts", 1), number("steps"), number("eps"),
+            e.cell_key)
