@@ -1,4 +1,4 @@
-"""Built-in attacks: one module each, registered with `bench.registry.register_attack`.
+"""Built-in attacks: one module each, registered with `bench.plugin.register_attack`.
 
 Every attack is `perturb(model, x, y, cfg, *, generator) -> x_adv` on inputs in [0, 1].
 The model is passed on every call, already in eval mode with weights that need no

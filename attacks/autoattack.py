@@ -26,9 +26,10 @@ import warnings
 from dataclasses import dataclass, replace
 
 import torch
+from pyautoattack import AutoAttack as PackageAutoAttack
+from pyautoattack import checks
 
-from bench.registry import register_attack
-from bench.validate import NORMS, one_of, radius
+from bench.plugin import NORMS, one_of, radius, register_attack, seed_from
 
 
 class AutoAttackWarning(UserWarning):
@@ -65,12 +66,6 @@ class AutoAttack:
         return replace(self, version="rand")
 
 
-def seed_from(generator: torch.Generator | None) -> int:
-    """The integer seed pyautoattack gets: the next draw of the cell's generator."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
-
-
 class _ToWarnings(logging.Handler):
     """Collects the `auto-attack` logger's warnings while a run is in progress."""
 
@@ -84,9 +79,6 @@ class _ToWarnings(logging.Handler):
 
 def run_autoattack(model, x, y, cfg: AutoAttack, seed: int) -> tuple[torch.Tensor, list[str]]:
     """(x_adv, the package's warnings) for one batch; the global RNG is left untouched."""
-    from pyautoattack import AutoAttack as PackageAutoAttack
-    from pyautoattack import checks
-
     logger = logging.getLogger("auto-attack")
     handler = _ToWarnings()
     saved = (logger.handlers[:], logger.propagate, logger.level)
@@ -112,7 +104,8 @@ def run_autoattack(model, x, y, cfg: AutoAttack, seed: int) -> tuple[torch.Tenso
 
 @register_attack("autoattack", config=AutoAttack)
 def perturb(model, x, y, cfg: AutoAttack, *, generator=None):
-    """AutoAttack's standard ensemble at the cell's eps, seeded from the generator."""
+    """AutoAttack at the cell's eps, in the cell's version (standard, plus or rand),
+    seeded from the generator."""
     x_adv, messages = run_autoattack(model, x, y, cfg, seed_from(generator))
     for message in dict.fromkeys(messages):
         warnings.warn(AutoAttackWarning(message), stacklevel=2)

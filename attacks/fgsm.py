@@ -8,9 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bench.engine.losses import LOSSES
-from bench.registry import register_attack
-from bench.validate import one_of, radius
+from bench.plugin import LOSSES, one_of, radius, register_attack
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,11 @@ early nor hide a break (without this, bf16 PGD read 0.5 to 1.7 points more robus
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
-from bench.engine.losses import LOSSES
-from bench.registry import register_attack
-from bench.validate import NORMS, at_least, one_of, positive, radius
+from bench.plugin import LOSSES, NORMS, at_least, one_of, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -209,6 +208,32 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
             best_loss[idx] = w_loss
             broken[idx] = ~alive
     return best, broken
+
+
+def plain_pgd(model, x, y, cfg: PGD, generator=None, *, loss=None,
+              on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Textbook PGD: every step on every sample from the same start and with the same step
+    and projection as `run_pgd`, no early stop; returns the last iterate.
+
+    For the callers that need the whole path rather than the first break: adversarial
+    training (Madry et al. train on the last iterate) and the admission check that traces
+    the loss step by step. `loss(logits, y)` replaces the cfg's objective (per sample or
+    already reduced: its sum is ascended); `on_step(losses)` sees the objective before
+    each step.
+    """
+    loss_fn = loss or LOSSES[cfg.loss]
+    lo = (x - cfg.eps).clamp(min=0) if cfg.norm == "linf" else None
+    hi = (x + cfg.eps).clamp(max=1) if cfg.norm == "linf" else None
+    x_adv = _random_start(x, cfg, generator)
+    for _ in range(cfg.steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            losses = loss_fn(model(x_adv), y)
+            (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+        if on_step is not None:
+            on_step(losses.detach())
+        x_adv = _step_(x_adv.detach(), x, lo, hi, grad, cfg)
+    return x_adv.detach()
 
 
 @register_attack("pgd", config=PGD)

@@ -22,9 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.engine.losses import cw_margin
-from bench.registry import register_attack
-from bench.validate import at_least, positive, radius
+from bench.plugin import at_least, cw_margin, positive, radius, register_attack
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,9 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
+from pyautoattack.square import SquareAttack
 
-from attacks.autoattack import seed_from
-from bench.registry import register_attack
-from bench.validate import NORMS, at_least, in_range, one_of, radius
+from bench.plugin import NORMS, at_least, in_range, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,6 @@ class Square:
 @register_attack("square", config=Square)
 def perturb(model, x, y, cfg: Square, *, generator=None):
     """Square Attack on the margin loss, every sample, seeded from the generator."""
-    from pyautoattack.square import SquareAttack
-
     devices = [x.device] if x.device.type == "cuda" else []
     seed = seed_from(generator)
     with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False), torch.no_grad():

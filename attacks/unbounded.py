@@ -17,10 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from bench.engine.losses import LOSSES
 from attacks.pgd import PGD, run_pgd
-from bench.registry import register_attack
-from bench.validate import at_least, one_of, positive, radius
+from bench.plugin import LOSSES, at_least, one_of, positive, radius, register_attack
 
 STEPS_PER_THREAT_EPS = 20
 """The threat model's own PGD-20 at multiple 1, growing linearly with the budget."""

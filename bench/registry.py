@@ -7,12 +7,15 @@ error rather than a silent gap in the leaderboard.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
 import math
 import pkgutil
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
@@ -158,10 +161,6 @@ def coerce(annotation: Any, value: Any, *, what: str) -> Any:
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring literal written under each field of a dataclass (the string right
     after `x: int = 1`), inherited fields included."""
-    import ast
-    import inspect
-    import textwrap
-
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):

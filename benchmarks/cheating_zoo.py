@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import bench  # noqa: E402
-from bench.science.adaptive import majority_correct  # noqa: E402
+from bench.engine.verdicts import majority_correct  # noqa: E402
 from bench.core.data import get_spec, load_dataset  # noqa: E402
 from bench.engine.evaluate import evaluate  # noqa: E402
 from bench.science.flags import MASKING  # noqa: E402
@@ -67,7 +67,8 @@ def adaptive(kind: str, model, base, x, y) -> float:
         x_adv = pgd(model, x, y, eot_margin, steps=100)
         ok = majority_correct(model, x_adv, y, 21, device="cpu", batch_size=1024)
         return float((ok & majority_correct(model, x, y, 21, device="cpu", batch_size=1024)).float().mean())
-    from attacks.autoattack import run_autoattack, seed_from
+    from attacks.autoattack import run_autoattack
+    from bench.plugin import seed_from
     from bench.core.matrix import make_cell as mc
 
     cfg = mc("autoattack", {}, SPEC.threat).config

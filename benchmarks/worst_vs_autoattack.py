@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from attacks.autoattack import seed_from
+from bench.plugin import seed_from
 from bench.science.admission import is_randomized
 from bench.core.data import get_spec, load_dataset
 from bench.reporting.results import result_rows
-from bench.run.driver import load_model
+from bench.run.training import load_model
 from bench.store.db import Store
 
 
@@ -65,7 +65,7 @@ def main() -> int:
         aa = autoattack_direct(model, x, y, spec.threat.eps)
         seconds = time.perf_counter() - start
         gap = worst[ck.key] - aa
-        randomized = is_randomized((ck.meta or {}).get("admission"))
+        randomized = is_randomized(ck.admission)
         note = "  (randomized: stored cells use majority votes)" if randomized else ""
         # Accuracies are k/n stored through float32: compare in samples, not in floats.
         above += round(gap * len(x)) > 0 and not randomized

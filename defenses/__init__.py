@@ -1,4 +1,4 @@
-"""Built-in defenses: one module each, registered with `bench.registry.register_defense`.
+"""Built-in defenses: one module each, registered with `bench.plugin.register_defense`.
 
 A defense is a frozen config dataclass (its own hyperparameters, a docstring on each
 field) and `loss(model, x, y, cfg, ctx) -> Tensor`, the scalar the shared training loop

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.engine.rewrite import exact_view
+from attacks.pgd import PGD, plain_pgd
+from bench.plugin import exact_view
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,23 +66,17 @@ def pgd_adversary(model, x, y, *, eps: float, steps: int, step_size: float,
     crafting so batch-norm statistics are not updated by adversarial batches, then
     restored; gradients are taken with respect to the input only. `y` is class indices
     or, for mixed examples, a target distribution per row (F.cross_entropy takes both).
-    The steps run on the model's exact rewrite (bench.engine.rewrite): the same gradients, bit
-    for bit, in less time.
+    The steps are attacks/pgd.py's `plain_pgd`, on the model's exact rewrite: the same
+    gradients, bit for bit, in less time.
     """
     was_training = model.training
     model.eval()
-    net = exact_view(model)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    x_adv = (x + (2 * u - 1) * eps).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(net(x_adv), y)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        with torch.no_grad():
-            x_adv = x_adv + step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    cfg = PGD(eps=eps, steps=steps, step_size=step_size, loss="xent", norm="linf")
+    # The mean over the batch, as the textbook loop differentiates: its sign steps are
+    # those of the sum, and the checkpoints trained with it stay bit for bit.
+    x_adv = plain_pgd(exact_view(model), x, y, cfg, generator, loss=F.cross_entropy)
     model.train(was_training)
-    return x_adv.detach()
+    return x_adv
 
 
 def training_adversary(model, x, y, cfg, ctx) -> torch.Tensor:
@@ -128,8 +124,6 @@ def beta_sample(alpha: float, n: int, generator: torch.Generator) -> torch.Tenso
     torch's Beta sampler takes no generator, so a seed is drawn from the generator and
     handed to numpy's: the draws stay a function of the run's seed.
     """
-    import numpy as np
-
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     draws = np.random.default_rng(seed).beta(alpha, alpha, size=n)
     return torch.as_tensor(draws, dtype=torch.float32, device=generator.device)

@@ -42,9 +42,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.registry import register_defense
-from defenses._parts import (TrainingAdversary, logit_sq_norm, mixup, prediction_cross_entropy,
-                             smoothed_targets, soft_cross_entropy, training_adversary, vh_mixup)
+from bench.plugin import register_defense
+from defenses._parts import (
+    TrainingAdversary,
+    logit_sq_norm,
+    mixup,
+    prediction_cross_entropy,
+    smoothed_targets,
+    soft_cross_entropy,
+    training_adversary,
+    vh_mixup,
+)
 
 MIXINGS = {"vh_mixup": vh_mixup, "mixup": mixup}
 

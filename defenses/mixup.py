@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.registry import register_defense
+from bench.plugin import register_defense
 from defenses._parts import mixup, smoothed_targets, soft_cross_entropy
 
 

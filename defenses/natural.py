@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from bench.registry import register_defense
+from bench.plugin import register_defense
 
 
 @dataclass(frozen=True)

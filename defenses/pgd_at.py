@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.registry import register_defense
+from bench.plugin import register_defense
 from defenses._parts import TrainingAdversary, logit_sq_norm, training_adversary
 
 

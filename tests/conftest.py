@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.models import build_model
 from bench.registry import DEFENSES
-from bench.engine.train import TrainConfig, TrainContext, train
+from bench.engine.train import TrainConfig, train_model
 
 # One intra-op thread: the digits models are too small to gain from more, and when the
 # cores are shared (a parallel build, a busy CI host) OpenMP threads spin-waiting for
@@ -23,11 +22,9 @@ def train_digits(defense: str, epochs: int = 15, seed: int = 0, **values) -> tor
     spec = get_spec("digits")
     entry = DEFENSES.get(defense)
     x, y = load_dataset("digits", "train")
-    torch.manual_seed(seed)
-    model = build_model("digits_cnn", spec)
-    ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator().manual_seed(seed))
-    train(model, entry.fn, entry.make_config(values), TrainConfig(epochs=epochs), x, y, ctx)
-    return model.eval()
+    model, _ = train_model("digits_cnn", spec, entry.fn, entry.make_config(values), TrainConfig(epochs=epochs),
+                           x, y, seed=seed)
+    return model
 
 
 @pytest.fixture(scope="session")

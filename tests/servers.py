@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from bench.registry import register_attack, register_defense
+from bench.plugin import register_attack, register_defense
 
 
 def _log(line):

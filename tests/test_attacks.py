@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.autoattack import seed_from
+from bench.plugin import seed_from
 from bench.core.data import get_spec
 from bench.errors import BenchError
 from bench.science.flags import compute_flags
@@ -18,7 +18,8 @@ from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
 from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.results import result_rows
-from bench.engine.evaluate import craft, evaluate, frozen, subset_indices
+from bench.engine.evaluate import craft, evaluate, subset_indices
+from bench.engine.device import frozen
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case
 from conftest import train_digits
 
@@ -121,8 +122,7 @@ def test_attack_leaves_the_model_as_it_found_it(training_model, sample, name, pa
     craft(model, cell, x, y, device="cpu", batch_size=1024)
     assert_same_model(model, state)
     result = run(model, cell, x, y)
-    model.train()  # evaluate leaves eval mode behind (see the test below); all else must hold
-    assert_same_model(model, state)
+    assert_same_model(model, state)  # evaluate restores train mode too (the test below)
     assert result["n"] == len(y)
 
     # perturb on its own, as the contract hands it the model: weights and x untouched.

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from bench.science.adaptive import BPDA, EOT, majority_correct
+from bench.science.adaptive import BPDA
+from bench.engine.verdicts import EOT, majority_correct
 from bench.core.data import get_spec
 from bench.science.flags import MASKING
 from bench.core.presets import default_preset

@@ -43,12 +43,12 @@ def _store_state(results: Path) -> tuple[bytes, list[str]]:
 def store(tmp_path_factory) -> Path:
     """A results folder holding one tiny trained checkpoint and its quick-matrix cells."""
     from bench.run.bench import Bench
-    from bench.run.recipe import RunSpec
+    from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 
     results = tmp_path_factory.mktemp("cli-errors") / "res"
     bench = Bench.open(results)
-    run_defense(bench, RunSpec("natural", overrides=("epochs=1",)), "quick")
+    run_defense(bench, TrainRequest("natural", overrides=("epochs=1",)), "quick")
     bench.store.engine.dispose()  # closes SQLite's WAL into bench.db before it is compared
     return results
 
@@ -166,11 +166,11 @@ def test_defense_all_checks_every_recipe_before_training_any(store, monkeypatch,
 
 
 def test_ctrl_c_exits_130_saying_what_is_kept(monkeypatch, capsys):
-    import bench.core.presets
+    import bench.api
 
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench.core.presets, "all_presets", interrupted)
+    monkeypatch.setattr(bench.api, "all_presets", interrupted)
     code, _, err = _cli(monkeypatch, capsys, "ls", "presets")
     assert code == 130 and _one_line(err) and err.startswith("interrupted: every cell committed so far is kept")

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bench.store.claims import Claims
-from bench.store.db import Checkpoint, Claim, Evaluation, Flag, Store, Transfer
+from bench.store.db import Checkpoint, Claim, Evaluation, Store, Transfer
 from servers import plugin_env, read_log
 
 CHECKPOINT = dict(key="k" * 16, dataset="digits", defense="natural", preset=None, arch="digits_cnn", seed=0,

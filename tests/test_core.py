@@ -24,7 +24,7 @@ from bench.core.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
 from bench.run.bench import Bench
 from bench.engine.evaluate import subset_indices
-from bench.run.recipe import RunSpec, resolve
+from bench.run.recipe import TrainRequest, resolve
 from bench.run.driver import run_defense
 from bench.store.db import pack_bits, unpack_bits, worst_case
 from cli_run import run_cli as _cli
@@ -122,7 +122,7 @@ def _dist_info(root: Path, name: str, group: str, module: str, source: str) -> N
 PLUGIN = '''
 from dataclasses import dataclass
 import torch.nn.functional as F
-from bench.registry import register_defense
+from bench.plugin import register_defense
 
 @dataclass(frozen=True)
 class Plain:
@@ -142,7 +142,7 @@ def test_entry_point_plugin_registers_and_runs(tmp_path, monkeypatch):
     try:
         assert "third_party_plain" in DEFENSES.names()
         b = Bench.open(tmp_path / "res")
-        report = run_defense(b, RunSpec("third_party_plain", overrides=("epochs=2",)), "quick")
+        report = run_defense(b, TrainRequest("third_party_plain", overrides=("epochs=2",)), "quick")
         assert report.trained and len(report.cells_run) == 3
         assert report.checkpoint.meta["clean_acc"] > 0.5
     finally:
@@ -160,21 +160,21 @@ def test_broken_entry_point_is_an_error_not_a_gap(tmp_path, monkeypatch):
 
 # --- recipes, keys, checkpoints ----------------------------------------------------------
 def test_recipe_key_is_stable_and_sensitive_to_every_ingredient():
-    a = resolve(RunSpec("logit_squeeze", overrides=("beta=0.5",)))
-    assert a.key == resolve(RunSpec("logit_squeeze", overrides=("beta=0.5",))).key
-    assert a.key != resolve(RunSpec("logit_squeeze", overrides=("beta=0.6",))).key
-    assert a.key != resolve(RunSpec("logit_squeeze", overrides=("beta=0.5",), seed=1)).key
-    assert a.key != resolve(RunSpec("logit_squeeze", overrides=("beta=0.5", "epochs=3"))).key
+    a = resolve(TrainRequest("logit_squeeze", overrides=("beta=0.5",)))
+    assert a.key == resolve(TrainRequest("logit_squeeze", overrides=("beta=0.5",))).key
+    assert a.key != resolve(TrainRequest("logit_squeeze", overrides=("beta=0.6",))).key
+    assert a.key != resolve(TrainRequest("logit_squeeze", overrides=("beta=0.5",), seed=1)).key
+    assert a.key != resolve(TrainRequest("logit_squeeze", overrides=("beta=0.5", "epochs=3"))).key
     assert a.key == checkpoint_key("logit_squeeze", a.config, a.train_config, "digits", "digits_cnn", 0)
 
 
 def test_bad_overrides_are_one_line_errors():
     with pytest.raises(BenchError, match="did you mean beta"):
-        resolve(RunSpec("logit_squeeze", overrides=("bta=1",)))
+        resolve(TrainRequest("logit_squeeze", overrides=("bta=1",)))
     with pytest.raises(BenchError, match="form must be"):
-        resolve(RunSpec("logit_squeeze", overrides=("form=\"sideways\"",)))
+        resolve(TrainRequest("logit_squeeze", overrides=("form=\"sideways\"",)))
     with pytest.raises(BenchError, match="not key=value"):
-        resolve(RunSpec("natural", overrides=("epochs",)))
+        resolve(TrainRequest("natural", overrides=("epochs",)))
 
 
 # --- matrices --------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_subset_is_fixed_and_seeded():
 # --- the driver ------------------------------------------------------------------------
 def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
     b = Bench.open(tmp_path)
-    spec = RunSpec("natural", overrides=("epochs=5",))
+    spec = TrainRequest("natural", overrides=("epochs=5",))
     first = run_defense(b, spec, "quick")
     assert first.trained and len(first.cells_run) == 3
     rows = {e.cell_key: e for e in b.store.evaluations()}
@@ -260,7 +260,7 @@ def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
 
 
 def test_checkpoint_on_disk_is_adopted_not_retrained(tmp_path):
-    spec = RunSpec("natural", overrides=("epochs=2",))
+    spec = TrainRequest("natural", overrides=("epochs=2",))
     run_defense(Bench.open(tmp_path), spec, "quick")
     os.remove(tmp_path / "bench.db")  # as if killed after writing the weights, before recording
     report = run_defense(Bench.open(tmp_path), spec, "quick")
@@ -268,7 +268,7 @@ def test_checkpoint_on_disk_is_adopted_not_retrained(tmp_path):
 
 
 def test_altered_weights_are_refused(tmp_path):
-    report = run_defense(Bench.open(tmp_path), RunSpec("natural", overrides=("epochs=1",)), "quick")
+    report = run_defense(Bench.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), "quick")
     weights = Path(report.checkpoint.path) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BenchError, match="not an intact checkpoint"):
@@ -277,7 +277,7 @@ def test_altered_weights_are_refused(tmp_path):
 
 # --- the command line ------------------------------------------------------------------
 def test_results_json_has_the_promised_fields(tmp_path, monkeypatch, capsys):
-    run_defense(Bench.open(tmp_path), RunSpec("natural", overrides=("epochs=2",)), "quick")
+    run_defense(Bench.open(tmp_path), TrainRequest("natural", overrides=("epochs=2",)), "quick")
     code, out, _ = _cli(monkeypatch, capsys, "results", "--format", "json", "--results", str(tmp_path))
     rows = json.loads(out)
     assert code == 0 and len(rows) == 4
@@ -299,13 +299,13 @@ def _snapshot(db: Path):
     (["run", "--defense", "natural", "--matrix", "{bad}"], "not valid TOML"),
     (["run", "--defense", "natural", "--matrix", "{unknown_attack}"], "unknown attack 'fgsmm'"),
     (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{missing}"], "is not a folder"),
-    (["transfer", "--source", "nothing_here"], "no stored digits checkpoint"),
+    (["transfer", "--source", "nothing_here"], "no stored checkpoint on digits matches --source"),
     (["run", "--defense", "natural", "--set", "epochs=-1"], "epochs must be an integer of at least 1, got -1"),
     (["results", "--format", "xml"], "--format must be table, csv or json"),
 ])
 def test_bad_input_exits_2_with_one_line_and_leaves_the_store(tmp_path, monkeypatch, capsys, args, message):
     results = tmp_path / "res"
-    run_defense(Bench.open(results), RunSpec("natural", overrides=("epochs=1",)), "quick")
+    run_defense(Bench.open(results), TrainRequest("natural", overrides=("epochs=1",)), "quick")
     before = _snapshot(results / "bench.db")
     (tmp_path / "bad.toml").write_text("[[cell]\n")
     (tmp_path / "unknown.toml").write_text("[[cell]]\nattack = 'fgsmm'\n")

@@ -18,7 +18,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.models import build_model
 from bench.registry import DEFENSES, field_docs
-from bench.engine.train import TrainConfig, TrainContext, train
+from bench.engine.train import TrainConfig, TrainContext, train_model
 
 LN3 = math.log(3.0)
 THREAT = get_spec("digits").threat
@@ -323,12 +323,9 @@ def test_config_is_documented_frozen_and_buildable(name):
 def train_one_epoch(name: str, seed: int):
     spec = get_spec("digits")
     x, y = load_dataset("digits", "train")
-    torch.manual_seed(seed)
-    model = build_model("digits_cnn", spec)
     entry = DEFENSES.get(name)
-    result = train(model, entry.fn, entry.make_config({}), TrainConfig(epochs=1),
-                   x, y, TrainContext(spec.num_classes, spec.threat, torch.Generator().manual_seed(seed)))
-    return model, result
+    return train_model("digits_cnn", spec, entry.fn, entry.make_config({}), TrainConfig(epochs=1), x, y,
+                       seed=seed)
 
 
 @pytest.mark.parametrize("name", DEFENSES.names())

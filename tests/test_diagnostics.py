@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.reporting.diagnosis import diagnose_rows
+from bench import api
 from bench.science.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
                                stored_eps_l, diagnose)
 from bench.run.bench import Bench
-from bench.run.recipe import RunSpec
+from bench.run.recipe import TrainRequest
 from bench.run.driver import run_defense
 from cli_run import run_cli as _cli
 
@@ -142,7 +142,7 @@ def small_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
     b = Bench.open(root)
     for defense, epochs in (("natural", 5), ("pgd_at", 3)):
-        run_defense(b, RunSpec(defense, overrides=(f"epochs={epochs}",)), "quick")
+        run_defense(b, TrainRequest(defense, overrides=(f"epochs={epochs}",)), "quick")
     return root
 
 
@@ -151,7 +151,8 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
     diags = b.store.diagnostics()
     assert len(diags) == 2 and all(d.n == 360 and d.eps == 0.2 for d in diags)
     created = [d.created_at for d in diags]
-    rows = diagnose_rows(b, "natural") + diagnose_rows(b, "pgd_at")
+    where = api.Where(small_results)
+    rows = api.diagnose("natural", where=where) + api.diagnose("pgd_at", where=where)
     assert [d.created_at for d in b.store.diagnostics()] == created  # not recomputed
     evals = {(e.checkpoint_id, e.cell_key): e.robust_acc for e in b.store.evaluations()}
     for row, ck in zip(rows, [b.store.checkpoints(defense=d)[0] for d in ("natural", "pgd_at")]):
@@ -161,7 +162,7 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
         assert row["pgd_acc"] == min(pgd)
         # Recomputing from the weights gives the stored values.
         from bench.core.data import load_dataset
-        from bench.run.driver import load_model
+        from bench.run.training import load_model
         x, y = load_dataset("digits", "test")
         fresh = diagnose(load_model(ck, "cpu"), x, y, 0.2)["summary"]
         assert row["median_logit_gap"] == pytest.approx(fresh["logit_gap"]["median"], rel=1e-6)

@@ -17,7 +17,7 @@ from bench import cli
 from bench.science.admission import admit, count_autograd_calls
 from bench.core.data import get_spec
 from bench.science.flags import compute_flags
-from bench.run.outside import weights_hash
+from bench.store.factories import weights_hash
 from bench.store.db import Checkpoint, Store
 
 DIGITS = get_spec("digits")
@@ -247,7 +247,7 @@ cells = ["pgd:steps=5"]
 
 def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
     from bench.run.bench import Bench
-    from bench.run.recipe import RunSpec
+    from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 
     matrix = tmp_path / "t.toml"
@@ -264,7 +264,7 @@ def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_mod
     assert wc["cells"] == 2 and wc["robust_acc"] <= t.robust_acc
     # A rerun crafts and judges nothing; the surrogate is never its own transfer target.
     bench.evaluate(Saturated(natural_model), name="sat", matrix=str(matrix), results=results, device="cpu")
-    report = run_defense(Bench.open(results, device="cpu"), RunSpec("natural"), str(matrix))
+    report = run_defense(Bench.open(results, device="cpu"), TrainRequest("natural"), str(matrix))
     assert not report.trained and len(store.transfers()) == 1
 
 

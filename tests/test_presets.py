@@ -13,7 +13,7 @@ from bench.core.data import DATASETS, get_spec
 from bench.core.models import ARCHS
 from bench.core.presets import PRESET_DIR, all_presets, default_preset
 from bench.registry import DEFENSES, build_config
-from bench.run.recipe import RunSpec, resolve
+from bench.run.recipe import TrainRequest, resolve
 from bench.engine.train import TrainConfig
 from defenses._parts import alpha_to_smoothing
 
@@ -51,7 +51,7 @@ def test_preset_resolves_as_a_recipe(name, monkeypatch):
 
     monkeypatch.setattr(bench.run.recipe, "_check_fits", lambda arch, spec: None)
     preset = PRESETS[name]
-    recipe = resolve(RunSpec(defense=preset.defense, preset=name))
+    recipe = resolve(TrainRequest(defense=preset.defense, preset=name))
     assert recipe.dataset.name == preset.dataset
     assert recipe.arch == (preset.arch or get_spec(preset.dataset).default_arch)
 
@@ -62,7 +62,7 @@ def test_every_defense_has_a_digits_preset(defense):
     assert preset is not None, f"defenses/presets/{defense}_digits.toml is missing"
     assert preset.defense == defense and preset.dataset == "digits"
     assert not preset.paper, "digits presets are the bench's own; no paper reports them"
-    assert resolve(RunSpec(defense=defense)).preset.name == f"{defense}_digits"
+    assert resolve(TrainRequest(defense=defense)).preset.name == f"{defense}_digits"
 
 
 def test_digits_presets_are_short():

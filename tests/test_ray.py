@@ -11,8 +11,10 @@ ray = pytest.importorskip("ray")
 from bench.run.bench import Bench  # noqa: E402
 from bench.run.executors.ray import RayExecutor  # noqa: E402
 from bench.core.matrix import make_cell  # noqa: E402
-from bench.run.recipe import RunSpec, resolve  # noqa: E402
-from bench.run.driver import attack_checkpoint, ensure_checkpoint, load_model, run_defenses  # noqa: E402
+from bench.run.recipe import TrainRequest, resolve  # noqa: E402
+from bench.run.driver import run_defenses  # noqa: E402
+from bench.run.attacking import attack_checkpoint
+from bench.run.training import ensure_checkpoint, load_model
 from bench.run.transfer import run_transfers  # noqa: E402
 from servers import read_log  # noqa: E402
 
@@ -45,7 +47,7 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
                                                                       monkeypatch):
     matrix = tmp_path / "small.toml"
     matrix.write_text(MATRIX)
-    specs = [RunSpec("natural", overrides=("epochs=2",)), RunSpec("logit_squeeze", overrides=("epochs=2",))]
+    specs = [TrainRequest("natural", overrides=("epochs=2",)), TrainRequest("logit_squeeze", overrides=("epochs=2",))]
     local = Bench.open(tmp_path / "local")
     run_defenses(local, specs, str(matrix))
     run_transfers(local, "all", "all", "pgd:steps=5")
@@ -71,8 +73,8 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
 
 def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_cluster, registered_plugins, tmp_path):
     bench = Bench.open(tmp_path / "res")
-    row, _ = ensure_checkpoint(bench, resolve(RunSpec("natural", overrides=("epochs=1",))))
-    threat = resolve(RunSpec("natural")).dataset.threat
+    row, _ = ensure_checkpoint(bench, resolve(TrainRequest("natural", overrides=("epochs=1",))))
+    threat = resolve(TrainRequest("natural")).dataset.threat
     marker = tmp_path / "killed-once"
     killer = make_cell("killer_bim", {"steps": 3, "marker": str(marker)}, threat)
     cells = [killer, make_cell("fgsm", {}, threat)]
@@ -85,7 +87,7 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_clu
     assert read_log(ray_cluster).count("cell killer_bim steps=3") == 2  # killed, then retried
     # The retried cell holds the numbers the same attack gives when nothing is killed.
     again = Bench.open(tmp_path / "again")
-    row2, _ = ensure_checkpoint(again, resolve(RunSpec("natural", overrides=("epochs=1",))))
+    row2, _ = ensure_checkpoint(again, resolve(TrainRequest("natural", overrides=("epochs=1",))))
     attack_checkpoint(again, row2, [killer], lambda: load_model(row2, again.device))
     first = {e.cell_key: e for e in bench.store.evaluations()}[killer.key]
     assert again.store.evaluations()[0].correct_bits == first.correct_bits
@@ -93,8 +95,8 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_clu
 
 def test_a_failing_attack_fails_its_own_cell_on_ray(ray_cluster, registered_plugins, tmp_path):
     bench = Bench.open(tmp_path / "res")
-    row, _ = ensure_checkpoint(bench, resolve(RunSpec("natural", overrides=("epochs=1",))))
-    threat = resolve(RunSpec("natural")).dataset.threat
+    row, _ = ensure_checkpoint(bench, resolve(TrainRequest("natural", overrides=("epochs=1",))))
+    threat = resolve(TrainRequest("natural")).dataset.threat
     failing, fgsm = make_cell("failing", {}, threat), make_cell("fgsm", {}, threat)
     with RayExecutor() as executor:
         ran = attack_checkpoint(bench, row, [failing, fgsm], lambda: load_model(row, bench.device), executor)

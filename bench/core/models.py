@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from bench.errors import BenchError, did_you_mean
 

@@ -1,10 +1,10 @@
-"""The fast path: craft, predict and evaluate one cell on the device.
+"""Crafting and evaluating one cell: the path every stored number takes.
 
-Attacks and predictions keep their data on the device for the whole call, run in large
-batches with the model frozen (eval mode, no weight gradients), and, where the caller
-asks (Bench sets it from the device), in NHWC memory, in bf16 autocast, on a copy with
-batch norm folded into the convolutions, or compiled. On the CPU none of these is on by
-default, so fp32 results stay what they were.
+Attacks keep their data on the device for the whole call, run in large batches with the
+model frozen (eval mode, no weight gradients), and, where the caller asks (Bench sets
+it from the device), in NHWC memory, in bf16 autocast, on a copy with batch norm folded
+into the convolutions, or compiled. On the CPU none of these is on by default, so fp32
+results stay what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).
 """
 from __future__ import annotations
 
@@ -20,36 +20,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.engine.losses import cw_margin
-from bench.engine import rewrite
 from bench.core.matrix import Cell
+from bench.engine import rewrite
+from bench.engine.device import autocast, frozen, memory_format, on_device, seeded_noise
+from bench.engine.losses import cw_margin
+from bench.engine.verdicts import EOT, majority_correct, predict
 from bench.registry import ATTACKS
 from bench.store.db import pack_bits
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def default_precision(device: str) -> str:
-    """bf16 on CUDA devices that support it; fp32 everywhere else (never bf16 on a CPU)."""
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-@contextlib.contextmanager
-def frozen(model: torch.nn.Module):
-    """Eval mode and no weight gradients for the duration; both restored afterwards."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 def subset_indices(n: int, subset: int) -> np.ndarray | None:
@@ -83,29 +60,7 @@ def histogram(clean: torch.Tensor, adv: torch.Tensor, bins: int = 40) -> dict:
     }
 
 
-
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def autocast(device: str, precision: str):
-    """bf16 autocast on `device` for precision `bf16`; a no-op context for `fp32`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-@contextlib.contextmanager
-def memory_format(model: torch.nn.Module, channels_last: bool):
-    """The model's 4-d weights in channels-last layout for the duration, then restored."""
-    weights = [t for t in model.parameters() if t.dim() == 4]
-    if not channels_last or not weights or weights[0].is_contiguous(memory_format=torch.channels_last):
-        yield model
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield model
-    finally:
-        model.to(memory_format=torch.contiguous_format)
 
 
 def _weights_key(model: torch.nn.Module) -> tuple:
@@ -143,11 +98,6 @@ def fast_model(model: torch.nn.Module, *, channels_last: bool = False, fold_bn: 
     yield cached[1]
 
 
-def _on_device(t: torch.Tensor, device: str, channels_last: bool) -> torch.Tensor:
-    t = t.to(device)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-
-
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
           on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
           channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
@@ -160,7 +110,7 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
     """
     perturb = ATTACKS.get(cell.attack).fn
     gen = torch.Generator(device=device).manual_seed(seed)
-    xd, yd = _on_device(x, device, channels_last), y.to(device)
+    xd, yd = on_device(x, device, channels_last), y.to(device)
     out = []
     with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
                                    exact_rewrites=exact_rewrites) as net:
@@ -179,24 +129,6 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
     return x_adv.cpu().contiguous()
 
 
-@torch.no_grad()
-def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32",
-            channels_last: bool = False) -> torch.Tensor:
-    """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored."""
-    xd = _on_device(x, device, channels_last)
-    with frozen(model), memory_format(model, channels_last), autocast(device, precision):
-        logits = [model(xd[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
-    return torch.cat(logits).cpu()
-
-
-@contextlib.contextmanager
-def seeded_noise(device: str, seed: int):
-    """torch's global generators (CPU and `device`) seeded for the duration, then restored."""
-    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
-        torch.manual_seed(seed)
-        yield
-
-
 def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
              on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
              channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
@@ -209,8 +141,6 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
         x, y = x[idx], y[idx]
     target = model
     if cell.eot > 1:  # a randomized model: attacked through its mean logits, plainly
-        from bench.science.adaptive import EOT
-
         target = EOT(model, cell.eot)
         fold_bn = compile = exact_rewrites = False
     # A randomized model draws its noise from torch's global generators: seeded from the
@@ -229,8 +159,6 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
     if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
-        from bench.science.adaptive import majority_correct
-
         clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=seed)
         robust = majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size,
                                   seed=seed) & clean

@@ -30,6 +30,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
 from torch.nn.modules.utils import _pair
 
 _RELU_FNS = (F.relu, torch.relu)
@@ -176,8 +177,6 @@ def exact_view(model: nn.Module) -> nn.Module:
 def fold_bn(model: nn.Module) -> nn.Module:
     """A traced copy of an eval-mode model with each conv -> batch norm pair folded into
     one convolution; a plain copy where the model does not trace."""
-    from torch.fx.experimental.optimization import fuse
-
     try:
         return fuse(model)
     except Exception:  # noqa: BLE001 -- as in _trace

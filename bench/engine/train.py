@@ -6,7 +6,7 @@ minimize. Schedule, optimizer and augmentation are the shared TrainConfig below,
 defenses differ only in their loss. The same seed gives the same weights on the same
 machine.
 
-On a GPU the caller (bench.run.driver, from Bench) turns on the fast path: channels-last
+On a GPU the caller (the training job, bench.run.jobs, from Bench) turns on the fast path: channels-last
 weights and inputs, and the loss (the training adversary included) under bf16 autocast,
 with fp32 weights, optimizer and backward accumulation, so no loss scaling is needed.
 Neither is on by default, and the CPU never uses them: its results stay bit for bit.
@@ -20,7 +20,9 @@ from typing import Callable
 
 import torch
 
-from bench.core.data import ThreatModel
+from bench.core.data import DatasetSpec, ThreatModel
+from bench.core.models import build_model
+from bench.engine.device import check_precision
 from bench.validate import at_least, in_range, non_negative, one_of, positive
 
 
@@ -79,9 +81,10 @@ class TrainContext:
 @dataclass
 class TrainResult:
     seconds: float
-    steps: int
     losses: list[float] = field(default_factory=list)
     """Mean training loss per epoch."""
+    epoch_seconds: list[float] = field(default_factory=list)
+    """Wall time of each epoch (each ends by reading its loss, which waits for the device)."""
 
 
 def lr_at(cfg: TrainConfig, progress: float) -> float:
@@ -115,15 +118,14 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Ten
 
 def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig,
           x: torch.Tensor, y: torch.Tensor, ctx: TrainContext,
-          on_step: Callable[[int, int, float], None] | None = None, *,
+          on_step: Callable[[int, int], None] | None = None, *,
           precision: str = "fp32", channels_last: bool = False) -> TrainResult:
     """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over (x, y) for train_cfg.epochs.
 
     `precision` `bf16` runs the loss under bf16 autocast; `channels_last` keeps weights
     and inputs NHWC while training (the weights are handed back in the default layout).
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    check_precision(precision)
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -137,11 +139,12 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
     n = len(x)
     per_epoch = math.ceil(n / train_cfg.batch_size)
     total = per_epoch * train_cfg.epochs
-    result = TrainResult(seconds=0.0, steps=total)
+    result = TrainResult(seconds=0.0)
     start = time.perf_counter()
     model.train()
     for epoch in range(train_cfg.epochs):
         ctx.epoch = epoch
+        epoch_start = time.perf_counter()
         order = torch.randperm(n, generator=ctx.generator, device=x.device)
         running = torch.zeros((), device=x.device)
         for i in range(per_epoch):
@@ -157,13 +160,31 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
             running += loss.detach()
             ctx.step += 1
             if on_step is not None:
-                on_step(ctx.step, total, float("nan"))
+                on_step(ctx.step, total)
         epoch_loss = float(running) / per_epoch
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"training loss became {epoch_loss} in epoch {epoch + 1}")
         result.losses.append(epoch_loss)
+        result.epoch_seconds.append(time.perf_counter() - epoch_start)
     model.eval()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def train_model(arch: str, spec: DatasetSpec, loss_fn: Callable, cfg, train_cfg: TrainConfig,
+                x: torch.Tensor, y: torch.Tensor, *, seed: int, device: str = "cpu",
+                on_step: Callable[[int, int], None] | None = None, precision: str = "fp32",
+                channels_last: bool = False) -> tuple[torch.nn.Module, TrainResult]:
+    """The one way a training run opens: seed torch, build the architecture, seed the
+    loss's generator, train on (x, y) moved to `device`. Returns the eval-mode model.
+
+    The seed fixes the initialization (torch's global generator, drawn by the layers'
+    constructors) and every random number of the loop (the context's generator)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, spec).to(device)
+    ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator(device=device).manual_seed(seed))
+    result = train(model, loss_fn, cfg, train_cfg, x.to(device), y.to(device), ctx, on_step=on_step,
+                   precision=precision, channels_last=channels_last)
+    return model.eval(), result

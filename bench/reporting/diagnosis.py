@@ -1,54 +1,17 @@
-"""`bench diagnose`: Shafahi et al.'s Table 1 row for stored checkpoints.
+"""Shafahi et al.'s Table 1 row for stored checkpoints (what `bench diagnose` prints).
 
-The per-checkpoint numbers come from bench.science.diagnostics, computed once from the weights
-and stored (`ensure_diagnostic`); the measured FGSM and PGD accuracies beside them are
-the store's own cells at the checkpoint's threat eps.
+The per-checkpoint numbers come from bench.science.diagnostics, computed once from the
+weights and stored (bench.run.diagnosing); the measured FGSM and PGD accuracies beside
+them are the store's own cells at the checkpoint's threat eps.
 """
 from __future__ import annotations
 
-import time
-from typing import Callable
-
-import torch
-
-from bench.core.data import get_spec, load_dataset
-from bench.science.diagnostics import diagnose
-from bench.run.bench import Bench
-from bench.errors import BenchError
 from bench.store.db import Checkpoint, Diagnostic, Evaluation, Store
 
 COLUMNS = ["defense", "preset", "dataset", "checkpoint", "eps", "n", "clean_acc",
            "median_logit_gap", "median_grad_gap", "median_eps_l", "median_coherence",
            "median_grad_norm_true", "median_grad_norm_adv", "logit_variance",
            "predicted_acc", "fgsm_acc", "pgd_acc", "pgd_cell"]
-
-
-def ensure_diagnostic(bench: Bench, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> bool:
-    """Compute and store a checkpoint's diagnostics unless stored. True if computed."""
-    if bench.store.diagnostics([row.id]):
-        return False
-    x, y = load_dataset(row.dataset, "test", bench.data_root)
-    eps = get_spec(row.dataset).threat.eps
-    start = time.perf_counter()
-    found = diagnose(model(), x, y, eps, device=bench.device, batch_size=bench.batch_size())
-    bench.store.add_diagnostic(row.id, eps=eps, n=len(y), summary=found["summary"],
-                               samples=found["samples"], landscape=found["landscape"],
-                               seconds=time.perf_counter() - start)
-    return True
-
-
-def select_checkpoints(store: Store, name: str, dataset: str | None) -> list[Checkpoint]:
-    """`all`, a defense name (every checkpoint of it), or a checkpoint key or key prefix."""
-    cks = store.checkpoints(dataset=dataset)
-    if name == "all":
-        chosen = cks
-    else:
-        chosen = [c for c in cks if c.defense == name] or [c for c in cks if name and c.key.startswith(name)]
-    if not chosen:
-        where = f" on {dataset}" if dataset else ""
-        raise BenchError(f"no stored checkpoint{where} matches --defense {name!r} (a defense name or "
-                         f"checkpoint key): train one with `bench run --defense NAME`, or see `bench results`")
-    return chosen
 
 
 def measured(ck: Checkpoint, cells: list[Evaluation], eps: float) -> dict:
@@ -78,15 +41,11 @@ def table_row(ck: Checkpoint, diag: Diagnostic, cells: list[Evaluation]) -> dict
             **measured(ck, cells, diag.eps)}
 
 
-def diagnose_rows(bench: Bench, name: str, dataset: str | None = None) -> list[dict]:
-    """Table 1 rows for the checkpoints `name` selects, computing missing diagnostics."""
-    from bench.run.driver import load_model
-
-    chosen = select_checkpoints(bench.store, name, dataset)
-    for ck in chosen:
-        ensure_diagnostic(bench, ck, lambda ck=ck: load_model(ck, bench.device))
-    diags = {d.checkpoint_id: d for d in bench.store.diagnostics([c.id for c in chosen])}
+def diagnosis_rows(store: Store, chosen: list[Checkpoint]) -> list[dict]:
+    """Table 1 rows for checkpoints whose diagnostics are stored (bench.run.diagnosing
+    computes missing ones first)."""
+    diags = {d.checkpoint_id: d for d in store.diagnostics([c.id for c in chosen])}
     cells: dict[int, list[Evaluation]] = {c.id: [] for c in chosen}
-    for e in bench.store.evaluations([c.id for c in chosen]):
+    for e in store.evaluations([c.id for c in chosen]):
         cells[e.checkpoint_id].append(e)
     return [table_row(ck, diags[ck.id], cells[ck.id]) for ck in chosen]

@@ -1,6 +1,7 @@
 """Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint.
 
-This is what `bench results` prints and what the site's pages start from.
+This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns; the
+site reads the store itself (bench.reporting.site.load), through the same worst_case.
 """
 from __future__ import annotations
 

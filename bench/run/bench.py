@@ -1,4 +1,5 @@
-"""The environment a command runs in: results folder, store, device and fast-path settings."""
+"""Bench: the environment a command runs in (results folder, store, device and fast-path
+settings). Every stage of a run takes one."""
 from __future__ import annotations
 
 import os
@@ -7,10 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from bench.engine.device import check_precision, default_precision, resolve_device
 from bench.errors import BenchError
-from bench.engine.evaluate import PRECISIONS, default_precision
 from bench.store.db import Store
 
 
@@ -48,8 +47,7 @@ class Bench:
     def __post_init__(self):
         if not self.precision:
             self.precision = default_precision(self.device)
-        if self.precision not in PRECISIONS:
-            raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.channels_last is None:
             self.channels_last = self.device.startswith("cuda")
         if self.fold_bn is None:
@@ -76,15 +74,3 @@ class Bench:
 
     def batch_size(self) -> int:
         return self.eval_batch or (4096 if self.device.startswith("cuda") else 1024)
-
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise BenchError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return device
-

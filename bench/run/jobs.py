@@ -10,28 +10,27 @@ commits.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
 
-from bench.store import checkpoints as ckpt
 from bench.core.data import load_dataset
-from bench.errors import BenchError
-from bench.engine.evaluate import craft, evaluate, logit_stats, predict
 from bench.core.matrix import Cell
-from bench.core.models import build_model
-from bench.run.recipe import Recipe
+from bench.core.provenance import device_name, git_commit, package_version
+from bench.engine.evaluate import craft, evaluate, logit_stats
+from bench.engine.train import train_model
+from bench.engine.verdicts import predict
+from bench.errors import BenchError
 from bench.registry import DEFENSES
-from bench.engine.train import TrainContext, train
+from bench.run.recipe import Recipe
+from bench.store import checkpoints as ckpt
 
 
 @dataclass
-class EvalJob:
-    """Attack one model with one cell on (x, y); returns the row the store keeps."""
+class AttackJob:
+    """One cell on one model and a test set: what EvalJob and CraftJob share."""
 
     SHARED: ClassVar[tuple[str, ...]] = ("model", "x", "y")
     LOCAL: ClassVar[tuple[str, ...]] = ()
@@ -42,40 +41,33 @@ class EvalJob:
     y: torch.Tensor
     device: str
     batch_size: int
-    seed: int = 0
     fast: dict = dataclasses.field(default_factory=dict)
-    """Fast-path keywords for evaluate (see Bench.fast)."""
+    """Fast-path keywords for craft and evaluate (see Bench.fast)."""
     label: str = ""
     """What the driver knows the job by (the checkpoint key); not used to compute."""
 
-    def run(self) -> dict:
+    def on_device(self) -> torch.nn.Module:
         # In place and a no-op where the model is on the device already (the local executor).
-        model = self.model.to(self.device)
-        return evaluate(model, self.cell, self.x, self.y, device=self.device,
+        return self.model.to(self.device)
+
+
+@dataclass
+class EvalJob(AttackJob):
+    """Attack one model with one cell on (x, y); returns the row the store keeps."""
+
+    seed: int = 0
+
+    def run(self) -> dict:
+        return evaluate(self.on_device(), self.cell, self.x, self.y, device=self.device,
                         batch_size=self.batch_size, seed=self.seed, **self.fast)
 
 
 @dataclass
-class CraftJob:
+class CraftJob(AttackJob):
     """Adversarial examples of one cell on one (source) model; returns them on the CPU."""
 
-    SHARED: ClassVar[tuple[str, ...]] = ("model", "x", "y")
-    LOCAL: ClassVar[tuple[str, ...]] = ()
-
-    model: torch.nn.Module
-    cell: Cell
-    x: torch.Tensor
-    y: torch.Tensor
-    device: str
-    batch_size: int
-    fast: dict = dataclasses.field(default_factory=dict)
-    """Fast-path keywords for craft (see Bench.fast)."""
-    label: str = ""
-    """What the driver knows the job by (the source checkpoint key)."""
-
     def run(self) -> torch.Tensor:
-        model = self.model.to(self.device)  # see EvalJob.run
-        return craft(model, self.cell, self.x, self.y, device=self.device,
+        return craft(self.on_device(), self.cell, self.x, self.y, device=self.device,
                      batch_size=self.batch_size, **self.fast)
 
 
@@ -99,7 +91,7 @@ class TrainJob:
     """Evaluation batch size (for the clean accuracy recorded in the meta)."""
     precision: str = "fp32"
     channels_last: bool = False
-    on_step: Callable[[int, int, float], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
     """Progress callback of the training loop (driver-side only)."""
 
     @property
@@ -112,13 +104,10 @@ class TrainJob:
         entry = DEFENSES.get(recipe.defense)
         x, y = load_dataset(ds.name, "train", self.data_root)
         x_test, y_test = load_dataset(ds.name, "test", self.data_root)
-        torch.manual_seed(recipe.seed)
-        model = build_model(recipe.arch, ds).to(device)
-        ctx = TrainContext(ds.num_classes, ds.threat, torch.Generator(device=device).manual_seed(recipe.seed))
         try:
-            result = train(model, entry.fn, recipe.config, recipe.train_config, x.to(device), y.to(device),
-                           ctx, on_step=self.on_step, precision=self.precision,
-                           channels_last=self.channels_last)
+            model, result = train_model(recipe.arch, ds, entry.fn, recipe.config, recipe.train_config, x, y,
+                                        seed=recipe.seed, device=device, on_step=self.on_step,
+                                        precision=self.precision, channels_last=self.channels_last)
         except FloatingPointError as exc:
             raise BenchError(f"training {recipe.defense!r} diverged: {exc}; lower lr or the "
                              "regularization weight with --set") from exc
@@ -136,7 +125,7 @@ class TrainJob:
             "torch_threads": torch.get_num_threads(),
             "clean_acc": float((logits.argmax(1) == y_test).float().mean()),
             "logit_stats": logit_stats(logits, y_test),
-            "package_version": package_version(), "git_commit": ckpt.git_commit(),
+            "package_version": package_version(), "git_commit": git_commit(),
             "torch_version": torch.__version__, "precision": self.precision,
         }
         return ckpt.save_checkpoint(model, self.directory, meta)
@@ -155,16 +144,3 @@ class Failed:
     def of(cls, exc: BaseException) -> "Failed":
         first = (str(exc).strip().splitlines() or [""])[0]
         return cls(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, exc)
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("robustness-bench")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"

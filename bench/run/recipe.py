@@ -1,4 +1,4 @@
-"""Recipes: what the user asked for (RunSpec) resolved into what gets trained (Recipe).
+"""Recipes: what the user asked for (TrainRequest) resolved into what gets trained (Recipe).
 
 A defense's config is its dataclass defaults, then a preset, then `--set key=value`
 overrides; the canonical JSON of the result, with dataset, architecture and seed,
@@ -11,17 +11,19 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from bench.store import checkpoints as ckpt
+import torch
+
 from bench.core.data import DatasetSpec, get_spec
-from bench.errors import BenchError, did_you_mean
 from bench.core.models import build_model
 from bench.core.presets import Preset, default_preset, get_preset
-from bench.registry import DEFENSES, build_config
 from bench.engine.train import TrainConfig
+from bench.errors import BenchError, did_you_mean
+from bench.registry import DEFENSES, build_config
+from bench.store import checkpoints as ckpt
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class TrainRequest:
     """What the user asked for; `resolve` turns it into a concrete recipe."""
 
     defense: str
@@ -64,7 +66,7 @@ SEED_LIMIT = 2**31
 """Seeds are stored in a 32-bit integer column (PostgreSQL's INTEGER)."""
 
 
-def resolve(spec: RunSpec) -> Recipe:
+def resolve(spec: TrainRequest) -> Recipe:
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < SEED_LIMIT:
         raise BenchError(f"--seed must be an integer in [0, {SEED_LIMIT}), got {spec.seed!r}")
     entry = DEFENSES.get(spec.defense)
@@ -104,8 +106,6 @@ def resolve(spec: RunSpec) -> Recipe:
 def _check_fits(arch: str, ds: DatasetSpec) -> None:
     """One forward pass of a zero image: an architecture built for other image sizes (a
     28x28 MNIST network on 8x8 digits) fails here, not in the middle of training."""
-    import torch
-
     model = build_model(arch, ds).eval()
     try:
         with torch.no_grad():

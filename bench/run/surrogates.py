@@ -14,13 +14,16 @@ from typing import Callable
 
 import torch
 
-from bench.science.adaptive import VOTES, adaptive_key, majority_correct
-from bench.science.admission import is_randomized
-from bench.core.data import load_dataset
-from bench.run.bench import Bench
-from bench.engine.evaluate import predict
+from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import matrix_transfer, parse_cell_key
-from bench.run.recipe import RunSpec, resolve
+from bench.engine.verdicts import majority_correct, predict
+from bench.run.bench import Bench
+from bench.run.recipe import TrainRequest, resolve
+from bench.run.training import ensure_checkpoint
+from bench.run.transfer import crafted_examples
+from bench.science.adaptive import VOTES, adaptive_key
+from bench.science.admission import is_randomized
+from bench.science.flags import recompute_flags
 from bench.store.db import Checkpoint, pack_bits
 
 
@@ -28,7 +31,7 @@ def check_transfer(matrix: str, dataset) -> None:
     """Fail on a bad [transfer] table before anything is trained or written."""
     surrogates, cells = matrix_transfer(matrix)
     for name in surrogates:
-        resolve(RunSpec(name, dataset.name))
+        resolve(TrainRequest(name, dataset.name))
     for key in cells:
         parse_cell_key(key, dataset.threat)
 
@@ -38,21 +41,17 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
     """Run the matrix's transfer cells the store lacks for `row`.
 
     Returns the 'surrogate|cell' keys run and how many transfer cells `row` has in all."""
-    from bench.run.driver import ensure_checkpoint
-    from bench.run.transfer import crafted_examples
-
     surrogates, keys = matrix_transfer(matrix)
     if not surrogates:
         return [], 0
-    from bench.core.data import get_spec
 
     spec = get_spec(row.dataset)
     cells = [parse_cell_key(k, spec.threat) for k in keys]
-    randomized = is_randomized((row.meta or {}).get("admission"))
+    randomized = is_randomized(row.admission)
     x = y = clean = None
     ran, total = [], 0
     for name in surrogates:
-        source, _ = ensure_checkpoint(bench, resolve(RunSpec(name, row.dataset)))
+        source, _ = ensure_checkpoint(bench, resolve(TrainRequest(name, row.dataset)))
         if source.id == row.id:
             continue
         total += len(cells)
@@ -73,8 +72,6 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
                 extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=bench.device)
             ran.append(f"{name}|{key}")
     if ran:
-        from bench.science.flags import recompute_flags
-
         recompute_flags(bench.store, row)
     return ran, total
 

@@ -17,16 +17,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.core.data import get_spec, load_dataset
-from bench.errors import BenchError
-from bench.science.flags import recompute_flags
 from bench.core.matrix import Cell, make_cell, parse_cell_key
+from bench.engine.verdicts import predict
+from bench.errors import BenchError
 from bench.run.bench import Bench
-from bench.engine.evaluate import predict
-from bench.store.claims import Claims, claimed
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import CraftJob, Failed
-from bench.run.driver import load_model
+from bench.run.training import load_model
+from bench.science.flags import recompute_flags
+from bench.store.claims import Claims, claimed
 from bench.store.db import Checkpoint, pack_bits
+from bench.store.select import select_checkpoints
 
 DEFAULT_ATTACK = {"steps": 10}  # PGD-10, as Summers & Dinneen Table 2
 
@@ -38,19 +39,6 @@ class TransferReport:
     evaluated: int = 0
     skipped: int = 0
     grid: list[dict] = field(default_factory=list)
-
-
-def select(checkpoints: list[Checkpoint], name: str, role: str, dataset: str) -> list[Checkpoint]:
-    """`all`, a defense name, or a checkpoint key prefix."""
-    if name == "all":
-        chosen = checkpoints
-    else:
-        chosen = [c for c in checkpoints if c.defense == name] or \
-                 [c for c in checkpoints if c.key.startswith(name)]
-    if not chosen:
-        raise BenchError(f"no stored {dataset} checkpoint matches --{role} {name!r}: train one first "
-                         f"(`bench run --defense {name if name != 'all' else 'NAME'} --dataset {dataset}`)")
-    return chosen
 
 
 def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
@@ -106,8 +94,8 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     if cell.subset:
         raise BenchError("transfer cells run on the whole test set; drop subset= from --attack")
     checkpoints = bench.store.checkpoints(dataset=dataset)
-    sources = select(checkpoints, source, "source", dataset)
-    targets = select(checkpoints, target, "target", dataset)
+    sources = select_checkpoints(bench.store, source, dataset, option="--source")
+    targets = select_checkpoints(bench.store, target, dataset, option="--target")
     x, y = load_dataset(dataset, "test", bench.data_root)
     executor = executor or LocalExecutor()
     report = TransferReport()

@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from bench.science.admission import is_randomized
 from bench.core.matrix import Cell, cell_key
+from bench.science.admission import is_randomized
 
 EOT_PASSES = 8
 """Forward passes averaged per gradient step on a randomized model."""
@@ -85,38 +85,6 @@ class BPDA(torch.nn.Module):
         # the gradient goes back through the approximation's graph, or straight to x.
         approx = x if self.backward_fn is None else self.backward_fn(x)
         return _StraightThrough.apply(approx, exact)
-
-
-class EOT(torch.nn.Module):
-    """The mean logits of `passes` forward passes of a randomized model."""
-
-    def __init__(self, model: torch.nn.Module, passes: int = EOT_PASSES):
-        super().__init__()
-        if passes < 1:
-            raise ValueError(f"passes must be at least 1, got {passes}")
-        self.model, self.passes = model, passes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.model(x) for _ in range(self.passes)]).mean(0)
-
-
-@torch.no_grad()
-def majority_correct(model, x: torch.Tensor, y: torch.Tensor, votes: int, *, device: str,
-                     batch_size: int, seed: int = 0) -> torch.Tensor:
-    """Per sample: more than half of `votes` forward passes classify it correctly (on the CPU).
-
-    The passes draw from torch's generators seeded with `seed` (restored afterwards), so
-    every verdict on the same batch uses the same noise: the clean verdict is the same
-    in every cell, and an input an attack barely moved gets the verdict its clean input
-    got, instead of a fresh coin flip per cell that the per-sample AND would pile up.
-    """
-    from bench.engine.evaluate import predict, seeded_noise
-
-    hits = torch.zeros(len(y), dtype=torch.int64)
-    with seeded_noise(device, seed):
-        for _ in range(votes):
-            hits += (predict(model, x, device=device, batch_size=batch_size).argmax(1) == y).long()
-    return 2 * hits > votes
 
 
 def adaptive_key(key: str, eot: int, votes: int, rounds: int = 1) -> str:

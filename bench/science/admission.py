@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.engine.evaluate import frozen
+from attacks.pgd import PGD, plain_pgd
+from bench.core.data import get_spec, load_dataset
+from bench.engine.device import frozen
 
 SCHEMA = 2
 """Bumped when a check changes, so stored checks are measured again."""
@@ -48,8 +50,6 @@ class AdmissionConfig:
 
 
 def _autograd_codes() -> set:
-    import torch.autograd
-
     fns = [torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward]
     return {getattr(f, "__code__", None) for f in fns} - {None}
 
@@ -90,17 +90,10 @@ def _zero_grad_share(model, x, y) -> tuple[int, int]:
 
 def _traced_pgd(model, x, y, eps: float, steps: int, generator) -> list[float]:
     """Mean cross-entropy per step of a plain L-inf PGD (step 2.5 eps / steps), no early stop."""
-    step = 2.5 * eps / steps
-    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
-    x_adv = (x + (2 * torch.rand(x.shape, generator=generator).to(x.device) - 1) * eps).clamp(lo, hi)
-    trace = []
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            losses = F.cross_entropy(model(x_adv).float(), y, reduction="none")
-            (grad,) = torch.autograd.grad(losses.sum(), x_adv)
-        trace.append(float(losses.detach().mean()))
-        x_adv = (x_adv.detach() + step * grad.sign()).clamp(lo, hi)
+    cfg = PGD(eps=eps, steps=steps, step_size=2.5 * eps / steps, loss="xent", norm="linf")
+    trace: list[float] = []
+    plain_pgd(model, x, y, cfg, generator, loss=lambda z, t: F.cross_entropy(z.float(), t, reduction="none"),
+              on_step=lambda losses: trace.append(float(losses.mean())))
     return trace
 
 
@@ -171,9 +164,7 @@ def ensure_admission(bench, row, model) -> dict:
 
     `model` builds the model; it is called only when the checks are missing or stale.
     """
-    from bench.core.data import get_spec, load_dataset
-
-    stored = (row.meta or {}).get("admission")
+    stored = row.admission
     if stored and stored.get("schema") == SCHEMA:
         return stored
     x, y = load_dataset(row.dataset, "test", bench.data_root)

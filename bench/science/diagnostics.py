@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.engine.evaluate import frozen
+from bench.engine.device import frozen
 
 LANDSCAPE_IMAGES = 8
 """The first eight test images, as in Shafahi et al. Figs. 5 and 9."""

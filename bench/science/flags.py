@@ -10,10 +10,12 @@ with PGD on the very same images.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from bench.science.admission import is_randomized
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer
 
 POINT = 0.01
@@ -24,49 +26,31 @@ def _beyond(drop: float) -> bool:
     exactly one point can read as 0.0100000x; that is still one point, not more."""
     return drop - POINT > 1e-6
 
-FLAG_TEXT = {
-    "pgd_still_falling": "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter "
-                         "attacks had not converged, so short-PGD numbers overstate robustness.",
-    "restarts_matter": "Random restarts lower accuracy by more than a point: single-start PGD is "
-                       "not finding the worst case, a sign of a rugged or masked loss surface.",
-    "fgsm_stronger_than_pgd": "One FGSM step beats iterative PGD: the iterative attack is being "
-                              "misled, a classic sign of gradient masking.",
-    "spsa_stronger_than_pgd": "The gradient-free SPSA attack beats white-box PGD on the same images: "
-                              "the gradients PGD follows are not informative (gradient masking).",
-    "transfer_stronger_than_pgd": "A black-box transfer attack beats white-box PGD: white-box "
-                                  "gradients are masked.",
-    "unbounded_not_zero": "PGD with an unbounded budget does not drive accuracy to zero: the attack "
-                          "cannot follow the model's gradients (Athalye et al.'s sanity check).",
-    "autoattack_warning": "AutoAttack's own checks warned about this model.",
-    "outputs_probabilities": "The model's outputs lie in [0, 1] and sum to 1 per sample: they are "
-                             "probabilities, not logits. Cross-entropy on probabilities has flattened "
-                             "gradients, so gradient attacks understate what is possible.",
-    "randomized_forward": "Repeated forward passes on the same inputs differ: the model is randomized. "
-                          "Its cells are crafted with EOT (gradients averaged over passes) and each "
-                          "verdict is a majority of passes, as the cell keys record.",
-    "autograd_in_forward": "The forward pass calls autograd itself (a defense that optimizes at inference "
-                           "time): attacks that differentiate through it may follow a gradient of the "
-                           "wrong function; an adaptive attack is needed.",
-    "zero_gradients": "Some samples have an input gradient of cross-entropy of exactly "
-                      "zero (a saturated softmax, a step function or a detached input): gradient "
-                      "attacks cannot move them, so their robustness is unproven (Pintor et al.'s "
-                      "indicator of unavailable gradients; AutoAttack's zero-gradient check).",
-    "noise_flips": "Predictions change under uniform noise of a twentieth of the budget on a model "
-                   "whose passes do not vary: the loss surface is too rugged for its gradient to "
-                   "point anywhere useful (gradient shattering).",
-    "attack_not_converged": "A traced PGD run's cross-entropy was still rising over its last tenth of "
-                            "steps: the attack had not converged (Pintor et al.'s incomplete "
-                            "optimization), so longer or stronger attacks may find more.",
-    "square_stronger_than_pgd": "The query-based Square attack broke more than a point of samples "
-                                "that no white-box gradient attack (FGSM, PGD) broke: a black-box "
-                                "attack beating white-box ones means the gradients are masked "
-                                "(Pintor et al.; AutoAttack's Square check).",
-}
 
-MASKING = ("fgsm_stronger_than_pgd", "spsa_stronger_than_pgd", "transfer_stronger_than_pgd",
-           "unbounded_not_zero", "outputs_probabilities", "randomized_forward", "autograd_in_forward",
-           "zero_gradients", "noise_flips", "square_stronger_than_pgd")
-"""Flags that say the gradients an attack follows are masked, broken or random."""
+
+@dataclass(frozen=True)
+class FlagCheck:
+    """One reliability check: its stable name (a database key), the text the site and
+    README show, whether it is a sign of gradient masking, and the check itself."""
+
+    name: str
+    text: str
+    masking: bool
+    check: Callable[[Checkpoint, list[Evaluation], list[Transfer]], dict | None]
+
+
+FLAGS: list[FlagCheck] = []
+"""Every check, in the order flags are computed and shown; `@flag` adds one."""
+
+
+def flag(text: str, *, masking: bool = False):
+    """Register the decorated check under its function's name: a new flag is one entry."""
+    def register(fn):
+        FLAGS.append(FlagCheck(fn.__name__, " ".join(text.split()), masking, fn))
+        return fn
+
+    return register
+
 
 
 def _pgd(cells: list[Evaluation], threat: str) -> list[Evaluation]:
@@ -92,6 +76,9 @@ def _strongest_pgd_on(cells: list[Evaluation], threat: str, indices) -> tuple[fl
     return min(scored) if scored else None
 
 
+@flag(
+      "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
+      "converged, so short-PGD numbers overstate robustness.")
 def pgd_still_falling(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     groups: dict[tuple, dict[int, Evaluation]] = defaultdict(dict)
     for c in _pgd(cells, ck.threat):
@@ -110,6 +97,9 @@ def pgd_still_falling(ck: Checkpoint, cells: list[Evaluation], transfers: list[T
     return {"numbers": worst} if worst else None
 
 
+@flag(
+      "Random restarts lower accuracy by more than a point: single-start PGD is not finding the "
+      "worst case, a sign of a rugged or masked loss surface.")
 def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     groups: dict[tuple, list[Evaluation]] = defaultdict(list)
     for c in _pgd(cells, ck.threat):
@@ -128,6 +118,10 @@ def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tra
     return {"numbers": worst} if worst else None
 
 
+@flag(
+      "One FGSM step beats iterative PGD: the iterative attack is being misled, a classic sign "
+      "of gradient masking.",
+      masking=True)
 def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     fgsm = [c for c in cells if c.attack == "fgsm" and c.threat == ck.threat and c.indices is None]
     pgd = _pgd(cells, ck.threat)
@@ -154,6 +148,10 @@ def _stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], rivals: list) ->
     return worst
 
 
+@flag(
+      "The gradient-free SPSA attack beats white-box PGD on the same images: the gradients PGD "
+      "follows are not informative (gradient masking).",
+      masking=True)
 def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     spsa = [c for c in cells if c.attack == "spsa" and c.threat == ck.threat]
     hit = _stronger_than_pgd(ck, cells, spsa)
@@ -164,6 +162,9 @@ def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: l
                         "cells": [c.cell_key, pgd_key]}}
 
 
+@flag(
+      "A black-box transfer attack beats white-box PGD: white-box gradients are masked.",
+      masking=True)
 def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
     hit = _stronger_than_pgd(ck, cells, incoming)
@@ -174,6 +175,10 @@ def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfer
                         "n": t.n, "cells": [t.cell_key, pgd_key]}}
 
 
+@flag(
+      "PGD with an unbounded budget does not drive accuracy to zero: the attack cannot follow "
+      "the model's gradients (Athalye et al.'s sanity check).",
+      masking=True)
 def unbounded_not_zero(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     sweep = [c for c in cells if c.attack == "unbounded"]
     if not sweep:
@@ -189,6 +194,8 @@ def unbounded_not_zero(ck: Checkpoint, cells: list[Evaluation], transfers: list[
     return None
 
 
+@flag(
+      "AutoAttack's own checks warned about this model.")
 def autoattack_warning(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     raised = [c for c in cells if c.attack == "autoattack" and (c.extra or {}).get("warnings")]
     if not raised:
@@ -198,12 +205,17 @@ def autoattack_warning(ck: Checkpoint, cells: list[Evaluation], transfers: list[
 
 
 def _admission(ck: Checkpoint) -> dict:
-    return (getattr(ck, "meta", None) or {}).get("admission") or {}
+    return ck.admission or {}
 
 
 PROBABILITY_TOLERANCE = 1e-4
 
 
+@flag(
+      "The model's outputs lie in [0, 1] and sum to 1 per sample: they are probabilities, not "
+      "logits. Cross-entropy on probabilities has flattened gradients, so gradient attacks "
+      "understate what is possible.",
+      masking=True)
 def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     p = _admission(ck).get("probabilities")
     if p and p["min"] >= -PROBABILITY_TOLERANCE and p["max"] <= 1 + PROBABILITY_TOLERANCE \
@@ -212,18 +224,32 @@ def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: li
     return None
 
 
+@flag(
+      "Repeated forward passes on the same inputs differ: the model is randomized. Its cells "
+      "are crafted with EOT (gradients averaged over passes) and each verdict is a majority of "
+      "passes, as the cell keys record.",
+      masking=True)
 def randomized_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    from bench.science.admission import is_randomized
-
     a = _admission(ck)
     return {"numbers": dict(a["randomized"])} if is_randomized(a) else None
 
 
+@flag(
+      "The forward pass calls autograd itself (a defense that optimizes at inference time): "
+      "attacks that differentiate through it may follow a gradient of the wrong function; an "
+      "adaptive attack is needed.",
+      masking=True)
 def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     calls = _admission(ck).get("autograd_calls")
     return {"numbers": {"autograd_calls_per_forward": calls}} if calls else None
 
 
+@flag(
+      "Some samples have an input gradient of cross-entropy of exactly zero (a saturated "
+      "softmax, a step function or a detached input): gradient attacks cannot move them, so "
+      "their robustness is unproven (Pintor et al.'s indicator of unavailable gradients; "
+      "AutoAttack's zero-gradient check).",
+      masking=True)
 def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     z = _admission(ck).get("zero_gradient")
     return {"numbers": dict(z)} if z and z["count"] > 0 else None
@@ -233,6 +259,11 @@ NOISE_FLIP_SHARE = 0.02
 """More than this share of correct samples flipping under tiny noise raises noise_flips."""
 
 
+@flag(
+      "Predictions change under uniform noise of a twentieth of the budget on a model whose "
+      "passes do not vary: the loss surface is too rugged for its gradient to point anywhere "
+      "useful (gradient shattering).",
+      masking=True)
 def noise_flips(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     n = _admission(ck).get("noise_flips")
     if n and n["correct"] and n["flipped"] / n["correct"] > NOISE_FLIP_SHARE:
@@ -244,6 +275,10 @@ RISING = 0.05
 """A traced PGD's mean loss rising by more than this fraction over its last tenth of steps."""
 
 
+@flag(
+      "A traced PGD run's cross-entropy was still rising over its last tenth of steps: the "
+      "attack had not converged (Pintor et al.'s incomplete optimization), so longer or "
+      "stronger attacks may find more.")
 def attack_not_converged(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     t = _admission(ck).get("loss_rising")
     if not t:
@@ -272,6 +307,11 @@ def _broken(cell, size: int) -> np.ndarray:
     return out
 
 
+@flag(
+      "The query-based Square attack broke more than a point of samples that no white-box "
+      "gradient attack (FGSM, PGD) broke: a black-box attack beating white-box ones means the "
+      "gradients are masked (Pintor et al.; AutoAttack's Square check).",
+      masking=True)
 def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
     black = [c for c in cells if c.attack in BLACK_BOX and c.threat == ck.threat]
@@ -293,30 +333,17 @@ def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers:
     return None
 
 
-CHECKS: dict[str, Callable] = {
-    "pgd_still_falling": pgd_still_falling,
-    "restarts_matter": restarts_matter,
-    "fgsm_stronger_than_pgd": fgsm_stronger_than_pgd,
-    "spsa_stronger_than_pgd": spsa_stronger_than_pgd,
-    "transfer_stronger_than_pgd": transfer_stronger_than_pgd,
-    "unbounded_not_zero": unbounded_not_zero,
-    "autoattack_warning": autoattack_warning,
-    "outputs_probabilities": outputs_probabilities,
-    "randomized_forward": randomized_forward,
-    "autograd_in_forward": autograd_in_forward,
-    "zero_gradients": zero_gradients,
-    "noise_flips": noise_flips,
-    "attack_not_converged": attack_not_converged,
-    "square_stronger_than_pgd": square_stronger_than_pgd,
-}
+FLAG_TEXT = {f.name: f.text for f in FLAGS}
+MASKING = tuple(f.name for f in FLAGS if f.masking)
+"""Flags that say the gradients an attack follows are masked, broken or random."""
 
 
 def compute_flags(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> list[dict]:
     flags = []
-    for name, check in CHECKS.items():
-        hit = check(ck, cells, transfers)
+    for f in FLAGS:
+        hit = f.check(ck, cells, transfers)
         if hit:
-            flags.append({"name": name, "message": FLAG_TEXT[name], "numbers": hit["numbers"]})
+            flags.append({"name": f.name, "message": f.text, "numbers": hit["numbers"]})
     return flags
 
 

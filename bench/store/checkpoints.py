@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.core.data import get_spec
+from bench.core.models import build_model
 from bench.errors import BenchError
+from bench.store.factories import rebuild
 
 KEY_SCHEMA = 1  # bump only if the key's ingredients change; old keys stay valid
 
@@ -52,27 +54,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def git_commit() -> str | None:
-    """The commit of the source tree the package runs from, if it is a git checkout."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def save_checkpoint(model: torch.nn.Module, directory: Path, meta: dict) -> dict:
-    """Write weights and meta atomically; returns the meta of the folder now in place:
-    ours with the weights' sha256 added, or that of an intact folder another writer put
-    there first (the same recipe, so the same weights on the same machine)."""
+def save_checkpoint(model: torch.nn.Module, directory: Path, meta: dict,
+                    files: dict[str, Path] | None = None) -> dict:
+    """Write weights, meta and `files` (name in the folder -> source path) atomically;
+    returns the meta of the folder now in place: ours with the weights' sha256 added, or
+    that of an intact folder another writer put there first (the same key, so the same
+    weights). The one writer of checkpoint folders, trained and outside alike."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
     try:
         weights = tmp / "model.safetensors"
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        # Cloned: tied weights share storage, which safetensors refuses to write twice.
+        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(weights))
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
         meta = dict(meta, sha256=sha256_file(weights))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=list))
         # Renaming a folder onto an existing, non-empty one fails, so of two writers of
@@ -113,12 +109,7 @@ def read_meta(directory: Path) -> dict | None:
 
 
 def build_from_meta(meta: dict, weights: Path, device: str = "cpu") -> torch.nn.Module:
-    from bench.core.data import get_spec
-    from bench.core.models import build_model
-
     if meta.get("outside"):  # a user's model: rebuilt from its factory, not an architecture
-        from bench.run.outside import rebuild
-
         return rebuild(meta, weights.parent, device)
     model = build_model(meta["arch"], get_spec(meta["dataset"]))
     model.load_state_dict(load_file(str(weights), device="cpu"))

@@ -17,8 +17,20 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from sqlalchemy import (JSON, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
-                        create_engine, delete, event, select, text)
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    select,
+    text,
+)
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -57,6 +69,12 @@ class Checkpoint(Base):
     """The checkpoint's whole sidecar: versions, commit, losses, logit statistics, paper numbers."""
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
     evaluations: Mapped[list["Evaluation"]] = relationship(back_populates="checkpoint")
+
+    @property
+    def admission(self) -> dict | None:
+        """The admission checks measured on the model before its first attack
+        (bench.science.admission), kept in its meta; None until measured."""
+        return (self.meta or {}).get("admission")
 
 
 class _CellResult:

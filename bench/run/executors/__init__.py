@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bench.errors import BenchError
 from bench.run.executors.local import LocalExecutor
+from bench.run.executors.ray import RayExecutor
 
 EXECUTORS = ("local", "ray")
 
@@ -24,7 +25,5 @@ def make_executor(kind: str = "local", *, ray_address: str | None = None, thread
             raise BenchError("--ray-address is for --executor ray; drop it or add --executor ray")
         return LocalExecutor()
     if kind == "ray":
-        from bench.run.executors.ray import RayExecutor
-
         return RayExecutor(ray_address, cpus_per_task=threads, gpus_per_task=gpus_per_task)
     raise BenchError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")

@@ -25,6 +25,8 @@ from bench.run.jobs import Failed
 
 
 def _ray():
+    """The ray module, imported on first use: Ray is an optional extra (`[ray]`), so the
+    bench imports, and runs locally, without it."""
     try:
         import ray
     except ImportError as exc:
@@ -40,8 +42,7 @@ _WORKER_CACHE_SIZE = 8
 
 
 def _fetch(ref: Any) -> Any:
-    import ray
-
+    ray = _ray()
     key = ref.hex()
     if key in _WORKER_CACHE:
         _WORKER_CACHE.move_to_end(key)
@@ -55,8 +56,6 @@ def _fetch(ref: Any) -> Any:
 def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list) -> Any:
     """The task body: put the shared values back into the job, fix the thread count, run.
     `refs` come in a list so that Ray hands over the references, not copies of the values."""
-    import torch
-
     torch.set_num_threads(threads)
     return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
 
@@ -172,13 +171,11 @@ class RayExecutor:
                 yield inflight.pop(ref), self._result(ref)
 
     def _result(self, ref: Any) -> Any:
-        from ray.exceptions import RayError, RayTaskError
-
         try:
             return self.ray.get(ref)
-        except RayTaskError as exc:  # the job raised: report its own exception
+        except self.ray.exceptions.RayTaskError as exc:  # the job raised: report its own exception
             return Failed.of(exc.cause if exc.cause is not None else exc)
-        except RayError as exc:  # the worker died more often than max_retries, or was cancelled
+        except self.ray.exceptions.RayError as exc:  # the worker died more often than max_retries, or was cancelled
             return Failed.of(exc)
 
     def close(self) -> None:

@@ -1,0 +1,177 @@
+"""The public Python calls: one function per `bench` command, plus the names scripts use.
+
+    from bench import load_dataset, load_checkpoint, evaluate
+    from bench import BPDA   # for model authors: an exact forward, an approximate backward
+
+The command line (bench.cli) parses options, calls exactly one function here and prints
+what it returns; everything a command checks, opens or runs happens in these calls.
+Every user error is a one-line BenchError, raised before the store is opened or
+anything is written.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.core.data import DATASETS, load_dataset
+from bench.core.matrix import BUILTIN, load_matrix
+from bench.core.presets import all_presets
+from bench.errors import BenchError
+from bench.perf import SIZES, run_perf
+from bench.registry import ATTACKS, DEFENSES
+from bench.reporting.diagnosis import diagnosis_rows
+from bench.reporting.results import result_rows
+from bench.reporting.site import build_site
+from bench.run.bench import Bench
+from bench.run.diagnosing import ensure_diagnostics
+from bench.run.driver import RunReport, plan_run, run_defenses
+from bench.run.executors import make_executor
+from bench.run.outside import EvalReport, evaluate_outside, plan_outside
+from bench.run.recipe import TrainRequest, resolve
+from bench.run.training import ensure_checkpoint
+from bench.run.transfer import TransferReport, run_transfers
+from bench.science.adaptive import BPDA
+from bench.store.checkpoints import load_checkpoint
+from bench.store.db import Checkpoint
+
+__all__ = ["BPDA", "evaluate", "load_checkpoint", "load_dataset"]
+
+MAX_THREADS = 1024
+"""More than any machine has; torch overflows on values past a C int."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a command keeps its results and runs its work (the shared options)."""
+
+    results: str | os.PathLike = "results"
+    db: str | None = None
+    data_root: str | None = None
+    device: str = "auto"
+    threads: int = 1
+    """Intra-op CPU threads for torch; also the CPUs of each Ray task."""
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_gpus: float = 1.0
+
+
+def open_bench(where: Where, progress: Any = None) -> Bench:
+    """The run environment, with torch's thread count set from `where.threads`."""
+    # One thread by default: the intra-op thread count changes float summation order and
+    # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
+    # other made a digits run twenty times slower (see tests/conftest.py).
+    if not 1 <= where.threads <= MAX_THREADS:
+        raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {where.threads}")
+    torch.set_num_threads(where.threads)
+    return Bench.open(where.results, db=where.db, device=where.device, data_root=where.data_root,
+                      progress=progress)
+
+
+def executor(where: Where):
+    """The executor `where` asks for (a context manager: a local Ray cluster it starts is
+    stopped on exit). Each Ray task gets `threads` CPUs and as many torch threads."""
+    return make_executor(where.executor, ray_address=where.ray_address, threads=where.threads,
+                         gpus_per_task=where.ray_gpus)
+
+
+def listing(what: str) -> list[tuple[str, ...]]:
+    """The rows `bench ls WHAT` prints."""
+    if what == "defenses":
+        return [(n, (DEFENSES.get(n).doc.splitlines() or [""])[0]) for n in DEFENSES.names()]
+    if what == "attacks":
+        return [(n, (ATTACKS.get(n).doc.splitlines() or [""])[0]) for n in ATTACKS.names()]
+    if what == "matrices":
+        return [(n, f"{len(load_matrix(n)[1])} cell tables") for n in BUILTIN]
+    if what == "datasets":
+        return [(n, f"{s.num_classes:3} classes", s.threat.name, f"arch {s.default_arch}") for n, s in DATASETS.items()]
+    if what == "presets":
+        return [(n, p.defense, p.dataset, p.source) for n, p in all_presets().items()]
+    raise BenchError(f"cannot list {what!r}: choose defenses, attacks, matrices, datasets or presets")
+
+
+def train(request: TrainRequest, where: Where = Where(), progress: Any = None) -> tuple[Checkpoint, bool]:
+    """`bench train`: the stored checkpoint of one recipe, trained if missing. (row, trained?)"""
+    recipe = resolve(request)
+    bench = open_bench(where, progress)
+    with executor(where) as ex:
+        return ensure_checkpoint(bench, recipe, ex)
+
+
+def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where(),
+        progress: Any = None) -> tuple[list[RunReport], list[dict]]:
+    """`bench run`: train what is missing and run every missing cell for one defense or
+    `all`; returns the reports and the result rows of their checkpoints."""
+    names = DEFENSES.names() if defense == "all" else [DEFENSES.get(defense).name]
+    requests = [TrainRequest(name, request.dataset, request.preset if defense != "all" else None,
+                             request.overrides, request.arch, request.seed) for name in names]
+    for r in requests:  # every recipe and cell checked before the store is opened
+        plan_run(r, matrix, where.data_root)
+    bench = open_bench(where, progress)
+    with executor(where) as ex:
+        reports = run_defenses(bench, requests, matrix, ex)
+    return reports, result_rows(bench.store, checkpoint_keys={r.checkpoint.key for r in reports})
+
+
+def evaluate_model(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
+                   weights: str | None = None, where: Where = Where(), progress: Any = None,
+                   bench: Bench | None = None) -> tuple[EvalReport, list[dict]]:
+    """`bench eval`: store an outside model by name and weights hash and run the matrix
+    cells it lacks; returns the report and its result rows, the `worst_case` row last."""
+    # Everything the user gave is checked before the results folder or store is touched.
+    candidate = plan_outside(model, name, dataset, weights, where.data_root, matrix)
+    bench = bench or open_bench(where, progress)
+    with executor(where) as ex:
+        report = evaluate_outside(bench, candidate, matrix, ex)
+    return report, result_rows(bench.store, checkpoint_keys={report.checkpoint.key})
+
+
+def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
+             weights: str | None = None, results: str | os.PathLike = "results", db: str | None = None,
+             device: str = "auto", data_root: str | None = None, bench: Bench | None = None) -> list[dict]:
+    """Judge your own model: store it by name and weights hash, run the matrix, return its rows.
+
+    `model` is an nn.Module taking [0, 1] inputs and returning logits, or a
+    'MODULE:FUNCTION' string. Returns the rows `bench results --format json` prints for
+    it, the `worst_case` row last.
+    """
+    where = Where(results=results, db=db, device=device, data_root=data_root, threads=torch.get_num_threads())
+    return evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights, where=where,
+                          bench=bench)[1]
+
+
+def results(where: Where = Where(), defense: str | None = None, dataset: str | None = None) -> list[dict]:
+    """`bench results`: every stored cell and each checkpoint's worst case."""
+    return result_rows(open_bench(replace(where, device="cpu")).store, defense=defense, dataset=dataset)
+
+
+def diagnose(name: str, dataset: str | None = None, where: Where = Where()) -> list[dict]:
+    """`bench diagnose`: Table 1 rows of the checkpoints `name` selects, computing the
+    diagnostics that are missing."""
+    bench = open_bench(where)
+    return diagnosis_rows(bench.store, ensure_diagnostics(bench, name, dataset))
+
+
+def transfer(source: str, target: str = "all", attack: str | None = None, dataset: str = "digits",
+             where: Where = Where(), progress: Any = None) -> TransferReport:
+    """`bench transfer`: craft on every source, judge every target on its examples."""
+    bench = open_bench(where, progress)
+    with executor(where) as ex:
+        return run_transfers(bench, source, target, attack, dataset, executor=ex)
+
+
+def site(out_dir: str | os.PathLike = "site", where: Where = Where()) -> Path:
+    """`bench site`: render the leaderboard from the store into `out_dir`."""
+    return build_site(open_bench(replace(where, device="cpu")).store, out_dir)
+
+
+def perf(*, device: str = "auto", as_json: bool = False, size: str = "default", threads: int | None = None) -> dict:
+    """`bench perf`: our attacks against torchattacks on the same model and inputs."""
+    if size not in SIZES:
+        raise BenchError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+    return run_perf(device=device, as_json=as_json, size=size, threads=threads)

@@ -1,0 +1,4 @@
+"""`python -m bench.cli`."""
+from bench.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""The plugin API: everything a defense in defenses/ or an attack in attacks/ may use from
+the bench. Plugins import this module (and each other's public parts), nothing else of
+bench/; import-linter holds them to it (pyproject.toml).
+
+- registration: `register_defense`, `register_attack`;
+- range checks for config `__post_init__`: `at_least`, `positive`, `non_negative`,
+  `in_range`, `one_of`, `radius`, and `NORMS`;
+- the attack objectives on logits: `xent`, `cw_margin`, `LOSSES`;
+- `exact_view`: a model's exact graph rewrite (the same gradients, bit for bit, faster);
+- `seed_from`: an integer seed drawn from a cell's generator, for libraries that take
+  a seed rather than a generator.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.engine.losses import LOSSES, cw_margin, xent
+from bench.engine.rewrite import exact_view
+from bench.registry import register_attack, register_defense
+from bench.validate import NORMS, at_least, in_range, non_negative, one_of, positive, radius
+
+__all__ = ["LOSSES", "NORMS", "at_least", "cw_margin", "exact_view", "in_range", "non_negative", "one_of",
+           "positive", "radius", "register_attack", "register_defense", "seed_from", "xent"]
+
+
+def seed_from(generator: torch.Generator | None) -> int:
+    """The integer seed a seeded library gets: the next draw of the cell's generator."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))

@@ -1,0 +1,103 @@
+"""The attack stage: every matrix cell a stored checkpoint lacks, as jobs on an executor.
+
+A model's admission checks run first and choose how its cells run
+(bench.science.adaptive.adapt_cells); each cell runs under a claim and is committed in
+its own transaction as it arrives; the checkpoint's flags are recomputed at the end.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from bench.core.data import load_dataset
+from bench.core.matrix import Cell
+from bench.run.bench import Bench
+from bench.run.executors import LocalExecutor
+from bench.run.jobs import EvalJob, Failed
+from bench.run.progress import progress_bar
+from bench.run.training import once
+from bench.science.adaptive import adapt_cells
+from bench.science.admission import ensure_admission
+from bench.science.flags import recompute_flags
+from bench.store.claims import Claims, claimed
+from bench.store.db import Checkpoint
+
+
+class CellsRun(list):
+    """The keys of the cells run (a list, in the order they finished), and the cells that
+    failed: `failures`, cell key -> one-line reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures: dict[str, str] = {}
+
+
+def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
+                      model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
+    """Run the cells the store lacks for one stored checkpoint, commit each result as it
+    arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
+    called (once) when a cell or the admission checks are missing. The checks choose how
+    the cells run (bench.science.adaptive.adapt_cells). Returns the keys of the cells run (a
+    CellsRun, whose `failures` names the cells whose attack raised)."""
+    return attack_checkpoints(bench, [(row, cells, model)], executor)[row.id]
+
+
+def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Callable[[], torch.nn.Module]]],
+                       executor=None) -> dict[int, CellsRun]:
+    """`attack_checkpoint` for several checkpoints as one stream of jobs, so a parallel
+    executor attacks them all at once. Each cell runs under a claim: a second driver on
+    the same store waits for it and reads the row instead of running it again."""
+    # What each model does (randomness, zero gradients, ...) chooses how it is attacked.
+    work = [(row, adapt_cells(cells, ensure_admission(bench, row, build)), build)
+            for row, cells, build in ((r, c, once(b)) for r, c, b in work)]
+    executor = executor or LocalExecutor()
+    ran = {row.id: CellsRun() for row, _, _ in work}
+    rows = {row.key: row for row, _, _ in work}
+    models: dict[str, torch.nn.Module] = {}
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bars: dict[str, tuple] = {}
+
+    def claim_key(item) -> str:
+        return f"eval:{item[0].key}:{item[1].key}"
+
+    def missing():
+        for row, cells, build in work:
+            done = bench.store.done_cells(row.id)
+            yield from ((row, c, build) for c in cells if c.key not in done)
+
+    with Claims(bench.store) as claims:
+        def jobs():
+            for item in claimed(missing(), claims, key=claim_key,
+                                done=lambda it: it[1].key in bench.store.done_cells(it[0].id)):
+                if item is None:
+                    yield None
+                    continue
+                row, cell, build = item
+                if row.key not in models:  # built once, on the first cell this driver runs
+                    models[row.key] = build()
+                    data.setdefault(row.dataset, load_dataset(row.dataset, "test", bench.data_root))
+                    bars[row.key] = progress_bar(bench, f"attack {row.defense} [{row.key[:8]}]",
+                                              sum(len(c) for r, c, _ in work if r.key == row.key))
+                x, y = data[row.dataset]
+                yield EvalJob(models[row.key], cell, x, y, bench.device, bench.batch_size(), fast=bench.fast,
+                              label=row.key)
+
+        try:
+            for job, result in executor.map(jobs()):
+                row = rows[job.label]
+                if isinstance(result, Failed):
+                    ran[row.id].failures[job.cell.key] = result.reason
+                else:
+                    bench.store.add_evaluation(row.id, **result)
+                    ran[row.id].append(job.cell.key)
+                claims.release(f"eval:{row.key}:{job.cell.key}")
+                on_step = bars[row.key][0]
+                if on_step:
+                    on_step(len(bench.store.done_cells(row.id)) + len(ran[row.id].failures))
+        finally:
+            for _, finish in bars.values():
+                finish()
+    for row, _, _ in work:
+        recompute_flags(bench.store, row)
+    return ran

@@ -1,0 +1,122 @@
+"""The training stage: the stored checkpoint of each recipe, trained first where missing.
+
+Trainings run as jobs on the executor (in parallel where it runs several), each under a
+claim, so that a second driver on the same store waits for a training and reads its row
+instead of training it again. A checkpoint folder written by a run killed before it
+recorded the row is adopted, not retrained.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bench.core.data import load_dataset
+from bench.errors import BenchError
+from bench.run.bench import Bench
+from bench.run.executors import LocalExecutor
+from bench.run.jobs import Failed, TrainJob
+from bench.run.progress import progress_bar
+from bench.run.recipe import Recipe
+from bench.store import checkpoints as ckpt
+from bench.store.claims import Claims, claimed
+from bench.store.db import Checkpoint
+
+
+def ensure_checkpoint(bench: Bench, recipe: Recipe, executor=None) -> tuple[Checkpoint, bool]:
+    """The stored checkpoint for a recipe, training it first if absent. (row, trained?)"""
+    rows, trained = ensure_checkpoints(bench, [recipe], executor)
+    return rows[0], recipe.key in trained
+
+
+def ensure_checkpoints(bench: Bench, recipes: list[Recipe], executor=None) -> tuple[list[Checkpoint], set[str]]:
+    """The stored checkpoints of `recipes` (in their order) and the keys trained here.
+
+    Missing ones are trained as jobs on the executor (in parallel where it runs several),
+    each under a claim, so that a second driver on the same store waits for the training
+    and reads its row instead of training it again.
+    """
+    executor = executor or LocalExecutor()
+    unique = {r.key: r for r in recipes}
+    trained: set[str] = set()
+    failures: list[Failed] = []
+    bars: dict[str, Callable[[], None]] = {}
+
+    def directory(recipe: Recipe) -> Path:
+        return ckpt.checkpoint_dir(bench.results, recipe.dataset.name, recipe.defense, recipe.key)
+
+    with Claims(bench.store) as claims:
+        def jobs():
+            for recipe in claimed(unique.values(), claims, key=lambda r: f"train:{r.key}",
+                                  done=lambda r: bench.store.checkpoint(r.key) is not None):
+                if recipe is None:
+                    yield None
+                    continue
+                meta = ckpt.read_meta(directory(recipe))
+                if meta is not None:  # written by a run killed before recording it: adopt it
+                    record_checkpoint(bench, recipe, directory(recipe), meta)
+                    claims.release(f"train:{recipe.key}")
+                    continue
+                steps = recipe.train_config.epochs * -(-_train_size(recipe, bench) // recipe.train_config.batch_size)
+                on_step, bars[recipe.key] = progress_bar(bench, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
+                yield TrainJob(recipe, directory(recipe), bench.device, bench.data_root, bench.batch_size(),
+                               precision=bench.precision, channels_last=bench.channels_last, on_step=on_step)
+
+        try:
+            for job, meta in executor.map(jobs()):
+                bars.pop(job.recipe.key, lambda: None)()
+                if isinstance(meta, Failed):
+                    failures.append(meta)
+                else:
+                    record_checkpoint(bench, job.recipe, job.directory, meta)
+                    trained.add(job.recipe.key)
+                claims.release(f"train:{job.recipe.key}")
+        finally:
+            for done in bars.values():
+                done()
+    if failures:  # the other trainings are recorded; the first failure stops the run
+        raise failures[0].error or BenchError(f"training failed: {failures[0].reason}")
+    return [bench.store.checkpoint(r.key) for r in recipes], trained
+
+
+def _train_size(recipe: Recipe, bench: Bench) -> int:
+    return len(load_dataset(recipe.dataset.name, "train", bench.data_root)[1])
+
+
+def record_checkpoint(bench: Bench, recipe: Recipe, directory: Path, meta: dict) -> Checkpoint:
+    """Record a checkpoint folder in the store (idempotent: a row already there is kept)."""
+    ds = recipe.dataset
+    return bench.store.add_checkpoint(
+        key=recipe.key, dataset=ds.name, defense=recipe.defense,
+        preset=recipe.preset.name if recipe.preset else None, arch=recipe.arch, seed=recipe.seed,
+        threat=ds.threat.name, config=meta["config"], train_config=meta["train"], path=str(directory),
+        sha256=meta["sha256"], epochs=meta["epochs"], train_seconds=meta["train_seconds"],
+        device=meta["device"], meta=meta)
+
+
+def load_model(row: Checkpoint, device: str) -> torch.nn.Module:
+    meta = ckpt.read_meta(Path(row.path))
+    if meta is None or meta["sha256"] != row.sha256:
+        raise BenchError(f"checkpoint {row.key} at {row.path!r} is missing or altered; delete its "
+                         "row or restore the folder")
+    return ckpt.build_from_meta(meta, Path(row.path) / "model.safetensors", device)
+
+
+def once(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """`build`, called at most once."""
+    made: list[torch.nn.Module] = []
+
+    def get() -> torch.nn.Module:
+        if not made:
+            made.append(build())
+        return made[0]
+
+    return get
+
+
+
+
+def model_of(row: Checkpoint, device: str) -> Callable[[], torch.nn.Module]:
+    """A builder of the checkpoint's model that loads it at most once, on first call."""
+    return once(lambda: load_model(row, device))

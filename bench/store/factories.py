@@ -1,0 +1,164 @@
+"""Model factories: how an outside model is built from `MODULE:FUNCTION` and rebuilt
+from its checkpoint folder, and the hash that identifies its weights.
+
+MODULE is an importable module name (found from the current folder too, as `python -m`
+finds it) or the path of a .py file; FUNCTION takes no arguments and returns the
+nn.Module. A .py factory is kept as a copy (SOURCE_FILE) in the checkpoint folder, so
+the model can be rebuilt where the original file is gone. Every user error is a
+one-line BenchError.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from bench.errors import BenchError, did_you_mean
+
+SOURCE_FILE = "factory.py"
+"""The copy of a factory given as a .py path, kept in the checkpoint folder."""
+
+
+@dataclass(frozen=True)
+class Factory:
+    """Where an outside model comes from: `module:function`, module a name or a .py path."""
+
+    module: str
+    """An importable module name, or the path of a .py file."""
+    function: str
+    """A callable of the module that takes no arguments and returns the nn.Module."""
+
+    @property
+    def reference(self) -> str:
+        return f"{self.module}:{self.function}"
+
+    @property
+    def is_file(self) -> bool:
+        return self.module.endswith(".py")
+
+
+def parse_factory(text: str) -> Factory:
+    module, sep, function = text.rpartition(":")
+    # A Windows drive letter (C:\...) is no separator: the function part has no slash.
+    if not sep or not module or not function or "/" in function or "\\" in function:
+        raise BenchError(f"--model {text!r} is not MODULE:FUNCTION (e.g. --model my_models.py:build "
+                         "or --model my_package.models:build)")
+    return Factory(module, function)
+
+
+def _import(factory: Factory, source: Path | None = None):
+    """The factory's module; `source` overrides where a .py factory is read from."""
+    try:
+        if source is not None or factory.is_file:
+            path = Path(source or factory.module)
+            if not path.is_file():
+                raise BenchError(f"--model {factory.reference!r}: no file {str(path)!r}; give the path of a "
+                                 ".py file or an importable module name")
+            name = "bench_outside_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses and pickling look modules up by name
+            # Nowhere else can import it by that name (a Ray worker, say), so whatever
+            # ships a model of its classes sends the module's code along (bench.run.executors.ray).
+            module.__pickle_by_value__ = True
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            return module
+        return importlib.import_module(factory.module)
+    except BenchError:
+        raise
+    except Exception as exc:  # whatever the user's module raises on import is their error
+        raise BenchError(f"--model {factory.reference!r} does not import: {type(exc).__name__}: "
+                         f"{first_line(exc)}; check the module path and that it imports on its own") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def build(factory: Factory, source: Path | None = None) -> torch.nn.Module:
+    """Import the factory and call it; the result must be an nn.Module."""
+    module = _import(factory, source)
+    fn = getattr(module, factory.function, None)
+    if not callable(fn):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise BenchError(f"--model {factory.reference!r}: {factory.module} has no function "
+                         f"{factory.function!r}{did_you_mean(factory.function, names)}")
+    try:
+        model = fn()
+    except Exception as exc:  # the user's factory failing is bad input, not a bench bug
+        raise BenchError(f"--model {factory.reference!r} raised {type(exc).__name__}: {first_line(exc)}; "
+                         "FUNCTION must build the model with no arguments") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise BenchError(f"--model {factory.reference!r} returned a {type(model).__name__}, not a "
+                         "torch.nn.Module; FUNCTION must return the model")
+    return model
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file into the model, strictly (every key, every shape)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"--weights {str(p)!r}: no such file")
+    try:
+        state = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BenchError(f"--weights {str(p)!r} is not a safetensors file ({first_line(exc)}); save with "
+                         "safetensors.torch.save_file(model.state_dict(), PATH)") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        missing = sorted(set(model.state_dict()) - set(state))
+        extra = sorted(set(state) - set(model.state_dict()))
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {extra[:3]}" if extra else "")
+        raise BenchError(f"--weights {str(p)!r} do not fit the model: "
+                         f"{detail.strip() or first_line(exc).split(chr(9))[0][:200]}; "
+                         "save them from the model FUNCTION builds") from exc
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every state_dict tensor (weights and buffers) in sorted key order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def class_factory(model: torch.nn.Module) -> Factory | None:
+    """A module given in Python is rebuilt from its class if that takes no arguments."""
+    cls = type(model)
+    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
+        return None
+    return Factory(cls.__module__, cls.__qualname__)
+
+
+
+def rebuild(meta: dict, directory: Path, device: str = "cpu") -> torch.nn.Module:
+    """An outside model from its checkpoint folder: the factory (its kept source copy
+    first), then the stored weights."""
+    info = meta["outside"]
+    if not info.get("factory"):
+        raise BenchError(f"outside model {meta['defense']!r} was given as an object with no importable "
+                         "factory, so it cannot be rebuilt; evaluate it with --model MODULE:FUNCTION")
+    factory = parse_factory(info["factory"])
+    source = directory / SOURCE_FILE
+    model = build(factory, source if source.is_file() else None)
+    model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
+    return model.to(device).eval()
+
+
