@@ -59,6 +59,18 @@ class Where:
     ray_gpus: float = 1.0
 
 
+class IncompleteEvaluation(RuntimeError):
+    """Some cells of an outside model's matrix failed: its worst case is incomplete. The
+    stored rows are `rows` (the `worst_case` row says `complete: false`) and each failed
+    cell's one-line reason is in `failures`; nothing is dropped."""
+
+    def __init__(self, rows: list[dict], failures: dict[str, str]):
+        first = next(iter(failures.items()))
+        super().__init__(f"{len(failures)} cell(s) failed, so the worst case is incomplete; first: "
+                         f"{first[0]}: {first[1]}")
+        self.rows, self.failures = rows, failures
+
+
 def open_bench(where: Where, progress: Any = None) -> Bench:
     """The run environment, with torch's thread count set from `where.threads`."""
     # One thread by default: the intra-op thread count changes float summation order and
@@ -136,11 +148,16 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
 
     `model` is an nn.Module taking [0, 1] inputs and returning logits, or a
     'MODULE:FUNCTION' string. Returns the rows `bench results --format json` prints for
-    it, the `worst_case` row last.
+    it, the `worst_case` row last. Raises IncompleteEvaluation, carrying the rows and the
+    failed cells, when any cell failed: an incomplete worst case is never returned as if
+    it were whole.
     """
     where = Where(results=results, db=db, device=device, data_root=data_root, threads=torch.get_num_threads())
-    return evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights, where=where,
-                          bench=bench)[1]
+    report, rows = evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
+                                  where=where, bench=bench)
+    if report.failures:
+        raise IncompleteEvaluation(rows, report.failures)
+    return rows
 
 
 def results(where: Where = Where(), defense: str | None = None, dataset: str | None = None) -> list[dict]:

@@ -7,6 +7,7 @@ bench/; import-linter holds them to it (pyproject.toml).
   `in_range`, `one_of`, `radius`, and `NORMS`;
 - the attack objectives on logits: `xent`, `cw_margin`, `LOSSES`;
 - `exact_view`: a model's exact graph rewrite (the same gradients, bit for bit, faster);
+- `full_fp32`: true fp32 arithmetic (no TF32 on CUDA) for an attack's own confirmations;
 - `seed_from`: an integer seed drawn from a cell's generator, for libraries that take
   a seed rather than a generator.
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from bench.engine.device import full_fp32
 from bench.engine.losses import LOSSES, cw_margin, xent
 from bench.engine.rewrite import exact_view
 from bench.registry import register_attack, register_defense
 from bench.validate import NORMS, at_least, in_range, non_negative, one_of, positive, radius
 
-__all__ = ["LOSSES", "NORMS", "at_least", "cw_margin", "exact_view", "in_range", "non_negative", "one_of",
+__all__ = ["LOSSES", "NORMS", "at_least", "cw_margin", "exact_view", "full_fp32", "in_range", "non_negative", "one_of",
            "positive", "radius", "register_attack", "register_defense", "seed_from", "xent"]
 
 

@@ -73,6 +73,19 @@ def memory_format(model: torch.nn.Module, channels_last: bool):
         model.to(memory_format=torch.contiguous_format)
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """True fp32 for the duration: TF32 off for CUDA matmuls and cuDNN convolutions (torch
+    leaves cuDNN's on by default, which rounds inputs to 10 mantissa bits), then the
+    caller's settings restored. Every verdict and confirmation runs under it."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def on_device(t: torch.Tensor, device: str, channels_last: bool) -> torch.Tensor:
     t = t.to(device)
     return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t

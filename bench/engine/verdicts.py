@@ -3,17 +3,21 @@ randomized model; EOT, the mean-logit view of a randomized model that gradient a
 see (Expectation over Transformation)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from bench.engine.device import autocast, frozen, memory_format, on_device, seeded_noise
+from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 
 
 @torch.no_grad()
 def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32",
             channels_last: bool = False) -> torch.Tensor:
-    """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored."""
+    """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored.
+    In fp32 they are true fp32 (no TF32 on CUDA), as every verdict must be."""
     xd = on_device(x, device, channels_last)
-    with frozen(model), memory_format(model, channels_last), autocast(device, precision):
+    arithmetic = full_fp32() if precision == "fp32" else contextlib.nullcontext()
+    with frozen(model), memory_format(model, channels_last), autocast(device, precision), arithmetic:
         logits = [model(xd[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.cat(logits).cpu()
 

@@ -1,4 +1,6 @@
-"""Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint.
+"""Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint,
+which says whether it covers every cell the checkpoint's matrices asked for (`complete`)
+and which are `missing` (failed or never run).
 
 This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns; the
 site reads the store itself (bench.reporting.site.load), through the same worst_case.
@@ -7,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bench.store.db import Store, worst_case
+from bench.store.db import Store, coverage, worst_case
 
 COLUMNS = ["defense", "preset", "dataset", "checkpoint", "attack", "threat", "clean_acc",
            "robust_acc", "n", "seconds"]
@@ -29,6 +31,7 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
     flags: dict[int, list[str]] = defaultdict(list)
     for f in store.flags(ids):
         flags[f.checkpoint_id].append(f.name)
+    defense_of = {c.id: c.defense for c in store.checkpoints()}
     rows = []
     for ck in cks:
         base = {"defense": ck.defense, "preset": ck.preset, "dataset": ck.dataset, "checkpoint": ck.key}
@@ -39,11 +42,12 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
         for t in incoming[ck.id]:
             rows.append({**base, "attack": f"transfer[{t.source_id}]:{t.cell_key}", "threat": t.threat,
                          "clean_acc": t.clean_acc, "robust_acc": t.robust_acc, "n": t.n,
-                         "seconds": round(t.seconds, 3)})
+                         "seconds": round(t.seconds, 3), "source": defense_of.get(t.source_id)})
         test_size = next((e.n for e in by_ck[ck.id] if e.indices is None), 0)
         wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size) if test_size else None
         if wc:
             rows.append({**base, "attack": "worst_case", "threat": ck.threat, "clean_acc": clean,
                          "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None,
-                         "cells": wc["cells"], "flags": sorted(flags[ck.id])})
+                         "cells": wc["cells"], "flags": sorted(flags[ck.id]),
+                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of)})
     return rows

@@ -16,12 +16,12 @@ import torch
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import matrix_transfer, parse_cell_key
-from bench.engine.verdicts import majority_correct, predict
+from bench.run.attacking import expect
 from bench.run.bench import Bench
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
-from bench.run.transfer import crafted_examples
-from bench.science.adaptive import VOTES, adaptive_key
+from bench.run.transfer import correct, crafted_examples, transfer_key
+from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.db import Checkpoint, pack_bits
@@ -55,15 +55,16 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
         if source.id == row.id:
             continue
         total += len(cells)
+        expect(bench, row, [f"{name}|{transfer_key(c.key, randomized)}" for c in cells])
         for cell in cells:
-            key = adaptive_key(cell.key, 0, VOTES) if randomized else cell.key
+            key = transfer_key(cell.key, randomized)
             if row.id in bench.store.done_transfers(source.id, key):
                 continue
             if x is None:
                 x, y = load_dataset(row.dataset, "test", bench.data_root)
-                clean = _correct(model(), x, y, bench, randomized)
+                clean = correct(model(), x, y, bench, randomized)
             x_adv, _ = crafted_examples(bench, source, cell, x, y)
-            robust = _correct(model(), x_adv, y, bench, randomized) & clean
+            robust = correct(model(), x_adv, y, bench, randomized) & clean
             bench.store.add_transfer(
                 source.id, row.id, cell_key=key, attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean.float().mean()),
@@ -74,9 +75,3 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
     if ran:
         recompute_flags(bench.store, row)
     return ran, total
-
-
-def _correct(model, x, y, bench: Bench, randomized: bool) -> torch.Tensor:
-    if randomized:
-        return majority_correct(model, x, y, VOTES, device=bench.device, batch_size=bench.batch_size())
-    return predict(model, x, device=bench.device, batch_size=bench.batch_size()).argmax(1) == y

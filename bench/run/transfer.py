@@ -18,12 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, make_cell, parse_cell_key
-from bench.engine.verdicts import predict
+from bench.engine.verdicts import majority_correct, predict
 from bench.errors import BenchError
 from bench.run.bench import Bench
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import CraftJob, Failed
 from bench.run.training import load_model
+from bench.science.adaptive import VOTES, adaptive_key
+from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.claims import Claims, claimed
 from bench.store.db import Checkpoint, pack_bits
@@ -39,6 +41,19 @@ class TransferReport:
     evaluated: int = 0
     skipped: int = 0
     grid: list[dict] = field(default_factory=list)
+
+
+def transfer_key(cell_key: str, randomized: bool) -> str:
+    """A transfer row's key: the cell's, with the votes that judged a randomized target."""
+    return adaptive_key(cell_key, 0, VOTES) if randomized else cell_key
+
+
+def correct(model, x, y, bench: Bench, randomized: bool) -> torch.Tensor:
+    """Per sample, whether the target classifies it correctly: one pass, or the seeded
+    majority of VOTES passes for a randomized target (the same passes as its cells')."""
+    if randomized:
+        return majority_correct(model, x, y, VOTES, device=bench.device, batch_size=bench.batch_size())
+    return predict(model, x, device=bench.device, batch_size=bench.batch_size()).argmax(1) == y
 
 
 def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
@@ -104,23 +119,28 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     touched: set[int] = set()
     task = bench.progress.add_task("transfer", total=len(sources) * len(targets)) if bench.progress else None
 
+    # A randomized target is judged by the seeded majority of passes, as in every cell,
+    # and its row's key says so (`...,votes=21`).
+    randomized = {t.id: is_randomized(ensure_admission(bench, t, lambda t=t: load_model(t, bench.device)))
+                  for t in targets}
+    keys = {t.id: transfer_key(cell.key, randomized[t.id]) for t in targets}
+
     def todo(src: Checkpoint) -> list[Checkpoint]:
-        done = bench.store.done_transfers(src.id, cell.key)
-        return [t for t in targets if t.id not in done]
+        done = {k: bench.store.done_transfers(src.id, k) for k in set(keys.values())}
+        return [t for t in targets if t.id not in done[keys[t.id]]]
 
     def judge(src: Checkpoint, x_adv: torch.Tensor) -> None:
         for tgt in todo(src):
             if tgt.id not in models:
                 models[tgt.id] = load_model(tgt, bench.device)
-                clean[tgt.id] = predict(models[tgt.id], x, device=bench.device,
-                                        batch_size=bench.batch_size()).argmax(1) == y
-            adv = predict(models[tgt.id], x_adv, device=bench.device, batch_size=bench.batch_size())
-            robust = (adv.argmax(1) == y) & clean[tgt.id]
+                clean[tgt.id] = correct(models[tgt.id], x, y, bench, randomized[tgt.id])
+            robust = correct(models[tgt.id], x_adv, y, bench, randomized[tgt.id]) & clean[tgt.id]
             report.evaluated += bench.store.add_transfer(
-                src.id, tgt.id, cell_key=cell.key, attack=cell.attack, params=dict(vars(cell.config)),
+                src.id, tgt.id, cell_key=keys[tgt.id], attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean[tgt.id].float().mean()),
                 robust_acc=float(robust.float().mean()), n=len(y), seconds=0.0,
-                correct_bits=pack_bits(robust.numpy()), indices=None, extra={}, device=bench.device)
+                correct_bits=pack_bits(robust.numpy()), indices=None,
+                extra={"votes": VOTES if randomized[tgt.id] else 1}, device=bench.device)
             touched.add(tgt.id)
         if task is not None:
             bench.progress.advance(task, len(targets))
@@ -174,5 +194,6 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     report.grid = [{"source": names[t.source_id], "target": names[t.target_id], "robust_acc": t.robust_acc,
                     "cell": t.cell_key}
                    for t in bench.store.transfers(wanted_tgt)
-                   if t.cell_key == cell.key and t.source_id in wanted_src and t.target_id in wanted_tgt]
+                   if t.cell_key == keys.get(t.target_id) and t.source_id in wanted_src
+                   and t.target_id in wanted_tgt]
     return report

@@ -37,8 +37,10 @@ ROUNDS = 3
 """Attack rounds on a randomized model: each attacks what the verdict left standing."""
 VOTES = 21
 """Independent passes that judge a randomized model's prediction; odd, so a majority exists.
-With 21, a sample the model gets right 9 times in 10 is misjudged with probability
-about 1e-7, so thirty cells remove it with probability about 3e-6."""
+A sample the model gets right with probability 0.9 a pass is misjudged when at most 10 of
+the 21 are right: P(Binomial(21, 0.9) <= 10) = 1.35e-6 (0.8: 9.7e-4; 0.7: 2.6e-2).
+Thirty cells judged by independent passes would remove it with probability 4.1e-5; every
+verdict uses the same seeded passes instead (bench.engine.verdicts.majority_correct)."""
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -346,3 +346,20 @@ def worst_case(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers:
     if not keys:
         return None
     return {"robust_acc": float(robust.mean()), "n": test_size, "cells": len(keys), "bits": robust}
+
+
+def expected_cells(checkpoint: Checkpoint) -> list[str]:
+    """The cells the matrices run on this checkpoint asked for: evaluation cell keys, and
+    transfer cells as `<surrogate defense>|<cell key>` (recorded by the run layer)."""
+    return list((checkpoint.meta or {}).get("expected_cells", []))
+
+
+def coverage(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers: list[Transfer],
+             defense_of: dict[int, str]) -> dict:
+    """Which of the checkpoint's expected cells are stored. `defense_of` maps checkpoint
+    ids to defense names (a transfer row names its source by id). A cell that failed or
+    never ran is missing, and a worst case missing any cell is incomplete."""
+    have = {e.cell_key for e in evaluations}
+    have |= {f"{defense_of.get(t.source_id, '?')}|{t.cell_key}" for t in transfers}
+    missing = sorted(set(expected_cells(checkpoint)) - have)
+    return {"complete": not missing, "missing": missing}

@@ -8,7 +8,7 @@ from collections import defaultdict
 from bench.reporting.format import missing, pct
 from bench.reporting.site.load import SiteData
 from bench.reporting.site.names import page_path
-from bench.store.db import worst_case
+from bench.store.db import coverage, worst_case
 
 # Board columns after clean accuracy: (column id, header, cell label). The label is what
 # `cell_label` calls a cell, and also the key of the paper's number in a preset
@@ -39,6 +39,7 @@ def boards(data: SiteData) -> list[dict]:
     test_size = full.groupby(["checkpoint_id", "threat"])["n"].max().to_dict()
     column_labels = {label for _, _, label in BOARD_COLUMNS if label}
     by_id = {ck.id: ck for ck in data.checkpoints}
+    defense_of = {ck.id: ck.defense for ck in data.checkpoints}
 
     members: dict[tuple[str, str], set[int]] = defaultdict(set)
     for ck in data.checkpoints:
@@ -76,13 +77,18 @@ def boards(data: SiteData) -> list[dict]:
                 if n is not None and v is not None:
                     note = f"on {int(n)} images"
                 cols.append(_cell(col, v, paper.get(label) if label else None, note))
-            cols.append(_cell("worst", wc["robust_acc"] if wc else None, None,
-                              f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""))
+            note = f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""
+            # Coverage is of the checkpoint's own matrix, whose cells count toward its threat model.
+            missing = coverage(ck, data.cells[cid], data.incoming[cid], defense_of)["missing"] \
+                if wc and threat == ck.threat else []
+            if missing:
+                note += f" · incomplete: {len(missing)} missing"
+            cols.append(_cell("worst", wc["robust_acc"] if wc else None, None, note))
             rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
                          "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
                          "overrides": data.overrides.get(cid, ""),
                          "outside": (meta.get("outside") or {}).get("factory") or "",
-                         "cols": cols, "worst": wc["robust_acc"] if wc else None,
+                         "cols": cols, "worst": wc["robust_acc"] if wc else None, "missing": missing,
                          "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
                                    for f in data.flags[cid]] if threat == ck.threat else [],
                          "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",

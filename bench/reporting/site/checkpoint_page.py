@@ -15,7 +15,7 @@ from bench.reporting.site.load import SiteData, StoredCell, cell_order
 from bench.reporting.site.names import cell_anchor, cell_label, checkpoint_name, page_path
 from bench.reporting.site.svg import svg_hist, svg_lines
 from bench.science.flags import FLAG_TEXT
-from bench.store.db import Checkpoint
+from bench.store.db import Checkpoint, coverage, worst_case
 
 # Labels presets use for the paper's numbers that are not `cell_label`'s own spelling.
 PAPER_ALIASES = {"restarts10": "pgd20_r10"}
@@ -62,7 +62,13 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
 
     plots = _plots(ck, cells)
     name = checkpoint_name(ck, data.overrides)
+    own = [e for e in data.cells[ck.id] if e.threat == ck.threat]
+    size = next((e.n for e in own if e.indices is None), 0)
+    wc = worst_case(ck, data.cells[ck.id], data.incoming[ck.id], size) if size else None
+    cov = coverage(ck, data.cells[ck.id], data.incoming[ck.id], {c.id: c.defense for c in data.checkpoints})
     return {
+        "worst": {"robust": pct(wc["robust_acc"]), "cells": wc["cells"], **cov} if wc else None,
+        "no_cells": not data.cells[ck.id] and not data.incoming[ck.id],
         "root": root, "title": f"{name} [{ck.key[:8]}]", "ck": ck, "name": name,
         "outside": meta.get("outside"),
         "clean": pct(meta.get("clean_acc")),
