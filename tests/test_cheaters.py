@@ -18,7 +18,9 @@ import bench
 from bench.science.adaptive import BPDA
 from bench.engine.verdicts import EOT, majority_correct
 from bench.core.data import get_spec
-from bench.science.flags import MASKING
+from bench.science.admission import admit
+from bench.science.flags import MASKING, compute_flags
+from bench.store.db import Checkpoint
 from bench.core.presets import default_preset
 from conftest import train_digits
 
@@ -264,3 +266,51 @@ def test_randomized_cells_are_reproducible(natural_model, digits_test):
     first, second = (evaluate(noisy, cell, x[:64], y[:64], device="cpu", batch_size=1024) for _ in range(2))
     assert first["correct_bits"] == second["correct_bits"] and first["clean_acc"] == second["clean_acc"]
     assert 0 < first["robust_acc"] < first["clean_acc"]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """A user's hand-written BPDA: rounds forward, passes the gradient straight back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 3) / 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Reversed(torch.autograd.Function):
+    """The identity forward with a misleading backward: the gradient reversed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, net, fn):
+        super().__init__()
+        self.net, self.fn = net, fn
+
+    def forward(self, x):
+        return self.net(self.fn.apply(x))
+
+
+@pytest.mark.parametrize("fn", [_StraightThrough, _Reversed], ids=["straight_through", "reversed"])
+def test_a_backward_that_disagrees_with_the_forward_is_flagged(natural_model, digits_test, fn):
+    x, y = digits_test
+
+    def flags(model):
+        ck = Checkpoint(id=1, threat=THREAT.name, meta={"admission": admit(model, x, y, THREAT.eps)})
+        return {f["name"]: f["numbers"] for f in compute_flags(ck, [], [])}
+
+    honest = flags(natural_model)
+    assert "gradient_disagrees" not in honest
+    found = flags(_Wrapped(natural_model, fn).eval())["gradient_disagrees"]
+    assert found["median_cosine"] < 0.5 and found["sign_agreement"] < 0.7
+    assert "gradient_disagrees" in MASKING

@@ -30,6 +30,8 @@ class RunReport:
     cells_total: int
     failures: dict[str, str] = field(default_factory=dict)
     """Cell key -> one-line reason, for each cell whose attack raised."""
+    surrogates_trained: list[str] = field(default_factory=list)
+    """The matrix's transfer surrogates this run trained (once per dataset)."""
 
 
 def plan_run(spec: TrainRequest, matrix: str, data_root: str | None) -> tuple[Recipe, list[Cell]]:
@@ -58,10 +60,15 @@ def run_defenses(bench: Bench, specs: list[TrainRequest], matrix: str, executor=
     builds = {row.key: model_of(row, bench.device) for row in unique}
     ran = attack_checkpoints(bench, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
     transfers = {row.key: transfer_cells(bench, row, matrix, builds[row.key]) for row in unique}
-    for row in unique:
-        ensure_diagnostic(bench, row, builds[row.key])
-    return [RunReport(row, row.key in trained, [*ran[row.id], *transfers[row.key][0]],
-                      len(cells[row.key]) + transfers[row.key][1], ran[row.id].failures)
+    # The surrogates get their diagnostics too: the checkpoint pages and the compare page
+    # draw every defense against natural training on the same dataset.
+    surrogates = {s.key: s for t in transfers.values() for s in t.surrogates if s.key not in builds}
+    for row in [*unique, *surrogates.values()]:
+        ensure_diagnostic(bench, row, builds.get(row.key) or model_of(row, bench.device))
+    trained_surrogates = sorted({n for t in transfers.values() for n in t.trained})
+    return [RunReport(row, row.key in trained, [*ran[row.id], *transfers[row.key].ran],
+                      len(cells[row.key]) + transfers[row.key].total, ran[row.id].failures,
+                      trained_surrogates)
             for row in rows]
 
 

@@ -157,6 +157,8 @@ class EvalReport:
     cells_total: int
     failures: dict[str, str] = dataclasses.field(default_factory=dict)
     """Cell key -> one-line reason, for each cell whose attack raised."""
+    surrogates_trained: list[str] = dataclasses.field(default_factory=list)
+    """The matrix's transfer surrogates this evaluation trained (once per dataset)."""
 
 
 def plan_outside(model: torch.nn.Module | str, name: str, dataset: str, weights: str | None,
@@ -179,5 +181,6 @@ def evaluate_outside(bench: Bench, candidate: Candidate, matrix: str = "full", e
         return model.to(bench.device).eval()
 
     ran = attack_checkpoint(bench, row, cells, build, executor)
-    transfers, transfer_total = transfer_cells(bench, row, matrix, build)
-    return EvalReport(row, added, [*ran, *transfers], len(cells) + transfer_total, ran.failures)
+    transfers = transfer_cells(bench, row, matrix, build)
+    return EvalReport(row, added, [*ran, *transfers.ran], len(cells) + transfers.total, ran.failures,
+                      transfers.trained)

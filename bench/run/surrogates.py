@@ -10,6 +10,7 @@ transfer target (that would be white-box).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -36,25 +37,52 @@ def check_transfer(matrix: str, dataset) -> None:
         parse_cell_key(key, dataset.threat)
 
 
-def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
-                   model: Callable[[], torch.nn.Module]) -> tuple[list[str], int]:
-    """Run the matrix's transfer cells the store lacks for `row`.
+@dataclass
+class TransferCells:
+    """What `transfer_cells` did for one checkpoint."""
 
-    Returns the 'surrogate|cell' keys run and how many transfer cells `row` has in all."""
+    ran: list[str] = field(default_factory=list)
+    """The 'surrogate|cell' keys run."""
+    total: int = 0
+    """How many transfer cells the checkpoint has in all."""
+    surrogates: list[Checkpoint] = field(default_factory=list)
+    """The surrogates' checkpoints."""
+    trained: list[str] = field(default_factory=list)
+    """The surrogates trained by this call (the first run on a dataset trains them)."""
+
+
+def surrogate(bench: Bench, name: str, dataset: str) -> tuple[Checkpoint, bool]:
+    """The bench's own checkpoint of surrogate defense `name` on `dataset` (trained on
+    first use), marked as a surrogate in its meta so boards can say why it is there."""
+    source, trained = ensure_checkpoint(bench, resolve(TrainRequest(name, dataset)))
+    if not (source.meta or {}).get("surrogate"):
+        meta = dict(source.meta or {}, surrogate=True)
+        bench.store.set_meta(source.id, meta)
+        source.meta = meta
+    return source, trained
+
+
+def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
+                   model: Callable[[], torch.nn.Module]) -> TransferCells:
+    """Run the matrix's transfer cells the store lacks for `row`."""
     surrogates, keys = matrix_transfer(matrix)
+    done = TransferCells()
     if not surrogates:
-        return [], 0
+        return done
 
     spec = get_spec(row.dataset)
     cells = [parse_cell_key(k, spec.threat) for k in keys]
     randomized = is_randomized(row.admission)
     x = y = clean = None
-    ran, total = [], 0
+    ran = done.ran
     for name in surrogates:
-        source, _ = ensure_checkpoint(bench, resolve(TrainRequest(name, row.dataset)))
+        source, trained = surrogate(bench, name, row.dataset)
+        done.surrogates.append(source)
+        if trained:
+            done.trained.append(name)
         if source.id == row.id:
             continue
-        total += len(cells)
+        done.total += len(cells)
         expect(bench, row, [f"{name}|{transfer_key(c.key, randomized)}" for c in cells])
         for cell in cells:
             key = transfer_key(cell.key, randomized)
@@ -74,4 +102,4 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
             ran.append(f"{name}|{key}")
     if ran:
         recompute_flags(bench.store, row)
-    return ran, total
+    return done

@@ -18,6 +18,9 @@ pass that varies gets EOT cells judged by a majority of passes.
   loss surface too rugged for a gradient to describe.
 - `loss_rising`: a PGD run on cross-entropy, traced step by step; the mean loss still
   climbing over its last tenth of steps means the attack stopped before converging.
+- `gradient_check`: autograd's input gradient against finite differences of the forward
+  pass along random directions (cosine, sign agreement): a custom backward that says
+  something other than the function does (BPDA written by hand, a misleading gradient).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from attacks.pgd import PGD, plain_pgd
 from bench.core.data import get_spec, load_dataset
 from bench.engine.device import frozen
 
-SCHEMA = 2
+SCHEMA = 3
 """Bumped when a check changes, so stored checks are measured again."""
 
 
@@ -47,6 +50,14 @@ class AdmissionConfig:
     """PGD steps of the traced run behind `loss_rising`."""
     seed: int = 0
     """Seed of the noise and of the traced run's random start."""
+    fd_images: int = 16
+    """Test samples whose input gradient is checked against finite differences."""
+    fd_directions: int = 16
+    """Random unit directions per sample: the check costs 2 forward passes per direction,
+    whatever the input dimension."""
+    fd_step: float = 1e-3
+    """Central-difference step along each unit direction (pixel units): small enough that
+    few ReLUs change state, large enough for fp32 differences of the loss."""
 
 
 def _autograd_codes() -> set:
@@ -86,6 +97,41 @@ def _zero_grad_share(model, x, y) -> tuple[int, int]:
         (grad,) = torch.autograd.grad(loss, xg)
     zero = grad.flatten(1).abs().sum(1) == 0
     return int(zero.sum()), len(x)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine; two vanishing rows agree (both say flat), one alone does not."""
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    tiny = 1e-12
+    cos = (a * b).sum(1) / (na * nb).clamp_min(tiny)
+    return torch.where((na < tiny) & (nb < tiny), torch.ones_like(cos), cos)
+
+
+def _gradient_check(model, x, y, cfg: AdmissionConfig, generator) -> dict:
+    """autograd's input gradient of the cross-entropy against central finite differences
+    of the same loss along random unit directions: the directional derivatives g.v from
+    autograd and (L(x + hv) - L(x - hv)) / 2h from the forward pass alone. A custom
+    backward that lies (a straight-through estimator, a negated or rescaled gradient)
+    disagrees; an honest network agrees to a cosine near 1 (kinks aside)."""
+    xs, ys = x[:cfg.fd_images], y[:cfg.fd_images]
+    k = cfg.fd_directions
+    xg = xs.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(xg).float(), ys, reduction="sum"), xg)
+    v = torch.randn((len(xs), k, *xs.shape[1:]), generator=generator).to(xs.device)
+    v = v / v.flatten(2).norm(dim=2).view(len(xs), k, *([1] * (xs.dim() - 1)))
+    analytic = (grad[:, None] * v).flatten(2).sum(2)
+    yy = ys.repeat_interleave(k)
+    with torch.no_grad():
+        up = F.cross_entropy(model((xs[:, None] + cfg.fd_step * v).flatten(0, 1)).float(), yy, reduction="none")
+        down = F.cross_entropy(model((xs[:, None] - cfg.fd_step * v).flatten(0, 1)).float(), yy, reduction="none")
+    numeric = ((up - down) / (2 * cfg.fd_step)).view(len(xs), k)
+    cos = _cosine(analytic, numeric)
+    signs = (torch.sign(analytic) == torch.sign(numeric)).float().mean(1)
+    return {"images": len(xs), "directions": k, "step": cfg.fd_step,
+            "median_cosine": float(cos.median()), "min_cosine": float(cos.min()),
+            "sign_agreement": float(signs.mean()),
+            "median_autograd_norm": float(grad.flatten(1).norm(dim=1).median())}
 
 
 def _traced_pgd(model, x, y, eps: float, steps: int, generator) -> list[float]:
@@ -131,6 +177,8 @@ def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             noise = {"amplitude": amp, "flipped": int((flipped & correct).sum()), "correct": int(correct.sum())}
         sub = slice(0, min(100, len(x)))
         trace = _traced_pgd(model, x[sub], y[sub], eps, cfg.trace_steps, gen)
+        # Finite differences of a randomized forward are its noise: not measured there.
+        gradient = None if _varies(randomized) else _gradient_check(model, x, y, cfg, gen)
     tail = max(2, cfg.trace_steps // 10)
     return {
         "schema": SCHEMA, "config": asdict(cfg), "n": n,
@@ -139,6 +187,7 @@ def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         "autograd_calls": calls,
         "zero_gradient": {"count": zero, "n": n, "share": zero / n},
         "noise_flips": noise,
+        "gradient_check": gradient,
         "loss_rising": {"steps": cfg.trace_steps, "n": len(x[sub]), "tail": tail,
                         "loss_before_tail": trace[-tail - 1], "loss_last": trace[-1],
                         "trace": [round(v, 5) for v in trace[:: max(1, cfg.trace_steps // 20)]]},

@@ -255,6 +255,22 @@ def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
     return {"numbers": dict(z)} if z and z["count"] > 0 else None
 
 
+GRADIENT_COSINE = 0.8
+"""A median cosine between autograd's and the finite-difference directional derivatives
+under this raises gradient_disagrees (honest ReLU networks give about 0.99)."""
+
+
+@flag(
+      "The model's input gradient, as autograd computes it, disagrees with finite differences of "
+      "its own forward pass: a custom backward (a straight-through estimator, a rescaled or "
+      "reversed gradient) tells attacks something other than what the function does, so "
+      "gradient attacks follow the wrong direction (Athalye et al.'s obfuscated gradients).",
+      masking=True)
+def gradient_disagrees(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    g = _admission(ck).get("gradient_check")
+    return {"numbers": dict(g)} if g and g["median_cosine"] < GRADIENT_COSINE else None
+
+
 NOISE_FLIP_SHARE = 0.02
 """More than this share of correct samples flipping under tiny noise raises noise_flips."""
 
