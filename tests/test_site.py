@@ -11,6 +11,7 @@ browser tests skip, except under CI=true, where they fail and say what to instal
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from bench.errors import BenchError
 from bench.reporting.site import MARKER, build_site, render
+from bench.reporting.site.names import factory_name
 from bench.store.db import Store, pack_bits, worst_case
 
 N = 60  # test-set size of the synthetic store
@@ -51,6 +53,17 @@ FGSM = ("fgsm", "fgsm:eps=0.2,loss=xent", {"eps": 0.2, "loss": "xent"}, "linf-0.
 SPSA = ("spsa", "spsa:eps=0.2,iterations=10,samples=64,subset=20", {"eps": 0.2, "iterations": 10, "samples": 64},
         "linf-0.2")
 AUTO = ("autoattack", "autoattack:eps=0.2,norm=linf", {"eps": 0.2, "norm": "linf"}, "linf-0.2")
+SQUARE = ("square", "square:eps=0.2,norm=linf,p_init=0.8,queries=1000",
+          {"eps": 0.2, "norm": "linf", "p_init": 0.8, "queries": 1000}, "linf-0.2")
+# The admission record bench.science.admission.admit stores in a checkpoint's meta.
+ADMISSION = {"schema": 2, "config": {"n": 500, "passes": 5, "noise_fraction": 0.05, "trace_steps": 100, "seed": 0},
+             "n": N, "probabilities": {"min": -11.25, "max": 9.5, "max_row_sum_error": 3.75},
+             "randomized": {"passes": 5, "max_output_diff": 0.0, "max_relative_diff": 0.0,
+                            "share_prediction_changed": 0.0},
+             "autograd_calls": 0, "zero_gradient": {"count": 3, "n": N, "share": 0.05},
+             "noise_flips": {"amplitude": 0.01, "flipped": 2, "correct": 57},
+             "loss_rising": {"steps": 100, "n": N, "tail": 10, "loss_before_tail": 2.5, "loss_last": 2.75,
+                             "trace": [0.5, 1.5, 2.5]}}
 
 
 def _unbounded(eps: float) -> tuple:
@@ -64,10 +77,11 @@ CHECKPOINTS = [
      [(FGSM, 0.30), (_pgd(5), 0.20), (_pgd(20), 0.10), (_pgd(200), 0.05), (_pgd(20, "cw"), 0.15),
       (_pgd(20, restarts=10), 0.05), (SPSA, 0.25), (AUTO, 0.0), (_unbounded(0.4), 0.05), (_unbounded(1.0), 0.0),
       (_pgd(20, norm="l2", eps=1.5), 0.4), (_pgd(20, "cw", norm="l2", eps=1.5), 0.45)],
-     {"paper": {"clean": 0.99, "pgd20": 0.02, "pgd200": 0.01}}, {}),
+     # natural is the matrix's transfer surrogate (the run layer marks it so)
+     {"paper": {"clean": 0.99, "pgd20": 0.02, "pgd200": 0.01}, "surrogate": True, "admission": ADMISSION}, {}),
     ("logit_squeeze", "logit_squeeze_digits", "digits", "linf-0.2", 0.9,
      [(FGSM, 0.55), (_pgd(5), 0.6), (_pgd(20), 0.5), (_pgd(50), 0.45), (_pgd(20, "cw"), 0.4), (SPSA, 0.35),
-      (_pgd(20, norm="l2", eps=1.5), 0.6)],
+      (SQUARE, 0.3), (_pgd(20, norm="l2", eps=1.5), 0.6)],
      {"preset_description": f"squeezes logits {XSS}<b>not bold</b>"}, {"beta": 0.05, "note": XSS}),
     ("label_smoothing", None, "digits", "linf-0.2", 0.93,
      [(FGSM, 0.45), (_pgd(20), 0.3), (_pgd(1000), 0.2)], {}, {"smoothing": 0.1}),
@@ -116,7 +130,8 @@ def make_store(folder: Path) -> Store:
     for i, (defense, preset, dataset, threat, clean, cells, meta, config) in enumerate(CHECKPOINTS):
         ck = store.add_checkpoint(
             key=f"{i:04d}{defense[:4]}abcdef01", dataset=dataset, defense=defense, preset=preset, arch="digits_cnn",
-            seed=i, threat=threat, config=config, train_config={"epochs": 3, "lr": 0.01}, path=f"/nowhere/{i}",
+            seed=i, threat=threat, config=config, train_config={"epochs": 3, "lr": 0.01},
+            path=str(folder / "results" / "checkpoints" / dataset / defense / f"{i:04d}{defense[:4]}abcdef01"),
             sha256=f"{i:064d}", epochs=3, train_seconds=10.0 + 7 * i, device="cpu (2 cores)",
             meta={"clean_acc": clean, "package_version": "0.1.0", "torch_version": "2.x", "git_commit": "deadbeef",
                   "logit_stats": {"mean": 0.5, "variance": 3.0}, **meta})
@@ -142,7 +157,10 @@ def make_store(folder: Path) -> Store:
     for i in DIAGNOSED:
         _add_diagnostic(store, ids[i], seed=i)
     store.replace_flags(ids[1], [{"name": "spsa_stronger_than_pgd", "message": "SPSA beats PGD on the same images.",
-                                  "numbers": {"spsa": 0.35, "pgd_same_images": 0.5, "n": 20}}])
+                                  "numbers": {"spsa": 0.35, "pgd_same_images": 0.5, "n": 20}},
+                                 {"name": "square_stronger_than_pgd", "message": "Square breaks what PGD cannot.",
+                                  "numbers": {"broken_only_by_square": 7, "n": N, "share": 7 / N,
+                                              "whitebox_broken": 30, "square_broken": 25, "cells": [SQUARE[1]]}}])
     return store
 
 
@@ -164,11 +182,16 @@ def expected_rows(store: Store) -> dict[str, dict]:
         steps = [e.params["steps"] for e in cells if e.attack == "pgd" and e.params["loss"] == "xent"
                  and e.params["restarts"] == 1]
         wc = worst_case(ck, cells, transfers, N) if any(e.indices is None for e in cells) else None
+        # The strongest transfer from another checkpoint (the diagonal is white-box) and its surrogates.
+        black_box = [t for t in transfers if t.source_id != ck.id and t.threat == ck.threat]
+        transfer = min(t.robust_acc for t in black_box) if black_box else None
         out[ck.key] = {"board": f"board-{ck.dataset}-{ck.threat}", "clean": ck.meta["clean_acc"],
                        "fgsm": lowest(lambda e: e.attack == "fgsm"), "pgd20": pgd(20),
                        "pgd_longest": pgd(max(steps)) if steps else None, "cw20": pgd(20, "cw"),
                        "spsa": lowest(lambda e: e.attack == "spsa"),
                        "autoattack": lowest(lambda e: e.attack == "autoattack"),
+                       "square": lowest(lambda e: e.attack == "square"), "transfer": transfer,
+                       "surrogates": {t.source_id for t in black_box if t.robust_acc == transfer},
                        "worst": wc["robust_acc"] if wc else None}
     return out
 
@@ -266,6 +289,9 @@ def _board_rows(page, board_id: str) -> list[dict]:
 
 
 # --- the board ---------------------------------------------------------------------------
+COLUMNS = ("clean", "fgsm", "pgd20", "pgd_longest", "cw20", "spsa", "square", "transfer", "autoattack", "worst")
+
+
 def test_every_checkpoint_is_on_its_board_with_the_stored_numbers(built, session):
     page = session.open(built.index.as_uri())
     expected = expected_rows(built.store)
@@ -274,13 +300,16 @@ def test_every_checkpoint_is_on_its_board_with_the_stored_numbers(built, session
         rows = boards.setdefault(want["board"], _board_rows(page, want["board"]))
         row = next((r for r in rows if r["key"] == key), None)
         assert row is not None, f"checkpoint {key} missing from {want['board']}"
-        for col in ("clean", "fgsm", "pgd20", "pgd_longest", "cw20", "spsa", "autoattack", "worst"):
+        for col in COLUMNS:
             shown = row["cells"][col]
             if want[col] is None:
                 assert shown["value"] == "" and shown["text"].startswith("–"), (key, col, shown)
             else:
                 assert float(shown["value"]) == pytest.approx(want[col], abs=1e-12), (key, col)
                 assert shown["text"].split()[0] == f"{100 * want[col]:.2f}", (key, col, shown)
+        if want["transfer"] is not None:  # the note names the surrogate of the strongest transfer
+            defense = {ck.id: ck.defense for ck in built.store.checkpoints()}
+            assert any(f"from {defense[s]}" in row["cells"]["transfer"]["text"] for s in want["surrogates"]), row
     # Ranked by worst case, best first; checkpoints without one come last.
     for board, rows in boards.items():
         worst = [expected[r["key"]]["worst"] for r in rows]
@@ -309,6 +338,92 @@ def test_other_threat_models_get_their_own_board(built, session):
     store = {e.cell_key: e.robust_acc for e in built.store.evaluations() if e.threat == "l2-1.5"
              and e.params["loss"] == "xent" and e.checkpoint_id == built.store.checkpoint(l2[0]["key"]).id}
     assert float(l2[0]["cells"]["pgd20"]["value"]) == pytest.approx(min(store.values()))
+
+
+def test_square_and_transfer_columns_are_filled_where_stored(built, session):
+    page = session.open(built.index.as_uri())
+    headers = page.eval_on_selector_all("[id='board-digits-linf-0.2'] th[data-col]", "hs => hs.map(h => h.dataset.col)")
+    assert headers == list(COLUMNS)
+    rows = {r["key"]: r["cells"] for r in _board_rows(page, "board-digits-linf-0.2")}
+    # Square only on logit_squeeze; transfers among the first three, none on pgd_at.
+    assert [k for k, c in rows.items() if c["square"]["value"]] == ["0001logiabcdef01"]
+    assert sorted(k for k, c in rows.items() if c["transfer"]["value"]) == ["0000natuabcdef01", "0001logiabcdef01",
+                                                                           "0002labeabcdef01"]
+    help_text = page.inner_text("section.help")
+    assert "Square" in help_text and "strongest" in help_text
+
+
+EPS_JS = """(figure) => Array.from(figure.querySelectorAll('svg circle[data-key]')).map(c => ({
+  key: c.dataset.key, eps: parseFloat(c.dataset.eps), acc: parseFloat(c.dataset.acc),
+  cx: parseFloat(c.getAttribute('cx')), cy: parseFloat(c.getAttribute('cy'))}))"""
+
+
+def expected_curves(store: Store, threat: str, keys: list[str]) -> dict[str, dict[float, float]]:
+    """Per checkpoint on a board, eps -> accuracy from the stored rows: clean accuracy at 0,
+    the worst case at the threat model's eps, and on an L-inf board the lowest stored
+    unbounded-sweep accuracy at each of its eps; checkpoints with nothing beyond eps 0 are left out."""
+    norm, eps = threat.rsplit("-", 1)
+    out = {}
+    for key in keys:
+        ck = store.checkpoint(key)
+        evals = store.evaluations([ck.id])
+        transfers = [t for t in store.transfers([ck.id]) if t.target_id == ck.id]
+        points = {0.0: ck.meta["clean_acc"]}
+        if any(e.threat == threat and e.indices is None for e in evals):
+            points[float(eps)] = worst_case(types.SimpleNamespace(threat=threat), evals, transfers, N)["robust_acc"]
+        for e in evals:
+            if norm == "linf" and e.attack == "unbounded":
+                points[e.params["eps"]] = min(points.get(e.params["eps"], 1.0), e.robust_acc)
+        if len(points) > 1:
+            out[key] = points
+    return out
+
+
+def test_each_board_plots_accuracy_against_eps_from_the_store(built, session):
+    page = session.open(built.index.as_uri())
+    for board in page.eval_on_selector_all("section.board-section", "s => s.map(x => x.id)"):
+        threat = board.split("-", 2)[2]
+        keys = [r["key"] for r in _board_rows(page, board)]  # in rank order
+        want = expected_curves(built.store, threat, keys)
+        points = page.eval_on_selector(f"[id='eps-{board}']", EPS_JS)
+        shown: dict[str, dict[float, float]] = {}
+        for p in points:
+            shown.setdefault(p["key"], {})[p["eps"]] = p["acc"]
+        assert sorted(shown) == sorted(want), board
+        for key, curve in want.items():
+            assert sorted(shown[key]) == pytest.approx(sorted(curve)), (board, key)
+            for eps, acc in curve.items():
+                match = [a for e, a in shown[key].items() if e == pytest.approx(eps)]
+                assert match == [pytest.approx(acc, abs=1e-12)], (board, key, eps)
+        # Drawn where the numbers say: right with eps, up with accuracy.
+        by_eps = sorted(points, key=lambda p: p["eps"])
+        assert all(a["cx"] <= b["cx"] for a, b in itertools.pairwise(by_eps))
+        by_acc = sorted(points, key=lambda p: p["acc"])
+        assert all(a["cy"] >= b["cy"] for a, b in itertools.pairwise(by_acc))
+        # The legend names the lines in board order.
+        legend = page.eval_on_selector_all(f"[id='eps-{board}'] ul.legend small", "s => s.map(x => x.innerText)")
+        assert legend == [k[:8] for k in keys if k in want]
+    # natural's sweep on the L-inf board: clean, worst case at 0.2, and the two unbounded budgets.
+    natural = expected_curves(built.store, "linf-0.2", ["0000natuabcdef01"])["0000natuabcdef01"]
+    assert sorted(natural) == [0.0, 0.2, 0.4, 1.0]
+    # pgd_at has no attack stored, so no line; the L2 board draws no L-inf sweep.
+    assert "0003pgd_abcdef01" not in expected_curves(built.store, "linf-0.2", ["0003pgd_abcdef01"])
+    l2 = page.inner_text("[id='eps-board-digits-l2-1.5'] figcaption:last-child")
+    assert "eps = 1.5" in l2 and "unbounded" not in l2
+
+
+def test_surrogates_are_marked_and_explained(built, session):
+    page = session.open(built.index.as_uri())
+    for board in ("board-digits-linf-0.2", "board-digits-l2-1.5"):
+        marked = page.eval_on_selector_all(f"[id='{board}'] tbody tr:has(.mark.surrogate)",
+                                           "rs => rs.map(r => r.dataset.key)")
+        assert marked == ["0000natuabcdef01"], board
+        assert "black-box transfer cells" in page.inner_text(f"[id='{board}'] .surrogate-note")
+    assert page.locator("[id='board-mnist-linf-0.3'] .surrogate").count() == 0
+    natural = session.open((built.root / "ck" / "0000natuabcdef01.html").as_uri())
+    assert "black-box transfer cells" in natural.inner_text(".surrogate-line")
+    squeeze = session.open((built.root / "ck" / "0001logiabcdef01.html").as_uri())
+    assert squeeze.locator(".surrogate-line").count() == 0
 
 
 def test_clicking_a_header_sorts_the_rows(built, session):
@@ -421,8 +536,65 @@ def test_checkpoint_page_shows_cells_plots_flags_and_provenance(built, session):
     squeeze = built.store.checkpoint("0001logiabcdef01")
     page = session.open((built.root / "ck" / f"{squeeze.key}.html").as_uri())
     flag = page.inner_text("#flag-spsa_stronger_than_pgd")
-    assert "SPSA beats PGD on the same images." in flag and "pgd_same_images" in flag and "0.5" in flag
+    assert "SPSA beats PGD on the same images." in flag and "pgd_same_images" in flag
     assert page.locator("#plot-eps-sweep .empty").count() == 1  # no sweep stored: said so, not drawn
+
+
+FLAG_JS = """(t) => Object.fromEntries(Array.from(t.rows).map(r => [r.cells[0].innerText, r.cells[1].innerText]))"""
+
+
+def test_flag_numbers_speak_percent_and_admission_is_a_table(built, session):
+    squeeze = session.open((built.root / "ck" / "0001logiabcdef01.html").as_uri())
+    # Accuracies and shares of samples in percent, as the page's other numbers; counts as counts.
+    spsa = squeeze.eval_on_selector("#flag-spsa_stronger_than_pgd table", FLAG_JS)
+    assert spsa == {"spsa": "35.00%", "pgd_same_images": "50.00%", "n": "20"}
+    square = squeeze.eval_on_selector("#flag-square_stronger_than_pgd table", FLAG_JS)
+    assert square["share"] == f"{100 * 7 / N:.2f}%" and square["broken_only_by_square"] == "7"
+    assert square["n"] == str(N) and square["cells"] == SQUARE[1]
+    # The admission checks: a small table of their parts, not clipped JSON in the provenance.
+    natural = session.open((built.root / "ck" / "0000natuabcdef01.html").as_uri())
+    provenance = natural.eval_on_selector("#provenance table.kv:not(.admission)", FLAG_JS)
+    assert "admission" not in provenance and "surrogate" not in provenance
+    assert provenance["checkpoint folder"] == "checkpoints/digits/natural/0000natuabcdef01"
+    admission = natural.eval_on_selector("#provenance table.admission", FLAG_JS)
+    assert admission["samples with a zero input gradient"] == f"3 of {N} (5.00%)"
+    assert admission["correct predictions flipped by tiny noise"] == "2 of 57 (3.51%) at amplitude 0.01"
+    assert admission["lowest output"] == "-11.25" and admission["largest row-sum error |Σ − 1|"] == "3.75"
+    assert admission["share of predictions changed between passes"] == "0.00%"
+    assert admission["mean loss at the last step"] == "2.75" and admission["autograd calls in one forward pass"] == "0"
+    assert not any("{" in v for v in admission.values())
+
+
+BREAKS_JS = """(codes) => codes.map(code => {
+  const breaks = [], range = document.createRange();
+  const walker = document.createTreeWalker(code, NodeFilter.SHOW_TEXT);
+  let top = null, last = null;
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    for (let i = 0; i < node.length; i++) {
+      range.setStart(node, i); range.setEnd(node, i + 1);
+      const rects = range.getClientRects();
+      if (!rects.length) { continue; }
+      if (top !== null && rects[0].top > top + 2) { breaks.push(last); }
+      top = rects[0].top; last = node.data[i];
+    }
+  }
+  return {text: code.innerText, breaks: breaks};
+})"""
+
+
+def test_cell_keys_wrap_only_after_commas(built, browser):
+    context = browser.new_context(viewport={"width": 720, "height": 900})
+    try:
+        natural = built.store.checkpoint("0000natuabcdef01")
+        page = context.new_page()
+        page.goto((built.root / "ck" / f"{natural.key}.html").as_uri())
+        keys = page.eval_on_selector_all("#cells code.key", BREAKS_JS)
+        assert sorted(k["text"] for k in keys) == sorted(e.cell_key for e in built.store.evaluations([natural.id]))
+        assert any(k["breaks"] for k in keys)  # the narrow window makes the long keys wrap...
+        for k in keys:
+            assert set(k["breaks"]) <= {","}, k  # ...and each wraps only after a comma
+    finally:
+        context.close()
 
 
 def test_script_in_stored_text_shows_as_text(built, session):
@@ -447,6 +619,8 @@ def test_transfer_page_is_a_target_by_source_grid(built, session):
         shown = grid["rows"][ids.index(t.target_id)]["values"][ids.index(t.source_id)]
         assert float(shown) == pytest.approx(t.robust_acc)
     assert page.locator("td.diagonal").count() == 3
+    # Each grid is headed by its dataset and the label of the cell its examples were crafted with.
+    assert page.eval_on_selector_all("section.grid h2", "hs => hs.map(h => h.innerText)") == ["digits · pgd10"]
 
 
 def test_attacks_page_explains_every_stored_cell_key(built, session):
@@ -554,6 +728,67 @@ def test_screenshot(built, session, tmp_path):
 
 
 # --- writing the folder (no browser needed) ------------------------------------------------
+OUTSIDE_FACTORY = """
+from bench.core.data import get_spec
+from bench.core.models import build_model
+
+
+def build():
+    return build_model("digits_cnn", get_spec("digits"))
+"""
+
+
+def _pages(root: Path) -> dict[Path, str]:
+    return {p: p.read_text() for p in root.rglob("*") if p.suffix in (".html", ".css")}
+
+
+def test_no_page_names_the_folders_of_the_machine(built):
+    folder = built.root.parent  # the store's checkpoint folders lie under it, as a results folder's do
+    assert all(ck.path.startswith(str(folder)) for ck in built.store.checkpoints())
+    for page, text in _pages(built.root).items():
+        assert str(folder) not in text, page
+
+
+def test_a_factory_shows_as_its_file_name_and_a_module_as_it_is():
+    assert factory_name("/home/someone/models/my_models.py:build") == "my_models.py:build"
+    assert factory_name("C:\\Users\\someone\\my_models.py:build") == "my_models.py:build"
+    assert factory_name("../my_models.py:build") == "my_models.py:build"
+    assert factory_name("my_package.models:build") == "my_package.models:build"
+    assert factory_name(None) == ""
+
+
+def test_an_outside_model_shows_its_file_not_its_folder(tmp_path):
+    """bench.evaluate on a factory file in a folder of its own (a model runs: one PGD cell):
+    the site names the file and the weights' hash, never the folders the run recorded."""
+    import torch
+    from safetensors.torch import save_file
+
+    import bench
+    from bench.core.data import get_spec
+    from bench.core.models import build_model
+
+    home = tmp_path / "home" / "someone" / "models"
+    home.mkdir(parents=True)
+    (home / "my_models.py").write_text(OUTSIDE_FACTORY)
+    (home / "tiny.toml").write_text('[[cell]]\nattack = "pgd"\nsteps = 5\n')
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in build_model("digits_cnn", get_spec("digits")).state_dict().items()}
+    save_file(state, str(home / "weights.safetensors"))
+    results = tmp_path / "results"
+    bench.evaluate(f"{home / 'my_models.py'}:build", name="mine", matrix=str(home / "tiny.toml"),
+                   weights=str(home / "weights.safetensors"), results=results, device="cpu")
+    store = Store.for_results(results, None)
+    (ck,) = store.checkpoints()
+    assert str(home) in ck.meta["outside"]["factory"] and str(home) in ck.meta["outside"]["weights_file"]
+    index = build_site(store, tmp_path / "site")
+    pages = _pages(index.parent)
+    for page, text in pages.items():
+        assert str(tmp_path) not in text and str(results.resolve()) not in text, page
+    assert "outside model my_models.py:build" in pages[index]
+    text = pages[index.parent / "ck" / f"{ck.key}.html"]
+    for needle in ("<code>my_models.py:build</code>", "<code>weights.safetensors</code>",
+                   ck.meta["outside"]["weights_sha256"], f"checkpoints/digits/mine/{ck.key}"):
+        assert needle in text
 def test_bad_out_is_one_line_bench_error(built, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

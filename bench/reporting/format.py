@@ -31,6 +31,11 @@ def pct(value: float | None) -> str:
     return f"{100 * value:.2f}"
 
 
+def percent(value: float | None) -> str:
+    """A fraction of samples (an accuracy, a share) as `pct` with the % sign: "11.67%"; MISSING when absent."""
+    return MISSING if missing(value) else f"{pct(value)}%"
+
+
 def fmt(value: Any, spec: str) -> str:
     """A number with a format spec (`fmt(0.123456, ".3g")` is "0.123"); MISSING when absent."""
     if missing(value):

@@ -6,7 +6,7 @@ site is:
 
 - index.html: one board per dataset and threat model, checkpoints ranked by worst-case
   robust accuracy, the paper's reported number beside ours where a preset carries one
-  (board.py);
+  (board.py), and under each board its checkpoints' accuracy against eps (board_plot.py);
 - ck/<key>.html: one page per checkpoint with its config, provenance, every cell, its
   flags explained, four small plots drawn as inline SVG, and its stored diagnostics
   (checkpoint_page.py, diagnostics.py); a key that is not a safe file name gets
@@ -25,7 +25,9 @@ and renamed into place, so a failure leaves the previous site as it was (publish
 The site never runs a model: what a plot needs was stored with its cell.
 
 Modules: load reads the store, names says what things are called and where pages go,
-svg draws, render writes the pages; nothing here imports this __init__.
+records shows what a run leaves in a checkpoint's meta (admission checks, an outside
+model's factory, flag numbers) without the folders of the machine that ran it, svg
+draws, render writes the pages; nothing here imports this __init__.
 """
 from __future__ import annotations
 

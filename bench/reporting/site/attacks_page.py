@@ -11,7 +11,7 @@ from bench.core.matrix import Cell
 from bench.registry import ATTACKS, field_docs
 from bench.reporting.format import num
 from bench.reporting.site.load import SiteData, cell_order
-from bench.reporting.site.names import cell_anchor, cell_label
+from bench.reporting.site.names import breakable, cell_anchor, cell_label
 
 
 def _parse_key(cell_key: str) -> tuple[str, list[tuple[str, str]]]:
@@ -55,7 +55,7 @@ def attacks(data: SiteData) -> list[dict]:
             "name": name, "registered": entry is not None,
             "module_doc": _prose(module.__doc__ if module and module.__doc__ else ""),
             "doc": _prose(entry.doc) if entry else [], "fields": fields, "columns": columns,
-            "cells": [{"key": info["cell"].cell_key, "anchor": cell_anchor(info["cell"].cell_key),
+            "cells": [{"key": breakable(info["cell"].cell_key), "anchor": cell_anchor(info["cell"].cell_key),
                        "label": cell_label(name, info["cell"].params), "threat": info["cell"].threat,
                        "n": info["cell"].n, "checkpoints": len(info["checkpoints"]),
                        "params": [p.get(c, "") for c in columns]} for info, p in zip(cells, parsed)]})

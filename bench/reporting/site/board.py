@@ -6,19 +6,28 @@ import types
 from collections import defaultdict
 
 from bench.reporting.format import missing, pct
+from bench.reporting.site.board_plot import eps_plot
 from bench.reporting.site.load import SiteData
-from bench.reporting.site.names import page_path
+from bench.reporting.site.names import (
+    SURROGATE_TEXT,
+    checkpoint_name,
+    factory_name,
+    page_path,
+)
 from bench.store.db import coverage, worst_case
 
 # Board columns after clean accuracy: (column id, header, cell label). The label is what
 # `cell_label` calls a cell, and also the key of the paper's number in a preset
-# (meta["paper"]); None is the longest PGD run, whatever its step count.
+# (meta["paper"]); None is computed by column: `pgd_longest` is the longest PGD run,
+# whatever its step count, and `transfer` the strongest stored transfer attack.
 BOARD_COLUMNS = [
     ("fgsm", "FGSM", "fgsm"),
     ("pgd20", "PGD\u201120", "pgd20"),  # non-breaking hyphens: a header never splits there
     ("pgd_longest", "PGD longest", None),
     ("cw20", "CW\u201120", "cw20"),
     ("spsa", "SPSA", "spsa"),
+    ("square", "Square", "square"),
+    ("transfer", "Transfer", None),
     ("autoattack", "AutoAttack", "autoattack"),
 ]
 
@@ -68,6 +77,9 @@ def boards(data: SiteData) -> list[dict]:
             cols = [_cell("clean", meta.get("clean_acc"), paper.get("clean"))]
             for col, _, label in BOARD_COLUMNS:
                 note = ""
+                if col == "transfer":
+                    cols.append(_transfer(cid, threat, data, by_id))
+                    continue
                 if label is None:
                     steps = longest.get((cid, threat))
                     label = f"pgd{int(steps)}" if steps is not None and not math.isnan(steps) else None
@@ -87,7 +99,8 @@ def boards(data: SiteData) -> list[dict]:
             rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
                          "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
                          "overrides": data.overrides.get(cid, ""),
-                         "outside": (meta.get("outside") or {}).get("factory") or "",
+                         "outside": factory_name((meta.get("outside") or {}).get("factory")),
+                         "surrogate": bool(meta.get("surrogate")), "id": cid,
                          "cols": cols, "worst": wc["robust_acc"] if wc else None, "missing": missing,
                          "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
                                    for f in data.flags[cid]] if threat == ck.threat else [],
@@ -97,12 +110,28 @@ def boards(data: SiteData) -> list[dict]:
         for rank, r in enumerate(rows, 1):
             r["rank"] = rank
         out.append({"id": f"board-{dataset}-{threat}", "dataset": dataset, "threat": threat,
-                       "own": (dataset, threat) in own, "rows": rows,
+                       "own": (dataset, threat) in own, "rows": rows, "plot": eps_plot(threat, rows, data),
+                       "surrogate": SURROGATE_TEXT if any(r["surrogate"] for r in rows) else "",
                        "columns": [("clean", "Clean")] + [(c, h) for c, h, _ in BOARD_COLUMNS] + [("worst", "Worst case")]})
     return out
 
 
-def _cell(col: str, value: float | None, paper: float | None, note: str = "") -> dict:
+def _transfer(cid: int, threat: str, data: SiteData, by_id: dict) -> dict:
+    """The lowest accuracy under a transfer attack of the threat model (the strongest one),
+    its surrogate named; a checkpoint attacked with its own examples is white-box, not counted."""
+    hits = [t for t in data.incoming[cid] if t.threat == threat and t.source_id != cid]
+    if not hits:
+        return _cell("transfer", None, None)
+    t = min(hits, key=lambda t: (t.robust_acc, t.source_id, t.cell_key))
+    source = by_id.get(t.source_id)
+    # The note names the surrogate by its defense, to keep the column narrow; the title in full.
+    title = (f"crafted on {checkpoint_name(source, data.overrides)} [{source.key[:8]}] with {t.cell_key}"
+             if source else f"crafted on checkpoint {t.source_id} with {t.cell_key}")
+    note = f"from {source.defense if source else f'checkpoint {t.source_id}'}"
+    return _cell("transfer", t.robust_acc, None, note + ("" if t.indices is None else f" on {t.n} images"), title)
+
+
+def _cell(col: str, value: float | None, paper: float | None, note: str = "", title: str = "") -> dict:
     # No paper number prints no note at all, not a dash (the template tests for the text).
     return {"col": col, "value": "" if value is None else repr(float(value)), "text": pct(value),
-            "paper": "" if missing(paper) else pct(paper), "note": note}
+            "paper": "" if missing(paper) else pct(paper), "note": note, "title": title}

@@ -12,7 +12,21 @@ from bench.errors import BenchError
 from bench.reporting.format import duration, exact, num, pct
 from bench.reporting.site.diagnostics import checkpoint_section
 from bench.reporting.site.load import SiteData, StoredCell, cell_order
-from bench.reporting.site.names import cell_anchor, cell_label, checkpoint_name, page_path
+from bench.reporting.site.names import (
+    SURROGATE_TEXT,
+    breakable,
+    cell_anchor,
+    cell_label,
+    checkpoint_folder,
+    checkpoint_name,
+    page_path,
+)
+from bench.reporting.site.records import (
+    admission_rows,
+    flag_number,
+    outside_line,
+    portable,
+)
 from bench.reporting.site.svg import svg_hist, svg_lines
 from bench.science.flags import FLAG_TEXT
 from bench.store.db import Checkpoint, coverage, worst_case
@@ -29,20 +43,21 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
     cells = sorted(data.cells[ck.id], key=lambda e: (e.threat != ck.threat, *cell_order(e)))
     shown = {"key", "defense", "config", "train", "dataset", "arch", "seed", "epochs", "train_seconds",
              "device", "preset", "paper", "clean_acc", "logit_stats", "package_version", "git_commit",
-             "torch_version", "sha256", "preset_description", "preset_source", "train_losses"}
+             "torch_version", "sha256", "preset_description", "preset_source", "train_losses",
+             "admission", "outside", "surrogate"}  # the last three have lines of their own
     provenance = [
         ("checkpoint key", ck.key), ("weights sha256", ck.sha256), ("dataset", ck.dataset),
         ("threat model", ck.threat), ("architecture", ck.arch), ("seed", str(ck.seed)),
         ("epochs", str(ck.epochs)), ("training time", duration(ck.train_seconds)), ("device", ck.device),
         ("bench version", str(meta.get("package_version", ""))), ("torch version", str(meta.get("torch_version", ""))),
         ("git commit", str(meta.get("git_commit") or "unknown")), ("stored at", ck.created_at),
-        ("path", ck.path),
+        ("checkpoint folder", checkpoint_folder(ck)),
     ]
     losses = meta.get("train_losses")
     if isinstance(losses, list) and losses and isinstance(losses[-1], (int, float)):
         provenance.append(("final training loss", num(float(losses[-1]))))
     # Whatever else the sidecar holds, so provenance added later shows without a code change.
-    provenance += [(k, _clip(exact(v))) for k, v in sorted(meta.items()) if k not in shown]
+    provenance += [(k, _clip(exact(portable(k, v)))) for k, v in sorted(meta.items()) if k not in shown]
 
     labels: dict[str, float] = {}
     for e in cells:
@@ -57,7 +72,7 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
         o = by_id.get(other)
         return {"name": checkpoint_name(o, data.overrides) if o else f"checkpoint {other}",
                 "short": o.key[:8] if o else "",
-                "href": f"{root}{page_path(o)}" if o else "", "cell_key": t.cell_key,
+                "href": f"{root}{page_path(o)}" if o else "", "cell_key": breakable(t.cell_key),
                 "anchor": cell_anchor(t.cell_key), "robust": pct(t.robust_acc), "n": t.n}
 
     plots = _plots(ck, cells)
@@ -70,22 +85,25 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
         "worst": {"robust": pct(wc["robust_acc"]), "cells": wc["cells"], **cov} if wc else None,
         "no_cells": not data.cells[ck.id] and not data.incoming[ck.id],
         "root": root, "title": f"{name} [{ck.key[:8]}]", "ck": ck, "name": name,
-        "outside": meta.get("outside"),
+        "outside": outside_line(meta.get("outside")),
+        "surrogate": SURROGATE_TEXT if meta.get("surrogate") else "",
         "clean": pct(meta.get("clean_acc")),
         "description": meta.get("preset_description") or description,
         "source": meta.get("preset_source") or source,
         "provenance": provenance,
-        "config": [(k, exact(v)) for k, v in sorted((ck.config or {}).items())],
+        "admission": admission_rows(ck.admission) if ck.admission else [],
+        "config": [(k, exact(portable(k, v))) for k, v in sorted((ck.config or {}).items())],
         "train_config": [(k, exact(v)) for k, v in sorted((ck.train_config or {}).items())],
         "paper": paper,
-        "cells": [{"key": e.cell_key, "anchor": cell_anchor(e.cell_key), "attack": e.attack, "threat": e.threat,
+        "cells": [{"key": breakable(e.cell_key), "anchor": cell_anchor(e.cell_key), "attack": e.attack, "threat": e.threat,
                    "clean": pct(e.clean_acc), "robust": pct(e.robust_acc), "n": e.n,
                    "subset": e.indices is not None, "seconds": f"{e.seconds:.2f}", "device": e.device,
                    "warnings": "; ".join(e.warnings)} for e in cells],
         "incoming": [transfer_row(t, t.source_id) for t in data.incoming[ck.id]],
         "outgoing": [transfer_row(t, t.checkpoint_id) for t in data.outgoing[ck.id]],
         "flags": [{"name": f.name, "message": f.message or FLAG_TEXT.get(f.name, ""),
-                   "numbers": [(k, num(v)) for k, v in (f.numbers or {}).items()]} for f in data.flags[ck.id]],
+                   "numbers": [(k, flag_number(k, v, by_id, data.overrides)) for k, v in (f.numbers or {}).items()]}
+                  for f in data.flags[ck.id]],
         "logit_stats": plots["logit_stats"],
         "plots": plots["list"],
         "diagnostics": _diagnostics(ck, data, root),

@@ -5,7 +5,13 @@ import hashlib
 import re
 from collections.abc import Mapping
 
+from markupsafe import Markup, escape
+
 from bench.store.db import Checkpoint
+
+SURROGATE_TEXT = ("trained once per dataset as a source for the full matrix's black-box transfer cells: "
+                  "every other checkpoint is attacked with adversarial examples crafted on it")
+"""Why a checkpoint marked `meta["surrogate"]` (set by the run layer) is on the boards."""
 
 
 def cell_label(attack: str, params: dict) -> str:
@@ -45,3 +51,35 @@ def checkpoint_name(ck: Checkpoint, overrides: Mapping[int, str] | None = None) 
     name = f"{ck.defense} ({ck.preset})" if ck.preset else ck.defense
     extra = overrides.get(ck.id) if overrides is not None else None
     return f"{name} [{extra}]" if extra else name
+
+
+def breakable(key: str) -> Markup:
+    """A cell key that may wrap after its commas and nowhere else: escaped, then `<wbr>`
+    after each comma (the CSS keeps `code.key` from breaking inside a part)."""
+    return Markup(str(escape(key)).replace(",", ",<wbr>"))  # no escape holds a comma
+
+
+def file_name(path: str) -> str:
+    """The last part of a path, either separator: a file's name says nothing of the
+    machine it lay on, its folder does."""
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1] or path
+
+
+def factory_name(reference: str | None) -> str:
+    """An outside model's factory as the site shows it: a .py factory by its file's name
+    (`my_models.py:build`, not the folder it was in on the machine that ran it); a
+    module name (`my_package.models:build`) as it is; "" for none."""
+    if not reference:
+        return ""
+    module, sep, function = reference.rpartition(":")
+    return f"{file_name(module)}:{function}" if sep and module.endswith(".py") else reference
+
+
+def checkpoint_folder(ck: Checkpoint) -> str:
+    """A checkpoint's folder relative to its results folder, `checkpoints/<dataset>/<defense>/<key>`
+    as bench.store.checkpoints lays it out; a folder laid out otherwise shows as `…/<its name>`.
+    Never the absolute path, which names the machine and user that ran it."""
+    parts = [p for p in re.split(r"[\\/]", ck.path or "") if p]
+    if parts[-4:] == ["checkpoints", ck.dataset, ck.defense, ck.key]:
+        return "/".join(parts[-4:])
+    return f"…/{parts[-1]}" if parts else ""

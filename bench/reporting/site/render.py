@@ -73,6 +73,10 @@ def _column_help() -> list[tuple[str, str]]:
         ("PGD longest", "the single-start cross-entropy PGD cell with the most steps (label pgdN)"),
         ("CW-20", "20 steps of PGD on the Carlini-Wagner margin (label cw20)"),
         ("SPSA", "the gradient-free SPSA attack, on the fixed subset of test images it ran on"),
+        ("Square", "the query-based Square attack, which needs no gradients (label square)"),
+        ("Transfer", ("the lowest accuracy under a black-box transfer attack, i.e. the strongest one: "
+                      "adversarial examples crafted on another checkpoint (the surrogate named under the "
+                      "number), then evaluated on this one; all of them are on the transfer page")),
         ("AutoAttack", "the AutoAttack ensemble"),
         ("Worst case", "a sample counts as robust only if every cell of the threat model failed on it, "
                        "transfer cells included: the per-sample AND over all cells"),

@@ -64,10 +64,15 @@ def _legend(out: list[str], names: list[str]) -> None:
         out.append(f'<text x="{W - RIGHT - 108}" y="{y}">{_esc(name)}</text>')
 
 
-def svg_lines(series: list[tuple[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
-              logx: bool = False, mark: float | None = None) -> str:
-    """Lines with markers; y is an accuracy in [0, 1] drawn as a percentage."""
-    xs = [x for _, pts in series for x, _ in pts]
+def svg_lines(series: list[tuple[str, list[tuple]]], *, xlabel: str, ylabel: str,
+              logx: bool = False, mark: float | None = None, legend: bool = True) -> str:
+    """Lines with markers; y is an accuracy in [0, 1] drawn as a percentage.
+
+    A point is (x, y), or (x, y, attributes) with a dict of attributes for its marker
+    (`{"data-eps": "0.2"}`, escaped here) that a page's script or test can read. Without
+    `legend` the caller names the lines beside the plot, in the order of COLORS.
+    """
+    xs = [p[0] for _, pts in series for p in pts]
     if logx:
         xs = [x for x in xs if x > 0]
     f = math.log10 if logx else float
@@ -96,13 +101,15 @@ def svg_lines(series: list[tuple[str, list[tuple[float, float]]]], *, xlabel: st
                    'stroke-dasharray="4 3"/>')
     for i, (name, pts) in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        pts = [(x, y) for x, y in pts if x > 0 or not logx]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        pts = [p for p in pts if p[0] > 0 or not logx]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, *_ in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for x, y in pts:
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
+        for x, y, *more in pts:
+            attrs = "".join(f' {k}="{_esc(str(v))}"' for k, v in (more[0] if more else {}).items())
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"{attrs}>'
                        f'<title>{_esc(name)}: {x:g} → {100 * y:.2f}%</title></circle>')
-    _legend(out, [name for name, _ in series])
+    if legend:
+        _legend(out, [name for name, _ in series])
     out.append("</svg>")
     return "\n".join(out)
 

@@ -7,20 +7,27 @@ import pandas as pd
 
 from bench.reporting.format import pct
 from bench.reporting.site.load import SiteData
-from bench.reporting.site.names import cell_anchor, checkpoint_name, page_path
+from bench.reporting.site.names import (
+    breakable,
+    cell_anchor,
+    cell_label,
+    checkpoint_name,
+    page_path,
+)
 
 
 def transfer_grids(data: SiteData) -> list[dict]:
-    """Per dataset and crafting cell: rows are targets, columns sources (Summers & Dinneen Table 2)."""
+    """Per dataset and crafting cell: rows are targets, columns sources (Summers & Dinneen Table 2).
+    Each grid is titled by its dataset and its cell's label (`digits · cw20`)."""
     by_id = {ck.id: ck for ck in data.checkpoints}
 
     def name(ck):
         return checkpoint_name(ck, data.overrides)
 
     frame = pd.DataFrame([{"source": t.source_id, "target": t.checkpoint_id, "cell_key": t.cell_key,
-                           "robust_acc": t.robust_acc, "n": t.n}
+                           "label": cell_label(t.attack, t.params), "robust_acc": t.robust_acc, "n": t.n}
                           for ts in data.incoming.values() for t in ts],
-                         columns=["source", "target", "cell_key", "robust_acc", "n"])
+                         columns=["source", "target", "cell_key", "label", "robust_acc", "n"])
     frame = frame[frame["source"].isin(by_id) & frame["target"].isin(by_id)]
     if frame.empty:
         return []
@@ -42,7 +49,9 @@ def transfer_grids(data: SiteData) -> list[dict]:
             others = [grid.at[t, s] for s in sources if s != t and not math.isnan(grid.at[t, s])]
             rows.append({"name": name(ck), "short": ck.key[:8], "href": page_path(ck),
                          "cells": cells, "min": pct(min(others) if others else None)})
-        grids.append({"dataset": dataset, "cell_key": cell_key, "anchor": cell_anchor(cell_key),
+        label = group["label"].iloc[0]
+        grids.append({"dataset": dataset, "cell_key": breakable(cell_key), "anchor": cell_anchor(cell_key),
+                      "label": label, "title": f"{dataset} · {label}",
                       "n": int(group["n"].max()),
                       "sources": [{"name": name(by_id[s]), "short": by_id[s].key[:8],
                                    "href": page_path(by_id[s])} for s in sources],
