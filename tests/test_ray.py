@@ -8,13 +8,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from bench.run.bench import Bench  # noqa: E402
-from bench.run.executors.ray import RayExecutor  # noqa: E402
 from bench.core.matrix import make_cell  # noqa: E402
-from bench.run.recipe import TrainRequest, resolve  # noqa: E402
+from bench.core.provenance import source_digest  # noqa: E402
+from bench.errors import BenchError  # noqa: E402
+from bench.run.attacking import attack_checkpoint  # noqa: E402
+from bench.run.bench import Bench  # noqa: E402
 from bench.run.driver import run_defenses  # noqa: E402
-from bench.run.attacking import attack_checkpoint
-from bench.run.training import ensure_checkpoint, load_model
+from bench.run.executors.ray import RayExecutor, _run_job  # noqa: E402
+from bench.run.recipe import TrainRequest, resolve  # noqa: E402
+from bench.run.training import ensure_checkpoint, load_model  # noqa: E402
 from bench.run.transfer import run_transfers  # noqa: E402
 from servers import read_log  # noqa: E402
 
@@ -172,3 +174,13 @@ def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path
         store = Store(f"sqlite:///{results / 'bench.db'}")
         stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits) for e in store.evaluations()}
     assert len(stored["local"]) == 3 and stored["ray"] == stored["local"]
+
+
+def test_a_worker_running_other_code_than_the_driver_refuses_its_job():
+    class Job:
+        def run(self):
+            return "ran"
+
+    assert _run_job(Job(), (), 1, [], source_digest()) == "ran"
+    with pytest.raises(BenchError, match="runs other bench code than the driver"):
+        _run_job(Job(), (), 1, [], "0" * 64)

@@ -2,6 +2,8 @@
 version, the git commit of its source tree, the device it ran on)."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -32,3 +34,18 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({os.cpu_count()} cores)"
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of the source this process runs (every .py file of the bench, attacks and
+    defenses packages, by path): two processes that compute cells for one store must run
+    the same code, or their numbers differ without a word (a tree edited while a run's
+    workers start)."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for package in ("bench", "attacks", "defenses"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from bench.core.provenance import source_digest
 from bench.errors import BenchError
 from bench.run.jobs import Failed
 
@@ -53,9 +54,14 @@ def _fetch(ref: Any) -> Any:
     return _WORKER_CACHE[key]
 
 
-def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list) -> Any:
-    """The task body: put the shared values back into the job, fix the thread count, run.
-    `refs` come in a list so that Ray hands over the references, not copies of the values."""
+def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list, digest: str) -> Any:
+    """The task body: check the worker runs the driver's code, put the shared values back
+    into the job, fix the thread count, run. `refs` come in a list so that Ray hands over
+    the references, not copies of the values."""
+    if source_digest() != digest:
+        raise BenchError("this Ray worker runs other bench code than the driver (the source changed "
+                         "after the run started, or the cluster's machines have other versions); "
+                         "restart the run with one version everywhere")
     torch.set_num_threads(threads)
     return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
 
@@ -149,7 +155,8 @@ class RayExecutor:
             gpus = self.gpus_per_task if str(getattr(job, "device", "cpu")).startswith("cuda") else 0
             task = self._task.options(num_cpus=self.cpus_per_task, num_gpus=gpus, max_retries=self.max_retries,
                                       retry_exceptions=False)
-            inflight[task.remote(stub, names, self.cpus_per_task, [put(getattr(job, n)) for n in names])] = job
+            inflight[task.remote(stub, names, self.cpus_per_task, [put(getattr(job, n)) for n in names],
+                                 source_digest())] = job
 
         while inflight or not exhausted:
             idle = False
