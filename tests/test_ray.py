@@ -2,6 +2,7 @@
 numbers as the local executor bit for bit, transfer grids, a killed worker, a failing attack."""
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -176,10 +177,14 @@ def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path
     assert len(stored["local"]) == 3 and stored["ray"] == stored["local"]
 
 
+@dataclasses.dataclass
+class _Job:
+    def run(self):
+        return "ran"
+
+
 def test_a_worker_running_other_code_than_the_driver_refuses_its_job():
-    class Job:
-        def run(self):
-            return "ran"
+    Job = _Job
 
     assert _run_job(Job(), (), 1, [], source_digest()) == "ran"
     with pytest.raises(BenchError, match="runs other bench code than the driver"):
