@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.core.data import DATASETS, load_dataset
-from bench.core.matrix import BUILTIN, load_matrix
+from bench.core.matrix import BUILTIN, matrix_cells, matrix_transfer, parse_cell_key
 from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.perf import SIZES, run_perf
@@ -26,6 +26,7 @@ from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.diagnosis import diagnosis_rows
 from bench.reporting.results import result_rows
 from bench.reporting.site import build_site
+from bench.reporting.site.names import cell_label
 from bench.run.bench import Bench
 from bench.run.diagnosing import ensure_diagnostics
 from bench.run.driver import RunReport, plan_run, run_defenses
@@ -96,8 +97,26 @@ def listing(what: str) -> list[tuple[str, ...]]:
         return [(n, (DEFENSES.get(n).doc.splitlines() or [""])[0]) for n in DEFENSES.names()]
     if what == "attacks":
         return [(n, (ATTACKS.get(n).doc.splitlines() or [""])[0]) for n in ATTACKS.names()]
-    if what == "matrices":
-        return [(n, f"{len(load_matrix(n)[1])} cell tables") for n in BUILTIN]
+    if what == "matrices":  # each cell by its short name, on digits, grouped by threat model
+        threat, rows = DATASETS["digits"].threat, []
+        for name in BUILTIN:
+            cells = matrix_cells(name, threat)
+            by_threat: dict[str, list[str]] = {}
+            for c in cells:
+                by_threat.setdefault(c.threat, []).append(cell_label(c.attack, vars(c.config)))
+            threats: dict[tuple[str, ...], list[str]] = {}  # threat models with the same cells share a line
+            for t, labels in by_threat.items():
+                counted = dict.fromkeys(labels)
+                names = tuple(n if labels.count(n) == 1 else f"{n} ×{labels.count(n)}" for n in counted)
+                threats.setdefault(names, []).append(t)
+            parts = [f"{', '.join(ts)}: {', '.join(names)}" for names, ts in threats.items()]
+            sources, keys = matrix_transfer(name)
+            if sources:
+                crafted = (parse_cell_key(k, threat) for k in keys)
+                parts.append(f"transfer from {', '.join(sources)}: "
+                             + ", ".join(cell_label(c.attack, vars(c.config)) for c in crafted))
+            rows.append((name, f"{len(cells) + len(sources) * len(keys)} cells on digits; " + "; ".join(parts)))
+        return rows
     if what == "datasets":
         return [(n, f"{s.num_classes:3} classes", s.threat.name, f"arch {s.default_arch}") for n, s in DATASETS.items()]
     if what == "presets":
@@ -161,8 +180,17 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
 
 
 def results(where: Where = Where(), defense: str | None = None, dataset: str | None = None) -> list[dict]:
-    """`bench results`: every stored cell and each checkpoint's worst case."""
-    return result_rows(open_bench(replace(where, device="cpu")).store, defense=defense, dataset=dataset)
+    """`bench results`: every stored cell and each checkpoint's worst case. A filter that
+    matches no stored checkpoint is an error that names what is stored."""
+    store = open_bench(replace(where, device="cpu")).store
+    rows = result_rows(store, defense=defense, dataset=dataset)
+    stored = store.checkpoints() if not rows and (defense or dataset) else []
+    if stored and not store.checkpoints(dataset=dataset, defense=defense):
+        given = " ".join(f"--{k} {v!r}" for k, v in (("defense", defense), ("dataset", dataset)) if v)
+        raise BenchError(f"no stored checkpoint matches {given}; stored defenses: "
+                         f"{', '.join(sorted({c.defense for c in stored}))}; stored datasets: "
+                         f"{', '.join(sorted({c.dataset for c in stored}))}")
+    return rows
 
 
 def diagnose(name: str, dataset: str | None = None, where: Where = Where()) -> list[dict]:

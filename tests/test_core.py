@@ -301,7 +301,7 @@ def _snapshot(db: Path):
     (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{missing}"], "is not a folder"),
     (["transfer", "--source", "nothing_here"], "no stored checkpoint on digits matches --source"),
     (["run", "--defense", "natural", "--set", "epochs=-1"], "epochs must be an integer of at least 1, got -1"),
-    (["results", "--format", "xml"], "--format must be table, csv or json"),
+    (["results", "--format", "xml"], "--format must be table, wide, csv or json"),
 ])
 def test_bad_input_exits_2_with_one_line_and_leaves_the_store(tmp_path, monkeypatch, capsys, args, message):
     results = tmp_path / "res"

@@ -122,7 +122,7 @@ def test_bench_run_and_transfer_take_executor_ray(ray_cluster, tmp_path, monkeyp
         return exc.value.code
 
     monkeypatch.setenv("BENCH_EXECUTOR", "ray")
-    assert bench_cli("run", "--defense", "natural", "--set", "epochs=1") == 0
+    assert bench_cli("run", "--defense", "natural", "--set", "epochs=1", "--matrix", "quick") == 0
     assert bench_cli("train", "--defense", "natural", "--set", "epochs=2") == 0
     assert bench_cli("transfer", "--source", "all", "--target", "all", "--attack", "fgsm") == 0
     capsys.readouterr()

@@ -5,11 +5,12 @@ to mend it, and no traceback unless --debug.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from bench.cli import commands  # noqa: F401 (registers the commands on the app)
 from bench.cli.app import app
-from bench.cli.console import err
+from bench.cli.console import PipeClosed, err, write
 from bench.errors import BenchError
 
 
@@ -42,7 +43,54 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+def _pipe_closed() -> None:
+    """The reader of stdout has gone (`bench ls presets | head -2`): end quietly with status
+    0, as `ls | head` does. Stdout is pointed at devnull first, so that the flush at exit
+    cannot fail again (the Python docs' recipe, signal module, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a file (tests) keeps none
+        pass
+    sys.exit(0)
+
+
+def _stdout_file() -> tuple[int, int] | None:
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _closed_in_library(before: tuple[int, int] | None) -> bool:
+    """Whether the CLI library met the closed pipe itself (printing --help, say) and exited 1:
+    its rich console points stdout at devnull first, its click core wraps stdout."""
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        st = os.stat(os.devnull)
+    except OSError:
+        return False
+    return before != (st.st_dev, st.st_ino) == _stdout_file()
+
+
 def main() -> None:
+    before = _stdout_file()
+    try:
+        _main()
+        sys.stdout.flush()
+    except (PipeClosed, BrokenPipeError):
+        _pipe_closed()
+    except SystemExit as exc:
+        if exc.code == 1 and _closed_in_library(before):
+            _pipe_closed()
+        raise
+
+
+def _main() -> None:
+    # --debug is taken out here, before the CLI library sees the arguments, so it works
+    # anywhere on the line; app.py declares it only so that `bench --help` shows it.
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
@@ -51,6 +99,8 @@ def main() -> None:
         # library then returns what a command's `typer.Exit(code)` asked for (or 130 where
         # it caught a Ctrl-C itself, as recent typer does) instead of calling sys.exit.
         code = app(standalone_mode=False, prog_name="bench")
+    except PipeClosed:
+        raise
     except BenchError as exc:
         if debug:
             raise
@@ -63,7 +113,7 @@ def main() -> None:
             raise
         names = _class_names(exc)
         if "NoArgsIsHelpError" in names:  # bare `bench`: its message is the help text
-            print(exc.format_message())
+            write(f"{exc.format_message()}\n")
             sys.exit(0)
         if "Abort" in names:
             _interrupted()

@@ -11,6 +11,8 @@ from bench.cli.options import (
     Arch,
     DataRoot,
     Dataset,
+    DatasetFilter,
+    DatasetOf,
     Db,
     Defense,
     Device,
@@ -47,7 +49,8 @@ def _where(results="results", db=None, data_root=None, device="auto", threads=1,
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(help="defenses, attacks, matrices, datasets or presets")] = "defenses"):
+def ls(what: Annotated[str, typer.Argument(metavar="WHAT",
+                                           help="defenses, attacks, matrices, datasets or presets")] = "defenses"):
     """List defenses, attacks, matrices, datasets or presets."""
     api, output = _load()
     output.listing(api.listing(what), LIST_WIDTHS.get(what, ()))
@@ -70,7 +73,7 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
 
 
 @app.command("run")
-def run_cmd(defense: Defense, matrix: Matrix = "quick",
+def run_cmd(defense: Defense, matrix: Matrix = "full",
             preset: Preset = None, set_: Set = None, dataset: Dataset = None, arch: Arch = None,
             seed: Seed = 0, results: Results = "results", db: Db = None,
             data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1,
@@ -81,10 +84,12 @@ def run_cmd(defense: Defense, matrix: Matrix = "quick",
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
         reports, rows = api.run(defense, matrix, request, where, progress)
+    output.surrogates(reports[0].surrogates_trained if reports else [])
     failed = 0
     for report in reports:
         output.summary(report.checkpoint.defense, report.checkpoint.key,
-                       "trained" if report.trained else "checkpoint found", len(report.cells_run), report.cells_total)
+                       "trained" if report.trained else "checkpoint found", len(report.cells_run), report.cells_total,
+                       output.missing_cells(rows, report.checkpoint.key))
         output.failures(report.failures)
         failed += len(report.failures)
     output.rows(rows, "table")
@@ -94,13 +99,14 @@ def run_cmd(defense: Defense, matrix: Matrix = "quick",
 
 
 @app.command("eval")
-def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION; FUNCTION returns an nn.Module "
-                                                "taking [0, 1] inputs and returning logits. MODULE is a module "
-                                                "name or a .py path.")],
-             name: Annotated[str, typer.Option("--name", help="The name your model goes by on the boards.")],
-             weights: Annotated[Optional[str], typer.Option("--weights", help="A .safetensors file of the model's "
+def eval_cmd(model: Annotated[str, typer.Option("--model", metavar="MODULE:FUNCTION",
+                                                help="FUNCTION returns an nn.Module taking [0, 1] inputs and "
+                                                     "returning logits. MODULE is a module name (found in the "
+                                                     "current folder too, as python -m finds it) or a .py path.")],
+             name: Annotated[str, typer.Option("--name", metavar="NAME", help="The name your model goes by on the boards.")],
+             weights: Annotated[Optional[str], typer.Option("--weights", metavar="FILE", help="A .safetensors file of the model's "
                                                             "state_dict (never a pickle).")] = None,
-             dataset: Annotated[str, typer.Option("--dataset", help="digits (default), mnist5k, mnist, cifar10, cifar100, svhn.")] = "digits",
+             dataset: DatasetOf = "digits",
              matrix: Matrix = "full",
              results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
              threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
@@ -111,8 +117,9 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION
     with output.progress() as progress:
         report, rows = api.evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
                                           where=where, progress=progress)
+    output.surrogates(report.surrogates_trained)
     output.summary(name, report.checkpoint.key, "added" if report.added else "found", len(report.cells_run),
-                   report.cells_total)
+                   report.cells_total, output.missing_cells(rows, report.checkpoint.key))
     output.failures(report.failures)
     output.rows(rows, "table")
     if report.failures:
@@ -121,20 +128,25 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", help="MODULE:FUNCTION
 
 
 @app.command("results")
-def results_cmd(format: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
-                defense: Annotated[Optional[str], typer.Option("--defense")] = None,
-                dataset: Dataset = None, results: Results = "results", db: Db = None):
-    """Print stored results: every cell, plus each checkpoint's worst case."""
-    if format not in ("table", "csv", "json"):
-        raise BenchError(f"--format must be table, csv or json, got {format!r}")
+def results_cmd(format: Annotated[str, typer.Option("--format", metavar="table|wide|csv|json",
+                                                   help="table (short cell names, percent), wide (the same with "
+                                                        "canonical cell keys), csv or json (canonical keys, "
+                                                        "fractions).")] = "table",
+                defense: Annotated[Optional[str], typer.Option("--defense", metavar="NAME",
+                                                               help="Only checkpoints of this defense "
+                                                                    "(default: every one).")] = None,
+                dataset: DatasetFilter = None, results: Results = "results", db: Db = None):
+    """Print stored results: each checkpoint's worst case, then every cell."""
+    if format not in ("table", "wide", "csv", "json"):
+        raise BenchError(f"--format must be table, wide, csv or json, got {format!r}")
     api, output = _load()
     output.rows(api.results(_where(results, db), defense=defense, dataset=dataset), format)
 
 
 @app.command("diagnose")
-def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", help="Defense name, checkpoint key (prefix), or all.")],
-                 format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
-                 dataset: Dataset = None, results: Results = "results", db: Db = None,
+def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", metavar="NAME|KEY|all", help="Defense name, checkpoint key (prefix), or all.")],
+                 format: Annotated[str, typer.Option("--format", metavar="table|json", help="table or json.")] = "table",
+                 dataset: DatasetFilter = None, results: Results = "results", db: Db = None,
                  data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
     """Shafahi et al.'s Table 1 row: logit gap, gradient gap, epsilon_L, predicted vs measured accuracy."""
     if format not in ("table", "json"):
@@ -144,10 +156,10 @@ def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", help="Defense
 
 
 @app.command("transfer")
-def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense name, checkpoint key, or all.")],
-                 target: Annotated[str, typer.Option("--target", help="Defense name, checkpoint key, or all.")] = "all",
-                 attack: Annotated[Optional[str], typer.Option("--attack", help="Cell key to craft with (default PGD-10).")] = None,
-                 dataset: Annotated[str, typer.Option("--dataset")] = "digits",
+def transfer_cmd(source: Annotated[str, typer.Option("--source", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")],
+                 target: Annotated[str, typer.Option("--target", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")] = "all",
+                 attack: Annotated[Optional[str], typer.Option("--attack", metavar="CELL", help="Cell key to craft with (default PGD-10).")] = None,
+                 dataset: DatasetOf = "digits",
                  results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
                  threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
                  ray_gpus: RayGpus = 1.0):
@@ -162,17 +174,17 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", help="Defense n
 
 
 @app.command("perf")
-def perf_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object for machines.")] = False,
+def perf_cmd(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object for machines.")] = False,
              device: Device = "auto",
-             size: Annotated[str, typer.Option("--size", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test).")] = "default",
-             threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).")] = None):
+             size: Annotated[str, typer.Option("--size", metavar="default|tiny", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test).")] = "default",
+             threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).")] = None):
     """Time our attacks against torchattacks on the same model and inputs, and the fast path."""
     api, _ = _load()
     api.perf(device=device, as_json=as_json, size=size, threads=threads)
 
 
 @app.command("site")
-def site_cmd(out_dir: Annotated[str, typer.Option("--out", help="Folder to write the static site into.")] = "site",
+def site_cmd(out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="Folder to write the static site into.")] = "site",
              results: Results = "results", db: Db = None):
     """Render the static leaderboard from the store (reads only the store, writes only --out)."""
     api, _ = _load()

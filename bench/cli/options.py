@@ -5,23 +5,42 @@ from typing import Annotated, Optional
 
 import typer
 
-Results = Annotated[str, typer.Option("--results", envvar="BENCH_RESULTS", help="Results folder (bench.db, checkpoints/).")]
-Db = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL of the store (default: sqlite in --results).")]
-DataRoot = Annotated[Optional[str], typer.Option("--data-root", envvar="BENCH_DATA", help="Folder holding MNIST/CIFAR/SVHN files.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-Threads = Annotated[int, typer.Option("--threads", envvar="BENCH_THREADS",
+Results = Annotated[str, typer.Option("--results", envvar="BENCH_RESULTS", metavar="DIR",
+                                      help="Results folder (bench.db, checkpoints/).")]
+Db = Annotated[Optional[str], typer.Option("--db", metavar="URL",
+                                           help="SQLAlchemy URL of the store (default: sqlite in --results).")]
+DataRoot = Annotated[Optional[str], typer.Option("--data-root", envvar="BENCH_DATA", metavar="DIR",
+                                                 help="Folder holding MNIST/CIFAR/SVHN files.")]
+Device = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")]
+Threads = Annotated[int, typer.Option("--threads", envvar="BENCH_THREADS", metavar="N",
                                       help="CPU threads for torch (default 1: reproducible weights on any machine; "
                                            "raise it for large models on a CPU).")]
-Defense = Annotated[str, typer.Option("--defense", help="Defense name (`bench ls defenses`), or `all` for run.")]
-Preset = Annotated[Optional[str], typer.Option("--preset", help="Preset name (`bench ls presets`) or TOML file.")]
-Set = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (repeatable).")]
-Dataset = Annotated[Optional[str], typer.Option("--dataset", help="digits (default), mnist5k, mnist, cifar10, cifar100, svhn.")]
-Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture (default: the dataset's).")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of initialization, data order and noise.")]
-Executor = Annotated[str, typer.Option("--executor", envvar="BENCH_EXECUTOR",
+Defense = Annotated[str, typer.Option("--defense", metavar="NAME",
+                                      help="Defense name (`bench ls defenses`), or `all` for run.")]
+Preset = Annotated[Optional[str], typer.Option("--preset", metavar="NAME|FILE",
+                                               help="Preset name (`bench ls presets`) or TOML file.")]
+Set = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                  help="Override a setting: key=value (repeatable).")]
+DATASET_NAMES = "digits, mnist5k, mnist, cifar10, cifar100, svhn"
+"""Every dataset of bench.core.data.DATASETS, written out because importing that module
+imports torch, and `--help` must answer at once (tests/test_cli_output.py checks the list)."""
+Dataset = Annotated[Optional[str], typer.Option("--dataset", metavar="NAME",
+                                                help=f"{DATASET_NAMES} (default digits; `bench ls datasets`).")]
+DatasetOf = Annotated[str, typer.Option("--dataset", metavar="NAME", help=f"{DATASET_NAMES} (`bench ls datasets`).")]
+DatasetFilter = Annotated[Optional[str], typer.Option("--dataset", metavar="NAME",
+                                                      help=f"Only checkpoints of this dataset: {DATASET_NAMES} "
+                                                           "(default: every dataset).")]
+Arch = Annotated[Optional[str], typer.Option("--arch", metavar="NAME", help="Architecture (default: the dataset's).")]
+Seed = Annotated[int, typer.Option("--seed", metavar="N", help="Seed of initialization, data order and noise.")]
+Executor = Annotated[str, typer.Option("--executor", envvar="BENCH_EXECUTOR", metavar="local|ray",
                                        help="Where trainings and cells run: local (this process) or ray (Ray tasks).")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", envvar="BENCH_RAY_ADDRESS",
+                                                   metavar="auto|HOST:PORT",
                                                    help="Ray cluster to join: auto or host:port (unset: start a local one).")]
-RayGpus = Annotated[float, typer.Option("--ray-gpus", envvar="BENCH_RAY_GPUS",
+RayGpus = Annotated[float, typer.Option("--ray-gpus", envvar="BENCH_RAY_GPUS", metavar="N",
                                         help="GPUs per Ray task on CUDA; a fraction shares a GPU (e.g. 0.25).")]
-Matrix = Annotated[str, typer.Option("--matrix", help="quick, full, paper or a TOML file.")]
+Matrix = Annotated[str, typer.Option("--matrix", metavar="NAME|FILE",
+                                     help="quick, full, paper or a TOML file (`bench ls matrices` lists their cells). "
+                                          "Default full, for run and eval alike: the standard matrix the boards and "
+                                          "the worst case are meant for; quick (FGSM, PGD-10/20) is a smoke test "
+                                          "that overstates robustness.")]

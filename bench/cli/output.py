@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
-import sys
+import textwrap
+from collections import Counter
 
+from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.cli.console import err, out
+from bench.cli.console import err, out, write
+from bench.reporting.format import fmt, missing
 from bench.reporting.results import COLUMNS
+from bench.reporting.site.names import cell_label
 
 
 def progress():
@@ -23,8 +28,35 @@ def progress():
                     TimeElapsedColumn(), console=err, transient=True)
 
 
-def summary(label: str, key: str, verb: str, ran: int, total: int) -> None:
-    err.print(f"{label} [{key[:8]}]: {verb}, {ran} of {total} cells run", markup=False)
+def summary(label: str, key: str, verb: str, ran: int, total: int, missing_count: int | None = None) -> None:
+    """One line per checkpoint; `missing_count` (missing_cells) says its worst case is incomplete."""
+    tail = f"; {_incomplete(missing_count)}" if missing_count is not None else ""
+    err.print(f"{label} [{key[:8]}]: {verb}, {ran} of {total} cells run{tail}", markup=False, highlight=False,
+              soft_wrap=True)
+
+
+def surrogates(names: list[str]) -> None:
+    """The one line a first run on a dataset prints about the models it trains unasked."""
+    if names:
+        err.print(f"trained the transfer surrogates {', '.join(names)} (once per dataset): the matrix's "
+                  "black-box transfer cells attack every model with examples crafted on them", markup=False,
+                  highlight=False, soft_wrap=True)
+
+
+def missing_cells(result: list[dict], key: str) -> int | None:
+    """How many cells the worst case of checkpoint `key` lacks, or None where it is complete."""
+    for r in result:
+        if r["attack"] == "worst_case" and r["checkpoint"] == key and r.get("complete") is False:
+            return len(r.get("missing") or [])
+    return None
+
+
+def _incomplete(count: int) -> str:
+    return f"worst case ({_missing_note(count)})"
+
+
+def _missing_note(count: int) -> str:
+    return f"incomplete: {count} cell{'s' if count != 1 else ''} missing"
 
 
 def failures(failed: dict[str, str]) -> None:
@@ -38,32 +70,108 @@ def failed_total(count: int) -> None:
               "and run again to fill them in", markup=False)
 
 
-def rows(result: list[dict], fmt: str) -> None:
-    if fmt == "json":
-        print(json.dumps(result, indent=1))
+def rows(result: list[dict], form: str) -> None:
+    """Result rows as `form`: json and csv as stored (canonical cell keys, fractions, the
+    worst case last); table with short cell names and percentages, each checkpoint's worst
+    case first, made to read at 100 columns; wide the same table with the canonical keys."""
+    if form == "json":
+        write(json.dumps(result, indent=1) + "\n")
         return
-    if fmt == "csv":
-        w = csv.DictWriter(sys.stdout, fieldnames=COLUMNS + ["flags"], extrasaction="ignore")
+    if form == "csv":
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=COLUMNS + ["flags"], extrasaction="ignore")
         w.writeheader()
         for r in result:
             w.writerow({**r, "flags": ";".join(r.get("flags", []))})
+        write(text.getvalue())
         return
-    table = Table(show_lines=False)
-    for col in ("defense", "checkpoint", "attack", "clean", "robust", "n", "s"):
-        table.add_column(col, justify="right" if col in ("clean", "robust", "n", "s") else "left",
-                         overflow="fold")
-    for r in result:
-        attack = r["attack"]
-        if attack == "worst_case" and r.get("flags"):
-            attack += f" (flags: {', '.join(r['flags'])})"
-        table.add_row(r["defense"], r["checkpoint"][:8], escape(attack),
-                      f"{r['clean_acc']:.3f}" if r["clean_acc"] is not None else "",
-                      f"{r['robust_acc']:.3f}", str(r["n"]),
-                      f"{r['seconds']:.1f}" if r["seconds"] is not None else "")
     if not result:
-        out.print("no results stored yet: run `bench run --defense NAME`")
+        out.print("no results stored yet: run `bench run --defense NAME`", markup=False)
         return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("defense", "checkpoint", "cell key" if form == "wide" else "cell", "clean %", "robust %", "n", "s"):
+        numeric = col in ("clean %", "robust %", "n", "s")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "checkpoint",
+                         overflow="fold")
+    groups = list(_by_checkpoint(result).values())
+    for i, group in enumerate(groups):
+        worst = [r for r in group if r["attack"] == "worst_case"]
+        cells = [r for r in group if r["attack"] != "worst_case"]
+        names = [escape(r["attack"]) for r in cells] if form == "wide" else _cell_names(cells, _home(group))
+        shown = [*((w, _worst_name(w)) for w in worst), *zip(cells, names)]
+        for j, (r, name) in enumerate(shown):
+            # A rule under the worst case, and between checkpoints.
+            rule = (j == len(worst) - 1 and bool(cells)) or (j == len(shown) - 1 and i < len(groups) - 1)
+            table.add_row(escape(r["defense"]), r["checkpoint"][:8], name, _pct(r["clean_acc"]),
+                          _pct(r["robust_acc"]), str(r["n"]), fmt(r["seconds"], ".1f"),
+                          style="bold" if j < len(worst) else None, end_section=rule)
     out.print(table)
+
+
+def _pct(value: float | None) -> str:
+    # bench.reporting.format.pct has two decimals, the site's; a terminal row has room for one.
+    return fmt(value if missing(value) else 100 * value, ".1f")
+
+
+def _by_checkpoint(result: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in result:
+        groups.setdefault(r["checkpoint"], []).append(r)
+    return groups
+
+
+def _home(group: list[dict]) -> str:
+    """The checkpoint's threat model: its worst case's, else the one most of its cells share."""
+    worst = [r["threat"] for r in group if r["attack"] == "worst_case"]
+    return worst[0] if worst else Counter(r["threat"] for r in group).most_common(1)[0][0]
+
+
+def _worst_name(row: dict) -> str:
+    """`worst case THREAT`, then a line for what it lacks and one for its flags, so that
+    these widen the cell column no more than they must."""
+    notes = [_missing_note(len(row.get("missing") or []))] if row.get("complete") is False else []
+    if row.get("flags"):
+        notes.append(f"flags: {', '.join(row['flags'])}")
+    return escape("\n".join([f"worst case {row['threat']}", *(f"({n})" for n in notes)]))
+
+
+def _split(attack: str) -> tuple[str | None, str, dict]:
+    """(transfer source id or None, attack name, params) of a row's `attack`: a cell key,
+    or `transfer[<source id>]:<cell key>`."""
+    source = None
+    if attack.startswith("transfer[") and "]:" in attack:
+        source, attack = attack[len("transfer["):].split("]:", 1)
+    name, _, rest = attack.partition(":")
+    params = {}
+    for part in filter(None, rest.split(",")):
+        k, _, v = part.partition("=")
+        params[k] = v == "true" if v in ("true", "false") else int(v) if v.isdigit() else v
+    return source, name, params
+
+
+def _cell_names(cells: list[dict], home: str) -> list[str]:
+    """Short names of one checkpoint's cells: the site's cell_label (pgd20, cw20, pgd20_r5,
+    fgsm), the threat model where it is not the checkpoint's (`pgd20 (l2-1)`,
+    `unbounded-0.4`), `transfer SOURCE → ` before a transfer's, and the settings that
+    differ between cells that would otherwise share a name (`fgsm loss=cw`)."""
+    names, params = [], []
+    for r in cells:
+        source, attack, p = _split(r["attack"])
+        name = cell_label(attack, p)
+        if r["threat"] != home:
+            name = r["threat"] if r["threat"].startswith(f"{name}-") else f"{name} ({r['threat']})"
+        if source is not None:
+            name = f"transfer {r.get('source') or '#' + source} → {name}"
+        names.append(name)
+        params.append(p)
+    for name, count in Counter(names).items():
+        if count > 1:
+            same = [i for i, n in enumerate(names) if n == name]
+            keys = sorted({k for i in same for k in params[i]})
+            differ = [k for k in keys if len({str(params[i].get(k)) for i in same}) > 1]
+            for i in same:
+                names[i] = " ".join([name, *(f"{k}={params[i].get(k, '')}" for k in differ)])
+    return [escape(n) for n in names]
 
 
 def grid(cells: list[dict]) -> None:
@@ -100,6 +208,10 @@ def diagnosis(result: list[dict], fmt: str) -> None:
 
 
 def listing(entries: list[tuple[str, ...]], widths: tuple[int, ...]) -> None:
+    """One line an entry, columns padded to `widths`; a long last column wraps under itself."""
     for entry in entries:
-        out.print(" ".join(f"{v:{w}}" if w else v for v, w in zip(entry, widths)).rstrip(), markup=False,
-                  highlight=False)
+        head = " ".join(f"{v:{w}}" if w else v for v, w in zip(entry[:-1], widths))
+        indent = " " * (len(head) + 1 if head else 0)
+        text = textwrap.fill(entry[-1], width=max(out.width, len(indent) + 20), initial_indent=indent,
+                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+        out.print((head + text[len(head):]).rstrip(), markup=False, highlight=False, soft_wrap=True)

@@ -51,15 +51,12 @@ class TransferCells:
     """The surrogates trained by this call (the first run on a dataset trains them)."""
 
 
-def surrogate(bench: Bench, name: str, dataset: str) -> tuple[Checkpoint, bool]:
-    """The bench's own checkpoint of surrogate defense `name` on `dataset` (trained on
-    first use), marked as a surrogate in its meta so boards can say why it is there."""
-    source, trained = ensure_checkpoint(bench, resolve(TrainRequest(name, dataset)))
+def mark_surrogate(bench: Bench, source: Checkpoint) -> None:
+    """Mark a checkpoint in its meta as a matrix surrogate, so boards can say why it is there."""
     if not (source.meta or {}).get("surrogate"):
         meta = dict(source.meta or {}, surrogate=True)
         bench.store.set_meta(source.id, meta)
         source.meta = meta
-    return source, trained
 
 
 def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
@@ -76,12 +73,14 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
     x = y = clean = None
     ran = done.ran
     for name in surrogates:
-        source, trained = surrogate(bench, name, row.dataset)
+        # The bench's own checkpoint of the surrogate's default recipe (trained on first use).
+        source, trained = ensure_checkpoint(bench, resolve(TrainRequest(name, row.dataset)))
+        if source.id == row.id:
+            continue
+        mark_surrogate(bench, source)
         done.surrogates.append(source)
         if trained:
             done.trained.append(name)
-        if source.id == row.id:
-            continue
         done.total += len(cells)
         expect(bench, row, [f"{name}|{transfer_key(c.key, randomized)}" for c in cells])
         for cell in cells:

@@ -9,6 +9,7 @@ one-line BenchError.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -76,12 +77,32 @@ def _import(factory: Factory, source: Path | None = None):
                 sys.modules.pop(name, None)
                 raise
             return module
-        return importlib.import_module(factory.module)
+        with _current_folder_on_path():
+            return importlib.import_module(factory.module)
     except BenchError:
         raise
     except Exception as exc:  # whatever the user's module raises on import is their error
         raise BenchError(f"--model {factory.reference!r} does not import: {type(exc).__name__}: "
                          f"{first_line(exc)}; check the module path and that it imports on its own") from exc
+
+
+@contextlib.contextmanager
+def _current_folder_on_path():
+    """The current folder first on sys.path while a module name is imported, as `python -m`
+    puts it there: the `bench` script's own sys.path starts at its bin/ folder instead."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the folder was removed under us: nothing to add
+        here = None
+    if here is None or "" in sys.path or here in sys.path:
+        yield
+        return
+    sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
 
 
 def first_line(exc: BaseException) -> str:
