@@ -1,9 +1,10 @@
 """PGD: projected gradient descent (Madry et al., 2018), L-inf or L2.
 
-Ascends the cross-entropy or the Carlini-Wagner margin from a uniform random start in
-the eps-ball (or from x itself), projecting back onto the ball and onto [0, 1] after
-each step. L-inf steps move by step_size * sign(grad); L2 steps by step_size along the
-normalized gradient.
+Ascends the cross-entropy or the Carlini-Wagner margin from a random start in the
+eps-ball (L-inf: uniform in the box; L2: a Gaussian direction at a radius uniform in
+[0, eps], as torchattacks' PGDL2) or from x itself, projecting back onto the ball and
+onto [0, 1] after each step. L-inf steps move by step_size * sign(grad); L2 steps by
+step_size along the normalized gradient.
 
 Two things make it stronger and faster than a textbook loop, never weaker:
 - a sample counts as broken at the first iterate that misclassifies it; that iterate is
@@ -28,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from bench.plugin import LOSSES, NORMS, at_least, one_of, positive, radius, register_attack
+from bench.plugin import LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class PGD:
     norm: str = "linf"
     """`linf` or `l2`."""
     random_start: bool = True
-    """Start from a uniform point of the ball (Madry et al.) rather than from x."""
+    """Start from a random point of the ball (Madry et al.) rather than from x."""
     restarts: int = 1
     """Independent random starts; each sample keeps its best."""
     early_stop: bool = field(default=True, metadata={"key": False})
@@ -81,11 +82,14 @@ def _random_start(x, cfg: PGD, generator):
     if cfg.norm == "linf":
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return (x + (2 * u - 1) * cfg.eps).clamp_(0, 1)
-    # Uniform in the L2 ball: a Gaussian direction scaled by radius * U^(1/d).
-    d = x[0].numel()
+    # A Gaussian direction at a radius drawn uniformly in [0, eps], as torchattacks' PGDL2
+    # draws it. Not uniform in the ball's volume (radius eps * U^(1/d)): with d = 64 that
+    # puts nearly every start on the sphere, where PGD-20 then stalls against the
+    # projection, and it left 1.9 points more robust accuracy than PGDL2 on a PGD-AT digits
+    # model (18.0% vs 16.1%, six seeds; tests/test_references.py).
     g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
-    return (x + g / _l2(g) * cfg.eps * r ** (1.0 / d)).clamp_(0, 1)
+    return (x + g / _l2(g) * cfg.eps * r).clamp_(0, 1)
 
 
 def _step_(x_adv, x, lo, hi, grad, cfg: PGD):
@@ -116,11 +120,11 @@ def _near_boundary(logits, y):
 
 
 def _confirmed(model, x_adv, y, candidates, hit):
-    """`hit` with each candidate decided by a forward pass with autocast off."""
+    """`hit` with each candidate decided by a forward pass in true fp32 (autocast and TF32 off)."""
     idx = candidates.nonzero().squeeze(1)
     if len(idx) == 0:
         return hit
-    with torch.autocast(x_adv.device.type, enabled=False):
+    with torch.autocast(x_adv.device.type, enabled=False), full_fp32():
         full = model(x_adv[idx]).argmax(1) != y[idx]
     return hit.index_put((idx,), full)
 

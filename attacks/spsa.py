@@ -11,18 +11,27 @@ and the iterate is projected back onto the eps-ball and onto [0, 1].
 Uesato et al.'s settings are the defaults: Adam learning rate 0.01, delta 0.01, 8192
 evaluations per iteration, up to 100 iterations, a uniform random start in the ball
 (as the CleverHans reference does), and a per-sample early stop as soon as the iterate
-is misclassified (a margin above zero), which then is the returned adversary. On digits
-a cell may run on a seeded subset of the test set with fewer samples; both are in its
-key.
+is misclassified (a margin above zero), which then is the returned adversary. A cell
+may run on a seeded subset of the test set, and with `samples_per_dim` its evaluations
+per iteration scale with the input's size (2 per dimension: 128 on digits' 64 pixels,
+1568 on MNIST's 784, 6144 on CIFAR's 3072), so the estimate is as good on every
+dataset; both are in its key.
+
+On a randomized model (noise drawn from torch's global generator, which the bench seeds
+for the craft) the two probes of a pair see the same noise: the + probes run with the
+generator forked and restored, and the - probes then draw exactly what the + probes
+drew. Their difference then holds the model's slope and no noise term; evaluated with
+independent noise, it would carry a noise term of size noise / delta into every pair.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 
-from bench.plugin import at_least, cw_margin, positive, radius, register_attack
+from bench.plugin import at_least, cw_margin, non_negative, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,12 @@ class SPSA:
     """Adam steps at most (Uesato et al.: 100)."""
     samples: int = 8192
     """Model evaluations per iteration: samples / 2 Rademacher directions, each
-    evaluated at +delta and -delta (Uesato et al.'s batch of 8192). Even."""
+    evaluated at +delta and -delta (Uesato et al.'s batch of 8192). Even. 0 (and so
+    in the key) when `samples_per_dim` sets the count instead."""
+    samples_per_dim: float = 0.0
+    """Evaluations per input dimension: above 0, an input of d values gets
+    samples = 2 * ceil(samples_per_dim * d / 2) (2 gives 128 on digits' 64 pixels);
+    0 means the fixed `samples`."""
     lr: float = 0.01
     """Adam learning rate."""
     delta: float = 0.01
@@ -47,14 +61,32 @@ class SPSA:
     def __post_init__(self):
         radius("eps", self.eps, "linf")
         at_least("iterations", self.iterations, 1)
-        at_least("samples", self.samples, 2)
-        if self.samples % 2:
-            raise ValueError(f"samples must be a positive even number (antithetic pairs), got {self.samples!r}")
+        non_negative("samples_per_dim", self.samples_per_dim)
         positive("lr", self.lr)
         positive("delta", self.delta)
         at_least("max_batch", self.max_batch, 1)
+        if self.samples_per_dim > 0:
+            if self.samples not in (0, SPSA.samples):
+                raise ValueError(f"give samples ({self.samples}) or samples_per_dim ({self.samples_per_dim:g}), "
+                                 "not both")
+            # No fixed count runs, so the key says samples=0 (and parses back to this config).
+            object.__setattr__(self, "samples", 0)
+            return
+        at_least("samples", self.samples, 2)
+        if self.samples % 2:
+            raise ValueError(f"samples must be a positive even number (antithetic pairs), got {self.samples!r}")
         if self.max_batch < self.samples:
             raise ValueError(f"max_batch ({self.max_batch}) must hold one image's samples ({self.samples})")
+
+    def samples_for(self, x: torch.Tensor) -> int:
+        """The evaluations per iteration that run on inputs shaped like x (N, ...)."""
+        if self.samples_per_dim <= 0:
+            return self.samples
+        samples = 2 * math.ceil(self.samples_per_dim * x[0].numel() / 2)
+        if self.max_batch < samples:
+            raise ValueError(f"max_batch ({self.max_batch}) must hold one image's samples ({samples}: "
+                             f"{self.samples_per_dim:g} per dimension of {x[0].numel()})")
+        return samples
 
     def with_threat(self, threat) -> "SPSA":
         return self if self.eps is not None else replace(self, eps=threat.eps)
@@ -67,23 +99,29 @@ class SPSA:
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
 
-def _spsa_gradient(model, x, y, cfg: SPSA, generator) -> torch.Tensor:
+def _spsa_gradient(model, x, y, cfg: SPSA, generator, samples: int) -> torch.Tensor:
     """The SPSA estimate of grad_x margin(model(x), y), one per sample."""
-    pairs = cfg.samples // 2
-    per_chunk = max(1, cfg.max_batch // cfg.samples)
+    pairs = samples // 2
+    per_chunk = max(1, cfg.max_batch // samples)
+    devices = [x.device] if x.device.type == "cuda" else []
     grads = []
     for i in range(0, len(x), per_chunk):
         xc, yc = x[i:i + per_chunk], y[i:i + per_chunk]
         n = len(xc)
         v = torch.randint(0, 2, (n, pairs, *x.shape[1:]), generator=generator, device=x.device)
         v = v.to(x.dtype).mul_(2).sub_(1)
-        # Both signs in one forward pass: (n, 2, pairs, ...) -> (n * samples, ...).
-        # The probes are not clipped to [0, 1]: the estimate is of the model's loss
-        # around x_adv, and clipping would bias it at the box edges.
-        probes = xc[:, None, None] + cfg.delta * torch.stack((v, -v), 1)
-        losses = cw_margin(model(probes.flatten(0, 2)), yc.repeat_interleave(cfg.samples))
-        losses = losses.view(n, 2, pairs)
-        diff = (losses[:, 0] - losses[:, 1]) / (2 * cfg.delta)
+        # One forward pass per sign, (n, pairs, ...) -> (n * pairs, ...), under the same
+        # state of torch's global generators: the + pass runs forked (its draws are then
+        # undone), so the - pass draws the same noise probe for probe, and leaves the
+        # generators where one pass would. A single pass over both signs would give the
+        # two probes of a pair independent noise. The probes are not clipped to [0, 1]:
+        # the estimate is of the model's loss around x_adv, and clipping would bias it at
+        # the box edges.
+        ys = yc.repeat_interleave(pairs)
+        with torch.random.fork_rng(devices=devices):
+            plus = cw_margin(model((xc[:, None] + cfg.delta * v).flatten(0, 1)), ys)
+        minus = cw_margin(model((xc[:, None] - cfg.delta * v).flatten(0, 1)), ys)
+        diff = (plus - minus).view(n, pairs) / (2 * cfg.delta)
         grads.append((diff.view(n, pairs, *([1] * (x.dim() - 1))) * v).mean(1))
     return torch.cat(grads)
 
@@ -98,6 +136,7 @@ def perturb(model, x, y, cfg: SPSA, *, generator=None):
 
 
 def _spsa(model, x, y, cfg: SPSA, generator) -> torch.Tensor:
+    samples = cfg.samples_for(x)
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     x_adv = (x + (2 * u - 1) * cfg.eps).clamp_(0, 1)
     best = x_adv.clone()
@@ -111,7 +150,7 @@ def _spsa(model, x, y, cfg: SPSA, generator) -> torch.Tensor:
         idx = idx[~hit]
         if len(idx) == 0 or t > cfg.iterations:
             break
-        g = _spsa_gradient(model, x_adv[idx], y[idx], cfg, generator)
+        g = _spsa_gradient(model, x_adv[idx], y[idx], cfg, generator, samples)
         m[idx] = _BETA1 * m[idx] + (1 - _BETA1) * g
         v[idx] = _BETA2 * v[idx] + (1 - _BETA2) * g * g
         step = cfg.lr * (m[idx] / (1 - _BETA1 ** t)) / ((v[idx] / (1 - _BETA2 ** t)).sqrt() + _ADAM_EPS)
