@@ -16,7 +16,13 @@ model. For each it prints:
 - adaptive: an attack written for the cheat, outside the bench, on all 360 images:
   PGD-50 through a BPDA straight-through estimator (quantized), PGD-50 on the margin
   loss (saturated), EOT PGD-100 on the margin loss averaging its gradient over 8 passes,
-  judged by a majority of 21 passes (noisy); AutoAttack for the honest controls.
+  judged by a majority of 21 passes (noisy). For the honest controls: AutoAttack straight
+  from pyautoattack at seeds the matrix never draws (standard at 1, 2 and 3, plus at 1;
+  see benchmarks/worst_vs_autoattack.py for how they are proven unused), so that it can
+  disagree with the stored worst case, which holds the matrix's own AutoAttack cell.
+  Their row's adaptive column is the lowest of these runs; a line under it gives each
+  run, whether the worst case is at or below it (`<=`) or how many samples above (`+N`),
+  and the standard runs' max-min spread, AutoAttack's own seed-to-seed noise.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 from bench.engine.verdicts import majority_correct  # noqa: E402
@@ -40,6 +47,7 @@ from bench.core.presets import default_preset  # noqa: E402
 from bench.store.db import Evaluation, worst_case  # noqa: E402
 from conftest import train_digits  # noqa: E402
 from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402
+from worst_vs_autoattack import autoattack_runs, independent_seeds  # noqa: E402
 
 SPEC = get_spec("digits")
 
@@ -55,7 +63,9 @@ def before(model, x, y) -> float:
     return worst_case(types.SimpleNamespace(threat=SPEC.threat.name), rows, [], len(y))["robust_acc"]
 
 
-def adaptive(kind: str, model, base, x, y) -> float:
+def adaptive(kind: str, model, base, x, y) -> float | list[tuple[str, int]]:
+    """Robust accuracy under the attack written for the cheat; for the honest controls,
+    (label, robust samples) of each independent AutoAttack run."""
     if kind == "quantized":
         return robust(model, pgd(Quantized(base, bpda=True), x, y, xent), x, y)
     if kind == "saturated":
@@ -67,13 +77,7 @@ def adaptive(kind: str, model, base, x, y) -> float:
         x_adv = pgd(model, x, y, eot_margin, steps=100)
         ok = majority_correct(model, x_adv, y, 21, device="cpu", batch_size=1024)
         return float((ok & majority_correct(model, x, y, 21, device="cpu", batch_size=1024)).float().mean())
-    from attacks.autoattack import run_autoattack
-    from bench.plugin import seed_from
-    from bench.core.matrix import make_cell as mc
-
-    cfg = mc("autoattack", {}, SPEC.threat).config
-    x_adv, _ = run_autoattack(model, x, y, cfg, seed_from(torch.Generator().manual_seed(0)))
-    return robust(model, x_adv, x, y)
+    return [(label, int(r.sum())) for label, r, _ in autoattack_runs(model, x, y, SPEC.threat, independent_seeds(3))]
 
 
 def main() -> None:
@@ -95,10 +99,19 @@ def main() -> None:
         b = before(model, x, y)
         rows = bench.evaluate(model, name=f"zoo_{kind}", matrix="full", results=results, device="cpu")
         (wc,) = [r for r in rows if r["attack"] == "worst_case"]
-        a = adaptive(kind, model, base, x, y)
+        a = runs = adaptive(kind, model, base, x, y)
+        if isinstance(runs, list):
+            a = min(n for _, n in runs) / len(y)
         flags = sorted(set(wc["flags"]) & set(MASKING))
         print(f"{kind:10} {100 * b:6.2f}% {100 * wc['robust_acc']:6.2f}% {100 * a:8.2f}% "
               f"{time.perf_counter() - start:6.1f}  {', '.join(flags) or '-'}", flush=True)
+        if isinstance(runs, list):  # compared in samples: accuracies are k/n through float32
+            worst = round(wc["robust_acc"] * len(y))
+            standard = [n for label, n in runs if label.startswith("standard")]
+            print(f"{'':10} worst case {worst}/{len(y)} vs AutoAttack " + ", ".join(
+                f"{label} {n} ({'<=' if worst <= n else f'+{worst - n}'})" for label, n in runs)
+                + f"; standard spread {max(standard) - min(standard)}, worst case within it of every run: "
+                f"{'yes' if all(worst - n <= max(standard) - min(standard) for _, n in runs) else 'NO'}", flush=True)
     print(f"store: {results}")
 
 
