@@ -12,14 +12,16 @@ from torch import nn
 
 from attacks.pgd import BAND, _confirmed, _near_boundary
 from bench import api
-from bench.core.data import get_spec
+from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
 from bench.engine.device import full_fp32
 from bench.engine.evaluate import craft, faithful
 from bench.engine.rewrite import exact_view, fold_bn
+from bench.engine.verdicts import majority_correct
 from bench.plugin import radius, register_attack
 from bench.registry import ATTACKS
+from bench.run.training import load_model
 from cli_run import run_cli
 
 THREAT = get_spec("digits").threat
@@ -84,6 +86,7 @@ def test_a_cheating_plugin_fails_its_cell_and_the_worst_case_says_incomplete(che
     line = next(x for x in err.splitlines() if x.strip().startswith(f"failed {cheat}:"))
     assert "BudgetError: attack 'outside_the_ball' left the L-inf ball of radius 0.2: largest |x_adv - x| is 0.4" in line
     assert "Traceback" not in err
+    assert "natural [" in err and "worst case (incomplete: 1 cell missing)" in err  # the summary line
 
     # bench results: the worst case says which cell it lacks.
     code, out, _ = run_cli(monkeypatch, capsys, "results", "--format", "json", "--results", str(res))
@@ -231,3 +234,46 @@ def test_full_fp32_turns_tf32_off_and_restores_it():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+NOISY = """
+import torch
+from bench.core.data import get_spec, load_dataset
+from bench.core.models import build_model
+
+
+class Noisy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = build_model("digits_cnn", get_spec("digits"))
+
+    def forward(self, x):
+        return self.net(x + 0.3 * torch.randn_like(x))
+
+
+def build():
+    return Noisy()
+"""
+
+
+def test_bench_transfer_judges_a_randomized_target_by_the_majority_rule(tmp_path):
+    (tmp_path / "noisy.py").write_text(NOISY)
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('[[cell]]\nattack = "fgsm"\n')
+    where = api.Where(tmp_path / "results", device="cpu")
+    rows = api.evaluate(str(tmp_path / "noisy.py") + ":build", name="noisy", matrix=str(matrix),
+                        results=where.results, device="cpu")
+    assert rows[0]["attack"].endswith(",votes=21")  # the matrix's own cells
+    grid = api.transfer("noisy", "noisy", where=where).grid
+    assert grid and all(g["cell"].endswith(",votes=21") for g in grid)
+    bench = api.open_bench(where)
+    (ck,) = bench.store.checkpoints(defense="noisy")
+    (row,) = bench.store.transfers([ck.id])
+    assert row.extra["votes"] == 21
+    x, y = load_dataset("digits", "test")
+    model = load_model(ck, "cpu")
+    clean = majority_correct(model, x, y, 21, device="cpu", batch_size=1024)
+    # The clean column and every verdict: the seeded majority of the same 21 passes.
+    assert row.clean_acc == pytest.approx(float(clean.float().mean()))
+    assert ck.meta["clean_votes"] == 21 and ck.meta["clean_acc"] == pytest.approx(row.clean_acc)
