@@ -23,6 +23,7 @@ from bench.science.flags import MASKING, compute_flags
 from bench.store.db import Checkpoint
 from bench.core.presets import default_preset
 from conftest import train_digits
+from custom_backward import Reversed, StraightThrough, Wrapped
 
 THREAT = get_spec("digits").threat
 MATRIX = """
@@ -268,40 +269,7 @@ def test_randomized_cells_are_reproducible(natural_model, digits_test):
     assert 0 < first["robust_acc"] < first["clean_acc"]
 
 
-class _StraightThrough(torch.autograd.Function):
-    """A user's hand-written BPDA: rounds forward, passes the gradient straight back."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x * 3) / 3
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _Reversed(torch.autograd.Function):
-    """The identity forward with a misleading backward: the gradient reversed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-class _Wrapped(torch.nn.Module):
-    def __init__(self, net, fn):
-        super().__init__()
-        self.net, self.fn = net, fn
-
-    def forward(self, x):
-        return self.net(self.fn.apply(x))
-
-
-@pytest.mark.parametrize("fn", [_StraightThrough, _Reversed], ids=["straight_through", "reversed"])
+@pytest.mark.parametrize("fn", [StraightThrough, Reversed], ids=["straight_through", "reversed"])
 def test_a_backward_that_disagrees_with_the_forward_is_flagged(natural_model, digits_test, fn):
     x, y = digits_test
 
@@ -311,6 +279,6 @@ def test_a_backward_that_disagrees_with_the_forward_is_flagged(natural_model, di
 
     honest = flags(natural_model)
     assert "gradient_disagrees" not in honest
-    found = flags(_Wrapped(natural_model, fn).eval())["gradient_disagrees"]
+    found = flags(Wrapped(natural_model, fn).eval())["gradient_disagrees"]
     assert found["median_cosine"] < 0.5 and found["sign_agreement"] < 0.7
     assert "gradient_disagrees" in MASKING

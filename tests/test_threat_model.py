@@ -23,6 +23,7 @@ from bench.plugin import radius, register_attack
 from bench.registry import ATTACKS
 from bench.run.training import load_model
 from cli_run import run_cli
+from custom_backward import StraightThrough, Wrapped, Zero
 
 THREAT = get_spec("digits").threat
 
@@ -121,30 +122,9 @@ def test_evaluate_raises_with_the_rows_and_the_failures(cheat, natural_model, tm
     assert worst["attack"] == "worst_case" and worst["complete"] is False
 
 
-class _StraightThroughRound(torch.autograd.Function):
-    """A user's own BPDA: round forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x * 3) / 3
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class Rounded(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(_StraightThroughRound.apply(x))
-
-
 def test_a_custom_backward_survives_the_fast_path(natural_model, digits_test):
     x, y = digits_test
-    model = Rounded(natural_model).eval()
+    model = Wrapped(natural_model, StraightThrough).eval()
     xs, ys = x[:16], y[:16]
     xg = xs.clone().requires_grad_(True)
     nn.functional.cross_entropy(model(xg), ys).backward()
@@ -162,32 +142,12 @@ def test_a_custom_backward_survives_the_fast_path(natural_model, digits_test):
     assert torch.equal(fast, plain)
 
 
-class _Zero(torch.autograd.Function):
-    """Identity forward, zero backward: what a rewrite that drops the backward gives."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.zeros_like(grad)
-
-
 def test_faithful_refuses_a_net_whose_gradients_differ(natural_model, digits_test):
     x, y = digits_test
 
-    class Masked(nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(_Zero.apply(x))
-
     assert faithful(natural_model, natural_model, x[:8], y[:8])
     assert faithful(natural_model, exact_view(natural_model), x[:8], y[:8])
-    assert not faithful(natural_model, Masked(natural_model), x[:8], y[:8])
+    assert not faithful(natural_model, Wrapped(natural_model, Zero), x[:8], y[:8])
 
 
 def test_fold_bn_keeps_the_logits_within_1e5(digits_test):
