@@ -32,9 +32,7 @@ def expect(bench: Bench, row: Checkpoint, keys: list[str]) -> None:
     known = set(meta.get("expected_cells", []))
     if set(keys) <= known:
         return
-    meta = dict(meta, expected_cells=sorted(known | set(keys)))
-    bench.store.set_meta(row.id, meta)
-    row.meta = meta
+    bench.store.update_meta(row, expected_cells=sorted(known | set(keys)))
 
 
 def majority_clean(bench: Bench, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> None:
@@ -46,9 +44,7 @@ def majority_clean(bench: Bench, row: Checkpoint, model: Callable[[], torch.nn.M
         return
     x, y = load_dataset(row.dataset, "test", bench.data_root)
     clean = majority_correct(model(), x, y, VOTES, device=bench.device, batch_size=bench.batch_size())
-    meta = dict(meta, clean_acc=float(clean.float().mean()), clean_votes=VOTES)
-    bench.store.set_meta(row.id, meta)
-    row.meta = meta
+    bench.store.update_meta(row, clean_acc=float(clean.float().mean()), clean_votes=VOTES)
 
 
 class CellsRun(list):

@@ -54,9 +54,7 @@ class TransferCells:
 def mark_surrogate(bench: Bench, source: Checkpoint) -> None:
     """Mark a checkpoint in its meta as a matrix surrogate, so boards can say why it is there."""
     if not (source.meta or {}).get("surrogate"):
-        meta = dict(source.meta or {}, surrogate=True)
-        bench.store.set_meta(source.id, meta)
-        source.meta = meta
+        bench.store.update_meta(source, surrogate=True)
 
 
 def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,

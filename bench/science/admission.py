@@ -218,7 +218,5 @@ def ensure_admission(bench, row, model) -> dict:
         return stored
     x, y = load_dataset(row.dataset, "test", bench.data_root)
     result = admit(model(), x, y, get_spec(row.dataset).threat.eps)
-    meta = dict(row.meta or {}, admission=result)
-    bench.store.set_meta(row.id, meta)
-    row.meta = meta
+    bench.store.update_meta(row, admission=result)
     return result

@@ -206,6 +206,12 @@ class Store:
         with self.Session.begin() as s:
             s.get(Checkpoint, checkpoint_id).meta = dict(meta)
 
+    def update_meta(self, row: Checkpoint, **fields: Any) -> None:
+        """Add or replace `fields` in a checkpoint's meta, in the store and on `row`."""
+        meta = dict(row.meta or {}, **fields)
+        self.set_meta(row.id, meta)
+        row.meta = meta
+
     def checkpoints(self, dataset: str | None = None, defense: str | None = None) -> list[Checkpoint]:
         q = select(Checkpoint).order_by(Checkpoint.id)
         if dataset:
