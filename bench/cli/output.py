@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cli.console import err, out, write
-from bench.reporting.format import fmt, missing
+from bench.reporting.format import fmt, pct
 from bench.reporting.results import COLUMNS
 from bench.reporting.site.names import cell_label
 
@@ -102,15 +102,10 @@ def rows(result: list[dict], form: str) -> None:
         for j, (r, name) in enumerate(shown):
             # A rule under the worst case, and between checkpoints.
             rule = (j == len(worst) - 1 and bool(cells)) or (j == len(shown) - 1 and i < len(groups) - 1)
-            table.add_row(escape(r["defense"]), r["checkpoint"][:8], name, _pct(r["clean_acc"]),
-                          _pct(r["robust_acc"]), str(r["n"]), fmt(r["seconds"], ".1f"),
+            table.add_row(escape(r["defense"]), r["checkpoint"][:8], name, pct(r["clean_acc"], 1),
+                          pct(r["robust_acc"], 1), str(r["n"]), fmt(r["seconds"], ".1f"),
                           style="bold" if j < len(worst) else None, end_section=rule)
     out.print(table)
-
-
-def _pct(value: float | None) -> str:
-    # bench.reporting.format.pct has two decimals, the site's; a terminal row has room for one.
-    return fmt(value if missing(value) else 100 * value, ".1f")
 
 
 def _by_checkpoint(result: list[dict]) -> dict[str, list[dict]]:

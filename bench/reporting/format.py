@@ -1,6 +1,6 @@
 """How reporting prints numbers: accuracies, diagnostic quantities, config values, durations.
 
-One module so that the site, and later the CLI, show the same number the same way; in
+One module so that the site and the CLI show the same number the same way; in
 particular a missing number is always shown as MISSING ("–"), never as an empty string.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ def missing(value: Any) -> bool:
     return value is None or (isinstance(value, numbers.Real) and not math.isfinite(value))
 
 
-def pct(value: float | None) -> str:
-    """An accuracy in [0, 1] as a percentage with two decimals, without the % sign.
+def pct(value: float | None, digits: int = 2) -> str:
+    """An accuracy in [0, 1] as a percentage with `digits` decimals (the site's two, the
+    terminal table's one), without the % sign.
 
     `pct(0.1234)` is "12.34". None, NaN and infinities are shown as MISSING ("–"): a
     page that must print nothing at all for an absent number (the paper's note beside
@@ -28,7 +29,7 @@ def pct(value: float | None) -> str:
     """
     if missing(value):
         return MISSING
-    return f"{100 * value:.2f}"
+    return f"{100 * value:.{digits}f}"
 
 
 def percent(value: float | None) -> str:
