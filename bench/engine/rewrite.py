@@ -19,15 +19,22 @@ Two kinds, kept apart because they promise different things:
 - folding (`fold_bn`): each eval-mode batch norm folded into the convolution before it,
   the same function up to rounding (torch.fx's own fuser).
 
-A model that torch.fx cannot trace (data-dependent control flow) is left as it is.
+A model that torch.fx cannot trace (data-dependent control flow) is left as it is. A
+custom `torch.autograd.Function` is never traced through: plain symbolic tracing runs
+its forward on proxies and records only the forward's ops, so its backward (a
+straight-through estimator, a reversed or a zeroed gradient) would silently vanish from
+the copy every attack sees. The tracer here keeps each `Function.apply` as one opaque
+call instead, forward and backward as the model has them, and rewrites around it.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import weakref
 
 import torch
+import torch.autograd.function as autograd_function
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
@@ -79,9 +86,44 @@ def max_pool2d_nhwc(x: torch.Tensor, kernel_size, stride=None, padding=0, dilati
     return _MaxPoolNHWC.apply(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
+_APPLY = autograd_function.Function.__dict__["apply"]
+
+
+@functools.cache
+def _opaque_apply(fn: type) -> "callable":
+    """A plain function calling `fn.apply`: the graph node a custom Function becomes
+    (torch.fx records calls of functions, not of classes)."""
+    def apply(*args, **kwargs):
+        return fn.apply(*args, **kwargs)
+    apply.__name__ = apply.__qualname__ = f"apply_{fn.__name__}"
+    return apply
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with every custom autograd.Function kept as one call."""
+
+    def trace(self, root, concrete_args=None):
+        tracer = self
+
+        def apply(fn, *args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+                return tracer.create_proxy("call_function", _opaque_apply(fn), args, kwargs)
+            return _APPLY.__get__(None, fn)(*args, **kwargs)
+
+        # Function.apply is looked up on the class at each call, so patching the base
+        # for the length of the trace reaches every subclass that does not override it.
+        autograd_function.Function.apply = classmethod(apply)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            autograd_function.Function.apply = _APPLY
+
+
 def _trace(model: nn.Module) -> fx.GraphModule | None:
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     # Symbolic tracing runs the plugin model's own forward on proxies, which can fail in
     # any way its code can (TraceError on data-dependent branches, but also TypeError,
     # AttributeError, assertions). A rewrite is only a speed-up: any failure means "run
@@ -177,7 +219,10 @@ def exact_view(model: nn.Module) -> nn.Module:
 def fold_bn(model: nn.Module) -> nn.Module:
     """A traced copy of an eval-mode model with each conv -> batch norm pair folded into
     one convolution; a plain copy where the model does not trace."""
+    gm = _trace(model)  # torch.fx's fuser on our trace, which keeps custom Functions whole
+    if gm is None:
+        return copy.deepcopy(model)
     try:
-        return fuse(model)
+        return fuse(gm, no_trace=True)
     except Exception:  # noqa: BLE001 -- as in _trace
         return copy.deepcopy(model)
