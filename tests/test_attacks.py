@@ -35,6 +35,8 @@ FAST: dict[str, list[dict]] = {
     "spsa": [{"samples": 32, "iterations": 5}],
     "autoattack": [{}, {"norm": "l2"}],
     "square": [{"queries": 100}, {"queries": 100, "norm": "l2"}],
+    "distill": [{"copies": 2, "epochs": 2, "steps": 5, "restarts": 1},
+                {"copies": 2, "epochs": 2, "steps": 5, "restarts": 1, "norm": "l2"}],
 }
 CASES = [(name, params) for name in ATTACKS.names() for params in FAST.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in ATTACKS.names() for i in range(len(FAST.get(name, [{}])))]

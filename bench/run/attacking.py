@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from bench.core.data import load_dataset
+from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell
 from bench.engine.verdicts import majority_correct
 from bench.run.bench import Bench
@@ -72,7 +72,7 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     executor attacks them all at once. Each cell runs under a claim: a second driver on
     the same store waits for it and reads the row instead of running it again."""
     # What each model does (randomness, zero gradients, ...) chooses how it is attacked.
-    work = [(row, adapt_cells(cells, ensure_admission(bench, row, build)), build)
+    work = [(row, adapt_cells(cells, ensure_admission(bench, row, build), get_spec(row.dataset).threat), build)
             for row, cells, build in ((r, c, once(b)) for r, c, b in work)]
     for row, cells, build in work:
         expect(bench, row, [c.key for c in cells])

@@ -20,6 +20,9 @@
   noisy pass can neither save a sample (the model does not look robust because of its
   noise) nor remove one (the per-sample AND over many cells does not pile up each cell's
   unlucky draws).
+- a model whose gradients say nothing (zero on some sample, or disagreeing with finite
+  differences of its forward pass) also gets the witness cells, `WITNESS`: attacks that
+  need no gradient from it (attacks.distill, a surrogate distilled from its answers).
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from bench.core.matrix import Cell, cell_key
-from bench.science.admission import is_randomized
+from bench.core.matrix import Cell, cell_key, make_cell
+from bench.science.admission import gradients_say_nothing, is_randomized
 
 EOT_PASSES = 8
 """Forward passes averaged per gradient step on a randomized model."""
@@ -93,8 +96,18 @@ def adaptive_key(key: str, eot: int, votes: int, rounds: int = 1) -> str:
     return key + (f",eot={eot}" if eot > 1 else "") + (f",rounds={rounds}" if rounds > 1 else "") + f",votes={votes}"
 
 
-def adapt_cells(cells: list[Cell], admission: dict | None) -> list[Cell]:
-    """The cells as this model needs them: EOT crafting and majority votes if randomized."""
+WITNESS = ({"attack": "distill"},)
+"""The cells added for a model whose gradients say nothing (`gradients_say_nothing`)."""
+
+
+def adapt_cells(cells: list[Cell], admission: dict | None, threat=None) -> list[Cell]:
+    """The cells as this model needs them: the witness cells if its gradients say nothing
+    (given the dataset's `threat`, which fills their budgets), then EOT crafting and
+    majority votes if it is randomized."""
+    if threat is not None and gradients_say_nothing(admission):
+        keys = {c.key for c in cells}
+        extra = [make_cell(w["attack"], {k: v for k, v in w.items() if k != "attack"}, threat) for w in WITNESS]
+        cells = cells + [c for c in extra if c.key not in keys]
     if not is_randomized(admission):
         return cells
     return [_for_randomized(c) for c in cells]

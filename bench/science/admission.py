@@ -208,6 +208,21 @@ def is_randomized(admission: dict | None) -> bool:
     return bool(admission) and _varies(admission["randomized"])
 
 
+GRADIENT_COSINE = 0.8
+"""A median cosine between autograd's and the finite-difference directional derivatives
+under this means the gradient disagrees with the function (honest ReLU networks give
+about 0.99); it raises gradient_disagrees."""
+
+
+def gradients_say_nothing(admission: dict | None) -> bool:
+    """Some sample's input gradient is exactly zero, or autograd's gradient disagrees with
+    the model's own forward pass: gradient attacks have nothing true to follow."""
+    if not admission:
+        return False
+    zero, check = admission.get("zero_gradient"), admission.get("gradient_check")
+    return bool(zero and zero["count"] > 0) or bool(check and check["median_cosine"] < GRADIENT_COSINE)
+
+
 def ensure_admission(bench, row, model) -> dict:
     """The checkpoint's admission checks: from its meta, or measured now and stored there.
 

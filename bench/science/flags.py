@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.science.admission import is_randomized
+from bench.science.admission import GRADIENT_COSINE, is_randomized
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer
 
 POINT = 0.01
@@ -255,11 +255,6 @@ def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
     return {"numbers": dict(z)} if z and z["count"] > 0 else None
 
 
-GRADIENT_COSINE = 0.8
-"""A median cosine between autograd's and the finite-difference directional derivatives
-under this raises gradient_disagrees (honest ReLU networks give about 0.99)."""
-
-
 @flag(
       "The model's input gradient, as autograd computes it, disagrees with finite differences of "
       "its own forward pass: a custom backward (a straight-through estimator, a rescaled or "
@@ -329,8 +324,24 @@ def _broken(cell, size: int) -> np.ndarray:
       "gradients are masked (Pintor et al.; AutoAttack's Square check).",
       masking=True)
 def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    return _beyond_white_box(ck, cells, BLACK_BOX, "square")
+
+
+@flag(
+      "A surrogate distilled from the model's own answers (the witness cell a model whose "
+      "gradients say nothing gets) broke more than a point of samples that no white-box "
+      "gradient attack broke: the model's gradients hide what its answers give away "
+      "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
+      masking=True)
+def distilled_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    return _beyond_white_box(ck, cells, ("distill",), "distill")
+
+
+def _beyond_white_box(ck: Checkpoint, cells: list[Evaluation], attacks: tuple[str, ...], name: str) -> dict | None:
+    """The numbers when cells of `attacks` broke more than a point of samples no white-box
+    cell broke, compared sample by sample over the full test set."""
     white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
-    black = [c for c in cells if c.attack in BLACK_BOX and c.threat == ck.threat]
+    black = [c for c in cells if c.attack in attacks and c.threat == ck.threat]
     full = [c for c in white if c.indices is None]
     if not full or not black:
         return None
@@ -343,8 +354,8 @@ def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers:
         by_black |= _broken(c, size)
     only = int((by_black & ~by_white).sum())
     if _beyond(only / size):
-        return {"numbers": {"broken_only_by_square": only, "n": size, "share": only / size,
-                            "whitebox_broken": int(by_white.sum()), "square_broken": int(by_black.sum()),
+        return {"numbers": {f"broken_only_by_{name}": only, "n": size, "share": only / size,
+                            "whitebox_broken": int(by_white.sum()), f"{name}_broken": int(by_black.sum()),
                             "cells": sorted({c.cell_key for c in black})}}
     return None
 
