@@ -3,20 +3,17 @@
     python benchmarks/cheating_zoo.py                   # every model (tens of minutes on 2 CPU cores)
     python benchmarks/cheating_zoo.py noisy natural     # some of them
 
-Three cheaters wrap a trained digits model (tests/test_cheaters.py defines them):
-`quantized` rounds its input to 4 grey levels (zero gradients), `saturated` multiplies
-its logits by 1000 (a softmax saturated to exactly 0 and 1), `noisy` adds Gaussian noise
-(sigma 0.2) to its input at every pass; the honest controls are a natural and a PGD-AT
-model. For each it prints:
+The cheaters of tests/cheats.py wrap a trained digits model (rounded inputs, saturated
+logits, input noise, rounding under noise, straight-through and reversed custom
+backwards, random resizing and padding, stochastic activation pruning, a staircase
+activation); the honest controls are a natural and a PGD-AT model. For each it prints:
 
 - before: the per-sample AND over the `full` matrix as it was without adaptive
   evaluation (AutoAttack on a 100-image subset, no Square cell, no transfers, every
   cell judged by one pass, no EOT);
 - after: the worst case `bench.evaluate(model, matrix="full")` stores, and its flags;
-- adaptive: an attack written for the cheat, outside the bench, on all 360 images:
-  PGD-50 through a BPDA straight-through estimator (quantized), PGD-50 on the margin
-  loss (saturated), EOT PGD-100 on the margin loss averaging its gradient over 8 passes,
-  judged by a majority of 21 passes (noisy). For the honest controls: AutoAttack straight
+- adaptive: the attack written for the cheat (tests/cheats.py names each), outside the
+  bench, on all 360 images. For the honest controls: AutoAttack straight
   from pyautoattack at seeds the matrix never draws (standard at 1, 2 and 3, plus at 1;
   see benchmarks/worst_vs_autoattack.py for how they are proven unused), so that it can
   disagree with the stored worst case, which holds the matrix's own AutoAttack cell.
@@ -38,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
-from bench.engine.verdicts import majority_correct  # noqa: E402
 from bench.core.data import get_spec, load_dataset  # noqa: E402
 from bench.engine.evaluate import evaluate  # noqa: E402
 from bench.science.flags import MASKING  # noqa: E402
@@ -46,7 +42,7 @@ from bench.core.matrix import make_cell, matrix_cells  # noqa: E402
 from bench.core.presets import default_preset  # noqa: E402
 from bench.store.db import Evaluation, worst_case  # noqa: E402
 from conftest import train_digits  # noqa: E402
-from test_cheaters import Noisy, Quantized, Saturated, margin, pgd, robust, xent  # noqa: E402
+from cheats import BY_NAME, CHEATS  # noqa: E402
 from worst_vs_autoattack import autoattack_runs, independent_seeds  # noqa: E402
 
 SPEC = get_spec("digits")
@@ -63,20 +59,11 @@ def before(model, x, y) -> float:
     return worst_case(types.SimpleNamespace(threat=SPEC.threat.name), rows, [], len(y))["robust_acc"]
 
 
-def adaptive(kind: str, model, base, x, y) -> float | list[tuple[str, int]]:
-    """Robust accuracy under the attack written for the cheat; for the honest controls,
-    (label, robust samples) of each independent AutoAttack run."""
-    if kind == "quantized":
-        return robust(model, pgd(Quantized(base, bpda=True), x, y, xent), x, y)
-    if kind == "saturated":
-        return robust(model, pgd(model, x, y, margin), x, y)
-    if kind == "noisy":
-        def eot_margin(m, xa, ya):
-            return sum(margin(m, xa, ya) for _ in range(8)) / 8
-
-        x_adv = pgd(model, x, y, eot_margin, steps=100)
-        ok = majority_correct(model, x_adv, y, 21, device="cpu", batch_size=1024)
-        return float((ok & majority_correct(model, x, y, 21, device="cpu", batch_size=1024)).float().mean())
+def adaptive(kind: str, model, natural, x, y) -> float | list[tuple[str, int]]:
+    """Robust accuracy under the attack written for the cheat (tests/cheats.py); for the
+    honest controls, (label, robust samples) of each independent AutoAttack run."""
+    if kind in BY_NAME:
+        return BY_NAME[kind].truth(model, natural, x, y)
     return [(label, int(r.sum())) for label, r, _ in autoattack_runs(model, x, y, SPEC.threat, independent_seeds(3))]
 
 
@@ -86,20 +73,20 @@ def main() -> None:
     natural = train_digits("natural")
     robust_base = train_digits("pgd_at", epochs=8, **default_preset("pgd_at", "digits").config)
     torch.manual_seed(0)
-    zoo = [("quantized", Quantized(natural), natural), ("saturated", Saturated(natural), natural),
-           ("noisy", Noisy(robust_base, 0.2), robust_base), ("natural", natural, natural),
-           ("pgd_at", robust_base, robust_base)]
+    zoo = [(c.name, c.build(natural, robust_base)) for c in CHEATS]
+    zoo += [("natural", natural), ("pgd_at", robust_base)]
     only = set(sys.argv[1:])
     zoo = [z for z in zoo if not only or z[0] in only]
     results = Path(tempfile.mkdtemp(prefix="zoo-"))
     print(f"{'model':10} {'before':>7} {'after':>7} {'adaptive':>9} {'s':>6}  masking flags")
-    for kind, model, base in zoo:
+    total = time.perf_counter()
+    for kind, model in zoo:
         model.eval()
         start = time.perf_counter()
         b = before(model, x, y)
         rows = bench.evaluate(model, name=f"zoo_{kind}", matrix="full", results=results, device="cpu")
         (wc,) = [r for r in rows if r["attack"] == "worst_case"]
-        a = runs = adaptive(kind, model, base, x, y)
+        a = runs = adaptive(kind, model, natural, x, y)
         if isinstance(runs, list):
             a = min(n for _, n in runs) / len(y)
         flags = sorted(set(wc["flags"]) & set(MASKING))
@@ -112,7 +99,7 @@ def main() -> None:
                 f"{label} {n} ({'<=' if worst <= n else f'+{worst - n}'})" for label, n in runs)
                 + f"; standard spread {max(standard) - min(standard)}, worst case within it of every run: "
                 f"{'yes' if all(worst - n <= max(standard) - min(standard) for _, n in runs) else 'NO'}", flush=True)
-    print(f"store: {results}")
+    print(f"wall time {time.perf_counter() - total:.0f} s; store: {results}")
 
 
 if __name__ == "__main__":

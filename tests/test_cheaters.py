@@ -1,18 +1,17 @@
 """A zoo of models that cheat gradient attacks, and two honest controls.
 
-Each cheater wraps a trained digits model: its input rounded to four grey levels (zero
-gradients), its logits multiplied a thousandfold (a saturated softmax), or noise added
-to its input at every pass (randomness). Each must raise a masking flag, and its worst
-case must land within ten points of an adaptive attack computed here, independently of
-the bench, on the same images: PGD through a BPDA straight-through estimator, PGD on
-the margin loss, and EOT PGD averaging the loss gradient over passes. The honest
-controls (a natural and an adversarially trained model) must raise no masking flag.
+Each cheater wraps a trained digits model (tests/cheats.py: rounded inputs, saturated
+logits, input noise, rounding under noise, custom backwards that pass the gradient
+straight through or reverse it, random resizing, stochastic activation pruning, a
+staircase activation). Each must raise a masking flag, and its worst case must land
+within ten points of an attack written for its cheat, computed there independently of
+the bench on the same images. The honest controls (a natural and an adversarially
+trained model) must raise no masking flag.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bench
 from bench.science.adaptive import BPDA
@@ -23,6 +22,7 @@ from bench.science.flags import MASKING, compute_flags
 from bench.store.db import Checkpoint
 from bench.core.presets import default_preset
 from conftest import train_digits
+from cheats import BY_NAME, Noisy, Quantized, Saturated, margin, pgd, quantize, robust, xent
 from custom_backward import Reversed, StraightThrough, Wrapped
 
 THREAT = get_spec("digits").threat
@@ -39,44 +39,6 @@ loss = ["xent", "cw"]
 attack = "square"
 queries = 1000
 """
-
-
-def quantize(x):
-    return torch.round(x * 3) / 3
-
-
-class Quantized(torch.nn.Module):
-    """Input rounded to 4 grey levels: exact forward, zero gradient everywhere."""
-
-    def __init__(self, net, bpda: bool = False):
-        super().__init__()
-        self.net = net
-        self.step = BPDA(quantize) if bpda else quantize
-
-    def forward(self, x):
-        return self.net(self.step(x))
-
-
-class Saturated(torch.nn.Module):
-    """Logits times 1000: the same predictions, a softmax saturated to exactly 0 and 1."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x) * 1000.0
-
-
-class Noisy(torch.nn.Module):
-    """Gaussian noise on the input at every forward pass."""
-
-    def __init__(self, net, sigma: float):
-        super().__init__()
-        self.net, self.sigma = net, sigma
-
-    def forward(self, x):
-        return self.net((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
 
 
 @pytest.fixture(scope="module")
@@ -100,32 +62,6 @@ def judge(model, name, matrix, results):
     rows = bench.evaluate(model, name=name, matrix=matrix, results=results, device="cpu")
     (wc,) = [r for r in rows if r["attack"] == "worst_case"]
     return wc, rows
-
-
-def pgd(model, x, y, loss_fn, steps=50, eps=THREAT.eps, step=THREAT.eps / 8, seed=0):
-    """Plain L-inf PGD with a uniform start; returns the last iterate (independent of the bench)."""
-    g = torch.Generator().manual_seed(seed)
-    x_adv = (x + (2 * torch.rand(x.shape, generator=g) - 1) * eps).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(loss_fn(model, x_adv, y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
-
-
-def margin(model, x, y):
-    z = model(x)
-    other = z.scatter(1, y[:, None], float("-inf")).amax(1)
-    return (other - z.gather(1, y[:, None]).squeeze(1)).sum()
-
-
-def xent(model, x, y):
-    return F.cross_entropy(model(x), y, reduction="sum")
-
-
-def robust(model, x_adv, x, y) -> float:
-    with torch.no_grad():
-        return float(((model(x_adv).argmax(1) == y) & (model(x).argmax(1) == y)).float().mean())
 
 
 def masking(wc) -> set[str]:
@@ -254,6 +190,28 @@ def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
     assert aa.key == "autoattack:eps=0.2,norm=linf,version=rand,rounds=3,votes=21"
 
 
+def test_a_model_whose_gradients_say_nothing_gets_the_witness():
+    from bench.science.adaptive import adapt_cells
+    from bench.core.matrix import make_cell
+
+    steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 0.0, "max_output_diff": 0.0}}
+    honest = {**steady, "zero_gradient": {"count": 0, "n": 500, "share": 0.0},
+              "gradient_check": {"median_cosine": 0.99, "sign_agreement": 0.98}}
+    zero = {**honest, "zero_gradient": {"count": 3, "n": 500, "share": 0.006}}
+    lying = {**honest, "gradient_check": {"median_cosine": 0.03, "sign_agreement": 0.5}}
+    noisy = {**zero, "randomized": {"share_prediction_changed": 0.2, "max_relative_diff": 0.3, "max_output_diff": 1}}
+    cells = [make_cell("pgd", {"steps": 20}, THREAT)]
+    assert adapt_cells(cells, honest, THREAT) == cells
+    for admission in (zero, lying):
+        (_, witness) = adapt_cells(cells, admission, THREAT)
+        assert witness.attack == "distill" and witness.threat == THREAT.name and witness.config.eps == THREAT.eps
+    # Under noise it reads the model's answers as they come (a majority of passes), no EOT.
+    (_, witness) = adapt_cells(cells, noisy, THREAT)
+    assert (witness.eot, witness.votes, witness.rounds) == (1, 21, 3)
+    # A matrix that already has the witness gets it once.
+    assert len(adapt_cells(cells + [make_cell("distill", {}, THREAT)], zero, THREAT)) == 2
+
+
 def test_randomized_cells_are_reproducible(natural_model, digits_test):
     import dataclasses
 
@@ -282,3 +240,23 @@ def test_a_backward_that_disagrees_with_the_forward_is_flagged(natural_model, di
     found = flags(Wrapped(natural_model, fn).eval())["gradient_disagrees"]
     assert found["median_cosine"] < 0.5 and found["sign_agreement"] < 0.7
     assert "gradient_disagrees" in MASKING
+
+
+WIDER = ["round_noisy", "straight_through", "reversed", "resize_pad", "sap", "staircase"]
+
+
+@pytest.mark.parametrize("name", WIDER)
+def test_the_wider_zoo_is_caught_and_lands_near_its_truth(natural_model, digits_test, matrix, results, name):
+    x, y = digits_test
+    cheat = BY_NAME[name]
+    torch.manual_seed(0)
+    model = cheat.build(natural_model, None).eval()
+    wc, rows = judge(model, f"zoo_{name}", matrix, results)
+    assert masking(wc), wc["flags"]
+    truth = cheat.truth(model, natural_model, x, y)
+    assert abs(wc["robust_acc"] - truth) <= 0.10, (wc["robust_acc"], truth)
+    attacks = {r["attack"].split(":")[0]: r["robust_acc"] for r in rows}
+    if name in ("round_noisy", "reversed", "staircase"):
+        # Gradients that say nothing: PGD is fooled, the witness that needs none is added.
+        assert attacks["pgd"] > 0.8 and "distill" in attacks
+        assert {"distilled_stronger_than_pgd"} <= masking(wc)
