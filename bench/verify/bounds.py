@@ -1,0 +1,233 @@
+"""Sound bounds over an L-inf box: CROWN-style linear back-substitution on a Graph (the
+certified floor, and the pre-activation bounds the MILP starts from), plain interval
+bounds on a Graph for comparison (IBP training's differentiable bounds are in interval.py).
+
+CROWN (Zhang et al. 2018; DeepPoly, Singh et al. 2019, is the same bound): a linear
+function A @ v_k of a node's value is pushed back through the graph to the input box.
+Affine ops are exact; each ReLU whose input bounds (l, u) straddle 0 is replaced, for
+positive coefficients, by the lower line y >= a z (a = 1 when u >= -l, else 0) and, for
+negative ones, by the upper chord y <= u (z - l) / (u - l); a max-pool output by the input
+with the largest lower bound from below, and from above by that input when it dominates
+its window, else by the window's largest upper bound. Every intermediate node a ReLU or a
+pool reads gets its bounds the same way (a = [I; -I] at that node), layer by layer, so the
+bounds are CROWN's throughout, not interval ones. The final specification is the margin
+matrix (e_y - e_j for each j), so the bound is on z_y - z_j directly.
+
+All arithmetic is float64 on the CPU, batched over images; memory is kept near
+CHUNK_BYTES by working through the images in chunks.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.verify.graph import Graph
+
+CHUNK_BYTES = 256 * 2 ** 20
+"""Peak size of one back-substitution's coefficient tensor (images x rows x values)."""
+
+Bounds = dict[int, tuple[torch.Tensor, torch.Tensor]]
+"""Node index -> (lower, upper), each (n, node size) float64."""
+
+
+def box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat float64 box [max(x - eps, 0), min(x + eps, 1)] of images x (n, ...)."""
+    flat = x.detach().to(torch.float64).reshape(len(x), -1)
+    return (flat - eps).clamp(0, 1), (flat + eps).clamp(0, 1)
+
+
+def relu_relaxation(l: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lower slope, upper slope, upper intercept) of each ReLU, given its input bounds."""
+    unstable = (l < 0) & (u > 0)
+    chord = torch.where(unstable, u / (u - l).clamp(min=1e-300), (l >= 0).double())
+    lower = torch.where(unstable, (u >= -l).double(), (l >= 0).double())
+    return lower, chord, torch.where(unstable, -chord * l, torch.zeros_like(l))
+
+
+class _Coef:
+    """Coefficients on one node's values: dense (n, s, m), or `gathered`: (n, s, r) on the
+    entries idx (n, r) of each image (what a max pool leaves: one input per window), which
+    keeps the work through the ReLU and the affine op before a pool at a 1/k^2 share."""
+
+    def __init__(self, coef: torch.Tensor, idx: torch.Tensor | None = None):
+        self.coef, self.idx = coef, idx
+
+    def dense(self, size: int) -> torch.Tensor:
+        if self.idx is None:
+            return self.coef
+        n, s, _ = self.coef.shape
+        out = torch.zeros(n, s, size, dtype=self.coef.dtype)
+        return out.scatter_add_(2, self.idx[:, None, :].expand(n, s, -1), self.coef)
+
+    def take(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-image values v (n, m) at this term's entries (n, r)."""
+        return v if self.idx is None else v.gather(1, self.idx)
+
+
+def _add(acc: dict, k: int, term: _Coef, size: int) -> None:
+    if k not in acc:
+        acc[k] = term
+    elif acc[k].idx is None and term.idx is None:
+        acc[k] = _Coef(acc[k].coef + term.coef)
+    else:
+        acc[k] = _Coef(acc[k].dense(size) + term.dense(size))
+
+
+def _times(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(n, s, m) @ (n, m) -> (n, s)."""
+    return (a @ v[:, :, None]).squeeze(-1)
+
+
+def _pool(t: _Coef, windows: torch.Tensor, l: torch.Tensor, u: torch.Tensor) -> tuple[_Coef, torch.Tensor]:
+    """(coefficients on the pool's input, constant) of a lower bound of t @ maxpool(z)."""
+    a = t.coef
+    n = a.shape[0]
+    win = windows.expand(n, -1, -1) if t.idx is None else windows[t.idx]  # (n, r, k)
+    lw, uw = l.gather(1, win.flatten(1)).view(win.shape), u.gather(1, win.flatten(1)).view(win.shape)
+    best = lw.argmax(-1, keepdim=True)
+    low = lw.gather(-1, best).squeeze(-1)
+    others = uw.scatter(-1, best, float("-inf")).amax(-1)
+    dominant = low >= others
+    top = torch.where(dominant, torch.zeros_like(low), uw.amax(-1))
+    neg = a.clamp(max=0)
+    coef = torch.where(dominant[:, None, :], a, a - neg)
+    return _Coef(coef, win.gather(-1, best).squeeze(-1)), _times(top, neg)
+
+
+def back_substitute(g: Graph, start: int, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    bounds: Bounds, const: torch.Tensor | None = None) -> torch.Tensor:
+    """A sound lower bound (n, s) of a @ v_start (+ const) over the box, a (n, s, size of start)."""
+    acc = {start: _Coef(a)}
+    const = torch.zeros(a.shape[:2], dtype=torch.float64) if const is None else const
+    for k in range(start, -1, -1):
+        term = acc.pop(k, None)
+        if term is None:
+            continue
+        node, ak = g.nodes[k], term.coef
+        if node.op == "input":
+            const = const + _times(term.take(lo), ak.clamp(min=0)) + _times(term.take(hi), ak.clamp(max=0))
+        elif node.op == "affine":
+            src = node.inputs[0]
+            const = const + _times(term.take(node.bias.expand(len(ak), -1)), ak)
+            w = node.weight if term.idx is None else node.weight[term.idx]
+            _add(acc, src, _Coef(ak @ w), g.nodes[src].size)
+        elif node.op == "relu":
+            src = node.inputs[0]
+            lower, chord, icpt = (term.take(v) for v in relu_relaxation(*bounds[src]))
+            const = const + _times(icpt, ak.clamp(max=0))
+            slope = torch.where(ak >= 0, lower[:, None, :], chord[:, None, :])
+            _add(acc, src, _Coef(ak * slope, term.idx), g.nodes[src].size)
+        elif node.op == "maxpool":
+            src = node.inputs[0]
+            coef, c = _pool(term, node.windows, *bounds[src])
+            const = const + c
+            _add(acc, src, coef, g.nodes[src].size)
+        else:
+            for i in node.inputs:
+                _add(acc, i, term, g.nodes[i].size)
+    return const
+
+
+def node_bounds(g: Graph, k: int, lo: torch.Tensor, hi: torch.Tensor,
+                bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN bounds (n, m) of node k's values. An affine node starts from [W; -W] on its
+    input (the identity never multiplies anything); a ReLU or pool output takes its
+    input's bounds through the op, which is what back-substitution would give."""
+    n, node = len(lo), g.nodes[k]
+    m = node.size
+    if k == 0:
+        return lo.clone(), hi.clone()
+    if node.op in ("relu", "maxpool"):  # monotone in an input whose bounds are known: exact from them
+        l, u = bounds[node.inputs[0]]
+        if node.op == "relu":
+            return l.clamp(min=0), u.clamp(min=0)
+        return l[:, node.windows].amax(-1), u[:, node.windows].amax(-1)
+    if node.op == "affine":
+        a = torch.cat([node.weight, -node.weight]).expand(n, -1, -1)
+        const = torch.cat([node.bias, -node.bias]).expand(n, -1)
+        res = back_substitute(g, node.inputs[0], a, lo, hi, bounds, const)
+    else:
+        eye = torch.eye(m, dtype=torch.float64)
+        res = back_substitute(g, k, torch.cat([eye, -eye]).expand(n, -1, -1), lo, hi, bounds)
+    return res[:, :m], -res[:, m:]
+
+
+def crown_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds | None = None,
+                 after: int = -1) -> Bounds:
+    """Bounds of every node a ReLU or a pool reads, computed layer by layer; those in
+    `bounds` are kept where tighter (only nodes past `after` are recomputed)."""
+    out = dict(bounds or {})
+    for k in g.bound_nodes():
+        if k <= after and k in out:
+            continue
+        l, u = node_bounds(g, k, lo, hi, out)
+        if k in out:
+            l, u = torch.maximum(l, out[k][0]), torch.minimum(u, out[k][1])
+        out[k] = (l, u)
+    return out
+
+
+def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(n, K, K): row j is e_y - e_j (the row j = y is zero)."""
+    eye = torch.eye(num_classes, dtype=torch.float64)
+    return eye[y][:, None, :] - eye[None, :, :]
+
+
+def target_margins(g: Graph, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """(n, K) lower bounds of z_y - z_j over the box; +inf at j = y."""
+    low = back_substitute(g, g.output, margin_spec(y, g.num_classes), lo, hi, bounds)
+    return low.scatter(1, y[:, None], float("inf"))
+
+
+def _chunk(g: Graph) -> int:
+    widest = max(nd.size for nd in g.nodes)
+    rows = max([2 * g.nodes[k].size for k in g.bound_nodes()] + [g.num_classes])
+    return max(1, CHUNK_BYTES // (8 * widest * rows))
+
+
+def certify(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(certified, margin): margin (n,) float64 is CROWN's lower bound of min_{j != y}
+    z_y - z_j over the box; an image is certified when it is > 0 and the clean image is
+    classified correctly."""
+    y = y.detach().cpu().long()
+    margins = []
+    step = _chunk(g)
+    for i in range(0, len(x), step):
+        lo, hi = box(x[i:i + step].cpu(), eps)
+        margins.append(target_margins(g, lo, hi, y[i:i + step], crown_bounds(g, lo, hi)).amin(1))
+    margin = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
+    clean = g.forward(x.cpu()).argmax(1) == y if len(x) else torch.zeros(0, dtype=torch.bool)
+    return (margin > 0) & clean, margin
+
+
+def interval_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Plain interval bounds (IBP) of every node of the graph."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for node in g.nodes:
+        if node.op == "input":
+            l, u = lo, hi
+        elif node.op == "affine":
+            c, r = (out[node.inputs[0]][0] + out[node.inputs[0]][1]) / 2, (out[node.inputs[0]][1] - out[node.inputs[0]][0]) / 2
+            c, r = c @ node.weight.T + node.bias, r @ node.weight.abs().T
+            l, u = c - r, c + r
+        elif node.op == "relu":
+            l, u = (t.clamp(min=0) for t in out[node.inputs[0]])
+        elif node.op == "maxpool":
+            l, u = (t[:, node.windows].amax(-1) for t in out[node.inputs[0]])
+        else:
+            (la, ua), (lb, ub) = out[node.inputs[0]], out[node.inputs[1]]
+            l, u = la + lb, ua + ub
+        out.append((l, u))
+    return out
+
+
+def interval_margin(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """IBP's lower bound (n,) of min_{j != y} z_y - z_j, with the margin folded into the
+    last affine op (Gowal et al.'s elision), for comparison with `certify`."""
+    lo, hi = box(x.cpu(), eps)
+    y = y.detach().cpu().long()
+    last = g.nodes[-1]
+    l, u = interval_bounds(g, lo, hi)[last.inputs[0]]
+    spec = margin_spec(y, g.num_classes)
+    w, b = spec @ last.weight, spec @ last.bias
+    low = (w.clamp(min=0) @ l[:, :, None] + w.clamp(max=0) @ u[:, :, None]).squeeze(-1) + b
+    return low.scatter(1, y[:, None], float("inf")).amin(1)

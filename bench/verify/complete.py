@@ -1,0 +1,154 @@
+"""The complete verifier: per image, the clean check, CROWN, a seeded PGD search, LP
+tightening, then one MILP per open target class (bench.verify.milp's encoding on HiGHS),
+each image's answer a `Verdict`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bench.engine.device import frozen
+from bench.verify.bounds import box, crown_bounds, target_margins
+from bench.verify.graph import Graph
+from bench.verify.milp import MIN_SOLVE, Program, build, numpy_bounds, tighten, to_numpy, unstable_count
+from bench.verify.search import SearchConfig, box32, misclassified, pgd_search, reproduce
+
+TIE = 1e-4
+"""A MILP counterexample whose margin is within this of 0 may not survive fp32 rounding in
+the model; such a target is solved again asking for margin <= -TIE (see `verify_images`)."""
+STATUSES = ("robust", "not_robust", "unknown")
+DECIDERS = ("clean", "bound", "search", "milp", "timeout")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    """robust, not_robust or unknown."""
+    x_adv: torch.Tensor | None
+    """A counterexample (one input's shape, float32) the model misclassifies, for not_robust."""
+    seconds: float
+    unstable: int
+    """ReLUs whose input bounds straddle 0 (after tightening, when it ran)."""
+    binaries: int
+    """Binary variables of the MILP; 0 if it never ran."""
+    decided_by: str
+    """clean, bound (CROWN), search (PGD), milp (tightening or the MILP), timeout."""
+    lower: float
+    """Best proven lower bound on min_{j != y} z_y - z_j over the box (-inf if none)."""
+
+
+def _margin_row(n_vars: int, out: int, y: int, j: int) -> np.ndarray:
+    c = np.zeros(n_vars)
+    c[out + y], c[out + j] = 1.0, -1.0
+    return c
+
+
+def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: float, time_limit: float,
+               index: int, cfg: SearchConfig = SearchConfig()) -> Verdict:
+    """The verdict for one image x (C, H, W); see `verify_images`."""
+    t0 = time.perf_counter()
+    deadline = t0 + time_limit
+    xb = x[None].detach().float().cpu()
+
+    def verdict(status, by, lower, x_adv=None, unstable=0, binaries=0):
+        return Verdict(status, x_adv, time.perf_counter() - t0, unstable, binaries, by, float(lower))
+
+    if bool(misclassified(model, xb, y)[0]):
+        return verdict("not_robust", "clean", -np.inf, x_adv=xb[0].clone())
+    lo, hi = box(xb, eps)
+    yt = torch.tensor([y])
+    bounds = crown_bounds(g, lo, hi)
+    low = target_margins(g, lo, hi, yt, bounds)[0]
+    if low.min() > 0:
+        return verdict("robust", "bound", low.min(), unstable=unstable_count(g, bounds))
+    found = pgd_search(model, xb, y, eps, index, cfg)
+    if found is not None:
+        return verdict("not_robust", "search", low.min(), x_adv=found, unstable=unstable_count(g, bounds))
+    now = time.perf_counter()
+    bounds = tighten(g, lo, hi, bounds, now + 0.5 * (deadline - now))
+    low = torch.maximum(low, target_margins(g, lo, hi, yt, bounds)[0])
+    unstable = unstable_count(g, bounds)
+    if low.min() > 0:
+        return verdict("robust", "milp", low.min(), unstable=unstable)
+    prog = build(g, to_numpy(lo[0]), to_numpy(hi[0]), numpy_bounds(bounds))
+    status, by, adv = _solve_targets(prog, g, model, xb, y, eps, low, deadline, index)
+    return verdict(status, by, low.min(), x_adv=adv, unstable=unstable, binaries=prog.binaries)
+
+
+def _solve_targets(prog: Program, g: Graph, model, xb, y: int, eps: float, low: torch.Tensor, deadline: float,
+                   index: int) -> tuple[str, str, torch.Tensor | None]:
+    """(status, decided_by, x_adv) from one MILP per target j that `low` (raised in
+    place as targets are ruled out) leaves open."""
+    lo32, hi32 = box32(xb, eps)
+    out, d = prog.offsets[g.output], g.nodes[0].size
+    tie = False
+    for j in torch.argsort(low).tolist():
+        if low[j] > 0:
+            continue
+        c = _margin_row(prog.n_vars, out, y, j)
+        for cap in (0.0, -TIE):
+            if deadline - time.perf_counter() < MIN_SOLVE:
+                return "unknown", "timeout", None
+            res = prog.solve(c, integer=True, time_limit=deadline - time.perf_counter(), extra=(c, -np.inf, cap))
+            if res.status == 2:  # infeasible: no point of the box has margin_j <= cap
+                low[j] = max(float(low[j]), cap)
+                tie = tie or cap < 0
+                break
+            if res.x is None:  # out of time (or HiGHS gave up) before anything was decided
+                if res.mip_dual_bound is not None and np.isfinite(res.mip_dual_bound):
+                    low[j] = max(float(low[j]), min(float(res.mip_dual_bound), cap))
+                return "unknown", "timeout", None
+            adv = reproduce(model, torch.from_numpy(res.x[:d]), y, lo32, hi32)
+            if adv is not None:
+                return "not_robust", "milp", adv
+            if res.fun < -TIE or cap < 0:
+                raise RuntimeError(f"verify: image {index}: the MILP found margin {res.fun:.3g} against class {j} "
+                                   f"but the model classifies that point correctly; the encoding is wrong")
+    if tie:  # some margin is in (-TIE, 0]: too close to 0 to call in floating point
+        return "unknown", "milp", None
+    return "robust", "milp", None
+
+
+def exact_margins(g: Graph, x: torch.Tensor, y: int, eps: float, time_limit: float = 60.0
+                  ) -> tuple[torch.Tensor, list[np.ndarray | None]]:
+    """min over the box of z_y - z_j for each j (+inf at y; nan where HiGHS did not reach
+    optimality), by MILP without any cap, and the minimizing inputs: a check of the
+    encoding against brute force on tiny networks."""
+    lo, hi = box(x[None].float(), eps)
+    bounds = crown_bounds(g, lo, hi)
+    prog = build(g, to_numpy(lo[0]), to_numpy(hi[0]), numpy_bounds(bounds))
+    values, points = torch.full((g.num_classes,), float("inf"), dtype=torch.float64), []
+    for j in range(g.num_classes):
+        if j == y:
+            points.append(None)
+            continue
+        res = prog.solve(_margin_row(prog.n_vars, prog.offsets[g.output], y, j), integer=True, time_limit=time_limit)
+        values[j] = res.fun if res.status == 0 else float("nan")
+        points.append(res.x[:g.nodes[0].size] if res.x is not None else None)
+    return values, points
+
+
+def verify_images(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                  time_limit: float = 10.0, on_image: Callable[[int], None] | None = None,
+                  search: SearchConfig = SearchConfig()) -> list[Verdict]:
+    """Exact robustness of each image over [max(x - eps, 0), min(x + eps, 1)], within
+    `time_limit` seconds per image: (1) the clean prediction; (2) CROWN; (3) a seeded PGD
+    search on the model; (4) LP tightening of unstable ReLUs' bounds (at most half the
+    time left); (5) one MILP per target class CROWN did not rule out, asking for a point
+    with margin <= 0, most promising target first. A MILP point is clamped into the box
+    and run through the model in fp32; if the model does not misclassify it, a margin
+    below -TIE is a bug (RuntimeError), and one within TIE of 0 is solved again asking for
+    margin <= -TIE: a point then must reproduce, and none leaves the image "unknown"
+    (decided_by "milp"): its margin is within TIE of 0. A target ruled out by
+    infeasibility is proven to have margin > 0, which `lower` records as 0 when CROWN gave
+    less."""
+    out = []
+    with frozen(model):
+        for i in range(len(x)):
+            out.append(verify_one(g, model, x[i], int(y[i]), eps, time_limit, i, search))
+            if on_image is not None:
+                on_image(i)
+    return out

@@ -1,0 +1,218 @@
+"""The complete verifier's programs: Tjeng, Xiao & Tedrake (2019)'s mixed-integer encoding
+of a Graph over an input box, its LP relaxation for tightening pre-activation bounds, and
+the per-target MILP solved by HiGHS through scipy.optimize.milp.
+
+The encoding, per node (z the input, l <= z <= u its bounds):
+- affine: an equality row per output; add: v = a + b;
+- ReLU: y = z when l >= 0, y = 0 when u <= 0 (no binary; this is why tight bounds
+  matter), otherwise one binary a: y >= 0, y >= z, y <= u a, y <= z - l (1 - a);
+- max pool: inputs whose upper bound is below the window's largest lower bound can never
+  be the max and are dropped; one left means o = z_i, else one binary per candidate:
+  o >= z_i, o <= z_i + (u_max - l_i)(1 - a_i), sum a_i = 1.
+With the binaries relaxed to [0, 1] the same rows are the LP relaxation (the triangle for
+a ReLU), which `tighten` minimizes and maximizes neuron by neuron, layer by layer (solved
+with scipy.optimize.milp without integrality, which is HiGHS's LP, as linprog's is).
+
+No maintained verifier installs beside torch 2.14 (auto_LiRPA on PyPI pins torch < 1.13),
+so the encoding is written here, on scipy's HiGHS.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.optimize import Bounds as VarBounds
+from scipy.optimize import LinearConstraint, milp
+
+from bench.verify.bounds import Bounds, crown_bounds
+from bench.verify.graph import Graph
+
+LP_SLACK = 1e-6
+"""Absolute (and relative) widening of every LP-derived bound: HiGHS meets its optima to a
+feasibility tolerance of about 1e-7, and a bound a hair too tight would cut real points."""
+MIN_SOLVE = 0.02
+"""Seconds below which a solve is not started."""
+
+
+@dataclass
+class Program:
+    """Variables, bounds and rows of one image's encoding, up to some node."""
+
+    offsets: list[int] = field(default_factory=list)
+    lb: list[np.ndarray] = field(default_factory=list)
+    ub: list[np.ndarray] = field(default_factory=list)
+    integer: list[np.ndarray] = field(default_factory=list)
+    entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    row_lb: list[np.ndarray] = field(default_factory=list)
+    row_ub: list[np.ndarray] = field(default_factory=list)
+    n_vars: int = 0
+    n_rows: int = 0
+    cache: tuple | None = None
+    """(matrix, row lb, row ub, variable lb, ub, integrality), built at the first solve:
+    tightening solves one program hundreds of times with different objectives."""
+
+    def new_vars(self, lb, ub, integer: bool = False) -> int:
+        lb, ub = np.asarray(lb, dtype=np.float64), np.asarray(ub, dtype=np.float64)
+        start = self.n_vars
+        self.lb.append(lb)
+        self.ub.append(ub)
+        self.integer.append(np.full(len(lb), 1 if integer else 0, dtype=np.uint8))
+        self.n_vars += len(lb)
+        return start
+
+    def rows(self, r, c, v, lb, ub) -> None:
+        """Rows lb <= sum_j v x_c <= ub, entries (r, c, v) with r local (0 .. len(lb) - 1)."""
+        lb = np.broadcast_to(np.asarray(lb, dtype=np.float64), (int(np.max(r)) + 1 if len(r) else 0,)).copy()
+        self.entries.append((np.asarray(r) + self.n_rows, np.asarray(c), np.asarray(v, dtype=np.float64)))
+        self.row_lb.append(lb)
+        self.row_ub.append(np.broadcast_to(np.asarray(ub, dtype=np.float64), lb.shape).copy())
+        self.n_rows += len(lb)
+        self.cache = None
+
+    @property
+    def binaries(self) -> int:
+        return int(sum(i.sum() for i in self.integer))
+
+    def solve(self, c: np.ndarray, *, integer: bool, time_limit: float, extra=None):
+        """scipy.optimize.milp on this program with objective c (and one extra row
+        (coefficients, lb, ub) if given)."""
+        if self.cache is None or self.cache[0].shape[1] != self.n_vars:
+            r, cc, v = (np.concatenate(t) for t in zip(*self.entries)) if self.entries else ([], [], [])
+            self.cache = (sp.csr_matrix((v, (r, cc)), shape=(self.n_rows, self.n_vars)),
+                          np.concatenate(self.row_lb or [np.zeros(0)]), np.concatenate(self.row_ub or [np.zeros(0)]),
+                          VarBounds(np.concatenate(self.lb), np.concatenate(self.ub)), np.concatenate(self.integer))
+        a, row_lb, row_ub, var_bounds, ints = self.cache
+        if extra is not None:
+            a = sp.vstack([a, sp.csr_matrix(extra[0][None, :])], format="csr")
+            row_lb, row_ub = np.append(row_lb, extra[1]), np.append(row_ub, extra[2])
+        ints = ints if integer else np.zeros(self.n_vars, dtype=np.uint8)
+        return milp(c, integrality=ints, bounds=var_bounds, constraints=LinearConstraint(a, row_lb, row_ub),
+                    options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True})
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+def build(g: Graph, lo: np.ndarray, hi: np.ndarray, bounds: dict[int, tuple[np.ndarray, np.ndarray]],
+          upto: int | None = None) -> Program:
+    """The encoding of nodes 0..upto (all by default) for one image's box [lo, hi];
+    `bounds` are numpy bounds of the nodes a ReLU or pool reads (others are free)."""
+    p = Program()
+    upto = g.output if upto is None else upto
+    for k, node in enumerate(g.nodes[:upto + 1]):
+        free = (np.full(node.size, -np.inf), np.full(node.size, np.inf))
+        if node.op == "input":
+            p.offsets.append(p.new_vars(lo, hi))
+            continue
+        src = p.offsets[node.inputs[0]]
+        if node.op in ("affine", "add"):
+            z = p.new_vars(*bounds.get(k, free))
+            if node.op == "affine":
+                w, i = node.weight.numpy(), np.arange(node.size)
+                r, c = np.nonzero(w)  # z - W x = b
+                p.rows(np.concatenate([i, r]), np.concatenate([z + i, src + c]),
+                       np.concatenate([np.ones(node.size), -w[r, c]]), node.bias.numpy(), node.bias.numpy())
+            else:
+                other = p.offsets[node.inputs[1]]
+                i = np.arange(node.size)
+                p.rows(np.tile(i, 3), np.concatenate([z + i, src + i, other + i]),
+                       np.repeat([1.0, -1.0, -1.0], node.size), 0.0, 0.0)
+            p.offsets.append(z)
+        elif node.op == "relu":
+            l, u = bounds[node.inputs[0]]
+            y = p.new_vars(np.maximum(l, 0), np.maximum(u, 0))
+            on = np.flatnonzero(l >= 0)
+            if len(on):
+                i = np.arange(len(on))
+                p.rows(np.tile(i, 2), np.concatenate([y + on, src + on]), np.repeat([1.0, -1.0], len(on)), 0.0, 0.0)
+            mid = np.flatnonzero((l < 0) & (u > 0))
+            if len(mid):
+                a = p.new_vars(np.zeros(len(mid)), np.ones(len(mid)), integer=True)
+                i, m, ai = np.arange(len(mid)), len(mid), a + np.arange(len(mid))
+                # y - z >= 0;  y - u a <= 0;  y - z - l a <= -l
+                p.rows(np.tile(i, 2), np.concatenate([y + mid, src + mid]), np.repeat([1.0, -1.0], m), 0.0, np.inf)
+                p.rows(np.tile(i, 2), np.concatenate([y + mid, ai]), np.concatenate([np.ones(m), -u[mid]]), -np.inf, 0.0)
+                p.rows(np.tile(i, 3), np.concatenate([y + mid, src + mid, ai]),
+                       np.concatenate([np.ones(m), -np.ones(m), -l[mid]]), -np.inf, -l[mid])
+            p.offsets.append(y)
+        else:
+            p.offsets.append(_maxpool(p, node.windows.numpy(), src, *bounds[node.inputs[0]]))
+    return p
+
+
+def _maxpool(p: Program, win: np.ndarray, src: int, l: np.ndarray, u: np.ndarray) -> int:
+    lw, uw = l[win], u[win]
+    cand = uw >= lw.max(1, keepdims=True)
+    o = p.new_vars(lw.max(1), uw.max(1))
+    count = cand.sum(1)
+    one = np.flatnonzero(count == 1)
+    if len(one):
+        z = win[one, cand[one].argmax(1)]
+        i = np.arange(len(one))
+        p.rows(np.tile(i, 2), np.concatenate([o + one, src + z]), np.repeat([1.0, -1.0], len(one)), 0.0, 0.0)
+    wi, ki = np.nonzero(cand & (count > 1)[:, None])
+    if len(wi):
+        z, m, i = win[wi, ki], len(wi), np.arange(len(wi))
+        a = p.new_vars(np.zeros(m), np.ones(m), integer=True) + i
+        big = uw.max(1)[wi] - l[z]
+        p.rows(np.tile(i, 2), np.concatenate([o + wi, src + z]), np.repeat([1.0, -1.0], m), 0.0, np.inf)
+        p.rows(np.tile(i, 3), np.concatenate([o + wi, src + z, a]), np.concatenate([np.ones(m), -np.ones(m), big]),
+               -np.inf, big)
+        multi = np.unique(wi)
+        row = np.searchsorted(multi, wi)
+        p.rows(row, a, np.ones(m), 1.0, 1.0)
+    return o
+
+
+def numpy_bounds(bounds: Bounds, i: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    return {k: (to_numpy(l[i]), to_numpy(u[i])) for k, (l, u) in bounds.items()}
+
+
+def unstable_count(g: Graph, bounds: Bounds) -> int:
+    """ReLUs (of image 0) whose input bounds straddle 0."""
+    return int(sum(((bounds[k][0][0] < 0) & (bounds[k][1][0] > 0)).sum() for k in g.relu_inputs()))
+
+
+def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadline: float) -> Bounds:
+    """Bounds of one image (lo, hi (1, d)) with each unstable ReLU input minimized and
+    maximized over the LP relaxation of everything before it, node by node; after each
+    node the later ones get CROWN bounds again from the tighter ones. Stops at `deadline`
+    (time.perf_counter()), keeping what it has: every bound stays sound."""
+    bounds = dict(bounds)
+    lo_np, hi_np = to_numpy(lo[0]), to_numpy(hi[0])
+    relu_in = set(g.relu_inputs())
+    for k in g.bound_nodes():
+        node = g.nodes[k]
+        if k not in relu_in or node.op not in ("affine", "add") or node.op == "affine" and node.inputs[0] == 0:
+            continue  # outputs of the first affine op already have exact bounds
+        l, u = (t.clone() for t in bounds[k])
+        mid = torch.nonzero((l[0] < 0) & (u[0] > 0)).flatten().tolist()
+        if not mid:
+            continue
+        prog = build(g, lo_np, hi_np, numpy_bounds(bounds), upto=k)
+        c = np.zeros(prog.n_vars)
+        for i in mid:
+            for sign in (1.0, -1.0):
+                if time.perf_counter() >= deadline:
+                    bounds[k] = (l, u)
+                    return crown_bounds(g, lo, hi, bounds, after=k)
+                if sign < 0 and l[0, i] >= 0:
+                    continue  # stable now: its upper bound needs no LP
+                c[:] = 0
+                c[prog.offsets[k] + i] = sign
+                res = prog.solve(c, integer=False, time_limit=deadline - time.perf_counter())
+                if res.status != 0 or res.fun is None:
+                    continue
+                value = sign * res.fun
+                pad = LP_SLACK * (1 + abs(value))
+                if sign > 0:
+                    l[0, i] = max(float(l[0, i]), value - pad)
+                else:
+                    u[0, i] = min(float(u[0, i]), value + pad)
+        bounds[k] = (l, u)
+        bounds = crown_bounds(g, lo, hi, bounds, after=k)
+    return bounds
