@@ -9,7 +9,10 @@ bench/; import-linter holds them to it (pyproject.toml).
 - `exact_view`: a model's exact graph rewrite (the same gradients, bit for bit, faster);
 - `full_fp32`: true fp32 arithmetic (no TF32 on CUDA) for an attack's own confirmations;
 - `seed_from`: an integer seed drawn from a cell's generator, for libraries that take
-  a seed rather than a generator.
+  a seed rather than a generator;
+- the verifier (bench.verify): `to_graph`, `verify_images`, `certify`, `interval_margin`
+  for the verifier cells, and `ibp_bounds` (differentiable interval bounds on the
+  logits) for interval bound propagation training.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ from bench.engine.losses import LOSSES, cw_margin, xent
 from bench.engine.rewrite import exact_view
 from bench.registry import register_attack, register_defense
 from bench.validate import NORMS, at_least, in_range, non_negative, one_of, positive, radius
+from bench.verify import certify, ibp_bounds, interval_margin, to_graph, verify_images
 
-__all__ = ["LOSSES", "NORMS", "at_least", "cw_margin", "exact_view", "full_fp32", "in_range", "non_negative", "one_of",
-           "positive", "radius", "register_attack", "register_defense", "seed_from", "xent"]
+__all__ = ["LOSSES", "NORMS", "at_least", "certify", "cw_margin", "exact_view", "full_fp32", "ibp_bounds", "in_range",
+           "interval_margin", "non_negative", "one_of", "positive", "radius", "register_attack", "register_defense",
+           "seed_from", "to_graph", "verify_images", "xent"]
 
 
 def seed_from(generator: torch.Generator | None) -> int:

@@ -27,6 +27,7 @@ from bench.engine.budget import check_budget
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 from bench.engine.losses import cw_margin
 from bench.engine.verdicts import EOT, majority_correct, predict
+from bench.engine.verified import verified
 from bench.registry import ATTACKS
 from bench.store.db import pack_bits
 
@@ -145,7 +146,7 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
           on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
           channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-          exact_rewrites: bool = False) -> torch.Tensor:
+          exact_rewrites: bool = False, verdicts: dict | None = None) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
     The whole set moves to the device once and comes back once. `precision`,
@@ -154,8 +155,18 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
     computes the model's own logits and gradients (`faithful`); every batch gets the
     reported model's last word (`last_word`) and is held to the cell's threat model by
     the harness itself (bench.engine.budget), whatever the attack plugin did.
+
+    A verifier cell (config `verifier = True`) returns `(x_adv, per-image verdicts)`;
+    the verdicts, concatenated over batches, go into `verdicts`, and its batches are at
+    most `config.batch_limit` images, so its progress moves while it verifies.
     """
     perturb = ATTACKS.get(cell.attack).fn
+    verifier = getattr(cell.config, "verifier", False)
+    if verifier:
+        batch_size = min(batch_size, getattr(cell.config, "batch_limit", batch_size))
+        # Verification is exact arithmetic on the model as it is: no fast copy.
+        precision, channels_last, fold_bn, compile, exact_rewrites = "fp32", False, False, False, False
+    found: dict[str, list[torch.Tensor]] = {}
     gen = torch.Generator(device=device).manual_seed(seed)
     xd, yd = on_device(x, device, channels_last), y.to(device)
     out = []
@@ -169,7 +180,12 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
         for i in range(0, len(x), batch_size):
             xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
             with autocast(device, precision):
-                x_adv = perturb(net, xb, yb, cell.config, generator=gen).detach()
+                x_adv = perturb(net, xb, yb, cell.config, generator=gen)
+            if verifier:
+                x_adv, per_image = x_adv
+                for name, value in per_image.items():  # tensors, or lists (of names)
+                    found.setdefault(name, []).append(value.cpu() if torch.is_tensor(value) else list(value))
+            x_adv = x_adv.detach()
             if x_adv.shape != xb.shape:
                 raise RuntimeError(f"attack {cell.attack!r} returned inputs of the wrong shape")
             x_adv = x_adv.float()
@@ -179,6 +195,9 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
             out.append(x_adv)
             if on_batch:
                 on_batch(len(xb))
+    if verdicts is not None:
+        verdicts.update({name: torch.cat(parts) if torch.is_tensor(parts[0]) else sum(parts, [])
+                         for name, parts in found.items()})
     return torch.cat(out).cpu().contiguous()
 
 
@@ -200,11 +219,12 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     # cell's seed for the craft (and restored), so its cells are reproducible too.
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
+    verdicts: dict = {}
     with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
         x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
                       precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-                      exact_rewrites=exact_rewrites)
+                      exact_rewrites=exact_rewrites, verdicts=verdicts)
     seconds = time.perf_counter() - start
     clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
     adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=channels_last)
@@ -234,14 +254,17 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
                                        batch_size=batch_size, seed=seed)
         seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
+    extra = {"logit_hist": histogram(clean_logits, adv_logits), "adv_logit_stats": logit_stats(adv_logits, y),
+             "warnings": messages, "precision": precision}
+    if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
+        robust, verdict_extra = verified(verdicts, clean, robust)
+        extra.update(verdict_extra)
     return {
         "cell_key": cell.key, "attack": cell.attack, "threat": cell.threat,
         "params": dataclasses.asdict(cell.config),
         "clean_acc": float(clean.float().mean()), "robust_acc": float(robust.float().mean()),
         "n": len(y), "seconds": seconds, "correct_bits": pack_bits(robust.numpy()),
         "indices": None if idx is None else idx.tolist(),
-        "extra": {"logit_hist": histogram(clean_logits, adv_logits),
-                  "adv_logit_stats": logit_stats(adv_logits, y), "warnings": messages,
-                  "precision": precision},
+        "extra": extra,
         "device": device,
     }

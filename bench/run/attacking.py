@@ -23,6 +23,7 @@ from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.claims import Claims, claimed
 from bench.store.db import Checkpoint
+from bench.verify import Unsupported, to_graph
 
 
 def expect(bench: Bench, row: Checkpoint, keys: list[str]) -> None:
@@ -33,6 +34,31 @@ def expect(bench: Bench, row: Checkpoint, keys: list[str]) -> None:
     if set(keys) <= known:
         return
     bench.store.update_meta(row, expected_cells=sorted(known | set(keys)))
+
+
+def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
+                     model: Callable[[], torch.nn.Module]) -> list[Cell]:
+    """The cells, less the verifier cells (attack config `verifier`) when the verifier does
+    not take the model: a layer it does not support, or a forward pass that varies. The
+    one-line reason is kept in the meta (`not_verifiable`), where the boards show it; the
+    model is built only the first time the question comes up."""
+    if not any(getattr(c.config, "verifier", False) for c in cells):
+        return cells
+    meta = row.meta or {}
+    if "not_verifiable" not in meta:
+        reason = None
+        if is_randomized(row.admission):
+            reason = "verify: the model's forward pass varies from pass to pass; only a fixed network can be verified"
+        else:
+            try:
+                to_graph(model())
+            except Unsupported as exc:
+                reason = str(exc)
+        bench.store.update_meta(row, not_verifiable=reason)
+        meta = row.meta
+    if meta["not_verifiable"] is None:
+        return cells
+    return [c for c in cells if not getattr(c.config, "verifier", False)]
 
 
 def majority_clean(bench: Bench, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> None:
@@ -74,8 +100,11 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     # What each model does (randomness, zero gradients, ...) chooses how it is attacked.
     work = [(row, adapt_cells(cells, ensure_admission(bench, row, build), get_spec(row.dataset).threat), build)
             for row, cells, build in ((r, c, once(b)) for r, c, b in work)]
+    work = [(row, verifiable_cells(bench, row, cells, build), build) for row, cells, build in work]
     for row, cells, build in work:
-        expect(bench, row, [c.key for c in cells])
+        # The attacks make the worst case; a verifier's cells bracket it, and one that
+        # fails leaves the bracket open, not the worst case incomplete.
+        expect(bench, row, [c.key for c in cells if not getattr(c.config, "verifier", False)])
         majority_clean(bench, row, build)
     executor = executor or LocalExecutor()
     ran = {row.id: CellsRun() for row, _, _ in work}

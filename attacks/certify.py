@@ -1,0 +1,51 @@
+"""A certified floor as a cell: per image, whether a sound linear relaxation of the
+network proves that no input of the L-inf ball changes its label (CROWN-style bounds,
+bench.verify.bounds; or plain interval bounds, `method = "ibp"`, for comparison).
+
+It perturbs nothing: the inputs come back as they are, and its robust bits are the
+certified ones, a lower bound on the true robust accuracy. It counts toward a threat of
+its own (`certified-linf-<eps>`), never toward the worst case, which is an upper bound;
+the bracket between the two is what the boards show.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from attacks.verify import graph_of
+from bench.plugin import certify, interval_margin, one_of, radius, register_attack
+
+
+@dataclass(frozen=True)
+class Certify:
+    verifier: ClassVar[bool] = True
+    """Returns per-image verdicts besides its inputs (bench.engine.verified)."""
+    eps: float | None = None
+    """L-inf radius; unset means the dataset's threat model."""
+    method: str = "crown"
+    """`crown` (linear bounds back-substituted to the input) or `ibp` (intervals)."""
+
+    def __post_init__(self):
+        one_of("method", self.method, ("crown", "ibp"))
+        radius("eps", self.eps, "linf")
+
+    def with_threat(self, threat) -> "Certify":
+        return self if self.eps is not None else replace(self, eps=threat.eps)
+
+    def threat_key(self) -> str:
+        return f"certified-linf-{self.eps:g}"
+
+
+@register_attack("certify", config=Certify)
+def perturb(model, x, y, cfg: Certify, *, generator=None):
+    """The inputs unchanged, and which of them are certified robust."""
+    graph = graph_of(model)
+    if cfg.method == "crown":
+        bits, margin = certify(graph, x, y, cfg.eps)
+    else:
+        margin = interval_margin(graph, x, y, cfg.eps)
+        bits = margin > 0
+    return x.clone(), {"certified": torch.as_tensor(bits).bool().cpu(),
+                       "margin": torch.as_tensor(margin).double().cpu()}
