@@ -191,6 +191,25 @@ def test_clp_loss_by_hand():
     assert value == pytest.approx(ce_mean + 0.5 * 0.5, rel=1e-6)
 
 
+def test_ibp_loss_by_hand():
+    # z = W x + b on x = (0.5, 0.5) with W = [[1, -2], [0.5, 1]], b = (0, 0.1): (-0.5, 0.85).
+    # Over the box of radius 0.1 the intervals are z -+ |W| 0.1 = (0.3, 0.15):
+    # z_0 in [-0.8, -0.2], z_1 in [0.7, 1.0]. For y = 0 the worst case is (-0.8, 1.0).
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 1.0]]))
+        net.bias.copy_(torch.tensor([0.0, 0.1]))
+    x, y = torch.tensor([[0.5, 0.5]]), torch.tensor([0])
+    c = ctx()
+    c.threat = dataclasses.replace(c.threat, eps=0.1)
+    c.total_steps = c.step = 10  # ramped: kappa = kappa_end
+    cfg = DEFENSES.get("ibp").make_config({"eps_scale": 1.0, "kappa_end": 0.25})
+    value = float(DEFENSES.get("ibp").fn(net, x, y, cfg, c).detach())
+    assert value == pytest.approx(0.25 * ce(-0.5, 0.85, 0) + 0.75 * ce(-0.8, 1.0, 0), rel=1e-5)
+    c.step = 0  # the warm-up: natural cross-entropy alone
+    assert float(DEFENSES.get("ibp").fn(net, x, y, cfg, c).detach()) == pytest.approx(ce(-0.5, 0.85, 0), rel=1e-6)
+
+
 @pytest.fixture
 def fixed_adversary(monkeypatch):
     """Make the training adversary return given logits (the model is the identity)."""

@@ -76,6 +76,8 @@ class TrainContext:
     """Seeded; draw every random number of a loss from it (noise, mixup, adversaries)."""
     epoch: int = 0
     step: int = 0
+    total_steps: int = 0
+    """Optimizer steps the whole training takes (set by `train`), for losses with schedules."""
 
 
 @dataclass
@@ -139,6 +141,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
     n = len(x)
     per_epoch = math.ceil(n / train_cfg.batch_size)
     total = per_epoch * train_cfg.epochs
+    ctx.total_steps = total
     result = TrainResult(seconds=0.0)
     start = time.perf_counter()
     model.train()
