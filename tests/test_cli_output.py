@@ -26,7 +26,7 @@ from bench.cli.app import app
 from bench.cli.options import DATASET_NAMES
 from bench.core.data import DATASETS, get_spec
 from bench.core.matrix import matrix_cells, matrix_transfer, parse_cell_key
-from bench.reporting.results import COLUMNS
+from bench.reporting.results import BRACKET, COLUMNS
 from cli_run import run_cli
 
 BENCH = Path(sys.executable).parent / "bench"
@@ -140,7 +140,7 @@ def test_csv_and_json_keep_the_canonical_keys_and_fields(capsys):
     assert json.loads(capsys.readouterr().out) == rows
     output.rows(rows, "csv")
     read = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert list(read[0]) == COLUMNS + ["flags"]
+    assert list(read[0]) == COLUMNS + ["flags", *BRACKET]
     assert [r["attack"] for r in read] == [r["attack"] for r in rows]  # worst case last, as stored
     assert read[-1]["flags"] == "pgd_still_falling;restarts_matter" and read[0]["robust_acc"] == "0.11666"
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from bench.cli.console import err, out, write
 from bench.reporting.format import fmt, pct
-from bench.reporting.results import COLUMNS
+from bench.reporting.results import BRACKET, COLUMNS
 from bench.reporting.site.names import cell_label
 
 
@@ -79,7 +79,7 @@ def rows(result: list[dict], form: str) -> None:
         return
     if form == "csv":
         text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=COLUMNS + ["flags"], extrasaction="ignore")
+        w = csv.DictWriter(text, fieldnames=COLUMNS + ["flags", *BRACKET], extrasaction="ignore")
         w.writeheader()
         for r in result:
             w.writerow({**r, "flags": ";".join(r.get("flags", []))})
@@ -125,9 +125,28 @@ def _worst_name(row: dict) -> str:
     """`worst case THREAT`, then a line for what it lacks and one for its flags, so that
     these widen the cell column no more than they must."""
     notes = [_missing_note(len(row.get("missing") or []))] if row.get("complete") is False else []
+    bracket = bracket_note(row)
+    if bracket:
+        notes.append(bracket)
     if row.get("flags"):
         notes.append(f"flags: {', '.join(row['flags'])}")
     return escape("\n".join([f"worst case {row['threat']}", *(f"({n})" for n in notes)]))
+
+
+def bracket_note(row: dict) -> str:
+    """What the verifier cells say beside the worst case: the certified floor, the exact
+    figure or the images still unknown, the gap in points and the images attacks missed."""
+    if row.get("certified") is None:
+        return f"not verifiable: {row['not_verifiable']}" if row.get("not_verifiable") else ""
+    parts = [f"certified {pct(row['certified'], 1)}%"]
+    if row.get("exact") is not None:
+        parts.append(f"exact {pct(row['exact'], 1)}%")
+    elif row.get("unknown") is not None:
+        parts.append(f"{row['unknown']} unknown")
+    parts.append(f"gap {row['gap']:.1f} pts")
+    if row.get("attacks_missed"):
+        parts.append(f"attacks missed {row['attacks_missed']}")
+    return ", ".join(parts)
 
 
 def _split(attack: str) -> tuple[str | None, str, dict]:

@@ -20,7 +20,7 @@ from typing import Any
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
-BUILTIN = ("quick", "full", "paper")
+BUILTIN = ("quick", "full", "paper", "truth")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,31 @@ def _parse_value(v: str) -> Any:
 
 
 def load_matrix(name_or_path: str) -> tuple[str, list[dict]]:
-    """(name, raw cell tables) of a built-in matrix or a TOML file."""
+    """(name, raw cell tables) of a built-in matrix or a TOML file; a matrix that says
+    `include = ["full"]` has the included built-in matrices' cells first, then its own."""
+    name, raw = _load_toml(name_or_path)
+    cells = raw.get("cell", [])
+    return name, [*_included(raw, name)[0], *cells]
+
+
+def _included(raw: dict, where: str) -> tuple[list[dict], dict]:
+    """(cell tables, [transfer] table) of the built-in matrices `raw` includes."""
+    names = raw.get("include", [])
+    if not (isinstance(names, list) and all(isinstance(n, str) and n in BUILTIN for n in names)):
+        raise BenchError(f"matrix {where!r}: include takes a list of built-in matrices ({', '.join(BUILTIN)}), "
+                         f"got {names!r}")
+    cells: list[dict] = []
+    transfer: dict = {}
+    for name in names:
+        _, included = load_matrix(name)
+        cells.extend(included)
+        transfer = transfer or (_load_toml(name)[1].get("transfer") or {})
+    return cells, transfer
+
+
+def _load_toml(name_or_path: str) -> tuple[str, dict]:
+    """(name, parsed TOML) of a built-in matrix or a TOML file, with at least one cell
+    of its own or included."""
     if name_or_path in BUILTIN:
         text = resources.files("bench").joinpath("matrices", f"{name_or_path}.toml").read_text()
         where = name_or_path
@@ -125,11 +149,11 @@ def load_matrix(name_or_path: str) -> tuple[str, list[dict]]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"matrix {where!r} is not valid TOML: {exc}") from exc
-    cells = raw.get("cell")
-    if not isinstance(cells, list) or not cells or not all(isinstance(c, dict) for c in cells):
+    cells = raw.get("cell", [] if raw.get("include") else None)
+    if not isinstance(cells, list) or not (cells or raw.get("include")) or not all(isinstance(c, dict) for c in cells):
         raise BenchError(f"matrix {where!r} has no [[cell]] tables; each names an attack, e.g. "
                          "[[cell]] attack = \"pgd\" steps = [10, 20]")
-    return Path(where).stem, cells
+    return Path(where).stem, raw
 
 
 def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int | None = None) -> list[Cell]:
@@ -159,12 +183,8 @@ def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> lis
 
 def matrix_transfer(name_or_path: str) -> tuple[list[str], list[str]]:
     """(surrogate defenses, transfer cell keys) of a matrix's [transfer] table; empty if none."""
-    name, _ = load_matrix(name_or_path)
-    if name_or_path in BUILTIN:
-        text = resources.files("bench").joinpath("matrices", f"{name_or_path}.toml").read_text()
-    else:
-        text = Path(name_or_path).read_text()
-    table = tomllib.loads(text).get("transfer") or {}
+    name, raw = _load_toml(name_or_path)
+    table = raw.get("transfer") or _included(raw, name)[1]
     surrogates, cells = table.get("surrogates", []), table.get("cells", [])
     if not (isinstance(surrogates, list) and all(isinstance(s, str) for s in surrogates)
             and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):

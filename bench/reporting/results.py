@@ -2,6 +2,10 @@
 which says whether it covers every cell the checkpoint's matrices asked for (`complete`)
 and which are `missing` (failed or never run).
 
+Beside the worst case (an upper bound) the row carries its bracket (bench.store.bracket):
+the certified floor, the exact figure where the verifier decided every image, the
+images still unknown, the gap and the images the attacks missed.
+
 This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns; the
 site reads the store itself (bench.reporting.site.load), through the same worst_case.
 """
@@ -9,10 +13,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bench.store.db import Store, coverage, worst_case
+from bench.store.bracket import bracket
+from bench.store.db import Checkpoint, Store, coverage, worst_case
 
 COLUMNS = ["defense", "preset", "dataset", "checkpoint", "attack", "threat", "clean_acc",
            "robust_acc", "n", "seconds"]
+BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed"]
+"""The worst case row's bracket fields (None where no verifier cell ran)."""
+
+
+def bracket_fields(ck: Checkpoint, b: dict | None) -> dict:
+    """The worst case row's bracket: `certified` (the floor), `exact` (where every image
+    was decided), `unknown` (images in doubt), `gap` (worst case minus floor, in points),
+    `attacks_missed`; None where no verifier cell ran, and `not_verifiable` saying why
+    where the verifier does not take the model."""
+    out = {k: (b or {}).get(k) for k in BRACKET}
+    reason = (ck.meta or {}).get("not_verifiable")
+    if reason:
+        out["not_verifiable"] = reason
+    return out
 
 
 def result_rows(store: Store, defense: str | None = None, dataset: str | None = None,
@@ -49,5 +68,6 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
             rows.append({**base, "attack": "worst_case", "threat": ck.threat, "clean_acc": clean,
                          "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None,
                          "cells": wc["cells"], "flags": sorted(flags[ck.id]),
-                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of)})
+                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of),
+                         **bracket_fields(ck, bracket(ck, by_ck[ck.id], incoming[ck.id], test_size))})
     return rows

@@ -10,12 +10,12 @@ with PGD on the very same images.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from bench.science.admission import GRADIENT_COSINE, is_randomized
+from bench.science.flag_registry import FLAGS, flag
+from bench.store.bracket import bracket
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer
 
 POINT = 0.01
@@ -28,28 +28,6 @@ def _beyond(drop: float) -> bool:
 
 
 
-@dataclass(frozen=True)
-class FlagCheck:
-    """One reliability check: its stable name (a database key), the text the site and
-    README show, whether it is a sign of gradient masking, and the check itself."""
-
-    name: str
-    text: str
-    masking: bool
-    check: Callable[[Checkpoint, list[Evaluation], list[Transfer]], dict | None]
-
-
-FLAGS: list[FlagCheck] = []
-"""Every check, in the order flags are computed and shown; `@flag` adds one."""
-
-
-def flag(text: str, *, masking: bool = False):
-    """Register the decorated check under its function's name: a new flag is one entry."""
-    def register(fn):
-        FLAGS.append(FlagCheck(fn.__name__, " ".join(text.split()), masking, fn))
-        return fn
-
-    return register
 
 
 
@@ -360,6 +338,32 @@ def _beyond_white_box(ck: Checkpoint, cells: list[Evaluation], attacks: tuple[st
     return None
 
 
+def _test_size(cells: list[Evaluation]) -> int:
+    return next((c.n for c in cells if c.indices is None and c.attack != "certify"), 0)
+
+
+@flag(
+      "The complete verifier found counterexamples, which reproduced on the model, for images "
+      "that every attack cell left standing: the attacks' worst case was above the truth by "
+      "that many images (the count and the image indices are kept).")
+def attacks_missed(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    b = bracket(ck, cells, transfers, _test_size(cells)) if _test_size(cells) else None
+    if b and b["attacks_missed"]:
+        return {"numbers": {"count": b["attacks_missed"], "n": _test_size(cells), "indices": b["missed_indices"]}}
+    return None
+
+
+@flag(
+      "An image proven robust (certified, or verified by the complete verifier) was broken by "
+      "an attack cell. A sound verifier and a correct attack can never disagree so: this is "
+      "a bug in one of them, and the run fails.")
+def unsound(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    b = bracket(ck, cells, transfers, _test_size(cells)) if _test_size(cells) else None
+    if b and b["unsound"]:
+        return {"numbers": {"count": b["unsound"], "n": _test_size(cells), "indices": b["unsound_indices"]}}
+    return None
+
+
 FLAG_TEXT = {f.name: f.text for f in FLAGS}
 MASKING = tuple(f.name for f in FLAGS if f.masking)
 """Flags that say the gradients an attack follows are masked, broken or random."""
@@ -375,6 +379,13 @@ def compute_flags(ck: Checkpoint, cells: list[Evaluation], transfers: list[Trans
 
 
 def recompute_flags(store: Store, ck: Checkpoint) -> list[dict]:
+    """Recompute and store a checkpoint's flags; raises once they are stored if one is
+    `unsound` (a verifier and an attack contradict each other: a bug, never a result)."""
     flags = compute_flags(ck, store.evaluations([ck.id]), store.transfers([ck.id]))
     store.replace_flags(ck.id, flags)
+    bad = next((f for f in flags if f["name"] == "unsound"), None)
+    if bad:
+        n = bad["numbers"]
+        raise RuntimeError(f"unsound: {n['count']} image(s) of checkpoint {ck.key[:8]} proven robust were broken "
+                           f"by an attack (images {n['indices'][:10]}); the verifier or an attack has a bug")
     return flags

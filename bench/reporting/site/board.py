@@ -14,6 +14,7 @@ from bench.reporting.site.names import (
     factory_name,
     page_path,
 )
+from bench.store.bracket import bracket
 from bench.store.db import coverage, worst_case
 
 # Board columns after clean accuracy: (column id, header, cell label). The label is what
@@ -95,6 +96,11 @@ def boards(data: SiteData) -> list[dict]:
                 if wc and threat == ck.threat else []
             if missing:
                 note += f" · incomplete: {len(missing)} missing"
+            b = bracket(ck, data.cells[cid], data.incoming[cid], int(size)) if wc and threat == ck.threat else None
+            if b:
+                note += f" · gap {b['gap']:.1f} pts" + (f" · attacks missed {b['attacks_missed']}"
+                                                         if b["attacks_missed"] else "")
+            cols.append(_floor(b, meta.get("not_verifiable") if threat == ck.threat else None))
             cols.append(_cell("worst", wc["robust_acc"] if wc else None, None, note))
             rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
                          "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
@@ -106,13 +112,18 @@ def boards(data: SiteData) -> list[dict]:
                                    for f in data.flags[cid]] if threat == ck.threat else [],
                          "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",
                                   "device": ck.device}})
+        bracketed = any(c["col"] == "certified" and c["value"] for r in rows for c in r["cols"])
+        if not bracketed:  # no verifier cell on this board: no column of blanks
+            for r in rows:
+                r["cols"] = [c for c in r["cols"] if c["col"] != "certified"]
         rows.sort(key=lambda r: (r["worst"] is None, -(r["worst"] or 0.0), r["defense"], r["key"]))
         for rank, r in enumerate(rows, 1):
             r["rank"] = rank
         out.append({"id": f"board-{dataset}-{threat}", "dataset": dataset, "threat": threat,
                        "own": (dataset, threat) in own, "rows": rows, "plot": eps_plot(threat, rows, data),
                        "surrogate": SURROGATE_TEXT if any(r["surrogate"] for r in rows) else "",
-                       "columns": [("clean", "Clean")] + [(c, h) for c, h, _ in BOARD_COLUMNS] + [("worst", "Worst case")]})
+                       "columns": [("clean", "Clean")] + [(c, h) for c, h, _ in BOARD_COLUMNS]
+                       + ([("certified", "Certified")] if bracketed else []) + [("worst", "Worst case")]})
     return out
 
 
@@ -129,6 +140,17 @@ def _transfer(cid: int, threat: str, data: SiteData, by_id: dict) -> dict:
              if source else f"crafted on checkpoint {t.source_id} with {t.cell_key}")
     note = f"from {source.defense if source else f'checkpoint {t.source_id}'}"
     return _cell("transfer", t.robust_acc, None, note + ("" if t.indices is None else f" on {t.n} images"), title)
+
+
+def _floor(b: dict | None, not_verifiable: str | None) -> dict:
+    """The certified floor beside the worst case: the exact figure where the verifier
+    decided every image, else the floor with the images still unknown."""
+    if not b:
+        return _cell("certified", None, None, "not verifiable" if not_verifiable else "", not_verifiable or "")
+    if b["exact"] is not None:
+        return _cell("certified", b["exact"], None, "exact", "every image decided by the complete verifier")
+    note = f"{b['unknown']} unknown" if b["unknown"] else ""
+    return _cell("certified", b["certified"], None, note, "a lower bound: images proven robust")
 
 
 def _cell(col: str, value: float | None, paper: float | None, note: str = "", title: str = "") -> dict:

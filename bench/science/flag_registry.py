@@ -1,0 +1,32 @@
+"""The flag registry: one `FlagCheck` record per reliability check, added by `@flag`
+(bench.science.flags holds the checks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from bench.store.db import Checkpoint, Evaluation, Transfer
+
+
+@dataclass(frozen=True)
+class FlagCheck:
+    """One reliability check: its stable name (a database key), the text the site and
+    README show, whether it is a sign of gradient masking, and the check itself."""
+
+    name: str
+    text: str
+    masking: bool
+    check: Callable[[Checkpoint, list[Evaluation], list[Transfer]], dict | None]
+
+
+FLAGS: list[FlagCheck] = []
+"""Every check, in the order flags are computed and shown; `@flag` adds one."""
+
+
+def flag(text: str, *, masking: bool = False):
+    """Register the decorated check under its function's name: a new flag is one entry."""
+    def register(fn):
+        FLAGS.append(FlagCheck(fn.__name__, " ".join(text.split()), masking, fn))
+        return fn
+
+    return register

@@ -1,0 +1,77 @@
+"""The bracket around a worst case: what the verifier cells of a checkpoint prove.
+
+The worst case (bench.store.db.worst_case) is an upper bound on the true robust
+accuracy: an attack that fails proves nothing. Beside it:
+
+- the certified floor: images proven robust, by a certify cell's sound bound or by the
+  complete verifier; a lower bound;
+- the exact robust accuracy, where the verifier decided every image of the test set;
+- the images still in doubt: `unknown` (the verifier's time ran out) and never counted
+  as robust or broken;
+- `attacks_missed`: images the verifier broke (with a counterexample that reproduced)
+  that every attack cell left standing;
+- `unsound`: images proven robust that some attack cell broke, which only a bug in the
+  verifier or an attack can give.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.store.db import Checkpoint, Evaluation, Transfer, unpack_bits
+
+
+def _verify_cells(ck: Checkpoint, cells: list[Evaluation], test_size: int) -> list[Evaluation]:
+    return [c for c in cells if c.attack == "verify" and c.threat == ck.threat and c.indices is None
+            and c.n == test_size and (c.extra or {}).get("verify")]
+
+
+def _certify_cells(ck: Checkpoint, cells: list[Evaluation], test_size: int) -> list[Evaluation]:
+    return [c for c in cells if c.attack == "certify" and c.threat == f"certified-{ck.threat}"
+            and c.indices is None and c.n == test_size]
+
+
+def bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer], test_size: int) -> dict | None:
+    """The bracket's numbers (fractions of the test set and counts), or None when the
+    checkpoint has no verifier cell of its threat model over the whole test set."""
+    verify, certify = _verify_cells(ck, cells, test_size), _certify_cells(ck, cells, test_size)
+    if not (verify or certify):
+        return None
+    proven = np.zeros(test_size, dtype=bool)
+    for c in certify:
+        proven |= c.correct()
+    broken_by_verifier = np.zeros(test_size, dtype=bool)
+    decided = np.zeros(test_size, dtype=bool)
+    for c in verify:
+        v = c.extra["verify"]
+        robust = unpack_bits(bytes.fromhex(v["robust_bits"]), test_size)
+        unknown = unpack_bits(bytes.fromhex(v["unknown_bits"]), test_size)
+        proven |= robust
+        broken_by_verifier |= ~robust & ~unknown
+        decided |= ~unknown
+    # What the attacks alone leave standing: every cell of the threat model but the verifier's.
+    standing = np.ones(test_size, dtype=bool)
+    for c in [*cells, *transfers]:
+        if c.threat != ck.threat or c.attack == "verify":
+            continue
+        if c.indices is None:
+            if c.n == test_size:
+                standing &= c.correct()
+        else:
+            standing[np.asarray(c.indices, dtype=np.int64)] &= c.correct()
+    missed = broken_by_verifier & standing
+    unsound = proven & ~standing
+    exact = bool(verify) and bool(decided.all())
+    unknown = int((~decided).sum()) if verify else None
+    floor = float(proven.mean())
+    worst = float((standing & ~broken_by_verifier).mean())
+    return {
+        "certified": floor,
+        "exact": floor if exact else None,
+        "unknown": unknown,
+        "gap": round(100 * (worst - floor), 2),
+        "attacks_missed": int(missed.sum()),
+        "missed_indices": np.flatnonzero(missed).tolist(),
+        "unsound": int(unsound.sum()),
+        "unsound_indices": np.flatnonzero(unsound).tolist(),
+        "verified": bool(verify),
+    }
