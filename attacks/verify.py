@@ -23,13 +23,13 @@ from bench.plugin import one_of, positive, radius, register_attack, to_graph, ve
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def graph_of(model: torch.nn.Module):
-    """The verifier's graph of the model, built once per model and weights (a cell calls
-    the attack once per batch of images)."""
-    key = tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+def graph_of(model: torch.nn.Module, shape: tuple[int, ...]):
+    """The verifier's graph of the model on inputs of `shape` (C, H, W), built once per
+    model and weights (a cell calls the attack once per batch of images)."""
+    key = (shape, tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers())))
     cached = _GRAPHS.get(model)
     if cached is None or cached[0] != key:
-        cached = _GRAPHS[model] = (key, to_graph(model))
+        cached = _GRAPHS[model] = (key, to_graph(model, shape))
     return cached[1]
 
 
@@ -61,7 +61,7 @@ class Verify:
 @register_attack("verify", config=Verify)
 def perturb(model, x, y, cfg: Verify, *, generator=None):
     """Counterexamples where the verifier finds them, and each image's verdict."""
-    verdicts = verify_images(graph_of(model), model, x, y, cfg.eps, time_limit=cfg.time_limit)
+    verdicts = verify_images(graph_of(model, tuple(x.shape[1:])), model, x, y, cfg.eps, time_limit=cfg.time_limit)
     x_adv = x.clone()
     for i, v in enumerate(verdicts):
         if v.x_adv is not None:

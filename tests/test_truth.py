@@ -195,3 +195,56 @@ def test_the_site_shows_the_floor_beside_the_worst_case(tmp_path):
     page = next(p for p in out.parent.rglob("*.html") if ck.key[:8] in p.name).read_text()
     assert "Certified floor <strong>30.00%</strong>, 1 image unknown" in page
     assert "The verifier broke 1 image that every attack left standing (images 4)" in page
+
+
+VERIFIER_MATRIX = """
+[[cell]]
+attack = "pgd"
+steps = 10
+
+[[cell]]
+attack = "verify"
+time_limit = 5.0
+
+[[cell]]
+attack = "certify"
+"""
+
+
+def test_a_model_the_verifier_does_not_take_skips_its_cells_with_the_reason(tmp_path):
+    import bench
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 10)).eval()
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(VERIFIER_MATRIX)
+    rows = bench.evaluate(model, name="tanh", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    assert [r["attack"].split(":")[0] for r in rows] == ["pgd", "worst_case"]
+    worst = rows[-1]
+    assert worst["complete"] is True and worst["certified"] is None
+    assert worst["not_verifiable"].startswith("verify: layer '2' (Tanh) is not supported")
+
+
+def test_evaluate_brackets_a_verifiable_model(tmp_path, digits_test):
+    import bench
+    from bench.core.data import load_dataset
+    from bench.engine.train import TrainConfig, train_model
+    from bench.registry import DEFENSES
+
+    entry = DEFENSES.get("natural")
+    x, y = load_dataset("digits", "train")
+    model, _ = train_model("digits_mlp", get_spec("digits"), entry.fn, entry.make_config({}), TrainConfig(epochs=5),
+                           x, y, seed=0)
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(VERIFIER_MATRIX)
+    rows = bench.evaluate(model.eval(), name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    by = {r["attack"].split(":")[0]: r for r in rows}
+    worst = by["worst_case"]
+    # A natural model at eps 0.2: every image decided; the floor is the exact figure, and
+    # no attack broke an image the verifier proved robust (unsound would have raised).
+    assert worst["exact"] is not None and worst["unknown"] == 0 and worst["gap"] == 0
+    assert worst["certified"] <= worst["robust_acc"] <= by["pgd"]["robust_acc"]
+    assert worst["robust_acc"] == pytest.approx(worst["exact"])
+    assert by["verify"]["robust_acc"] == pytest.approx(worst["exact"])
+    assert by["certify"]["threat"] == f"certified-{THREAT.name}"

@@ -12,6 +12,7 @@ import torch
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell
+from bench.errors import BenchError
 from bench.engine.verdicts import majority_correct
 from bench.run.bench import Bench
 from bench.run.executors import LocalExecutor
@@ -23,7 +24,7 @@ from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.claims import Claims, claimed
 from bench.store.db import Checkpoint
-from bench.verify import Unsupported, to_graph
+from bench.verify import to_graph
 
 
 def expect(bench: Bench, row: Checkpoint, keys: list[str]) -> None:
@@ -51,8 +52,8 @@ def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
             reason = "verify: the model's forward pass varies from pass to pass; only a fixed network can be verified"
         else:
             try:
-                to_graph(model())
-            except Unsupported as exc:
+                to_graph(model(), get_spec(row.dataset).shape)
+            except BenchError as exc:  # Unsupported, naming the layer, or a shape it cannot take
                 reason = str(exc)
         bench.store.update_meta(row, not_verifiable=reason)
         meta = row.meta
