@@ -40,7 +40,7 @@ class Certify:
 
 @register_attack("certify", config=Certify)
 def perturb(model, x, y, cfg: Certify, *, generator=None):
-    """The inputs unchanged, and which of them are certified robust."""
+    """A certified floor: the images a sound linear relaxation (CROWN) proves robust; inputs unchanged."""
     graph = graph_of(model, tuple(x.shape[1:]))
     if cfg.method == "crown":
         bits, margin = certify(graph, x, y, cfg.eps)

@@ -60,7 +60,7 @@ class Verify:
 
 @register_attack("verify", config=Verify)
 def perturb(model, x, y, cfg: Verify, *, generator=None):
-    """Counterexamples where the verifier finds them, and each image's verdict."""
+    """Complete verification (MILP through HiGHS): per image robust, a counterexample, or unknown."""
     verdicts = verify_images(graph_of(model, tuple(x.shape[1:])), model, x, y, cfg.eps, time_limit=cfg.time_limit)
     x_adv = x.clone()
     for i, v in enumerate(verdicts):

@@ -161,7 +161,10 @@ def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path
     from bench.store.db import Store
 
     (tmp_path / "my_models.py").write_text(MODEL_FILE)
-    (tmp_path / "m.toml").write_text('[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\nsteps = [5, 10]\n')
+    # The verifier's cells run as jobs like any other (its verdicts, fixed by the bounds,
+    # the seeded search and the MILP well inside the limit, equal too).
+    (tmp_path / "m.toml").write_text('[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\nsteps = [5, 10]\n\n'
+                                     '[[cell]]\nattack = "verify"\ntime_limit = 60.0\n\n[[cell]]\nattack = "certify"\n')
     stored = {}
     for executor in ("local", "ray"):
         results = tmp_path / executor
@@ -173,8 +176,9 @@ def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path
             raise SystemExit(0)
         assert exc.value.code == 0
         store = Store(f"sqlite:///{results / 'bench.db'}")
-        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits) for e in store.evaluations()}
-    assert len(stored["local"]) == 3 and stored["ray"] == stored["local"]
+        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits, (e.extra.get("verify") or {}).get("robust_bits"))
+                            for e in store.evaluations()}
+    assert len(stored["local"]) == 5 and stored["ray"] == stored["local"]
 
 
 @dataclasses.dataclass
