@@ -2,8 +2,8 @@
 
 Each cheater wraps a trained digits model (tests/cheats.py: rounded inputs, saturated
 logits, input noise, rounding under noise, custom backwards that pass the gradient
-straight through or reverse it, random resizing, stochastic activation pruning, a
-staircase activation). Each must raise a masking flag, and its worst case must land
+straight through or reverse it, a staircase activation; benchmarks/cheating_zoo.py runs
+these and the two randomized ones, random resizing and stochastic activation pruning). Each must raise a masking flag, and its worst case must land
 within ten points of an attack written for its cheat, computed there independently of
 the bench on the same images. The honest controls (a natural and an adversarially
 trained model) must raise no masking flag.
@@ -242,16 +242,32 @@ def test_a_backward_that_disagrees_with_the_forward_is_flagged(natural_model, di
     assert "gradient_disagrees" in MASKING
 
 
-WIDER = ["round_noisy", "straight_through", "reversed", "resize_pad", "sap", "staircase"]
+WIDER = ["round_noisy", "straight_through", "reversed", "staircase"]
+"""The cheats whose gradients say nothing or lie; the two randomized ones of tests/cheats.py
+(resize_pad, sap) meet the EOT and majority machinery `noisy` tests here, and are held to
+their truth by benchmarks/cheating_zoo.py, whose table the README quotes."""
+WIDER_MATRIX = """
+[[cell]]
+attack = "pgd"
+steps = 20
+
+[[cell]]
+attack = "square"
+queries = 1000
+"""
+"""PGD-20 and Square only (the README's zoo runs them on `full`): each cheat's EOT and
+three rounds per cell make every cell count."""
 
 
 @pytest.mark.parametrize("name", WIDER)
-def test_the_wider_zoo_is_caught_and_lands_near_its_truth(natural_model, digits_test, matrix, results, name):
+def test_the_wider_zoo_is_caught_and_lands_near_its_truth(natural_model, digits_test, results, tmp_path, name):
     x, y = digits_test
     cheat = BY_NAME[name]
     torch.manual_seed(0)
     model = cheat.build(natural_model, None).eval()
-    wc, rows = judge(model, f"zoo_{name}", matrix, results)
+    matrix = tmp_path / "wider.toml"
+    matrix.write_text(WIDER_MATRIX)
+    wc, rows = judge(model, f"zoo_{name}", str(matrix), results)
     assert masking(wc), wc["flags"]
     truth = cheat.truth(model, natural_model, x, y)
     assert abs(wc["robust_acc"] - truth) <= 0.10, (wc["robust_acc"], truth)
