@@ -19,6 +19,7 @@ from bench.core.data import get_spec
 from bench.science.flags import compute_flags
 from bench.store.factories import weights_hash
 from bench.store.db import Checkpoint, Store
+from cheats import Saturated
 
 DIGITS = get_spec("digits")
 MATRIX = """
@@ -267,15 +268,6 @@ def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_mod
     bench.evaluate(Saturated(natural_model), name="sat", matrix=str(matrix), results=results, device="cpu")
     report = run_defense(Bench.open(results, device="cpu"), TrainRequest("natural"), str(matrix))
     assert not report.trained and len(store.transfers()) == 1
-
-
-class Saturated(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x) * 1000.0
 
 
 def test_boards_tell_override_variants_apart():

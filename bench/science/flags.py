@@ -347,10 +347,7 @@ def _test_size(cells: list[Evaluation]) -> int:
       "that every attack cell left standing: the attacks' worst case was above the truth by "
       "that many images (the count and the image indices are kept).")
 def attacks_missed(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    b = bracket(ck, cells, transfers, _test_size(cells)) if _test_size(cells) else None
-    if b and b["attacks_missed"]:
-        return {"numbers": {"count": b["attacks_missed"], "n": _test_size(cells), "indices": b["missed_indices"]}}
-    return None
+    return _in_bracket(ck, cells, transfers, "attacks_missed", "missed_indices")
 
 
 @flag(
@@ -358,9 +355,16 @@ def attacks_missed(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
       "an attack cell. A sound verifier and a correct attack can never disagree so: this is "
       "a bug in one of them, and the run fails.")
 def unsound(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    b = bracket(ck, cells, transfers, _test_size(cells)) if _test_size(cells) else None
-    if b and b["unsound"]:
-        return {"numbers": {"count": b["unsound"], "n": _test_size(cells), "indices": b["unsound_indices"]}}
+    return _in_bracket(ck, cells, transfers, "unsound", "unsound_indices")
+
+
+def _in_bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer], count: str,
+                indices: str) -> dict | None:
+    """A flag's numbers from the checkpoint's bracket: the images it counts, if any."""
+    size = _test_size(cells)
+    b = bracket(ck, cells, transfers, size) if size else None
+    if b and b[count]:
+        return {"numbers": {"count": b[count], "n": size, "indices": b[indices]}}
     return None
 
 
