@@ -40,6 +40,12 @@ class Cell:
     rounds: int = 1
     """Times the attack runs on what the majority verdict leaves standing (randomized models)."""
 
+    @property
+    def verifier(self) -> bool:
+        """A verifier cell (its attack config says `verifier = True`): it returns per-image
+        verdicts (bench.engine.verified) and brackets the worst case rather than making it."""
+        return getattr(self.config, "verifier", False)
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):

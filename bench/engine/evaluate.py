@@ -161,7 +161,7 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
     most `config.batch_limit` images, so its progress moves while it verifies.
     """
     perturb = ATTACKS.get(cell.attack).fn
-    verifier = getattr(cell.config, "verifier", False)
+    verifier = cell.verifier
     if verifier:
         batch_size = min(batch_size, getattr(cell.config, "batch_limit", batch_size))
         # Verification is exact arithmetic on the model as it is: no fast copy.

@@ -43,7 +43,7 @@ def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
     not take the model: a layer it does not support, or a forward pass that varies. The
     one-line reason is kept in the meta (`not_verifiable`), where the boards show it; the
     model is built only the first time the question comes up."""
-    if not any(getattr(c.config, "verifier", False) for c in cells):
+    if not any(c.verifier for c in cells):
         return cells
     meta = row.meta or {}
     if "not_verifiable" not in meta:
@@ -59,7 +59,7 @@ def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
         meta = row.meta
     if meta["not_verifiable"] is None:
         return cells
-    return [c for c in cells if not getattr(c.config, "verifier", False)]
+    return [c for c in cells if not c.verifier]
 
 
 def majority_clean(bench: Bench, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> None:
@@ -105,7 +105,7 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     for row, cells, build in work:
         # The attacks make the worst case; a verifier's cells bracket it, and one that
         # fails leaves the bracket open, not the worst case incomplete.
-        expect(bench, row, [c.key for c in cells if not getattr(c.config, "verifier", False)])
+        expect(bench, row, [c.key for c in cells if not c.verifier])
         majority_clean(bench, row, build)
     executor = executor or LocalExecutor()
     ran = {row.id: CellsRun() for row, _, _ in work}

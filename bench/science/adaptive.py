@@ -96,8 +96,9 @@ def adaptive_key(key: str, eot: int, votes: int, rounds: int = 1) -> str:
     return key + (f",eot={eot}" if eot > 1 else "") + (f",rounds={rounds}" if rounds > 1 else "") + f",votes={votes}"
 
 
-WITNESS = ({"attack": "distill"},)
-"""The cells added for a model whose gradients say nothing (`gradients_say_nothing`)."""
+WITNESS = ("distill",)
+"""The attacks added, with their defaults, for a model whose gradients say nothing
+(`gradients_say_nothing`)."""
 
 
 def adapt_cells(cells: list[Cell], admission: dict | None, threat=None) -> list[Cell]:
@@ -106,7 +107,7 @@ def adapt_cells(cells: list[Cell], admission: dict | None, threat=None) -> list[
     majority votes if it is randomized."""
     if threat is not None and gradients_say_nothing(admission):
         keys = {c.key for c in cells}
-        extra = [make_cell(w["attack"], {k: v for k, v in w.items() if k != "attack"}, threat) for w in WITNESS]
+        extra = [make_cell(name, {}, threat) for name in WITNESS]
         cells = cells + [c for c in extra if c.key not in keys]
     if not is_randomized(admission):
         return cells

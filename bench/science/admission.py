@@ -214,13 +214,23 @@ under this means the gradient disagrees with the function (honest ReLU networks 
 about 0.99); it raises gradient_disagrees."""
 
 
+def zero_gradients(admission: dict | None) -> dict | None:
+    """The zero-gradient check's numbers when some sample's input gradient is exactly zero."""
+    z = (admission or {}).get("zero_gradient")
+    return dict(z) if z and z["count"] > 0 else None
+
+
+def gradient_disagrees(admission: dict | None) -> dict | None:
+    """The gradient check's numbers when autograd's gradient disagrees with finite
+    differences of the forward pass."""
+    g = (admission or {}).get("gradient_check")
+    return dict(g) if g and g["median_cosine"] < GRADIENT_COSINE else None
+
+
 def gradients_say_nothing(admission: dict | None) -> bool:
     """Some sample's input gradient is exactly zero, or autograd's gradient disagrees with
     the model's own forward pass: gradient attacks have nothing true to follow."""
-    if not admission:
-        return False
-    zero, check = admission.get("zero_gradient"), admission.get("gradient_check")
-    return bool(zero and zero["count"] > 0) or bool(check and check["median_cosine"] < GRADIENT_COSINE)
+    return bool(zero_gradients(admission) or gradient_disagrees(admission))
 
 
 def ensure_admission(bench, row, model) -> dict:

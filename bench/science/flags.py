@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from bench.science.admission import GRADIENT_COSINE, is_randomized
+from bench.science import admission
+from bench.science.admission import is_randomized
 from bench.science.flag_registry import FLAGS, flag
 from bench.store.bracket import bracket
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer
@@ -229,8 +230,8 @@ def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list
       "AutoAttack's zero-gradient check).",
       masking=True)
 def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    z = _admission(ck).get("zero_gradient")
-    return {"numbers": dict(z)} if z and z["count"] > 0 else None
+    z = admission.zero_gradients(ck.admission)
+    return {"numbers": z} if z else None
 
 
 @flag(
@@ -240,8 +241,8 @@ def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
       "gradient attacks follow the wrong direction (Athalye et al.'s obfuscated gradients).",
       masking=True)
 def gradient_disagrees(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    g = _admission(ck).get("gradient_check")
-    return {"numbers": dict(g)} if g and g["median_cosine"] < GRADIENT_COSINE else None
+    g = admission.gradient_disagrees(ck.admission)
+    return {"numbers": g} if g else None
 
 
 NOISE_FLIP_SHARE = 0.02
