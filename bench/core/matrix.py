@@ -10,12 +10,13 @@ set `subset = N` to run on a fixed, seeded subset of N test images.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -39,6 +40,18 @@ class Cell:
     """Passes that judge each prediction by majority (randomized models); 0: one pass."""
     rounds: int = 1
     """Times the attack runs on what the majority verdict leaves standing (randomized models)."""
+    view: Callable[[Any], Any] | None = None
+    """A view of the model the attack crafts through, `view(model)` (such as
+    bench.engine.mirror.ThroughForward), named in the key; the verdicts stay the model's
+    own. None: the model itself."""
+
+    @property
+    def seed(self) -> int:
+        """The seed of the cell's random draws (starts, targets, queries): derived from its
+        key, so two cells never share a stream. With one seed for every cell, PGD-50 was the
+        first 50 steps of PGD-1000 from the same start, and a long fixed-step run revisits
+        an earlier iterate within a few dozen steps: longer cells could add nothing."""
+        return int.from_bytes(hashlib.sha256(self.key.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
     @property
     def verifier(self) -> bool:
@@ -55,10 +68,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _in_key(f: dataclasses.Field, config: Any) -> bool:
+    """Fields marked metadata={"key": False} change speed, not results (early stop), and
+    stay out of the key; fields marked {"key": "set"} enter it only away from their
+    default, so a field added later leaves the keys of the cells it does not change as
+    they were (and their stored rows found)."""
+    mark = f.metadata.get("key", True)
+    if mark == "set":
+        return getattr(config, f.name) != f.default
+    return bool(mark)
+
+
 def cell_key(attack: str, config: Any, subset: int = 0) -> str:
-    # Fields marked metadata={"key": False} change speed, not results (early stop).
-    parts = [f"{f.name}={_fmt(getattr(config, f.name))}" for f in dataclasses.fields(config)
-             if f.metadata.get("key", True)]
+    parts = [f"{f.name}={_fmt(getattr(config, f.name))}" for f in dataclasses.fields(config) if _in_key(f, config)]
     if subset:
         parts.append(f"subset={subset}")
     return f"{attack}:" + ",".join(sorted(parts))
@@ -99,6 +121,17 @@ def parse_cell_key(key: str, threat) -> Cell:
             raise BenchError(f"attack cell {key!r}: {part!r} is not key=value")
         params[k.strip()] = _parse_value(v.strip())
     return make_cell(name.strip(), params, threat, where=f"attack cell {key!r}")
+
+
+def transfer_cell(key: str, threat) -> Cell:
+    """The cell that crafts examples for other models: parsed from its key, then with its
+    config's `for_transfer()` where it has one (PGD keeps its final iterate rather than the
+    first that fools the source), so the key says how the examples were made."""
+    cell = parse_cell_key(key, threat)
+    if not hasattr(cell.config, "for_transfer"):
+        return cell
+    config = cell.config.for_transfer()
+    return dataclasses.replace(cell, config=config, key=cell_key(cell.attack, config, cell.subset))
 
 
 def _parse_value(v: str) -> Any:

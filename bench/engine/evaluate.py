@@ -143,7 +143,7 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
     return x_adv
 
 
-def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
+def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
           on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
           channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
           exact_rewrites: bool = False, verdicts: dict | None = None) -> torch.Tensor:
@@ -161,6 +161,7 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
     most `config.batch_limit` images, so its progress moves while it verifies.
     """
     perturb = ATTACKS.get(cell.attack).fn
+    seed = cell.seed if seed is None else seed
     verifier = cell.verifier
     if verifier:
         batch_size = min(batch_size, getattr(cell.config, "batch_limit", batch_size))
@@ -201,19 +202,29 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 
     return torch.cat(out).cpu().contiguous()
 
 
-def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int = 0,
+VERDICT_SEED = 0
+"""The seed of the passes that judge a randomized model: one for every cell and transfer
+(bench.engine.verdicts.majority_correct), so that every verdict of a checkpoint comes from
+the same passes while each cell's attack draws from its own stream."""
+
+
+def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
              on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
              channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
              exact_rewrites: bool = False) -> dict:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
-    look broken by rounding)."""
+    look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
+    seed = cell.seed if seed is None else seed
     idx = subset_indices(len(x), cell.subset)
     if idx is not None:
         x, y = x[idx], y[idx]
     target = model
     if cell.eot > 1:  # a randomized model: attacked through its mean logits, plainly
         target = EOT(model, cell.eot)
+        fold_bn = compile = exact_rewrites = False
+    if cell.view is not None:  # crafted through a view of the model, judged on the model below
+        target = cell.view(target)
         fold_bn = compile = exact_rewrites = False
     # A randomized model draws its noise from torch's global generators: seeded from the
     # cell's seed for the craft (and restored), so its cells are reproducible too.
@@ -232,9 +243,10 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
     if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
-        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=seed)
+        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size,
+                                 seed=VERDICT_SEED)
         robust = majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size,
-                                  seed=seed) & clean
+                                  seed=VERDICT_SEED) & clean
         # An attack stops at the first iterate its noisy view misclassifies, right at the
         # boundary, where the verdict is a coin flip; so what the verdict leaves standing
         # is attacked again (the craft with a fresh seed), `cell.rounds` times in all.
@@ -247,11 +259,11 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
                               seed=seed + extra, precision=precision, channels_last=channels_last,
                               fold_bn=fold_bn, compile=compile, exact_rewrites=exact_rewrites)
             x_adv[left] = again
-            # Judged on the whole set with the first round's seed: every verdict of the
-            # cell comes from the same passes (the noise a pass draws depends on a
-            # sample's place in the batch), and what is broken stays broken.
+            # Judged on the whole set with the verdict seed: every verdict of the cell
+            # comes from the same passes (the noise a pass draws depends on a sample's
+            # place in the batch), and what is broken stays broken.
             robust &= majority_correct(model, x_adv, y, cell.votes, device=device,
-                                       batch_size=batch_size, seed=seed)
+                                       batch_size=batch_size, seed=VERDICT_SEED)
         seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
     extra = {"logit_hist": histogram(clean_logits, adv_logits), "adv_logit_stats": logit_stats(adv_logits, y),

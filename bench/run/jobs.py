@@ -55,7 +55,8 @@ class AttackJob:
 class EvalJob(AttackJob):
     """Attack one model with one cell on (x, y); returns the row the store keeps."""
 
-    seed: int = 0
+    seed: int | None = None
+    """The attack's seed; unset, the cell's own (derived from its key)."""
 
     def run(self) -> dict:
         return evaluate(self.on_device(), self.cell, self.x, self.y, device=self.device,
