@@ -13,6 +13,23 @@ Two things make it stronger and faster than a textbook loop, never weaker:
 - with restarts > 1, every restart runs only on the samples no earlier restart broke,
   and each sample keeps the adversary of highest loss among unbroken ones.
 
+Three choices, each in the cell key only when it differs from the textbook default:
+- `keep`: `first` (the evaluation: the first iterate that misclassifies) or `last` (the
+  final iterate, every step taken: what a transfer cell crafts, since a point just across
+  the source's boundary is the one least likely to fool another model; Kannan et al.
+  and Shafahi et al. craft black-box examples with the attack run to its end);
+- `schedule`: `fixed` (the seeds' constant step, which the `paper` matrix keeps) or
+  `cosine`, a step that decays from twice the threat's step to zero over the run. With
+  a constant sign step an L-inf iterate lives on a lattice of step multiples inside a
+  finite box, so a long run returns to an earlier iterate bit for bit and cycles (by
+  step 16 for half the digits samples): PGD-1000 then finds nothing PGD-50 did not. A
+  decaying step leaves the lattice, takes large steps while it explores and refines at
+  the end, so a longer run is a different, finer search, not a prefix;
+- `targeted`: `none`, or `random` (Kannan et al.'s protocol): each image gets a seeded
+  random target class other than its label, and the attack descends the cross-entropy
+  toward it (loss `xent`) or ascends the target's CW margin (loss `cw`). A sample still
+  counts as broken when it is misclassified, toward the target or not.
+
 Early stop changes the work, never the result: with it off, broken samples stay in the
 batch and keep stepping (the equal-work mode benchmarks use), but their bookkeeping is
 frozen, so x_adv and the broken flags come out the same either way.
@@ -27,9 +44,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from bench.plugin import LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
+
+KEEPS = ("first", "last")
+SCHEDULES = ("fixed", "cosine")
+TARGETS = ("none", "random")
 
 
 @dataclass(frozen=True)
@@ -48,6 +72,13 @@ class PGD:
     """Start from a random point of the ball (Madry et al.) rather than from x."""
     restarts: int = 1
     """Independent random starts; each sample keeps its best."""
+    keep: str = field(default="first", metadata={"key": "set"})
+    """`first`: the first iterate that misclassifies (evaluation); `last`: the final
+    iterate of every sample (crafting transfers)."""
+    schedule: str = field(default="fixed", metadata={"key": "set"})
+    """`fixed` step, or `cosine`: from 2 x step_size down to 0 over the steps."""
+    targeted: str = field(default="none", metadata={"key": "set"})
+    """`none`, or `random`: toward a seeded random wrong class per image."""
     early_stop: bool = field(default=True, metadata={"key": False})
     """Drop a sample from the batch once broken. Changes speed, never results, so it is
     left out of the cell key; off gives equal work for benchmarks."""
@@ -55,6 +86,9 @@ class PGD:
     def __post_init__(self):
         one_of("loss", self.loss, LOSSES)
         one_of("norm", self.norm, NORMS)
+        one_of("keep", self.keep, KEEPS)
+        one_of("schedule", self.schedule, SCHEDULES)
+        one_of("targeted", self.targeted, TARGETS)
         radius("eps", self.eps, self.norm)
         at_least("steps", self.steps, 1)
         at_least("restarts", self.restarts, 1)
@@ -70,6 +104,31 @@ class PGD:
 
     def threat_key(self) -> str:
         return f"{self.norm}-{self.eps:g}"
+
+    def for_transfer(self) -> "PGD":
+        """The config that crafts examples for another model: the final iterate."""
+        return replace(self, keep="last") if self.keep == "first" else self
+
+
+def step_length(cfg: PGD, step: int) -> float:
+    """The length of gradient step `step` (0-based) under the cfg's schedule."""
+    if cfg.schedule == "fixed":
+        return cfg.step_size
+    return 2 * cfg.step_size * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
+def random_targets(y: torch.Tensor, classes: int, generator) -> torch.Tensor:
+    """A seeded target class per sample, uniform over the classes other than its label."""
+    shift = torch.randint(1, classes, y.shape, generator=generator, device=y.device)
+    return (y + shift) % classes
+
+
+def _targeted_loss(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The objective ascended toward target t: the negated cross-entropy of t, or t's CW
+    margin (z_t minus the best other logit)."""
+    if loss == "xent":
+        return lambda logits, t: -F.cross_entropy(logits, t, reduction="none")
+    return lambda logits, t: -LOSSES["cw"](logits, t)
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
@@ -92,15 +151,15 @@ def _random_start(x, cfg: PGD, generator):
     return (x + g / _l2(g) * cfg.eps * r).clamp_(0, 1)
 
 
-def _step_(x_adv, x, lo, hi, grad, cfg: PGD):
+def _step_(x_adv, x, lo, hi, grad, cfg: PGD, size: float):
     """One ascent step and projection, in place on x_adv (a tensor no graph holds).
 
     L-inf: clipping to [max(x - eps, 0), min(x + eps, 1)] in one clamp selects exactly the
     values that clipping to the eps-box and then to [0, 1] would (no arithmetic differs).
     """
     if cfg.norm == "linf":
-        return x_adv.add_(grad.sign(), alpha=cfg.step_size).clamp_(min=lo, max=hi)
-    x_adv = x_adv + cfg.step_size * grad / _l2(grad)
+        return x_adv.add_(grad.sign(), alpha=size).clamp_(min=lo, max=hi)
+    x_adv = x_adv + size * grad / _l2(grad)
     delta = x_adv - x
     delta = delta * torch.clamp(cfg.eps / _l2(delta), max=1.0)
     return (x + delta).clamp_(0, 1)
@@ -129,6 +188,23 @@ def _confirmed(model, x_adv, y, candidates, hit):
     return hit.index_put((idx,), full)
 
 
+def _objective(cfg: PGD, loss=None):
+    """(loss(logits, goal) per sample, whether the goal is a target class rather than y)."""
+    if cfg.targeted == "random":
+        return _targeted_loss(cfg.loss), True
+    return loss or LOSSES[cfg.loss], False
+
+
+def _goals(model, x, y, cfg: PGD, generator) -> torch.Tensor:
+    """What the objective is taken against: y, or a seeded random target per sample (drawn
+    once per batch, before any start, so early stop cannot change the draws)."""
+    if cfg.targeted != "random":
+        return y
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    return random_targets(y, classes, generator)
+
+
 def run_pgd(model, x, y, cfg: PGD, generator=None):
     """PGD over one batch; returns (x_adv, broken) with broken a bool per sample.
 
@@ -139,8 +215,14 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
     the working batch is compacted so it costs nothing more. With early stop off every
     sample takes every gradient step; the check of the last iterate, a forward pass that
     torchattacks does not make, runs on the samples still unbroken.
+
+    With keep = last, every sample takes every step and keeps its final iterate (of the
+    restart whose final objective is highest).
     """
-    loss_fn = LOSSES[cfg.loss]
+    if cfg.keep == "last":
+        return _run_to_end(model, x, y, cfg, generator)
+    loss_fn, _ = _objective(cfg)
+    goals = _goals(model, x, y, cfg, generator)
     # Under low-precision autocast a hit is confirmed in full precision before it is final:
     # a sample that merely looks broken through rounding would otherwise stop being
     # attacked, and the fp32 verification would count it robust.
@@ -164,14 +246,14 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
         else:
             idx = torch.arange(n, device=x.device)
             pick = lambda t: t  # noqa: E731
-        xs, ys, lo, hi = pick(x), pick(y), pick(lo_all), pick(hi_all)
+        xs, ys, gs, lo, hi = pick(x), pick(y), pick(goals), pick(lo_all), pick(hi_all)
         x_adv, w_best, w_loss, alive = pick(start), pick(best).clone(), pick(best_loss).clone(), ~pick(broken)
         for step in range(cfg.steps + 1):
             last = step == cfg.steps
             with torch.enable_grad() if not last else torch.no_grad():
                 x_adv.requires_grad_(not last)
                 logits = model(x_adv)
-                losses = loss_fn(logits, ys).float()
+                losses = loss_fn(logits, gs).float()
                 if not last:
                     (grad,) = torch.autograd.grad(losses.sum(), x_adv)
             with torch.no_grad():
@@ -201,12 +283,12 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
                     if len(keep) == 0:
                         idx = keep
                         break
-                    idx, xs, ys, x_adv, grad = idx[keep], xs[keep], ys[keep], x_adv[keep], grad[keep]
+                    idx, xs, ys, gs, x_adv, grad = idx[keep], xs[keep], ys[keep], gs[keep], x_adv[keep], grad[keep]
                     w_best, w_loss, alive = w_best[keep], w_loss[keep], alive[keep]
                     if linf:
                         lo, hi = lo[keep], hi[keep]
                 if not last:
-                    x_adv = _step_(x_adv, xs, lo, hi, grad, cfg)
+                    x_adv = _step_(x_adv, xs, lo, hi, grad, cfg, step_length(cfg, step))
         if len(idx):
             best[idx] = w_best
             best_loss[idx] = w_loss
@@ -214,8 +296,27 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
     return best, broken
 
 
+def _run_to_end(model, x, y, cfg: PGD, generator):
+    """keep = last: every restart runs every step on every sample; each sample keeps the
+    final iterate of its restart with the highest final objective."""
+    loss_fn, _ = _objective(cfg)
+    goals = _goals(model, x, y, cfg, generator)
+    best, best_loss = x.clone(), torch.full((len(x),), float("-inf"), device=x.device)
+    for _ in range(cfg.restarts):
+        x_adv = plain_pgd(model, x, y, cfg, generator, goals=goals)
+        with torch.no_grad():
+            losses = loss_fn(model(x_adv), goals).float()
+            better = losses > best_loss
+            best_loss = torch.where(better, losses, best_loss)
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
+    with torch.no_grad():
+        broken = model(best).argmax(1) != y
+    return best, broken
+
+
 def plain_pgd(model, x, y, cfg: PGD, generator=None, *, loss=None,
-              on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+              on_step: Callable[[torch.Tensor], None] | None = None,
+              goals: torch.Tensor | None = None) -> torch.Tensor:
     """Textbook PGD: every step on every sample from the same start and with the same step
     and projection as `run_pgd`, no early stop; returns the last iterate.
 
@@ -223,24 +324,27 @@ def plain_pgd(model, x, y, cfg: PGD, generator=None, *, loss=None,
     training (Madry et al. train on the last iterate) and the admission check that traces
     the loss step by step. `loss(logits, y)` replaces the cfg's objective (per sample or
     already reduced: its sum is ascended); `on_step(losses)` sees the objective before
-    each step.
+    each step. A targeted cfg draws its targets here unless `goals` gives them.
     """
-    loss_fn = loss or LOSSES[cfg.loss]
+    loss_fn, _ = _objective(cfg, loss)
+    if goals is None:
+        goals = _goals(model, x, y, cfg, generator)
     lo = (x - cfg.eps).clamp(min=0) if cfg.norm == "linf" else None
     hi = (x + cfg.eps).clamp(max=1) if cfg.norm == "linf" else None
     x_adv = _random_start(x, cfg, generator)
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
-            losses = loss_fn(model(x_adv), y)
+            losses = loss_fn(model(x_adv), goals)
             (grad,) = torch.autograd.grad(losses.sum(), x_adv)
         if on_step is not None:
             on_step(losses.detach())
-        x_adv = _step_(x_adv.detach(), x, lo, hi, grad, cfg)
+        x_adv = _step_(x_adv.detach(), x, lo, hi, grad, cfg, step_length(cfg, step))
     return x_adv.detach()
 
 
 @register_attack("pgd", config=PGD)
 def perturb(model, x, y, cfg: PGD, *, generator=None):
-    """L-inf or L2 PGD with random start, restarts and per-sample early stop."""
+    """L-inf or L2 PGD with random start, restarts, per-sample early stop, a step schedule,
+    random targets, and the first or the last iterate kept."""
     return run_pgd(model, x, y, cfg, generator)[0]

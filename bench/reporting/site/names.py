@@ -17,14 +17,18 @@ SURROGATE_TEXT = ("trained once per dataset as a source for the full matrix's bl
 def cell_label(attack: str, params: dict) -> str:
     """The column label of a cell within its threat model: pgd20, cw200, pgd20_r10, fgsm, spsa.
 
-    PGD is named by its loss and steps (cross-entropy `pgd`, CW margin `cw`), with `_rN`
-    for N restarts; every other attack is named by itself.
+    PGD is named by its loss and steps (cross-entropy `pgd`, CW margin `cw`), with `_cos`
+    for the cosine step schedule, `_tgt` toward random targets, `_last` for the final
+    iterate (a transfer's) and `_rN` for N restarts; every other attack is named by itself.
     """
     if attack != "pgd":
         return attack
     base = "cw" if params.get("loss") == "cw" else "pgd"
     restarts = params.get("restarts", 1)
-    return f"{base}{params.get('steps')}" + (f"_r{restarts}" if restarts and restarts > 1 else "")
+    return (f"{base}{params.get('steps')}" + ("_cos" if params.get("schedule") == "cosine" else "")
+            + ("_tgt" if params.get("targeted") == "random" else "")
+            + ("_last" if params.get("keep") == "last" else "")
+            + (f"_r{restarts}" if restarts and restarts > 1 else ""))
 
 
 def cell_anchor(cell_key: str) -> str:
