@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import matrix_transfer, parse_cell_key
+from bench.core.matrix import matrix_transfer, parse_cell_key, transfer_cell
 from bench.run.attacking import expect
 from bench.run.bench import Bench
 from bench.run.recipe import TrainRequest, resolve
@@ -66,7 +66,7 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
         return done
 
     spec = get_spec(row.dataset)
-    cells = [parse_cell_key(k, spec.threat) for k in keys]
+    cells = [transfer_cell(k, spec.threat) for k in keys]
     randomized = is_randomized(row.admission)
     x = y = clean = None
     ran = done.ran

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import Cell, make_cell, parse_cell_key
+from bench.core.matrix import Cell, transfer_cell
+from bench.engine.budget import BudgetError, check_budget
 from bench.engine.verdicts import majority_correct, predict
 from bench.errors import BenchError
 from bench.run.bench import Bench
@@ -31,7 +32,7 @@ from bench.store.claims import Claims, claimed
 from bench.store.db import Checkpoint, pack_bits
 from bench.store.select import select_checkpoints
 
-DEFAULT_ATTACK = {"steps": 10}  # PGD-10, as Summers & Dinneen Table 2
+DEFAULT_ATTACK = "pgd:steps=10"  # PGD-10, as Summers & Dinneen Table 2, run to its last iterate
 
 
 @dataclass
@@ -62,10 +63,17 @@ def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
 
 
 def cached_examples(bench: Bench, source: Checkpoint, cell: Cell, x) -> torch.Tensor | None:
+    """The cached examples of (source, cell), held to the cell's ball around x like any
+    crafted batch: a file edited or written by other code is refused, never judged."""
     path = cache_path(bench.results, source, cell)
     if path.is_file():
         cached = load_file(str(path))
         if cached["x_adv"].shape == x.shape:
+            try:
+                check_budget(cell, x, cached["x_adv"])
+            except BudgetError as exc:
+                raise BenchError(f"cached transfer examples {path} are outside the threat model ({exc}); "
+                                 "delete the file to craft them again") from exc
             return cached["x_adv"]
     return None
 
@@ -105,7 +113,7 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     """Craft on each source (as jobs on the executor, each under a claim, cached on disk),
     then judge every target on each source's examples here, committing row by row."""
     spec = get_spec(dataset)
-    cell = parse_cell_key(attack, spec.threat) if attack else make_cell("pgd", DEFAULT_ATTACK, spec.threat)
+    cell = transfer_cell(attack or DEFAULT_ATTACK, spec.threat)
     if cell.subset:
         raise BenchError("transfer cells run on the whole test set; drop subset= from --attack")
     checkpoints = bench.store.checkpoints(dataset=dataset)
