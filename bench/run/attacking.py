@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import Cell
+from bench.core.matrix import Cell, make_cell
 from bench.errors import BenchError
 from bench.engine.verdicts import majority_correct
 from bench.run.bench import Bench
@@ -19,9 +19,9 @@ from bench.run.executors import LocalExecutor
 from bench.run.jobs import EvalJob, Failed
 from bench.run.progress import progress_bar
 from bench.run.training import once
-from bench.science.adaptive import VOTES, adapt_cells
+from bench.science.adaptive import VOTES, WITNESS, adapt_cells
 from bench.science.admission import ensure_admission, is_randomized
-from bench.science.flags import recompute_flags
+from bench.science.flags import CALLS_WITNESS, recompute_flags
 from bench.store.claims import Claims, claimed
 from bench.store.db import Checkpoint
 from bench.verify import to_graph
@@ -157,3 +157,18 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     for row, _, _ in work:
         recompute_flags(bench.store, row)
     return ran
+
+
+def witness_after_black_box(bench: Bench, work: list[tuple[Checkpoint, Callable[[], torch.nn.Module]]],
+                            executor=None) -> dict[int, CellsRun]:
+    """The witness cells for each checkpoint on which a black-box cell (Square, SPSA, a
+    transfer) beat the strongest white-box one, as its stored flags say: admission alone
+    decides from a few gradients, and a model can pass it and still hide its boundary from
+    the gradient attacks. Run after every cell and transfer; the witness keys join the
+    checkpoint's expected cells, so its worst case is complete only with them."""
+    todo = []
+    for row, build in work:
+        if {f.name for f in bench.store.flags([row.id])} & CALLS_WITNESS:
+            threat = get_spec(row.dataset).threat
+            todo.append((row, [make_cell(name, {}, threat) for name in WITNESS], build))
+    return attack_checkpoints(bench, todo, executor) if todo else {}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bench.core.data import load_dataset
 from bench.core.matrix import Cell, matrix_cells
-from bench.run.attacking import attack_checkpoints
+from bench.run.attacking import attack_checkpoints, witness_after_black_box
 from bench.run.bench import Bench
 from bench.run.diagnosing import ensure_diagnostic
 from bench.run.recipe import Recipe, TrainRequest, resolve
@@ -60,6 +60,10 @@ def run_defenses(bench: Bench, specs: list[TrainRequest], matrix: str, executor=
     builds = {row.key: model_of(row, bench.device) for row in unique}
     ran = attack_checkpoints(bench, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
     transfers = {row.key: transfer_cells(bench, row, matrix, builds[row.key]) for row in unique}
+    for row_id, extra in witness_after_black_box(bench, [(row, builds[row.key]) for row in unique],
+                                                 executor).items():
+        ran[row_id].extend(extra)
+        ran[row_id].failures.update(extra.failures)
     # The surrogates get their diagnostics too: the checkpoint pages and the compare page
     # draw every defense against natural training on the same dataset.
     surrogates = {s.key: s for t in transfers.values() for s in t.surrogates if s.key not in builds}

@@ -29,7 +29,7 @@ from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
-from bench.run.attacking import attack_checkpoint
+from bench.run.attacking import attack_checkpoint, witness_after_black_box
 from bench.run.bench import Bench
 from bench.run.surrogates import check_transfer, transfer_cells
 from bench.store import checkpoints as ckpt
@@ -182,5 +182,8 @@ def evaluate_outside(bench: Bench, candidate: Candidate, matrix: str = "full", e
 
     ran = attack_checkpoint(bench, row, cells, build, executor)
     transfers = transfer_cells(bench, row, matrix, build)
+    for extra in witness_after_black_box(bench, [(row, build)], executor).values():
+        ran.extend(extra)
+        ran.failures.update(extra.failures)
     return EvalReport(row, added, [*ran, *transfers.ran], len(cells) + transfers.total, ran.failures,
                       transfers.trained)

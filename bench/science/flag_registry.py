@@ -11,22 +11,24 @@ from bench.store.db import Checkpoint, Evaluation, Transfer
 @dataclass(frozen=True)
 class FlagCheck:
     """One reliability check: its stable name (a database key), the text the site and
-    README show, whether it is a sign of gradient masking, and the check itself."""
+    README show, whether it is a sign of gradient masking, whether it calls for the
+    witness cells (a black-box attack beat the white-box ones), and the check itself."""
 
     name: str
     text: str
     masking: bool
     check: Callable[[Checkpoint, list[Evaluation], list[Transfer]], dict | None]
+    calls_witness: bool = False
 
 
 FLAGS: list[FlagCheck] = []
 """Every check, in the order flags are computed and shown; `@flag` adds one."""
 
 
-def flag(text: str, *, masking: bool = False):
+def flag(text: str, *, masking: bool = False, calls_witness: bool = False):
     """Register the decorated check under its function's name: a new flag is one entry."""
     def register(fn):
-        FLAGS.append(FlagCheck(fn.__name__, " ".join(text.split()), masking, fn))
+        FLAGS.append(FlagCheck(fn.__name__, " ".join(text.split()), masking, fn, calls_witness))
         return fn
 
     return register

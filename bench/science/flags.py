@@ -3,33 +3,28 @@
 Each check reads the checkpoint's stored cells and returns a flag with the numbers that
 raised it (and the keys of the cells they come from), or nothing. Flags are derived
 data: recomputed after every run and replaced in one transaction. "More than a point"
-means more than 0.01 of accuracy. White-box PGD means the full-test-set L-inf PGD cells
-of the checkpoint's own threat model; a subset cell (SPSA on 100 images) is compared
-with PGD on the very same images.
+means more than 0.01 of accuracy. The white-box reference of the masking flags is the
+strongest gradient attack the checkpoint has faced: every full-test-set cell of FGSM,
+PGD (any schedule, targeted or not), APGD-CE, APGD-T and multi-targeted PGD in its own
+threat model, compared sample by sample (their union) or by accuracy (the lowest). A
+black-box attack beating PGD-20 alone says little: on honest adversarially trained
+models Square did, because PGD-20 is a weak reference, not because the gradients were
+masked. A subset cell (SPSA on 100 images) is compared with the white-box cells on the
+very same images. The flags keep their names (they are database keys): `..._than_pgd`
+reads "than the white-box attacks".
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 
 from bench.science import admission
 from bench.science.admission import is_randomized
 from bench.science.flag_registry import FLAGS, flag
+from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, strongest_white_box_on,
+                                     white_box)
 from bench.store.bracket import bracket
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer
-
-POINT = 0.01
-
-
-def _beyond(drop: float) -> bool:
-    """More than a point. Accuracies are k/n stored through float32 means, so a drop of
-    exactly one point can read as 0.0100000x; that is still one point, not more."""
-    return drop - POINT > 1e-6
-
-
-
-
 
 
 def _pgd(cells: list[Evaluation], threat: str) -> list[Evaluation]:
@@ -43,33 +38,23 @@ def _variant(c: Evaluation, *fields: str) -> tuple:
     return tuple(c.params.get(f) for f in fields)
 
 
-def _acc_on(cell: Evaluation | Transfer, indices) -> float:
-    """A full-set cell's robust accuracy on the given test-set indices (None: all)."""
-    bits = cell.correct()
-    return float(bits.mean()) if indices is None else float(bits[np.asarray(indices, dtype=np.int64)].mean())
-
-
-def _strongest_pgd_on(cells: list[Evaluation], threat: str, indices) -> tuple[float, str] | None:
-    """(accuracy, cell key) of the strongest white-box PGD cell on these images."""
-    scored = [(_acc_on(c, indices), c.cell_key) for c in _pgd(cells, threat)]
-    return min(scored) if scored else None
-
-
 @flag(
       "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
       "converged, so short-PGD numbers overstate robustness.")
 def pgd_still_falling(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+    # PGD-20 and the longest run of the same loss and base step, whatever their schedules
+    # (the full matrix runs its long PGD with a decaying step); targeted runs apart.
     groups: dict[tuple, dict[int, Evaluation]] = defaultdict(dict)
     for c in _pgd(cells, ck.threat):
         if c.params.get("restarts", 1) == 1:
-            groups[_variant(c, "loss", "step_size", "random_start")][c.params["steps"]] = c
+            groups[_variant(c, "loss", "step_size", "random_start", "targeted")][c.params["steps"]] = c
     worst = None
     for by_steps in groups.values():
         longest = max(by_steps)
         if 20 not in by_steps or longest <= 20:
             continue
         drop = by_steps[20].robust_acc - by_steps[longest].robust_acc
-        if _beyond(drop) and (worst is None or drop > worst["drop"]):
+        if beyond(drop) and (worst is None or drop > worst["drop"]):
             worst = {"loss": by_steps[20].params.get("loss"), "pgd20": by_steps[20].robust_acc,
                      "steps": longest, "longest": by_steps[longest].robust_acc, "drop": drop,
                      "cells": [by_steps[20].cell_key, by_steps[longest].cell_key]}
@@ -90,7 +75,7 @@ def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tra
             continue
         for c in runs:
             drop = single.robust_acc - c.robust_acc
-            if c.params.get("restarts", 1) > 1 and _beyond(drop) and (worst is None or drop > worst["drop"]):
+            if c.params.get("restarts", 1) > 1 and beyond(drop) and (worst is None or drop > worst["drop"]):
                 worst = {"loss": c.params.get("loss"), "steps": c.params["steps"], "restarts": c.params["restarts"],
                          "single": single.robust_acc, "restarts_acc": c.robust_acc, "drop": drop,
                          "cells": [single.cell_key, c.cell_key]}
@@ -98,39 +83,39 @@ def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tra
 
 
 @flag(
-      "One FGSM step beats iterative PGD: the iterative attack is being misled, a classic sign "
-      "of gradient masking.",
+      "One FGSM step beats every iterative gradient attack (PGD, APGD, multi-targeted): the "
+      "iterative attacks are being misled, a classic sign of gradient masking.",
       masking=True)
 def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    fgsm = [c for c in cells if c.attack == "fgsm" and c.threat == ck.threat and c.indices is None]
-    pgd = _pgd(cells, ck.threat)
+    fgsm = white_box(cells, ck.threat, ("fgsm",))
+    pgd = white_box(cells, ck.threat, ITERATIVE)
     if not fgsm or not pgd:
         return None
     f = min(fgsm, key=lambda c: c.robust_acc)
     best = min(pgd, key=lambda c: c.robust_acc)
-    if _beyond(best.robust_acc - f.robust_acc):
+    if beyond(best.robust_acc - f.robust_acc):
         return {"numbers": {"fgsm": f.robust_acc, "best_pgd": best.robust_acc,
                             "cells": [f.cell_key, best.cell_key]}}
     return None
 
 
 def _stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], rivals: list) -> dict | None:
-    """The rival cell that beats the strongest PGD on its own images by the most."""
+    """The rival cell that beats the strongest white-box cell on its own images by the most."""
     worst = None
     for r in rivals:
-        pgd = _strongest_pgd_on(cells, ck.threat, r.indices)
+        pgd = strongest_white_box_on(cells, ck.threat, r.indices)
         if pgd is None:
             return None
         gap = pgd[0] - r.robust_acc
-        if _beyond(gap) and (worst is None or gap > worst[0]):
+        if beyond(gap) and (worst is None or gap > worst[0]):
             worst = (gap, r, pgd)
     return worst
 
 
 @flag(
-      "The gradient-free SPSA attack beats white-box PGD on the same images: the gradients PGD "
-      "follows are not informative (gradient masking).",
-      masking=True)
+      "The gradient-free SPSA attack beats the strongest white-box attack on the same images: "
+      "the gradients it follows are not informative (gradient masking).",
+      masking=True, calls_witness=True)
 def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     spsa = [c for c in cells if c.attack == "spsa" and c.threat == ck.threat]
     hit = _stronger_than_pgd(ck, cells, spsa)
@@ -142,8 +127,9 @@ def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: l
 
 
 @flag(
-      "A black-box transfer attack beats white-box PGD: white-box gradients are masked.",
-      masking=True)
+      "A black-box transfer attack beats the strongest white-box attack: white-box gradients "
+      "are masked.",
+      masking=True, calls_witness=True)
 def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
     hit = _stronger_than_pgd(ck, cells, incoming)
@@ -279,31 +265,13 @@ def attack_not_converged(ck: Checkpoint, cells: list[Evaluation], transfers: lis
     return None
 
 
-WHITE_BOX = ("fgsm", "pgd")
-BLACK_BOX = ("square",)
-"""Query-based cells compared sample by sample with the white-box ones (SPSA and transfers
-have flags of their own, compared by accuracy on the same images)."""
-
-
-def _broken(cell, size: int) -> np.ndarray:
-    """A bool per test sample: broken by this cell (False where it did not run)."""
-    out = np.zeros(size, dtype=bool)
-    bits = cell.correct()
-    if cell.indices is None:
-        if len(bits) == size:
-            out = ~bits
-    else:
-        out[np.asarray(cell.indices, dtype=np.int64)] = ~bits
-    return out
-
-
 @flag(
       "The query-based Square attack broke more than a point of samples that no white-box "
-      "gradient attack (FGSM, PGD) broke: a black-box attack beating white-box ones means the "
+      "gradient attack (FGSM, PGD, APGD, multi-targeted) broke: a black-box attack beating white-box ones means the "
       "gradients are masked (Pintor et al.; AutoAttack's Square check).",
-      masking=True)
+      masking=True, calls_witness=True)
 def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    return _beyond_white_box(ck, cells, BLACK_BOX, "square")
+    return beyond_white_box(ck, cells, BLACK_BOX, "square")
 
 
 @flag(
@@ -313,30 +281,7 @@ def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers:
       "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
       masking=True)
 def distilled_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    return _beyond_white_box(ck, cells, ("distill",), "distill")
-
-
-def _beyond_white_box(ck: Checkpoint, cells: list[Evaluation], attacks: tuple[str, ...], name: str) -> dict | None:
-    """The numbers when cells of `attacks` broke more than a point of samples no white-box
-    cell broke, compared sample by sample over the full test set."""
-    white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
-    black = [c for c in cells if c.attack in attacks and c.threat == ck.threat]
-    full = [c for c in white if c.indices is None]
-    if not full or not black:
-        return None
-    size = full[0].n
-    by_white = np.zeros(size, dtype=bool)
-    for c in white:
-        by_white |= _broken(c, size)
-    by_black = np.zeros(size, dtype=bool)
-    for c in black:
-        by_black |= _broken(c, size)
-    only = int((by_black & ~by_white).sum())
-    if _beyond(only / size):
-        return {"numbers": {f"broken_only_by_{name}": only, "n": size, "share": only / size,
-                            "whitebox_broken": int(by_white.sum()), f"{name}_broken": int(by_black.sum()),
-                            "cells": sorted({c.cell_key for c in black})}}
-    return None
+    return beyond_white_box(ck, cells, ("distill",), "distill")
 
 
 def _test_size(cells: list[Evaluation]) -> int:
@@ -372,6 +317,9 @@ def _in_bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfe
 FLAG_TEXT = {f.name: f.text for f in FLAGS}
 MASKING = tuple(f.name for f in FLAGS if f.masking)
 """Flags that say the gradients an attack follows are masked, broken or random."""
+CALLS_WITNESS = frozenset(f.name for f in FLAGS if f.calls_witness)
+"""Flags after which the checkpoint also faces the witness cells: a black-box attack beat
+every white-box one, so the model's gradients hide what its answers give away."""
 
 
 def compute_flags(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> list[dict]:

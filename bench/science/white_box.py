@@ -1,0 +1,87 @@
+"""The white-box reference of the masking flags: the strongest gradient attack a
+checkpoint has faced.
+
+Every full-test-set cell of FGSM, PGD (any schedule, targeted or not), APGD-CE, APGD-T
+and multi-targeted PGD in the checkpoint's own threat model, compared sample by sample
+(their union) or by accuracy (the lowest). AutoAttack is not one of them: it runs Square
+inside, a black-box attack. A black-box attack beating PGD-20 alone says little: on
+honest adversarially trained models Square did, because PGD-20 is a weak reference, not
+because the gradients were masked.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.store.db import Checkpoint, Evaluation, Transfer
+
+POINT = 0.01
+
+
+def beyond(drop: float) -> bool:
+    """More than a point. Accuracies are k/n stored through float32 means, so a drop of
+    exactly one point can read as 0.0100000x; that is still one point, not more."""
+    return drop - POINT > 1e-6
+
+
+def acc_on(cell: Evaluation | Transfer, indices) -> float:
+    """A full-set cell's robust accuracy on the given test-set indices (None: all)."""
+    bits = cell.correct()
+    return float(bits.mean()) if indices is None else float(bits[np.asarray(indices, dtype=np.int64)].mean())
+
+
+WHITE_BOX = ("fgsm", "pgd", "apgd", "apgd_t", "multitargeted")
+"""Attacks that follow the model's own gradients: the masking flags' reference. AutoAttack
+is not one of them: it runs Square inside, a black-box attack."""
+ITERATIVE = WHITE_BOX[1:]
+"""The white-box attacks that iterate (FGSM's one step is what they are compared with)."""
+
+
+def white_box(cells: list[Evaluation], threat: str, attacks: tuple[str, ...] = WHITE_BOX) -> list[Evaluation]:
+    """Full-test-set white-box cells of the threat model."""
+    return [c for c in cells if c.attack in attacks and c.threat == threat and c.indices is None]
+
+
+def strongest_white_box_on(cells: list[Evaluation], threat: str, indices) -> tuple[float, str] | None:
+    """(accuracy, cell key) of the strongest white-box cell on these images."""
+    scored = [(acc_on(c, indices), c.cell_key) for c in white_box(cells, threat)]
+    return min(scored) if scored else None
+
+
+BLACK_BOX = ("square",)
+"""Query-based cells compared sample by sample with the white-box ones (SPSA and transfers
+have flags of their own, compared by accuracy on the same images)."""
+
+
+def broken_by(cell, size: int) -> np.ndarray:
+    """A bool per test sample: broken by this cell (False where it did not run)."""
+    out = np.zeros(size, dtype=bool)
+    bits = cell.correct()
+    if cell.indices is None:
+        if len(bits) == size:
+            out = ~bits
+    else:
+        out[np.asarray(cell.indices, dtype=np.int64)] = ~bits
+    return out
+
+
+def beyond_white_box(ck: Checkpoint, cells: list[Evaluation], attacks: tuple[str, ...], name: str) -> dict | None:
+    """The numbers when cells of `attacks` broke more than a point of samples no white-box
+    cell broke, compared sample by sample over the full test set."""
+    white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
+    black = [c for c in cells if c.attack in attacks and c.threat == ck.threat]
+    full = [c for c in white if c.indices is None]
+    if not full or not black:
+        return None
+    size = full[0].n
+    by_white = np.zeros(size, dtype=bool)
+    for c in white:
+        by_white |= broken_by(c, size)
+    by_black = np.zeros(size, dtype=bool)
+    for c in black:
+        by_black |= broken_by(c, size)
+    only = int((by_black & ~by_white).sum())
+    if beyond(only / size):
+        return {"numbers": {f"broken_only_by_{name}": only, "n": size, "share": only / size,
+                            "whitebox_broken": int(by_white.sum()), f"{name}_broken": int(by_black.sum()),
+                            "cells": sorted({c.cell_key for c in black})}}
+    return None
