@@ -203,3 +203,38 @@ def test_a_black_box_win_adds_the_witness(tmp_path: Path, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "results", "--results", results, "--format", "json")
     assert code == 0, err
     assert "distill:" in out and "square_stronger_than_pgd" in out
+
+
+def test_l2_has_a_worst_case_of_its_own(tmp_path: Path, monkeypatch, capsys):
+    """The L2 cells make a worst case of their own (per-sample AND over the dataset's L2
+    ball), complete only when every L2 cell the matrix asked for is stored."""
+    import json
+
+    from bench.store.db import Store
+
+    from cli_run import run_cli
+
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('[[cell]]\nattack = "pgd"\nsteps = 10\n\n'
+                      '[[cell]]\nattack = "pgd"\nnorm = "l2"\nsteps = [5, 10]\n')
+    results = tmp_path / "r"
+    code, _, err = run_cli(monkeypatch, capsys, "run", "--defense", "natural", "--matrix", str(matrix),
+                           "--results", str(results), "--set", "epochs=5")
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "results", "--results", str(results), "--format", "json")
+    rows = json.loads(out)
+    worst = {r["threat"]: r for r in rows if r["attack"] == "worst_case"}
+    assert set(worst) == {THREAT.name, f"l2-{THREAT.l2_eps:g}"}
+    l2_cells = [r for r in rows if r["threat"] == f"l2-{THREAT.l2_eps:g}" and r["attack"] != "worst_case"]
+    assert len(l2_cells) == 2 and worst["l2-1"]["cells"] == 2 and worst["l2-1"]["complete"] is True
+    assert worst["l2-1"]["robust_acc"] <= min(r["robust_acc"] for r in l2_cells)
+    assert worst[THREAT.name]["cells"] == 1  # the L-inf worst case reads no L2 cell
+    # A missing L2 cell leaves the L2 worst case incomplete, and the L-inf one complete.
+    store = Store.for_results(results)
+    (ck,) = store.checkpoints()
+    l2_key = next(r["attack"] for r in l2_cells if "steps=5" in r["attack"])
+    store.update_meta(ck, expected_cells=[*ck.meta["expected_cells"], l2_key.replace("steps=5", "steps=7")],
+                      cell_threats={**ck.meta["cell_threats"], l2_key.replace("steps=5", "steps=7"): "l2-1"})
+    code, out, err = run_cli(monkeypatch, capsys, "results", "--results", str(results), "--format", "json")
+    worst = {r["threat"]: r for r in json.loads(out) if r["attack"] == "worst_case"}
+    assert worst["l2-1"]["complete"] is False and worst[THREAT.name]["complete"] is True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from bench.core.data import DATASETS
 from bench.store.bracket import bracket
 from bench.store.db import Checkpoint, Store, coverage, worst_case
 
@@ -70,4 +71,17 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
                          "cells": wc["cells"], "flags": sorted(flags[ck.id]),
                          **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of),
                          **bracket_fields(ck, bracket(ck, by_ck[ck.id], incoming[ck.id], test_size))})
+        l2 = l2_threat(ck)
+        wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size, l2) if test_size and l2 else None
+        if wc:
+            rows.append({**base, "attack": "worst_case", "threat": l2, "clean_acc": clean,
+                         "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None, "cells": wc["cells"],
+                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of, l2)})
     return rows
+
+
+def l2_threat(ck: Checkpoint) -> str | None:
+    """The dataset's L2 threat model (`l2-1` on digits), whose cells (L2 PGD, AutoAttack's
+    L2 version) make a worst case of their own beside the L-inf one."""
+    spec = DATASETS.get(ck.dataset)
+    return f"l2-{spec.threat.l2_eps:g}" if spec is not None else None

@@ -27,14 +27,18 @@ from bench.store.db import Checkpoint
 from bench.verify import to_graph
 
 
-def expect(bench: Bench, row: Checkpoint, keys: list[str]) -> None:
+def expect(bench: Bench, row: Checkpoint, keys: list[str], threats: dict[str, str] | None = None) -> None:
     """Record that the checkpoint's matrix asks for these cells (evaluation keys, or
-    `<surrogate>|<key>` for transfers): its worst case is complete only once all are stored."""
+    `<surrogate>|<key>` for transfers): its worst case is complete only once all are stored.
+    `threats` gives the threat model of each key not of the checkpoint's own (the L2
+    cells, toward the L2 worst case)."""
     meta = row.meta or {}
     known = set(meta.get("expected_cells", []))
-    if set(keys) <= known:
+    other = {k: t for k, t in (threats or {}).items() if t != row.threat}
+    recorded = meta.get("cell_threats", {})
+    if set(keys) <= known and other.items() <= recorded.items():
         return
-    bench.store.update_meta(row, expected_cells=sorted(known | set(keys)))
+    bench.store.update_meta(row, expected_cells=sorted(known | set(keys)), cell_threats={**recorded, **other})
 
 
 def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
@@ -105,7 +109,7 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     for row, cells, build in work:
         # The attacks make the worst case; a verifier's cells bracket it, and one that
         # fails leaves the bracket open, not the worst case incomplete.
-        expect(bench, row, [c.key for c in cells if not c.verifier])
+        expect(bench, row, [c.key for c in cells if not c.verifier], {c.key: c.threat for c in cells})
         majority_clean(bench, row, build)
     executor = executor or LocalExecutor()
     ran = {row.id: CellsRun() for row, _, _ in work}

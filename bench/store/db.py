@@ -330,16 +330,18 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def worst_case(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers: list[Transfer],
-               test_size: int) -> dict | None:
-    """Per-sample AND over every cell of the checkpoint's threat model.
+               test_size: int, threat: str | None = None) -> dict | None:
+    """Per-sample AND over every cell of the checkpoint's threat model (or of `threat`,
+    e.g. the dataset's L2 ball, which has a worst case of its own).
 
     A subset cell (SPSA on 100 images, say) can only break the samples it ran on; the
     others keep whatever the remaining cells say. Returns None when no cell counts.
     """
+    threat = threat or checkpoint.threat
     robust = np.ones(test_size, dtype=bool)
     keys = []
     for cell in [*evaluations, *transfers]:
-        if cell.threat != checkpoint.threat:
+        if cell.threat != threat:
             continue
         correct = cell.correct()
         if cell.indices is None:
@@ -361,11 +363,17 @@ def expected_cells(checkpoint: Checkpoint) -> list[str]:
 
 
 def coverage(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers: list[Transfer],
-             defense_of: dict[int, str]) -> dict:
-    """Which of the checkpoint's expected cells are stored. `defense_of` maps checkpoint
-    ids to defense names (a transfer row names its source by id). A cell that failed or
-    never ran is missing, and a worst case missing any cell is incomplete."""
+             defense_of: dict[int, str], threat: str | None = None) -> dict:
+    """Which of the checkpoint's expected cells of a threat model (unset: its own) are
+    stored. `defense_of` maps checkpoint ids to defense names (a transfer row names its
+    source by id). A cell that failed or never ran is missing, and a worst case missing
+    any cell is incomplete. The run layer records each expected cell's threat model in
+    the meta (`cell_threats`); a cell recorded without one counts toward the
+    checkpoint's own."""
+    threat = threat or checkpoint.threat
+    threats = (checkpoint.meta or {}).get("cell_threats", {})
     have = {e.cell_key for e in evaluations}
     have |= {f"{defense_of.get(t.source_id, '?')}|{t.cell_key}" for t in transfers}
-    missing = sorted(set(expected_cells(checkpoint)) - have)
+    wanted = {k for k in expected_cells(checkpoint) if threats.get(k, checkpoint.threat) == threat}
+    missing = sorted(wanted - have)
     return {"complete": not missing, "missing": missing}
