@@ -34,6 +34,9 @@ FAST: dict[str, list[dict]] = {
     "unbounded": [{"multiple": 2, "steps": 10}, {"multiple": 32, "steps": 10}],
     "spsa": [{"samples": 32, "iterations": 5}],
     "autoattack": [{}, {"norm": "l2"}],
+    "apgd": [{"steps": 10}, {"steps": 10, "norm": "l2", "loss": "dlr"}],
+    "apgd_t": [{"steps": 10, "n_target_classes": 3}, {"steps": 10, "norm": "l2", "n_target_classes": 3}],
+    "multitargeted": [{"steps": 10, "targets": 3}],
     "square": [{"queries": 100}, {"queries": 100, "norm": "l2"}],
     # A small radius: the bounds and the MILP decide every image well inside the limit, so
     # the verdicts (and the counterexamples) are the same run after run.
