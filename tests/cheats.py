@@ -14,6 +14,11 @@ broke. Each wraps a trained digits model (`tests/conftest.py::train_digits`):
   backward is the identity (hand-written BPDA); truth: BPDA PGD.
 - `reversed`: an identity custom Function whose backward reverses the gradient (a
   misleading gradient); truth: PGD on the network behind it.
+- `reversed_robust`: the same Function around a PGD-trained network, whose answers a
+  surrogate distils poorly; truth: PGD on the network behind it (its honest gradient).
+- `reversed_over_16`: an identity custom Function whose backward reverses the gradient
+  only for batches of more than 16 (honest on a small check, lying at the attacks'
+  batch size); truth: PGD on the network behind it.
 - `resize_pad`: random resizing and padding at every pass (Xie et al. 2018, an input
   transformation); truth: EOT PGD judged by a majority.
 - `sap`: stochastic activation pruning (Dhillon et al. 2018, stochastic activations);
@@ -36,6 +41,19 @@ from bench.science.adaptive import BPDA
 from custom_backward import Reversed, StraightThrough, Wrapped
 
 THREAT = get_spec("digits").threat
+
+
+class ReversedOver16(torch.autograd.Function):
+    """The identity forward; the backward reverses the gradient of batches over 16 and
+    passes that of smaller ones as it is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad if len(grad) > 16 else grad
 
 
 def quantize(x):
@@ -200,6 +218,11 @@ class Cheat:
     truth_name: str
 
 
+def _behind(cheat, natural, x, y):
+    """PGD-50 with the gradient of the network behind the cheat's custom Function."""
+    return robust(cheat, pgd(cheat.net, x, y, xent), x, y)
+
+
 def _bpda(cheat, natural, x, y):
     return robust(cheat, pgd(Quantized(natural, bpda=True), x, y, xent), x, y)
 
@@ -219,6 +242,10 @@ CHEATS = [
     Cheat("reversed", "natural model behind an identity custom Function whose backward is reversed",
           lambda n, r: Wrapped(n, Reversed), lambda c, n, x, y: robust(c, pgd(n, x, y, xent), x, y),
           "PGD-50 on the network behind it"),
+    Cheat("reversed_robust", "PGD-AT model behind an identity custom Function whose backward is reversed",
+          lambda n, r: Wrapped(r, Reversed), _behind, "PGD-50 on the network behind it"),
+    Cheat("reversed_over_16", "natural model behind an identity custom Function whose backward is reversed "
+          "for batches over 16", lambda n, r: Wrapped(n, ReversedOver16), _behind, "PGD-50 on the network behind it"),
     Cheat("resize_pad", "natural model, random resize to 6-8 pixels and pad at every pass",
           lambda n, r: ResizePad(n), lambda c, n, x, y: eot_truth(c, c, x, y), "EOT margin PGD-100, majority of 21"),
     Cheat("sap", "natural model, stochastic activation pruning", lambda n, r: SAP(n),

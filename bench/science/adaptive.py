@@ -23,6 +23,14 @@
 - a model whose gradients say nothing (zero on some sample, or disagreeing with finite
   differences of its forward pass) also gets the witness cells, `WITNESS`: attacks that
   need no gradient from it (attacks.distill, a surrogate distilled from its answers).
+- a model whose gradient disagrees with its forward pass and whose forward applies custom
+  autograd.Functions also gets every gradient cell of its threat model again, crafted
+  through `FORWARD_VIEW` (bench.engine.mirror.ThroughForward: each Function
+  differentiated through its own forward, BPDA's mirror, where the forward is the truth
+  and the backward is not trusted), the view's tag in the key (`...,grad=forward`).
+  A surrogate distilled from a robust model's answers falls short of the model's own
+  gradient; the forward's gradient is that gradient wherever the forward is
+  differentiable. Like every cell, these are judged on the model itself.
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ from typing import Callable
 import torch
 
 from bench.core.matrix import Cell, cell_key, make_cell
-from bench.science.admission import gradients_say_nothing, is_randomized
+from bench.engine.mirror import ThroughForward
+from bench.science.admission import forward_differentiable, gradients_say_nothing, is_randomized
 
 EOT_PASSES = 8
 """Forward passes averaged per gradient step on a randomized model."""
@@ -101,14 +110,35 @@ WITNESS = ("distill",)
 (`gradients_say_nothing`)."""
 
 
+FORWARD_VIEW = ThroughForward
+"""The view gradient cells are crafted through again for a model whose custom backward
+disagrees with its forward (`forward_differentiable`); `TAG` names it in the cell key."""
+
+
+def through(cell: Cell, view=FORWARD_VIEW) -> Cell:
+    """The cell crafted through `view` of the model (its TAG added to the key)."""
+    return dataclasses.replace(cell, key=f"{cell.key},{view.TAG}", view=view)
+
+
+def _follows_gradients(c: Cell, threat) -> bool:
+    """A cell that follows the model's gradients (no `queries_only`, no verifier), on the
+    model as it is, toward the threat model (when given)."""
+    return (c.view is None and not getattr(c.config, "queries_only", False) and not c.verifier
+            and (threat is None or c.threat == threat.name))
+
+
 def adapt_cells(cells: list[Cell], admission: dict | None, threat=None) -> list[Cell]:
     """The cells as this model needs them: the witness cells if its gradients say nothing
-    (given the dataset's `threat`, which fills their budgets), then EOT crafting and
-    majority votes if it is randomized."""
+    (given the dataset's `threat`, which fills their budgets); its gradient cells (of
+    that threat model) again through the forward's own gradient if a custom backward
+    disagrees with its forward; then EOT crafting and majority votes if it is randomized."""
+    keys = {c.key for c in cells}
     if threat is not None and gradients_say_nothing(admission):
-        keys = {c.key for c in cells}
         extra = [make_cell(name, {}, threat) for name in WITNESS]
         cells = cells + [c for c in extra if c.key not in keys]
+    if forward_differentiable(admission):
+        mirrored = [through(c) for c in cells if _follows_gradients(c, threat)]
+        cells = cells + [c for c in mirrored if c.key not in keys]
     if not is_randomized(admission):
         return cells
     return [_for_randomized(c) for c in cells]

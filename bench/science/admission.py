@@ -21,6 +21,10 @@ pass that varies gets EOT cells judged by a majority of passes.
 - `gradient_check`: autograd's input gradient against finite differences of the forward
   pass along random directions (cosine, sign agreement): a custom backward that says
   something other than the function does (BPDA written by hand, a misleading gradient).
+  Checked at every batch size the attacks run at (a backward can look at its batch) and
+  at random points of the threat balls as well as the clean images (a backward can look
+  at its input), so a cheat honest only where the check looks is still caught; it also
+  names the custom autograd.Functions the forward applies.
 """
 from __future__ import annotations
 
@@ -33,9 +37,11 @@ import torch.nn.functional as F
 from attacks.pgd import PGD, plain_pgd
 from bench.core.data import get_spec, load_dataset
 from bench.engine.device import frozen
+from bench.engine.mirror import custom_functions
 
-SCHEMA = 3
-"""Bumped when a check changes, so stored checks are measured again."""
+SCHEMA = 4
+"""Bumped when a check changes, so stored checks are measured again (4: the gradient check
+at the attacks' batch sizes and inside the threat balls, and the custom Functions)."""
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,17 @@ class AdmissionConfig:
     seed: int = 0
     """Seed of the noise and of the traced run's random start."""
     fd_images: int = 16
-    """Test samples whose input gradient is checked against finite differences."""
+    """Inputs per probe whose input gradient is checked against finite differences, and the
+    batch size of the smallest probe (`_gradient_check`)."""
     fd_directions: int = 16
     """Random unit directions per sample: the check costs 2 forward passes per direction,
     whatever the input dimension."""
     fd_step: float = 1e-3
     """Central-difference step along each unit direction (pixel units): small enough that
     few ReLUs change state, large enough for fp32 differences of the loss."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes autograd's gradient is also checked at: those the attacks run at
+    (`attack_batches`; ensure_admission passes the bench's)."""
 
 
 def _autograd_codes() -> set:
@@ -107,17 +117,38 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((na < tiny) & (nb < tiny), torch.ones_like(cos), cos)
 
 
-def _gradient_check(model, x, y, cfg: AdmissionConfig, generator) -> dict:
-    """autograd's input gradient of the cross-entropy against central finite differences
-    of the same loss along random unit directions: the directional derivatives g.v from
-    autograd and (L(x + hv) - L(x - hv)) / 2h from the forward pass alone. A custom
-    backward that lies (a straight-through estimator, a negated or rescaled gradient)
-    disagrees; an honest network agrees to a cosine near 1 (kinks aside)."""
-    xs, ys = x[:cfg.fd_images], y[:cfg.fd_images]
-    k = cfg.fd_directions
+POINTS = ("clean", "ball")
+"""Where autograd's gradient is checked: the test images themselves, and a uniform random
+point of each one's L-inf threat ball (where every attack after its first step, and PGD
+from its random start, asks for gradients)."""
+
+
+def attack_batches(test_size: int, batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a cell's attack runs at on a test set of `test_size` images in
+    batches of `batch_size` (bench.engine.evaluate.craft): full batches and the remainder."""
+    full = min(batch_size, test_size)
+    rest = test_size % batch_size if test_size > batch_size else 0
+    return tuple(sorted({full, rest} - {0}))
+
+
+def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfig, generator) -> dict:
+    """One gradient check: autograd's input gradient of the cross-entropy on a batch of
+    `batch` inputs (the test images in turn, tiled past their number), against central
+    finite differences of the same loss along random unit directions, on `fd_images` rows
+    spread over the batch: the directional derivatives g.v from autograd and
+    (L(x + hv) - L(x - hv)) / 2h from the forward pass alone. The batch is the size under
+    test, since a backward may answer differently at the attack's batch size than at
+    the check's; the finite differences need no particular batch."""
+    idx = torch.arange(batch, device=x.device) % len(x)
+    xs, ys = x[idx], y[idx]
+    if points == "ball":
+        xs = (xs + (2 * torch.rand(xs.shape, generator=generator).to(xs.device) - 1) * eps).clamp(0, 1)
     xg = xs.clone().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(F.cross_entropy(model(xg).float(), ys, reduction="sum"), xg)
+    rows = torch.linspace(0, batch - 1, min(cfg.fd_images, batch)).round().long().unique().to(x.device)
+    xs, ys, grad = xs[rows], ys[rows], grad[rows]
+    k = cfg.fd_directions
     v = torch.randn((len(xs), k, *xs.shape[1:]), generator=generator).to(xs.device)
     v = v / v.flatten(2).norm(dim=2).view(len(xs), k, *([1] * (xs.dim() - 1)))
     analytic = (grad[:, None] * v).flatten(2).sum(2)
@@ -128,10 +159,28 @@ def _gradient_check(model, x, y, cfg: AdmissionConfig, generator) -> dict:
     numeric = ((up - down) / (2 * cfg.fd_step)).view(len(xs), k)
     cos = _cosine(analytic, numeric)
     signs = (torch.sign(analytic) == torch.sign(numeric)).float().mean(1)
-    return {"images": len(xs), "directions": k, "step": cfg.fd_step,
+    return {"batch": batch, "points": points, "images": len(xs),
             "median_cosine": float(cos.median()), "min_cosine": float(cos.min()),
             "sign_agreement": float(signs.mean()),
             "median_autograd_norm": float(grad.flatten(1).norm(dim=1).median())}
+
+
+def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) -> dict:
+    """autograd's gradient against finite differences of the forward pass (`_probe`) at
+    every batch size the attacks use and the check's own, on clean images and on points
+    of their threat balls. A custom backward that lies (a straight-through estimator, a
+    negated or rescaled gradient), everywhere or only at some batch sizes or away from
+    the clean images, disagrees somewhere; an honest network agrees to a cosine near 1
+    everywhere (kinks aside). The numbers at the top are the probe that agrees least
+    (its median cosine decides `gradient_disagrees`), `min_cosine` the least of all;
+    `probes` has each one, `custom_functions` the user-defined autograd.Functions the
+    forward applies (whose forward bench.engine.mirror can differentiate instead)."""
+    sizes = sorted({cfg.fd_images, *cfg.batch_sizes})
+    probes = [_probe(model, x, y, b, p, eps, cfg, generator) for b in sizes for p in POINTS]
+    worst = min(probes, key=lambda p: p["median_cosine"])
+    return {**worst, "directions": cfg.fd_directions, "step": cfg.fd_step,
+            "min_cosine": min(p["min_cosine"] for p in probes), "probes": probes,
+            "custom_functions": custom_functions(model, x[:cfg.fd_images])}
 
 
 def _traced_pgd(model, x, y, eps: float, steps: int, generator) -> list[float]:
@@ -178,7 +227,7 @@ def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         sub = slice(0, min(100, len(x)))
         trace = _traced_pgd(model, x[sub], y[sub], eps, cfg.trace_steps, gen)
         # Finite differences of a randomized forward are its noise: not measured there.
-        gradient = None if _varies(randomized) else _gradient_check(model, x, y, cfg, gen)
+        gradient = None if _varies(randomized) else _gradient_check(model, x, y, eps, cfg, gen)
     tail = max(2, cfg.trace_steps // 10)
     return {
         "schema": SCHEMA, "config": asdict(cfg), "n": n,
@@ -222,9 +271,20 @@ def zero_gradients(admission: dict | None) -> dict | None:
 
 def gradient_disagrees(admission: dict | None) -> dict | None:
     """The gradient check's numbers when autograd's gradient disagrees with finite
-    differences of the forward pass."""
+    differences of the forward pass: those of the probe that agrees least (without the
+    list of every probe, which the admission record keeps)."""
     g = (admission or {}).get("gradient_check")
-    return dict(g) if g and g["median_cosine"] < GRADIENT_COSINE else None
+    if not g or g["median_cosine"] >= GRADIENT_COSINE:
+        return None
+    return {k: v for k, v in g.items() if k != "probes"}
+
+
+def forward_differentiable(admission: dict | None) -> bool:
+    """The gradient disagrees with the forward pass, and the forward applies custom
+    autograd.Functions: their backward is the suspect, and their forward can be
+    differentiated instead (bench.engine.mirror)."""
+    g = gradient_disagrees(admission)
+    return bool(g and g.get("custom_functions"))
 
 
 def gradients_say_nothing(admission: dict | None) -> bool:
@@ -233,15 +293,29 @@ def gradients_say_nothing(admission: dict | None) -> bool:
     return bool(zero_gradients(admission) or gradient_disagrees(admission))
 
 
+def _covers(stored: dict, batches: tuple[int, ...]) -> bool:
+    """The stored checks were measured under this schema, and their gradient check (where
+    there is one: not on a randomized model) at these attack batch sizes."""
+    if stored.get("schema") != SCHEMA:
+        return False
+    if stored.get("gradient_check") is None:
+        return True
+    return set(batches) <= set(stored.get("config", {}).get("batch_sizes", ()))
+
+
 def ensure_admission(bench, row, model) -> dict:
     """The checkpoint's admission checks: from its meta, or measured now and stored there.
 
-    `model` builds the model; it is called only when the checks are missing or stale.
+    `model` builds the model; it is called only when the checks are missing or stale, or
+    when the bench attacks in batches of a size they were not measured at (another
+    device, another --batch-size), since a backward may answer differently there.
     """
-    stored = row.admission
-    if stored and stored.get("schema") == SCHEMA:
-        return stored
     x, y = load_dataset(row.dataset, "test", bench.data_root)
-    result = admit(model(), x, y, get_spec(row.dataset).threat.eps)
+    batches = attack_batches(len(x), bench.batch_size())
+    stored = row.admission
+    if stored and _covers(stored, batches):
+        return stored
+    cfg = AdmissionConfig(batch_sizes=batches)
+    result = admit(model(), x, y, get_spec(row.dataset).threat.eps, cfg)
     bench.store.update_meta(row, admission=result)
     return result
