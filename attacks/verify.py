@@ -5,7 +5,9 @@ encoding solved with HiGHS (bench.verify).
 A counterexample is an input like any attack's: it is returned as the cell's adversarial
 example, held to the ball by the harness, judged by the model in fp32, and so enters the
 worst case; one that does not reproduce fails the cell (bench.engine.verified). Images
-called robust or unknown are returned as they are. The network must be one the verifier
+called robust or unknown are returned as they are. Robust means robust for the model in
+fp32: each proven margin beyond its rounding tolerance, the graph held to the model on
+the box (bench.verify.verify_images). The network must be one the verifier
 takes (ReLU networks of Linear, Conv2d, BatchNorm, Normalize, MaxPool2d, Flatten and
 residual adds); any other is refused with one line naming the layer.
 """
@@ -69,4 +71,5 @@ def perturb(model, x, y, cfg: Verify, *, generator=None):
     return x_adv, {"status": [v.status for v in verdicts], "decided_by": [v.decided_by for v in verdicts],
                    "seconds": torch.tensor([v.seconds for v in verdicts], dtype=torch.float64),
                    "unstable": torch.tensor([v.unstable for v in verdicts], dtype=torch.int64),
-                   "binaries": torch.tensor([v.binaries for v in verdicts], dtype=torch.int64)}
+                   "binaries": torch.tensor([v.binaries for v in verdicts], dtype=torch.int64),
+                   "tolerance": torch.tensor([v.tolerance for v in verdicts], dtype=torch.float64)}

@@ -12,7 +12,8 @@ attacks/certify.py):
   bits are the certified bits (a lower bound on the truth, counted toward a threat of
   its own, `certified-...`, never toward the worst case).
 
-The stored extra keeps the counts, the per-image bits and the per-image cost.
+The stored extra keeps the counts, the per-image bits and the per-image cost, and the
+spread of the fp32 tolerances the verifier's margins had to exceed (bench.verify.rounding).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple
     seconds = verdicts["seconds"].double().numpy()
     unstable = verdicts["unstable"].long().numpy()
     binaries = verdicts["binaries"].long().numpy()
+    tolerance = verdicts["tolerance"].double().numpy() if "tolerance" in verdicts else np.zeros(0)
     decided_by: dict[str, int] = {}
     for how in verdicts.get("decided_by", []):
         decided_by[how] = decided_by.get(how, 0) + 1
@@ -66,5 +68,6 @@ def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple
                         "unknown_bits": pack_bits(is_["unknown"].numpy()).hex(),
                         "seconds": _spread(seconds), "per_image_seconds": [round(float(t), 3) for t in seconds],
                         "unstable": _spread(unstable.astype(np.float64)), "per_image_unstable": unstable.tolist(),
-                        "binaries": _spread(binaries.astype(np.float64)), "decided_by": decided_by}}
+                        "binaries": _spread(binaries.astype(np.float64)), "decided_by": decided_by,
+                        "tolerance": _spread(tolerance[np.isfinite(tolerance)])}}
     return robust, extra

@@ -12,6 +12,11 @@ certified floor.
 - `ibp_bounds(model, x, eps)`: differentiable interval bounds for IBP training, on the
   model's traced forward pass (interval.py).
 
+Robust and certified are claims about the model as it runs, in fp32: each proven margin
+must exceed a rigorous bound on the model's fp32 rounding over the box (rounding.py),
+and the graph is held to the model: hooks refused, Normalize by exact type, logits
+compared on points of the box (faithful.py).
+
 No maintained verifier installs beside torch 2.14 (auto_LiRPA on PyPI pins torch < 1.13),
 so the encodings are written here, on torch, numpy and scipy's HiGHS.
 """

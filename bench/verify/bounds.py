@@ -13,6 +13,10 @@ pool reads gets its bounds the same way (a = [I; -I] at that node), layer by lay
 bounds are CROWN's throughout, not interval ones. The final specification is the margin
 matrix (e_y - e_j for each j), so the bound is on z_y - z_j directly.
 
+These bounds are about the graph in exact arithmetic. `certify` calls an image certified
+only where each bound on z_y - z_j exceeds the fp32 tolerance of that pair (rounding.py),
+so that the claim holds for the model as it runs.
+
 All arithmetic is float64 on the CPU, batched over images; memory is kept near
 CHUNK_BYTES by working through the images in chunks.
 """
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
+from bench.verify.rounding import fp32_error, margin_tolerance, robust_beyond
 
 CHUNK_BYTES = 256 * 2 ** 20
 """Peak size of one back-substitution's coefficient tensor (images x rows x values)."""
@@ -184,25 +190,40 @@ def _chunk(g: Graph) -> int:
     return max(1, CHUNK_BYTES // (8 * widest * rows))
 
 
-def certify(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(certified, margin): margin (n,) float64 is CROWN's lower bound of min_{j != y}
-    z_y - z_j over the box; an image is certified when it is > 0 and the clean image is
-    classified correctly."""
+def certify(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float, *, model: torch.nn.Module | None = None,
+            method: str = "crown") -> tuple[torch.Tensor, torch.Tensor]:
+    """(certified, margin): margin (n,) float64 is the lower bound of min_{j != y} z_y - z_j
+    over the box for the graph in exact arithmetic, CROWN's (or plain intervals', `method`
+    "ibp"); an image is certified when, for every j, the bound on z_y - z_j exceeds the
+    pair's fp32 tolerance (rounding.py), and the clean image is classified correctly.
+    With `model`, the graph is first held to it on points of the boxes (faithful.py)."""
+    if model is not None:
+        check_box(g, model, x, eps)
     y = y.detach().cpu().long()
-    margins = []
+    margins, bits = [], []
     step = _chunk(g)
     for i in range(0, len(x), step):
         lo, hi = box(x[i:i + step].cpu(), eps)
-        margins.append(target_margins(g, lo, hi, y[i:i + step], crown_bounds(g, lo, hi)).amin(1))
-    margin = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
-    clean = g.forward(x.cpu()).argmax(1) == y if len(x) else torch.zeros(0, dtype=torch.bool)
-    return (margin > 0) & clean, margin
+        yi = y[i:i + step]
+        if method == "crown":
+            bounds = crown_bounds(g, lo, hi)
+            low = target_margins(g, lo, hi, yi, bounds)
+        else:
+            bounds, low = None, interval_margins(g, lo, hi, yi)
+        margins.append(low.amin(1))
+        bits.append(robust_beyond(low, margin_tolerance(fp32_error(g, lo, hi, bounds), yi)))
+    if not margins:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+    clean = g.forward(x.cpu()).argmax(1) == y
+    return torch.cat(bits) & clean, torch.cat(margins)
 
 
-def interval_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Plain interval bounds (IBP) of every node of the graph."""
+def interval_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor,
+                    known: Bounds | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Plain interval bounds (IBP) of every node of the graph; with `known` (CROWN's, say),
+    each node's are intersected with those given for it before they propagate."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for node in g.nodes:
+    for k, node in enumerate(g.nodes):
         if node.op == "input":
             l, u = lo, hi
         elif node.op == "affine":
@@ -216,6 +237,8 @@ def interval_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor) -> list[tuple[
         else:
             (la, ua), (lb, ub) = out[node.inputs[0]], out[node.inputs[1]]
             l, u = la + lb, ua + ub
+        if known is not None and k in known:
+            l, u = torch.maximum(l, known[k][0]), torch.minimum(u, known[k][1])
         out.append((l, u))
     return out
 
@@ -224,10 +247,14 @@ def interval_margin(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float) -> t
     """IBP's lower bound (n,) of min_{j != y} z_y - z_j, with the margin folded into the
     last affine op (Gowal et al.'s elision), for comparison with `certify`."""
     lo, hi = box(x.cpu(), eps)
-    y = y.detach().cpu().long()
+    return interval_margins(g, lo, hi, y.detach().cpu().long()).amin(1)
+
+
+def interval_margins(g: Graph, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, K) IBP lower bounds of z_y - z_j over the boxes [lo, hi]; +inf at j = y."""
     last = g.nodes[-1]
     l, u = interval_bounds(g, lo, hi)[last.inputs[0]]
     spec = margin_spec(y, g.num_classes)
     w, b = spec @ last.weight, spec @ last.bias
     low = (w.clamp(min=0) @ l[:, :, None] + w.clamp(max=0) @ u[:, :, None]).squeeze(-1) + b
-    return low.scatter(1, y[:, None], float("inf")).amin(1)
+    return low.scatter(1, y[:, None], float("inf"))

@@ -1,6 +1,13 @@
 """The complete verifier: per image, the clean check, CROWN, a seeded PGD search, LP
 tightening, then one MILP per open target class (bench.verify.milp's encoding on HiGHS),
-each image's answer a `Verdict`."""
+each image's answer a `Verdict`.
+
+"Robust" is a claim about the model as it runs, in fp32: every exit that concludes it
+(CROWN's bound, the LP-tightened bound, a MILP that finds no point) needs each target's
+proven margin to exceed that pair's fp32 tolerance (rounding.py: twice the bound on both
+logits' rounding over the box), and the graph is first held to the model on points of
+each box (faithful.py). "Not robust" always comes with a point the model itself
+misclassifies in fp32, so it needs no tolerance."""
 from __future__ import annotations
 
 import time
@@ -12,13 +19,17 @@ import torch
 
 from bench.engine.device import frozen
 from bench.verify.bounds import box, crown_bounds, target_margins
+from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
-from bench.verify.milp import MIN_SOLVE, Program, build, numpy_bounds, tighten, to_numpy, unstable_count
+from bench.verify.milp import (MILP_PAD, MIN_SOLVE, Program, build, finite_bounds, numpy_bounds, tighten, to_numpy,
+                               unstable_count)
+from bench.verify.rounding import fp32_error, margin_tolerance
 from bench.verify.search import SearchConfig, box32, misclassified, pgd_search, reproduce
 
 TIE = 1e-4
-"""A MILP counterexample whose margin is within this of 0 may not survive fp32 rounding in
-the model; such a target is solved again asking for margin <= -TIE (see `verify_images`)."""
+"""A MILP point is float64 and the model's input fp32: rounding the point moves the margin
+a little, so a target whose MILP point does not reproduce is solved again asking for
+margin <= -(TIE + tol) (see `verify_images`)."""
 STATUSES = ("robust", "not_robust", "unknown")
 DECIDERS = ("clean", "bound", "search", "milp", "timeout")
 
@@ -37,7 +48,11 @@ class Verdict:
     decided_by: str
     """clean, bound (CROWN), search (PGD), milp (tightening or the MILP), timeout."""
     lower: float
-    """Best proven lower bound on min_{j != y} z_y - z_j over the box (-inf if none)."""
+    """Best proven lower bound on min_{j != y} z_y - z_j over the box, for the graph in exact
+    arithmetic (-inf if none)."""
+    tolerance: float = 0.0
+    """The largest fp32 tolerance a target's margin had to exceed (rounding.py); 0 where
+    no bound was computed."""
 
 
 def _margin_row(n_vars: int, out: int, y: int, j: int) -> np.ndarray:
@@ -53,8 +68,11 @@ def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: f
     deadline = t0 + time_limit
     xb = x[None].detach().float().cpu()
 
+    tol = torch.zeros(g.num_classes, dtype=torch.float64)
+
     def verdict(status, by, lower, x_adv=None, unstable=0, binaries=0):
-        return Verdict(status, x_adv, time.perf_counter() - t0, unstable, binaries, by, float(lower))
+        return Verdict(status, x_adv, time.perf_counter() - t0, unstable, binaries, by, float(lower),
+                       float(tol.max()))
 
     if bool(misclassified(model, xb, y)[0]):
         return verdict("not_robust", "clean", -np.inf, x_adv=xb[0].clone())
@@ -62,7 +80,8 @@ def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: f
     yt = torch.tensor([y])
     bounds = crown_bounds(g, lo, hi)
     low = target_margins(g, lo, hi, yt, bounds)[0]
-    if low.min() > 0:
+    tol = margin_tolerance(fp32_error(g, lo, hi, bounds), yt)[0]
+    if bool((low > tol).all()):
         return verdict("robust", "bound", low.min(), unstable=unstable_count(g, bounds))
     found = pgd_search(model, xb, y, eps, index, cfg)
     if found is not None:
@@ -70,44 +89,48 @@ def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: f
     now = time.perf_counter()
     bounds = tighten(g, lo, hi, bounds, now + 0.5 * (deadline - now))
     low = torch.maximum(low, target_margins(g, lo, hi, yt, bounds)[0])
+    tol = torch.minimum(tol, margin_tolerance(fp32_error(g, lo, hi, bounds), yt)[0])
     unstable = unstable_count(g, bounds)
-    if low.min() > 0:
+    if bool((low > tol).all()):
         return verdict("robust", "milp", low.min(), unstable=unstable)
-    prog = build(g, to_numpy(lo[0]), to_numpy(hi[0]), numpy_bounds(bounds))
-    status, by, adv = _solve_targets(prog, g, model, xb, y, eps, low, deadline, index)
+    full = finite_bounds(g, lo, hi, bounds)
+    prog = build(g, to_numpy(lo[0]), to_numpy(hi[0]), numpy_bounds(full))
+    scale = float(torch.maximum(full[g.output][0].abs(), full[g.output][1].abs()).max())
+    status, by, adv = _solve_targets(prog, g, model, xb, y, eps, low, tol, MILP_PAD * (1 + scale), deadline, index)
     return verdict(status, by, low.min(), x_adv=adv, unstable=unstable, binaries=prog.binaries)
 
 
-def _solve_targets(prog: Program, g: Graph, model, xb, y: int, eps: float, low: torch.Tensor, deadline: float,
-                   index: int) -> tuple[str, str, torch.Tensor | None]:
+def _solve_targets(prog: Program, g: Graph, model, xb, y: int, eps: float, low: torch.Tensor, tol: torch.Tensor,
+                   pad: float, deadline: float, index: int) -> tuple[str, str, torch.Tensor | None]:
     """(status, decided_by, x_adv) from one MILP per target j that `low` (raised in
-    place as targets are ruled out) leaves open."""
+    place as targets are ruled out) leaves within its tolerance `tol`."""
     lo32, hi32 = box32(xb, eps)
     out, d = prog.offsets[g.output], g.nodes[0].size
     tie = False
-    for j in torch.argsort(low).tolist():
-        if low[j] > 0:
+    for j in torch.argsort(low - tol).tolist():
+        if low[j] > tol[j]:
             continue
         c = _margin_row(prog.n_vars, out, y, j)
-        for cap in (0.0, -TIE):
+        near = float(tol[j]) + TIE
+        for cap in (float(tol[j]) + pad, -near):
             if deadline - time.perf_counter() < MIN_SOLVE:
                 return "unknown", "timeout", None
             res = prog.solve(c, integer=True, time_limit=deadline - time.perf_counter(), extra=(c, -np.inf, cap))
-            if res.status == 2:  # infeasible: no point of the box has margin_j <= cap
-                low[j] = max(float(low[j]), cap)
+            if res.status == 2:  # infeasible: no point of the box has margin_j <= cap (to HiGHS, hence the pad)
+                low[j] = max(float(low[j]), cap - pad)
                 tie = tie or cap < 0
                 break
             if res.x is None:  # out of time (or HiGHS gave up) before anything was decided
                 if res.mip_dual_bound is not None and np.isfinite(res.mip_dual_bound):
-                    low[j] = max(float(low[j]), min(float(res.mip_dual_bound), cap))
+                    low[j] = max(float(low[j]), min(float(res.mip_dual_bound), cap) - pad)
                 return "unknown", "timeout", None
             adv = reproduce(model, torch.from_numpy(res.x[:d]), y, lo32, hi32)
             if adv is not None:
                 return "not_robust", "milp", adv
-            if res.fun < -TIE or cap < 0:
+            if res.fun < -near or cap < 0:
                 raise RuntimeError(f"verify: image {index}: the MILP found margin {res.fun:.3g} against class {j} "
                                    f"but the model classifies that point correctly; the encoding is wrong")
-    if tie:  # some margin is in (-TIE, 0]: too close to 0 to call in floating point
+    if tie:  # some margin is within TIE + tol of 0: too close to call for the model in fp32
         return "unknown", "milp", None
     return "robust", "milp", None
 
@@ -134,19 +157,21 @@ def exact_margins(g: Graph, x: torch.Tensor, y: int, eps: float, time_limit: flo
 def verify_images(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                   time_limit: float = 10.0, on_image: Callable[[int], None] | None = None,
                   search: SearchConfig = SearchConfig()) -> list[Verdict]:
-    """Exact robustness of each image over [max(x - eps, 0), min(x + eps, 1)], within
-    `time_limit` seconds per image: (1) the clean prediction; (2) CROWN; (3) a seeded PGD
-    search on the model; (4) LP tightening of unstable ReLUs' bounds (at most half the
-    time left); (5) one MILP per target class CROWN did not rule out, asking for a point
-    with margin <= 0, most promising target first. A MILP point is clamped into the box
-    and run through the model in fp32; if the model does not misclassify it, a margin
-    below -TIE is a bug (RuntimeError), and one within TIE of 0 is solved again asking for
-    margin <= -TIE: a point then must reproduce, and none leaves the image "unknown"
-    (decided_by "milp"): its margin is within TIE of 0. A target ruled out by
-    infeasibility is proven to have margin > 0, which `lower` records as 0 when CROWN gave
-    less."""
+    """Exact robustness of each image over [max(x - eps, 0), min(x + eps, 1)], for the model
+    in fp32, within `time_limit` seconds per image: (0) the graph held to the model on
+    points of the boxes (Unsupported if it differs); (1) the clean prediction; (2) CROWN;
+    (3) a seeded PGD search on the model; (4) LP tightening of unstable ReLUs' bounds (at
+    most half the time left); (5) one MILP per target class whose bound is not beyond its
+    fp32 tolerance tol_j, asking for a point with margin <= tol_j + pad (MILP_PAD), most
+    promising target first. A MILP point is clamped into the box and run through the
+    model in fp32; if the model does not misclassify it, a margin below -(TIE + tol_j) is
+    a bug (RuntimeError), and otherwise the target is solved again asking for margin <=
+    -(TIE + tol_j): a point then must reproduce, and none leaves the image "unknown"
+    (decided_by "milp"): its margin is too close to 0 to call in fp32. A target ruled out
+    by infeasibility is proven to have margin > tol_j, which `lower` records."""
     out = []
     with frozen(model):
+        check_box(g, model, x, eps)
         for i in range(len(x)):
             out.append(verify_one(g, model, x[i], int(y[i]), eps, time_limit, i, search))
             if on_image is not None:

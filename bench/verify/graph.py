@@ -9,6 +9,10 @@ Every value is a flat float64 vector per image (an image's CHW map in row-major 
   matrix over flattened inputs, Normalize and eval-mode BatchNorm folded in as diagonals;
 - `relu`; `maxpool`: kernel == stride windows over a CHW map, stored as a (out, k*k)
   table of input indices; `add`: the sum of two nodes (a residual connection).
+
+An affine node also keeps the model's own ops it was folded from (`Step`s: the Linear or
+convolution, Normalize, BatchNorm), as fp32 computes them one after the other: their
+rounding, not the folded matrix's, is what bench.verify.rounding bounds.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from bench.errors import BenchError
 
@@ -29,6 +34,37 @@ class Unsupported(BenchError):
 
 def unsupported(name: str, kind: str, why: str = "is not supported") -> Unsupported:
     return Unsupported(f"verify: layer {name!r} ({kind}) {why}; {SUPPORTED}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op of the model inside an affine node: v -> W v + b, as the model computes it."""
+
+    weight: torch.Tensor
+    """float64: (out, in) for a Linear, the kernel for a convolution, (size,) for an
+    elementwise op (Normalize, BatchNorm)."""
+    bias: torch.Tensor
+    """(out,) float64: the constant the op adds, exactly."""
+    const: torch.Tensor
+    """(out,) float64: the size of the constants fp32 adds on the way, before they cancel
+    (|bias| for a Linear or a convolution, |mean * scale| + |shift| for Normalize and
+    BatchNorm): rounding is relative to these, not to `bias`."""
+    roundings: int
+    """Roundings on the way to one output (the k of gamma_k, bench.verify.rounding)."""
+    conv: tuple | None = None
+    """(input shape, stride, padding, dilation, groups) of a convolution."""
+
+    def apply(self, v: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+        """W v + b for rows v (n, in), or |W| v with `absolute` (no constant)."""
+        w = self.weight.abs() if absolute else self.weight
+        if self.conv is not None:
+            shape, stride, padding, dilation, groups = self.conv
+            out = F.conv2d(v.reshape(len(v), *shape), w, None, stride, padding, dilation, groups).flatten(1)
+        elif w.dim() == 1:
+            out = v * w
+        else:
+            out = v @ w.T
+        return out if absolute else out + self.bias
 
 
 @dataclass(frozen=True)
@@ -47,6 +83,9 @@ class Node:
     """affine: (out,) float64."""
     windows: torch.Tensor | None = None
     """maxpool: (out, k*k) int64 indices into the input's flat vector."""
+    steps: tuple[Step, ...] = ()
+    """affine: the model's ops it composes, first to last (none for the identity the
+    logits may end in, which the model never computes)."""
 
     @property
     def size(self) -> int:

@@ -10,8 +10,24 @@ The encoding, per node (z the input, l <= z <= u its bounds):
   be the max and are dropped; one left means o = z_i, else one binary per candidate:
   o >= z_i, o <= z_i + (u_max - l_i)(1 - a_i), sum a_i = 1.
 With the binaries relaxed to [0, 1] the same rows are the LP relaxation (the triangle for
-a ReLU), which `tighten` minimizes and maximizes neuron by neuron, layer by layer (solved
-with scipy.optimize.milp without integrality, which is HiGHS's LP, as linprog's is).
+a ReLU), which `tighten` minimizes and maximizes neuron by neuron, layer by layer.
+
+A bound from an LP must hold exactly, not to HiGHS's tolerances (1e-7: its optimum may sit
+a hair outside the feasible set, and a bound a hair too tight cuts real points). So
+`Program.lp_bound` takes HiGHS's dual solution (scipy.optimize.linprog's marginals) and
+turns it into a rigorous bound by weak duality, as Neumaier & Shcherbina (2004, "Safe
+bounds in linear and mixed-integer linear programming") do: for ANY row multipliers y,
+    min c.x  >=  sum_i min(y_i row_lb_i, y_i row_ub_i) + sum_j min_{lb_j <= x_j <= ub_j} r_j x_j,
+r = c - A^T y, which needs no optimality and no feasibility of anything HiGHS returned.
+Every variable gets finite bounds (interval bounds where CROWN gave none), so the second
+sum is finite; r is computed in float64 and widened by its rounding error
+(gamma_k (|c| + |A|^T |y|), k the longest column), and the sum is lowered by its own
+(gamma_N of the sum of magnitudes), so the float64 result is a lower bound too.
+
+The MILP's answers are HiGHS's (its infeasibility is not an exact certificate), so the
+complete verifier asks them with room to spare: a target is ruled out when no point has
+margin <= tol + MILP_PAD * (1 + the logits' size), tol the fp32 tolerance (rounding.py);
+MILP_PAD is ten times HiGHS's MIP feasibility tolerance (1e-6).
 
 No maintained verifier installs beside torch 2.14 (auto_LiRPA on PyPI pins torch < 1.13),
 so the encoding is written here, on scipy's HiGHS.
@@ -25,14 +41,17 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.optimize import Bounds as VarBounds
-from scipy.optimize import LinearConstraint, milp
+from scipy.optimize import LinearConstraint, linprog, milp
 
-from bench.verify.bounds import Bounds, crown_bounds
+from bench.verify.bounds import Bounds, crown_bounds, interval_bounds
 from bench.verify.graph import Graph
+from bench.verify.rounding import gamma
 
-LP_SLACK = 1e-6
-"""Absolute (and relative) widening of every LP-derived bound: HiGHS meets its optima to a
-feasibility tolerance of about 1e-7, and a bound a hair too tight would cut real points."""
+U64 = 2.0 ** -53
+"""Unit roundoff of float64."""
+MILP_PAD = 1e-5
+"""Room a MILP's "no point has margin <= cap" needs beyond the cap, relative to 1 + the
+logits' size: ten times HiGHS's MIP feasibility tolerance."""
 MIN_SOLVE = 0.02
 """Seconds below which a solve is not started."""
 
@@ -53,6 +72,8 @@ class Program:
     cache: tuple | None = None
     """(matrix, row lb, row ub, variable lb, ub, integrality), built at the first solve:
     tightening solves one program hundreds of times with different objectives."""
+    lp_cache: tuple | None = None
+    """The same rows as linprog takes them (A_ub, b_ub, A_eq, b_eq, and which rows), for `lp_bound`."""
 
     def new_vars(self, lb, ub, integer: bool = False) -> int:
         lb, ub = np.asarray(lb, dtype=np.float64), np.asarray(ub, dtype=np.float64)
@@ -70,27 +91,80 @@ class Program:
         self.row_lb.append(lb)
         self.row_ub.append(np.broadcast_to(np.asarray(ub, dtype=np.float64), lb.shape).copy())
         self.n_rows += len(lb)
-        self.cache = None
+        self.cache = self.lp_cache = None
 
     @property
     def binaries(self) -> int:
         return int(sum(i.sum() for i in self.integer))
 
-    def solve(self, c: np.ndarray, *, integer: bool, time_limit: float, extra=None):
-        """scipy.optimize.milp on this program with objective c (and one extra row
-        (coefficients, lb, ub) if given)."""
+    def _rows(self) -> tuple:
         if self.cache is None or self.cache[0].shape[1] != self.n_vars:
             r, cc, v = (np.concatenate(t) for t in zip(*self.entries)) if self.entries else ([], [], [])
             self.cache = (sp.csr_matrix((v, (r, cc)), shape=(self.n_rows, self.n_vars)),
                           np.concatenate(self.row_lb or [np.zeros(0)]), np.concatenate(self.row_ub or [np.zeros(0)]),
                           VarBounds(np.concatenate(self.lb), np.concatenate(self.ub)), np.concatenate(self.integer))
-        a, row_lb, row_ub, var_bounds, ints = self.cache
+        return self.cache
+
+    def solve(self, c: np.ndarray, *, integer: bool, time_limit: float, extra=None):
+        """scipy.optimize.milp on this program with objective c (and one extra row
+        (coefficients, lb, ub) if given)."""
+        a, row_lb, row_ub, var_bounds, ints = self._rows()
         if extra is not None:
             a = sp.vstack([a, sp.csr_matrix(extra[0][None, :])], format="csr")
             row_lb, row_ub = np.append(row_lb, extra[1]), np.append(row_ub, extra[2])
         ints = ints if integer else np.zeros(self.n_vars, dtype=np.uint8)
         return milp(c, integrality=ints, bounds=var_bounds, constraints=LinearConstraint(a, row_lb, row_ub),
                     options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True})
+
+    def lp_bound(self, c: np.ndarray, time_limit: float) -> float | None:
+        """A rigorous lower bound on min c.x over the LP relaxation (binaries in [0, 1]),
+        from HiGHS's dual solution by weak duality (module docstring); None when HiGHS
+        returned no dual (out of time, or it failed)."""
+        a, row_lb, row_ub, var_bounds, _ = self._rows()
+        if self.lp_cache is None:
+            eq = np.flatnonzero(row_lb == row_ub)
+            up = np.flatnonzero((row_lb != row_ub) & np.isfinite(row_ub))
+            down = np.flatnonzero((row_lb != row_ub) & np.isfinite(row_lb))
+            self.lp_cache = (sp.vstack([a[up], -a[down]], format="csr"), np.concatenate([row_ub[up], -row_lb[down]]),
+                             a[eq], row_lb[eq], eq, up, down)
+        a_ub, b_ub, a_eq, b_eq, eq, up, down = self.lp_cache
+        res = linprog(c, A_ub=a_ub if len(b_ub) else None, b_ub=b_ub if len(b_ub) else None,
+                      A_eq=a_eq if len(b_eq) else None, b_eq=b_eq if len(b_eq) else None,
+                      bounds=np.stack([var_bounds.lb, var_bounds.ub], 1), method="highs",
+                      options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True})
+        y = np.zeros(self.n_rows)
+        try:
+            if len(b_eq):
+                y[eq] = res.eqlin.marginals
+            if len(b_ub):
+                lam = np.minimum(res.ineqlin.marginals, 0.0)  # <= 0 in exact arithmetic; any y is valid
+                np.add.at(y, up, lam[:len(up)])
+                np.add.at(y, down, -lam[len(up):])
+        except (AttributeError, TypeError, ValueError):  # no dual came back (time limit, failure)
+            return None
+        if not np.all(np.isfinite(y)):
+            return None
+        return dual_bound(c, a, row_lb, row_ub, var_bounds.lb, var_bounds.ub, y)
+
+
+def dual_bound(c: np.ndarray, a: sp.csr_matrix, row_lb: np.ndarray, row_ub: np.ndarray, lb: np.ndarray,
+               ub: np.ndarray, y: np.ndarray) -> float:
+    """Weak duality for min c.x s.t. row_lb <= A x <= row_ub, lb <= x <= ub, with any row
+    multipliers y, evaluated in float64 so that the result stays a lower bound (module
+    docstring). -inf where an infinite bound meets a nonzero multiplier or reduced cost."""
+    r = c - a.T @ y
+    longest = int(np.diff(a.tocsc().indptr).max(initial=0))
+    slack = gamma(longest + 3, U64) * (np.abs(c) + abs(a).T @ np.abs(y))
+    with np.errstate(invalid="ignore", over="ignore"):
+        rows = np.where(y > 0, y * row_lb, np.where(y < 0, y * row_ub, 0.0))
+        lo_r, hi_r = r - slack, r + slack
+        cols = np.minimum(np.minimum(lo_r * lb, lo_r * ub), np.minimum(hi_r * lb, hi_r * ub))
+    cols = np.where(np.isnan(cols), 0.0, cols)  # 0 * inf: a zero coefficient on an unbounded side
+    terms = np.concatenate([rows, cols])
+    total = float(terms.sum())
+    if not np.isfinite(total):
+        return -np.inf
+    return total - gamma(len(terms) + 2, U64) * float(np.abs(terms).sum())
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -172,6 +246,12 @@ def numpy_bounds(bounds: Bounds, i: int = 0) -> dict[int, tuple[np.ndarray, np.n
     return {k: (to_numpy(l[i]), to_numpy(u[i])) for k, (l, u) in bounds.items()}
 
 
+def finite_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds) -> Bounds:
+    """Bounds of every node (interval ones, intersected with `bounds` where given), so that
+    no variable of an encoding is free and every dual bound is finite."""
+    return dict(enumerate(interval_bounds(g, lo, hi, known=bounds)))
+
+
 def unstable_count(g: Graph, bounds: Bounds) -> int:
     """ReLUs (of image 0) whose input bounds straddle 0."""
     return int(sum(((bounds[k][0][0] < 0) & (bounds[k][1][0] > 0)).sum() for k in g.relu_inputs()))
@@ -181,7 +261,8 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
     """Bounds of one image (lo, hi (1, d)) with each unstable ReLU input minimized and
     maximized over the LP relaxation of everything before it, node by node; after each
     node the later ones get CROWN bounds again from the tighter ones. Stops at `deadline`
-    (time.perf_counter()), keeping what it has: every bound stays sound."""
+    (time.perf_counter()), keeping what it has: every bound stays sound, each LP's being a
+    rigorous dual bound (`Program.lp_bound`), not its primal optimum."""
     bounds = dict(bounds)
     lo_np, hi_np = to_numpy(lo[0]), to_numpy(hi[0])
     relu_in = set(g.relu_inputs())
@@ -193,7 +274,7 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
         mid = torch.nonzero((l[0] < 0) & (u[0] > 0)).flatten().tolist()
         if not mid:
             continue
-        prog = build(g, lo_np, hi_np, numpy_bounds(bounds), upto=k)
+        prog = build(g, lo_np, hi_np, numpy_bounds(finite_bounds(g, lo, hi, bounds)), upto=k)
         c = np.zeros(prog.n_vars)
         for i in mid:
             for sign in (1.0, -1.0):
@@ -204,15 +285,13 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
                     continue  # stable now: its upper bound needs no LP
                 c[:] = 0
                 c[prog.offsets[k] + i] = sign
-                res = prog.solve(c, integer=False, time_limit=deadline - time.perf_counter())
-                if res.status != 0 or res.fun is None:
+                low = prog.lp_bound(c, deadline - time.perf_counter())
+                if low is None or not np.isfinite(low):
                     continue
-                value = sign * res.fun
-                pad = LP_SLACK * (1 + abs(value))
-                if sign > 0:
-                    l[0, i] = max(float(l[0, i]), value - pad)
-                else:
-                    u[0, i] = min(float(u[0, i]), value + pad)
+                if sign > 0:  # min v_i >= low
+                    l[0, i] = max(float(l[0, i]), low)
+                else:  # min -v_i >= low: v_i <= -low
+                    u[0, i] = min(float(u[0, i]), -low)
         bounds[k] = (l, u)
         bounds = crown_bounds(g, lo, hi, bounds, after=k)
     return bounds

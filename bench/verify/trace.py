@@ -4,7 +4,15 @@ ReLU-network verifier can encode exactly, and fold the affine ops together.
 `flatten`, `view`/`reshape` to (N, -1), `nn.Flatten`, `nn.Identity` and `contiguous` are
 aliases of their input (values are flat already); Conv2d becomes its matrix by pushing
 the identity basis through the convolution in float64; Normalize and eval-mode BatchNorm
-become diagonals composed into the affine op next to them.
+become diagonals composed into the affine op next to them. Each affine node keeps the
+model's ops it was made of (`Step`s), for the bound on fp32 rounding (rounding.py).
+
+What fx does not see is refused or caught: forward hooks and pre-hooks (fx never
+records them) are refused before tracing; Normalize is taken by its exact type (a
+subclass is traced through, so its own forward is what gets read); and the finished
+graph is held to the model on random images and corners of the unit box, in fp32, to
+within the rounding bound (faithful.py; the verifiers hold it to the model again on
+each image's own box).
 
 A custom `torch.autograd.Function` is refused before tracing: fx would trace through its
 forward and record ops that look harmless (a `clone`) while the model's gradient says
@@ -23,7 +31,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bench.core.models import Normalize
 from bench.errors import BenchError
-from bench.verify.graph import SUPPORTED, Graph, Node, Unsupported, unsupported
+from bench.verify.faithful import check_unit_box, refuse_hooks
+from bench.verify.graph import SUPPORTED, Graph, Node, Step, Unsupported, unsupported
+from bench.verify.rounding import ELEMENTWISE_ROUNDINGS
 from bench.verify.search import model_device
 
 GUESS_SIDES = (8, 28, 32)
@@ -39,10 +49,11 @@ _FLAT_METHODS = ("flatten", "view", "reshape", "contiguous")
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer with Normalize kept as one call, so its buffers fold as a diagonal."""
+    """fx's tracer with Normalize kept as one call, so its buffers fold as a diagonal. Only
+    Normalize itself: a subclass may compute anything, so fx traces into its forward."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
+        return type(m) is Normalize or super().is_leaf_module(m, qualname)
 
 
 def _custom_function(model: nn.Module, x: torch.Tensor) -> Unsupported | None:
@@ -116,8 +127,13 @@ class _Builder:
         self.nodes.append(dict(op=op, inputs=tuple(inputs), shape=tuple(shape), name=name, **kw))
         return len(self.nodes) - 1
 
-    def diag(self, src: int, shape, name, scale: torch.Tensor, shift: torch.Tensor) -> int:
-        return self.add("affine", [src], shape, name, weight=scale.reshape(-1).double(), bias=shift.reshape(-1).double())
+    def diag(self, src: int, shape, name, scale: torch.Tensor, shift: torch.Tensor,
+             const: torch.Tensor | None = None) -> int:
+        """An elementwise affine op; `const` (the size of its constants before they cancel)
+        makes it a step the model computes, None the identity the logits end in."""
+        scale, shift = scale.reshape(-1).double(), shift.reshape(-1).double()
+        steps = () if const is None else (Step(scale, shift, const.reshape(-1).double(), ELEMENTWISE_ROUNDINGS),)
+        return self.add("affine", [src], shape, name, weight=scale, bias=shift, steps=steps)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -201,23 +217,27 @@ def _convert(gm: fx.GraphModule) -> _Builder:
                 continue
             raise unsupported(name, kind)
         first = n.args[0] if n.args else None
-        if isinstance(m, Normalize):
+        if type(m) is Normalize:
             s = src(n, first, name, kind)
             ones = torch.ones(1, *out_shape, dtype=torch.float64)
             scale, shift = ones / _cpu(m.std), -_cpu(m.mean) / _cpu(m.std) * ones
             if scale.shape != ones.shape:
                 raise unsupported(name, kind, f"on values of shape {out_shape} is not supported")
-            env[n] = b.diag(s, out_shape, name, scale, shift)
+            env[n] = b.diag(s, out_shape, name, scale, shift, shift.abs())
         elif isinstance(m, nn.Linear):
             s = src(n, first, name, kind)
             if len(shape(first)) != 1:
                 raise unsupported(name, kind, "is applied to a map, not a flat vector")
             bias = _cpu(m.bias) if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64)
-            env[n] = b.add("affine", [s], out_shape, name, weight=_cpu(m.weight), bias=bias)
+            step = Step(_cpu(m.weight), bias, bias.abs(), m.in_features + (m.bias is not None))
+            env[n] = b.add("affine", [s], out_shape, name, weight=step.weight, bias=bias, steps=(step,))
         elif isinstance(m, nn.Conv2d):
             s = src(n, first, name, kind)
             w, bias = _conv(m, shape(first), out_shape, name)
-            env[n] = b.add("affine", [s], out_shape, name, weight=w, bias=bias)
+            fan_in = m.weight[0].numel()  # (in channels / groups) * kernel area
+            step = Step(_cpu(m.weight), bias, bias.abs(), fan_in + (m.bias is not None),
+                        conv=(shape(first), m.stride, m.padding, m.dilation, m.groups))
+            env[n] = b.add("affine", [s], out_shape, name, weight=w, bias=bias, steps=(step,))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             s = src(n, first, name, kind)
             if m.training or m.running_mean is None:
@@ -225,9 +245,12 @@ def _convert(gm: fx.GraphModule) -> _Builder:
             scale = _cpu(m.weight) if m.weight is not None else torch.ones_like(_cpu(m.running_var))
             scale = scale / torch.sqrt(_cpu(m.running_var) + m.eps)
             shift = -_cpu(m.running_mean) * scale
+            const = shift.abs()
             if m.bias is not None:
                 shift = shift + _cpu(m.bias)
-            env[n] = b.diag(s, out_shape, name, _channelwise(out_shape, scale), _channelwise(out_shape, shift))
+                const = const + _cpu(m.bias).abs()
+            env[n] = b.diag(s, out_shape, name, _channelwise(out_shape, scale), _channelwise(out_shape, shift),
+                            _channelwise(out_shape, const))
         elif isinstance(m, nn.ReLU) or n.op == "call_function" and n.target in _RELU or (
                 n.op == "call_method" and n.target in ("relu", "relu_")):
             env[n] = b.add("relu", [src(n, first, name, kind)], out_shape, name)
@@ -281,6 +304,7 @@ def _fold(b: _Builder) -> list[dict]:
         else:
             nd["weight"] = wb * wa[None, :] if wa.dim() == 1 else wb @ wa
         nd["inputs"] = up["inputs"]
+        nd["steps"] = up.get("steps", ()) + nd.get("steps", ())
         if nd["name"] == "output":  # the identity the logits end in keeps the layer's name
             nd["name"] = up["name"]
         alive[p] = False
@@ -301,6 +325,7 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Gr
     encode."""
     if model.training:
         raise BenchError("verify: the model is in training mode; call model.eval() first")
+    refuse_hooks(model)
     shape = tuple(input_shape) if input_shape is not None else _guess_shape(model)
     dummy = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)).to(model_device(model))
     err = _custom_function(model, dummy)
@@ -317,4 +342,5 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Gr
     graph = Graph(nodes, shape)
     if graph.nodes[-1].op != "affine" or len(graph.nodes[-1].shape) != 1:
         raise unsupported(graph.nodes[-1].name, "last op", "must be affine (the logits)")
+    check_unit_box(graph, model)
     return graph
