@@ -135,7 +135,10 @@ def _worst_name(row: dict) -> str:
 
 def bracket_note(row: dict) -> str:
     """What the verifier cells say beside the worst case: the certified floor, the exact
-    figure or the images still unknown, the gap in points and the images attacks missed."""
+    figure or the images still unknown, the gap in points and the images attacks missed;
+    or that they are withheld, and why."""
+    if row.get("withheld"):
+        return f"certified and exact withheld: {row['withheld']}"
     if row.get("certified") is None:
         return f"not verifiable: {row['not_verifiable']}" if row.get("not_verifiable") else ""
     parts = [f"certified {pct(row['certified'], 1)}%"]

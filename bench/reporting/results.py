@@ -19,14 +19,17 @@ from bench.store.db import Checkpoint, Store, coverage, worst_case
 
 COLUMNS = ["defense", "preset", "dataset", "checkpoint", "attack", "threat", "clean_acc",
            "robust_acc", "n", "seconds"]
-BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed"]
-"""The worst case row's bracket fields (None where no verifier cell ran)."""
+BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed", "withheld"]
+"""The worst case row's bracket fields (None where no verifier cell ran; `withheld` says
+why certified, exact and gap are None where a verifier cell did run)."""
 
 
 def bracket_fields(ck: Checkpoint, b: dict | None) -> dict:
     """The worst case row's bracket: `certified` (the floor), `exact` (where every image
     was decided), `unknown` (images in doubt), `gap` (worst case minus floor, in points),
-    `attacks_missed`; None where no verifier cell ran, and `not_verifiable` saying why
+    `attacks_missed`, `withheld` ("unsound" where a verifier and an attack or another
+    verifier contradict each other: then no certified, exact or gap figure); None where
+    no verifier cell ran, and `not_verifiable` saying why
     where the verifier does not take the model."""
     out = {k: (b or {}).get(k) for k in BRACKET}
     reason = (ck.meta or {}).get("not_verifiable")

@@ -10,8 +10,14 @@ accuracy: an attack that fails proves nothing. Beside it:
   as robust or broken;
 - `attacks_missed`: images the verifier broke (with a counterexample that reproduced)
   that every attack cell left standing;
-- `unsound`: images proven robust that some attack cell broke, which only a bug in the
-  verifier or an attack can give.
+- `unsound`: images proven robust (certified, or verified) that some attack cell broke,
+  or that the complete verifier broke with a counterexample the model reproduced: a
+  contradiction only a bug in a verifier or an attack can give.
+
+A bracket with anything unsound publishes no proven figure: `certified`, `exact` and
+`gap` are None and `withheld` says why ("unsound"), so every reader (results, CSV, JSON,
+the board, the checkpoint page, the flags) shows the contradiction instead of a number
+that one of its two sides says is false.
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ def _certify_cells(ck: Checkpoint, cells: list[Evaluation], test_size: int) -> l
 
 def bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer], test_size: int) -> dict | None:
     """The bracket's numbers (fractions of the test set and counts), or None when the
-    checkpoint has no verifier cell of its threat model over the whole test set."""
+    checkpoint has no verifier cell of its threat model over the whole test set. Where
+    anything is unsound, `certified`, `exact` and `gap` are None and `withheld` is
+    "unsound" (else None)."""
     verify, certify = _verify_cells(ck, cells, test_size), _certify_cells(ck, cells, test_size)
     if not (verify or certify):
         return None
@@ -59,16 +67,20 @@ def bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer], 
         else:
             standing[np.asarray(c.indices, dtype=np.int64)] &= c.correct()
     missed = broken_by_verifier & standing
-    unsound = proven & ~standing
-    exact = bool(verify) and bool(decided.all())
+    # Proven robust, yet broken: by an attack, or by a counterexample of the verifier itself
+    # (a certify cell, or another verify cell, against a verify cell).
+    unsound = proven & (~standing | broken_by_verifier)
+    withheld = "unsound" if unsound.any() else None
+    exact = bool(verify) and bool(decided.all()) and withheld is None
     unknown = int((~decided).sum()) if verify else None
     floor = float(proven.mean())
     worst = float((standing & ~broken_by_verifier).mean())
     return {
-        "certified": floor,
+        "certified": floor if withheld is None else None,
         "exact": floor if exact else None,
+        "withheld": withheld,
         "unknown": unknown,
-        "gap": round(100 * (worst - floor), 2),
+        "gap": round(100 * (worst - floor), 2) if withheld is None else None,
         "attacks_only": float(standing.mean()),
         "attacks_missed": int(missed.sum()),
         "missed_indices": np.flatnonzero(missed).tolist(),

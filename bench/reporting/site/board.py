@@ -97,7 +97,7 @@ def boards(data: SiteData) -> list[dict]:
             if missing:
                 note += f" · incomplete: {len(missing)} missing"
             b = bracket(ck, data.cells[cid], data.incoming[cid], int(size)) if wc and threat == ck.threat else None
-            if b:
+            if b and b["gap"] is not None:
                 note += f" · gap {b['gap']:.1f} pts" + (f" · attacks missed {b['attacks_missed']}"
                                                          if b["attacks_missed"] else "")
             cols.append(_floor(b, meta.get("not_verifiable") if threat == ck.threat else None))
@@ -112,7 +112,7 @@ def boards(data: SiteData) -> list[dict]:
                                    for f in data.flags[cid]] if threat == ck.threat else [],
                          "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",
                                   "device": ck.device}})
-        bracketed = any(c["col"] == "certified" and c["value"] for r in rows for c in r["cols"])
+        bracketed = any(c["col"] == "certified" and (c["value"] or c.get("withheld")) for r in rows for c in r["cols"])
         if not bracketed:  # no verifier cell on this board: no column of blanks
             for r in rows:
                 r["cols"] = [c for c in r["cols"] if c["col"] != "certified"]
@@ -147,6 +147,10 @@ def _floor(b: dict | None, not_verifiable: str | None) -> dict:
     decided every image, else the floor with the images still unknown."""
     if not b:
         return _cell("certified", None, None, "not verifiable" if not_verifiable else "", not_verifiable or "")
+    if b.get("withheld"):
+        return {**_cell("certified", None, None, f"withheld: {b['withheld']}",
+                        "a verifier and an attack (or two verifiers) contradict each other: no figure is shown"),
+                "withheld": True}
     if b["exact"] is not None:
         return _cell("certified", b["exact"], None, "exact", "every image decided by the complete verifier")
     note = f"{b['unknown']} unknown" if b["unknown"] else ""

@@ -86,7 +86,9 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
     return {
         "worst": {"robust": pct(wc["robust_acc"]), "cells": wc["cells"], **cov} if wc else None,
         "bracket": {"certified": pct(b["certified"]), "exact": pct(b["exact"]) if b["exact"] is not None else "",
-                    "unknown": b["unknown"], "gap": f"{b['gap']:.1f}", "missed": b["attacks_missed"],
+                    "withheld": b.get("withheld") or "", "unsound": b["unsound"],
+                    "unknown": b["unknown"], "gap": f"{b['gap']:.1f}" if b["gap"] is not None else "",
+                    "missed": b["attacks_missed"],
                     "missed_indices": b["missed_indices"]} if b else None,
         "not_verifiable": meta.get("not_verifiable") or "",
         "no_cells": not data.cells[ck.id] and not data.incoming[ck.id],
