@@ -1,6 +1,9 @@
 """The threat model, enforced by the harness: every crafted batch must lie in the cell's
 ball around its clean inputs and in [0, 1], whatever the attack plugin did.
 
+A NaN or an infinity is outside every ball: min and max skip NaN's comparisons, and the
+argmax of NaN logits would count as a break, so a batch holding one fails its cell first.
+
 The ball is the cell config's own (`eps`, `norm`), else the one its threat key names
 (`linf-0.2`, `l2-1`, `unbounded-0.4`: an L-inf ball). Tolerances are for fp32 rounding
 only: a projection computes x - eps and x + eps in fp32, which round by at most half an
@@ -33,8 +36,12 @@ def ball(cell: Cell) -> tuple[str, float]:
 
 
 def check_budget(cell: Cell, x: torch.Tensor, x_adv: torch.Tensor) -> None:
-    """Raise BudgetError, naming the attack and its largest violation, if any x_adv leaves
-    [0, 1] or the cell's ball around x."""
+    """Raise BudgetError, naming the attack and its largest violation, if any x_adv is not
+    finite or leaves [0, 1] or the cell's ball around x."""
+    bad = int((~torch.isfinite(x_adv)).sum())
+    if bad:
+        raise BudgetError(f"attack {cell.attack!r} returned {bad} non-finite value{'' if bad == 1 else 's'} "
+                          f"(NaN or inf) in its inputs; its cell fails")
     low, high = float(x_adv.min()), float(x_adv.max())
     if low < 0 or high > 1:
         raise BudgetError(f"attack {cell.attack!r} returned inputs outside [0, 1] (min {low:.6g}, "
