@@ -279,3 +279,36 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     assert any("zero gradient" in w for w in result["extra"]["warnings"])
     assert result["robust_acc"] == 1.0
     assert not caplog.records and logging.getLogger("auto-attack").handlers == []
+
+
+# --- under the GPU fast path's bf16 autocast ----------------------------------------------
+def under_autocast(model, attack, params, x, y, bf16: bool):
+    cell = make_cell(attack, params, THREAT)
+    with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return run_multitargeted(model, x, y, cell.config, torch.Generator().manual_seed(0)) \
+            if attack == "multitargeted" else \
+            ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("attack", ["apgd", "apgd_t"])
+def test_packaged_cells_ignore_a_callers_bf16_autocast(pgd_at_model, digits_test, attack):
+    """The package's own result, in fp32, whatever the caller's autocast."""
+    x, y = digits_test
+    params = {"steps": 10}
+    plain = under_autocast(pgd_at_model, attack, params, x, y, bf16=False)
+    under = under_autocast(pgd_at_model, attack, params, x, y, bf16=True)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+def test_multitargeted_breaks_under_bf16_are_breaks_in_fp32(pgd_at_model, digits_test):
+    """Under bf16 autocast every sample counted broken misclassifies in fp32 (hits near
+    the boundary are confirmed in fp32), and the attack is as strong as in fp32 within
+    the few samples rounding moves."""
+    x, y = digits_test
+    params = {"steps": 10}
+    x_adv, broken = under_autocast(pgd_at_model, "multitargeted", params, x, y, bf16=True)
+    _, broken_fp32 = under_autocast(pgd_at_model, "multitargeted", params, x, y, bf16=False)
+    with torch.no_grad():
+        wrong = pgd_at_model(x_adv).argmax(1) != y
+    assert bool(wrong[broken].all())
+    assert abs(int(broken.sum()) - int(broken_fp32.sum())) <= 0.01 * len(y)
