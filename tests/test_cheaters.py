@@ -271,8 +271,15 @@ def test_the_wider_zoo_is_caught_and_lands_near_its_truth(natural_model, digits_
     assert masking(wc), wc["flags"]
     truth = cheat.truth(model, natural_model, x, y)
     assert abs(wc["robust_acc"] - truth) <= 0.10, (wc["robust_acc"], truth)
-    attacks = {r["attack"].split(":")[0]: r["robust_acc"] for r in rows}
+    # The cells on the model's own gradient (not those crafted through its forward).
+    attacks = {r["attack"].split(":")[0]: r["robust_acc"] for r in rows if not r["attack"].endswith(",grad=forward")}
     if name in ("round_noisy", "reversed", "staircase"):
         # Gradients that say nothing: PGD is fooled, the witness that needs none is added.
         assert attacks["pgd"] > 0.8 and "distill" in attacks
+    if name in ("round_noisy", "staircase"):
         assert {"distilled_stronger_than_pgd"} <= masking(wc)
+    if name == "reversed":
+        # PGD through the custom Function's own forward (bench.engine.mirror) is a white-box
+        # cell too, and breaks what the witness breaks: the disagreeing gradient is the flag.
+        assert "gradient_disagrees" in masking(wc)
+        assert min(r["robust_acc"] for r in rows if r["attack"].endswith(",grad=forward")) <= truth + 0.05
