@@ -10,15 +10,16 @@ the matrix never hands pyautoattack, straight from the package (through
 attacks.autoattack.run_autoattack, outside the bench's scheduler and store), on every
 test image:
 
-- the matrix's seeds: an eval job crafts every cell from a generator seeded 0
-  (bench/run/jobs.py `EvalJob.seed`; a randomized model's extra rounds use 1, 2, ...),
-  and the AutoAttack plugin gives pyautoattack `seed_from(generator)`, a draw in
-  [0, 2**31 - 1), one per batch (818069386 for the first batch on a CPU). `matrix_seeds`
-  collects the first 16 draws of generators seeded 0 to 15, on the CPU and on CUDA
-  where there is one;
+- the matrix's seeds: an eval job crafts every cell from a generator seeded with the
+  cell's own seed (`Cell.seed`, derived from its key; a randomized model's extra rounds
+  use that seed plus 1, 2, ...), and the AutoAttack plugin gives pyautoattack
+  `seed_from(generator)`, a draw in [0, 2**31 - 1), one per batch. `matrix_seeds`
+  collects the first 16 draws of the generators of every AutoAttack cell of the built-in
+  matrices on every dataset (and of its randomized form), for its first 16 rounds, on
+  the CPU and on CUDA where there is one;
 - the independent seeds: the smallest integers from 1 up that are not among them
-  (1, 2, 3 for `--seeds 3`; `independent_seeds` asserts the matrix's first draw is not
-  one of them).
+  (1, 2, 3 for `--seeds 3`; `independent_seeds` asserts the full matrix's first draw is
+  not one of them).
 
 Per checkpoint it runs the standard version at each independent seed and the `plus`
 version (APGD-CE and APGD-DLR with 5 restarts each, FAB, Square, APGD-T, FAB-T; the
@@ -42,25 +43,45 @@ from pathlib import Path
 import torch
 
 from attacks.autoattack import run_autoattack
-from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import make_cell
+from bench.core.data import DATASETS, get_spec, load_dataset
+from bench.core.matrix import BUILTIN, make_cell, matrix_cells
 from bench.plugin import seed_from
 from bench.reporting.results import result_rows
 from bench.run.training import load_model
+from bench.science.adaptive import adapt_cells
 from bench.science.admission import is_randomized
 from bench.store.db import Store, worst_case
 
-MATRIX_CELL_SEED = 0
-"""`EvalJob.seed`: the seed of the generator every matrix cell is crafted from."""
+RANDOMIZED = {"randomized": {"share_prediction_changed": 1.0, "max_output_diff": 1.0}}
+"""An admission record that says randomized: what makes a cell take its randomized form."""
 
 
-def matrix_seeds(cell_seeds: int = 16, draws: int = 16) -> set[int]:
+def autoattack_cell_seeds() -> set[int]:
+    """The seeds of every AutoAttack cell of the built-in matrices, on every dataset, in
+    its plain and its randomized form (`Cell.seed`, derived from the key)."""
+    seeds = set()
+    for spec, name in itertools.product(DATASETS.values(), BUILTIN):
+        cells = [c for c in matrix_cells(name, spec.threat) if c.attack == "autoattack"]
+        seeds |= {c.seed for c in [*cells, *adapt_cells(cells, RANDOMIZED)]}
+    return seeds
+
+
+def first_full_draw() -> int:
+    """What pyautoattack gets for the first batch of the full matrix's L-inf AutoAttack
+    cell on digits, on the CPU."""
+    spec = get_spec("digits")
+    cell = next(c for c in matrix_cells("full", spec.threat) if c.attack == "autoattack" and c.threat == spec.threat.name)
+    return seed_from(torch.Generator().manual_seed(cell.seed))
+
+
+def matrix_seeds(rounds: int = 16, draws: int = 16) -> set[int]:
     """Every seed a matrix AutoAttack cell can give pyautoattack: `seed_from` draws (one
-    per batch) of generators seeded 0 (the cell) to 15 (a randomized model's rounds)."""
+    per batch) of generators seeded with each cell's seed plus 0 (the cell) to 15 (a
+    randomized model's rounds)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     used = set()
-    for device, seed in itertools.product(devices, range(MATRIX_CELL_SEED, MATRIX_CELL_SEED + cell_seeds)):
-        gen = torch.Generator(device=device).manual_seed(seed)
+    for device, seed, r in itertools.product(devices, autoattack_cell_seeds(), range(rounds)):
+        gen = torch.Generator(device=device).manual_seed(seed + r)
         used.update(seed_from(gen) for _ in range(draws))
     return used
 
@@ -69,7 +90,7 @@ def independent_seeds(k: int = 3) -> tuple[int, ...]:
     """The k smallest positive integers the matrix never gives pyautoattack (1, 2, 3)."""
     used = matrix_seeds()
     seeds = tuple(itertools.islice((s for s in itertools.count(1) if s not in used), k))
-    assert seed_from(torch.Generator().manual_seed(MATRIX_CELL_SEED)) not in seeds
+    assert first_full_draw() not in seeds
     return seeds
 
 
@@ -110,7 +131,7 @@ def main() -> int:
     worst = {r["checkpoint"]: r["robust_acc"] for r in result_rows(store, dataset=args.dataset)
              if r["attack"] == "worst_case"}
     print(f"AutoAttack at seeds {', '.join(map(str, seeds))} (the matrix's cell drew "
-          f"{seed_from(torch.Generator().manual_seed(MATRIX_CELL_SEED))}; none of the "
+          f"{first_full_draw()}; none of the "
           f"{len(matrix_seeds())} seeds the matrix can draw is among them), on all {len(x)} images")
     above = 0
     for ck in store.checkpoints(dataset=args.dataset):

@@ -22,13 +22,12 @@ import torch
 
 from bench.api import Where, results, run
 from bench.core.data import get_spec, load_dataset
-from bench.plugin import seed_from
 from bench.run.recipe import TrainRequest
 from bench.run.training import load_model
 from bench.store.db import Store, worst_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from worst_vs_autoattack import MATRIX_CELL_SEED, autoattack_runs, independent_seeds, matrix_seeds  # noqa: E402
+from worst_vs_autoattack import autoattack_runs, first_full_draw, independent_seeds, matrix_seeds  # noqa: E402
 
 MATRIX = """
 [[cell]]
@@ -92,7 +91,7 @@ def above(n_worst: int, n_autoattack: int) -> int:
 
 def test_the_independent_seeds_are_none_the_matrix_draws():
     used = matrix_seeds()
-    assert seed_from(torch.Generator().manual_seed(MATRIX_CELL_SEED)) in used
+    assert first_full_draw() in used
     assert independent_seeds(3) == (1, 2, 3)
     assert not used & set(independent_seeds(3))
 
