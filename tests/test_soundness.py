@@ -327,3 +327,17 @@ def test_a_sound_bracket_says_nothing_is_withheld(tmp_path):
          extra=_verify_extra(_bits(0, 1, 2), _bits(3)))
     b = bracket(store.checkpoint("k" * 64), store.evaluations([ck.id]), [], N)
     assert b["withheld"] is None and b["certified"] == pytest.approx(0.3) and b["unsound"] == 0
+
+
+def test_a_hook_added_after_tracing_is_refused_at_verification():
+    model = _base()
+    g = to_graph(model, (1, 1, 2))
+    x, y = torch.tensor([0.5, 0.5]).view(1, 1, 1, 2), torch.tensor([0])
+    handle = _last_layer_hook(model)
+    try:
+        with pytest.raises(Unsupported, match=r"^verify: [^\n]*forward hook[^\n]*$"):
+            verify_images(g, model, x, y, 0.1)
+        with pytest.raises(Unsupported, match=r"^verify: [^\n]*forward hook[^\n]*$"):
+            certify(g, x, y, 0.1, model=model)
+    finally:
+        handle.remove()

@@ -88,7 +88,9 @@ def check_unit_box(g: Graph, model: torch.nn.Module) -> None:
 
 def check_box(g: Graph, model: torch.nn.Module, x: torch.Tensor, eps: float) -> None:
     """The graph against the model on the images x (n, C, H, W) themselves and on random
-    points and corners of their boxes (the fp32 ones every counterexample lies in)."""
+    points and corners of their boxes (the fp32 ones every counterexample lies in); hooks
+    are refused again, since a graph may have been traced before one was added."""
+    refuse_hooks(model)
     if len(x) == 0:
         return
     x = x.detach().float().cpu()
