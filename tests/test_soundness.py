@@ -341,3 +341,20 @@ def test_a_hook_added_after_tracing_is_refused_at_verification():
             certify(g, x, y, 0.1, model=model)
     finally:
         handle.remove()
+
+
+def test_lp_bounds_are_weak_duality_bounds():
+    # min x1 + 2 x2 s.t. x1 + x2 >= 1, 0 <= x <= 5: the optimum is 1 (x = (1, 0)). HiGHS's
+    # dual gives a bound within rounding of it, never above; any multiplier y gives the
+    # hand-computed y * 1 + min over the box of (1 - y) x1 + (2 - y) x2.
+    from bench.verify.milp import Program, dual_bound
+
+    p = Program()
+    p.new_vars([0.0, 0.0], [5.0, 5.0])
+    p.rows(np.array([0, 0]), np.array([0, 1]), np.array([1.0, 1.0]), 1.0, np.inf)
+    c = np.array([1.0, 2.0])
+    assert 1 - 1e-12 <= p.lp_bound(c, 10.0) <= 1
+    a, row_lb, row_ub, var, _ = p._rows()
+    for y, hand in ((0.5, 0.5), (1.0, 1.0), (3.0, 3 - 2 * 5 - 1 * 5), (-1.0, -np.inf)):
+        got = dual_bound(c, a, row_lb, row_ub, var.lb, var.ub, np.array([y]))
+        assert got <= hand and (got == hand or got == pytest.approx(hand, rel=1e-12, abs=1e-12))
