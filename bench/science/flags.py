@@ -298,8 +298,9 @@ def attacks_missed(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
 
 @flag(
       "An image proven robust (certified, or verified by the complete verifier) was broken by "
-      "an attack cell. A sound verifier and a correct attack can never disagree so: this is "
-      "a bug in one of them, and the run fails.")
+      "an attack cell, or by the verifier's own reproducing counterexample. A sound verifier "
+      "and a correct attack can never disagree so: this is a bug in one of them, the run "
+      "fails, and the exact and certified figures are withheld.")
 def unsound(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
     return _in_bracket(ck, cells, transfers, "unsound", "unsound_indices")
 
