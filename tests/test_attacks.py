@@ -402,5 +402,8 @@ def test_worst_case_ands_every_cell_of_the_threat_model(tmp_path):
     wc = worst_case(ck, store.evaluations([ck.id]), store.transfers([ck.id]), 10)
     np.testing.assert_array_equal(wc["bits"], expected)
     assert wc["cells"] == 4  # pgd, fgsm, spsa, transfer
-    (row,) = [r for r in result_rows(store, defense="natural") if r["attack"] == "worst_case"]
+    worst = {r["threat"]: r for r in result_rows(store, defense="natural") if r["attack"] == "worst_case"}
+    assert set(worst) == {THREAT.name, "l2-1"}  # the L2 cell makes a worst case of its own
+    row = worst[THREAT.name]
     assert row["robust_acc"] == pytest.approx(0.5) and row["n"] == 10
+    assert worst["l2-1"]["robust_acc"] == 0.0 and worst["l2-1"]["cells"] == 1
