@@ -9,6 +9,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+# Under pytest-xdist every Ray test runs on one worker, so one local cluster starts, not
+# one per worker on the same two cores.
+pytestmark = pytest.mark.xdist_group("ray")
+
 from bench.core.matrix import make_cell  # noqa: E402
 from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
