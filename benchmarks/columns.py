@@ -58,16 +58,20 @@ def figures(store: Store, dataset: str) -> dict[str, dict]:
             continue
         size = next((c.n for c in cells if c.indices is None), 0)
         wc = worst_case(ck, cells, incoming, size) if size else None
-        picked = {"pgd50": _pgd(cells, ck.threat, 50), "pgd1000": _pgd(cells, ck.threat, 1000),
+        picked = {"fgsm": _one(cells, ck.threat, "fgsm"), "pgd20": _pgd(cells, ck.threat, 20),
+                  "pgd50": _pgd(cells, ck.threat, 50), "pgd1000": _pgd(cells, ck.threat, 1000),
                   "targeted": _pgd(cells, ck.threat, 20, "random"), "apgd": _one(cells, ck.threat, "apgd"),
                   "apgd_t": _one(cells, ck.threat, "apgd_t"), "multitargeted": _one(cells, ck.threat, "multitargeted"),
-                  "autoattack": _one(cells, ck.threat, "autoattack")}
+                  "autoattack": _one(cells, ck.threat, "autoattack"), "square": _one(cells, ck.threat, "square")}
+        l2 = next((c.threat for c in cells if c.threat.startswith("l2-")), None)
+        l2_worst = worst_case(ck, cells, incoming, size, l2) if size and l2 else None
         out[ck.key] = {
             "defense": ck.defense, "clean": (ck.meta or {}).get("clean_acc"),
             **{k: (c.robust_acc if c else None) for k, c in picked.items()},
             "seconds": {k: c.seconds for k, c in picked.items() if c is not None},
             "transfer": _lowest_transfer(incoming, ck.threat, ck.id),
             "worst": wc["robust_acc"] if wc else None,
+            "l2_worst": l2_worst["robust_acc"] if l2_worst else None,
             "masking": sorted(flags.get(ck.id, set()) & set(MASKING)),
         }
     return out
@@ -86,10 +90,10 @@ def main() -> int:
     after = figures(Store.for_results(Path(args.results)), args.dataset)
     before = figures(Store.for_results(Path(args.before)), args.dataset) if args.before else {}
     cols = ["pgd50", "pgd1000", "targeted", "apgd", "apgd_t", "multitargeted", "autoattack"]
-    head = ["defense", "clean", "PGD-50", "PGD-1000", "targeted PGD-20", "APGD-CE", "APGD-T", "multi-targeted",
-            "AutoAttack", "transfer", "worst case"]
+    head = ["defense", "clean", "FGSM", "PGD-20", "PGD-50", "PGD-1000", "targeted PGD-20", "APGD-CE", "APGD-T",
+            "multi-targeted", "AutoAttack", "Square", "transfer", "worst case", "L2 worst case"]
     if before:
-        head = [*head[:2], "PGD-50 before", "PGD-50", "PGD-1000 before", "PGD-1000", *head[4:9],
+        head = ["defense", "clean", "PGD-50 before", "PGD-50", "PGD-1000 before", "PGD-1000", *head[6:11],
                 "transfer before", "transfer", "worst case"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -100,7 +104,8 @@ def main() -> int:
                    pct(f["pgd1000"]), *(pct(f[c]) for c in cols[2:]), pct(b.get("transfer")), pct(f["transfer"]),
                    pct(f["worst"])]
         else:
-            row = [f["defense"], pct(f["clean"]), *(pct(f[c]) for c in cols), pct(f["transfer"]), pct(f["worst"])]
+            row = [f["defense"], pct(f["clean"]), pct(f["fgsm"]), pct(f["pgd20"]), *(pct(f[c]) for c in cols),
+                   pct(f["square"]), pct(f["transfer"]), f"**{pct(f['worst'])}**", pct(f["l2_worst"])]
         print("| " + " | ".join(row) + " |")
     print("\nseconds per cell (the new white-box cells against AutoAttack's):")
     print("| defense | " + " | ".join(cols) + " |")
