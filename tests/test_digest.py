@@ -12,20 +12,19 @@ from cli_run import run_cli
 from store_digest import store_content, store_digest
 
 RECORDED = {
-    "f45a00fb3c2cd56db75e7982048c0763f7da6cf600498781a8de28159a457a20",
-    "021f5151460c175c5fe4ee79cbaf9ea008cfecd76c118b8e1fda5f21940eb483",
+    "ffb6afa8262633d72a2d919f15f2279b686a4977f3cbb12aa6f8b5097097483b",
 }
 """`bench run --defense logit_squeeze --matrix full` then `bench transfer --source natural
 --target all`, one digest per kind of machine it was recorded on: CPU kernels round the
-last bits of fp32 differently from one processor to another (on the second machine, an
-AMD EPYC, its AVX512 kernels give 021f5151..., its AVX2 ones 67dc8b3b...), so training
-does too, and the same code gives a machine's own digest. The first was recorded on the
-machine the layering was done on, the second on an AMD EPYC with AVX512, where the code
-of the first (commit 1ab2f6b) gives it too. The layering left the digest recorded on the
-flat package unchanged (5d5e46cc...); it changed only with two changes meant to change
-numbers: L2 PGD's random start drawn as torchattacks' PGDL2 draws it (the L2 cell's bits)
-and SPSA's sample count scaled with the input (`samples_per_dim` in its key; the same 128
-samples on digits, the same bits)."""
+last bits of fp32 differently from one processor to another, so training does too, and
+the same code gives a machine's own digest. Recorded on an AMD EPYC with AVX512 (twice,
+from two empty stores). It changed, on purpose, with the columns made as strong as their
+names: every cell draws from a seed derived from its key instead of seed 0, transfer
+cells run to their final iterate (`keep=last` in their keys), and `full` gained the
+cosine-schedule PGD-50/200/1000, targeted PGD-20, APGD-CE, APGD-T, multi-targeted PGD and
+AutoAttack's L2 version (29 cells, and `pgd_still_falling` beside `restarts_matter`).
+Earlier digests: f45a00fb... on the layering's machine, 021f5151... on this one; before
+them the digest changed only with L2 PGD's random start and SPSA's scaled sample count."""
 
 
 def test_digits_store_digest_is_unchanged(tmp_path, monkeypatch, capsys):
@@ -35,5 +34,5 @@ def test_digits_store_digest_is_unchanged(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "transfer", "--source", "natural", "--target", "all")
     assert code == 0, err
     content = store_content(tmp_path / "results" / "bench.db")
-    assert {k: len(v) for k, v in content.items()} == {"checkpoints": 3, "cells": 24, "transfers": 7, "flags": 1}
+    assert {k: len(v) for k, v in content.items()} == {"checkpoints": 3, "cells": 29, "transfers": 7, "flags": 2}
     assert store_digest(tmp_path / "results" / "bench.db") in RECORDED
