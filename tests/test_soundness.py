@@ -22,9 +22,10 @@ from bench.plugin import register_attack
 from bench.registry import ATTACKS
 from bench.reporting.results import result_rows
 from bench.store.bracket import bracket
-from bench.store.db import Store, pack_bits
+from bench.store.db import pack_bits
 from bench.verify import SearchConfig, Unsupported, certify, to_graph, verify_images
 from bench.verify.bounds import box, crown_bounds
+from test_truth import N, _store  # the stored checkpoint the bracket tests share
 
 THREAT = get_spec("digits").threat
 
@@ -256,16 +257,6 @@ def test_a_nan_batch_fails_its_cell(nan_attack, natural_model, tmp_path):
 
 
 # The bracket.
-
-N = 10
-
-
-def _store(tmp_path):
-    store = Store.for_results(tmp_path)
-    ck = store.add_checkpoint(key="k" * 64, dataset="digits", defense="natural", preset=None, arch="digits_mlp",
-                              seed=0, threat=THREAT.name, config={}, train_config={}, path=str(tmp_path),
-                              sha256="0" * 64, epochs=1, train_seconds=0.0, device="cpu", meta={"clean_acc": 0.9})
-    return store, ck
 
 
 def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None):

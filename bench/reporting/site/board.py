@@ -91,9 +91,9 @@ def boards(data: SiteData) -> list[dict]:
                     note = f"on {int(n)} images"
                 cols.append(_cell(col, v, paper.get(label) if label else None, note))
             note = f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""
-            # Coverage is of the checkpoint's own matrix, whose cells count toward its threat model.
-            missing = coverage(ck, data.cells[cid], data.incoming[cid], defense_of)["missing"] \
-                if wc and threat == ck.threat else []
+            # Coverage of this threat model's cells (the run layer records each expected
+            # cell's threat model: the L2 board's worst case is complete like the L-inf one).
+            missing = coverage(ck, data.cells[cid], data.incoming[cid], defense_of, threat)["missing"] if wc else []
             if missing:
                 note += f" · incomplete: {len(missing)} missing"
             b = bracket(ck, data.cells[cid], data.incoming[cid], int(size)) if wc and threat == ck.threat else None
