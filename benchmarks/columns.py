@@ -38,7 +38,10 @@ def _one(cells: list[Evaluation], threat: str, attack: str) -> Evaluation | None
 
 
 def _lowest_transfer(transfers: list[Transfer], threat: str, target_id: int) -> float | None:
-    accs = [t.robust_acc for t in transfers if t.target_id == target_id and t.threat == threat]
+    """The lowest of the matrix's surrogate transfer cells (not a `bench transfer` grid's
+    rows, whose diagonal is a white-box attack)."""
+    accs = [t.robust_acc for t in transfers if t.target_id == target_id and t.threat == threat
+            and t.source_id != target_id and (t.extra or {}).get("surrogate")]
     return min(accs) if accs else None
 
 
