@@ -188,6 +188,7 @@ def expected_rows(store: Store) -> dict[str, dict]:
         out[ck.key] = {"board": f"board-{ck.dataset}-{ck.threat}", "clean": ck.meta["clean_acc"],
                        "fgsm": lowest(lambda e: e.attack == "fgsm"), "pgd20": pgd(20),
                        "pgd_longest": pgd(max(steps)) if steps else None, "cw20": pgd(20, "cw"),
+                       "apgd_t": lowest(lambda e: e.attack == "apgd_t"),
                        "spsa": lowest(lambda e: e.attack == "spsa"),
                        "autoattack": lowest(lambda e: e.attack == "autoattack"),
                        "square": lowest(lambda e: e.attack == "square"), "transfer": transfer,
@@ -289,7 +290,8 @@ def _board_rows(page, board_id: str) -> list[dict]:
 
 
 # --- the board ---------------------------------------------------------------------------
-COLUMNS = ("clean", "fgsm", "pgd20", "pgd_longest", "cw20", "spsa", "square", "transfer", "autoattack", "worst")
+COLUMNS = ("clean", "fgsm", "pgd20", "pgd_longest", "cw20", "apgd_t", "spsa", "square", "transfer", "autoattack",
+           "worst")
 
 
 def test_every_checkpoint_is_on_its_board_with_the_stored_numbers(built, session):

@@ -26,6 +26,7 @@ BOARD_COLUMNS = [
     ("pgd20", "PGD\u201120", "pgd20"),  # non-breaking hyphens: a header never splits there
     ("pgd_longest", "PGD longest", None),
     ("cw20", "CW\u201120", "cw20"),
+    ("apgd_t", "APGD\u2011T", "apgd_t"),  # the strongest single white-box cell
     ("spsa", "SPSA", "spsa"),
     ("square", "Square", "square"),
     ("transfer", "Transfer", None),
@@ -45,7 +46,11 @@ def boards(data: SiteData) -> list[dict]:
     table = frame.groupby(["checkpoint_id", "threat", "label"])["robust_acc"].min().to_dict()
     subset_n = frame[frame["subset"]].groupby(["checkpoint_id", "threat", "label"])["n"].min().to_dict()
     pgd = full[(full["attack"] == "pgd") & (full["loss"] == "xent") & (full["restarts"] == 1)]
+    pgd = pgd[pgd["label"].str.fullmatch(r"pgd\d+(_cos)?")]  # untargeted, on the model's own gradient
     longest = pgd.groupby(["checkpoint_id", "threat"])["steps"].max().to_dict()
+    # The longest run's column label: pgd1000_cos where the long runs use the cosine schedule.
+    longest_label = {(c, t, int(steps)): label for c, t, steps, label
+                     in pgd[["checkpoint_id", "threat", "steps", "label"]].itertuples(index=False)}
     test_size = full.groupby(["checkpoint_id", "threat"])["n"].max().to_dict()
     column_labels = {label for _, _, label in BOARD_COLUMNS if label}
     by_id = {ck.id: ck for ck in data.checkpoints}
@@ -83,7 +88,8 @@ def boards(data: SiteData) -> list[dict]:
                     continue
                 if label is None:
                     steps = longest.get((cid, threat))
-                    label = f"pgd{int(steps)}" if steps is not None and not math.isnan(steps) else None
+                    label = (longest_label.get((cid, threat, int(steps)))
+                             if steps is not None and not math.isnan(steps) else None)
                     note = f"{int(steps)} steps" if label else ""
                 v = value(cid, threat, label) if label else None
                 n = subset_n.get((cid, threat, label)) if label else None
