@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.core.data import DATASETS, load_dataset
-from bench.core.matrix import BUILTIN, matrix_cells, matrix_transfer, parse_cell_key
+from bench.core.matrix import BUILTIN, matrix_cells, matrix_transfer, transfer_cell
 from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.perf import SIZES, run_perf
@@ -112,7 +112,7 @@ def listing(what: str) -> list[tuple[str, ...]]:
             parts = [f"{', '.join(ts)}: {', '.join(names)}" for names, ts in threats.items()]
             sources, keys = matrix_transfer(name)
             if sources:
-                crafted = (parse_cell_key(k, threat) for k in keys)
+                crafted = (transfer_cell(k, threat) for k in keys)
                 parts.append(f"transfer from {', '.join(sources)}: "
                              + ", ".join(cell_label(c.attack, vars(c.config)) for c in crafted))
             rows.append((name, f"{len(cells) + len(sources) * len(keys)} cells on digits; " + "; ".join(parts)))

@@ -190,7 +190,7 @@ def test_ls_matrices_shows_each_matrix_s_cells(monkeypatch, capsys):
     total = len(matrix_cells("full", get_spec("digits").threat)) + len(surrogates) * len(keys)
     text = " ".join(out.split())
     assert code == 0 and f"full {total} cells on digits; linf-0.2: fgsm, pgd5, cw5," in text
-    assert "pgd20_r10" in text and "l2-1: pgd20" in text and "transfer from natural, pgd_at: pgd20, cw20" in text
+    assert "pgd20_r10" in text and "l2-1: pgd20" in text and "transfer from natural, pgd_at: pgd20_last, cw20_last" in text
     assert "quick 3 cells on digits; linf-0.2: fgsm, pgd10, pgd20" in text
     assert max(len(line) for line in out.splitlines()) <= 160  # the width of a piped console
 
