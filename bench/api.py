@@ -167,7 +167,8 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
 
     `model` is an nn.Module taking [0, 1] inputs and returning logits, or a
     'MODULE:FUNCTION' string. Returns the rows `bench results --format json` prints for
-    it, the `worst_case` row last. Raises IncompleteEvaluation, carrying the rows and the
+    it, the `worst_case` row of its own threat model last (an L2 worst case, where the
+    matrix has L2 cells, just before it). Raises IncompleteEvaluation, carrying the rows and the
     failed cells, when any cell failed: an incomplete worst case is never returned as if
     it were whole.
     """

@@ -225,6 +225,7 @@ def test_l2_has_a_worst_case_of_its_own(tmp_path: Path, monkeypatch, capsys):
     rows = json.loads(out)
     worst = {r["threat"]: r for r in rows if r["attack"] == "worst_case"}
     assert set(worst) == {THREAT.name, f"l2-{THREAT.l2_eps:g}"}
+    assert rows[-1]["attack"] == "worst_case" and rows[-1]["threat"] == THREAT.name  # its own threat model's last
     l2_cells = [r for r in rows if r["threat"] == f"l2-{THREAT.l2_eps:g}" and r["attack"] != "worst_case"]
     assert len(l2_cells) == 2 and worst["l2-1"]["cells"] == 2 and worst["l2-1"]["complete"] is True
     assert worst["l2-1"]["robust_acc"] <= min(r["robust_acc"] for r in l2_cells)

@@ -95,7 +95,9 @@ def rows(result: list[dict], form: str) -> None:
                          overflow="fold")
     groups = list(_by_checkpoint(result).values())
     for i, group in enumerate(groups):
-        worst = [r for r in group if r["attack"] == "worst_case"]
+        # The checkpoint's own worst case (the last row of its group) on top, then any other
+        # threat model's (the L2 one).
+        worst = [r for r in group if r["attack"] == "worst_case"][::-1]
         cells = [r for r in group if r["attack"] != "worst_case"]
         names = [escape(r["attack"]) for r in cells] if form == "wide" else _cell_names(cells, _home(group))
         shown = [*((w, _worst_name(w)) for w in worst), *zip(cells, names)]
@@ -116,9 +118,10 @@ def _by_checkpoint(result: list[dict]) -> dict[str, list[dict]]:
 
 
 def _home(group: list[dict]) -> str:
-    """The checkpoint's threat model: its worst case's, else the one most of its cells share."""
+    """The checkpoint's threat model: its own worst case's (the last), else the one most of
+    its cells share."""
     worst = [r["threat"] for r in group if r["attack"] == "worst_case"]
-    return worst[0] if worst else Counter(r["threat"] for r in group).most_common(1)[0][0]
+    return worst[-1] if worst else Counter(r["threat"] for r in group).most_common(1)[0][0]
 
 
 def _worst_name(row: dict) -> str:

@@ -67,6 +67,13 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
                          "clean_acc": t.clean_acc, "robust_acc": t.robust_acc, "n": t.n,
                          "seconds": round(t.seconds, 3), "source": defense_of.get(t.source_id)})
         test_size = next((e.n for e in by_ck[ck.id] if e.indices is None), 0)
+        # The L2 worst case first: the checkpoint's own threat model's row stays last.
+        l2 = l2_threat(ck)
+        wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size, l2) if test_size and l2 else None
+        if wc:
+            rows.append({**base, "attack": "worst_case", "threat": l2, "clean_acc": clean,
+                         "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None, "cells": wc["cells"],
+                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of, l2)})
         wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size) if test_size else None
         if wc:
             rows.append({**base, "attack": "worst_case", "threat": ck.threat, "clean_acc": clean,
@@ -74,12 +81,6 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
                          "cells": wc["cells"], "flags": sorted(flags[ck.id]),
                          **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of),
                          **bracket_fields(ck, bracket(ck, by_ck[ck.id], incoming[ck.id], test_size))})
-        l2 = l2_threat(ck)
-        wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size, l2) if test_size and l2 else None
-        if wc:
-            rows.append({**base, "attack": "worst_case", "threat": l2, "clean_acc": clean,
-                         "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None, "cells": wc["cells"],
-                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of, l2)})
     return rows
 
 
