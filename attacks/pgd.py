@@ -188,11 +188,12 @@ def _confirmed(model, x_adv, y, candidates, hit):
     return hit.index_put((idx,), full)
 
 
-def _objective(cfg: PGD, loss=None):
-    """(loss(logits, goal) per sample, whether the goal is a target class rather than y)."""
+def _objective(cfg: PGD, loss=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The objective ascended, loss(logits, goal) per sample: toward the goal class for a
+    targeted cfg, away from the label otherwise (`loss` replaces the cfg's own)."""
     if cfg.targeted == "random":
-        return _targeted_loss(cfg.loss), True
-    return loss or LOSSES[cfg.loss], False
+        return _targeted_loss(cfg.loss)
+    return loss or LOSSES[cfg.loss]
 
 
 def _goals(model, x, y, cfg: PGD, generator) -> torch.Tensor:
@@ -221,7 +222,7 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
     """
     if cfg.keep == "last":
         return _run_to_end(model, x, y, cfg, generator)
-    loss_fn, _ = _objective(cfg)
+    loss_fn = _objective(cfg)
     goals = _goals(model, x, y, cfg, generator)
     # Under low-precision autocast a hit is confirmed in full precision before it is final:
     # a sample that merely looks broken through rounding would otherwise stop being
@@ -299,7 +300,7 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
 def _run_to_end(model, x, y, cfg: PGD, generator):
     """keep = last: every restart runs every step on every sample; each sample keeps the
     final iterate of its restart with the highest final objective."""
-    loss_fn, _ = _objective(cfg)
+    loss_fn = _objective(cfg)
     goals = _goals(model, x, y, cfg, generator)
     best, best_loss = x.clone(), torch.full((len(x),), float("-inf"), device=x.device)
     for _ in range(cfg.restarts):
@@ -326,7 +327,7 @@ def plain_pgd(model, x, y, cfg: PGD, generator=None, *, loss=None,
     already reduced: its sum is ascended); `on_step(losses)` sees the objective before
     each step. A targeted cfg draws its targets here unless `goals` gives them.
     """
-    loss_fn, _ = _objective(cfg, loss)
+    loss_fn = _objective(cfg, loss)
     if goals is None:
         goals = _goals(model, x, y, cfg, generator)
     lo = (x - cfg.eps).clamp(min=0) if cfg.norm == "linf" else None
