@@ -3,20 +3,15 @@
 Each check reads the checkpoint's stored cells and returns a flag with the numbers that
 raised it (and the keys of the cells they come from), or nothing. Flags are derived
 data: recomputed after every run and replaced in one transaction. "More than a point"
-means more than 0.01 of accuracy. The white-box reference of the masking flags is the
-strongest gradient attack the checkpoint has faced: every full-test-set cell of FGSM,
-PGD (any schedule, targeted or not), APGD-CE, APGD-T and multi-targeted PGD in its own
-threat model, compared sample by sample (their union) or by accuracy (the lowest). A
-black-box attack beating PGD-20 alone says little: on honest adversarially trained
-models Square did, because PGD-20 is a weak reference, not because the gradients were
-masked. A subset cell (SPSA on 100 images) is compared with the white-box cells on the
-very same images. The flags keep their names (they are database keys): `..._than_pgd`
-reads "than the white-box attacks".
+means more than 0.01 of accuracy. The masking flags measure black-box attacks against
+the strongest white-box cell the checkpoint has faced (bench.science.white_box), never
+against PGD alone; a subset cell (SPSA on 100 images) is compared with the white-box
+cells on the very same images. The flags keep their names (they are database keys):
+`..._than_pgd` reads "than the white-box attacks".
 """
 from __future__ import annotations
 
 from collections import defaultdict
-
 
 from bench.science import admission
 from bench.science.admission import is_randomized
