@@ -23,19 +23,22 @@ package's last misclassified iterate), x itself where nothing broke it.
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 from dataclasses import dataclass, replace
 
 import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from attacks._packaged import LOGGER, package_run, reraise
-from bench.plugin import NORMS, at_least, one_of, radius, register_attack, seed_from
+from bench.plugin import Role, NORMS, at_least, one_of, radius, register_attack, seed_from
 
 APGD_LOSSES = ("ce", "dlr")
 
 
 @dataclass(frozen=True)
 class APGD:
+    role: ClassVar[Role] = Role.ITERATIVE
+    """An iterative white-box gradient attack: the masking checks' reference."""
     eps: float | None = None
     """Radius; unset means the dataset's threat model (L-inf eps or L2 eps)."""
     norm: str = "linf"
@@ -66,6 +69,8 @@ class APGD:
 
 @dataclass(frozen=True)
 class APGDT:
+    role: ClassVar[Role] = Role.ITERATIVE
+    """An iterative white-box gradient attack: the masking checks' reference."""
     eps: float | None = None
     """Radius; unset means the dataset's threat model (L-inf eps or L2 eps)."""
     norm: str = "linf"

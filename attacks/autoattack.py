@@ -15,19 +15,22 @@ flags.autoattack_warning fires.
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass, replace
 
 import torch
 from pyautoattack import AutoAttack as PackageAutoAttack
 
 from attacks._packaged import AutoAttackWarning, package_run, reraise
-from bench.plugin import NORMS, one_of, radius, register_attack, seed_from
+from bench.plugin import Role, NORMS, one_of, radius, register_attack, seed_from
 
 __all__ = ["AutoAttack", "AutoAttackWarning", "perturb", "run_autoattack"]
 
 
 @dataclass(frozen=True)
 class AutoAttack:
+    role: ClassVar[Role] = Role.ENSEMBLE
+    """An ensemble with a black-box member (Square): never a white-box reference."""
     eps: float | None = None
     """Radius; unset means the dataset's threat model (L-inf eps or L2 eps)."""
     norm: str = "linf"

@@ -3,9 +3,9 @@ network proves that no input of the L-inf ball changes its label (CROWN-style bo
 bench.verify.bounds; or plain interval bounds, `method = "ibp"`, for comparison).
 
 It perturbs nothing: the inputs come back as they are, and its robust bits are the
-certified ones, a lower bound on the true robust accuracy. It counts toward a threat of
-its own (`certified-linf-<eps>`), never toward the worst case, which is an upper bound;
-the bracket between the two is what the boards show.
+certified ones, a lower bound on the true robust accuracy. Its kind (`CellKind.CERTIFY`)
+keeps it out of the worst case, which is an upper bound; the bracket between the two is
+what the boards show.
 
 An image is certified only where each bound on z_y - z_j exceeds the fp32 rounding
 tolerance of that pair, for either method, and the graph is first held to the model on
@@ -20,11 +20,14 @@ from typing import ClassVar
 import torch
 
 from attacks.verify import graph_of
-from bench.plugin import certify, one_of, radius, register_attack
+from bench.plugin import Role, CellKind, certify, one_of, radius, register_attack
 
 
 @dataclass(frozen=True)
 class Certify:
+    role: ClassVar[Role] = Role.TRUTH
+    """A verifier cell."""
+    kind: ClassVar[CellKind] = CellKind.CERTIFY
     verifier: ClassVar[bool] = True
     """Returns per-image verdicts besides its inputs (bench.engine.verified)."""
     eps: float | None = None
@@ -40,7 +43,7 @@ class Certify:
         return self if self.eps is not None else replace(self, eps=threat.eps)
 
     def threat_key(self) -> str:
-        return f"certified-linf-{self.eps:g}"
+        return f"linf-{self.eps:g}"
 
 
 @register_attack("certify", config=Certify)

@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.pgd import PGD, plain_pgd
-from bench.plugin import NORMS, at_least, one_of, radius, register_attack, seed_from
+from bench.plugin import Role, NORMS, at_least, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
 class Distill:
+    role: ClassVar[Role] = Role.WITNESS
+    """The masking witness: a surrogate distilled from the model's answers."""
     queries_only: ClassVar[bool] = True
     """Reads only the model's outputs: on a randomized model it takes the noise as it
     comes (majorities of passes), with no EOT wrapper around the model."""

@@ -4,15 +4,18 @@ One signed-gradient step of size eps on the cross-entropy, L-inf, no random star
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass, replace
 
 import torch
 
-from bench.plugin import LOSSES, one_of, radius, register_attack
+from bench.plugin import Role, LOSSES, one_of, radius, register_attack
 
 
 @dataclass(frozen=True)
 class FGSM:
+    role: ClassVar[Role] = Role.ONE_STEP
+    """One gradient step: what the iterative attacks are compared with."""
     eps: float | None = None
     """L-inf radius; unset means the dataset's threat model."""
     loss: str = "xent"

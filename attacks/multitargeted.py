@@ -25,16 +25,19 @@ sample's attack early nor hide a break.
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass, replace
 
 import torch
 
 from attacks.pgd import BAND
-from bench.plugin import at_least, cw_margin, full_fp32, positive, radius, register_attack
+from bench.plugin import Role, at_least, cw_margin, full_fp32, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
 class MultiTargeted:
+    role: ClassVar[Role] = Role.ITERATIVE
+    """An iterative white-box gradient attack: the masking checks' reference."""
     eps: float | None = None
     """L-inf radius; unset means the dataset's threat model."""
     steps: int = 100

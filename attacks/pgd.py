@@ -42,14 +42,14 @@ early nor hide a break (without this, bf16 PGD read 0.5 to 1.7 points more robus
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import ClassVar, Callable
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from bench.plugin import LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
+from bench.plugin import Role, LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
 
 KEEPS = ("first", "last")
 SCHEDULES = ("fixed", "cosine")
@@ -58,6 +58,8 @@ TARGETS = ("none", "random")
 
 @dataclass(frozen=True)
 class PGD:
+    role: ClassVar[Role] = Role.ITERATIVE
+    """An iterative white-box gradient attack: the masking checks' reference."""
     eps: float | None = None
     """Radius of the ball; unset means the dataset's threat model (L-inf eps or L2 eps)."""
     steps: int = 20

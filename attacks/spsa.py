@@ -31,11 +31,13 @@ from typing import ClassVar
 
 import torch
 
-from bench.plugin import at_least, cw_margin, non_negative, positive, radius, register_attack
+from bench.plugin import Role, at_least, cw_margin, non_negative, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
 class SPSA:
+    role: ClassVar[Role] = Role.GRADIENT_ESTIMATE
+    """Gradients estimated from queries, compared on its own images."""
     queries_only: ClassVar[bool] = True
     """Reads only the model's outputs: on a randomized model its own averaging over
     directions faces the noise, with no EOT wrapper around the model (bench.science.adaptive)."""

@@ -15,11 +15,13 @@ from typing import ClassVar
 import torch
 from pyautoattack.square import SquareAttack
 
-from bench.plugin import NORMS, at_least, in_range, one_of, radius, register_attack, seed_from
+from bench.plugin import Role, NORMS, at_least, in_range, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
 class Square:
+    role: ClassVar[Role] = Role.QUERY
+    """A black-box search, compared sample by sample with the white-box cells."""
     queries_only: ClassVar[bool] = True
     """Reads only the model's outputs: on a randomized model it faces the noise as it is,
     with no EOT wrapper around the model (bench.science.adaptive)."""

@@ -15,10 +15,11 @@ very code the bounded cells run.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 from dataclasses import dataclass, field, replace
 
 from attacks.pgd import PGD, run_pgd
-from bench.plugin import LOSSES, at_least, one_of, positive, radius, register_attack
+from bench.plugin import Role, LOSSES, at_least, one_of, positive, radius, register_attack
 
 STEPS_PER_THREAT_EPS = 20
 """The threat model's own PGD-20 at multiple 1, growing linearly with the budget."""
@@ -28,6 +29,8 @@ MAX_STEPS = 200
 
 @dataclass(frozen=True)
 class Unbounded:
+    role: ClassVar[Role] = Role.SWEEP
+    """A budget sweep past the threat model: the sanity check."""
     multiple: float = field(default=32.0, metadata={"key": False})
     """eps as a multiple of the threat model's L-inf eps, capped at 1.0. Only fills an
     unset eps: the key records eps itself, so two multiples that cap at the same eps

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.plugin import one_of, positive, radius, register_attack, to_graph, verify_images
+from bench.plugin import Role, CellKind, one_of, positive, radius, register_attack, to_graph, verify_images
 
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -37,6 +37,9 @@ def graph_of(model: torch.nn.Module, shape: tuple[int, ...]):
 
 @dataclass(frozen=True)
 class Verify:
+    role: ClassVar[Role] = Role.TRUTH
+    """A verifier cell."""
+    kind: ClassVar[CellKind] = CellKind.VERIFY
     verifier: ClassVar[bool] = True
     """Returns per-image verdicts besides its inputs (bench.engine.verified)."""
     batch_limit: ClassVar[int] = 8

@@ -180,7 +180,7 @@ def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path
             raise SystemExit(0)
         assert exc.value.code == 0
         store = Store(f"sqlite:///{results / 'bench.db'}")
-        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits, (e.extra.get("verify") or {}).get("robust_bits"))
+        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits, e.proven_bits)
                             for e in store.evaluations()}
     assert len(stored["local"]) == 5 and stored["ray"] == stored["local"]
 

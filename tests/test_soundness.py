@@ -259,10 +259,13 @@ def test_a_nan_batch_fails_its_cell(nan_attack, natural_model, tmp_path):
 # The bracket.
 
 
-def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None):
+def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None, proven=None):
+    """One stored cell; a verifier's (`verify`, `certify`) with the images it proved."""
     store.add_evaluation(ck.id, cell_key=key, attack=attack, params={}, threat=threat, clean_acc=0.9,
                          robust_acc=float(np.mean(correct)), n=N, seconds=0.0, correct_bits=pack_bits(correct),
-                         indices=None, extra=extra or {})
+                         indices=None, extra=extra or {}, test_size=N,
+                         kind=attack if attack in ("verify", "certify") else "attack",
+                         proven_bits=None if proven is None else pack_bits(proven))
 
 
 def _bits(*ones: int) -> np.ndarray:
@@ -271,9 +274,6 @@ def _bits(*ones: int) -> np.ndarray:
     return out
 
 
-def _verify_extra(robust, unknown):
-    return {"verify": {"robust_bits": pack_bits(robust).hex(), "unknown_bits": pack_bits(unknown).hex()}}
-
 
 def _contradicted(tmp_path):
     """certify proves images 0-2; verify breaks image 2 with a counterexample (and proves
@@ -281,8 +281,8 @@ def _contradicted(tmp_path):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", _bits(0, 1, 2, 3, 4))
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 3, 4),
-         extra=_verify_extra(_bits(0, 1, 3, 4), _bits()))
-    _add(store, ck, "certify:eps=0.2,method=crown", "certify", _bits(0, 1, 2), threat=f"certified-{THREAT.name}")
+         proven=_bits(0, 1, 3, 4))
+    _add(store, ck, "certify:eps=0.2,method=crown", "certify", _bits(0, 1, 2), proven=_bits(0, 1, 2))
     return store, store.checkpoint("k" * 64)
 
 
@@ -315,7 +315,7 @@ def test_a_sound_bracket_says_nothing_is_withheld(tmp_path):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", _bits(0, 1, 2, 3, 4))
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 2, 3),
-         extra=_verify_extra(_bits(0, 1, 2), _bits(3)))
+         proven=_bits(0, 1, 2))
     b = bracket(store.checkpoint("k" * 64), store.evaluations([ck.id]), [], N)
     assert b["withheld"] is None and b["certified"] == pytest.approx(0.3) and b["unsound"] == 0
 

@@ -30,15 +30,15 @@ def _store(tmp_path) -> tuple[Store, object]:
     return store, ck
 
 
-def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None):
+def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None, proven=None):
+    """One stored cell; a verifier's (`verify`, `certify`) with the images it proved."""
     params = {"steps": 20, "loss": "xent", "norm": "linf"} if attack == "pgd" else {}
     store.add_evaluation(ck.id, cell_key=key, attack=attack, params=params, threat=threat, clean_acc=0.9,
                          robust_acc=float(np.mean(correct)), n=N, seconds=0.0, correct_bits=pack_bits(correct),
-                         indices=None, extra=extra or {})
+                         indices=None, extra=extra or {}, test_size=N,
+                         kind=attack if attack in ("verify", "certify") else "attack",
+                         proven_bits=None if proven is None else pack_bits(proven))
 
-
-def _verify_extra(robust, unknown):
-    return {"verify": {"robust_bits": pack_bits(robust).hex(), "unknown_bits": pack_bits(unknown).hex()}}
 
 
 # Image 9 is misclassified. The attacks leave 0-4 standing; the verifier proves 0-2
@@ -56,8 +56,8 @@ def _bracketed(tmp_path, certified=CERTIFIED, verify=True):
     _add(store, ck, "pgd:steps=20", "pgd", ATTACKS)
     if verify:
         _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_STANDING,
-             extra=_verify_extra(V_ROBUST, V_UNKNOWN))
-    _add(store, ck, "certify:eps=0.2,method=crown", "certify", certified, threat=f"certified-{THREAT.name}")
+             proven=V_ROBUST)
+    _add(store, ck, "certify:eps=0.2,method=crown", "certify", certified, proven=certified)
     return store, store.checkpoint("k" * 64)
 
 
@@ -85,7 +85,7 @@ def test_the_exact_figure_where_every_image_was_decided(tmp_path):
     _add(store, ck, "pgd:steps=20", "pgd", ATTACKS)
     decided = np.zeros(N, dtype=bool)
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_ROBUST,
-         extra=_verify_extra(V_ROBUST, decided))
+         proven=V_ROBUST)
     b = bracket(store.checkpoint("k" * 64), store.evaluations([ck.id]), [], N)
     assert b["exact"] == pytest.approx(0.3) and b["unknown"] == 0 and b["gap"] == 0
 
@@ -114,9 +114,9 @@ def test_a_counterexample_that_does_not_reproduce_fails_the_cell():
     clean = torch.tensor([True, True, True])
     base = {"seconds": torch.zeros(3), "unstable": torch.zeros(3), "binaries": torch.zeros(3),
             "decided_by": ["bound", "milp", "timeout"]}
-    robust, extra = verified({**base, "status": ["robust", "not_robust", "unknown"]}, clean,
-                             torch.tensor([True, False, True]))
-    assert robust.tolist() == [True, False, True]
+    robust, proven, extra = verified({**base, "status": ["robust", "not_robust", "unknown"]}, clean,
+                                     torch.tensor([True, False, True]))
+    assert robust.tolist() == [True, False, True] and proven.tolist() == [True, False, False]
     assert extra["verify"]["robust"] == 1 and extra["verify"]["unknown"] == 1
     assert extra["verify"]["decided_by"] == {"bound": 1, "milp": 1, "timeout": 1}
     with pytest.raises(RuntimeError, match="counterexample of image 1 does not reproduce"):
@@ -133,7 +133,7 @@ def test_truth_is_full_plus_the_verifier_cells():
     assert [c.key for c in truth[:len(full)]] == [c.key for c in full]
     extra = {c.key: c.threat for c in truth[len(full):]}
     assert extra == {"verify:eps=0.2,method=milp,time_limit=10": THREAT.name,
-                     "certify:eps=0.2,method=crown": f"certified-{THREAT.name}"}
+                     "certify:eps=0.2,method=crown": THREAT.name}
     assert matrix_transfer("truth") == matrix_transfer("full")
 
 
@@ -247,4 +247,4 @@ def test_evaluate_brackets_a_verifiable_model(tmp_path, digits_test):
     assert worst["certified"] <= worst["robust_acc"] <= by["pgd"]["robust_acc"]
     assert worst["robust_acc"] == pytest.approx(worst["exact"])
     assert by["verify"]["robust_acc"] == pytest.approx(worst["exact"])
-    assert by["certify"]["threat"] == f"certified-{THREAT.name}"
+    assert by["certify"]["threat"] == THREAT.name

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -58,6 +59,12 @@ class Cell:
         """A verifier cell (its attack config says `verifier = True`): it returns per-image
         verdicts (bench.engine.verified) and brackets the worst case rather than making it."""
         return getattr(self.config, "verifier", False)
+
+    @property
+    def kind(self) -> CellKind:
+        """What the cell's stored bits say (bench.core.kinds): an attack's unless its config
+        declares a verifier's kind."""
+        return getattr(self.config, "kind", CellKind.ATTACK)
 
 
 def _fmt(value: Any) -> str:

@@ -216,6 +216,7 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
     seed = cell.seed if seed is None else seed
+    test_size = len(x)
     idx = subset_indices(len(x), cell.subset)
     if idx is not None:
         x, y = x[idx], y[idx]
@@ -268,15 +269,17 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     messages = sorted({str(w.message) for w in caught})
     extra = {"logit_hist": histogram(clean_logits, adv_logits), "adv_logit_stats": logit_stats(adv_logits, y),
              "warnings": messages, "precision": precision}
+    proven = None
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
-        robust, verdict_extra = verified(verdicts, clean, robust)
+        robust, proven, verdict_extra = verified(verdicts, clean, robust)
         extra.update(verdict_extra)
     return {
-        "cell_key": cell.key, "attack": cell.attack, "threat": cell.threat,
+        "cell_key": cell.key, "kind": cell.kind.value, "attack": cell.attack, "threat": cell.threat,
         "params": dataclasses.asdict(cell.config),
         "clean_acc": float(clean.float().mean()), "robust_acc": float(robust.float().mean()),
         "n": len(y), "seconds": seconds, "correct_bits": pack_bits(robust.numpy()),
-        "indices": None if idx is None else idx.tolist(),
+        "proven_bits": None if proven is None else pack_bits(proven.numpy()),
+        "indices": None if idx is None else idx.tolist(), "test_size": test_size,
         "extra": extra,
         "device": device,
     }

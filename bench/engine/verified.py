@@ -9,18 +9,18 @@ attacks/certify.py):
   inputs, like any attack's: a counterexample that the model classifies correctly, or a
   misclassified image called robust, is a bug in the verifier, and fails the cell.
 - a certified bound: per image whether a sound relaxation proves it robust. Its robust
-  bits are the certified bits (a lower bound on the truth, counted toward a threat of
-  its own, `certified-...`, never toward the worst case).
+  bits are the certified bits (a lower bound on the truth: the cell's kind keeps it out
+  of the worst case).
 
-The stored extra keeps the counts, the per-image bits and the per-image cost, and the
-spread of the fp32 tolerances the verifier's margins had to exceed (bench.verify.rounding).
+Either way the images proven robust are the cell's proven bits, stored beside its
+robust bits. The stored extra keeps the counts and the per-image cost, and the spread
+of the fp32 tolerances the verifier's margins had to exceed (bench.verify.rounding).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from bench.store.db import pack_bits
 
 STATUSES = ("robust", "not_robust", "unknown")
 
@@ -32,8 +32,8 @@ def _spread(values: np.ndarray) -> dict:
             "max": float(values.max()), "total": float(values.sum())}
 
 
-def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(the cell's robust bits, its extra) from the verdicts a verifier cell returned,
+def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the cell's robust bits, its proven bits, its extra) from the verdicts a verifier cell returned,
     `clean` and `robust` being the model's fp32 verdicts on the clean and returned inputs."""
     if "certified" in verdicts:
         certified = verdicts["certified"].bool()
@@ -43,7 +43,7 @@ def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple
         if "margin" in verdicts:
             margin = verdicts["margin"].double().numpy()
             extra["certified"]["margin_median"] = float(np.median(margin)) if len(margin) else None
-        return certified & clean, extra
+        return certified & clean, certified & clean, extra
     status = verdicts["status"]
     unknown_status = [s for s in set(status) if s not in STATUSES]
     if unknown_status:
@@ -64,10 +64,9 @@ def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple
     for how in verdicts.get("decided_by", []):
         decided_by[how] = decided_by.get(how, 0) + 1
     counts = {s: int(is_[s].sum()) for s in STATUSES}
-    extra = {"verify": {**counts, "n": len(status), "robust_bits": pack_bits(is_["robust"].numpy()).hex(),
-                        "unknown_bits": pack_bits(is_["unknown"].numpy()).hex(),
+    extra = {"verify": {**counts, "n": len(status),
                         "seconds": _spread(seconds), "per_image_seconds": [round(float(t), 3) for t in seconds],
                         "unstable": _spread(unstable.astype(np.float64)), "per_image_unstable": unstable.tolist(),
                         "binaries": _spread(binaries.astype(np.float64)), "decided_by": decided_by,
                         "tolerance": _spread(tolerance[np.isfinite(tolerance)])}}
-    return robust, extra
+    return robust, is_["robust"], extra

@@ -6,7 +6,8 @@ them are the store's own cells at the checkpoint's threat eps.
 """
 from __future__ import annotations
 
-from bench.store.db import Checkpoint, Diagnostic, Evaluation, Store
+from bench.store.db import Checkpoint, Diagnostic, Store
+from bench.store.rows import CellRow
 
 COLUMNS = ["defense", "preset", "dataset", "checkpoint", "eps", "n", "clean_acc",
            "median_logit_gap", "median_grad_gap", "median_eps_l", "median_coherence",
@@ -14,9 +15,9 @@ COLUMNS = ["defense", "preset", "dataset", "checkpoint", "eps", "n", "clean_acc"
            "predicted_acc", "fgsm_acc", "pgd_acc", "pgd_cell"]
 
 
-def measured(ck: Checkpoint, cells: list[Evaluation], eps: float) -> dict:
+def measured(ck: Checkpoint, cells: list[CellRow], eps: float) -> dict:
     """The weakest FGSM and PGD accuracies stored at the threat eps (whole test set)."""
-    def at_eps(e: Evaluation) -> bool:
+    def at_eps(e: CellRow) -> bool:
         return (e.indices is None and e.threat == ck.threat
                 and abs(float(e.params.get("eps", -1)) - eps) < 1e-9
                 and e.params.get("norm", "linf") == "linf")
@@ -29,7 +30,7 @@ def measured(ck: Checkpoint, cells: list[Evaluation], eps: float) -> dict:
             "pgd_cell": best.cell_key if best else None}
 
 
-def table_row(ck: Checkpoint, diag: Diagnostic, cells: list[Evaluation]) -> dict:
+def table_row(ck: Checkpoint, diag: Diagnostic, cells: list[CellRow]) -> dict:
     s = diag.summary
     return {"defense": ck.defense, "preset": ck.preset, "dataset": ck.dataset, "checkpoint": ck.key,
             "eps": diag.eps, "n": diag.n, "clean_acc": s["clean_acc"],
@@ -45,7 +46,7 @@ def diagnosis_rows(store: Store, chosen: list[Checkpoint]) -> list[dict]:
     """Table 1 rows for checkpoints whose diagnostics are stored (bench.run.diagnosing
     computes missing ones first)."""
     diags = {d.checkpoint_id: d for d in store.diagnostics([c.id for c in chosen])}
-    cells: dict[int, list[Evaluation]] = {c.id: [] for c in chosen}
+    cells: dict[int, list[CellRow]] = {c.id: [] for c in chosen}
     for e in store.evaluations([c.id for c in chosen]):
         cells[e.checkpoint_id].append(e)
     return [table_row(ck, diags[ck.id], cells[ck.id]) for ck in chosen]

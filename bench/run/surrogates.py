@@ -93,7 +93,7 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
             bench.store.add_transfer(
                 source.id, row.id, cell_key=key, attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean.float().mean()),
-                robust_acc=float(robust.float().mean()), n=len(y), seconds=0.0,
+                robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()), indices=None,
                 extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=bench.device)
             ran.append(f"{name}|{key}")

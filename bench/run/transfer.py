@@ -146,7 +146,7 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
             report.evaluated += bench.store.add_transfer(
                 src.id, tgt.id, cell_key=keys[tgt.id], attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean[tgt.id].float().mean()),
-                robust_acc=float(robust.float().mean()), n=len(y), seconds=0.0,
+                robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()), indices=None,
                 extra={"votes": VOTES if randomized[tgt.id] else 1}, device=bench.device)
             touched.add(tgt.id)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.store.db import Checkpoint, Evaluation, Transfer
+from bench.store.db import Checkpoint
+from bench.store.rows import CellRow
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class FlagCheck:
     name: str
     text: str
     masking: bool
-    check: Callable[[Checkpoint, list[Evaluation], list[Transfer]], dict | None]
+    check: Callable[[Checkpoint, list[CellRow], list[CellRow]], dict | None]
     calls_witness: bool = False
 
 

@@ -19,16 +19,17 @@ from bench.science.flag_registry import FLAGS, flag
 from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, strongest_white_box_on,
                                      white_box)
 from bench.store.bracket import bracket
-from bench.store.db import Checkpoint, Evaluation, Store, Transfer
+from bench.store.db import Checkpoint, Store
+from bench.store.rows import CellRow
 
 
-def _pgd(cells: list[Evaluation], threat: str) -> list[Evaluation]:
+def _pgd(cells: list[CellRow], threat: str) -> list[CellRow]:
     """White-box PGD: full-set L-inf PGD cells of the threat model."""
     return [c for c in cells if c.attack == "pgd" and c.threat == threat and c.indices is None
             and c.params.get("norm", "linf") == "linf"]
 
 
-def _variant(c: Evaluation, *fields: str) -> tuple:
+def _variant(c: CellRow, *fields: str) -> tuple:
     """What a cell shares with the cells it is compared to (all but steps or restarts)."""
     return tuple(c.params.get(f) for f in fields)
 
@@ -36,10 +37,10 @@ def _variant(c: Evaluation, *fields: str) -> tuple:
 @flag(
       "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
       "converged, so short-PGD numbers overstate robustness.")
-def pgd_still_falling(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     # PGD-20 and the longest run of the same loss and base step, whatever their schedules
     # (the full matrix runs its long PGD with a decaying step); targeted runs apart.
-    groups: dict[tuple, dict[int, Evaluation]] = defaultdict(dict)
+    groups: dict[tuple, dict[int, CellRow]] = defaultdict(dict)
     for c in _pgd(cells, ck.threat):
         if c.params.get("restarts", 1) == 1:
             groups[_variant(c, "loss", "step_size", "random_start", "targeted")][c.params["steps"]] = c
@@ -59,8 +60,8 @@ def pgd_still_falling(ck: Checkpoint, cells: list[Evaluation], transfers: list[T
 @flag(
       "Random restarts lower accuracy by more than a point: single-start PGD is not finding the "
       "worst case, a sign of a rugged or masked loss surface.")
-def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
-    groups: dict[tuple, list[Evaluation]] = defaultdict(list)
+def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+    groups: dict[tuple, list[CellRow]] = defaultdict(list)
     for c in _pgd(cells, ck.threat):
         groups[_variant(c, "loss", "steps", "step_size", "random_start")].append(c)
     worst = None
@@ -81,7 +82,7 @@ def restarts_matter(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tra
       "One FGSM step beats every iterative gradient attack (PGD, APGD, multi-targeted): the "
       "iterative attacks are being misled, a classic sign of gradient masking.",
       masking=True)
-def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     fgsm = white_box(cells, ck.threat, ("fgsm",))
     pgd = white_box(cells, ck.threat, ITERATIVE)
     if not fgsm or not pgd:
@@ -94,7 +95,7 @@ def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: l
     return None
 
 
-def _stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], rivals: list) -> dict | None:
+def _stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], rivals: list) -> dict | None:
     """The rival cell that beats the strongest white-box cell on its own images by the most."""
     worst = None
     for r in rivals:
@@ -111,7 +112,7 @@ def _stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], rivals: list) ->
       "The gradient-free SPSA attack beats the strongest white-box attack on the same images: "
       "the gradients it follows are not informative (gradient masking).",
       masking=True, calls_witness=True)
-def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     spsa = [c for c in cells if c.attack == "spsa" and c.threat == ck.threat]
     hit = _stronger_than_pgd(ck, cells, spsa)
     if hit is None:
@@ -125,7 +126,7 @@ def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: l
       "A black-box transfer attack beats the strongest white-box attack: white-box gradients "
       "are masked.",
       masking=True, calls_witness=True)
-def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
     hit = _stronger_than_pgd(ck, cells, incoming)
     if hit is None:
@@ -139,7 +140,7 @@ def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfer
       "PGD with an unbounded budget does not drive accuracy to zero: the attack cannot follow "
       "the model's gradients (Athalye et al.'s sanity check).",
       masking=True)
-def unbounded_not_zero(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     sweep = [c for c in cells if c.attack == "unbounded"]
     if not sweep:
         return None
@@ -156,7 +157,7 @@ def unbounded_not_zero(ck: Checkpoint, cells: list[Evaluation], transfers: list[
 
 @flag(
       "AutoAttack's own checks warned about this model.")
-def autoattack_warning(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     raised = [c for c in cells if c.attack == "autoattack" and (c.extra or {}).get("warnings")]
     if not raised:
         return None
@@ -176,7 +177,7 @@ PROBABILITY_TOLERANCE = 1e-4
       "logits. Cross-entropy on probabilities has flattened gradients, so gradient attacks "
       "understate what is possible.",
       masking=True)
-def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def outputs_probabilities(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     p = _admission(ck).get("probabilities")
     if p and p["min"] >= -PROBABILITY_TOLERANCE and p["max"] <= 1 + PROBABILITY_TOLERANCE \
             and p["max_row_sum_error"] <= PROBABILITY_TOLERANCE:
@@ -189,7 +190,7 @@ def outputs_probabilities(ck: Checkpoint, cells: list[Evaluation], transfers: li
       "are crafted with EOT (gradients averaged over passes) and each verdict is a majority of "
       "passes, as the cell keys record.",
       masking=True)
-def randomized_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def randomized_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     a = _admission(ck)
     return {"numbers": dict(a["randomized"])} if is_randomized(a) else None
 
@@ -199,7 +200,7 @@ def randomized_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[
       "attacks that differentiate through it may follow a gradient of the wrong function; an "
       "adaptive attack is needed.",
       masking=True)
-def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def autograd_in_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     calls = _admission(ck).get("autograd_calls")
     return {"numbers": {"autograd_calls_per_forward": calls}} if calls else None
 
@@ -210,7 +211,7 @@ def autograd_in_forward(ck: Checkpoint, cells: list[Evaluation], transfers: list
       "their robustness is unproven (Pintor et al.'s indicator of unavailable gradients; "
       "AutoAttack's zero-gradient check).",
       masking=True)
-def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def zero_gradients(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     z = admission.zero_gradients(ck.admission)
     return {"numbers": z} if z else None
 
@@ -221,7 +222,7 @@ def zero_gradients(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
       "reversed gradient) tells attacks something other than what the function does, so "
       "gradient attacks follow the wrong direction (Athalye et al.'s obfuscated gradients).",
       masking=True)
-def gradient_disagrees(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def gradient_disagrees(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     g = admission.gradient_disagrees(ck.admission)
     return {"numbers": g} if g else None
 
@@ -235,7 +236,7 @@ NOISE_FLIP_SHARE = 0.02
       "passes do not vary: the loss surface is too rugged for its gradient to point anywhere "
       "useful (gradient shattering).",
       masking=True)
-def noise_flips(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def noise_flips(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     n = _admission(ck).get("noise_flips")
     if n and n["correct"] and n["flipped"] / n["correct"] > NOISE_FLIP_SHARE:
         return {"numbers": dict(n, share=n["flipped"] / n["correct"])}
@@ -250,7 +251,7 @@ RISING = 0.05
       "A traced PGD run's cross-entropy was still rising over its last tenth of steps: the "
       "attack had not converged (Pintor et al.'s incomplete optimization), so longer or "
       "stronger attacks may find more.")
-def attack_not_converged(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def attack_not_converged(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     t = _admission(ck).get("loss_rising")
     if not t:
         return None
@@ -265,7 +266,7 @@ def attack_not_converged(ck: Checkpoint, cells: list[Evaluation], transfers: lis
       "gradient attack (FGSM, PGD, APGD, multi-targeted) broke: a black-box attack beating white-box ones means the "
       "gradients are masked (Pintor et al.; AutoAttack's Square check).",
       masking=True, calls_witness=True)
-def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def square_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return beyond_white_box(ck, cells, BLACK_BOX, "square")
 
 
@@ -275,11 +276,11 @@ def square_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers:
       "gradient attack broke: the model's gradients hide what its answers give away "
       "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
       masking=True)
-def distilled_stronger_than_pgd(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def distilled_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return beyond_white_box(ck, cells, ("distill",), "distill")
 
 
-def _test_size(cells: list[Evaluation]) -> int:
+def _test_size(cells: list[CellRow]) -> int:
     return next((c.n for c in cells if c.indices is None and c.attack != "certify"), 0)
 
 
@@ -287,7 +288,7 @@ def _test_size(cells: list[Evaluation]) -> int:
       "The complete verifier found counterexamples, which reproduced on the model, for images "
       "that every attack cell left standing: the attacks' worst case was above the truth by "
       "that many images (the count and the image indices are kept).")
-def attacks_missed(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def attacks_missed(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return _in_bracket(ck, cells, transfers, "attacks_missed", "missed_indices")
 
 
@@ -296,11 +297,11 @@ def attacks_missed(ck: Checkpoint, cells: list[Evaluation], transfers: list[Tran
       "an attack cell, or by the verifier's own reproducing counterexample. A sound verifier "
       "and a correct attack can never disagree so: this is a bug in one of them, the run "
       "fails, and the exact and certified figures are withheld.")
-def unsound(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> dict | None:
+def unsound(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return _in_bracket(ck, cells, transfers, "unsound", "unsound_indices")
 
 
-def _in_bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer], count: str,
+def _in_bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], count: str,
                 indices: str) -> dict | None:
     """A flag's numbers from the checkpoint's bracket: the images it counts, if any."""
     size = _test_size(cells)
@@ -318,7 +319,7 @@ CALLS_WITNESS = frozenset(f.name for f in FLAGS if f.calls_witness)
 every white-box one, so the model's gradients hide what its answers give away."""
 
 
-def compute_flags(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer]) -> list[dict]:
+def compute_flags(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> list[dict]:
     flags = []
     for f in FLAGS:
         hit = f.check(ck, cells, transfers)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.store.db import Checkpoint, Evaluation, Transfer
+from bench.store.db import Checkpoint
+from bench.store.rows import CellRow
 
 POINT = 0.01
 
@@ -23,7 +24,7 @@ def beyond(drop: float) -> bool:
     return drop - POINT > 1e-6
 
 
-def acc_on(cell: Evaluation | Transfer, indices) -> float:
+def acc_on(cell: CellRow, indices) -> float:
     """A full-set cell's robust accuracy on the given test-set indices (None: all)."""
     bits = cell.correct()
     return float(bits.mean()) if indices is None else float(bits[np.asarray(indices, dtype=np.int64)].mean())
@@ -36,12 +37,12 @@ ITERATIVE = WHITE_BOX[1:]
 """The white-box attacks that iterate (FGSM's one step is what they are compared with)."""
 
 
-def white_box(cells: list[Evaluation], threat: str, attacks: tuple[str, ...] = WHITE_BOX) -> list[Evaluation]:
+def white_box(cells: list[CellRow], threat: str, attacks: tuple[str, ...] = WHITE_BOX) -> list[CellRow]:
     """Full-test-set white-box cells of the threat model."""
     return [c for c in cells if c.attack in attacks and c.threat == threat and c.indices is None]
 
 
-def strongest_white_box_on(cells: list[Evaluation], threat: str, indices) -> tuple[float, str] | None:
+def strongest_white_box_on(cells: list[CellRow], threat: str, indices) -> tuple[float, str] | None:
     """(accuracy, cell key) of the strongest white-box cell on these images."""
     scored = [(acc_on(c, indices), c.cell_key) for c in white_box(cells, threat)]
     return min(scored) if scored else None
@@ -64,7 +65,7 @@ def broken_by(cell, size: int) -> np.ndarray:
     return out
 
 
-def beyond_white_box(ck: Checkpoint, cells: list[Evaluation], attacks: tuple[str, ...], name: str) -> dict | None:
+def beyond_white_box(ck: Checkpoint, cells: list[CellRow], attacks: tuple[str, ...], name: str) -> dict | None:
     """The numbers when cells of `attacks` broke more than a point of samples no white-box
     cell broke, compared sample by sample over the full test set."""
     white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]

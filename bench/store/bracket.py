@@ -23,43 +23,40 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.store.db import Checkpoint, Evaluation, Transfer, unpack_bits
+from bench.core.kinds import CellKind
+from bench.store.db import Checkpoint
+from bench.store.rows import CellRow
 
 
-def _verify_cells(ck: Checkpoint, cells: list[Evaluation], test_size: int) -> list[Evaluation]:
-    return [c for c in cells if c.attack == "verify" and c.threat == ck.threat and c.indices is None
-            and c.n == test_size and (c.extra or {}).get("verify")]
+def _cells_of(kind: CellKind, ck: Checkpoint, cells: list[CellRow], test_size: int) -> list[CellRow]:
+    return [c for c in cells if c.kind == kind.value and c.threat == ck.threat and c.indices is None
+            and c.n == test_size and c.proven_bits is not None]
 
 
-def _certify_cells(ck: Checkpoint, cells: list[Evaluation], test_size: int) -> list[Evaluation]:
-    return [c for c in cells if c.attack == "certify" and c.threat == f"certified-{ck.threat}"
-            and c.indices is None and c.n == test_size]
-
-
-def bracket(ck: Checkpoint, cells: list[Evaluation], transfers: list[Transfer], test_size: int) -> dict | None:
+def bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], test_size: int) -> dict | None:
     """The bracket's numbers (fractions of the test set and counts), or None when the
     checkpoint has no verifier cell of its threat model over the whole test set. Where
     anything is unsound, `certified`, `exact` and `gap` are None and `withheld` is
     "unsound" (else None)."""
-    verify, certify = _verify_cells(ck, cells, test_size), _certify_cells(ck, cells, test_size)
+    verify = _cells_of(CellKind.VERIFY, ck, cells, test_size)
+    certify = _cells_of(CellKind.CERTIFY, ck, cells, test_size)
     if not (verify or certify):
         return None
     proven = np.zeros(test_size, dtype=bool)
     for c in certify:
-        proven |= c.correct()
+        proven |= c.proven()
     broken_by_verifier = np.zeros(test_size, dtype=bool)
     decided = np.zeros(test_size, dtype=bool)
     for c in verify:
-        v = c.extra["verify"]
-        robust = unpack_bits(bytes.fromhex(v["robust_bits"]), test_size)
-        unknown = unpack_bits(bytes.fromhex(v["unknown_bits"]), test_size)
+        # Left standing but not proven: the verifier's time ran out (unknown).
+        robust, standing = c.proven(), c.correct()
         proven |= robust
-        broken_by_verifier |= ~robust & ~unknown
-        decided |= ~unknown
+        broken_by_verifier |= ~standing
+        decided |= robust | ~standing
     # What the attacks alone leave standing: every cell of the threat model but the verifier's.
     standing = np.ones(test_size, dtype=bool)
     for c in [*cells, *transfers]:
-        if c.threat != ck.threat or c.attack == "verify":
+        if c.threat != ck.threat or c.kind != CellKind.ATTACK.value and c.kind != CellKind.TRANSFER.value:
             continue
         if c.indices is None:
             if c.n == test_size:

@@ -36,7 +36,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
+from bench.core.kinds import CellKind
 from bench.errors import BenchError
+from bench.store.bits import pack_bits, unpack_bits
+from bench.store.rows import CellRow, cell_query
+from bench.store.upgrade import upgrade
 
 
 def _now() -> str:
@@ -78,7 +82,12 @@ class Checkpoint(Base):
 
 
 class _CellResult:
+    """One cell's stored result, the same columns for an attack, a verifier and a transfer;
+    read back as bench.store.rows.CellRow."""
+
     cell_key: Mapped[str] = mapped_column(String(512))
+    kind: Mapped[str] = mapped_column(String(16), default=CellKind.ATTACK.value)
+    """A bench.core.kinds.CellKind value: what the bits below say."""
     attack: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict] = mapped_column(JSON)
     threat: Mapped[str] = mapped_column(String(32))
@@ -87,16 +96,19 @@ class _CellResult:
     n: Mapped[int] = mapped_column(Integer)
     seconds: Mapped[float] = mapped_column(Float)
     correct_bits: Mapped[bytes] = mapped_column(LargeBinary)
-    """np.packbits of the per-sample robust correctness, in test-set (or subset) order."""
+    """np.packbits of the per-sample robust correctness, in test-set (or subset) order:
+    what the cell left standing (a certify cell's: what it certified, see CellKind)."""
+    proven_bits: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    """A verifier cell's images proven robust, packed like `correct_bits`; None for an attack."""
     indices: Mapped[list | None] = mapped_column(JSON, nullable=True)
     """Test-set indices of a subset cell; None means the whole test set in order."""
+    test_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The size of the test set the cell ran on (or took its subset from)."""
     extra: Mapped[dict] = mapped_column(JSON, default=dict)
     """What plots need (logit histograms) and what the attack warned about."""
     device: Mapped[str] = mapped_column(String(64), default="cpu")
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
 
-    def correct(self) -> np.ndarray:
-        return unpack_bits(self.correct_bits, self.n)
 
 
 class Evaluation(_CellResult, Base):
@@ -110,6 +122,7 @@ class Evaluation(_CellResult, Base):
 class Transfer(_CellResult, Base):
     __tablename__ = "transfers"
     __table_args__ = (UniqueConstraint("source_id", "target_id", "cell_key"),)
+    kind: Mapped[str] = mapped_column(String(16), default=CellKind.TRANSFER.value)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), index=True)
     target_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), index=True)
@@ -156,14 +169,6 @@ class Diagnostic(Base):
     """Cross-entropy grids around the first test images (adversarial x random direction)."""
     seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
-
-
-def pack_bits(correct: np.ndarray) -> bytes:
-    return np.packbits(np.asarray(correct, dtype=bool)).tobytes()
-
-
-def unpack_bits(bits: bytes, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=n).astype(bool)
 
 
 class Store:
@@ -231,12 +236,13 @@ class Store:
         return self.insert_new(Evaluation, dict(fields, checkpoint_id=checkpoint_id),
                                 ["checkpoint_id", "cell_key"])
 
-    def evaluations(self, checkpoint_ids: Iterable[int] | None = None) -> list[Evaluation]:
-        q = select(Evaluation).order_by(Evaluation.id)
+    def evaluations(self, checkpoint_ids: Iterable[int] | None = None) -> list[CellRow]:
+        """The checkpoints' own cells (all of them, unset), in the order they were stored."""
+        q = cell_query(Evaluation, transfer=False)
         if checkpoint_ids is not None:
             q = q.where(Evaluation.checkpoint_id.in_(list(checkpoint_ids)))
         with self.Session() as s:
-            return list(s.scalars(q))
+            return [CellRow(*row) for row in s.execute(q)]
 
     def done_transfers(self, source_id: int, cell_key: str) -> set[int]:
         with self.Session() as s:
@@ -248,13 +254,14 @@ class Store:
         return self.insert_new(Transfer, dict(fields, source_id=source_id, target_id=target_id),
                                 ["source_id", "target_id", "cell_key"])
 
-    def transfers(self, checkpoint_ids: Iterable[int] | None = None) -> list[Transfer]:
-        q = select(Transfer).order_by(Transfer.id)
+    def transfers(self, checkpoint_ids: Iterable[int] | None = None) -> list[CellRow]:
+        """Transfer cells onto or from the checkpoints (all of them, unset)."""
+        q = cell_query(Transfer, transfer=True)
         if checkpoint_ids is not None:
             ids = list(checkpoint_ids)
             q = q.where(Transfer.target_id.in_(ids) | Transfer.source_id.in_(ids))
         with self.Session() as s:
-            return list(s.scalars(q))
+            return [CellRow(*row) for row in s.execute(q)]
 
     # --- idempotent writes ---------------------------------------------------------------
     def insert_new(self, model: type[Base], values: dict, unique: list[str]) -> bool:
@@ -315,6 +322,7 @@ def _create_schema(engine) -> None:
         elif engine.dialect.name == "sqlite":  # take the write lock now (waits busy_timeout)
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         Base.metadata.create_all(conn)
+        upgrade(conn)
 
 
 _DIALECT_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -341,7 +349,7 @@ def worst_case(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers:
     robust = np.ones(test_size, dtype=bool)
     keys = []
     for cell in [*evaluations, *transfers]:
-        if cell.threat != threat:
+        if cell.threat != threat or not CellKind(cell.kind).breaks:
             continue
         correct = cell.correct()
         if cell.indices is None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from bench.reporting.format import missing
-from bench.reporting.site.load import SiteData, StoredCell
+from bench.reporting.site.load import SiteData
+from bench.store.rows import CellRow
 from bench.reporting.site.names import checkpoint_name, page_path
 from bench.reporting.site.svg import COLORS, svg_lines
 
@@ -35,7 +36,7 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def curve(cells: list[StoredCell], clean: float | None, worst: float | None, norm: str,
+def curve(cells: list[CellRow], clean: float | None, worst: float | None, norm: str,
           budget: float | None) -> dict[float, tuple[float, str]]:
     """eps -> (accuracy, what it is: "clean", "worst case" or the sweep cell's key)."""
     points: dict[float, tuple[float, str]] = {}

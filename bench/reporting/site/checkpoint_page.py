@@ -11,7 +11,8 @@ from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.reporting.format import duration, exact, num, pct
 from bench.reporting.site.diagnostics import checkpoint_section
-from bench.reporting.site.load import SiteData, StoredCell, cell_order
+from bench.reporting.site.load import SiteData, cell_order
+from bench.store.rows import CellRow
 from bench.reporting.site.names import (
     SURROGATE_TEXT,
     breakable,
@@ -69,7 +70,7 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
               "ours": pct(meta.get("clean_acc") if k == "clean" else labels.get(PAPER_ALIASES.get(k, k)))}
              for k, v in (meta.get("paper") or {}).items()]
 
-    def transfer_row(t: StoredCell, other: int) -> dict:
+    def transfer_row(t: CellRow, other: int) -> dict:
         o = by_id.get(other)
         return {"name": checkpoint_name(o, data.overrides) if o else f"checkpoint {other}",
                 "short": o.key[:8] if o else "",
@@ -145,7 +146,7 @@ def preset_text() -> dict[str, tuple[str, str]]:
         return {}
 
 
-def _plots(ck: Checkpoint, cells: list[StoredCell]) -> dict:
+def _plots(ck: Checkpoint, cells: list[CellRow]) -> dict:
     """The four plots of a checkpoint page from its stored cells, as inline SVG."""
     own = [e for e in cells if e.indices is None]
     listing = []

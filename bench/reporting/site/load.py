@@ -3,69 +3,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections import defaultdict
 
 import pandas as pd
-from sqlalchemy import Text, null, select, type_coerce
 
 from bench.reporting.format import num
 from bench.reporting.site.names import cell_label
-from bench.store.db import Checkpoint, Evaluation, Store, Transfer, unpack_bits
-
-
-@dataclasses.dataclass(slots=True)
-class StoredCell:
-    """One stored evaluation or transfer row, read with a plain select (no ORM objects).
-
-    `extra` comes as text and is parsed on first use: it holds the logit histograms and
-    is most of a row's bytes, and only a few pages need it.
-    """
-
-    checkpoint_id: int
-    """The attacked checkpoint (a transfer's target)."""
-    source_id: int | None
-    cell_key: str
-    attack: str
-    params: dict
-    threat: str
-    clean_acc: float
-    robust_acc: float
-    n: int
-    seconds: float
-    correct_bits: bytes
-    indices: list | None
-    raw_extra: str | None
-    device: str
-    _extra: dict | None = None
-
-    def correct(self):
-        return unpack_bits(self.correct_bits, self.n)
-
-    @property
-    def extra(self) -> dict:
-        if self._extra is None:
-            self._extra = json.loads(self.raw_extra) if self.raw_extra else {}
-        return self._extra
-
-    @property
-    def warnings(self) -> list[str]:
-        # Most cells warn of nothing; seeing that in the text spares parsing the histograms.
-        raw = self.raw_extra or ""
-        if '"warnings"' not in raw or _NO_WARNINGS.search(raw):
-            return []
-        return [str(w) for w in self.extra.get("warnings") or []]
-
-
-_NO_WARNINGS = re.compile(r'"warnings"\s*:\s*\[\s*\]')
+from bench.store.db import Checkpoint, Store
+from bench.store.rows import CellRow
 
 
 @dataclasses.dataclass
 class SiteData:
     checkpoints: list[Checkpoint]
-    cells: dict[int, list[StoredCell]]
-    incoming: dict[int, list[StoredCell]]
-    outgoing: dict[int, list[StoredCell]]
+    cells: dict[int, list[CellRow]]
+    incoming: dict[int, list[CellRow]]
+    outgoing: dict[int, list[CellRow]]
     flags: dict[int, list]
     frame: pd.DataFrame
     """One row per stored evaluation: checkpoint_id, cell_key, attack, threat, label, ..."""
@@ -76,25 +29,15 @@ class SiteData:
     preset (`beta=0.5, epochs=30`); absent where nothing needs telling apart."""
 
 
-def _read_cells(store: Store, table) -> list[StoredCell]:
-    target = table.target_id if table is Transfer else table.checkpoint_id
-    source = table.source_id if table is Transfer else null()
-    query = select(target, source, table.cell_key, table.attack, table.params, table.threat, table.clean_acc,
-                   table.robust_acc, table.n, table.seconds, table.correct_bits, table.indices,
-                   type_coerce(table.extra, Text), table.device).order_by(table.id)
-    with store.Session() as s:
-        return [StoredCell(*row) for row in s.execute(query)]
-
-
 def load_data(store: Store) -> SiteData:
     """Everything the site shows, read from the store once."""
     cks = store.checkpoints()
-    cells: dict[int, list[StoredCell]] = defaultdict(list)
-    for e in _read_cells(store, Evaluation):
+    cells: dict[int, list[CellRow]] = defaultdict(list)
+    for e in store.evaluations():
         cells[e.checkpoint_id].append(e)
-    incoming: dict[int, list[StoredCell]] = defaultdict(list)
-    outgoing: dict[int, list[StoredCell]] = defaultdict(list)
-    for t in _read_cells(store, Transfer):
+    incoming: dict[int, list[CellRow]] = defaultdict(list)
+    outgoing: dict[int, list[CellRow]] = defaultdict(list)
+    for t in store.transfers():
         incoming[t.checkpoint_id].append(t)
         outgoing[t.source_id].append(t)
     flags: dict[int, list] = defaultdict(list)
@@ -134,7 +77,7 @@ def override_labels(cks: list[Checkpoint]) -> dict[int, str]:
     return out
 
 
-def cell_order(e: StoredCell) -> tuple:
+def cell_order(e: CellRow) -> tuple:
     """Cells in reading order: by threat, attack, loss, restarts, steps, eps."""
     p = e.params
 

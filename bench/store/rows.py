@@ -1,0 +1,90 @@
+"""The one reader of stored cells: every evaluation and transfer row comes back as a
+`CellRow`, read with a plain select (no ORM objects), whoever asks (results, the flags,
+the site, the run layer).
+
+`extra` comes as text and is parsed on first use: it holds the logit histograms and is
+most of a row's bytes, and only a few readers need it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+from sqlalchemy import Text, null, select, type_coerce
+
+from bench.core.kinds import CellKind
+from bench.store.bits import unpack_bits
+
+
+@dataclasses.dataclass(slots=True)
+class CellRow:
+    """One stored cell: an evaluation of a checkpoint, or a transfer onto one."""
+
+    id: int
+    checkpoint_id: int
+    """The attacked checkpoint (a transfer's target)."""
+    source_id: int | None
+    """A transfer's source checkpoint; None for a checkpoint's own cell."""
+    cell_key: str
+    kind: str
+    """A CellKind value (`cell_kind` has the enum): what the bits say."""
+    attack: str
+    params: dict
+    threat: str
+    clean_acc: float
+    robust_acc: float
+    n: int
+    test_size: int | None
+    seconds: float
+    correct_bits: bytes
+    proven_bits: bytes | None
+    indices: list | None
+    raw_extra: str | None
+    device: str
+    created_at: str
+    _extra: dict | None = None
+
+    @property
+    def cell_kind(self) -> CellKind:
+        return CellKind(self.kind)
+
+    @property
+    def target_id(self) -> int:
+        return self.checkpoint_id
+
+    def correct(self) -> np.ndarray:
+        """Per sample (of the cell's images): left standing by the cell."""
+        return unpack_bits(self.correct_bits, self.n)
+
+    def proven(self) -> np.ndarray | None:
+        """Per sample: proven robust by a verifier cell; None for an attack."""
+        return None if self.proven_bits is None else unpack_bits(self.proven_bits, self.n)
+
+    @property
+    def extra(self) -> dict:
+        if self._extra is None:
+            self._extra = json.loads(self.raw_extra) if self.raw_extra else {}
+        return self._extra
+
+    @property
+    def warnings(self) -> list[str]:
+        # Most cells warn of nothing; seeing that in the text spares parsing the histograms.
+        raw = self.raw_extra or ""
+        if '"warnings"' not in raw or _NO_WARNINGS.search(raw):
+            return []
+        return [str(w) for w in self.extra.get("warnings") or []]
+
+
+_NO_WARNINGS = re.compile(r'"warnings"\s*:\s*\[\s*\]')
+
+
+def cell_query(table, transfer: bool):
+    """The select that reads `table` (Evaluation or Transfer) into CellRow's fields, in order."""
+    target = table.target_id if transfer else table.checkpoint_id
+    source = table.source_id if transfer else null()
+    return select(table.id, target, source, table.cell_key, table.kind, table.attack, table.params, table.threat,
+                  table.clean_acc, table.robust_acc, table.n, table.test_size, table.seconds, table.correct_bits,
+                  table.proven_bits, table.indices, type_coerce(table.extra, Text), table.device,
+                  table.created_at).order_by(table.id)
