@@ -26,7 +26,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -40,7 +39,8 @@ from bench.engine.evaluate import evaluate  # noqa: E402
 from bench.science.flags import MASKING  # noqa: E402
 from bench.core.matrix import make_cell, matrix_cells  # noqa: E402
 from bench.core.presets import default_preset  # noqa: E402
-from bench.store.db import Evaluation, worst_case  # noqa: E402
+from bench.store.evidence import worst_case  # noqa: E402
+from bench.store.rows import CellRow  # noqa: E402
 from conftest import train_digits  # noqa: E402
 from cheats import BY_NAME, CHEATS  # noqa: E402
 from worst_vs_autoattack import autoattack_runs, independent_seeds  # noqa: E402
@@ -55,8 +55,8 @@ def before(model, x, y) -> float:
     rows = []
     for c in cells:
         r = evaluate(model, c, x, y, device="cpu", batch_size=1024)
-        rows.append(Evaluation(**{k: v for k, v in r.items() if k in Evaluation.__table__.columns}))
-    return worst_case(types.SimpleNamespace(threat=SPEC.threat.name), rows, [], len(y))["robust_acc"]
+        rows.append(CellRow.build(**r))
+    return worst_case(SPEC.threat.name, rows, len(y)).robust_acc
 
 
 def adaptive(kind: str, model, natural, x, y) -> float | list[tuple[str, int]]:

@@ -19,10 +19,12 @@ import argparse
 from pathlib import Path
 
 from bench.science.flags import MASKING
-from bench.store.db import Evaluation, Store, Transfer, worst_case
+from bench.store.db import Store
+from bench.store.evidence import worst_case
+from bench.store.rows import CellRow
 
 
-def _pgd(cells: list[Evaluation], threat: str, steps: int, targeted: str = "none") -> Evaluation | None:
+def _pgd(cells: list[CellRow], threat: str, steps: int, targeted: str = "none") -> CellRow | None:
     for c in cells:
         p = c.params
         if (c.attack == "pgd" and c.threat == threat and c.indices is None and p.get("steps") == steps
@@ -32,12 +34,12 @@ def _pgd(cells: list[Evaluation], threat: str, steps: int, targeted: str = "none
     return None
 
 
-def _one(cells: list[Evaluation], threat: str, attack: str) -> Evaluation | None:
+def _one(cells: list[CellRow], threat: str, attack: str) -> CellRow | None:
     return next((c for c in cells if c.attack == attack and c.threat == threat and c.indices is None
                  and c.params.get("version", "standard") == "standard"), None)
 
 
-def _lowest_transfer(transfers: list[Transfer], threat: str, target_id: int) -> float | None:
+def _lowest_transfer(transfers: list[CellRow], threat: str, target_id: int) -> float | None:
     """The lowest of the matrix's surrogate transfer cells (not a `bench transfer` grid's
     rows, whose diagonal is a white-box attack)."""
     accs = [t.robust_acc for t in transfers if t.target_id == target_id and t.threat == threat
@@ -60,21 +62,21 @@ def figures(store: Store, dataset: str) -> dict[str, dict]:
         if not cells:
             continue
         size = next((c.n for c in cells if c.indices is None), 0)
-        wc = worst_case(ck, cells, incoming, size) if size else None
+        wc = worst_case(ck.threat, [*cells, *incoming], size) if size else None
         picked = {"fgsm": _one(cells, ck.threat, "fgsm"), "pgd20": _pgd(cells, ck.threat, 20),
                   "pgd50": _pgd(cells, ck.threat, 50), "pgd1000": _pgd(cells, ck.threat, 1000),
                   "targeted": _pgd(cells, ck.threat, 20, "random"), "apgd": _one(cells, ck.threat, "apgd"),
                   "apgd_t": _one(cells, ck.threat, "apgd_t"), "multitargeted": _one(cells, ck.threat, "multitargeted"),
                   "autoattack": _one(cells, ck.threat, "autoattack"), "square": _one(cells, ck.threat, "square")}
         l2 = next((c.threat for c in cells if c.threat.startswith("l2-")), None)
-        l2_worst = worst_case(ck, cells, incoming, size, l2) if size and l2 else None
+        l2_worst = worst_case(l2, [*cells, *incoming], size) if size and l2 else None
         out[ck.key] = {
             "defense": ck.defense, "clean": (ck.meta or {}).get("clean_acc"),
             **{k: (c.robust_acc if c else None) for k, c in picked.items()},
             "seconds": {k: c.seconds for k, c in picked.items() if c is not None},
             "transfer": _lowest_transfer(incoming, ck.threat, ck.id),
-            "worst": wc["robust_acc"] if wc else None,
-            "l2_worst": l2_worst["robust_acc"] if l2_worst else None,
+            "worst": wc.robust_acc if wc else None,
+            "l2_worst": l2_worst.robust_acc if l2_worst else None,
             "masking": sorted(flags.get(ck.id, set()) & set(MASKING)),
         }
     return out

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.store.bracket import bracket
+from bench.store.evidence import test_size_of
 from bench.store.db import Store
 
 
@@ -41,18 +42,18 @@ def main() -> None:
         if ck.arch != args.arch:
             continue
         own = cells[ck.id]
-        size = next((e.n for e in own if e.indices is None and e.attack != "certify"), 0)
-        b = bracket(ck, own, transfers[ck.id], size) if size else None
+        size = test_size_of(own)
+        b = bracket(ck.threat, tuple(own), tuple(transfers[ck.id]), size) if size else None
         verify = next((e for e in own if e.attack == "verify"), None)
         certify = next((e for e in own if e.attack == "certify"), None)
         if not b or verify is None:
             print(f"| {ck.defense} | no verifier cell stored |", file=sys.stderr)
             continue
         v = verify.extra["verify"]
-        exact = f"{100 * b['exact']:.2f}" if b["exact"] is not None else \
-            f"[{100 * b['certified']:.2f}, {100 * b['certified'] + b['gap']:.2f}] ({b['unknown']} unknown)"
+        exact = f"{100 * b.exact:.2f}" if b.exact is not None else \
+            f"[{100 * b.certified:.2f}, {100 * b.certified + b.gap:.2f}] ({b.unknown} unknown)"
         print(f"| {ck.defense} | {100 * ck.meta['clean_acc']:.2f} | {100 * certify.robust_acc:.2f} | {exact} | "
-              f"{100 * b['attacks_only']:.2f} | {b['attacks_missed']} | {v['seconds']['median']:.3f} / "
+              f"{100 * b.attacks_only:.2f} | {b.attacks_missed} | {v['seconds']['median']:.3f} / "
               f"{v['seconds']['p90']:.2f} / {v['seconds']['max']:.2f} | {v['unstable']['median']:.0f} |")
         total_seconds += verify.seconds
         decided += v["n"] - v["unknown"]

@@ -50,7 +50,8 @@ from bench.reporting.results import result_rows
 from bench.run.training import load_model
 from bench.science.adaptive import adapt_cells
 from bench.science.admission import is_randomized
-from bench.store.db import Store, worst_case
+from bench.store.db import Store
+from bench.store.evidence import worst_case
 
 RANDOMIZED = {"randomized": {"share_prediction_changed": 1.0, "max_output_diff": 1.0}}
 """An admission record that says randomized: what makes a cell take its randomized form."""
@@ -139,7 +140,7 @@ def main() -> int:
             continue
         model = load_model(ck, "cpu").eval()
         incoming = [t for t in store.transfers([ck.id]) if t.target_id == ck.id]  # not those it sourced
-        bits = torch.from_numpy(worst_case(ck, store.evaluations([ck.id]), incoming, len(x))["bits"])
+        bits = torch.from_numpy(worst_case(ck.threat, [*store.evaluations([ck.id]), *incoming], len(x)).bits)
         # Accuracies are k/n stored through float32: compare in samples, not in floats.
         n_worst = round(worst[ck.key] * len(x))
         assert int(bits.sum()) == n_worst, "the stored worst case and its bits disagree"

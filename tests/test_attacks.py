@@ -20,7 +20,9 @@ from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.results import result_rows
 from bench.engine.evaluate import craft, evaluate, subset_indices
 from bench.engine.device import frozen
-from bench.store.db import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case
+from bench.store.db import Checkpoint, Store, pack_bits
+from bench.store.evidence import worst_case
+from bench.store.rows import CellRow
 from conftest import train_digits
 
 DIGITS = get_spec("digits")
@@ -248,9 +250,8 @@ def natural_full(natural_model, digits_test):
     return [run(natural_model, cell, x, y) for cell in matrix_cells("full", THREAT)]
 
 
-def as_row(result: dict, **extra) -> Evaluation:
-    keep = {k: v for k, v in result.items() if k in Evaluation.__table__.columns}
-    return Evaluation(**keep, **extra)
+def as_row(result: dict, **extra) -> CellRow:
+    return CellRow.build(**result, **extra)
 
 
 def test_spsa_breaks_a_natural_model(natural_full):
@@ -289,9 +290,9 @@ def test_unbounded_sweep_reaches_zero_on_every_defense(digits_test, defense):
 
 
 # --- flags and the worst case on hand-made cells ------------------------------------------
-def cell(attack, acc_bits, threat=THREAT.name, indices=None, extra=None, **params) -> Evaluation:
+def cell(attack, acc_bits, threat=THREAT.name, indices=None, extra=None, **params) -> CellRow:
     bits = np.asarray(acc_bits, dtype=bool)
-    return Evaluation(cell_key=f"{attack}:" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return CellRow.build(cell_key=f"{attack}:" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
                       + (f",subset={len(bits)}" if indices is not None else ""),
                       attack=attack, params=params, threat=threat, clean_acc=1.0,
                       robust_acc=float(bits.mean()), n=len(bits), seconds=0.0,
@@ -358,7 +359,7 @@ def test_spsa_is_compared_on_its_own_images():
 
 
 def test_transfer_stronger_than_pgd():
-    t = Transfer(source_id=2, target_id=1, cell_key="pgd:steps=10", attack="pgd", params={}, threat=THREAT.name,
+    t = CellRow.build(source_id=2, target_id=1, cell_key="pgd:steps=10", attack="pgd", params={}, threat=THREAT.name,
                  clean_acc=1.0, robust_acc=0.2, n=100, seconds=0.0, correct_bits=pack_bits(ones(20)),
                  indices=None, extra={})
     assert names([pgd(40)], [t]) == ["transfer_stronger_than_pgd"]
@@ -399,9 +400,9 @@ def test_worst_case_ands_every_cell_of_the_threat_model(tmp_path):
                        clean_acc=1.0, robust_acc=0.9, n=10, seconds=0.0,
                        correct_bits=pack_bits([1, 1, 1, 1, 1, 1, 1, 1, 1, 0]), indices=None, extra={})
     expected = np.array([1, 0, 1, 1, 0, 1, 0, 1, 0, 0], dtype=bool)
-    wc = worst_case(ck, store.evaluations([ck.id]), store.transfers([ck.id]), 10)
-    np.testing.assert_array_equal(wc["bits"], expected)
-    assert wc["cells"] == 4  # pgd, fgsm, spsa, transfer
+    wc = worst_case(ck.threat, [*store.evaluations([ck.id]), *store.transfers([ck.id])], 10)
+    np.testing.assert_array_equal(wc.bits, expected)
+    assert len(wc.cells) == 4  # pgd, fgsm, spsa, transfer
     worst = {r["threat"]: r for r in result_rows(store, defense="natural") if r["attack"] == "worst_case"}
     assert set(worst) == {THREAT.name, "l2-1"}  # the L2 cell makes a worst case of its own
     row = worst[THREAT.name]

@@ -27,6 +27,7 @@ from bench.cli.options import DATASET_NAMES
 from bench.core.data import DATASETS, get_spec
 from bench.core.matrix import matrix_cells, matrix_transfer, parse_cell_key
 from bench.reporting.results import BRACKET, COLUMNS
+from bench.reporting.site.names import cell_label
 from cli_run import run_cli
 
 BENCH = Path(sys.executable).parent / "bench"
@@ -40,13 +41,16 @@ def full_rows(complete: bool = True, sources: bool = True) -> list[dict]:
     base = {"defense": "logit_similarity", "preset": "logit_similarity_digits", "dataset": "digits",
             "checkpoint": KEY}
     rows = [{**base, "attack": c.key, "threat": c.threat, "clean_acc": 0.96666, "robust_acc": 0.11666,
-             "n": c.subset or 360, "seconds": 12.345} for c in matrix_cells("full", threat)]
+             "n": c.subset or 360, "seconds": 12.345, "kind": "attack", "label": cell_label(c.attack, vars(c.config)),
+             "params": dict(vars(c.config))} for c in matrix_cells("full", threat)]
     surrogates, keys = matrix_transfer("full")
     for i, source in enumerate(surrogates):
         for k in keys:
             cell = parse_cell_key(k, threat)
             rows.append({**base, "attack": f"transfer[{i + 2}]:{cell.key}", "threat": cell.threat,
-                         "clean_acc": 0.96666, "robust_acc": 0.83611, "n": 360, "seconds": 0.0,
+                         "clean_acc": 0.96666, "robust_acc": 0.83611, "n": 360, "seconds": 0.0, "kind": "transfer",
+                         "label": cell_label(cell.attack, vars(cell.config)), "params": dict(vars(cell.config)),
+                         "cell": cell.key, "source_id": i + 2,
                          **({"source": source} if sources else {})})
     missing = [] if complete else [rows[0]["attack"], rows[1]["attack"]]
     rows.append({**base, "attack": "worst_case", "threat": threat.name, "clean_acc": 0.96666,
@@ -124,7 +128,8 @@ def test_a_transfer_without_its_source_name_shows_the_id(monkeypatch):
 def test_cells_that_would_share_a_name_show_the_settings_that_differ(monkeypatch):
     base = {"defense": "natural", "preset": None, "dataset": "digits", "checkpoint": KEY, "threat": "linf-0.2",
             "clean_acc": 0.9, "robust_acc": 0.5, "n": 360, "seconds": 0.1}
-    rows = [{**base, "attack": "fgsm:eps=0.2,loss=xent"}, {**base, "attack": "fgsm:eps=0.2,loss=cw"}]
+    rows = [{**base, "attack": f"fgsm:eps=0.2,loss={loss}", "label": "fgsm", "params": {"eps": 0.2, "loss": loss}}
+            for loss in ("xent", "cw")]
     assert set(cells_of(render(monkeypatch, rows))) == {"fgsm loss=xent", "fgsm loss=cw"}
 
 

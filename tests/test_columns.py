@@ -25,7 +25,7 @@ from bench.engine.evaluate import craft, evaluate
 from bench.errors import BenchError
 from bench.run.transfer import DEFAULT_ATTACK, cache_path, cached_examples
 from bench.science.flags import CALLS_WITNESS, pgd_still_falling
-from bench.store.db import Evaluation
+from bench.store.rows import CellRow
 from conftest import train_digits
 
 THREAT = get_spec("digits").threat
@@ -136,10 +136,10 @@ def test_every_cell_draws_from_its_own_seed(natural_model, digits_test):
     assert not torch.equal(own, craft(natural_model, cell, x, y, device="cpu", batch_size=64, seed=0))
 
 
-def _row(cell, result) -> Evaluation:
-    return Evaluation(cell_key=cell.key, attack=cell.attack, threat=cell.threat, params=dict(vars(cell.config)),
-                      clean_acc=result["clean_acc"], robust_acc=result["robust_acc"], n=result["n"],
-                      correct_bits=result["correct_bits"], indices=None, extra={})
+def _row(cell, result) -> CellRow:
+    return CellRow.build(cell_key=cell.key, attack=cell.attack, threat=cell.threat, params=dict(vars(cell.config)),
+                         clean_acc=result["clean_acc"], robust_acc=result["robust_acc"], n=result["n"],
+                         correct_bits=result["correct_bits"])
 
 
 def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_test):

@@ -26,7 +26,9 @@ from bench.run.bench import Bench
 from bench.engine.evaluate import subset_indices
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.driver import run_defense
-from bench.store.db import pack_bits, unpack_bits, worst_case
+from bench.store.db import pack_bits, unpack_bits
+from bench.store.evidence import worst_case
+from bench.store.rows import CellRow
 from cli_run import run_cli as _cli
 
 DIGITS = get_spec("digits")
@@ -210,22 +212,18 @@ def test_bits_round_trip():
     assert (unpack_bits(pack_bits(v), 37) == v).all()
 
 
-class _Cell:
-    def __init__(self, key, threat, bits, indices=None):
-        self.cell_key, self.threat, self.indices = key, threat, indices
-        self._bits = np.asarray(bits, dtype=bool)
-
-    def correct(self):
-        return self._bits
+def _Cell(key, threat, bits, indices=None):
+    bits = np.asarray(bits, dtype=bool)
+    return CellRow.build(cell_key=key, attack=key, threat=threat, n=len(bits), correct_bits=pack_bits(bits),
+                         indices=indices)
 
 
 def test_worst_case_is_the_per_sample_and_over_its_threat_model():
-    ck = type("Ck", (), {"threat": "linf-0.2"})()
     cells = [_Cell("a", "linf-0.2", [1, 1, 0, 1]), _Cell("b", "linf-0.2", [1, 0, 1, 1]),
              _Cell("other-threat", "l2-1", [0, 0, 0, 0]),
              _Cell("subset", "linf-0.2", [0], indices=[3])]
-    wc = worst_case(ck, cells, [], 4)
-    assert wc["robust_acc"] == 0.25 and wc["cells"] == 3  # only sample 0 survives a, b and subset
+    wc = worst_case("linf-0.2", cells, 4)
+    assert wc.robust_acc == 0.25 and len(wc.cells) == 3  # only sample 0 survives a, b and subset
 
 
 def test_subset_is_fixed_and_seeded():

@@ -25,7 +25,8 @@ import pytest
 from bench.errors import BenchError
 from bench.reporting.site import MARKER, build_site, render
 from bench.reporting.site.names import factory_name
-from bench.store.db import Store, pack_bits, worst_case
+from bench.store.db import Store, pack_bits
+from bench.store.evidence import worst_case
 
 N = 60  # test-set size of the synthetic store
 SPSA_IDX = list(range(0, N, 3))  # the subset an SPSA cell ran on
@@ -181,7 +182,7 @@ def expected_rows(store: Store) -> dict[str, dict]:
 
         steps = [e.params["steps"] for e in cells if e.attack == "pgd" and e.params["loss"] == "xent"
                  and e.params["restarts"] == 1]
-        wc = worst_case(ck, cells, transfers, N) if any(e.indices is None for e in cells) else None
+        wc = worst_case(ck.threat, [*cells, *transfers], N) if any(e.indices is None for e in cells) else None
         # The strongest transfer from another checkpoint (the diagonal is white-box) and its surrogates.
         black_box = [t for t in transfers if t.source_id != ck.id and t.threat == ck.threat]
         transfer = min(t.robust_acc for t in black_box) if black_box else None
@@ -193,7 +194,7 @@ def expected_rows(store: Store) -> dict[str, dict]:
                        "autoattack": lowest(lambda e: e.attack == "autoattack"),
                        "square": lowest(lambda e: e.attack == "square"), "transfer": transfer,
                        "surrogates": {t.source_id for t in black_box if t.robust_acc == transfer},
-                       "worst": wc["robust_acc"] if wc else None}
+                       "worst": wc.robust_acc if wc else None}
     return out
 
 
@@ -372,7 +373,7 @@ def expected_curves(store: Store, threat: str, keys: list[str]) -> dict[str, dic
         transfers = [t for t in store.transfers([ck.id]) if t.target_id == ck.id]
         points = {0.0: ck.meta["clean_acc"]}
         if any(e.threat == threat and e.indices is None for e in evals):
-            points[float(eps)] = worst_case(types.SimpleNamespace(threat=threat), evals, transfers, N)["robust_acc"]
+            points[float(eps)] = worst_case(threat, [*evals, *transfers], N).robust_acc
         for e in evals:
             if norm == "linf" and e.attack == "unbounded":
                 points[e.params["eps"]] = min(points.get(e.params["eps"], 1.0), e.robust_acc)

@@ -288,8 +288,8 @@ def _contradicted(tmp_path):
 
 def test_certify_against_verify_is_unsound(tmp_path):
     store, ck = _contradicted(tmp_path)
-    b = bracket(ck, store.evaluations([ck.id]), [], N)
-    assert b["unsound"] == 1 and b["unsound_indices"] == [2]
+    b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
+    assert b.unsound == 1 and b.unsound_indices == (2,)
 
 
 def test_an_unsound_bracket_withholds_its_figures(tmp_path):
@@ -297,9 +297,9 @@ def test_an_unsound_bracket_withholds_its_figures(tmp_path):
     from bench.reporting.site import build_site
 
     store, ck = _contradicted(tmp_path)
-    b = bracket(ck, store.evaluations([ck.id]), [], N)
-    assert b["certified"] is None and b["exact"] is None and b["gap"] is None
-    assert b["withheld"] == "unsound"
+    b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
+    assert b.certified is None and b.exact is None and b.gap is None
+    assert b.withheld == "unsound"
     (row,) = [r for r in result_rows(store) if r["attack"] == "worst_case"]
     assert row["certified"] is None and row["exact"] is None and row["withheld"] == "unsound"
     assert bracket_note(row) == "certified and exact withheld: unsound"
@@ -316,8 +316,8 @@ def test_a_sound_bracket_says_nothing_is_withheld(tmp_path):
     _add(store, ck, "pgd:steps=20", "pgd", _bits(0, 1, 2, 3, 4))
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 2, 3),
          proven=_bits(0, 1, 2))
-    b = bracket(store.checkpoint("k" * 64), store.evaluations([ck.id]), [], N)
-    assert b["withheld"] is None and b["certified"] == pytest.approx(0.3) and b["unsound"] == 0
+    b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
+    assert b.withheld is None and b.certified == pytest.approx(0.3) and b.unsound == 0
 
 
 def test_a_hook_added_after_tracing_is_refused_at_verification():

@@ -63,14 +63,14 @@ def _bracketed(tmp_path, certified=CERTIFIED, verify=True):
 
 def test_bracket_counts_the_floor_the_doubt_and_what_the_attacks_missed(tmp_path):
     store, ck = _bracketed(tmp_path)
-    b = bracket(ck, store.evaluations([ck.id]), [], N)
-    assert b["certified"] == pytest.approx(0.3)  # verified 0-2 (the certified 0-1 among them)
-    assert b["exact"] is None and b["unknown"] == 1
-    assert b["attacks_missed"] == 1 and b["missed_indices"] == [4]
+    b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
+    assert b.certified == pytest.approx(0.3)  # verified 0-2 (the certified 0-1 among them)
+    assert b.exact is None and b.unknown == 1
+    assert b.attacks_missed == 1 and b.missed_indices == (4,)
     # The worst case, the verifier's counterexamples included, leaves images 0-3: 0.4,
     # one image (the unknown one) above the floor.
-    assert b["gap"] == pytest.approx(10.0)
-    assert b["unsound"] == 0
+    assert b.gap == pytest.approx(10.0)
+    assert b.unsound == 0
     (row,) = [r for r in result_rows(store) if r["attack"] == "worst_case"]
     assert row["robust_acc"] == pytest.approx(0.4)  # the verifier's counterexamples count
     assert (row["certified"], row["unknown"], row["attacks_missed"]) == (pytest.approx(0.3), 1, 1)
@@ -86,14 +86,14 @@ def test_the_exact_figure_where_every_image_was_decided(tmp_path):
     decided = np.zeros(N, dtype=bool)
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_ROBUST,
          proven=V_ROBUST)
-    b = bracket(store.checkpoint("k" * 64), store.evaluations([ck.id]), [], N)
-    assert b["exact"] == pytest.approx(0.3) and b["unknown"] == 0 and b["gap"] == 0
+    b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
+    assert b.exact == pytest.approx(0.3) and b.unknown == 0 and b.gap == 0
 
 
 def test_no_verifier_cell_no_bracket(tmp_path):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", ATTACKS)
-    assert bracket(ck, store.evaluations([ck.id]), [], N) is None
+    assert bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N) is None
     (row,) = [r for r in result_rows(store) if r["attack"] == "worst_case"]
     assert row["certified"] is None and row["exact"] is None
 

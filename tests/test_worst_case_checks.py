@@ -24,7 +24,8 @@ from bench.api import Where, results, run
 from bench.core.data import get_spec, load_dataset
 from bench.run.recipe import TrainRequest
 from bench.run.training import load_model
-from bench.store.db import Store, worst_case
+from bench.store.db import Store
+from bench.store.evidence import worst_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from worst_vs_autoattack import autoattack_runs, first_full_draw, independent_seeds, matrix_seeds  # noqa: E402
@@ -73,7 +74,7 @@ def judged(tmp_path_factory):
     (ck,) = store.checkpoints()
     x, y = load_dataset("digits", "test")
     evaluations = store.evaluations([ck.id])
-    bits = torch.from_numpy(worst_case(ck, evaluations, [], len(y))["bits"])
+    bits = torch.from_numpy(worst_case(ck.threat, evaluations, len(y)).bits)
     model = load_model(ck, "cpu").eval()
     threat = get_spec("digits").threat
     seeds = independent_seeds(2)
@@ -115,7 +116,7 @@ def test_the_check_fails_on_a_weakened_worst_case(judged):
     fgsm = [e for e in judged["evaluations"] if e.attack == "fgsm"]
     no_autoattack = [e for e in judged["evaluations"] if e.attack != "autoattack"]
     for cells in (fgsm, no_autoattack):
-        weak = int(worst_case(judged["ck"], cells, [], judged["n"])["bits"].sum())
+        weak = int(worst_case(judged["ck"].threat, cells, judged["n"]).bits.sum())
         assert weak > judged["worst"]
         for label, robust, _ in judged["standard"]:
             assert above(weak, int(robust.sum())) > 0, (label, weak, int(robust.sum()))

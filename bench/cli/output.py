@@ -16,8 +16,7 @@ from rich.table import Table
 
 from bench.cli.console import err, out, write
 from bench.reporting.format import fmt, pct
-from bench.reporting.results import BRACKET, COLUMNS
-from bench.reporting.site.names import cell_label
+from bench.reporting.results import BRACKET, COLUMNS, WORST_CASE
 
 
 def progress():
@@ -46,7 +45,7 @@ def surrogates(names: list[str]) -> None:
 def missing_cells(result: list[dict], key: str) -> int | None:
     """How many cells the worst case of checkpoint `key` lacks, or None where it is complete."""
     for r in result:
-        if r["attack"] == "worst_case" and r["checkpoint"] == key and r.get("complete") is False:
+        if r["attack"] == WORST_CASE and r["checkpoint"] == key and r.get("complete") is False:
             return len(r.get("missing") or [])
     return None
 
@@ -97,8 +96,8 @@ def rows(result: list[dict], form: str) -> None:
     for i, group in enumerate(groups):
         # The checkpoint's own worst case (the last row of its group) on top, then any other
         # threat model's (the L2 one).
-        worst = [r for r in group if r["attack"] == "worst_case"][::-1]
-        cells = [r for r in group if r["attack"] != "worst_case"]
+        worst = [r for r in group if r["attack"] == WORST_CASE][::-1]
+        cells = [r for r in group if r["attack"] != WORST_CASE]
         names = [escape(r["attack"]) for r in cells] if form == "wide" else _cell_names(cells, _home(group))
         shown = [*((w, _worst_name(w)) for w in worst), *zip(cells, names)]
         for j, (r, name) in enumerate(shown):
@@ -120,7 +119,7 @@ def _by_checkpoint(result: list[dict]) -> dict[str, list[dict]]:
 def _home(group: list[dict]) -> str:
     """The checkpoint's threat model: its own worst case's (the last), else the one most of
     its cells share."""
-    worst = [r["threat"] for r in group if r["attack"] == "worst_case"]
+    worst = [r["threat"] for r in group if r["attack"] == WORST_CASE]
     return worst[-1] if worst else Counter(r["threat"] for r in group).most_common(1)[0][0]
 
 
@@ -155,20 +154,6 @@ def bracket_note(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _split(attack: str) -> tuple[str | None, str, dict]:
-    """(transfer source id or None, attack name, params) of a row's `attack`: a cell key,
-    or `transfer[<source id>]:<cell key>`."""
-    source = None
-    if attack.startswith("transfer[") and "]:" in attack:
-        source, attack = attack[len("transfer["):].split("]:", 1)
-    name, _, rest = attack.partition(":")
-    params = {}
-    for part in filter(None, rest.split(",")):
-        k, _, v = part.partition("=")
-        params[k] = v == "true" if v in ("true", "false") else int(v) if v.isdigit() else v
-    return source, name, params
-
-
 def _cell_names(cells: list[dict], home: str) -> list[str]:
     """Short names of one checkpoint's cells: the site's cell_label (pgd20, cw20, pgd20_r5,
     fgsm), the threat model where it is not the checkpoint's (`pgd20 (l2-1)`,
@@ -176,12 +161,11 @@ def _cell_names(cells: list[dict], home: str) -> list[str]:
     differ between cells that would otherwise share a name (`fgsm loss=cw`)."""
     names, params = [], []
     for r in cells:
-        source, attack, p = _split(r["attack"])
-        name = cell_label(attack, p)
+        name, p = r["label"], r["params"]
         if r["threat"] != home:
             name = r["threat"] if r["threat"].startswith(f"{name}-") else f"{name} ({r['threat']})"
-        if source is not None:
-            name = f"transfer {r.get('source') or '#' + source} → {name}"
+        if r.get("source_id") is not None:
+            name = f"transfer {r.get('source') or '#' + str(r['source_id'])} → {name}"
         names.append(name)
         params.append(p)
     for name, count in Counter(names).items():

@@ -1,41 +1,63 @@
-"""Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint,
-which says whether it covers every cell the checkpoint's matrices asked for (`complete`)
-and which are `missing` (failed or never run).
+"""Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint
+and threat model shown (the dataset's L2 ball, then the checkpoint's own, which stays
+last), all read from the checkpoint's evidence (bench.store.evidence).
 
-Beside the worst case (an upper bound) the row carries its bracket (bench.store.bracket):
-the certified floor, the exact figure where the verifier decided every image, the
-images still unknown, the gap and the images the attacks missed.
+A worst case row says whether it covers every cell the checkpoint's matrices asked for
+(`complete`) and which are `missing` (failed or never run). Beside the worst case (an
+upper bound) the own row carries its bracket: the certified floor, the exact figure
+where the verifier decided every image, the images still unknown, the gap and the
+images the attacks missed.
 
-This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns; the
-site reads the store itself (bench.reporting.site.load), through the same worst_case.
+This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
 from bench.core.data import DATASETS
-from bench.store.bracket import bracket
-from bench.store.db import Checkpoint, Store, coverage, worst_case
+from bench.reporting.site.names import cell_label
+from bench.store.bracket import Bracket
+from bench.store.db import Checkpoint, Store
+from bench.store.evidence import Evidence, WorstCase, load_evidence
+from bench.store.rows import CellRow
 
 COLUMNS = ["defense", "preset", "dataset", "checkpoint", "attack", "threat", "clean_acc",
            "robust_acc", "n", "seconds"]
 BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed", "withheld"]
 """The worst case row's bracket fields (None where no verifier cell ran; `withheld` says
 why certified, exact and gap are None where a verifier cell did run)."""
+WORST_CASE = "worst_case"
+"""The `attack` of a checkpoint's worst case row."""
 
 
-def bracket_fields(ck: Checkpoint, b: dict | None) -> dict:
+def bracket_fields(ev: Evidence) -> dict:
     """The worst case row's bracket: `certified` (the floor), `exact` (where every image
     was decided), `unknown` (images in doubt), `gap` (worst case minus floor, in points),
     `attacks_missed`, `withheld` ("unsound" where a verifier and an attack or another
     verifier contradict each other: then no certified, exact or gap figure); None where
-    no verifier cell ran, and `not_verifiable` saying why
-    where the verifier does not take the model."""
-    out = {k: (b or {}).get(k) for k in BRACKET}
-    reason = (ck.meta or {}).get("not_verifiable")
-    if reason:
-        out["not_verifiable"] = reason
+    no verifier cell ran, and `not_verifiable` saying why where the verifier does not
+    take the model."""
+    b: Bracket | None = ev.bracket
+    out = {k: getattr(b, k) if b is not None else None for k in BRACKET}
+    if ev.not_verifiable:
+        out["not_verifiable"] = ev.not_verifiable
     return out
+
+
+def _cell_row(base: dict, c: CellRow, defense_of: dict[int, str]) -> dict:
+    row = {**base, "attack": c.cell_key, "threat": c.threat, "clean_acc": c.clean_acc,
+           "robust_acc": c.robust_acc, "n": c.n, "seconds": round(c.seconds, 3), "kind": c.kind,
+           "label": cell_label(c.attack, c.params), "params": c.params}
+    if c.source_id is not None:  # a transfer: named by its source as well as its key
+        row.update(attack=f"transfer[{c.source_id}]:{c.cell_key}", cell=c.cell_key, source_id=c.source_id,
+                   source=defense_of.get(c.source_id))
+    return row
+
+
+def _worst_row(base: dict, ev: Evidence, wc: WorstCase) -> dict:
+    return {**base, "attack": WORST_CASE, "threat": wc.threat, "clean_acc": ev.meta.clean_acc,
+            "robust_acc": wc.robust_acc, "n": wc.n, "seconds": None, "kind": WORST_CASE,
+            "cells": len(wc.cells), "complete": wc.complete, "missing": list(wc.missing)}
 
 
 def result_rows(store: Store, defense: str | None = None, dataset: str | None = None,
@@ -44,43 +66,23 @@ def result_rows(store: Store, defense: str | None = None, dataset: str | None = 
            if checkpoint_keys is None or c.key in checkpoint_keys]
     if not cks:
         return []
-    ids = [c.id for c in cks]
-    by_ck: dict[int, list] = defaultdict(list)
-    for e in store.evaluations(ids):
-        by_ck[e.checkpoint_id].append(e)
-    incoming: dict[int, list] = defaultdict(list)
-    for t in store.transfers(ids):
-        incoming[t.target_id].append(t)
+    evidence = load_evidence(store, cks)
     flags: dict[int, list[str]] = defaultdict(list)
-    for f in store.flags(ids):
+    for f in store.flags([c.id for c in cks]):
         flags[f.checkpoint_id].append(f.name)
     defense_of = {c.id: c.defense for c in store.checkpoints()}
     rows = []
     for ck in cks:
+        ev = evidence[ck.id]
         base = {"defense": ck.defense, "preset": ck.preset, "dataset": ck.dataset, "checkpoint": ck.key}
-        clean = ck.meta.get("clean_acc")
-        for e in by_ck[ck.id]:
-            rows.append({**base, "attack": e.cell_key, "threat": e.threat, "clean_acc": e.clean_acc,
-                         "robust_acc": e.robust_acc, "n": e.n, "seconds": round(e.seconds, 3)})
-        for t in incoming[ck.id]:
-            rows.append({**base, "attack": f"transfer[{t.source_id}]:{t.cell_key}", "threat": t.threat,
-                         "clean_acc": t.clean_acc, "robust_acc": t.robust_acc, "n": t.n,
-                         "seconds": round(t.seconds, 3), "source": defense_of.get(t.source_id)})
-        test_size = next((e.n for e in by_ck[ck.id] if e.indices is None), 0)
+        rows += [_cell_row(base, c, defense_of) for c in (*ev.cells, *ev.transfers)]
         # The L2 worst case first: the checkpoint's own threat model's row stays last.
         l2 = l2_threat(ck)
-        wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size, l2) if test_size and l2 else None
+        wc = ev.worst_case(l2) if l2 and l2 != ck.threat else None
         if wc:
-            rows.append({**base, "attack": "worst_case", "threat": l2, "clean_acc": clean,
-                         "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None, "cells": wc["cells"],
-                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of, l2)})
-        wc = worst_case(ck, by_ck[ck.id], incoming[ck.id], test_size) if test_size else None
-        if wc:
-            rows.append({**base, "attack": "worst_case", "threat": ck.threat, "clean_acc": clean,
-                         "robust_acc": wc["robust_acc"], "n": wc["n"], "seconds": None,
-                         "cells": wc["cells"], "flags": sorted(flags[ck.id]),
-                         **coverage(ck, by_ck[ck.id], incoming[ck.id], defense_of),
-                         **bracket_fields(ck, bracket(ck, by_ck[ck.id], incoming[ck.id], test_size))})
+            rows.append(_worst_row(base, ev, wc))
+        if ev.own:
+            rows.append({**_worst_row(base, ev, ev.own), "flags": sorted(flags[ck.id]), **bracket_fields(ev)})
     return rows
 
 

@@ -26,6 +26,7 @@ from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.db import Checkpoint, pack_bits
+from bench.store.meta import transfer_name
 
 
 def check_transfer(matrix: str, dataset) -> None:
@@ -80,7 +81,7 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
         if trained:
             done.trained.append(name)
         done.total += len(cells)
-        expect(bench, row, [f"{name}|{transfer_key(c.key, randomized)}" for c in cells])
+        expect(bench, row, [transfer_name(name, transfer_key(c.key, randomized)) for c in cells])
         for cell in cells:
             key = transfer_key(cell.key, randomized)
             if row.id in bench.store.done_transfers(source.id, key):
@@ -96,7 +97,7 @@ def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
                 robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()), indices=None,
                 extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=bench.device)
-            ran.append(f"{name}|{key}")
+            ran.append(transfer_name(name, key))
     if ran:
         recompute_flags(bench.store, row)
     return done

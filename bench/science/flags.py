@@ -16,17 +16,23 @@ from collections import defaultdict
 from bench.science import admission
 from bench.science.admission import is_randomized
 from bench.science.flag_registry import FLAGS, flag
-from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, strongest_white_box_on,
-                                     white_box)
-from bench.store.bracket import bracket
+from bench.core.kinds import Role
+from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, of_role, role_of,
+                                     strongest_white_box_on, white_box)
+from bench.store.evidence import evidence
 from bench.store.db import Checkpoint, Store
 from bench.store.rows import CellRow
 
 
 def _pgd(cells: list[CellRow], threat: str) -> list[CellRow]:
-    """White-box PGD: full-set L-inf PGD cells of the threat model."""
-    return [c for c in cells if c.attack == "pgd" and c.threat == threat and c.indices is None
+    """PGD: the iterative white-box cells with a step size, a step count and restarts
+    (APGD adapts its step, multi-targeted restarts over targets), full-set L-inf cells of
+    the threat model."""
+    return [c for c in white_box(cells, threat, ITERATIVE) if PGD_PARAMS <= c.params.keys()
             and c.params.get("norm", "linf") == "linf"]
+
+
+PGD_PARAMS = frozenset({"steps", "step_size", "restarts"})
 
 
 def _variant(c: CellRow, *fields: str) -> tuple:
@@ -83,7 +89,7 @@ def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRo
       "iterative attacks are being misled, a classic sign of gradient masking.",
       masking=True)
 def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    fgsm = white_box(cells, ck.threat, ("fgsm",))
+    fgsm = white_box(cells, ck.threat, frozenset({Role.ONE_STEP}))
     pgd = white_box(cells, ck.threat, ITERATIVE)
     if not fgsm or not pgd:
         return None
@@ -113,7 +119,7 @@ def _stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], rivals: list) -> di
       "the gradients it follows are not informative (gradient masking).",
       masking=True, calls_witness=True)
 def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    spsa = [c for c in cells if c.attack == "spsa" and c.threat == ck.threat]
+    spsa = of_role(cells, ck.threat, frozenset({Role.GRADIENT_ESTIMATE}))
     hit = _stronger_than_pgd(ck, cells, spsa)
     if hit is None:
         return None
@@ -141,7 +147,7 @@ def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: 
       "the model's gradients (Athalye et al.'s sanity check).",
       masking=True)
 def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    sweep = [c for c in cells if c.attack == "unbounded"]
+    sweep = [c for c in cells if role_of(c) is Role.SWEEP]
     if not sweep:
         return None
     top_eps = max(c.params["eps"] for c in sweep)
@@ -158,7 +164,7 @@ def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
 @flag(
       "AutoAttack's own checks warned about this model.")
 def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    raised = [c for c in cells if c.attack == "autoattack" and (c.extra or {}).get("warnings")]
+    raised = [c for c in cells if role_of(c) is Role.ENSEMBLE and c.warnings]
     if not raised:
         return None
     messages = sorted({m for c in raised for m in c.extra["warnings"]})
@@ -277,11 +283,7 @@ def square_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: li
       "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
       masking=True)
 def distilled_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    return beyond_white_box(ck, cells, ("distill",), "distill")
-
-
-def _test_size(cells: list[CellRow]) -> int:
-    return next((c.n for c in cells if c.indices is None and c.attack != "certify"), 0)
+    return beyond_white_box(ck, cells, frozenset({Role.WITNESS}), "distill")
 
 
 @flag(
@@ -304,10 +306,10 @@ def unsound(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> d
 def _in_bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], count: str,
                 indices: str) -> dict | None:
     """A flag's numbers from the checkpoint's bracket: the images it counts, if any."""
-    size = _test_size(cells)
-    b = bracket(ck, cells, transfers, size) if size else None
-    if b and b[count]:
-        return {"numbers": {"count": b[count], "n": size, "indices": b[indices]}}
+    ev = evidence(ck, cells, transfers, {})
+    b = ev.bracket
+    if b and getattr(b, count):
+        return {"numbers": {"count": getattr(b, count), "n": ev.test_size, "indices": list(getattr(b, indices))}}
     return None
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.core.kinds import Role
+from bench.registry import ATTACKS
 from bench.store.db import Checkpoint
 from bench.store.rows import CellRow
 
@@ -30,16 +32,29 @@ def acc_on(cell: CellRow, indices) -> float:
     return float(bits.mean()) if indices is None else float(bits[np.asarray(indices, dtype=np.int64)].mean())
 
 
-WHITE_BOX = ("fgsm", "pgd", "apgd", "apgd_t", "multitargeted")
-"""Attacks that follow the model's own gradients: the masking flags' reference. AutoAttack
-is not one of them: it runs Square inside, a black-box attack."""
-ITERATIVE = WHITE_BOX[1:]
-"""The white-box attacks that iterate (FGSM's one step is what they are compared with)."""
+def role_of(cell: CellRow) -> Role:
+    """The role the cell's attack declares in its config (bench.core.kinds.Role); OTHER for
+    an attack this installation does not have (a row stored by a plugin since removed)."""
+    if cell.attack not in ATTACKS:
+        return Role.OTHER
+    return getattr(ATTACKS.get(cell.attack).config, "role", Role.OTHER)
 
 
-def white_box(cells: list[CellRow], threat: str, attacks: tuple[str, ...] = WHITE_BOX) -> list[CellRow]:
+WHITE_BOX = frozenset(r for r in Role if r.white_box)
+"""Roles that follow the model's own gradients: the masking flags' reference. AutoAttack
+is not one of them (Role.ENSEMBLE): it runs Square inside, a black-box attack."""
+ITERATIVE = frozenset({Role.ITERATIVE})
+"""The white-box roles that iterate (FGSM's one step is what they are compared with)."""
+
+
+def of_role(cells: list[CellRow], threat: str, roles: frozenset[Role]) -> list[CellRow]:
+    """The cells of the threat model whose attacks play one of `roles`."""
+    return [c for c in cells if c.threat == threat and role_of(c) in roles]
+
+
+def white_box(cells: list[CellRow], threat: str, roles: frozenset[Role] = WHITE_BOX) -> list[CellRow]:
     """Full-test-set white-box cells of the threat model."""
-    return [c for c in cells if c.attack in attacks and c.threat == threat and c.indices is None]
+    return [c for c in of_role(cells, threat, roles) if c.indices is None]
 
 
 def strongest_white_box_on(cells: list[CellRow], threat: str, indices) -> tuple[float, str] | None:
@@ -48,7 +63,7 @@ def strongest_white_box_on(cells: list[CellRow], threat: str, indices) -> tuple[
     return min(scored) if scored else None
 
 
-BLACK_BOX = ("square",)
+BLACK_BOX = frozenset({Role.QUERY})
 """Query-based cells compared sample by sample with the white-box ones (SPSA and transfers
 have flags of their own, compared by accuracy on the same images)."""
 
@@ -65,11 +80,11 @@ def broken_by(cell, size: int) -> np.ndarray:
     return out
 
 
-def beyond_white_box(ck: Checkpoint, cells: list[CellRow], attacks: tuple[str, ...], name: str) -> dict | None:
-    """The numbers when cells of `attacks` broke more than a point of samples no white-box
+def beyond_white_box(ck: Checkpoint, cells: list[CellRow], roles: frozenset[Role], name: str) -> dict | None:
+    """The numbers when cells of `roles` broke more than a point of samples no white-box
     cell broke, compared sample by sample over the full test set."""
-    white = [c for c in cells if c.attack in WHITE_BOX and c.threat == ck.threat]
-    black = [c for c in cells if c.attack in attacks and c.threat == ck.threat]
+    white = of_role(cells, ck.threat, WHITE_BOX)
+    black = of_role(cells, ck.threat, roles)
     full = [c for c in white if c.indices is None]
     if not full or not black:
         return None

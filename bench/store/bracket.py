@@ -1,6 +1,6 @@
 """The bracket around a worst case: what the verifier cells of a checkpoint prove.
 
-The worst case (bench.store.db.worst_case) is an upper bound on the true robust
+The worst case (bench.store.evidence) is an upper bound on the true robust
 accuracy: an attack that fails proves nothing. Beside it:
 
 - the certified floor: images proven robust, by a certify cell's sound bound or by the
@@ -21,25 +21,50 @@ that one of its two sides says is false.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from bench.core.kinds import CellKind
-from bench.store.db import Checkpoint
 from bench.store.rows import CellRow
 
 
-def _cells_of(kind: CellKind, ck: Checkpoint, cells: list[CellRow], test_size: int) -> list[CellRow]:
-    return [c for c in cells if c.kind == kind.value and c.threat == ck.threat and c.indices is None
+@dataclass(frozen=True)
+class Bracket:
+    """What a checkpoint's verifier cells prove beside its worst case (fractions of the
+    test set, and counts of images)."""
+
+    certified: float | None
+    """The floor: images proven robust; None where withheld."""
+    exact: float | None
+    """The exact robust accuracy, where the complete verifier decided every image."""
+    withheld: str | None
+    """Why certified, exact and gap are None where a verifier cell did run ("unsound")."""
+    unknown: int | None
+    """Images the complete verifier left undecided; None without a complete verifier."""
+    gap: float | None
+    """Worst case minus floor, in points."""
+    attacks_only: float
+    """What the attack cells alone leave standing."""
+    attacks_missed: int
+    missed_indices: tuple[int, ...] = field(repr=False)
+    unsound: int
+    unsound_indices: tuple[int, ...] = field(repr=False)
+    verified: bool
+    """Whether a complete verifier cell is among them."""
+
+
+def _cells_of(kind: CellKind, threat: str, cells, test_size: int) -> list[CellRow]:
+    return [c for c in cells if c.cell_kind is kind and c.threat == threat and c.indices is None
             and c.n == test_size and c.proven_bits is not None]
 
 
-def bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], test_size: int) -> dict | None:
-    """The bracket's numbers (fractions of the test set and counts), or None when the
-    checkpoint has no verifier cell of its threat model over the whole test set. Where
-    anything is unsound, `certified`, `exact` and `gap` are None and `withheld` is
-    "unsound" (else None)."""
-    verify = _cells_of(CellKind.VERIFY, ck, cells, test_size)
-    certify = _cells_of(CellKind.CERTIFY, ck, cells, test_size)
+def bracket(threat: str, cells: tuple[CellRow, ...], transfers: tuple[CellRow, ...],
+            test_size: int) -> Bracket | None:
+    """The bracket of the cells of `threat`, or None when no verifier cell of it ran
+    over the whole test set."""
+    verify = _cells_of(CellKind.VERIFY, threat, cells, test_size)
+    certify = _cells_of(CellKind.CERTIFY, threat, cells, test_size)
     if not (verify or certify):
         return None
     proven = np.zeros(test_size, dtype=bool)
@@ -53,10 +78,10 @@ def bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], test
         proven |= robust
         broken_by_verifier |= ~standing
         decided |= robust | ~standing
-    # What the attacks alone leave standing: every cell of the threat model but the verifier's.
+    # What the attacks alone leave standing: every attack and transfer cell of the threat model.
     standing = np.ones(test_size, dtype=bool)
-    for c in [*cells, *transfers]:
-        if c.threat != ck.threat or c.kind != CellKind.ATTACK.value and c.kind != CellKind.TRANSFER.value:
+    for c in (*cells, *transfers):
+        if c.threat != threat or c.cell_kind not in (CellKind.ATTACK, CellKind.TRANSFER):
             continue
         if c.indices is None:
             if c.n == test_size:
@@ -69,19 +94,18 @@ def bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], test
     unsound = proven & (~standing | broken_by_verifier)
     withheld = "unsound" if unsound.any() else None
     exact = bool(verify) and bool(decided.all()) and withheld is None
-    unknown = int((~decided).sum()) if verify else None
     floor = float(proven.mean())
     worst = float((standing & ~broken_by_verifier).mean())
-    return {
-        "certified": floor if withheld is None else None,
-        "exact": floor if exact else None,
-        "withheld": withheld,
-        "unknown": unknown,
-        "gap": round(100 * (worst - floor), 2) if withheld is None else None,
-        "attacks_only": float(standing.mean()),
-        "attacks_missed": int(missed.sum()),
-        "missed_indices": np.flatnonzero(missed).tolist(),
-        "unsound": int(unsound.sum()),
-        "unsound_indices": np.flatnonzero(unsound).tolist(),
-        "verified": bool(verify),
-    }
+    return Bracket(
+        certified=floor if withheld is None else None,
+        exact=floor if exact else None,
+        withheld=withheld,
+        unknown=int((~decided).sum()) if verify else None,
+        gap=round(100 * (worst - floor), 2) if withheld is None else None,
+        attacks_only=float(standing.mean()),
+        attacks_missed=int(missed.sum()),
+        missed_indices=tuple(np.flatnonzero(missed).tolist()),
+        unsound=int(unsound.sum()),
+        unsound_indices=tuple(np.flatnonzero(unsound).tolist()),
+        verified=bool(verify),
+    )

@@ -2,8 +2,8 @@
 
 Every evaluation is one row per (checkpoint, cell key), committed in its own
 transaction together with the packed per-sample correctness bits, so a killed run
-loses at most the cell it was in. Worst-case robust accuracy is the per-sample AND over
-all stored cells of the checkpoint's threat model, transfer cells included.
+loses at most the cell it was in. What the cells say together (the worst case, its
+completeness, the bracket) is computed in bench.store.evidence.
 
 Writes are idempotent (INSERT ... ON CONFLICT DO NOTHING on each table's unique key), so
 several drivers may share one store, SQLite on one machine or PostgreSQL
@@ -39,6 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.store.bits import pack_bits, unpack_bits
+from bench.store.meta import META_KEYS
 from bench.store.rows import CellRow, cell_query
 from bench.store.upgrade import upgrade
 
@@ -212,7 +213,11 @@ class Store:
             s.get(Checkpoint, checkpoint_id).meta = dict(meta)
 
     def update_meta(self, row: Checkpoint, **fields: Any) -> None:
-        """Add or replace `fields` in a checkpoint's meta, in the store and on `row`."""
+        """Add or replace `fields` in a checkpoint's meta, in the store and on `row`; each
+        must be a key bench.store.meta.CheckpointMeta declares."""
+        unknown = sorted(set(fields) - META_KEYS)
+        if unknown:
+            raise TypeError(f"undeclared checkpoint meta key(s) {unknown}: declare them in bench.store.meta")
         meta = dict(row.meta or {}, **fields)
         self.set_meta(row.id, meta)
         row.meta = meta
@@ -335,53 +340,3 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
-
-
-def worst_case(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers: list[Transfer],
-               test_size: int, threat: str | None = None) -> dict | None:
-    """Per-sample AND over every cell of the checkpoint's threat model (or of `threat`,
-    e.g. the dataset's L2 ball, which has a worst case of its own).
-
-    A subset cell (SPSA on 100 images, say) can only break the samples it ran on; the
-    others keep whatever the remaining cells say. Returns None when no cell counts.
-    """
-    threat = threat or checkpoint.threat
-    robust = np.ones(test_size, dtype=bool)
-    keys = []
-    for cell in [*evaluations, *transfers]:
-        if cell.threat != threat or not CellKind(cell.kind).breaks:
-            continue
-        correct = cell.correct()
-        if cell.indices is None:
-            if len(correct) != test_size:
-                continue
-            robust &= correct
-        else:
-            robust[np.asarray(cell.indices, dtype=np.int64)] &= correct
-        keys.append(cell.cell_key)
-    if not keys:
-        return None
-    return {"robust_acc": float(robust.mean()), "n": test_size, "cells": len(keys), "bits": robust}
-
-
-def expected_cells(checkpoint: Checkpoint) -> list[str]:
-    """The cells the matrices run on this checkpoint asked for: evaluation cell keys, and
-    transfer cells as `<surrogate defense>|<cell key>` (recorded by the run layer)."""
-    return list((checkpoint.meta or {}).get("expected_cells", []))
-
-
-def coverage(checkpoint: Checkpoint, evaluations: list[Evaluation], transfers: list[Transfer],
-             defense_of: dict[int, str], threat: str | None = None) -> dict:
-    """Which of the checkpoint's expected cells of a threat model (unset: its own) are
-    stored. `defense_of` maps checkpoint ids to defense names (a transfer row names its
-    source by id). A cell that failed or never ran is missing, and a worst case missing
-    any cell is incomplete. The run layer records each expected cell's threat model in
-    the meta (`cell_threats`); a cell recorded without one counts toward the
-    checkpoint's own."""
-    threat = threat or checkpoint.threat
-    threats = (checkpoint.meta or {}).get("cell_threats", {})
-    have = {e.cell_key for e in evaluations}
-    have |= {f"{defense_of.get(t.source_id, '?')}|{t.cell_key}" for t in transfers}
-    wanted = {k for k in expected_cells(checkpoint) if threats.get(k, checkpoint.threat) == threat}
-    missing = sorted(wanted - have)
-    return {"complete": not missing, "missing": missing}

@@ -46,6 +46,21 @@ class CellRow:
     created_at: str
     _extra: dict | None = None
 
+    @classmethod
+    def build(cls, *, cell_key: str, attack: str, threat: str, n: int, correct_bits: bytes,
+              kind: str | None = None, params: dict | None = None, checkpoint_id: int = 0,
+              target_id: int | None = None, source_id: int | None = None, clean_acc: float = 1.0,
+              robust_acc: float = 0.0, test_size: int | None = None, seconds: float = 0.0,
+              proven_bits: bytes | None = None, indices: list | None = None, extra: dict | None = None,
+              device: str = "cpu", id: int = 0) -> "CellRow":
+        """A row not read from a store (a cell just run, or one made by hand): the fields a
+        stored row has, with those a store would add filled in."""
+        transfer = source_id is not None
+        kind = kind or (CellKind.TRANSFER if transfer else CellKind.ATTACK).value
+        return cls(id, target_id if target_id is not None else checkpoint_id, source_id, cell_key, kind, attack,
+                   params or {}, threat, clean_acc, robust_acc, n, test_size, seconds, correct_bits, proven_bits,
+                   indices, json.dumps(extra or {}), device, "")
+
     @property
     def cell_kind(self) -> CellKind:
         return CellKind(self.kind)

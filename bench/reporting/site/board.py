@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import types
 from collections import defaultdict
 
 from bench.reporting.format import missing, pct
@@ -14,8 +13,7 @@ from bench.reporting.site.names import (
     factory_name,
     page_path,
 )
-from bench.store.bracket import bracket
-from bench.store.db import coverage, worst_case
+from bench.store.bracket import Bracket
 
 # Board columns after clean accuracy: (column id, header, cell label). The label is what
 # `cell_label` calls a cell, and also the key of the paper's number in a preset
@@ -51,10 +49,8 @@ def boards(data: SiteData) -> list[dict]:
     # The longest run's column label: pgd1000_cos where the long runs use the cosine schedule.
     longest_label = {(c, t, int(steps)): label for c, t, steps, label
                      in pgd[["checkpoint_id", "threat", "steps", "label"]].itertuples(index=False)}
-    test_size = full.groupby(["checkpoint_id", "threat"])["n"].max().to_dict()
     column_labels = {label for _, _, label in BOARD_COLUMNS if label}
     by_id = {ck.id: ck for ck in data.checkpoints}
-    defense_of = {ck.id: ck.defense for ck in data.checkpoints}
 
     members: dict[tuple[str, str], set[int]] = defaultdict(set)
     for ck in data.checkpoints:
@@ -72,15 +68,12 @@ def boards(data: SiteData) -> list[dict]:
         rows = []
         for cid in members[(dataset, threat)]:
             ck = by_id[cid]
-            meta = ck.meta or {}
+            meta = data.evidence[cid].meta
             # The paper's numbers are for the checkpoint's own threat model only.
-            paper = (meta.get("paper") or {}) if threat == ck.threat else {}
-            size = test_size.get((cid, threat))
-            wc = None
-            if size:
-                wc = worst_case(types.SimpleNamespace(threat=threat), data.cells[cid],
-                                data.incoming[cid], int(size))
-            cols = [_cell("clean", meta.get("clean_acc"), paper.get("clean"))]
+            paper = meta.paper if threat == ck.threat else {}
+            ev = data.evidence[cid]
+            wc = ev.worst_case(threat)
+            cols = [_cell("clean", meta.clean_acc, paper.get("clean"))]
             for col, _, label in BOARD_COLUMNS:
                 note = ""
                 if col == "transfer":
@@ -96,24 +89,24 @@ def boards(data: SiteData) -> list[dict]:
                 if n is not None and v is not None:
                     note = f"on {int(n)} images"
                 cols.append(_cell(col, v, paper.get(label) if label else None, note))
-            note = f"{wc['cells']} cell{'' if wc['cells'] == 1 else 's'}" if wc else ""
+            note = f"{len(wc.cells)} cell{'' if len(wc.cells) == 1 else 's'}" if wc else ""
             # Coverage of this threat model's cells (the run layer records each expected
             # cell's threat model: the L2 board's worst case is complete like the L-inf one).
-            missing = coverage(ck, data.cells[cid], data.incoming[cid], defense_of, threat)["missing"] if wc else []
+            missing = list(wc.missing) if wc else []
             if missing:
                 note += f" · incomplete: {len(missing)} missing"
-            b = bracket(ck, data.cells[cid], data.incoming[cid], int(size)) if wc and threat == ck.threat else None
-            if b and b["gap"] is not None:
-                note += f" · gap {b['gap']:.1f} pts" + (f" · attacks missed {b['attacks_missed']}"
-                                                         if b["attacks_missed"] else "")
-            cols.append(_floor(b, meta.get("not_verifiable") if threat == ck.threat else None))
-            cols.append(_cell("worst", wc["robust_acc"] if wc else None, None, note))
+            b = ev.bracket if wc and threat == ck.threat else None
+            if b and b.gap is not None:
+                note += f" · gap {b.gap:.1f} pts" + (f" · attacks missed {b.attacks_missed}"
+                                                     if b.attacks_missed else "")
+            cols.append(_floor(b, ev.not_verifiable if threat == ck.threat else None))
+            cols.append(_cell("worst", wc.robust_acc if wc else None, None, note))
             rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
                          "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
                          "overrides": data.overrides.get(cid, ""),
-                         "outside": factory_name((meta.get("outside") or {}).get("factory")),
-                         "surrogate": bool(meta.get("surrogate")), "id": cid,
-                         "cols": cols, "worst": wc["robust_acc"] if wc else None, "missing": missing,
+                         "outside": factory_name((meta.outside or {}).get("factory")),
+                         "surrogate": meta.surrogate, "id": cid,
+                         "cols": cols, "worst": wc.robust_acc if wc else None, "missing": missing,
                          "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
                                    for f in data.flags[cid]] if threat == ck.threat else [],
                          "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",
@@ -148,19 +141,19 @@ def _transfer(cid: int, threat: str, data: SiteData, by_id: dict) -> dict:
     return _cell("transfer", t.robust_acc, None, note + ("" if t.indices is None else f" on {t.n} images"), title)
 
 
-def _floor(b: dict | None, not_verifiable: str | None) -> dict:
+def _floor(b: Bracket | None, not_verifiable: str | None) -> dict:
     """The certified floor beside the worst case: the exact figure where the verifier
     decided every image, else the floor with the images still unknown."""
     if not b:
         return _cell("certified", None, None, "not verifiable" if not_verifiable else "", not_verifiable or "")
-    if b.get("withheld"):
-        return {**_cell("certified", None, None, f"withheld: {b['withheld']}",
+    if b.withheld:
+        return {**_cell("certified", None, None, f"withheld: {b.withheld}",
                         "a verifier and an attack (or two verifiers) contradict each other: no figure is shown"),
                 "withheld": True}
-    if b["exact"] is not None:
-        return _cell("certified", b["exact"], None, "exact", "every image decided by the complete verifier")
-    note = f"{b['unknown']} unknown" if b["unknown"] else ""
-    return _cell("certified", b["certified"], None, note, "a lower bound: images proven robust")
+    if b.exact is not None:
+        return _cell("certified", b.exact, None, "exact", "every image decided by the complete verifier")
+    note = f"{b.unknown} unknown" if b.unknown else ""
+    return _cell("certified", b.certified, None, note, "a lower bound: images proven robust")
 
 
 def _cell(col: str, value: float | None, paper: float | None, note: str = "", title: str = "") -> dict:

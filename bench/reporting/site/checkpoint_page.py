@@ -30,8 +30,7 @@ from bench.reporting.site.records import (
 )
 from bench.reporting.site.svg import svg_hist, svg_lines
 from bench.science.flags import FLAG_TEXT
-from bench.store.bracket import bracket
-from bench.store.db import Checkpoint, coverage, worst_case
+from bench.store.db import Checkpoint
 
 # Labels presets use for the paper's numbers that are not `cell_label`'s own spelling.
 PAPER_ALIASES = {"restarts10": "pgd20_r10"}
@@ -79,19 +78,18 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
 
     plots = _plots(ck, cells)
     name = checkpoint_name(ck, data.overrides)
-    own = [e for e in data.cells[ck.id] if e.threat == ck.threat]
-    size = next((e.n for e in own if e.indices is None), 0)
-    wc = worst_case(ck, data.cells[ck.id], data.incoming[ck.id], size) if size else None
-    cov = coverage(ck, data.cells[ck.id], data.incoming[ck.id], {c.id: c.defense for c in data.checkpoints})
-    b = bracket(ck, data.cells[ck.id], data.incoming[ck.id], size) if wc else None
+    ev = data.evidence[ck.id]
+    wc = ev.own
+    b = ev.bracket if wc else None
     return {
-        "worst": {"robust": pct(wc["robust_acc"]), "cells": wc["cells"], **cov} if wc else None,
-        "bracket": {"certified": pct(b["certified"]), "exact": pct(b["exact"]) if b["exact"] is not None else "",
-                    "withheld": b.get("withheld") or "", "unsound": b["unsound"],
-                    "unknown": b["unknown"], "gap": f"{b['gap']:.1f}" if b["gap"] is not None else "",
-                    "missed": b["attacks_missed"],
-                    "missed_indices": b["missed_indices"]} if b else None,
-        "not_verifiable": meta.get("not_verifiable") or "",
+        "worst": {"robust": pct(wc.robust_acc), "cells": len(wc.cells), "complete": wc.complete,
+                  "missing": list(wc.missing)} if wc else None,
+        "bracket": {"certified": pct(b.certified), "exact": pct(b.exact) if b.exact is not None else "",
+                    "withheld": b.withheld or "", "unsound": b.unsound,
+                    "unknown": b.unknown, "gap": f"{b.gap:.1f}" if b.gap is not None else "",
+                    "missed": b.attacks_missed,
+                    "missed_indices": list(b.missed_indices)} if b else None,
+        "not_verifiable": ev.not_verifiable or "",
         "no_cells": not data.cells[ck.id] and not data.incoming[ck.id],
         "root": root, "title": f"{name} [{ck.key[:8]}]", "ck": ck, "name": name,
         "outside": outside_line(meta.get("outside")),

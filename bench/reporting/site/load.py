@@ -10,6 +10,8 @@ import pandas as pd
 from bench.reporting.format import num
 from bench.reporting.site.names import cell_label
 from bench.store.db import Checkpoint, Store
+from bench.store.evidence import Evidence
+from bench.store.evidence import evidence as build_evidence
 from bench.store.rows import CellRow
 
 
@@ -24,6 +26,8 @@ class SiteData:
     """One row per stored evaluation: checkpoint_id, cell_key, attack, threat, label, ..."""
     diagnostics: dict = dataclasses.field(default_factory=dict)
     """bench.store.db.Diagnostic rows by checkpoint id."""
+    evidence: dict[int, Evidence] = dataclasses.field(default_factory=dict)
+    """Each checkpoint's evidence (bench.store.evidence), by id."""
     overrides: dict[int, str] = dataclasses.field(default_factory=dict)
     """Per checkpoint, the settings that tell it apart from others of its defense and
     preset (`beta=0.5, epochs=30`); absent where nothing needs telling apart."""
@@ -53,7 +57,9 @@ def load_data(store: Store) -> SiteData:
                                         "loss", "restarts", "robust_acc", "n", "subset"])
     frame = frame.astype({"subset": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
     diagnostics = {d.checkpoint_id: d for d in store.diagnostics()}
-    return SiteData(cks, cells, incoming, outgoing, flags, frame, diagnostics, override_labels(cks))
+    defense_of = {c.id: c.defense for c in cks}
+    evidence = {c.id: build_evidence(c, cells[c.id], incoming[c.id], defense_of) for c in cks}
+    return SiteData(cks, cells, incoming, outgoing, flags, frame, diagnostics, evidence, override_labels(cks))
 
 
 def override_labels(cks: list[Checkpoint]) -> dict[int, str]:
