@@ -6,6 +6,8 @@ them are the store's own cells at the checkpoint's threat eps.
 """
 from __future__ import annotations
 
+from bench.core.kinds import Role
+from bench.science.white_box import is_pgd, role_of
 from bench.store.db import Checkpoint, Diagnostic, Store
 from bench.store.rows import CellRow
 
@@ -22,8 +24,8 @@ def measured(ck: Checkpoint, cells: list[CellRow], eps: float) -> dict:
                 and abs(float(e.params.get("eps", -1)) - eps) < 1e-9
                 and e.params.get("norm", "linf") == "linf")
 
-    fgsm = [e for e in cells if e.attack == "fgsm" and at_eps(e)]
-    pgd = [e for e in cells if e.attack == "pgd" and at_eps(e)]
+    fgsm = [e for e in cells if role_of(e) is Role.ONE_STEP and at_eps(e)]
+    pgd = [e for e in cells if is_pgd(e) and at_eps(e)]
     best = min(pgd, key=lambda e: e.robust_acc) if pgd else None
     return {"fgsm_acc": min(e.robust_acc for e in fgsm) if fgsm else None,
             "pgd_acc": best.robust_acc if best else None,

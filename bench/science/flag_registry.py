@@ -26,10 +26,13 @@ FLAGS: list[FlagCheck] = []
 """Every check, in the order flags are computed and shown; `@flag` adds one."""
 
 
-def flag(text: str, *, masking: bool = False, calls_witness: bool = False):
-    """Register the decorated check under its function's name: a new flag is one entry."""
+def flag(name: str, text: str, *, masking: bool = False, calls_witness: bool = False):
+    """Register the decorated check under `name`, its stable database key (never derived
+    from the function's name, which may change): a new flag is one entry."""
     def register(fn):
-        FLAGS.append(FlagCheck(fn.__name__, " ".join(text.split()), masking, fn, calls_witness))
+        if any(f.name == name for f in FLAGS):
+            raise ValueError(f"flag {name!r} is registered twice")
+        FLAGS.append(FlagCheck(name, " ".join(text.split()), masking, fn, calls_witness))
         return fn
 
     return register

@@ -6,8 +6,9 @@ data: recomputed after every run and replaced in one transaction. "More than a p
 means more than 0.01 of accuracy. The masking flags measure black-box attacks against
 the strongest white-box cell the checkpoint has faced (bench.science.white_box), never
 against PGD alone; a subset cell (SPSA on 100 images) is compared with the white-box
-cells on the very same images. The flags keep their names (they are database keys):
-`..._than_pgd` reads "than the white-box attacks".
+cells on the very same images. Each flag's key is given to `@flag` and never changes (it
+is a database key): `..._than_pgd` reads "than the white-box attacks", as the functions'
+names say.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from bench.science import admission
 from bench.science.admission import is_randomized
 from bench.science.flag_registry import FLAGS, flag
 from bench.core.kinds import Role
-from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, of_role, role_of,
+from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, is_pgd, of_role, role_of,
                                      strongest_white_box_on, white_box)
 from bench.store.evidence import evidence
 from bench.store.db import Checkpoint, Store
@@ -28,11 +29,7 @@ def _pgd(cells: list[CellRow], threat: str) -> list[CellRow]:
     """PGD: the iterative white-box cells with a step size, a step count and restarts
     (APGD adapts its step, multi-targeted restarts over targets), full-set L-inf cells of
     the threat model."""
-    return [c for c in white_box(cells, threat, ITERATIVE) if PGD_PARAMS <= c.params.keys()
-            and c.params.get("norm", "linf") == "linf"]
-
-
-PGD_PARAMS = frozenset({"steps", "step_size", "restarts"})
+    return [c for c in white_box(cells, threat, ITERATIVE) if is_pgd(c) and c.params.get("norm", "linf") == "linf"]
 
 
 def _variant(c: CellRow, *fields: str) -> tuple:
@@ -41,6 +38,7 @@ def _variant(c: CellRow, *fields: str) -> tuple:
 
 
 @flag(
+    "pgd_still_falling",
       "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
       "converged, so short-PGD numbers overstate robustness.")
 def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
@@ -64,6 +62,7 @@ def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[Cell
 
 
 @flag(
+    "restarts_matter",
       "Random restarts lower accuracy by more than a point: single-start PGD is not finding the "
       "worst case, a sign of a rugged or masked loss surface.")
 def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
@@ -85,10 +84,11 @@ def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRo
 
 
 @flag(
+    "fgsm_stronger_than_pgd",
       "One FGSM step beats every iterative gradient attack (PGD, APGD, multi-targeted): the "
       "iterative attacks are being misled, a classic sign of gradient masking.",
       masking=True)
-def fgsm_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def fgsm_beats_iterative(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     fgsm = white_box(cells, ck.threat, frozenset({Role.ONE_STEP}))
     pgd = white_box(cells, ck.threat, ITERATIVE)
     if not fgsm or not pgd:
@@ -115,10 +115,11 @@ def _stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], rivals: list) -> di
 
 
 @flag(
+    "spsa_stronger_than_pgd",
       "The gradient-free SPSA attack beats the strongest white-box attack on the same images: "
       "the gradients it follows are not informative (gradient masking).",
       masking=True, calls_witness=True)
-def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def spsa_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     spsa = of_role(cells, ck.threat, frozenset({Role.GRADIENT_ESTIMATE}))
     hit = _stronger_than_pgd(ck, cells, spsa)
     if hit is None:
@@ -129,10 +130,11 @@ def spsa_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list
 
 
 @flag(
+    "transfer_stronger_than_pgd",
       "A black-box transfer attack beats the strongest white-box attack: white-box gradients "
       "are masked.",
       masking=True, calls_witness=True)
-def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def transfer_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
     hit = _stronger_than_pgd(ck, cells, incoming)
     if hit is None:
@@ -143,6 +145,7 @@ def transfer_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: 
 
 
 @flag(
+    "unbounded_not_zero",
       "PGD with an unbounded budget does not drive accuracy to zero: the attack cannot follow "
       "the model's gradients (Athalye et al.'s sanity check).",
       masking=True)
@@ -162,6 +165,7 @@ def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
 
 
 @flag(
+    "autoattack_warning",
       "AutoAttack's own checks warned about this model.")
 def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     raised = [c for c in cells if role_of(c) is Role.ENSEMBLE and c.warnings]
@@ -179,6 +183,7 @@ PROBABILITY_TOLERANCE = 1e-4
 
 
 @flag(
+    "outputs_probabilities",
       "The model's outputs lie in [0, 1] and sum to 1 per sample: they are probabilities, not "
       "logits. Cross-entropy on probabilities has flattened gradients, so gradient attacks "
       "understate what is possible.",
@@ -192,6 +197,7 @@ def outputs_probabilities(ck: Checkpoint, cells: list[CellRow], transfers: list[
 
 
 @flag(
+    "randomized_forward",
       "Repeated forward passes on the same inputs differ: the model is randomized. Its cells "
       "are crafted with EOT (gradients averaged over passes) and each verdict is a majority of "
       "passes, as the cell keys record.",
@@ -202,6 +208,7 @@ def randomized_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
 
 
 @flag(
+    "autograd_in_forward",
       "The forward pass calls autograd itself (a defense that optimizes at inference time): "
       "attacks that differentiate through it may follow a gradient of the wrong function; an "
       "adaptive attack is needed.",
@@ -212,6 +219,7 @@ def autograd_in_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[Ce
 
 
 @flag(
+    "zero_gradients",
       "Some samples have an input gradient of cross-entropy of exactly zero (a saturated "
       "softmax, a step function or a detached input): gradient attacks cannot move them, so "
       "their robustness is unproven (Pintor et al.'s indicator of unavailable gradients; "
@@ -223,6 +231,7 @@ def zero_gradients(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow
 
 
 @flag(
+    "gradient_disagrees",
       "The model's input gradient, as autograd computes it, disagrees with finite differences of "
       "its own forward pass: a custom backward (a straight-through estimator, a rescaled or "
       "reversed gradient) tells attacks something other than what the function does, so "
@@ -238,6 +247,7 @@ NOISE_FLIP_SHARE = 0.02
 
 
 @flag(
+    "noise_flips",
       "Predictions change under uniform noise of a twentieth of the budget on a model whose "
       "passes do not vary: the loss surface is too rugged for its gradient to point anywhere "
       "useful (gradient shattering).",
@@ -254,6 +264,7 @@ RISING = 0.05
 
 
 @flag(
+    "attack_not_converged",
       "A traced PGD run's cross-entropy was still rising over its last tenth of steps: the "
       "attack had not converged (Pintor et al.'s incomplete optimization), so longer or "
       "stronger attacks may find more.")
@@ -268,25 +279,28 @@ def attack_not_converged(ck: Checkpoint, cells: list[CellRow], transfers: list[C
 
 
 @flag(
+    "square_stronger_than_pgd",
       "The query-based Square attack broke more than a point of samples that no white-box "
       "gradient attack (FGSM, PGD, APGD, multi-targeted) broke: a black-box attack beating white-box ones means the "
       "gradients are masked (Pintor et al.; AutoAttack's Square check).",
       masking=True, calls_witness=True)
-def square_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def square_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return beyond_white_box(ck, cells, BLACK_BOX, "square")
 
 
 @flag(
+    "distilled_stronger_than_pgd",
       "A surrogate distilled from the model's own answers (the witness cell a model whose "
       "gradients say nothing gets) broke more than a point of samples that no white-box "
       "gradient attack broke: the model's gradients hide what its answers give away "
       "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
       masking=True)
-def distilled_stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def witness_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return beyond_white_box(ck, cells, frozenset({Role.WITNESS}), "distill")
 
 
 @flag(
+    "attacks_missed",
       "The complete verifier found counterexamples, which reproduced on the model, for images "
       "that every attack cell left standing: the attacks' worst case was above the truth by "
       "that many images (the count and the image indices are kept).")
@@ -295,6 +309,7 @@ def attacks_missed(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow
 
 
 @flag(
+    "unsound",
       "An image proven robust (certified, or verified by the complete verifier) was broken by "
       "an attack cell, or by the verifier's own reproducing counterexample. A sound verifier "
       "and a correct attack can never disagree so: this is a bug in one of them, the run "

@@ -47,6 +47,16 @@ ITERATIVE = frozenset({Role.ITERATIVE})
 """The white-box roles that iterate (FGSM's one step is what they are compared with)."""
 
 
+PGD_PARAMS = frozenset({"steps", "step_size", "restarts"})
+"""What tells PGD among the iterative attacks: a step size, a step count and restarts
+(APGD adapts its step; multi-targeted restarts over targets)."""
+
+
+def is_pgd(cell: CellRow) -> bool:
+    """An iterative white-box cell with PGD's settings (steps, step size, restarts)."""
+    return role_of(cell) is Role.ITERATIVE and PGD_PARAMS <= cell.params.keys()
+
+
 def of_role(cells: list[CellRow], threat: str, roles: frozenset[Role]) -> list[CellRow]:
     """The cells of the threat model whose attacks play one of `roles`."""
     return [c for c in cells if c.threat == threat and role_of(c) in roles]

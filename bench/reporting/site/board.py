@@ -43,7 +43,7 @@ def boards(data: SiteData) -> list[dict]:
     # The strongest (lowest) number per checkpoint, threat and column label.
     table = frame.groupby(["checkpoint_id", "threat", "label"])["robust_acc"].min().to_dict()
     subset_n = frame[frame["subset"]].groupby(["checkpoint_id", "threat", "label"])["n"].min().to_dict()
-    pgd = full[(full["attack"] == "pgd") & (full["loss"] == "xent") & (full["restarts"] == 1)]
+    pgd = full[full["pgd"] & (full["loss"] == "xent") & (full["restarts"] == 1)]
     pgd = pgd[pgd["label"].str.fullmatch(r"pgd\d+(_cos)?")]  # untargeted, on the model's own gradient
     longest = pgd.groupby(["checkpoint_id", "threat"])["steps"].max().to_dict()
     # The longest run's column label: pgd1000_cos where the long runs use the cosine schedule.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from markupsafe import Markup
 
+from bench.core.kinds import Role
+from bench.science.white_box import is_pgd, role_of
 from bench.reporting.format import missing
 from bench.reporting.site.load import SiteData
 from bench.store.rows import CellRow
@@ -50,7 +52,7 @@ def curve(cells: list[CellRow], clean: float | None, worst: float | None, norm: 
         put(budget, worst, "worst case")
     if norm == "linf":  # the sweep is L-inf PGD; it says nothing of an L2 budget
         for e in cells:
-            if e.attack == "unbounded" and e.indices is None and _number(e.params.get("eps")):
+            if role_of(e) is Role.SWEEP and e.indices is None and _number(e.params.get("eps")):
                 put(float(e.params["eps"]), e.robust_acc, e.cell_key)
     return points
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from markupsafe import Markup
 
+from bench.core.kinds import Role
+from bench.science.white_box import is_pgd, role_of
 from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.reporting.format import duration, exact, num, pct
@@ -159,7 +161,7 @@ def _plots(ck: Checkpoint, cells: list[CellRow]) -> dict:
     series = defaultdict(dict)
     for e in own:
         steps = e.params.get("steps")
-        if e.attack == "pgd" and e.params.get("restarts", 1) == 1 and number(steps) and steps > 0:
+        if is_pgd(e) and e.params.get("restarts", 1) == 1 and number(steps) and steps > 0:
             name = f"{e.params.get('loss')} {e.threat}"
             series[name][steps] = min(series[name].get(steps, 1.0), e.robust_acc)
     lines = [(n, sorted(s.items())) for n, s in sorted(series.items())]
@@ -172,7 +174,7 @@ def _plots(ck: Checkpoint, cells: list[CellRow]) -> dict:
     # Each budget is its own threat model (unbounded-<eps>), so group by loss instead.
     sweep: dict[str, dict] = defaultdict(dict)
     for e in own:
-        if e.attack == "unbounded" and number(e.params.get("eps")):
+        if role_of(e) is Role.SWEEP and number(e.params.get("eps")):
             name, eps = f"{e.params.get('loss', 'xent')} PGD", e.params["eps"]
             sweep[name][eps] = min(sweep[name].get(eps, 1.0), e.robust_acc)
     lines = [(t, sorted(s.items())) for t, s in sorted(sweep.items())]
@@ -187,7 +189,7 @@ def _plots(ck: Checkpoint, cells: list[CellRow]) -> dict:
     by_restarts = defaultdict(dict)
     for e in own:
         r = e.params.get("restarts", 1)
-        if e.attack == "pgd" and number(r):
+        if is_pgd(e) and number(r):
             name = f"{e.params.get('loss')}-{e.params.get('steps')} {e.threat}"
             by_restarts[name][r] = min(by_restarts[name].get(r, 1.0), e.robust_acc)
     lines = [(n, sorted(s.items())) for n, s in sorted(by_restarts.items()) if len(s) > 1]

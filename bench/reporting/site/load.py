@@ -9,6 +9,7 @@ import pandas as pd
 
 from bench.reporting.format import num
 from bench.reporting.site.names import cell_label
+from bench.science.white_box import is_pgd
 from bench.store.db import Checkpoint, Store
 from bench.store.evidence import Evidence
 from bench.store.evidence import evidence as build_evidence
@@ -47,15 +48,13 @@ def load_data(store: Store) -> SiteData:
     flags: dict[int, list] = defaultdict(list)
     for f in store.flags():
         flags[f.checkpoint_id].append(f)
-    rows = [(e.checkpoint_id, e.cell_key, e.attack, e.threat, cell_label(e.attack, e.params),
-             e.params.get("steps") if e.attack == "pgd" else None,
-             e.params.get("loss") if e.attack == "pgd" else None,
-             e.params.get("restarts", 1) if e.attack == "pgd" else None,
-             e.robust_acc, e.n, e.indices is not None)
-            for group in cells.values() for e in group]
-    frame = pd.DataFrame(rows, columns=["checkpoint_id", "cell_key", "attack", "threat", "label", "steps",
+    rows = [(e.checkpoint_id, e.cell_key, e.attack, e.threat, cell_label(e.attack, e.params), pgd,
+             e.params.get("steps") if pgd else None, e.params.get("loss") if pgd else None,
+             e.params.get("restarts", 1) if pgd else None, e.robust_acc, e.n, e.indices is not None)
+            for group in cells.values() for e in group for pgd in (is_pgd(e),)]
+    frame = pd.DataFrame(rows, columns=["checkpoint_id", "cell_key", "attack", "threat", "label", "pgd", "steps",
                                         "loss", "restarts", "robust_acc", "n", "subset"])
-    frame = frame.astype({"subset": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
+    frame = frame.astype({"subset": bool, "pgd": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
     diagnostics = {d.checkpoint_id: d for d in store.diagnostics()}
     defense_of = {c.id: c.defense for c in cks}
     evidence = {c.id: build_evidence(c, cells[c.id], incoming[c.id], defense_of) for c in cks}
