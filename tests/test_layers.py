@@ -17,6 +17,9 @@ LAZY = {"bench/__init__.py", "bench/cli/commands.py", "bench/run/executors/ray.p
 the package root and the CLI import the heavy parts only once the arguments are
 checked (--help answers at once); Ray is an optional extra."""
 MAX_LINES = 400
+LONG: dict[str, str] = {}
+"""Modules allowed past MAX_LINES, each with the reason it cannot be split (none today):
+a module names itself here, in review, rather than in a docstring phrase a test greps for."""
 
 
 def sources() -> list[Path]:
@@ -56,7 +59,7 @@ def test_no_import_hides_inside_a_function(path):
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_a_module_stays_small_or_says_why(path):
+def test_a_module_stays_small_or_is_named_with_its_reason(path):
+    rel = str(path.relative_to(ROOT)).replace(os.sep, "/")
     lines = path.read_text().count("\n")
-    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    assert lines <= MAX_LINES or "must be" in doc, f"{path.relative_to(ROOT)}: {lines} lines"
+    assert lines <= MAX_LINES or LONG.get(rel), f"{rel}: {lines} lines; split it, or name it in LONG with why"
