@@ -29,7 +29,7 @@ KEY_SCHEMA = 1  # bump only if the key's ingredients change; old keys stay valid
 
 
 def canonical(obj: Any) -> str:
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
 

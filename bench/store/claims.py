@@ -97,8 +97,9 @@ class Claims:
                 where = [Claim.key == key, Claim.owner == holder]
                 if not _dead_here(holder):
                     where.append(Claim.expires_at < now)
-                won = s.execute(update(Claim).where(*where)
-                                .values(owner=self.owner, expires_at=until)).rowcount == 1
+                # RETURNING says whether the row changed (as the store's inserts ask it).
+                won = s.execute(update(Claim).where(*where).values(owner=self.owner, expires_at=until)
+                                .returning(Claim.key)).first() is not None
         if won:
             self.held.add(key)
         return won

@@ -32,6 +32,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import insert as sa_insert
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -205,12 +206,19 @@ class Store:
     def add_checkpoint(self, **fields: Any) -> Checkpoint:
         """Record a checkpoint, or keep the row another driver recorded first; the stored row."""
         self.insert_new(Checkpoint, fields, ["key"])
-        return self.checkpoint(fields["key"])
+        row = self.checkpoint(fields["key"])
+        if row is None:  # written or kept a moment ago: only a store emptied meanwhile lacks it
+            raise BenchError(f"checkpoint {fields['key'][:8]} vanished from the store {self.url!r} as it was "
+                             "recorded; was the database reset by another process?")
+        return row
 
     def set_meta(self, checkpoint_id: int, meta: dict) -> None:
         """Replace a checkpoint's meta (derived measurements such as admission checks)."""
         with self.Session.begin() as s:
-            s.get(Checkpoint, checkpoint_id).meta = dict(meta)
+            row = s.get(Checkpoint, checkpoint_id)
+            if row is None:
+                raise BenchError(f"no checkpoint with id {checkpoint_id} in the store {self.url!r}")
+            row.meta = dict(meta)
 
     def update_meta(self, row: Checkpoint, **fields: Any) -> None:
         """Add or replace `fields` in a checkpoint's meta, in the store and on `row`; each
@@ -279,7 +287,7 @@ class Store:
                 # RETURNING the key tells whether a row went in (rowcount is not reliable
                 # for an INSERT that returns rows, which PostgreSQL's dialect adds).
                 stmt = stmt.on_conflict_do_nothing(index_elements=unique)
-                return s.execute(stmt.returning(*model.__table__.primary_key.columns)).first() is not None
+                return s.execute(stmt.returning(*sa_inspect(model).primary_key)).first() is not None
             try:  # other databases: the unique constraint still guards; losing is not an error
                 with s.begin_nested():
                     s.execute(stmt)

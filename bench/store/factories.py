@@ -66,11 +66,14 @@ def _import(factory: Factory, source: Path | None = None):
                                  ".py file or an importable module name")
             name = "bench_outside_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
             spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise BenchError(f"--model {factory.reference!r}: {str(path)!r} cannot be loaded as a Python "
+                                 "module; give a .py file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # dataclasses and pickling look modules up by name
             # Nowhere else can import it by that name (a Ray worker, say), so whatever
             # ships a model of its classes sends the module's code along (bench.run.executors.ray).
-            module.__pickle_by_value__ = True
+            setattr(module, "__pickle_by_value__", True)  # noqa: B010 (a dunder mypy cannot know a module has)
             try:
                 spec.loader.exec_module(module)
             except BaseException:
