@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.core.kinds import CellKind
+from bench.core.stats import interval
 from bench.store.bracket import Bracket, bracket
 from bench.store.db import Checkpoint, Store
 from bench.store.meta import CheckpointMeta, transfer_name
@@ -41,6 +41,11 @@ class WorstCase:
     """Per test image: left standing by every cell."""
     missing: tuple[str, ...] = ()
     """Cells the matrices asked for in this threat model that are not stored."""
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% exact binomial interval of the robust accuracy, on the n test images."""
+        return interval(int(self.bits.sum()), self.n)
 
     @property
     def complete(self) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 from sqlalchemy import Text, null, select, type_coerce
 
 from bench.core.kinds import CellKind
+from bench.core.stats import interval
 from bench.store.bits import unpack_bits
 
 
@@ -72,6 +73,10 @@ class CellRow:
     def correct(self) -> np.ndarray:
         """Per sample (of the cell's images): left standing by the cell."""
         return unpack_bits(self.correct_bits, self.n)
+
+    def interval(self) -> tuple[float, float]:
+        """The 95% exact binomial interval of its robust accuracy, on the images it ran on."""
+        return interval(int(self.correct().sum()), self.n)
 
     def proven(self) -> np.ndarray | None:
         """Per sample: proven robust by a verifier cell; None for an attack."""

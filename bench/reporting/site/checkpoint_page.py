@@ -84,7 +84,8 @@ def checkpoint_page(ck: Checkpoint, data: SiteData, by_id: dict[int, Checkpoint]
     wc = ev.own
     b = ev.bracket if wc else None
     return {
-        "worst": {"robust": pct(wc.robust_acc), "cells": len(wc.cells), "complete": wc.complete,
+        "worst": {"robust": pct(wc.robust_acc), "low": pct(wc.interval[0]), "high": pct(wc.interval[1]), "n": wc.n,
+                  "cells": len(wc.cells), "complete": wc.complete,
                   "missing": list(wc.missing)} if wc else None,
         "bracket": {"certified": pct(b.certified), "exact": pct(b.exact) if b.exact is not None else "",
                     "withheld": b.withheld or "", "unsound": b.unsound,
