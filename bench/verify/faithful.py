@@ -20,6 +20,7 @@ import torch
 from torch.nn.modules import module as torch_module
 
 from bench.engine.device import full_fp32
+from bench.engine.passes import PassCount
 from bench.verify.graph import Graph, Unsupported
 from bench.verify.rounding import SAFETY, fp32_error
 from bench.verify.search import box32, model_device
@@ -43,7 +44,8 @@ def refuse_hooks(model: torch.nn.Module) -> None:
     """Raise Unsupported if a forward hook or pre-hook could change what the model computes."""
     for name, m in model.named_modules():
         for kind, hooks in (("forward hook", m._forward_hooks), ("forward pre-hook", m._forward_pre_hooks)):
-            if hooks:
+            # The bench's own pass counter observes outputs and changes nothing (bench.engine.passes).
+            if any(not isinstance(h, PassCount) for h in hooks.values()):
                 where = f"module {name!r} ({type(m).__name__})" if name else f"the model ({type(m).__name__})"
                 raise Unsupported(f"verify: {where} has a {kind}, which torch.fx does not record and which may "
                                   f"change its output; remove it to verify the model")
