@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.core import contract
 from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -28,7 +29,7 @@ BUILTIN = ("quick", "full", "paper", "truth")
 @dataclass(frozen=True)
 class Cell:
     attack: str
-    config: Any
+    config: contract.AttackConfig
     """The attack's frozen config with every budget filled in."""
     key: str
     threat: str
@@ -58,13 +59,13 @@ class Cell:
     def verifier(self) -> bool:
         """A verifier cell (its attack config says `verifier = True`): it returns per-image
         verdicts (bench.engine.verified) and brackets the worst case rather than making it."""
-        return getattr(self.config, "verifier", False)
+        return contract.hooks(self.config).verifier
 
     @property
     def kind(self) -> CellKind:
         """What the cell's stored bits say (bench.core.kinds): an attack's unless its config
         declares a verifier's kind."""
-        return getattr(self.config, "kind", CellKind.ATTACK)
+        return contract.hooks(self.config).kind
 
 
 def _fmt(value: Any) -> str:
@@ -109,11 +110,10 @@ def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell
     except BenchError as exc:
         raise BenchError(f"{where}: {exc}") from exc
     cfg = entry.make_config(params, what=f"{where} ({attack})")
-    if hasattr(cfg, "with_threat"):
-        try:  # the budget filled from the threat model is checked like one given
-            cfg = cfg.with_threat(threat)
-        except (TypeError, ValueError) as exc:
-            raise BenchError(f"{where} ({attack}): {exc}") from exc
+    try:  # the budget filled from the threat model is checked like one given
+        cfg = contract.with_threat(cfg, threat)
+    except (TypeError, ValueError) as exc:
+        raise BenchError(f"{where} ({attack}): {exc}") from exc
     key = cell_key(attack, cfg, subset)
     return Cell(attack, cfg, key, cfg.threat_key(), subset)
 
@@ -135,9 +135,9 @@ def transfer_cell(key: str, threat) -> Cell:
     config's `for_transfer()` where it has one (PGD keeps its final iterate rather than the
     first that fools the source), so the key says how the examples were made."""
     cell = parse_cell_key(key, threat)
-    if not hasattr(cell.config, "for_transfer"):
+    config = contract.for_transfer(cell.config)
+    if config is None:
         return cell
-    config = cell.config.for_transfer()
     return dataclasses.replace(cell, config=config, key=cell_key(cell.attack, config, cell.subset))
 
 

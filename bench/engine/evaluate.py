@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.core import contract
 from bench.core.matrix import Cell
 from bench.engine import rewrite
 from bench.engine.budget import check_budget
@@ -164,7 +165,8 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
     seed = cell.seed if seed is None else seed
     verifier = cell.verifier
     if verifier:
-        batch_size = min(batch_size, getattr(cell.config, "batch_limit", batch_size))
+        limit = contract.hooks(cell.config).batch_limit
+        batch_size = batch_size if limit is None else min(batch_size, limit)
         # Verification is exact arithmetic on the model as it is: no fast copy.
         precision, channels_last, fold_bn, compile, exact_rewrites = "fp32", False, False, False, False
     found: dict[str, list[torch.Tensor]] = {}
