@@ -149,7 +149,7 @@ def test_evaluate_restores_train_mode(training_model, sample):
 
 def perturb_under_autocast(model, cell, x, y, bf16: bool) -> torch.Tensor:
     with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return ATTACKS.get(cell.attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0))
+        return ATTACKS.get(cell.attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0)).x_adv
 
 
 @pytest.mark.parametrize("name,params", [("spsa", {"samples": 32, "iterations": 5}), ("autoattack", {})])

@@ -284,7 +284,7 @@ def test_spsa_breaks_exactly_what_a_linear_model_allows():
         torch.testing.assert_close(-model(x)[:, 1], m.float())
     for seed in range(3):
         cfg = spsa_config(samples_per_dim=2)
-        x_adv = ATTACKS.get("spsa").fn(model, x, y, cfg, generator=torch.Generator().manual_seed(seed))
+        x_adv = ATTACKS.get("spsa").fn(model, x, y, cfg, generator=torch.Generator().manual_seed(seed)).x_adv
         with torch.no_grad():
             broken = model(x_adv).argmax(1) != y
         assert torch.equal(broken, ratio < 1), (seed, ratio[broken != (ratio < 1)])

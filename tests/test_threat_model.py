@@ -19,7 +19,7 @@ from bench.engine.device import full_fp32
 from bench.engine.evaluate import craft, faithful
 from bench.engine.rewrite import exact_view, fold_bn
 from bench.engine.verdicts import majority_correct
-from bench.plugin import radius, register_attack
+from bench.plugin import Crafted, radius, register_attack
 from bench.registry import ATTACKS
 from bench.run.training import load_model
 from cli_run import run_cli
@@ -51,7 +51,7 @@ def cheat():
     @register_attack("outside_the_ball", config=Outside)
     def perturb(model, x, y, cfg, *, generator=None):
         """Steps outside the ball it claims."""
-        return (x + cfg.factor * cfg.eps * torch.sign(x - 0.5)).clamp(0, 1)
+        return Crafted((x + cfg.factor * cfg.eps * torch.sign(x - 0.5)).clamp(0, 1))
 
     yield "outside_the_ball"
     ATTACKS.unregister("outside_the_ball")

@@ -169,7 +169,7 @@ def test_multitargeted_keeps_the_first_break_and_runs_only_on_what_is_left(pgd_a
     with frozen(model):
         x_adv, broken = run_multitargeted(model, x, y, cfg, torch.Generator().manual_seed(0))
         first, broken_first = run_multitargeted(model, x, y, replace(cfg, targets=1), torch.Generator().manual_seed(0))
-        again = fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0))
+        again = fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0)).x_adv
         preds = model(x_adv).argmax(1)
     assert torch.equal(again, x_adv)
     assert bool((preds[broken] != y[broken]).all())
@@ -259,7 +259,7 @@ def test_targets_are_capped_at_the_wrong_classes(digits_test, attack):
     for k in (9, 4):
         cfg = make_cell(attack, {"steps": 5, field: k}, THREAT).config
         with frozen(model):
-            runs.append(fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0)))
+            runs.append(fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0)).x_adv)
     assert torch.equal(*runs)
 
 
@@ -287,7 +287,7 @@ def under_autocast(model, attack, params, x, y, bf16: bool):
     with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return run_multitargeted(model, x, y, cell.config, torch.Generator().manual_seed(0)) \
             if attack == "multitargeted" else \
-            ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0))
+            ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0)).x_adv
 
 
 @pytest.mark.parametrize("attack", ["apgd", "apgd_t"])

@@ -1,15 +1,21 @@
-"""The contract between the harness and an attack plugin's config, declared once.
+"""The contract between the harness and an attack plugin, declared once.
 
-An attack config is a frozen dataclass (attacks/). Two methods are required of it,
-`with_threat` and `threat_key`; the other hooks are optional, and a config that leaves
-one out gets the default written here. The harness reads every hook through `hooks`
-and the functions below, never with `getattr` at the place of use, so the defaults live
-in this module alone and a new hook is added in one place.
+An attack is `perturb(model, x, y, config, *, generator) -> Crafted`. Its config is a
+frozen dataclass (attacks/); two methods are required of it, `with_threat` and
+`threat_key`; the other hooks are optional, and a config that leaves one out gets the
+default written here. The harness reads every hook through `hooks` and the functions
+below, never with `getattr` at the place of use, so the defaults live in this module
+alone and a new hook is added in one place.
+
+What an attack returns is a `Crafted`: its inputs and, for a verifier cell, its
+per-image verdicts (`CompleteVerdicts` or `CertifiedVerdicts`, as its kind says).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import torch
 
 from bench.core.kinds import CellKind, Role
 
@@ -92,3 +98,53 @@ def for_randomized(config: Any) -> Any | None:
     """The config's own version for a randomized model, or None where it declares none."""
     make = getattr(config, "for_randomized", None)
     return None if make is None else make()
+
+
+@dataclass(frozen=True)
+class CompleteVerdicts:
+    """A complete verifier's verdicts (CellKind.VERIFY), one entry per image in order."""
+
+    status: tuple[str, ...]
+    """`robust`, `not_robust` (its counterexample is the returned input) or `unknown`."""
+    decided_by: tuple[str, ...]
+    """What settled each image (the bounds, the search, the MILP, the time limit)."""
+    seconds: torch.Tensor
+    """float64: time spent on each image."""
+    unstable: torch.Tensor
+    """int64: ReLUs the bounds left unstable."""
+    binaries: torch.Tensor
+    """int64: binary variables of the MILP (0 where it was not built)."""
+    tolerance: torch.Tensor
+    """float64: the fp32 rounding tolerance each proven margin had to exceed."""
+
+    @staticmethod
+    def concat(parts: "list[CompleteVerdicts]") -> "CompleteVerdicts":
+        """The verdicts of consecutive batches as one record."""
+        return CompleteVerdicts(sum((p.status for p in parts), ()), sum((p.decided_by for p in parts), ()),
+                                torch.cat([p.seconds for p in parts]), torch.cat([p.unstable for p in parts]),
+                                torch.cat([p.binaries for p in parts]), torch.cat([p.tolerance for p in parts]))
+
+
+@dataclass(frozen=True)
+class CertifiedVerdicts:
+    """A sound relaxation's verdicts (CellKind.CERTIFY), one entry per image in order."""
+
+    certified: torch.Tensor
+    """bool: proven robust."""
+    margin: torch.Tensor
+    """float64: the proven lower bound on min_j z_y - z_j over the ball."""
+
+    @staticmethod
+    def concat(parts: "list[CertifiedVerdicts]") -> "CertifiedVerdicts":
+        """The verdicts of consecutive batches as one record."""
+        return CertifiedVerdicts(torch.cat([p.certified for p in parts]), torch.cat([p.margin for p in parts]))
+
+
+@dataclass(frozen=True)
+class Crafted:
+    """What an attack returns for one batch."""
+
+    x_adv: torch.Tensor
+    """The inputs it crafted, the shape of x (the harness holds them to the ball)."""
+    verdicts: CompleteVerdicts | CertifiedVerdicts | None = None
+    """A verifier cell's per-image verdicts (on the CPU); None for an attack."""

@@ -140,14 +140,14 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
     if len(idx):
         with torch.autocast(x.device.type, enabled=False), full_fp32():
             x_adv = x_adv.index_put((idx,), perturb(model, x[idx], y[idx], cell.config,
-                                                    generator=generator).detach().float())
+                                                    generator=generator).x_adv.detach().float())
     return x_adv
 
 
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
           on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
           channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-          exact_rewrites: bool = False, verdicts: dict | None = None) -> torch.Tensor:
+          exact_rewrites: bool = False, verdicts: list | None = None) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
     The whole set moves to the device once and comes back once. `precision`,
@@ -157,9 +157,9 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
     reported model's last word (`last_word`) and is held to the cell's threat model by
     the harness itself (bench.engine.budget), whatever the attack plugin did.
 
-    A verifier cell (config `verifier = True`) returns `(x_adv, per-image verdicts)`;
-    the verdicts, concatenated over batches, go into `verdicts`, and its batches are at
-    most `config.batch_limit` images, so its progress moves while it verifies.
+    Every attack returns a `Crafted` (bench.core.contract); a verifier cell's carries
+    per-image verdicts, which are appended to `verdicts` batch by batch, and its batches
+    are at most `config.batch_limit` images, so its progress moves while it verifies.
     """
     perturb = ATTACKS.get(cell.attack).fn
     seed = cell.seed if seed is None else seed
@@ -169,7 +169,6 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
         batch_size = batch_size if limit is None else min(batch_size, limit)
         # Verification is exact arithmetic on the model as it is: no fast copy.
         precision, channels_last, fold_bn, compile, exact_rewrites = "fp32", False, False, False, False
-    found: dict[str, list[torch.Tensor]] = {}
     gen = torch.Generator(device=device).manual_seed(seed)
     xd, yd = on_device(x, device, channels_last), y.to(device)
     out = []
@@ -183,12 +182,10 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
         for i in range(0, len(x), batch_size):
             xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
             with autocast(device, precision):
-                x_adv = perturb(net, xb, yb, cell.config, generator=gen)
-            if verifier:
-                x_adv, per_image = x_adv
-                for name, value in per_image.items():  # tensors, or lists (of names)
-                    found.setdefault(name, []).append(value.cpu() if torch.is_tensor(value) else list(value))
-            x_adv = x_adv.detach()
+                crafted = perturb(net, xb, yb, cell.config, generator=gen)
+            if verifier and verdicts is not None:
+                verdicts.append(crafted.verdicts)
+            x_adv = crafted.x_adv.detach()
             if x_adv.shape != xb.shape:
                 raise RuntimeError(f"attack {cell.attack!r} returned inputs of the wrong shape")
             x_adv = x_adv.float()
@@ -198,9 +195,6 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
             out.append(x_adv)
             if on_batch:
                 on_batch(len(xb))
-    if verdicts is not None:
-        verdicts.update({name: torch.cat(parts) if torch.is_tensor(parts[0]) else sum(parts, [])
-                         for name, parts in found.items()})
     return torch.cat(out).cpu().contiguous()
 
 
@@ -233,7 +227,7 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     # cell's seed for the craft (and restored), so its cells are reproducible too.
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
-    verdicts: dict = {}
+    verdicts: list = []
     with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
         x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
@@ -273,7 +267,7 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
              "warnings": messages, "precision": precision}
     proven = None
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
-        robust, proven, verdict_extra = verified(verdicts, clean, robust)
+        robust, proven, verdict_extra = verified(cell.kind, verdicts, clean, robust)
         extra.update(verdict_extra)
     return {
         "cell_key": cell.key, "kind": cell.kind.value, "attack": cell.attack, "threat": cell.threat,
