@@ -55,7 +55,7 @@ def before(model, x, y) -> float:
     rows = []
     for c in cells:
         r = evaluate(model, c, x, y, device="cpu", batch_size=1024)
-        rows.append(Evaluation(**{k: v for k, v in r.items() if k in Evaluation.__table__.columns}))
+        rows.append(Evaluation(**{k: v for k, v in r.row_fields().items() if k in Evaluation.__table__.columns}))
     return worst_case(types.SimpleNamespace(threat=SPEC.threat.name), rows, [], len(y))["robust_acc"]
 
 

@@ -138,8 +138,8 @@ def test_every_cell_draws_from_its_own_seed(natural_model, digits_test):
 
 def _row(cell, result) -> Evaluation:
     return Evaluation(cell_key=cell.key, attack=cell.attack, threat=cell.threat, params=dict(vars(cell.config)),
-                      clean_acc=result["clean_acc"], robust_acc=result["robust_acc"], n=result["n"],
-                      correct_bits=result["correct_bits"], indices=None, extra={})
+                      clean_acc=result.clean_acc, robust_acc=result.robust_acc, n=result.n,
+                      correct_bits=result.correct_bits, indices=None, extra={})
 
 
 def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_test):
@@ -166,7 +166,7 @@ def test_targeted_pgd_matches_torchattacks_toward_the_same_targets(pgd_at_model,
         # Our cell draws the targets first from its generator: replay that draw.
         g = torch.Generator().manual_seed(seed)
         targets = (y + torch.randint(1, 10, y.shape, generator=g)) % 10
-        ours.append(evaluate(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=seed)["robust_acc"])
+        ours.append(evaluate(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=seed).robust_acc)
         attack = torchattacks.PGD(pgd_at_model, eps=THREAT.eps, alpha=THREAT.step_size, steps=20, random_start=True)
         attack.set_mode_targeted_by_function(lambda images, labels, t=targets: t)
         torch.manual_seed(seed)
@@ -180,7 +180,7 @@ def test_targeted_pgd_matches_torchattacks_toward_the_same_targets(pgd_at_model,
     assert mean_ours >= mean_theirs - 0.05, (ours, theirs)
     # And a targeted attack toward a random class is weaker than the untargeted one.
     untargeted = evaluate(pgd_at_model, make_cell("pgd", {"steps": 20}, THREAT), x, y, device="cpu",
-                          batch_size=1024)["robust_acc"]
+                          batch_size=1024).robust_acc
     assert mean_ours > untargeted
 
 

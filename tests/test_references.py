@@ -65,7 +65,7 @@ def model(request, natural_model, pgd_at_model):
 
 
 def ours(model, cell, x, y, seed: int) -> float:
-    return evaluate(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)["robust_acc"]
+    return evaluate(model, cell, x, y, device="cpu", batch_size=1024, seed=seed).robust_acc
 
 
 def robust_acc(model, x_adv, x, y) -> float:

@@ -52,7 +52,7 @@ def pgd_at_model(digits_test):
 def ours(model, cell, x, y, seed: int) -> np.ndarray:
     """Per-sample robustness (correct on clean and adversarial input) from the cell."""
     result = evaluate(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)
-    return np.unpackbits(np.frombuffer(result["correct_bits"], dtype=np.uint8), count=result["n"]).astype(bool)
+    return np.unpackbits(np.frombuffer(result.correct_bits, dtype=np.uint8), count=result.n).astype(bool)
 
 
 def robust(model, x_adv, x, y) -> np.ndarray:
@@ -276,8 +276,8 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     with caplog.at_level(logging.DEBUG):
         result = evaluate(Constant(), make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), x[:16], y,
                           device="cpu", batch_size=1024, seed=0)
-    assert any("zero gradient" in w for w in result["extra"]["warnings"])
-    assert result["robust_acc"] == 1.0
+    assert any("zero gradient" in w for w in result.extra["warnings"])
+    assert result.robust_acc == 1.0
     assert not caplog.records and logging.getLogger("auto-attack").handlers == []
 
 

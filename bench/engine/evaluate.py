@@ -27,6 +27,7 @@ from bench.engine import rewrite
 from bench.engine.budget import check_budget
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 from bench.engine.losses import cw_margin
+from bench.engine.outcome import CellOutcome
 from bench.engine.verdicts import EOT, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
@@ -207,7 +208,7 @@ the same passes while each cell's attack draws from its own stream."""
 def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
              on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
              channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-             exact_rewrites: bool = False) -> dict:
+             exact_rewrites: bool = False) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
@@ -269,13 +270,13 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
         robust, proven, verdict_extra = verified(cell.kind, verdicts, clean, robust)
         extra.update(verdict_extra)
-    return {
-        "cell_key": cell.key, "kind": cell.kind.value, "attack": cell.attack, "threat": cell.threat,
-        "params": dataclasses.asdict(cell.config),
-        "clean_acc": float(clean.float().mean()), "robust_acc": float(robust.float().mean()),
-        "n": len(y), "seconds": seconds, "correct_bits": pack_bits(robust.numpy()),
-        "proven_bits": None if proven is None else pack_bits(proven.numpy()),
-        "indices": None if idx is None else idx.tolist(), "test_size": test_size,
-        "extra": extra,
-        "device": device,
-    }
+    return CellOutcome(
+        cell_key=cell.key, kind=cell.kind, attack=cell.attack, threat=cell.threat,
+        params=dataclasses.asdict(cell.config),
+        clean_acc=float(clean.float().mean()), robust_acc=float(robust.float().mean()),
+        n=len(y), seconds=seconds, correct_bits=pack_bits(robust.numpy()),
+        proven_bits=None if proven is None else pack_bits(proven.numpy()),
+        indices=None if idx is None else idx.tolist(), test_size=test_size,
+        extra=extra,
+        device=device,
+    )

@@ -74,7 +74,7 @@ def matrix_in_fp32(bench: Bench, matrix: dict, log: Log) -> dict:
             continue
         r = evaluate(model, cell, x, y, device=bench.device, batch_size=bench.batch_size())
         fast = matrix["robust_acc"].get(cell.key)
-        cells[cell.key] = {"fp32": r["robust_acc"], "fast": fast, "fp32_seconds": r["seconds"],
+        cells[cell.key] = {"fp32": r.robust_acc, "fast": fast, "fp32_seconds": r.seconds,
                            "fast_seconds": matrix["cell_seconds"].get(cell.key)}
     diffs = [abs(c["fast"] - c["fp32"]) for c in cells.values() if c["fast"] is not None]
     return {"fast_path": bench.fast, "cells": cells, "max_abs_difference": max(diffs) if diffs else None,

@@ -149,7 +149,7 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
                 if isinstance(result, Failed):
                     ran[row.id].failures[job.cell.key] = result.reason
                 else:
-                    bench.store.add_evaluation(row.id, **result)
+                    bench.store.add_evaluation(row.id, **result.row_fields())
                     ran[row.id].append(job.cell.key)
                 claims.release(f"eval:{row.key}:{job.cell.key}")
                 on_step = bars[row.key][0]

@@ -20,6 +20,7 @@ from bench.core.data import load_dataset
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.evaluate import craft, evaluate, logit_stats
+from bench.engine.outcome import CellOutcome
 from bench.engine.train import train_model
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
@@ -53,12 +54,12 @@ class AttackJob:
 
 @dataclass
 class EvalJob(AttackJob):
-    """Attack one model with one cell on (x, y); returns the row the store keeps."""
+    """Attack one model with one cell on (x, y); returns its CellOutcome (the row the store keeps)."""
 
     seed: int | None = None
     """The attack's seed; unset, the cell's own (derived from its key)."""
 
-    def run(self) -> dict:
+    def run(self) -> CellOutcome:
         return evaluate(self.on_device(), self.cell, self.x, self.y, device=self.device,
                         batch_size=self.batch_size, seed=self.seed, **self.fast)
 
