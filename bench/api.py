@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.core.data import DATASETS, load_dataset
-from bench.core.matrix import BUILTIN, matrix_cells, matrix_transfer, transfer_cell
+from bench.core.matrix import BUILTIN, load_matrix
 from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.perf import SIZES, run_perf
@@ -100,7 +100,8 @@ def listing(what: str) -> list[tuple[str, ...]]:
     if what == "matrices":  # each cell by its short name, on digits, grouped by threat model
         threat, rows = DATASETS["digits"].threat, []
         for name in BUILTIN:
-            cells = matrix_cells(name, threat)
+            matrix = load_matrix(name)
+            cells = matrix.cells(threat)
             by_threat: dict[str, list[str]] = {}
             for c in cells:
                 by_threat.setdefault(c.threat, []).append(cell_label(c.attack, vars(c.config)))
@@ -110,12 +111,11 @@ def listing(what: str) -> list[tuple[str, ...]]:
                 names = tuple(n if labels.count(n) == 1 else f"{n} ×{labels.count(n)}" for n in counted)
                 threats.setdefault(names, []).append(t)
             parts = [f"{', '.join(ts)}: {', '.join(names)}" for names, ts in threats.items()]
-            sources, keys = matrix_transfer(name)
+            sources, crafted = matrix.transfer.surrogates, matrix.transfer_cells(threat)
             if sources:
-                crafted = (transfer_cell(k, threat) for k in keys)
                 parts.append(f"transfer from {', '.join(sources)}: "
                              + ", ".join(cell_label(c.attack, vars(c.config)) for c in crafted))
-            rows.append((name, f"{len(cells) + len(sources) * len(keys)} cells on digits; " + "; ".join(parts)))
+            rows.append((name, f"{len(cells) + len(sources) * len(crafted)} cells on digits; " + "; ".join(parts)))
         return rows
     if what == "datasets":
         return [(n, f"{s.num_classes:3} classes", s.threat.name, f"arch {s.default_arch}") for n, s in DATASETS.items()]
@@ -139,11 +139,11 @@ def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where()
     names = DEFENSES.names() if defense == "all" else [DEFENSES.get(defense).name]
     requests = [TrainRequest(name, request.dataset, request.preset if defense != "all" else None,
                              request.overrides, request.arch, request.seed) for name in names]
-    for r in requests:  # every recipe and cell checked before the store is opened
-        plan_run(r, matrix, where.data_root)
+    parsed = load_matrix(matrix)
+    plans = [plan_run(r, parsed, where.data_root) for r in requests]  # checked before the store is opened
     bench = open_bench(where, progress)
     with executor(where) as ex:
-        reports = run_defenses(bench, requests, matrix, ex)
+        reports = run_defenses(bench, plans, parsed, ex)
     return reports, result_rows(bench.store, checkpoint_keys={r.checkpoint.key for r in reports})
 
 
@@ -153,10 +153,11 @@ def evaluate_model(model: torch.nn.Module | str, *, name: str, dataset: str = "d
     """`bench eval`: store an outside model by name and weights hash and run the matrix
     cells it lacks; returns the report and its result rows, the `worst_case` row last."""
     # Everything the user gave is checked before the results folder or store is touched.
-    candidate = plan_outside(model, name, dataset, weights, where.data_root, matrix)
+    parsed = load_matrix(matrix)
+    plan = plan_outside(model, name, dataset, weights, where.data_root, parsed)
     bench = bench or open_bench(where, progress)
     with executor(where) as ex:
-        report = evaluate_outside(bench, candidate, matrix, ex)
+        report = evaluate_outside(bench, plan, parsed, ex)
     return report, result_rows(bench.store, checkpoint_keys={report.checkpoint.key})
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.core.matrix import load_matrix
 from bench import cli
 from cli_run import run_cli as _cli
 
@@ -48,7 +49,7 @@ def store(tmp_path_factory) -> Path:
 
     results = tmp_path_factory.mktemp("cli-errors") / "res"
     bench = Bench.open(results)
-    run_defense(bench, TrainRequest("natural", overrides=("epochs=1",)), "quick")
+    run_defense(bench, TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     bench.store.engine.dispose()  # closes SQLite's WAL into bench.db before it is compared
     return results
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.core.matrix import load_matrix
 from bench import api
 from bench.science.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
                                stored_eps_l, diagnose)
@@ -142,7 +143,7 @@ def small_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")
     b = Bench.open(root)
     for defense, epochs in (("natural", 5), ("pgd_at", 3)):
-        run_defense(b, TrainRequest(defense, overrides=(f"epochs={epochs}",)), "quick")
+        run_defense(b, TrainRequest(defense, overrides=(f"epochs={epochs}",)), load_matrix("quick"))
     return root
 
 

@@ -18,7 +18,8 @@ from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.run.attacking import attack_checkpoint  # noqa: E402
 from bench.run.bench import Bench  # noqa: E402
-from bench.run.driver import run_defenses  # noqa: E402
+from bench.core.matrix import load_matrix  # noqa: E402
+from bench.run.driver import plan_run, run_defenses  # noqa: E402
 from bench.run.executors.ray import RayExecutor, _run_job  # noqa: E402
 from bench.run.recipe import TrainRequest, resolve  # noqa: E402
 from bench.run.training import ensure_checkpoint, load_model  # noqa: E402
@@ -56,7 +57,8 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
     matrix.write_text(MATRIX)
     specs = [TrainRequest("natural", overrides=("epochs=2",)), TrainRequest("logit_squeeze", overrides=("epochs=2",))]
     local = Bench.open(tmp_path / "local")
-    run_defenses(local, specs, str(matrix))
+    parsed = load_matrix(str(matrix))
+    run_defenses(local, [plan_run(s, parsed, None) for s in specs], parsed)
     run_transfers(local, "all", "all", "pgd:steps=5")
 
     puts = []
@@ -64,7 +66,7 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
     monkeypatch.setattr(ray, "put", lambda value: puts.append(type(value).__name__) or real_put(value))
     remote = Bench.open(tmp_path / "ray")
     with RayExecutor() as executor:
-        reports = run_defenses(remote, specs, str(matrix), executor)
+        reports = run_defenses(remote, [plan_run(s, parsed, None) for s in specs], parsed, executor)
         assert not executor.started  # joined the session's cluster instead of starting one
         # Each model travels once for all its cells; the test set once for everything.
         assert puts.count("Tensor") == 2 and len(puts) == 4  # two models, x and y

@@ -12,7 +12,7 @@ import torch
 import torchattacks
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import matrix_cells
+from bench.core.matrix import load_matrix, matrix_cells
 from bench.engine.evaluate import evaluate
 from bench.errors import BenchError
 from bench.perf.gpu import gpu_models, matmul_peak, out_peak, train_timing
@@ -46,7 +46,7 @@ def matrix_timing(bench: Bench, size: PerfSize, log: Log, defense: str = "logit_
     t0 = time.perf_counter()
     error = None
     try:
-        run_defense(bench, TrainRequest(defense, "digits", overrides=overrides), size.matrix)
+        run_defense(bench, TrainRequest(defense, "digits", overrides=overrides), load_matrix(size.matrix))
     except (RuntimeError, ValueError, BenchError) as exc:  # an attack that fails is reported, not fatal
         error = f"{type(exc).__name__}: {exc}"
         log(f"matrix: a cell failed ({error[:200]}); the cells before it are kept")

@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from bench.core.data import DatasetSpec, get_spec, load_dataset
-from bench.core.matrix import matrix_cells
+from bench.core.matrix import Cell, Matrix
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.run.attacking import attack_checkpoint, witness_after_black_box
 from bench.run.bench import Bench
-from bench.run.surrogates import check_transfer, transfer_cells
+from bench.run.plan import checked_cells
+from bench.run.surrogates import transfer_cells
 from bench.store import checkpoints as ckpt
 from bench.store.factories import (
     SOURCE_FILE,
@@ -161,19 +162,26 @@ class EvalReport:
     """The matrix's transfer surrogates this evaluation trained (once per dataset)."""
 
 
+@dataclass(frozen=True)
+class OutsidePlan:
+    """An outside model's evaluation, checked: the candidate and the matrix's cells."""
+
+    candidate: Candidate
+    cells: tuple[Cell, ...]
+
+
 def plan_outside(model: torch.nn.Module | str, name: str, dataset: str, weights: str | None,
-                 data_root: str | None, matrix: str) -> Candidate:
+                 data_root: str | None, matrix: Matrix) -> OutsidePlan:
     """The candidate with everything the user gave checked (the model builds and answers,
-    the matrix and its transfer table are valid), before any folder or store is touched."""
+    the matrix and its transfer table are valid, as `bench run` checks them), before any
+    folder or store is touched."""
     candidate = prepare(model, name, dataset, weights, data_root)
-    matrix_cells(matrix, candidate.dataset.threat)
-    check_transfer(matrix, candidate.dataset)
-    return candidate
+    return OutsidePlan(candidate, tuple(checked_cells(matrix, candidate.dataset, data_root)))
 
 
-def evaluate_outside(bench: Bench, candidate: Candidate, matrix: str = "full", executor=None) -> EvalReport:
+def evaluate_outside(bench: Bench, plan: OutsidePlan, matrix: Matrix, executor=None) -> EvalReport:
     """Store the candidate (once) and run the matrix cells it lacks."""
-    cells = matrix_cells(matrix, candidate.dataset.threat)
+    candidate, cells = plan.candidate, list(plan.cells)
     row, added = record(bench, candidate)
     model = candidate.model
 

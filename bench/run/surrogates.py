@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import matrix_transfer, parse_cell_key, transfer_cell
+from bench.core.matrix import Matrix
 from bench.run.attacking import expect
 from bench.run.bench import Bench
 from bench.run.recipe import TrainRequest, resolve
@@ -26,15 +26,6 @@ from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.db import Checkpoint, pack_bits
-
-
-def check_transfer(matrix: str, dataset) -> None:
-    """Fail on a bad [transfer] table before anything is trained or written."""
-    surrogates, cells = matrix_transfer(matrix)
-    for name in surrogates:
-        resolve(TrainRequest(name, dataset.name))
-    for key in cells:
-        parse_cell_key(key, dataset.threat)
 
 
 @dataclass
@@ -57,16 +48,15 @@ def mark_surrogate(bench: Bench, source: Checkpoint) -> None:
         bench.store.update_meta(source, surrogate=True)
 
 
-def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
+def transfer_cells(bench: Bench, row: Checkpoint, matrix: Matrix,
                    model: Callable[[], torch.nn.Module]) -> TransferCells:
     """Run the matrix's transfer cells the store lacks for `row`."""
-    surrogates, keys = matrix_transfer(matrix)
+    surrogates = matrix.transfer.surrogates
     done = TransferCells()
     if not surrogates:
         return done
 
-    spec = get_spec(row.dataset)
-    cells = [transfer_cell(k, spec.threat) for k in keys]
+    cells = matrix.transfer_cells(get_spec(row.dataset).threat)
     randomized = is_randomized(row.admission)
     x = y = clean = None
     ran = done.ran
