@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.engine.fast import FastPath
 from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import make_cell
@@ -79,8 +80,8 @@ def test_bf16_is_never_the_cpu_default(tmp_path):
     bench = Bench.open(tmp_path, device="cpu")
     assert default_precision("cpu") == "fp32"
     assert bench.precision == "fp32" and bench.channels_last is False and bench.compile is False
-    assert bench.fast == {"precision": "fp32", "channels_last": False, "fold_bn": False, "compile": False,
-                          "exact_rewrites": True}  # exact: changes no bit (tests/test_rewrite.py)
+    assert bench.fast == FastPath(precision="fp32", channels_last=False, fold_bn=False, compile=False,
+                                  exact_rewrites=True)  # exact: changes no bit (tests/test_rewrite.py)
     assert Bench.open(tmp_path, device="cpu", precision="bf16").precision == "bf16"  # only when asked
     with pytest.raises(BenchError):
         Bench.open(tmp_path, device="cpu", precision="fp8")

@@ -15,6 +15,7 @@ from bench import api
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
+from bench.engine.fast import FastPath
 from bench.engine.device import full_fp32
 from bench.engine.evaluate import craft, faithful
 from bench.engine.rewrite import exact_view, fold_bn
@@ -142,8 +143,8 @@ def test_a_custom_backward_survives_the_fast_path(natural_model, digits_test):
     # Folding batch norm keeps it whole too.
     assert faithful(model, fold_bn(model), xs, ys)
     cell = make_cell("pgd", {"steps": 10}, THREAT)
-    fast = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, exact_rewrites=True)
-    plain = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, exact_rewrites=False)
+    fast = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, fast=FastPath(exact_rewrites=True))
+    plain = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, fast=FastPath(exact_rewrites=False))
     assert torch.equal(fast, plain)
 
 

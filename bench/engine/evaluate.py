@@ -25,6 +25,7 @@ from bench.core import contract
 from bench.core.matrix import Cell
 from bench.engine import rewrite
 from bench.engine.budget import check_budget
+from bench.engine.fast import PLAIN, FastPath
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 from bench.engine.losses import cw_margin
 from bench.engine.outcome import CellOutcome
@@ -78,29 +79,28 @@ def _weights_key(model: torch.nn.Module) -> tuple:
 
 
 @contextlib.contextmanager
-def fast_model(model: torch.nn.Module, *, channels_last: bool = False, fold_bn: bool = False,
-               compile: bool = False, exact_rewrites: bool = False):
+def fast_model(model: torch.nn.Module, fast: FastPath = PLAIN):
     """The frozen model as the fast path runs it, built once and kept per model.
 
     Plain, channels-last or exactly rewritten only: the model itself or a traced graph
     that shares its parameters (weights converted to channels-last for the duration).
     With folding or compiling: a private copy, rebuilt when the model's weights change.
     """
-    if not (fold_bn or compile):
-        net = rewrite.exact_view(model) if exact_rewrites else model
-        with memory_format(model, channels_last):
+    if not fast.copies_model:
+        net = rewrite.exact_view(model) if fast.exact_rewrites else model
+        with memory_format(model, fast.channels_last):
             yield net
         return
-    key = (channels_last, fold_bn, compile, exact_rewrites, _weights_key(model))
+    key = (fast.channels_last, fast.fold_bn, fast.compile, fast.exact_rewrites, _weights_key(model))
     cached = _PREPARED.get(model)
     if cached is None or cached[0] != key:
-        net = rewrite.fold_bn(model) if fold_bn else copy.deepcopy(model)
-        if exact_rewrites:
+        net = rewrite.fold_bn(model) if fast.fold_bn else copy.deepcopy(model)
+        if fast.exact_rewrites:
             net = rewrite.exact_rewrite(net)
         net.eval().requires_grad_(False)
-        if channels_last:
+        if fast.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        if compile:  # dynamic batch: early stop shrinks the working batch
+        if fast.compile:  # dynamic batch: early stop shrinks the working batch
             net = torch.compile(net, dynamic=True)
         cached = _PREPARED[model] = (key, net)
     yield cached[1]
@@ -146,14 +146,12 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
 
 
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
-          on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
-          channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-          exact_rewrites: bool = False, verdicts: list | None = None) -> torch.Tensor:
+          on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN,
+          verdicts: list | None = None) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
-    The whole set moves to the device once and comes back once. `precision`,
-    `channels_last`, `fold_bn`, `compile` and `exact_rewrites` select the fast path (see
-    Bench); the defaults are the plain fp32 path. The fast model is used only where it
+    The whole set moves to the device once and comes back once. `fast` selects the fast
+    path (bench.engine.fast); the default is the plain fp32 path. The fast model is used only where it
     computes the model's own logits and gradients (`faithful`); every batch gets the
     reported model's last word (`last_word`) and is held to the cell's threat model by
     the harness itself (bench.engine.budget), whatever the attack plugin did.
@@ -169,20 +167,19 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
         limit = contract.hooks(cell.config).batch_limit
         batch_size = batch_size if limit is None else min(batch_size, limit)
         # Verification is exact arithmetic on the model as it is: no fast copy.
-        precision, channels_last, fold_bn, compile, exact_rewrites = "fp32", False, False, False, False
+        fast = PLAIN
     gen = torch.Generator(device=device).manual_seed(seed)
-    xd, yd = on_device(x, device, channels_last), y.to(device)
+    xd, yd = on_device(x, device, fast.channels_last), y.to(device)
     out = []
-    with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-                                   exact_rewrites=exact_rewrites) as net:
+    with frozen(model), fast_model(model, fast) as net:
         if not faithful(model, net, xd[:FAITHFUL_BATCH], yd[:FAITHFUL_BATCH]):
             net = model
         # Only a folded or compiled copy computes other bits than the model: the exact
         # rewrites change no bit of any logit (bench.engine.rewrite), so a break on them is one.
-        approximate = net is not model and (fold_bn or compile)
+        approximate = net is not model and fast.copies_model
         for i in range(0, len(x), batch_size):
             xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
-            with autocast(device, precision):
+            with autocast(device, fast.precision):
                 crafted = perturb(net, xb, yb, cell.config, generator=gen)
             if verifier and verdicts is not None:
                 verdicts.append(crafted.verdicts)
@@ -206,9 +203,7 @@ the same passes while each cell's attack draws from its own stream."""
 
 
 def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
-             on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
-             channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-             exact_rewrites: bool = False) -> CellOutcome:
+             on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
@@ -220,10 +215,10 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     target = model
     if cell.eot > 1:  # a randomized model: attacked through its mean logits, plainly
         target = EOT(model, cell.eot)
-        fold_bn = compile = exact_rewrites = False
+        fast = fast.on_the_model()
     if cell.view is not None:  # crafted through a view of the model, judged on the model below
         target = cell.view(target)
-        fold_bn = compile = exact_rewrites = False
+        fast = fast.on_the_model()
     # A randomized model draws its noise from torch's global generators: seeded from the
     # cell's seed for the craft (and restored), so its cells are reproducible too.
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
@@ -232,11 +227,10 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
         x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
-                      precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-                      exact_rewrites=exact_rewrites, verdicts=verdicts)
+                      fast=fast, verdicts=verdicts)
     seconds = time.perf_counter() - start
-    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
-    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=channels_last)
+    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
+    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
     clean = clean_logits.argmax(1) == y
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
@@ -254,8 +248,7 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
                 break
             with seeded_noise(device, seed + extra):
                 again = craft(target, cell, x[left], y[left], device=device, batch_size=batch_size,
-                              seed=seed + extra, precision=precision, channels_last=channels_last,
-                              fold_bn=fold_bn, compile=compile, exact_rewrites=exact_rewrites)
+                              seed=seed + extra, fast=fast)
             x_adv[left] = again
             # Judged on the whole set with the verdict seed: every verdict of the cell
             # comes from the same passes (the noise a pass draws depends on a sample's
@@ -265,7 +258,7 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
         seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
     extra = {"logit_hist": histogram(clean_logits, adv_logits), "adv_logit_stats": logit_stats(adv_logits, y),
-             "warnings": messages, "precision": precision}
+             "warnings": messages, "precision": fast.precision}
     proven = None
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
         robust, proven, verdict_extra = verified(cell.kind, verdicts, clean, robust)

@@ -3,6 +3,7 @@ CIFAR-shaped synthetic data, PGD on ResNet-18 and WideResNet-28-10, and PGD trai
 from __future__ import annotations
 
 import statistics
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.engine.device import frozen
 from bench.engine.evaluate import craft
+from bench.engine.fast import PLAIN
 from bench.engine.train import TrainConfig, train_model
 from bench.perf.races import _robust, precision_check, race
 from bench.perf.sizes import PerfSize
@@ -118,22 +120,21 @@ def gpu_models(bench: Bench, size: PerfSize, trained: torch.nn.Module | None, pe
         # FLOP rate and the targets are measured on.
         variants = [("default", bench.fast, False), ("default_early_stop", bench.fast, True)]
         if arch in size.gpu_fp32_archs:
-            variants.append(("fp32_plain", {"precision": "fp32", "channels_last": False, "fold_bn": False,
-                                            "compile": False, "exact_rewrites": False}, False))
+            variants.append(("fp32_plain", PLAIN, False))
         if bench.fold_bn and size.gpu_ablations:
-            variants.append(("default_without_bn_folding", dict(bench.fast, fold_bn=False), False))
+            variants.append(("default_without_bn_folding", replace(bench.fast, fold_bn=False), False))
         if bench.channels_last and size.gpu_ablations:
-            variants.append(("default_nchw", dict(bench.fast, channels_last=False), False))
+            variants.append(("default_nchw", replace(bench.fast, channels_last=False), False))
         if size.gpu_compile and arch == "resnet18":
-            variants.append(("default_compiled", dict(bench.fast, compile=True), False))
+            variants.append(("default_compiled", replace(bench.fast, compile=True), False))
         for label, fast, early in variants:
             cell = make_cell("pgd", {"steps": steps, "early_stop": early}, spec.threat)
             log(f"{arch}: PGD-{steps} on {len(x)} images, {label}")
-            f = lambda: craft(model, cell, x, y, device=bench.device, batch_size=batch, **fast)  # noqa: E731
+            f = lambda: craft(model, cell, x, y, device=bench.device, batch_size=batch, fast=fast)  # noqa: E731
             first, _ = _timed(f, bench.device)  # warm-up (and compiling, if asked)
             t, outs = _median_times({"t": f}, 1 if arch != "resnet18" else 2, bench.device)
             sec = t["t"]
-            row = {"seconds": sec, "first_call_seconds": first, "fast_path": fast, "early_stop": early,
+            row = {"seconds": sec, "first_call_seconds": first, "fast_path": asdict(fast), "early_stop": early,
                    "images_steps_per_s": len(x) * steps / sec,
                    "robust_acc": _robust(model, outs["t"], x, y, bench)}
             if not early:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def matrix_in_fp32(bench: Bench, matrix: dict, log: Log) -> dict:
         cells[cell.key] = {"fp32": r.robust_acc, "fast": fast, "fp32_seconds": r.seconds,
                            "fast_seconds": matrix["cell_seconds"].get(cell.key)}
     diffs = [abs(c["fast"] - c["fp32"]) for c in cells.values() if c["fast"] is not None]
-    return {"fast_path": bench.fast, "cells": cells, "max_abs_difference": max(diffs) if diffs else None,
+    return {"fast_path": asdict(bench.fast), "cells": cells, "max_abs_difference": max(diffs) if diffs else None,
             "fast_never_higher_by_more_than_half_a_point": all(
                 c["fast"] - c["fp32"] <= 0.005 for c in cells.values() if c["fast"] is not None)}
 
@@ -89,9 +90,9 @@ def _measure(device: str, size: PerfSize, log: Log) -> dict:
         report: dict[str, Any] = {
             "device": dev, "device_name": _device_label(dev), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "torchattacks": torchattacks.__version__, "size": dataclasses.asdict(size),
-            "fast_path": bench.fast, "batch_size": bench.batch_size(),
+            "fast_path": asdict(bench.fast), "batch_size": bench.batch_size(),
         }
-        log(f"device {report['device_name']}, fast path {bench.fast}")
+        log(f"device {report['device_name']}, fast path {asdict(bench.fast)}")
         digits = get_spec("digits")
         model, info = robust_digits_model(bench, size, log)
         xt, yt = load_dataset("digits", "test")

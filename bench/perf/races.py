@@ -3,6 +3,7 @@ too): the race of our PGD against torchattacks' PGD, the fp32 against bf16 check
 how time scales with images and steps."""
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torchattacks
 from bench.core.matrix import make_cell
 from bench.engine.device import frozen
 from bench.engine.evaluate import craft
+from bench.engine.fast import FastPath
 from bench.engine.verdicts import predict
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _fit, _median_times, _tile
@@ -34,7 +36,7 @@ def _robust(model, x_adv, x, y, bench: Bench) -> float:
 
 
 def race(model, x, y, threat, bench: Bench, *, steps: int, repeats: int, batch_size: int,
-         fast: dict | None = None, log: Log) -> dict:
+         fast: FastPath | None = None, log: Log) -> dict:
     """Our PGD (craft, early stop off and on) against torchattacks' PGD, same inputs."""
     fast = bench.fast if fast is None else fast
     off = make_cell("pgd", {"steps": steps, "early_stop": False}, threat)
@@ -42,21 +44,21 @@ def race(model, x, y, threat, bench: Bench, *, steps: int, repeats: int, batch_s
     x, y = x.to(bench.device), y.to(bench.device)
     dev = bench.device
 
-    def ours(cell, kw=fast):
-        return lambda: craft(model, cell, x, y, device=dev, batch_size=batch_size, seed=0, **kw)
+    def ours(cell, path=fast):
+        return lambda: craft(model, cell, x, y, device=dev, batch_size=batch_size, seed=0, fast=path)
 
     def theirs():
         with frozen(model):
             return _torchattacks_pgd(model, x, y, on.config, batch_size)
 
     variants = {"torchattacks": theirs, "ours_equal_work": ours(off), "ours_early_stop": ours(on)}
-    if fast.get("exact_rewrites"):  # what the graph rewrites alone are worth
-        variants["ours_equal_work_unrewritten"] = ours(off, dict(fast, exact_rewrites=False))
+    if fast.exact_rewrites:  # what the graph rewrites alone are worth
+        variants["ours_equal_work_unrewritten"] = ours(off, replace(fast, exact_rewrites=False))
     log(f"race: {len(x)} images x {steps} steps, {repeats} timed rounds")
     t, outs = _median_times(variants, repeats, dev)
     work = len(x) * steps
     res = {"images": len(x), "steps": steps, "eps": on.config.eps, "step_size": on.config.step_size,
-           "random_start": True, "batch_size": batch_size, "fast_path": fast,
+           "random_start": True, "batch_size": batch_size, "fast_path": asdict(fast),
            "seconds": t, "images_steps_per_s": {k: work / v for k, v in t.items()},
            "ratio_equal_work": t["torchattacks"] / t["ours_equal_work"],
            "ratio_early_stop": t["torchattacks"] / t["ours_early_stop"],
@@ -74,7 +76,7 @@ def precision_check(model, x, y, threat, bench: Bench, *, cells: list[dict], bat
     recommended setting is the fastest whose accuracy is within half a point of fp32 on
     every cell."""
     out: dict[str, Any] = {"cells": {}, "tolerance": 0.005}
-    settings = {"fp32": dict(bench.fast, precision="fp32"), "bf16": dict(bench.fast, precision="bf16")}
+    settings = {"fp32": replace(bench.fast, precision="fp32"), "bf16": replace(bench.fast, precision="bf16")}
     seconds = {k: 0.0 for k in settings}
     agree = True
     for params in cells:
@@ -82,7 +84,7 @@ def precision_check(model, x, y, threat, bench: Bench, *, cells: list[dict], bat
         row = {}
         for name, fast in settings.items():
             t, outs = _median_times({name: lambda: craft(model, cell, x, y, device=bench.device,
-                                                         batch_size=batch_size, **fast)}, repeats, bench.device)
+                                                         batch_size=batch_size, fast=fast)}, repeats, bench.device)
             row[name] = {"seconds": t[name], "robust_acc": _robust(model, outs[name], x, y, bench)}
             seconds[name] += t[name]
         row["difference"] = row["bf16"]["robust_acc"] - row["fp32"]["robust_acc"]
@@ -106,7 +108,7 @@ def scaling(model, x, y, threat, bench: Bench, size: PerfSize, log: Log) -> dict
         cell = make_cell("pgd", {"steps": steps, "early_stop": False}, threat)
         xs, ys = _tile(x, y, n)
         xs, ys = xs.to(bench.device), ys.to(bench.device)
-        return lambda: craft(model, cell, xs, ys, device=bench.device, batch_size=bench.batch_size(), **bench.fast)
+        return lambda: craft(model, cell, xs, ys, device=bench.device, batch_size=bench.batch_size(), fast=bench.fast)
 
     log(f"scaling: images {size.scale_images} at {size.scale_fixed_steps} steps, "
         f"steps {size.scale_steps} at {size.scale_fixed_images} images")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine.device import check_precision, default_precision, resolve_device
+from bench.engine.fast import FastPath
 from bench.errors import BenchError
 from bench.store.db import Store
 
@@ -54,10 +55,10 @@ class Bench:
             self.fold_bn = self.device.startswith("cuda")
 
     @property
-    def fast(self) -> dict:
-        """The fast-path keyword arguments of craft and evaluate, as this bench sets them."""
-        return {"precision": self.precision, "channels_last": self.channels_last, "fold_bn": self.fold_bn,
-                "compile": self.compile, "exact_rewrites": self.exact_rewrites}
+    def fast(self) -> FastPath:
+        """The fast path of craft and evaluate, as this bench sets it."""
+        return FastPath(precision=self.precision, channels_last=self.channels_last, fold_bn=self.fold_bn,
+                        compile=self.compile, exact_rewrites=self.exact_rewrites)
 
     @classmethod
     def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",

@@ -20,6 +20,7 @@ from bench.core.data import load_dataset
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.evaluate import craft, evaluate, logit_stats
+from bench.engine.fast import PLAIN, FastPath
 from bench.engine.outcome import CellOutcome
 from bench.engine.train import train_model
 from bench.engine.verdicts import predict
@@ -42,8 +43,8 @@ class AttackJob:
     y: torch.Tensor
     device: str
     batch_size: int
-    fast: dict = dataclasses.field(default_factory=dict)
-    """Fast-path keywords for craft and evaluate (see Bench.fast)."""
+    fast: FastPath = PLAIN
+    """The fast path craft and evaluate take (see Bench.fast)."""
     label: str = ""
     """What the driver knows the job by (the checkpoint key); not used to compute."""
 
@@ -61,7 +62,7 @@ class EvalJob(AttackJob):
 
     def run(self) -> CellOutcome:
         return evaluate(self.on_device(), self.cell, self.x, self.y, device=self.device,
-                        batch_size=self.batch_size, seed=self.seed, **self.fast)
+                        batch_size=self.batch_size, seed=self.seed, fast=self.fast)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class CraftJob(AttackJob):
 
     def run(self) -> torch.Tensor:
         return craft(self.on_device(), self.cell, self.x, self.y, device=self.device,
-                     batch_size=self.batch_size, **self.fast)
+                     batch_size=self.batch_size, fast=self.fast)
 
 
 @dataclass
