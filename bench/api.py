@@ -27,7 +27,7 @@ from bench.reporting.diagnosis import diagnosis_rows
 from bench.reporting.results import result_rows
 from bench.reporting.site import build_site
 from bench.reporting.site.names import cell_label
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.diagnosing import ensure_diagnostics
 from bench.run.driver import RunReport, plan_run, run_defenses
 from bench.run.executors import make_executor

@@ -43,7 +43,7 @@ def _store_state(results: Path) -> tuple[bytes, list[str]]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A results folder holding one tiny trained checkpoint and its quick-matrix cells."""
-    from bench.run.bench import Bench
+    from bench.run.workspace import Bench
     from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 

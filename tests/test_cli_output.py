@@ -199,7 +199,7 @@ def test_ls_matrices_shows_each_matrix_s_cells(monkeypatch, capsys):
 # --- messages that are true ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from bench.run.bench import Bench
+    from bench.run.workspace import Bench
     from bench.run.driver import run_defense
     from bench.run.recipe import TrainRequest
 

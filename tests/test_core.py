@@ -23,7 +23,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.engine.evaluate import subset_indices
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.driver import run_defense

@@ -18,7 +18,7 @@ from bench.core.matrix import load_matrix
 from bench import api
 from bench.science.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
                                stored_eps_l, diagnose)
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.recipe import TrainRequest
 from bench.run.driver import run_defense
 from cli_run import run_cli as _cli

@@ -248,7 +248,7 @@ cells = ["pgd:steps=5"]
 
 
 def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
-    from bench.run.bench import Bench
+    from bench.run.workspace import Bench
     from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 

@@ -14,7 +14,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.engine.evaluate import craft
 from bench.engine.device import default_precision, frozen
 from attacks.pgd import PGD, run_pgd

@@ -17,7 +17,7 @@ from bench.core.matrix import make_cell  # noqa: E402
 from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.run.attacking import attack_checkpoint  # noqa: E402
-from bench.run.bench import Bench  # noqa: E402
+from bench.run.workspace import Bench  # noqa: E402
 from bench.core.matrix import load_matrix  # noqa: E402
 from bench.run.driver import plan_run, run_defenses  # noqa: E402
 from bench.run.executors.ray import RayExecutor, _run_job  # noqa: E402

@@ -19,7 +19,7 @@ from bench.engine.train import TrainConfig, train_model
 from bench.perf.races import _robust, precision_check, race
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _median_times, _timed
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from defenses._parts import pgd_adversary
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), by a piece of

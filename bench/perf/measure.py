@@ -21,7 +21,7 @@ from bench.perf.races import precision_check, race, scaling
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _tile
 from bench.registry import DEFENSES
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.driver import run_defense
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint, load_model

@@ -16,7 +16,7 @@ from bench.engine.fast import FastPath
 from bench.engine.verdicts import predict
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _fit, _median_times, _tile
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 
 
 def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, make_cell
 from bench.errors import BenchError
 from bench.engine.verdicts import majority_correct
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import EvalJob, Failed
 from bench.run.progress import progress_bar

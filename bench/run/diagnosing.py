@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.training import load_model
 from bench.science.diagnostics import diagnose
 from bench.store.db import Checkpoint

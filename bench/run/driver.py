@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bench.core.matrix import Cell, Matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.diagnosing import ensure_diagnostic
 from bench.run.plan import checked_cells
 from bench.run.recipe import Recipe, TrainRequest, resolve

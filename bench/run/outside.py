@@ -30,7 +30,7 @@ from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.run.attacking import attack_checkpoint, witness_after_black_box
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.plan import checked_cells
 from bench.run.surrogates import transfer_cells
 from bench.store import checkpoints as ckpt

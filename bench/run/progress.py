@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 
 
 def progress_bar(bench: Bench, label: str, total: int) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:

@@ -18,7 +18,7 @@ import torch
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Matrix
 from bench.run.attacking import expect
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
 from bench.run.transfer import correct, crafted_examples, transfer_key

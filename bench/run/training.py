@@ -14,7 +14,7 @@ import torch
 
 from bench.core.data import load_dataset
 from bench.errors import BenchError
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import Failed, TrainJob
 from bench.run.progress import progress_bar

@@ -21,7 +21,7 @@ from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
 from bench.engine.verdicts import majority_correct, predict
 from bench.errors import BenchError
-from bench.run.bench import Bench
+from bench.run.workspace import Bench
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import CraftJob, Failed
 from bench.run.training import load_model

@@ -1,4 +1,4 @@
-"""Bench: the environment a command runs in (results folder, store, device and fast-path
+"""Workspace: the environment a command runs in (results folder, store, device and fast-path
 settings). Every stage of a run takes one."""
 from __future__ import annotations
 
