@@ -199,12 +199,12 @@ def test_ls_matrices_shows_each_matrix_s_cells(monkeypatch, capsys):
 # --- messages that are true ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from bench.run.workspace import Bench
+    from bench.run.workspace import Workspace
     from bench.run.driver import run_defense
     from bench.run.recipe import TrainRequest
 
     results = tmp_path_factory.mktemp("cli-output") / "res"
-    run_defense(Bench.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
+    run_defense(Workspace.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     return results
 
 

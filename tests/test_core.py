@@ -23,7 +23,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
-from bench.run.workspace import Bench
+from bench.run.workspace import Workspace
 from bench.engine.evaluate import subset_indices
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.driver import run_defense
@@ -142,7 +142,7 @@ def test_entry_point_plugin_registers_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(DEFENSES, "_loaded", False)
     try:
         assert "third_party_plain" in DEFENSES.names()
-        b = Bench.open(tmp_path / "res")
+        b = Workspace.open(tmp_path / "res")
         report = run_defense(b, TrainRequest("third_party_plain", overrides=("epochs=2",)), load_matrix("quick"))
         assert report.trained and len(report.cells_run) == 3
         assert report.checkpoint.meta["clean_acc"] > 0.5
@@ -236,7 +236,7 @@ def test_subset_is_fixed_and_seeded():
 
 # --- the driver ------------------------------------------------------------------------
 def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
-    b = Bench.open(tmp_path)
+    b = Workspace.open(tmp_path)
     spec = TrainRequest("natural", overrides=("epochs=5",))
     first = run_defense(b, spec, load_matrix("quick"))
     assert first.trained and len(first.cells_run) == 3
@@ -262,14 +262,14 @@ def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
 
 def test_checkpoint_on_disk_is_adopted_not_retrained(tmp_path):
     spec = TrainRequest("natural", overrides=("epochs=2",))
-    run_defense(Bench.open(tmp_path), spec, load_matrix("quick"))
+    run_defense(Workspace.open(tmp_path), spec, load_matrix("quick"))
     os.remove(tmp_path / "bench.db")  # as if killed after writing the weights, before recording
-    report = run_defense(Bench.open(tmp_path), spec, load_matrix("quick"))
+    report = run_defense(Workspace.open(tmp_path), spec, load_matrix("quick"))
     assert not report.trained and len(report.cells_run) == 3
 
 
 def test_altered_weights_are_refused(tmp_path):
-    report = run_defense(Bench.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
+    report = run_defense(Workspace.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     weights = Path(report.checkpoint.path) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BenchError, match="not an intact checkpoint"):
@@ -278,7 +278,7 @@ def test_altered_weights_are_refused(tmp_path):
 
 # --- the command line ------------------------------------------------------------------
 def test_results_json_has_the_promised_fields(tmp_path, monkeypatch, capsys):
-    run_defense(Bench.open(tmp_path), TrainRequest("natural", overrides=("epochs=2",)), load_matrix("quick"))
+    run_defense(Workspace.open(tmp_path), TrainRequest("natural", overrides=("epochs=2",)), load_matrix("quick"))
     code, out, _ = _cli(monkeypatch, capsys, "results", "--format", "json", "--results", str(tmp_path))
     rows = json.loads(out)
     assert code == 0 and len(rows) == 4
@@ -306,7 +306,7 @@ def _snapshot(db: Path):
 ])
 def test_bad_input_exits_2_with_one_line_and_leaves_the_store(tmp_path, monkeypatch, capsys, args, message):
     results = tmp_path / "res"
-    run_defense(Bench.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
+    run_defense(Workspace.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     before = _snapshot(results / "bench.db")
     (tmp_path / "bad.toml").write_text("[[cell]\n")
     (tmp_path / "unknown.toml").write_text("[[cell]]\nattack = 'fgsmm'\n")

@@ -248,7 +248,7 @@ cells = ["pgd:steps=5"]
 
 
 def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
-    from bench.run.workspace import Bench
+    from bench.run.workspace import Workspace
     from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 
@@ -267,7 +267,7 @@ def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_mod
     assert wc["cells"] == 3 and wc["robust_acc"] <= t.robust_acc
     # A rerun crafts and judges nothing; the surrogate is never its own transfer target.
     bench.evaluate(Saturated(natural_model), name="sat", matrix=str(matrix), results=results, device="cpu")
-    report = run_defense(Bench.open(results, device="cpu"), TrainRequest("natural"), load_matrix(str(matrix)))
+    report = run_defense(Workspace.open(results, device="cpu"), TrainRequest("natural"), load_matrix(str(matrix)))
     assert not report.trained and len(store.transfers()) == 1
 
 

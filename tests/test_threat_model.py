@@ -233,9 +233,9 @@ def test_bench_transfer_judges_a_randomized_target_by_the_majority_rule(tmp_path
     assert rows[0]["attack"].endswith(",votes=21")  # the matrix's own cells
     grid = api.transfer("noisy", "noisy", where=where).grid
     assert grid and all(g["cell"].endswith(",votes=21") for g in grid)
-    bench = api.open_bench(where)
-    (ck,) = bench.store.checkpoints(defense="noisy")
-    (row,) = bench.store.transfers([ck.id])
+    ws = api.open_workspace(where)
+    (ck,) = ws.store.checkpoints(defense="noisy")
+    (row,) = ws.store.transfers([ck.id])
     assert row.extra["votes"] == 21
     x, y = load_dataset("digits", "test")
     model = load_model(ck, "cpu")

@@ -1,7 +1,7 @@
 """Crafting and evaluating one cell: the path every stored number takes.
 
 Attacks keep their data on the device for the whole call, run in large batches with the
-model frozen (eval mode, no weight gradients), and, where the caller asks (Bench sets
+model frozen (eval mode, no weight gradients), and, where the caller asks (the Workspace sets
 it from the device), in NHWC memory, in bf16 autocast, on a copy with batch norm folded
 into the convolutions, or compiled. On the CPU none of these is on by default, so fp32
 results stay what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).

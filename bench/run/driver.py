@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bench.core.matrix import Cell, Matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
-from bench.run.workspace import Bench
+from bench.run.workspace import Workspace
 from bench.run.diagnosing import ensure_diagnostic
 from bench.run.plan import checked_cells
 from bench.run.recipe import Recipe, TrainRequest, resolve
@@ -49,23 +49,23 @@ def plan_run(spec: TrainRequest, matrix: Matrix, data_root: str | None) -> Plan:
     return Plan(recipe, tuple(checked_cells(matrix, recipe.dataset, data_root)))
 
 
-def run_defense(bench: Bench, spec: TrainRequest, matrix: Matrix, executor=None) -> RunReport:
-    return run_defenses(bench, [plan_run(spec, matrix, bench.data_root)], matrix, executor)[0]
+def run_defense(ws: Workspace, spec: TrainRequest, matrix: Matrix, executor=None) -> RunReport:
+    return run_defenses(ws, [plan_run(spec, matrix, ws.data_root)], matrix, executor)[0]
 
 
-def run_defenses(bench: Bench, plans: list[Plan], matrix: Matrix, executor=None) -> list[RunReport]:
+def run_defenses(ws: Workspace, plans: list[Plan], matrix: Matrix, executor=None) -> list[RunReport]:
     """Train what is missing (all trainings first, in parallel on a parallel executor),
     then run every missing cell of every checkpoint (again in parallel), then the
-    matrix's transfer cells from the bench's surrogates, then the diagnostics. The plans
+    matrix's transfer cells from the workspace's surrogates, then the diagnostics. The plans
     are checked already (`plan_run`), so bad input failed before the store was opened."""
     recipes = [plan.recipe for plan in plans]
     cells = {plan.recipe.key: list(plan.cells) for plan in plans}
-    rows, trained = ensure_checkpoints(bench, recipes, executor)
+    rows, trained = ensure_checkpoints(ws, recipes, executor)
     unique = list({row.key: row for row in rows}.values())
-    builds = {row.key: model_of(row, bench.device) for row in unique}
-    ran = attack_checkpoints(bench, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
-    transfers = {row.key: transfer_cells(bench, row, matrix, builds[row.key]) for row in unique}
-    for row_id, extra in witness_after_black_box(bench, [(row, builds[row.key]) for row in unique],
+    builds = {row.key: model_of(row, ws.device) for row in unique}
+    ran = attack_checkpoints(ws, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
+    transfers = {row.key: transfer_cells(ws, row, matrix, builds[row.key]) for row in unique}
+    for row_id, extra in witness_after_black_box(ws, [(row, builds[row.key]) for row in unique],
                                                  executor).items():
         ran[row_id].extend(extra)
         ran[row_id].failures.update(extra.failures)
@@ -73,7 +73,7 @@ def run_defenses(bench: Bench, plans: list[Plan], matrix: Matrix, executor=None)
     # draw every defense against natural training on the same dataset.
     surrogates = {s.key: s for t in transfers.values() for s in t.surrogates if s.key not in builds}
     for row in [*unique, *surrogates.values()]:
-        ensure_diagnostic(bench, row, builds.get(row.key) or model_of(row, bench.device))
+        ensure_diagnostic(ws, row, builds.get(row.key) or model_of(row, ws.device))
     trained_surrogates = sorted({n for t in transfers.values() for n in t.trained})
     return [RunReport(row, row.key in trained, [*ran[row.id], *transfers[row.key].ran],
                       len(cells[row.key]) + transfers[row.key].total, ran[row.id].failures,

@@ -44,7 +44,7 @@ class AttackJob:
     device: str
     batch_size: int
     fast: FastPath = PLAIN
-    """The fast path craft and evaluate take (see Bench.fast)."""
+    """The fast path craft and evaluate take (see Workspace.fast)."""
     label: str = ""
     """What the driver knows the job by (the checkpoint key); not used to compute."""
 

@@ -15,7 +15,10 @@ from bench.store.db import Store
 
 
 @dataclass
-class Bench:
+class Workspace:
+    """Where a command's work is kept and how it runs: the results folder, the store, the
+    device and the fast path. Every stage of a run takes one (`ws`)."""
+
     results: Path
     store: Store
     device: str
@@ -62,7 +65,7 @@ class Bench:
 
     @classmethod
     def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
-             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Bench":
+             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Workspace":
         path = Path(results)
         try:
             path.mkdir(parents=True, exist_ok=True)
