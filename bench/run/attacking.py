@@ -22,7 +22,7 @@ from bench.run.training import once
 from bench.science.adaptive import VOTES, WITNESS, adapt_cells
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import CALLS_WITNESS, recompute_flags
-from bench.store.claims import Claims, claimed
+from bench.store.claims import Claims, claimed, eval_claim
 from bench.store.db import Checkpoint
 from bench.verify import to_graph
 
@@ -119,7 +119,7 @@ def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], C
     bars: dict[str, tuple] = {}
 
     def claim_key(item) -> str:
-        return f"eval:{item[0].key}:{item[1].key}"
+        return eval_claim(item[0].key, item[1].key)
 
     def missing():
         for row, cells, build in work:
@@ -151,7 +151,7 @@ def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], C
                 else:
                     ws.store.add_evaluation(row.id, **result.row_fields())
                     ran[row.id].append(job.cell.key)
-                claims.release(f"eval:{row.key}:{job.cell.key}")
+                claims.release(eval_claim(row.key, job.cell.key))
                 on_step = bars[row.key][0]
                 if on_step:
                     on_step(len(ws.store.done_cells(row.id)) + len(ran[row.id].failures))

@@ -20,7 +20,7 @@ from bench.run.jobs import Failed, TrainJob
 from bench.run.progress import progress_bar
 from bench.run.recipe import Recipe
 from bench.store import checkpoints as ckpt
-from bench.store.claims import Claims, claimed
+from bench.store.claims import Claims, claimed, train_claim
 from bench.store.db import Checkpoint
 
 
@@ -48,7 +48,7 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
 
     with Claims(ws.store) as claims:
         def jobs():
-            for recipe in claimed(unique.values(), claims, key=lambda r: f"train:{r.key}",
+            for recipe in claimed(unique.values(), claims, key=lambda r: train_claim(r.key),
                                   done=lambda r: ws.store.checkpoint(r.key) is not None):
                 if recipe is None:
                     yield None
@@ -56,7 +56,7 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
                 meta = ckpt.read_meta(directory(recipe))
                 if meta is not None:  # written by a run killed before recording it: adopt it
                     record_checkpoint(ws, recipe, directory(recipe), meta)
-                    claims.release(f"train:{recipe.key}")
+                    claims.release(train_claim(recipe.key))
                     continue
                 steps = recipe.train_config.epochs * -(-_train_size(recipe, ws) // recipe.train_config.batch_size)
                 on_step, bars[recipe.key] = progress_bar(ws, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
@@ -71,7 +71,7 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
                 else:
                     record_checkpoint(ws, job.recipe, job.directory, meta)
                     trained.add(job.recipe.key)
-                claims.release(f"train:{job.recipe.key}")
+                claims.release(train_claim(job.recipe.key))
         finally:
             for done in bars.values():
                 done()

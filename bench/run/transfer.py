@@ -28,7 +28,7 @@ from bench.run.training import load_model
 from bench.science.adaptive import VOTES, adaptive_key
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags
-from bench.store.claims import Claims, claimed
+from bench.store.claims import Claims, claimed, craft_claim
 from bench.store.db import Checkpoint, pack_bits
 from bench.store.select import select_checkpoints
 
@@ -174,16 +174,16 @@ def run_transfers(ws: Workspace, source: str, target: str, attack: str | None,
             return not todo(src) or cache_path(ws.results, src, cell).is_file()
 
         def jobs():
-            for src in claimed(pending, claims, key=lambda s: f"craft:{s.key}:{cell.key}", done=ready):
+            for src in claimed(pending, claims, key=lambda s: craft_claim(s.key, cell.key), done=ready):
                 yield None if src is None else _craft_job(ws, src, cell, x, y)
 
         for job, x_adv in executor.map(jobs()):
             src = by_key[job.label]
             if isinstance(x_adv, Failed):
-                claims.release(f"craft:{src.key}:{cell.key}")
+                claims.release(craft_claim(src.key, cell.key))
                 raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {x_adv.reason}")
             write_cache(ws, src, cell, x_adv)
-            claims.release(f"craft:{src.key}:{cell.key}")
+            claims.release(craft_claim(src.key, cell.key))
             report.crafted += 1
             judge(src, x_adv)
     for src in pending:  # crafted by another driver meanwhile
