@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 from bench.core.data import get_spec, load_dataset  # noqa: E402
-from bench.engine.evaluate import evaluate  # noqa: E402
+from bench.engine.cell import evaluate  # noqa: E402
 from bench.science.flags import MASKING  # noqa: E402
 from bench.core.matrix import make_cell, matrix_cells  # noqa: E402
 from bench.core.presets import default_preset  # noqa: E402

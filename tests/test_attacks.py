@@ -18,7 +18,7 @@ from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
 from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.results import result_rows
-from bench.engine.evaluate import craft, evaluate, subset_indices
+from bench.engine.cell import craft, evaluate, subset_indices
 from bench.engine.device import frozen
 from bench.engine.outcome import CellOutcome
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case

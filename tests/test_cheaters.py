@@ -215,7 +215,7 @@ def test_a_model_whose_gradients_say_nothing_gets_the_witness():
 def test_randomized_cells_are_reproducible(natural_model, digits_test):
     import dataclasses
 
-    from bench.engine.evaluate import evaluate
+    from bench.engine.cell import evaluate
     from bench.core.matrix import make_cell
 
     x, y = digits_test

@@ -21,7 +21,7 @@ from attacks.pgd import PGD, plain_pgd
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell, matrix_cells, matrix_transfer, parse_cell_key, transfer_cell
 from bench.core.presets import default_preset
-from bench.engine.evaluate import craft, evaluate
+from bench.engine.cell import craft, evaluate
 from bench.errors import BenchError
 from bench.run.transfer import DEFAULT_ATTACK, cache_path, cached_examples
 from bench.science.flags import CALLS_WITNESS, pgd_still_falling

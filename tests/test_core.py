@@ -24,7 +24,7 @@ from bench.errors import BenchError
 from bench.core.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
 from bench.run.workspace import Workspace
-from bench.engine.evaluate import subset_indices
+from bench.engine.cell import subset_indices
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.driver import run_defense
 from bench.store.db import pack_bits, unpack_bits, worst_case

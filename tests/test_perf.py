@@ -15,7 +15,7 @@ from bench.errors import BenchError
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.run.workspace import Workspace
-from bench.engine.evaluate import craft
+from bench.engine.cell import craft
 from bench.engine.device import default_precision, frozen
 from attacks.pgd import PGD, run_pgd
 

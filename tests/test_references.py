@@ -39,7 +39,7 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
 from bench.engine.device import frozen
-from bench.engine.evaluate import evaluate, subset_indices
+from bench.engine.cell import evaluate, subset_indices
 from bench.registry import ATTACKS
 from bench.science.adaptive import adapt_cells
 from conftest import train_digits

@@ -13,7 +13,7 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.engine.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
-from bench.engine.evaluate import craft
+from bench.engine.cell import craft
 from bench.engine.fast import FastPath
 from bench.engine.device import frozen
 

@@ -17,7 +17,7 @@ from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
 from bench.engine.fast import FastPath
 from bench.engine.device import full_fp32
-from bench.engine.evaluate import craft, faithful
+from bench.engine.cell import craft, faithful
 from bench.engine.rewrite import exact_view, fold_bn
 from bench.engine.verdicts import majority_correct
 from bench.plugin import Crafted, radius, register_attack

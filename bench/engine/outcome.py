@@ -1,6 +1,6 @@
 """What one cell on one model comes to: the fields of its stored row, as one value.
 
-The engine returns it (bench.engine.evaluate), a job carries it back from a worker (it
+The engine returns it (bench.engine.cell), a job carries it back from a worker (it
 pickles like any frozen dataclass), and the driver hands `row_fields()` to the store.
 """
 from __future__ import annotations

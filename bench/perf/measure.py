@@ -14,7 +14,7 @@ import torchattacks
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import load_matrix, matrix_cells
-from bench.engine.evaluate import evaluate
+from bench.engine.cell import evaluate
 from bench.errors import BenchError
 from bench.perf.gpu import gpu_models, matmul_peak, out_peak, train_timing
 from bench.perf.races import precision_check, race, scaling

@@ -19,7 +19,7 @@ import torch
 from bench.core.data import load_dataset
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
-from bench.engine.evaluate import craft, evaluate, logit_stats
+from bench.engine.cell import craft, evaluate, logit_stats
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.outcome import CellOutcome
 from bench.engine.train import train_model

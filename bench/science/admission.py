@@ -127,7 +127,7 @@ from its random start, asks for gradients)."""
 
 def attack_batches(test_size: int, batch_size: int) -> tuple[int, ...]:
     """The batch sizes a cell's attack runs at on a test set of `test_size` images in
-    batches of `batch_size` (bench.engine.evaluate.craft): full batches and the remainder."""
+    batches of `batch_size` (bench.engine.cell.craft): full batches and the remainder."""
     full = min(batch_size, test_size)
     rest = test_size % batch_size if test_size > batch_size else 0
     return tuple(sorted({full, rest} - {0}))
