@@ -10,7 +10,7 @@ every attack run through pyautoattack): seeded from the cell's generator with to
 global generator saved and restored, in fp32 whatever the caller's autocast, quiet,
 and with the package's own sanity checks (randomized or dynamic model, probabilities
 instead of logits, zero gradients, Square beating the gradient attacks) re-raised as
-`AutoAttackWarning`s, so that bench.engine.cell.evaluate records them and
+`AutoAttackWarning`s, so that bench.engine.cell.run_cell records them and
 flags.autoattack_warning fires.
 """
 from __future__ import annotations

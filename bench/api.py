@@ -31,7 +31,7 @@ from bench.run.workspace import Workspace
 from bench.run.diagnosing import ensure_diagnostics
 from bench.run.driver import RunReport, plan_run, run_defenses
 from bench.run.executors import make_executor
-from bench.run.outside import EvalReport, evaluate_outside, plan_outside
+from bench.run.outside import EvalReport, plan_outside, run_outside
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
 from bench.run.transfer import TransferReport, run_transfers
@@ -147,9 +147,9 @@ def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where()
     return reports, result_rows(ws.store, checkpoint_keys={r.checkpoint.key for r in reports})
 
 
-def evaluate_model(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
-                   weights: str | None = None, where: Where = Where(), progress: Any = None,
-                   workspace: Workspace | None = None) -> tuple[EvalReport, list[dict]]:
+def eval_outside(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
+                 weights: str | None = None, where: Where = Where(), progress: Any = None,
+                 workspace: Workspace | None = None) -> tuple[EvalReport, list[dict]]:
     """`bench eval`: store an outside model by name and weights hash and run the matrix
     cells it lacks; returns the report and its result rows, the `worst_case` row last."""
     # Everything the user gave is checked before the results folder or store is touched.
@@ -157,7 +157,7 @@ def evaluate_model(model: torch.nn.Module | str, *, name: str, dataset: str = "d
     plan = plan_outside(model, name, dataset, weights, where.data_root, parsed)
     ws = workspace or open_workspace(where, progress)
     with executor(where) as ex:
-        report = evaluate_outside(ws, plan, parsed, ex)
+        report = run_outside(ws, plan, parsed, ex)
     return report, result_rows(ws.store, checkpoint_keys={report.checkpoint.key})
 
 
@@ -174,8 +174,8 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
     it were whole.
     """
     where = Where(results=results, db=db, device=device, data_root=data_root, threads=torch.get_num_threads())
-    report, rows = evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
-                                  where=where, workspace=workspace)
+    report, rows = eval_outside(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
+                                where=where, workspace=workspace)
     if report.failures:
         raise IncompleteEvaluation(rows, report.failures)
     return rows

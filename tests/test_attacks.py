@@ -18,7 +18,7 @@ from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
 from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.results import result_rows
-from bench.engine.cell import craft, evaluate, subset_indices
+from bench.engine.cell import craft, run_cell, subset_indices
 from bench.engine.device import frozen
 from bench.engine.outcome import CellOutcome
 from bench.store.db import Checkpoint, Evaluation, Store, Transfer, pack_bits, worst_case
@@ -68,7 +68,7 @@ def sample(digits_test):
 
 
 def run(model, cell, x, y, **kw):
-    return evaluate(model, cell, x, y, device="cpu", batch_size=1024, **kw)
+    return run_cell(model, cell, x, y, device="cpu", batch_size=1024, **kw)
 
 
 def correct_of(result) -> np.ndarray:

@@ -30,7 +30,7 @@ from bench.core.matrix import make_cell, parse_cell_key
 from bench.core.presets import default_preset
 from bench.engine.budget import ball, check_budget
 from bench.engine.device import frozen
-from bench.engine.cell import craft, evaluate, subset_indices
+from bench.engine.cell import craft, run_cell, subset_indices
 from bench.errors import BenchError
 from bench.plugin import seed_from
 from bench.registry import ATTACKS
@@ -51,7 +51,7 @@ def pgd_at_model(digits_test):
 
 def ours(model, cell, x, y, seed: int) -> np.ndarray:
     """Per-sample robustness (correct on clean and adversarial input) from the cell."""
-    result = evaluate(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)
+    result = run_cell(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)
     return np.unpackbits(np.frombuffer(result.correct_bits, dtype=np.uint8), count=result.n).astype(bool)
 
 
@@ -274,7 +274,7 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     x, y = digits_test
     y = torch.full_like(y[:16], 9)  # the constant model's prediction: all correct, all attacked
     with caplog.at_level(logging.DEBUG):
-        result = evaluate(Constant(), make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), x[:16], y,
+        result = run_cell(Constant(), make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), x[:16], y,
                           device="cpu", batch_size=1024, seed=0)
     assert any("zero gradient" in w for w in result.extra["warnings"])
     assert result.robust_acc == 1.0

@@ -48,7 +48,7 @@ class AttackConfig(Protocol):
       passes itself (default: none; the harness averages for it).
     """
 
-    def with_threat(self, threat: Any) -> "AttackConfig": ...
+    def with_threat(self, threat: Any) -> AttackConfig: ...
 
     def threat_key(self) -> str: ...
 
@@ -118,7 +118,7 @@ class CompleteVerdicts:
     """float64: the fp32 rounding tolerance each proven margin had to exceed."""
 
     @staticmethod
-    def concat(parts: "list[CompleteVerdicts]") -> "CompleteVerdicts":
+    def concat(parts: list[CompleteVerdicts]) -> CompleteVerdicts:
         """The verdicts of consecutive batches as one record."""
         return CompleteVerdicts(sum((p.status for p in parts), ()), sum((p.decided_by for p in parts), ()),
                                 torch.cat([p.seconds for p in parts]), torch.cat([p.unstable for p in parts]),
@@ -135,7 +135,7 @@ class CertifiedVerdicts:
     """float64: the proven lower bound on min_j z_y - z_j over the ball."""
 
     @staticmethod
-    def concat(parts: "list[CertifiedVerdicts]") -> "CertifiedVerdicts":
+    def concat(parts: list[CertifiedVerdicts]) -> CertifiedVerdicts:
         """The verdicts of consecutive batches as one record."""
         return CertifiedVerdicts(torch.cat([p.certified for p in parts]), torch.cat([p.margin for p in parts]))
 

@@ -1,4 +1,4 @@
-"""Crafting and evaluating one cell: the path every stored number takes.
+"""Crafting (`craft`) and running (`run_cell`) one cell: the path every stored number takes.
 
 Attacks keep their data on the device for the whole call, run in large batches with the
 model frozen (eval mode, no weight gradients), and, where the caller asks (the Workspace sets
@@ -202,7 +202,7 @@ VERDICT_SEED = 0
 the same passes while each cell's attack draws from its own stream."""
 
 
-def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
+def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
              on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model

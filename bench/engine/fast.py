@@ -1,6 +1,6 @@
 """The fast path's settings, as one value: how a cell's attack runs on the device.
 
-A workspace sets it from the device (bench.run); craft and evaluate take it whole. Every
+A workspace sets it from the device (bench.run); craft and run_cell take it whole. Every
 field off is the plain fp32 path (`PLAIN`), the path of the CPU, whose results stay bit
 for bit what they were; verdicts are taken in fp32 whatever crafted the inputs.
 """
@@ -29,7 +29,7 @@ class FastPath:
         which may compute other bits than the model itself."""
         return self.fold_bn or self.compile
 
-    def on_the_model(self) -> "FastPath":
+    def on_the_model(self) -> FastPath:
         """The settings with no copy or rewrite of the model: for an attack through a
         wrapper or a view of it (EOT, a mirrored backward), which a rewrite cannot see into."""
         return FastPath(self.precision, self.channels_last)

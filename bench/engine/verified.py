@@ -18,7 +18,7 @@ of the fp32 tolerances the verifier's margins had to exceed (bench.verify.roundi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ import torchattacks
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import load_matrix, matrix_cells
-from bench.engine.cell import evaluate
+from bench.engine.cell import run_cell
 from bench.errors import BenchError
 from bench.perf.gpu import gpu_models, matmul_peak, out_peak, train_timing
 from bench.perf.races import precision_check, race, scaling
@@ -73,7 +73,7 @@ def matrix_in_fp32(ws: Workspace, matrix: dict, log: Log) -> dict:
     for cell in matrix_cells(matrix["matrix"], spec.threat):
         if cell.key not in matrix["robust_acc"]:
             continue
-        r = evaluate(model, cell, x, y, device=ws.device, batch_size=ws.batch_size())
+        r = run_cell(model, cell, x, y, device=ws.device, batch_size=ws.batch_size())
         fast = matrix["robust_acc"].get(cell.key)
         cells[cell.key] = {"fp32": r.robust_acc, "fast": fast, "fp32_seconds": r.seconds,
                            "fast_seconds": matrix["cell_seconds"].get(cell.key)}

@@ -28,7 +28,7 @@ def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _robust(model, x_adv, x, y, ws: Workspace) -> float:
-    """Robust accuracy of (x_adv, x) verified in fp32, as bench.engine.cell.evaluate counts it."""
+    """Robust accuracy of (x_adv, x) verified in fp32, as bench.engine.cell.run_cell counts it."""
     bs = ws.batch_size()
     clean = predict(model, x, device=ws.device, batch_size=bs).argmax(1) == y.cpu()
     adv = predict(model, x_adv, device=ws.device, batch_size=bs).argmax(1) == y.cpu()

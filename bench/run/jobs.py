@@ -19,7 +19,7 @@ import torch
 from bench.core.data import load_dataset
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
-from bench.engine.cell import craft, evaluate, logit_stats
+from bench.engine.cell import craft, logit_stats, run_cell
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.outcome import CellOutcome
 from bench.engine.train import train_model
@@ -44,7 +44,7 @@ class AttackJob:
     device: str
     batch_size: int
     fast: FastPath = PLAIN
-    """The fast path craft and evaluate take (see Workspace.fast)."""
+    """The fast path craft and run_cell take (see Workspace.fast)."""
     label: str = ""
     """What the driver knows the job by (the checkpoint key); not used to compute."""
 
@@ -61,7 +61,7 @@ class EvalJob(AttackJob):
     """The attack's seed; unset, the cell's own (derived from its key)."""
 
     def run(self) -> CellOutcome:
-        return evaluate(self.on_device(), self.cell, self.x, self.y, device=self.device,
+        return run_cell(self.on_device(), self.cell, self.x, self.y, device=self.device,
                         batch_size=self.batch_size, seed=self.seed, fast=self.fast)
 
 

@@ -179,7 +179,7 @@ def plan_outside(model: torch.nn.Module | str, name: str, dataset: str, weights:
     return OutsidePlan(candidate, tuple(checked_cells(matrix, candidate.dataset, data_root)))
 
 
-def evaluate_outside(ws: Workspace, plan: OutsidePlan, matrix: Matrix, executor=None) -> EvalReport:
+def run_outside(ws: Workspace, plan: OutsidePlan, matrix: Matrix, executor=None) -> EvalReport:
     """Store the candidate (once) and run the matrix cells it lacks."""
     candidate, cells = plan.candidate, list(plan.cells)
     row, added = record(ws, candidate)

@@ -59,7 +59,7 @@ class Workspace:
 
     @property
     def fast(self) -> FastPath:
-        """The fast path of craft and evaluate, as this bench sets it."""
+        """The fast path of craft and run_cell, as this workspace sets it."""
         return FastPath(precision=self.precision, channels_last=self.channels_last, fold_bn=self.fold_bn,
                         compile=self.compile, exact_rewrites=self.exact_rewrites)
 
