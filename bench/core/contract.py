@@ -1,7 +1,7 @@
 """The contract between the harness and an attack plugin, declared once.
 
 An attack is `perturb(model, x, y, config, *, generator) -> Crafted`. Its config is a
-frozen dataclass (attacks/); two methods are required of it, `with_threat` and
+frozen dataclass (attacks/) with the two methods of `AttackConfig`, `with_threat` and
 `threat_key`; the other hooks are optional, and a config that leaves one out gets the
 default written here. The harness reads every hook through `hooks` and the functions
 below, never with `getattr` at the place of use, so the defaults live in this module
