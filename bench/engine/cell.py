@@ -147,12 +147,12 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
 
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
           on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN,
-          verdicts: list | None = None) -> torch.Tensor:
+          verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
     The whole set moves to the device once and comes back once. `fast` selects the fast
-    path (bench.engine.fast); the default is the plain fp32 path. The fast model is used only where it
-    computes the model's own logits and gradients (`faithful`); every batch gets the
+    path (bench.engine.fast); the default is the plain fp32 path. The fast model is used
+    only where it computes the model's own logits and gradients (`faithful`); every batch gets the
     reported model's last word (`last_word`) and is held to the cell's threat model by
     the harness itself (bench.engine.budget), whatever the attack plugin did.
 
@@ -223,7 +223,7 @@ def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     # cell's seed for the craft (and restored), so its cells are reproducible too.
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
-    verdicts: list = []
+    verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] = []
     with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
         x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
