@@ -10,7 +10,7 @@ APGD-T): the conditions under which the package behaves like a bench attack.
   probabilities instead of logits, zero gradients, Square beating the gradient attacks)
   log to the `auto-attack` logger; while a run is in progress that logger's only
   handler collects them, and `reraise` turns them into `AutoAttackWarning`s, which
-  bench.engine.evaluate.evaluate records with the cell. Nothing is printed (the
+  bench.engine.cell.run_cell records with the cell. Nothing is printed (the
   package's stderr fallback for unhandled log records included).
 - Its dynamic-defense check traces calls with sys.settrace and counts them in a
   module-level dict it never resets, so one traced model would make every later run in

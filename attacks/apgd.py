@@ -30,7 +30,7 @@ import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from attacks._packaged import LOGGER, package_run, reraise
-from bench.plugin import Role, NORMS, at_least, one_of, radius, register_attack, seed_from
+from bench.plugin import Crafted, Role, NORMS, at_least, one_of, radius, register_attack, seed_from
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -129,19 +129,19 @@ def run_apgd_t(model, x, y, cfg: APGDT, seed: int) -> tuple[torch.Tensor, list[s
 
 
 @register_attack("apgd", config=APGD)
-def perturb_apgd(model, x, y, cfg: APGD, *, generator=None):
+def perturb_apgd(model, x, y, cfg: APGD, *, generator=None) -> Crafted:
     """APGD-CE (or APGD-DLR with loss="dlr") at the cell's eps and norm, `steps`
     iterations and `restarts` random starts, seeded from the generator."""
     x_adv, messages = run_apgd(model, x, y, cfg, seed_from(generator))
     reraise(messages)
     # The package clamps every iterate to [0, 1]: an exact no-op kept as a guard.
-    return x_adv.clamp(0, 1).detach()
+    return Crafted(x_adv.clamp(0, 1).detach())
 
 
 @register_attack("apgd_t", config=APGDT)
-def perturb_apgd_t(model, x, y, cfg: APGDT, *, generator=None):
+def perturb_apgd_t(model, x, y, cfg: APGDT, *, generator=None) -> Crafted:
     """APGD-T: targeted DLR over the top `n_target_classes` wrong classes, `steps`
     iterations and `restarts` random starts per target, seeded from the generator."""
     x_adv, messages = run_apgd_t(model, x, y, cfg, seed_from(generator))
     reraise(messages)
-    return x_adv.clamp(0, 1).detach()
+    return Crafted(x_adv.clamp(0, 1).detach())

@@ -10,7 +10,7 @@ every attack run through pyautoattack): seeded from the cell's generator with to
 global generator saved and restored, in fp32 whatever the caller's autocast, quiet,
 and with the package's own sanity checks (randomized or dynamic model, probabilities
 instead of logits, zero gradients, Square beating the gradient attacks) re-raised as
-`AutoAttackWarning`s, so that bench.engine.evaluate.evaluate records them and
+`AutoAttackWarning`s, so that bench.engine.cell.run_cell records them and
 flags.autoattack_warning fires.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from pyautoattack import AutoAttack as PackageAutoAttack
 
 from attacks._packaged import AutoAttackWarning, package_run, reraise
-from bench.plugin import Role, NORMS, one_of, radius, register_attack, seed_from
+from bench.plugin import Crafted, Role, NORMS, one_of, radius, register_attack, seed_from
 
 __all__ = ["AutoAttack", "AutoAttackWarning", "perturb", "run_autoattack"]
 
@@ -69,7 +69,7 @@ def run_autoattack(model, x, y, cfg: AutoAttack, seed: int) -> tuple[torch.Tenso
 
 
 @register_attack("autoattack", config=AutoAttack)
-def perturb(model, x, y, cfg: AutoAttack, *, generator=None):
+def perturb(model, x, y, cfg: AutoAttack, *, generator=None) -> Crafted:
     """AutoAttack at the cell's eps, in the cell's version (standard, plus or rand),
     seeded from the generator."""
     x_adv, messages = run_autoattack(model, x, y, cfg, seed_from(generator))
@@ -77,4 +77,4 @@ def perturb(model, x, y, cfg: AutoAttack, *, generator=None):
     # Its sub-attacks clamp to [0, 1] themselves, so this is an exact no-op kept as a
     # guard; nothing else is touched (x + (x_adv - x) could move a pixel by a rounding
     # step and flip a borderline prediction against pyautoattack's own verdict).
-    return x_adv.clamp(0, 1).detach()
+    return Crafted(x_adv.clamp(0, 1).detach())

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from attacks.verify import graph_of
-from bench.plugin import Role, CellKind, certify, one_of, radius, register_attack
+from bench.plugin import CellKind, CertifiedVerdicts, Crafted, Role, certify, one_of, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Certify:
     """A verifier cell."""
     kind: ClassVar[CellKind] = CellKind.CERTIFY
     verifier: ClassVar[bool] = True
-    """Returns per-image verdicts besides its inputs (bench.engine.verified)."""
+    """Returns per-image verdicts besides its inputs (CertifiedVerdicts, bench.engine.verified)."""
     eps: float | None = None
     """L-inf radius; unset means the dataset's threat model."""
     method: str = "crown"
@@ -47,9 +47,9 @@ class Certify:
 
 
 @register_attack("certify", config=Certify)
-def perturb(model, x, y, cfg: Certify, *, generator=None):
+def perturb(model, x, y, cfg: Certify, *, generator=None) -> Crafted:
     """A certified floor: the images a sound linear relaxation (CROWN) proves robust; inputs unchanged."""
     graph = graph_of(model, tuple(x.shape[1:]))
     bits, margin = certify(graph, x, y, cfg.eps, model=model, method=cfg.method)
-    return x.clone(), {"certified": torch.as_tensor(bits).bool().cpu(),
-                       "margin": torch.as_tensor(margin).double().cpu()}
+    return Crafted(x.clone(), CertifiedVerdicts(certified=torch.as_tensor(bits).bool().cpu(),
+                                                margin=torch.as_tensor(margin).double().cpu()))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.pgd import PGD, plain_pgd
-from bench.plugin import Role, NORMS, at_least, one_of, radius, register_attack, seed_from
+from bench.plugin import Crafted, Role, NORMS, at_least, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def fit(net: nn.Module, x: torch.Tensor, labels: torch.Tensor, epochs: int, gene
 
 
 @register_attack("distill", config=Distill)
-def perturb(model, x, y, cfg: Distill, *, generator=None):
+def perturb(model, x, y, cfg: Distill, *, generator=None) -> Crafted:
     """PGD on a surrogate distilled from the model's majority answers in the balls of x."""
     with torch.no_grad():
         classes = model(x[:1]).shape[1]
@@ -141,4 +141,4 @@ def perturb(model, x, y, cfg: Distill, *, generator=None):
             miss = cfg.judge_votes - vote(model, candidate, cfg.judge_votes, classes).gather(1, y[:, None]).squeeze(1)
             better = miss > best_miss
             best[better], best_miss[better] = candidate[better], miss[better]
-    return best.detach()
+    return Crafted(best.detach())

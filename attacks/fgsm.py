@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bench.plugin import Role, LOSSES, one_of, radius, register_attack
+from bench.plugin import Crafted, Role, LOSSES, one_of, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class FGSM:
 
 
 @register_attack("fgsm", config=FGSM)
-def perturb(model, x, y, cfg: FGSM, *, generator=None):
+def perturb(model, x, y, cfg: FGSM, *, generator=None) -> Crafted:
     """x + eps * sign(grad_x loss), clipped to [0, 1]."""
     x_adv = x.clone().requires_grad_(True)
     loss = LOSSES[cfg.loss](model(x_adv), y).sum()
     (grad,) = torch.autograd.grad(loss, x_adv)
-    return (x + cfg.eps * grad.sign()).clamp_(0.0, 1.0).detach()
+    return Crafted((x + cfg.eps * grad.sign()).clamp_(0.0, 1.0).detach())

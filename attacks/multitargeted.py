@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attacks.pgd import BAND
-from bench.plugin import Role, at_least, cw_margin, full_fp32, positive, radius, register_attack
+from bench.plugin import Crafted, Role, at_least, cw_margin, full_fp32, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def run_multitargeted(model, x, y, cfg: MultiTargeted, generator=None) -> tuple[
 
 
 @register_attack("multitargeted", config=MultiTargeted)
-def perturb(model, x, y, cfg: MultiTargeted, *, generator=None):
+def perturb(model, x, y, cfg: MultiTargeted, *, generator=None) -> Crafted:
     """Multi-targeted L-inf PGD: `steps` sign steps of `step_size` towards each of the
     top `targets` wrong classes in turn, per-sample early stop."""
-    return run_multitargeted(model, x, y, cfg, generator)[0]
+    return Crafted(run_multitargeted(model, x, y, cfg, generator)[0])

@@ -49,7 +49,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.plugin import Role, LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
+from bench.plugin import Crafted, Role, LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
 
 KEEPS = ("first", "last")
 SCHEDULES = ("fixed", "cosine")
@@ -347,7 +347,7 @@ def plain_pgd(model, x, y, cfg: PGD, generator=None, *, loss=None,
 
 
 @register_attack("pgd", config=PGD)
-def perturb(model, x, y, cfg: PGD, *, generator=None):
+def perturb(model, x, y, cfg: PGD, *, generator=None) -> Crafted:
     """L-inf or L2 PGD with random start, restarts, per-sample early stop, a step schedule,
     random targets, and the first or the last iterate kept."""
-    return run_pgd(model, x, y, cfg, generator)[0]
+    return Crafted(run_pgd(model, x, y, cfg, generator)[0])

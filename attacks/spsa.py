@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.plugin import Role, at_least, cw_margin, non_negative, positive, radius, register_attack
+from bench.plugin import Crafted, Role, at_least, cw_margin, non_negative, positive, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,12 @@ def _spsa_gradient(model, x, y, cfg: SPSA, generator, samples: int) -> torch.Ten
 
 
 @register_attack("spsa", config=SPSA)
-def perturb(model, x, y, cfg: SPSA, *, generator=None):
+def perturb(model, x, y, cfg: SPSA, *, generator=None) -> Crafted:
     """Gradient-free L-inf attack: SPSA gradient estimates, Adam, projection, early stop."""
     # Finite differences over delta = 0.01 need fp32: under a caller's bf16 autocast
     # (about three significant digits) f+ - f- would be rounding noise.
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        return _spsa(model, x.float(), y, cfg, generator).to(x.dtype)
+        return Crafted(_spsa(model, x.float(), y, cfg, generator).to(x.dtype))
 
 
 def _spsa(model, x, y, cfg: SPSA, generator) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from pyautoattack.square import SquareAttack
 
-from bench.plugin import Role, NORMS, at_least, in_range, one_of, radius, register_attack, seed_from
+from bench.plugin import Crafted, Role, NORMS, at_least, in_range, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Square:
 
 
 @register_attack("square", config=Square)
-def perturb(model, x, y, cfg: Square, *, generator=None):
+def perturb(model, x, y, cfg: Square, *, generator=None) -> Crafted:
     """Square Attack on the margin loss, every sample, seeded from the generator."""
     devices = [x.device] if x.device.type == "cuda" else []
     seed = seed_from(generator)
@@ -59,4 +59,4 @@ def perturb(model, x, y, cfg: Square, *, generator=None):
                               n_queries=cfg.queries, p_init=cfg.p_init, n_restarts=1, seed=seed,
                               verbose=False, device=x.device)
         x_adv = attack.perturb(x.float(), y)
-    return x_adv.clamp(0, 1).detach()
+    return Crafted(x_adv.clamp(0, 1).detach())

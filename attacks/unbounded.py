@@ -19,7 +19,7 @@ from typing import ClassVar
 from dataclasses import dataclass, field, replace
 
 from attacks.pgd import PGD, run_pgd
-from bench.plugin import Role, LOSSES, at_least, one_of, positive, radius, register_attack
+from bench.plugin import Crafted, Role, LOSSES, at_least, one_of, positive, radius, register_attack
 
 STEPS_PER_THREAT_EPS = 20
 """The threat model's own PGD-20 at multiple 1, growing linearly with the budget."""
@@ -75,6 +75,6 @@ class Unbounded:
 
 
 @register_attack("unbounded", config=Unbounded)
-def perturb(model, x, y, cfg: Unbounded, *, generator=None):
+def perturb(model, x, y, cfg: Unbounded, *, generator=None) -> Crafted:
     """L-inf PGD at a budget up to the whole input range (Shafahi et al. Table 9)."""
-    return run_pgd(model, x, y, cfg.pgd(), generator)[0]
+    return Crafted(run_pgd(model, x, y, cfg.pgd(), generator)[0])

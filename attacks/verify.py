@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.plugin import Role, CellKind, one_of, positive, radius, register_attack, to_graph, verify_images
+from bench.plugin import CellKind, CompleteVerdicts, Crafted, Role, one_of, positive, radius, register_attack, to_graph, verify_images
 
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -41,7 +41,7 @@ class Verify:
     """A verifier cell."""
     kind: ClassVar[CellKind] = CellKind.VERIFY
     verifier: ClassVar[bool] = True
-    """Returns per-image verdicts besides its inputs (bench.engine.verified)."""
+    """Returns per-image verdicts besides its inputs (CompleteVerdicts, bench.engine.verified)."""
     batch_limit: ClassVar[int] = 8
     """Images per call, so a long cell's progress moves."""
     eps: float | None = None
@@ -64,15 +64,16 @@ class Verify:
 
 
 @register_attack("verify", config=Verify)
-def perturb(model, x, y, cfg: Verify, *, generator=None):
+def perturb(model, x, y, cfg: Verify, *, generator=None) -> Crafted:
     """Complete verification (MILP through HiGHS): per image robust, a counterexample, or unknown."""
     verdicts = verify_images(graph_of(model, tuple(x.shape[1:])), model, x, y, cfg.eps, time_limit=cfg.time_limit)
     x_adv = x.clone()
     for i, v in enumerate(verdicts):
         if v.x_adv is not None:
             x_adv[i] = v.x_adv.to(x.device, x.dtype).view_as(x[i])
-    return x_adv, {"status": [v.status for v in verdicts], "decided_by": [v.decided_by for v in verdicts],
-                   "seconds": torch.tensor([v.seconds for v in verdicts], dtype=torch.float64),
-                   "unstable": torch.tensor([v.unstable for v in verdicts], dtype=torch.int64),
-                   "binaries": torch.tensor([v.binaries for v in verdicts], dtype=torch.int64),
-                   "tolerance": torch.tensor([v.tolerance for v in verdicts], dtype=torch.float64)}
+    return Crafted(x_adv, CompleteVerdicts(
+        status=tuple(v.status for v in verdicts), decided_by=tuple(v.decided_by for v in verdicts),
+        seconds=torch.tensor([v.seconds for v in verdicts], dtype=torch.float64),
+        unstable=torch.tensor([v.unstable for v in verdicts], dtype=torch.int64),
+        binaries=torch.tensor([v.binaries for v in verdicts], dtype=torch.int64),
+        tolerance=torch.tensor([v.tolerance for v in verdicts], dtype=torch.float64)))

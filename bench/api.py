@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.core.data import DATASETS, load_dataset
-from bench.core.matrix import BUILTIN, matrix_cells, matrix_transfer, transfer_cell
+from bench.core.matrix import BUILTIN, load_matrix
 from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.perf import SIZES, run_perf
@@ -27,11 +27,11 @@ from bench.reporting.diagnosis import diagnosis_rows
 from bench.reporting.results import result_rows
 from bench.reporting.site import build_site
 from bench.reporting.site.names import cell_label
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.diagnosing import ensure_diagnostics
 from bench.run.driver import RunReport, plan_run, run_defenses
 from bench.run.executors import make_executor
-from bench.run.outside import EvalReport, evaluate_outside, plan_outside
+from bench.run.outside import EvalReport, plan_outside, run_outside
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
 from bench.run.transfer import TransferReport, run_transfers
@@ -72,7 +72,7 @@ class IncompleteEvaluation(RuntimeError):
         self.rows, self.failures = rows, failures
 
 
-def open_bench(where: Where, progress: Any = None) -> Bench:
+def open_workspace(where: Where, progress: Any = None) -> Workspace:
     """The run environment, with torch's thread count set from `where.threads`."""
     # One thread by default: the intra-op thread count changes float summation order and
     # so the trained weights, and on shared cores OpenMP threads spin-waiting for each
@@ -80,7 +80,7 @@ def open_bench(where: Where, progress: Any = None) -> Bench:
     if not 1 <= where.threads <= MAX_THREADS:
         raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {where.threads}")
     torch.set_num_threads(where.threads)
-    return Bench.open(where.results, db=where.db, device=where.device, data_root=where.data_root,
+    return Workspace.open(where.results, db=where.db, device=where.device, data_root=where.data_root,
                       progress=progress)
 
 
@@ -100,7 +100,8 @@ def listing(what: str) -> list[tuple[str, ...]]:
     if what == "matrices":  # each cell by its short name, on digits, grouped by threat model
         threat, rows = DATASETS["digits"].threat, []
         for name in BUILTIN:
-            cells = matrix_cells(name, threat)
+            matrix = load_matrix(name)
+            cells = matrix.cells(threat)
             by_threat: dict[str, list[str]] = {}
             for c in cells:
                 by_threat.setdefault(c.threat, []).append(cell_label(c.attack, vars(c.config)))
@@ -110,12 +111,11 @@ def listing(what: str) -> list[tuple[str, ...]]:
                 names = tuple(n if labels.count(n) == 1 else f"{n} ×{labels.count(n)}" for n in counted)
                 threats.setdefault(names, []).append(t)
             parts = [f"{', '.join(ts)}: {', '.join(names)}" for names, ts in threats.items()]
-            sources, keys = matrix_transfer(name)
+            sources, crafted = matrix.transfer.surrogates, matrix.transfer_cells(threat)
             if sources:
-                crafted = (transfer_cell(k, threat) for k in keys)
                 parts.append(f"transfer from {', '.join(sources)}: "
                              + ", ".join(cell_label(c.attack, vars(c.config)) for c in crafted))
-            rows.append((name, f"{len(cells) + len(sources) * len(keys)} cells on digits; " + "; ".join(parts)))
+            rows.append((name, f"{len(cells) + len(sources) * len(crafted)} cells on digits; " + "; ".join(parts)))
         return rows
     if what == "datasets":
         return [(n, f"{s.num_classes:3} classes", s.threat.name, f"arch {s.default_arch}") for n, s in DATASETS.items()]
@@ -127,9 +127,9 @@ def listing(what: str) -> list[tuple[str, ...]]:
 def train(request: TrainRequest, where: Where = Where(), progress: Any = None) -> tuple[Checkpoint, bool]:
     """`bench train`: the stored checkpoint of one recipe, trained if missing. (row, trained?)"""
     recipe = resolve(request)
-    bench = open_bench(where, progress)
+    ws = open_workspace(where, progress)
     with executor(where) as ex:
-        return ensure_checkpoint(bench, recipe, ex)
+        return ensure_checkpoint(ws, recipe, ex)
 
 
 def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where(),
@@ -139,30 +139,31 @@ def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where()
     names = DEFENSES.names() if defense == "all" else [DEFENSES.get(defense).name]
     requests = [TrainRequest(name, request.dataset, request.preset if defense != "all" else None,
                              request.overrides, request.arch, request.seed) for name in names]
-    for r in requests:  # every recipe and cell checked before the store is opened
-        plan_run(r, matrix, where.data_root)
-    bench = open_bench(where, progress)
+    parsed = load_matrix(matrix)
+    plans = [plan_run(r, parsed, where.data_root) for r in requests]  # checked before the store is opened
+    ws = open_workspace(where, progress)
     with executor(where) as ex:
-        reports = run_defenses(bench, requests, matrix, ex)
-    return reports, result_rows(bench.store, checkpoint_keys={r.checkpoint.key for r in reports})
+        reports = run_defenses(ws, plans, parsed, ex)
+    return reports, result_rows(ws.store, checkpoint_keys={r.checkpoint.key for r in reports})
 
 
-def evaluate_model(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
-                   weights: str | None = None, where: Where = Where(), progress: Any = None,
-                   bench: Bench | None = None) -> tuple[EvalReport, list[dict]]:
+def eval_outside(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
+                 weights: str | None = None, where: Where = Where(), progress: Any = None,
+                 workspace: Workspace | None = None) -> tuple[EvalReport, list[dict]]:
     """`bench eval`: store an outside model by name and weights hash and run the matrix
     cells it lacks; returns the report and its result rows, the `worst_case` row last."""
     # Everything the user gave is checked before the results folder or store is touched.
-    candidate = plan_outside(model, name, dataset, weights, where.data_root, matrix)
-    bench = bench or open_bench(where, progress)
+    parsed = load_matrix(matrix)
+    plan = plan_outside(model, name, dataset, weights, where.data_root, parsed)
+    ws = workspace or open_workspace(where, progress)
     with executor(where) as ex:
-        report = evaluate_outside(bench, candidate, matrix, ex)
-    return report, result_rows(bench.store, checkpoint_keys={report.checkpoint.key})
+        report = run_outside(ws, plan, parsed, ex)
+    return report, result_rows(ws.store, checkpoint_keys={report.checkpoint.key})
 
 
 def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
              weights: str | None = None, results: str | os.PathLike = "results", db: str | None = None,
-             device: str = "auto", data_root: str | None = None, bench: Bench | None = None) -> list[dict]:
+             device: str = "auto", data_root: str | None = None, workspace: Workspace | None = None) -> list[dict]:
     """Judge your own model: store it by name and weights hash, run the matrix, return its rows.
 
     `model` is an nn.Module taking [0, 1] inputs and returning logits, or a
@@ -173,8 +174,8 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
     it were whole.
     """
     where = Where(results=results, db=db, device=device, data_root=data_root, threads=torch.get_num_threads())
-    report, rows = evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
-                                  where=where, bench=bench)
+    report, rows = eval_outside(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
+                                where=where, workspace=workspace)
     if report.failures:
         raise IncompleteEvaluation(rows, report.failures)
     return rows
@@ -183,7 +184,7 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
 def results(where: Where = Where(), defense: str | None = None, dataset: str | None = None) -> list[dict]:
     """`bench results`: every stored cell and each checkpoint's worst case. A filter that
     matches no stored checkpoint is an error that names what is stored."""
-    store = open_bench(replace(where, device="cpu")).store
+    store = open_workspace(replace(where, device="cpu")).store
     rows = result_rows(store, defense=defense, dataset=dataset)
     stored = store.checkpoints() if not rows and (defense or dataset) else []
     if stored and not store.checkpoints(dataset=dataset, defense=defense):
@@ -197,21 +198,21 @@ def results(where: Where = Where(), defense: str | None = None, dataset: str | N
 def diagnose(name: str, dataset: str | None = None, where: Where = Where()) -> list[dict]:
     """`bench diagnose`: Table 1 rows of the checkpoints `name` selects, computing the
     diagnostics that are missing."""
-    bench = open_bench(where)
-    return diagnosis_rows(bench.store, ensure_diagnostics(bench, name, dataset))
+    ws = open_workspace(where)
+    return diagnosis_rows(ws.store, ensure_diagnostics(ws, name, dataset))
 
 
 def transfer(source: str, target: str = "all", attack: str | None = None, dataset: str = "digits",
              where: Where = Where(), progress: Any = None) -> TransferReport:
     """`bench transfer`: craft on every source, judge every target on its examples."""
-    bench = open_bench(where, progress)
+    ws = open_workspace(where, progress)
     with executor(where) as ex:
-        return run_transfers(bench, source, target, attack, dataset, executor=ex)
+        return run_transfers(ws, source, target, attack, dataset, executor=ex)
 
 
 def site(out_dir: str | os.PathLike = "site", where: Where = Where()) -> Path:
     """`bench site`: render the leaderboard from the store into `out_dir`."""
-    return build_site(open_bench(replace(where, device="cpu")).store, out_dir)
+    return build_site(open_workspace(replace(where, device="cpu")).store, out_dir)
 
 
 def perf(*, device: str = "auto", as_json: bool = False, size: str = "default", threads: int | None = None) -> dict:

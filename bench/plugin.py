@@ -3,7 +3,10 @@ the bench. Plugins import this module (and each other's public parts), nothing e
 bench/; import-linter holds them to it (pyproject.toml).
 
 - registration: `register_defense`, `register_attack`;
-- what an attack config declares: its `Role` and, for a verifier, its `CellKind`;
+- what an attack config declares (`AttackConfig`, the hooks the harness reads): its
+  `Role` and, for a verifier, its `CellKind`;
+- what an attack returns: `Crafted` (its inputs, and a verifier's `CompleteVerdicts` or
+  `CertifiedVerdicts`);
 - range checks for config `__post_init__`: `at_least`, `positive`, `non_negative`,
   `in_range`, `one_of`, `radius`, and `NORMS`;
 - the attack objectives on logits: `xent`, `cw_margin`, `LOSSES`;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.core.contract import AttackConfig, CertifiedVerdicts, CompleteVerdicts, Crafted
 from bench.core.kinds import CellKind, Role
 from bench.engine.device import full_fp32
 from bench.engine.losses import LOSSES, cw_margin, xent
@@ -27,7 +31,7 @@ from bench.registry import register_attack, register_defense
 from bench.validate import NORMS, at_least, in_range, non_negative, one_of, positive, radius
 from bench.verify import certify, ibp_bounds, interval_margin, to_graph, verify_images
 
-__all__ = ["LOSSES", "NORMS", "CellKind", "Role", "at_least", "certify", "cw_margin", "exact_view", "full_fp32", "ibp_bounds", "in_range",
+__all__ = ["LOSSES", "NORMS", "AttackConfig", "CellKind", "CertifiedVerdicts", "CompleteVerdicts", "Crafted", "Role", "at_least", "certify", "cw_margin", "exact_view", "full_fp32", "ibp_bounds", "in_range",
            "interval_margin", "non_negative", "one_of", "positive", "radius", "register_attack", "register_defense",
            "seed_from", "to_graph", "verify_images", "xent"]
 

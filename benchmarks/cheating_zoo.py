@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 from bench.core.data import get_spec, load_dataset  # noqa: E402
-from bench.engine.evaluate import evaluate  # noqa: E402
+from bench.engine.cell import run_cell  # noqa: E402
 from bench.science.flags import MASKING  # noqa: E402
 from bench.core.matrix import make_cell, matrix_cells  # noqa: E402
 from bench.core.presets import default_preset  # noqa: E402
@@ -54,8 +54,8 @@ def before(model, x, y) -> float:
     cells.append(make_cell("autoattack", {"subset": 100}, SPEC.threat))
     rows = []
     for c in cells:
-        r = evaluate(model, c, x, y, device="cpu", batch_size=1024)
-        rows.append(CellRow.build(**r))
+        r = run_cell(model, c, x, y, device="cpu", batch_size=1024)
+        rows.append(CellRow.build(**r.row_fields()))
     return worst_case(SPEC.threat.name, rows, len(y)).robust_acc
 
 

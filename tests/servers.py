@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from bench.plugin import register_attack, register_defense
+from bench.plugin import Crafted, register_attack, register_defense
 
 
 def _log(line):
@@ -87,7 +87,7 @@ def _bim(model, x, y, cfg):
 def logged_bim(model, x, y, cfg, *, generator=None):
     """Basic iterative method; logs each call (one per cell on digits)."""
     _log(f"cell logged_bim steps={cfg.steps}")
-    return _bim(model, x, y, cfg)
+    return Crafted(_bim(model, x, y, cfg))
 
 
 @register_attack("killer_bim", config=Iterative)
@@ -97,7 +97,7 @@ def killer_bim(model, x, y, cfg, *, generator=None):
     if cfg.marker and not os.path.exists(cfg.marker):
         open(cfg.marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-    return _bim(model, x, y, cfg)
+    return Crafted(_bim(model, x, y, cfg))
 
 
 @register_attack("failing", config=Iterative)

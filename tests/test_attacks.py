@@ -18,8 +18,9 @@ from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
 from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.results import result_rows
-from bench.engine.evaluate import craft, evaluate, subset_indices
+from bench.engine.cell import craft, run_cell, subset_indices
 from bench.engine.device import frozen
+from bench.engine.outcome import CellOutcome
 from bench.store.db import Checkpoint, Store, pack_bits
 from bench.store.evidence import worst_case
 from bench.store.rows import CellRow
@@ -69,11 +70,11 @@ def sample(digits_test):
 
 
 def run(model, cell, x, y, **kw):
-    return evaluate(model, cell, x, y, device="cpu", batch_size=1024, **kw)
+    return run_cell(model, cell, x, y, device="cpu", batch_size=1024, **kw)
 
 
 def correct_of(result) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(result["correct_bits"], dtype=np.uint8), count=result["n"]).astype(bool)
+    return np.unpackbits(np.frombuffer(result.correct_bits, dtype=np.uint8), count=result.n).astype(bool)
 
 
 def robust_acc(model, x_adv, x, y) -> float:
@@ -134,7 +135,7 @@ def test_attack_leaves_the_model_as_it_found_it(training_model, sample, name, pa
     assert_same_model(model, state)
     result = run(model, cell, x, y)
     assert_same_model(model, state)  # evaluate restores train mode too (the test below)
-    assert result["n"] == len(y)
+    assert result.n == len(y)
 
     # perturb on its own, as the contract hands it the model: weights and x untouched.
     with frozen(model):
@@ -151,7 +152,7 @@ def test_evaluate_restores_train_mode(training_model, sample):
 
 def perturb_under_autocast(model, cell, x, y, bf16: bool) -> torch.Tensor:
     with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return ATTACKS.get(cell.attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0))
+        return ATTACKS.get(cell.attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0)).x_adv
 
 
 @pytest.mark.parametrize("name,params", [("spsa", {"samples": 32, "iterations": 5}), ("autoattack", {})])
@@ -199,7 +200,7 @@ def test_pgd_is_never_weaker_than_torchattacks(natural_model, robust_model, digi
 
     model = natural_model if which == "natural" else robust_model
     x, y = digits_test
-    ours = run(model, make_cell("pgd", {"steps": steps}, THREAT), x, y)["robust_acc"]
+    ours = run(model, make_cell("pgd", {"steps": steps}, THREAT), x, y).robust_acc
     torch.manual_seed(0)  # torchattacks draws its random start from the global generator
     with frozen(model):
         x_adv = torchattacks.PGD(model, eps=THREAT.eps, alpha=THREAT.step_size, steps=steps,
@@ -216,7 +217,7 @@ def test_autoattack_cell_equals_pyautoattack(robust_model, digits_test):
     x, y = digits_test
     cell = make_cell("autoattack", {"subset": 16}, THREAT)
     result = run(robust_model, cell, x, y, seed=5)
-    idx = torch.as_tensor(result["indices"])
+    idx = torch.as_tensor(result.indices)
     seed = seed_from(torch.Generator().manual_seed(5))
     with frozen(robust_model):
         attack = AutoAttack(robust_model, norm="Linf", eps=THREAT.eps, version="standard", seed=seed)
@@ -235,7 +236,7 @@ def test_autoattack_checks_reach_the_warnings_and_the_flags(natural_model, sampl
     with torch.no_grad():
         wrong = (probabilities(x).argmax(1) + 1) % 10
     result = run(probabilities, cell, x, wrong)
-    assert any("probability distribution" in w for w in result["extra"]["warnings"])
+    assert any("probability distribution" in w for w in result.extra["warnings"])
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # quiet: nothing printed, nothing logged to stderr
     flags = compute_flags(Checkpoint(id=1, threat=THREAT.name), [as_row(result)], [])
@@ -250,22 +251,22 @@ def natural_full(natural_model, digits_test):
     return [run(natural_model, cell, x, y) for cell in matrix_cells("full", THREAT)]
 
 
-def as_row(result: dict, **extra) -> CellRow:
-    return CellRow.build(**result, **extra)
+def as_row(result: CellOutcome, **extra) -> CellRow:
+    return CellRow.build(**result.row_fields(), **extra)
 
 
 def test_spsa_breaks_a_natural_model(natural_full):
-    (spsa,) = [r for r in natural_full if r["attack"] == "spsa"]
-    assert spsa["n"] == 100 and spsa["clean_acc"] > 0.9
-    assert spsa["robust_acc"] <= 0.03
+    (spsa,) = [r for r in natural_full if r.attack == "spsa"]
+    assert spsa.n == 100 and spsa.clean_acc > 0.9
+    assert spsa.robust_acc <= 0.03
 
 
 def test_natural_model_raises_no_flag(natural_full):
-    by_attack = {r["attack"] for r in natural_full}
+    by_attack = {r.attack for r in natural_full}
     assert {"fgsm", "pgd", "unbounded", "spsa", "autoattack"} <= by_attack
-    top = max((r for r in natural_full if r["attack"] == "unbounded"), key=lambda r: r["params"]["eps"])
-    assert top["params"]["eps"] == 1.0 and top["robust_acc"] == 0.0
-    assert top["threat"] == "unbounded-1" != THREAT.name
+    top = max((r for r in natural_full if r.attack == "unbounded"), key=lambda r: r.params["eps"])
+    assert top.params["eps"] == 1.0 and top.robust_acc == 0.0
+    assert top.threat == "unbounded-1" != THREAT.name
     flags = compute_flags(Checkpoint(id=1, threat=THREAT.name), [as_row(r) for r in natural_full], [])
     assert flags == []
 
@@ -285,8 +286,8 @@ def test_unbounded_sweep_reaches_zero_on_every_defense(digits_test, defense):
     top = make_cell("unbounded", {"multiple": 32}, THREAT)
     assert top.config.eps == 1.0
     result = run(model, top, x, y)
-    assert result["clean_acc"] > 0.5
-    assert result["robust_acc"] == 0.0, f"{defense}: {result['robust_acc']:.3f} at eps 1"
+    assert result.clean_acc > 0.5
+    assert result.robust_acc == 0.0, f"{defense}: {result.robust_acc:.3f} at eps 1"
 
 
 # --- flags and the worst case on hand-made cells ------------------------------------------

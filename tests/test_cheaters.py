@@ -215,16 +215,16 @@ def test_a_model_whose_gradients_say_nothing_gets_the_witness():
 def test_randomized_cells_are_reproducible(natural_model, digits_test):
     import dataclasses
 
-    from bench.engine.evaluate import evaluate
+    from bench.engine.cell import run_cell
     from bench.core.matrix import make_cell
 
     x, y = digits_test
     cell = make_cell("pgd", {"steps": 5}, THREAT)
     cell = dataclasses.replace(cell, key=cell.key + ",eot=2,rounds=2,votes=5", eot=2, votes=5, rounds=2)
     noisy = Noisy(natural_model, sigma=0.2).eval()
-    first, second = (evaluate(noisy, cell, x[:64], y[:64], device="cpu", batch_size=1024) for _ in range(2))
-    assert first["correct_bits"] == second["correct_bits"] and first["clean_acc"] == second["clean_acc"]
-    assert 0 < first["robust_acc"] < first["clean_acc"]
+    first, second = (run_cell(noisy, cell, x[:64], y[:64], device="cpu", batch_size=1024) for _ in range(2))
+    assert first.correct_bits == second.correct_bits and first.clean_acc == second.clean_acc
+    assert 0 < first.robust_acc < first.clean_acc
 
 
 @pytest.mark.parametrize("fn", [StraightThrough, Reversed], ids=["straight_through", "reversed"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.core.matrix import load_matrix
 from bench import cli
 from cli_run import run_cli as _cli
 
@@ -42,14 +43,14 @@ def _store_state(results: Path) -> tuple[bytes, list[str]]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A results folder holding one tiny trained checkpoint and its quick-matrix cells."""
-    from bench.run.bench import Bench
+    from bench.run.workspace import Workspace
     from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 
     results = tmp_path_factory.mktemp("cli-errors") / "res"
-    bench = Bench.open(results)
-    run_defense(bench, TrainRequest("natural", overrides=("epochs=1",)), "quick")
-    bench.store.engine.dispose()  # closes SQLite's WAL into bench.db before it is compared
+    ws = Workspace.open(results)
+    run_defense(ws, TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
+    ws.store.engine.dispose()  # closes SQLite's WAL into bench.db before it is compared
     return results
 
 

@@ -21,6 +21,7 @@ import pytest
 import typer
 from rich.console import Console
 
+from bench.core.matrix import load_matrix
 from bench.cli import output
 from bench.cli.app import app
 from bench.cli.options import DATASET_NAMES
@@ -203,12 +204,12 @@ def test_ls_matrices_shows_each_matrix_s_cells(monkeypatch, capsys):
 # --- messages that are true ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from bench.run.bench import Bench
+    from bench.run.workspace import Workspace
     from bench.run.driver import run_defense
     from bench.run.recipe import TrainRequest
 
     results = tmp_path_factory.mktemp("cli-output") / "res"
-    run_defense(Bench.open(results), TrainRequest("natural", overrides=("epochs=1",)), "quick")
+    run_defense(Workspace.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     return results
 
 

@@ -21,7 +21,7 @@ from attacks.pgd import PGD, plain_pgd
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell, matrix_cells, matrix_transfer, parse_cell_key, transfer_cell
 from bench.core.presets import default_preset
-from bench.engine.evaluate import craft, evaluate
+from bench.engine.cell import craft, run_cell
 from bench.errors import BenchError
 from bench.run.transfer import DEFAULT_ATTACK, cache_path, cached_examples
 from bench.science.flags import CALLS_WITNESS, pgd_still_falling
@@ -138,8 +138,8 @@ def test_every_cell_draws_from_its_own_seed(natural_model, digits_test):
 
 def _row(cell, result) -> CellRow:
     return CellRow.build(cell_key=cell.key, attack=cell.attack, threat=cell.threat, params=dict(vars(cell.config)),
-                         clean_acc=result["clean_acc"], robust_acc=result["robust_acc"], n=result["n"],
-                         correct_bits=result["correct_bits"])
+                         clean_acc=result.clean_acc, robust_acc=result.robust_acc, n=result.n,
+                         correct_bits=result.correct_bits)
 
 
 def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_test):
@@ -150,7 +150,7 @@ def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_tes
              if c.attack == "pgd" and c.config.loss == "xent" and c.config.steps in (20, 1000)
              and c.config.restarts == 1 and c.config.targeted == "none" and c.threat == THREAT.name]
     assert len(cells) == 2
-    rows = [_row(c, evaluate(pgd_at_model, c, x, y, device="cpu", batch_size=1024)) for c in cells]
+    rows = [_row(c, run_cell(pgd_at_model, c, x, y, device="cpu", batch_size=1024)) for c in cells]
     ck = SimpleNamespace(threat=THREAT.name)
     hit = pgd_still_falling(ck, rows, [])
     assert hit is not None and hit["numbers"]["steps"] == 1000 and hit["numbers"]["drop"] > 0.01, hit
@@ -166,7 +166,7 @@ def test_targeted_pgd_matches_torchattacks_toward_the_same_targets(pgd_at_model,
         # Our cell draws the targets first from its generator: replay that draw.
         g = torch.Generator().manual_seed(seed)
         targets = (y + torch.randint(1, 10, y.shape, generator=g)) % 10
-        ours.append(evaluate(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=seed)["robust_acc"])
+        ours.append(run_cell(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=seed).robust_acc)
         attack = torchattacks.PGD(pgd_at_model, eps=THREAT.eps, alpha=THREAT.step_size, steps=20, random_start=True)
         attack.set_mode_targeted_by_function(lambda images, labels, t=targets: t)
         torch.manual_seed(seed)
@@ -179,8 +179,8 @@ def test_targeted_pgd_matches_torchattacks_toward_the_same_targets(pgd_at_model,
     assert mean_ours <= mean_theirs + 0.005, (ours, theirs)
     assert mean_ours >= mean_theirs - 0.05, (ours, theirs)
     # And a targeted attack toward a random class is weaker than the untargeted one.
-    untargeted = evaluate(pgd_at_model, make_cell("pgd", {"steps": 20}, THREAT), x, y, device="cpu",
-                          batch_size=1024)["robust_acc"]
+    untargeted = run_cell(pgd_at_model, make_cell("pgd", {"steps": 20}, THREAT), x, y, device="cpu",
+                          batch_size=1024).robust_acc
     assert mean_ours > untargeted
 
 

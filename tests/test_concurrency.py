@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from bench.store.claims import Claims
+from bench.store.claims import Claims, craft_claim, eval_claim, train_claim
 from bench.store.db import Checkpoint, Claim, Evaluation, Store, Transfer
 from servers import plugin_env, read_log
 
@@ -44,6 +44,13 @@ def test_writes_are_idempotent(store_url):
     store.replace_flags(first.id, [{"name": "f", "message": "m", "numbers": {"x": 1}}])
     store.replace_flags(first.id, [{"name": "f", "message": "m", "numbers": {"x": 2}}])
     assert [f.numbers for f in store.flags()] == [{"x": 2}]
+
+
+def test_claim_keys_are_spelled_as_the_claims_table_keeps_them():
+    # Drivers of different versions sharing a store must spell a key alike.
+    assert train_claim("abc") == "train:abc"
+    assert eval_claim("abc", "pgd:eps=0.2,steps=10") == "eval:abc:pgd:eps=0.2,steps=10"
+    assert craft_claim("abc", "pgd:keep=last") == "craft:abc:pgd:keep=last"
 
 
 def test_a_claim_is_held_by_one_driver_until_released_or_expired(store_url):

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 import bench
+from bench.core.matrix import load_matrix
 from bench.store.checkpoints import checkpoint_key, load_checkpoint
 from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import cell_key, make_cell, matrix_cells
 from bench.registry import ATTACKS, DEFENSES, Registry
-from bench.run.bench import Bench
-from bench.engine.evaluate import subset_indices
+from bench.run.workspace import Workspace
+from bench.engine.cell import subset_indices
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.driver import run_defense
 from bench.store.db import pack_bits, unpack_bits
@@ -143,8 +144,8 @@ def test_entry_point_plugin_registers_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(DEFENSES, "_loaded", False)
     try:
         assert "third_party_plain" in DEFENSES.names()
-        b = Bench.open(tmp_path / "res")
-        report = run_defense(b, TrainRequest("third_party_plain", overrides=("epochs=2",)), "quick")
+        b = Workspace.open(tmp_path / "res")
+        report = run_defense(b, TrainRequest("third_party_plain", overrides=("epochs=2",)), load_matrix("quick"))
         assert report.trained and len(report.cells_run) == 3
         assert report.checkpoint.meta["clean_acc"] > 0.5
     finally:
@@ -233,9 +234,9 @@ def test_subset_is_fixed_and_seeded():
 
 # --- the driver ------------------------------------------------------------------------
 def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
-    b = Bench.open(tmp_path)
+    b = Workspace.open(tmp_path)
     spec = TrainRequest("natural", overrides=("epochs=5",))
-    first = run_defense(b, spec, "quick")
+    first = run_defense(b, spec, load_matrix("quick"))
     assert first.trained and len(first.cells_run) == 3
     rows = {e.cell_key: e for e in b.store.evaluations()}
     fgsm = rows["fgsm:eps=0.2,loss=xent"]
@@ -244,7 +245,7 @@ def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
     # Natural training is not robust at eps 0.2, and PGD beats FGSM.
     assert pgd20.robust_acc < 0.1 and pgd20.robust_acc <= fgsm.robust_acc
     assert unpack_bits(pgd20.correct_bits, 360).mean() == pytest.approx(pgd20.robust_acc)
-    second = run_defense(b, spec, "quick")
+    second = run_defense(b, spec, load_matrix("quick"))
     assert not second.trained and second.cells_run == []
     assert len(b.store.evaluations()) == 3
 
@@ -259,14 +260,14 @@ def test_run_stores_every_cell_and_reruns_nothing(tmp_path):
 
 def test_checkpoint_on_disk_is_adopted_not_retrained(tmp_path):
     spec = TrainRequest("natural", overrides=("epochs=2",))
-    run_defense(Bench.open(tmp_path), spec, "quick")
+    run_defense(Workspace.open(tmp_path), spec, load_matrix("quick"))
     os.remove(tmp_path / "bench.db")  # as if killed after writing the weights, before recording
-    report = run_defense(Bench.open(tmp_path), spec, "quick")
+    report = run_defense(Workspace.open(tmp_path), spec, load_matrix("quick"))
     assert not report.trained and len(report.cells_run) == 3
 
 
 def test_altered_weights_are_refused(tmp_path):
-    report = run_defense(Bench.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), "quick")
+    report = run_defense(Workspace.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     weights = Path(report.checkpoint.path) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BenchError, match="not an intact checkpoint"):
@@ -275,7 +276,7 @@ def test_altered_weights_are_refused(tmp_path):
 
 # --- the command line ------------------------------------------------------------------
 def test_results_json_has_the_promised_fields(tmp_path, monkeypatch, capsys):
-    run_defense(Bench.open(tmp_path), TrainRequest("natural", overrides=("epochs=2",)), "quick")
+    run_defense(Workspace.open(tmp_path), TrainRequest("natural", overrides=("epochs=2",)), load_matrix("quick"))
     code, out, _ = _cli(monkeypatch, capsys, "results", "--format", "json", "--results", str(tmp_path))
     rows = json.loads(out)
     assert code == 0 and len(rows) == 4
@@ -303,7 +304,7 @@ def _snapshot(db: Path):
 ])
 def test_bad_input_exits_2_with_one_line_and_leaves_the_store(tmp_path, monkeypatch, capsys, args, message):
     results = tmp_path / "res"
-    run_defense(Bench.open(results), TrainRequest("natural", overrides=("epochs=1",)), "quick")
+    run_defense(Workspace.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     before = _snapshot(results / "bench.db")
     (tmp_path / "bad.toml").write_text("[[cell]\n")
     (tmp_path / "unknown.toml").write_text("[[cell]]\nattack = 'fgsmm'\n")

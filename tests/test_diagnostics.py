@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.core.matrix import load_matrix
 from bench import api
 from bench.science.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
                                stored_eps_l, diagnose)
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.recipe import TrainRequest
 from bench.run.driver import run_defense
 from cli_run import run_cli as _cli
@@ -140,14 +141,14 @@ def test_stored_infinities_round_trip():
 def small_results(tmp_path_factory):
     """natural and pgd_at digits checkpoints (short schedules) with their quick matrix."""
     root = tmp_path_factory.mktemp("diag")
-    b = Bench.open(root)
+    b = Workspace.open(root)
     for defense, epochs in (("natural", 5), ("pgd_at", 3)):
-        run_defense(b, TrainRequest(defense, overrides=(f"epochs={epochs}",)), "quick")
+        run_defense(b, TrainRequest(defense, overrides=(f"epochs={epochs}",)), load_matrix("quick"))
     return root
 
 
 def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_results):
-    b = Bench.open(small_results)
+    b = Workspace.open(small_results)
     diags = b.store.diagnostics()
     assert len(diags) == 2 and all(d.n == 360 and d.eps == 0.2 for d in diags)
     created = [d.created_at for d in diags]
@@ -192,7 +193,7 @@ def test_diagnose_cli_table_and_json(small_results, monkeypatch, capsys):
 def test_diagnose_bad_input_exits_2_with_one_line(small_results, monkeypatch, capsys, args, message):
     code, out, err = _cli(monkeypatch, capsys, "diagnose", *args, "--results", str(small_results))
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
-    bench = str(Path(sys.executable).with_name("bench"))  # the installed script beside this Python
-    proc = subprocess.run([bench, "diagnose", *args, "--results", str(small_results)],
+    ws = str(Path(sys.executable).with_name("bench"))  # the installed script beside this Python
+    proc = subprocess.run([ws, "diagnose", *args, "--results", str(small_results)],
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1

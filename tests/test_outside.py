@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import bench
+from bench.core.matrix import load_matrix
 from bench import cli
 from bench.science.admission import admit, count_autograd_calls
 from bench.core.data import get_spec
@@ -247,7 +248,7 @@ cells = ["pgd:steps=5"]
 
 
 def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
-    from bench.run.bench import Bench
+    from bench.run.workspace import Workspace
     from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
 
@@ -266,7 +267,7 @@ def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_mod
     assert wc["cells"] == 3 and wc["robust_acc"] <= t.robust_acc
     # A rerun crafts and judges nothing; the surrogate is never its own transfer target.
     bench.evaluate(Saturated(natural_model), name="sat", matrix=str(matrix), results=results, device="cpu")
-    report = run_defense(Bench.open(results, device="cpu"), TrainRequest("natural"), str(matrix))
+    report = run_defense(Workspace.open(results, device="cpu"), TrainRequest("natural"), load_matrix(str(matrix)))
     assert not report.trained and len(store.transfers()) == 1
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.engine.fast import FastPath
 from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
-from bench.run.bench import Bench
-from bench.engine.evaluate import craft
+from bench.run.workspace import Workspace
+from bench.engine.cell import craft
 from bench.engine.device import default_precision, frozen
 from attacks.pgd import PGD, run_pgd
 
@@ -76,14 +77,14 @@ def test_craft_default_path_is_plain_fp32_pgd(small_model, digits_test):
 
 
 def test_bf16_is_never_the_cpu_default(tmp_path):
-    bench = Bench.open(tmp_path, device="cpu")
+    ws = Workspace.open(tmp_path, device="cpu")
     assert default_precision("cpu") == "fp32"
-    assert bench.precision == "fp32" and bench.channels_last is False and bench.compile is False
-    assert bench.fast == {"precision": "fp32", "channels_last": False, "fold_bn": False, "compile": False,
-                          "exact_rewrites": True}  # exact: changes no bit (tests/test_rewrite.py)
-    assert Bench.open(tmp_path, device="cpu", precision="bf16").precision == "bf16"  # only when asked
+    assert ws.precision == "fp32" and ws.channels_last is False and ws.compile is False
+    assert ws.fast == FastPath(precision="fp32", channels_last=False, fold_bn=False, compile=False,
+                                  exact_rewrites=True)  # exact: changes no bit (tests/test_rewrite.py)
+    assert Workspace.open(tmp_path, device="cpu", precision="bf16").precision == "bf16"  # only when asked
     with pytest.raises(BenchError):
-        Bench.open(tmp_path, device="cpu", precision="fp8")
+        Workspace.open(tmp_path, device="cpu", precision="fp8")
 
 
 def test_perf_tiny_runs_and_reports(tmp_path, monkeypatch):

@@ -17,8 +17,9 @@ from bench.core.matrix import make_cell  # noqa: E402
 from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.run.attacking import attack_checkpoint  # noqa: E402
-from bench.run.bench import Bench  # noqa: E402
-from bench.run.driver import run_defenses  # noqa: E402
+from bench.run.workspace import Workspace  # noqa: E402
+from bench.core.matrix import load_matrix  # noqa: E402
+from bench.run.driver import plan_run, run_defenses  # noqa: E402
 from bench.run.executors.ray import RayExecutor, _run_job  # noqa: E402
 from bench.run.recipe import TrainRequest, resolve  # noqa: E402
 from bench.run.training import ensure_checkpoint, load_model  # noqa: E402
@@ -39,14 +40,14 @@ steps = 7
 """
 
 
-def _numbers(bench: Bench) -> tuple[dict, dict, dict]:
+def _numbers(ws: Workspace) -> tuple[dict, dict, dict]:
     """Everything a run computes, keyed by checkpoint key (ids differ between stores)."""
-    cks = {c.id: c for c in bench.store.checkpoints()}
+    cks = {c.id: c for c in ws.store.checkpoints()}
     weights = {c.key: c.sha256 for c in cks.values()}
     cells = {(cks[e.checkpoint_id].key, e.cell_key): (e.clean_acc, e.robust_acc, e.n, e.correct_bits)
-             for e in bench.store.evaluations()}
+             for e in ws.store.evaluations()}
     transfers = {(cks[t.source_id].key, cks[t.target_id].key, t.cell_key): (t.robust_acc, t.correct_bits)
-                 for t in bench.store.transfers()}
+                 for t in ws.store.transfers()}
     return weights, cells, transfers
 
 
@@ -55,16 +56,17 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
     matrix = tmp_path / "small.toml"
     matrix.write_text(MATRIX)
     specs = [TrainRequest("natural", overrides=("epochs=2",)), TrainRequest("logit_squeeze", overrides=("epochs=2",))]
-    local = Bench.open(tmp_path / "local")
-    run_defenses(local, specs, str(matrix))
+    local = Workspace.open(tmp_path / "local")
+    parsed = load_matrix(str(matrix))
+    run_defenses(local, [plan_run(s, parsed, None) for s in specs], parsed)
     run_transfers(local, "all", "all", "pgd:steps=5")
 
     puts = []
     real_put = ray.put
     monkeypatch.setattr(ray, "put", lambda value: puts.append(type(value).__name__) or real_put(value))
-    remote = Bench.open(tmp_path / "ray")
+    remote = Workspace.open(tmp_path / "ray")
     with RayExecutor() as executor:
-        reports = run_defenses(remote, specs, str(matrix), executor)
+        reports = run_defenses(remote, [plan_run(s, parsed, None) for s in specs], parsed, executor)
         assert not executor.started  # joined the session's cluster instead of starting one
         # Each model travels once for all its cells; the test set once for everything.
         assert puts.count("Tensor") == 2 and len(puts) == 4  # two models, x and y
@@ -79,37 +81,37 @@ def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluste
 
 
 def test_a_worker_killed_mid_cell_is_retried_and_the_cell_committed_once(ray_cluster, registered_plugins, tmp_path):
-    bench = Bench.open(tmp_path / "res")
-    row, _ = ensure_checkpoint(bench, resolve(TrainRequest("natural", overrides=("epochs=1",))))
+    ws = Workspace.open(tmp_path / "res")
+    row, _ = ensure_checkpoint(ws, resolve(TrainRequest("natural", overrides=("epochs=1",))))
     threat = resolve(TrainRequest("natural")).dataset.threat
     marker = tmp_path / "killed-once"
     killer = make_cell("killer_bim", {"steps": 3, "marker": str(marker)}, threat)
     cells = [killer, make_cell("fgsm", {}, threat)]
     with RayExecutor() as executor:
-        ran = attack_checkpoint(bench, row, cells, lambda: load_model(row, bench.device), executor)
+        ran = attack_checkpoint(ws, row, cells, lambda: load_model(row, ws.device), executor)
     assert marker.exists()  # the first attempt killed its worker
     assert sorted(ran) == sorted(c.key for c in cells) and not ran.failures
-    rows = Counter(e.cell_key for e in bench.store.evaluations())
+    rows = Counter(e.cell_key for e in ws.store.evaluations())
     assert rows == Counter({c.key: 1 for c in cells})
     assert read_log(ray_cluster).count("cell killer_bim steps=3") == 2  # killed, then retried
     # The retried cell holds the numbers the same attack gives when nothing is killed.
-    again = Bench.open(tmp_path / "again")
+    again = Workspace.open(tmp_path / "again")
     row2, _ = ensure_checkpoint(again, resolve(TrainRequest("natural", overrides=("epochs=1",))))
     attack_checkpoint(again, row2, [killer], lambda: load_model(row2, again.device))
-    first = {e.cell_key: e for e in bench.store.evaluations()}[killer.key]
+    first = {e.cell_key: e for e in ws.store.evaluations()}[killer.key]
     assert again.store.evaluations()[0].correct_bits == first.correct_bits
 
 
 def test_a_failing_attack_fails_its_own_cell_on_ray(ray_cluster, registered_plugins, tmp_path):
-    bench = Bench.open(tmp_path / "res")
-    row, _ = ensure_checkpoint(bench, resolve(TrainRequest("natural", overrides=("epochs=1",))))
+    ws = Workspace.open(tmp_path / "res")
+    row, _ = ensure_checkpoint(ws, resolve(TrainRequest("natural", overrides=("epochs=1",))))
     threat = resolve(TrainRequest("natural")).dataset.threat
     failing, fgsm = make_cell("failing", {}, threat), make_cell("fgsm", {}, threat)
     with RayExecutor() as executor:
-        ran = attack_checkpoint(bench, row, [failing, fgsm], lambda: load_model(row, bench.device), executor)
+        ran = attack_checkpoint(ws, row, [failing, fgsm], lambda: load_model(row, ws.device), executor)
     assert list(ran) == [fgsm.key]
     assert ran.failures == {failing.key: "RuntimeError: this attack always fails"}
-    assert [e.cell_key for e in bench.store.evaluations()] == [fgsm.key]
+    assert [e.cell_key for e in ws.store.evaluations()] == [fgsm.key]
 
 
 def test_bench_run_and_transfer_take_executor_ray(ray_cluster, tmp_path, monkeypatch, capsys):

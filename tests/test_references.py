@@ -39,7 +39,7 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
 from bench.engine.device import frozen
-from bench.engine.evaluate import evaluate, subset_indices
+from bench.engine.cell import run_cell, subset_indices
 from bench.registry import ATTACKS
 from bench.science.adaptive import adapt_cells
 from conftest import train_digits
@@ -65,7 +65,7 @@ def model(request, natural_model, pgd_at_model):
 
 
 def ours(model, cell, x, y, seed: int) -> float:
-    return evaluate(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)["robust_acc"]
+    return run_cell(model, cell, x, y, device="cpu", batch_size=1024, seed=seed).robust_acc
 
 
 def robust_acc(model, x_adv, x, y) -> float:
@@ -284,7 +284,7 @@ def test_spsa_breaks_exactly_what_a_linear_model_allows():
         torch.testing.assert_close(-model(x)[:, 1], m.float())
     for seed in range(3):
         cfg = spsa_config(samples_per_dim=2)
-        x_adv = ATTACKS.get("spsa").fn(model, x, y, cfg, generator=torch.Generator().manual_seed(seed))
+        x_adv = ATTACKS.get("spsa").fn(model, x, y, cfg, generator=torch.Generator().manual_seed(seed)).x_adv
         with torch.no_grad():
             broken = model(x_adv).argmax(1) != y
         assert torch.equal(broken, ratio < 1), (seed, ratio[broken != (ratio < 1)])

@@ -13,7 +13,8 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.engine.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
-from bench.engine.evaluate import craft
+from bench.engine.cell import craft
+from bench.engine.fast import FastPath
 from bench.engine.device import frozen
 
 DIGITS = get_spec("digits")
@@ -194,7 +195,7 @@ def test_attacks_on_the_rewritten_model_are_bit_identical(digits_test, params):
         opt.step()
     cell = make_cell("pgd", dict({"eps": 0.06, "step_size": 0.015}, **params), DIGITS.threat)
     plain = craft(model, cell, x, y, device="cpu", batch_size=256, seed=5)
-    fast = craft(model, cell, x, y, device="cpu", batch_size=256, seed=5, exact_rewrites=True)
+    fast = craft(model, cell, x, y, device="cpu", batch_size=256, seed=5, fast=FastPath(exact_rewrites=True))
     assert torch.equal(plain, fast)
     with frozen(model), torch.no_grad():
         broken = (model(plain).argmax(1) != y).float().mean()

@@ -18,7 +18,7 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.models import Normalize, build_model
 from bench.engine.budget import BudgetError, check_budget
-from bench.plugin import register_attack
+from bench.plugin import Crafted, register_attack
 from bench.registry import ATTACKS
 from bench.reporting.results import result_rows
 from bench.store.bracket import bracket
@@ -75,10 +75,10 @@ def test_fp32_rounding_is_inside_robust_and_certified():
             with torch.no_grad():
                 assert int(model(v.x_adv[None]).argmax(1)) != 1
             assert float((v.x_adv - x[0]).abs().max()) <= eps
-    _, info = ATTACKS.get("certify").fn(model, x, y, Certify(eps=eps))
-    assert not bool(info["certified"][0])
-    _, info = ATTACKS.get("certify").fn(model, x, y, Certify(eps=eps, method="ibp"))
-    assert not bool(info["certified"][0])
+    info = ATTACKS.get("certify").fn(model, x, y, Certify(eps=eps)).verdicts
+    assert not bool(info.certified[0])
+    info = ATTACKS.get("certify").fn(model, x, y, Certify(eps=eps, method="ibp")).verdicts
+    assert not bool(info.certified[0])
 
 
 def test_the_rounding_bound_holds_on_digits_mlp_and_is_small(digits_test):
@@ -155,13 +155,13 @@ def _refused_or_never_robust(model, name: str):
         assert int(model(x).argmax(1)) == 0  # the clean image is right ...
         assert int(model(torch.full_like(x, 0.405)).argmax(1)) == 1  # ... a corner of its box is not
     try:
-        _, verdicts = ATTACKS.get("verify").fn(model, x, y, Verify(eps=eps, time_limit=5.0))
-        _, certified = ATTACKS.get("certify").fn(model, x, y, Certify(eps=eps))
+        verdicts = ATTACKS.get("verify").fn(model, x, y, Verify(eps=eps, time_limit=5.0)).verdicts
+        certified = ATTACKS.get("certify").fn(model, x, y, Certify(eps=eps)).verdicts
     except Unsupported as exc:
         assert "\n" not in str(exc) and str(exc).startswith("verify: "), name
         return
-    assert verdicts["status"][0] != "robust", name
-    assert not bool(certified["certified"][0]), name
+    assert verdicts.status[0] != "robust", name
+    assert not bool(certified.certified[0]), name
 
 
 @pytest.mark.parametrize("attach", [_last_layer_hook, _root_pre_hook, _global_hook],
@@ -242,7 +242,7 @@ def nan_attack():
         """Returns its inputs with one NaN pixel each."""
         out = x.clone()
         out[:, 0, 0, 0] = float("nan")
-        return out
+        return Crafted(out)
 
     yield name
     ATTACKS.unregister(name)

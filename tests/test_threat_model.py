@@ -15,11 +15,12 @@ from bench import api
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
+from bench.engine.fast import FastPath
 from bench.engine.device import full_fp32
-from bench.engine.evaluate import craft, faithful
+from bench.engine.cell import craft, faithful
 from bench.engine.rewrite import exact_view, fold_bn
 from bench.engine.verdicts import majority_correct
-from bench.plugin import radius, register_attack
+from bench.plugin import Crafted, radius, register_attack
 from bench.registry import ATTACKS
 from bench.run.training import load_model
 from cli_run import run_cli
@@ -51,7 +52,7 @@ def cheat():
     @register_attack("outside_the_ball", config=Outside)
     def perturb(model, x, y, cfg, *, generator=None):
         """Steps outside the ball it claims."""
-        return (x + cfg.factor * cfg.eps * torch.sign(x - 0.5)).clamp(0, 1)
+        return Crafted((x + cfg.factor * cfg.eps * torch.sign(x - 0.5)).clamp(0, 1))
 
     yield "outside_the_ball"
     ATTACKS.unregister("outside_the_ball")
@@ -142,8 +143,8 @@ def test_a_custom_backward_survives_the_fast_path(natural_model, digits_test):
     # Folding batch norm keeps it whole too.
     assert faithful(model, fold_bn(model), xs, ys)
     cell = make_cell("pgd", {"steps": 10}, THREAT)
-    fast = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, exact_rewrites=True)
-    plain = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, exact_rewrites=False)
+    fast = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, fast=FastPath(exact_rewrites=True))
+    plain = craft(model, cell, x[:64], y[:64], device="cpu", batch_size=64, fast=FastPath(exact_rewrites=False))
     assert torch.equal(fast, plain)
 
 
@@ -232,9 +233,9 @@ def test_bench_transfer_judges_a_randomized_target_by_the_majority_rule(tmp_path
     assert rows[0]["attack"].endswith(",votes=21")  # the matrix's own cells
     grid = api.transfer("noisy", "noisy", where=where).grid
     assert grid and all(g["cell"].endswith(",votes=21") for g in grid)
-    bench = api.open_bench(where)
-    (ck,) = bench.store.checkpoints(defense="noisy")
-    (row,) = bench.store.transfers([ck.id])
+    ws = api.open_workspace(where)
+    (ck,) = ws.store.checkpoints(defense="noisy")
+    (row,) = ws.store.transfers([ck.id])
     assert row.extra["votes"] == 21
     x, y = load_dataset("digits", "test")
     model = load_model(ck, "cpu")

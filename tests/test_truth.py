@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.core.contract import CertifiedVerdicts, CompleteVerdicts
+from bench.core.kinds import CellKind
 from bench.core.data import get_spec
 from bench.core.matrix import matrix_cells, matrix_transfer
 from bench.engine.verified import verified
@@ -112,20 +114,23 @@ def test_unsound_fires_and_fails_loudly_once_stored(tmp_path):
 
 def test_a_counterexample_that_does_not_reproduce_fails_the_cell():
     clean = torch.tensor([True, True, True])
-    base = {"seconds": torch.zeros(3), "unstable": torch.zeros(3), "binaries": torch.zeros(3),
-            "decided_by": ["bound", "milp", "timeout"]}
-    robust, proven, extra = verified({**base, "status": ["robust", "not_robust", "unknown"]}, clean,
-                                     torch.tensor([True, False, True]))
+    parts = [CompleteVerdicts(status=("robust", "not_robust"), decided_by=("bound", "milp"),
+                              seconds=torch.zeros(2, dtype=torch.float64), unstable=torch.zeros(2, dtype=torch.int64),
+                              binaries=torch.zeros(2, dtype=torch.int64), tolerance=torch.zeros(2, dtype=torch.float64)),
+             CompleteVerdicts(status=("unknown",), decided_by=("timeout",),
+                              seconds=torch.zeros(1, dtype=torch.float64), unstable=torch.zeros(1, dtype=torch.int64),
+                              binaries=torch.zeros(1, dtype=torch.int64), tolerance=torch.zeros(1, dtype=torch.float64))]
+    robust, proven, extra = verified(CellKind.VERIFY, parts, clean, torch.tensor([True, False, True]))
     assert robust.tolist() == [True, False, True] and proven.tolist() == [True, False, False]
     assert extra["verify"]["robust"] == 1 and extra["verify"]["unknown"] == 1
     assert extra["verify"]["decided_by"] == {"bound": 1, "milp": 1, "timeout": 1}
     with pytest.raises(RuntimeError, match="counterexample of image 1 does not reproduce"):
-        verified({**base, "status": ["robust", "not_robust", "unknown"]}, clean, torch.tensor([True, True, True]))
+        verified(CellKind.VERIFY, parts, clean, torch.tensor([True, True, True]))
     with pytest.raises(RuntimeError, match="image 0 was verified robust"):
-        verified({**base, "status": ["robust", "not_robust", "unknown"]}, clean, torch.tensor([False, False, True]))
+        verified(CellKind.VERIFY, parts, clean, torch.tensor([False, False, True]))
     with pytest.raises(RuntimeError, match="misclassifies was certified"):
-        verified({"certified": torch.tensor([True, False, False])}, torch.tensor([False, True, True]),
-                 torch.tensor([False, True, True]))
+        verified(CellKind.CERTIFY, [CertifiedVerdicts(torch.tensor([True, False, False]), torch.zeros(3, dtype=torch.float64))],
+                 torch.tensor([False, True, True]), torch.tensor([False, True, True]))
 
 
 def test_truth_is_full_plus_the_verifier_cells():

@@ -13,7 +13,7 @@ import pytest
 
 from bench.core.data import get_spec, load_dataset
 from bench.errors import BenchError
-from bench.core.matrix import BUILTIN, matrix_cells
+from bench.core.matrix import BUILTIN, load_matrix, matrix_cells
 from bench.core.presets import all_presets
 from bench.run.recipe import TrainRequest, resolve
 from bench.registry import ATTACKS, DEFENSES, build_config
@@ -56,14 +56,14 @@ def _matrix(tmp_path: Path, body: str) -> str:
 def test_bad_matrix_cells_name_the_file_the_cell_and_the_field(tmp_path, body, message):
     path = _matrix(tmp_path, body)
     with pytest.raises(BenchError) as exc:
-        plan_run(TrainRequest("natural"), path, None)
+        plan_run(TrainRequest("natural"), load_matrix(path), None)
     assert str(exc.value).startswith(f"matrix {path!r}: ") and message in str(exc.value)
     assert "\n" not in str(exc.value)
 
 
 def test_subset_within_the_test_set_is_accepted(tmp_path):
-    _, cells = plan_run(TrainRequest("natural"), _matrix(tmp_path, 'attack = "pgd"\nsubset = 360'), None)
-    assert [c.subset for c in cells] == [0, 360]
+    plan = plan_run(TrainRequest("natural"), load_matrix(_matrix(tmp_path, 'attack = "pgd"\nsubset = 360')), None)
+    assert [c.subset for c in plan.cells] == [0, 360]
 
 
 @pytest.mark.parametrize("override, message", [

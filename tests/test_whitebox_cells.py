@@ -30,7 +30,7 @@ from bench.core.matrix import make_cell, parse_cell_key
 from bench.core.presets import default_preset
 from bench.engine.budget import ball, check_budget
 from bench.engine.device import frozen
-from bench.engine.evaluate import craft, evaluate, subset_indices
+from bench.engine.cell import craft, run_cell, subset_indices
 from bench.errors import BenchError
 from bench.plugin import seed_from
 from bench.registry import ATTACKS
@@ -51,8 +51,8 @@ def pgd_at_model(digits_test):
 
 def ours(model, cell, x, y, seed: int) -> np.ndarray:
     """Per-sample robustness (correct on clean and adversarial input) from the cell."""
-    result = evaluate(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)
-    return np.unpackbits(np.frombuffer(result["correct_bits"], dtype=np.uint8), count=result["n"]).astype(bool)
+    result = run_cell(model, cell, x, y, device="cpu", batch_size=1024, seed=seed)
+    return np.unpackbits(np.frombuffer(result.correct_bits, dtype=np.uint8), count=result.n).astype(bool)
 
 
 def robust(model, x_adv, x, y) -> np.ndarray:
@@ -169,7 +169,7 @@ def test_multitargeted_keeps_the_first_break_and_runs_only_on_what_is_left(pgd_a
     with frozen(model):
         x_adv, broken = run_multitargeted(model, x, y, cfg, torch.Generator().manual_seed(0))
         first, broken_first = run_multitargeted(model, x, y, replace(cfg, targets=1), torch.Generator().manual_seed(0))
-        again = fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0))
+        again = fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0)).x_adv
         preds = model(x_adv).argmax(1)
     assert torch.equal(again, x_adv)
     assert bool((preds[broken] != y[broken]).all())
@@ -259,7 +259,7 @@ def test_targets_are_capped_at_the_wrong_classes(digits_test, attack):
     for k in (9, 4):
         cfg = make_cell(attack, {"steps": 5, field: k}, THREAT).config
         with frozen(model):
-            runs.append(fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0)))
+            runs.append(fn(model, x, y, cfg, generator=torch.Generator().manual_seed(0)).x_adv)
     assert torch.equal(*runs)
 
 
@@ -274,10 +274,10 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     x, y = digits_test
     y = torch.full_like(y[:16], 9)  # the constant model's prediction: all correct, all attacked
     with caplog.at_level(logging.DEBUG):
-        result = evaluate(Constant(), make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), x[:16], y,
+        result = run_cell(Constant(), make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), x[:16], y,
                           device="cpu", batch_size=1024, seed=0)
-    assert any("zero gradient" in w for w in result["extra"]["warnings"])
-    assert result["robust_acc"] == 1.0
+    assert any("zero gradient" in w for w in result.extra["warnings"])
+    assert result.robust_acc == 1.0
     assert not caplog.records and logging.getLogger("auto-attack").handlers == []
 
 
@@ -287,7 +287,7 @@ def under_autocast(model, attack, params, x, y, bf16: bool):
     with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return run_multitargeted(model, x, y, cell.config, torch.Generator().manual_seed(0)) \
             if attack == "multitargeted" else \
-            ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0))
+            ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0)).x_adv
 
 
 @pytest.mark.parametrize("attack", ["apgd", "apgd_t"])

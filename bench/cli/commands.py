@@ -115,8 +115,8 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", metavar="MODULE:FUNCT
     api, output = _load()
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
-        report, rows = api.evaluate_model(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
-                                          where=where, progress=progress)
+        report, rows = api.eval_outside(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
+                                        where=where, progress=progress)
     output.surrogates(report.surrogates_trained)
     output.summary(name, report.checkpoint.key, "added" if report.added else "found", len(report.cells_run),
                    report.cells_total, output.missing_cells(rows, report.checkpoint.key))

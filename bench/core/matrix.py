@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.core import contract
 from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -28,7 +29,7 @@ BUILTIN = ("quick", "full", "paper", "truth")
 @dataclass(frozen=True)
 class Cell:
     attack: str
-    config: Any
+    config: contract.AttackConfig
     """The attack's frozen config with every budget filled in."""
     key: str
     threat: str
@@ -58,13 +59,13 @@ class Cell:
     def verifier(self) -> bool:
         """A verifier cell (its attack config says `verifier = True`): it returns per-image
         verdicts (bench.engine.verified) and brackets the worst case rather than making it."""
-        return getattr(self.config, "verifier", False)
+        return contract.hooks(self.config).verifier
 
     @property
     def kind(self) -> CellKind:
         """What the cell's stored bits say (bench.core.kinds): an attack's unless its config
         declares a verifier's kind."""
-        return getattr(self.config, "kind", CellKind.ATTACK)
+        return contract.hooks(self.config).kind
 
 
 def _fmt(value: Any) -> str:
@@ -109,11 +110,10 @@ def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell
     except BenchError as exc:
         raise BenchError(f"{where}: {exc}") from exc
     cfg = entry.make_config(params, what=f"{where} ({attack})")
-    if hasattr(cfg, "with_threat"):
-        try:  # the budget filled from the threat model is checked like one given
-            cfg = cfg.with_threat(threat)
-        except (TypeError, ValueError) as exc:
-            raise BenchError(f"{where} ({attack}): {exc}") from exc
+    try:  # the budget filled from the threat model is checked like one given
+        cfg = contract.with_threat(cfg, threat)
+    except (TypeError, ValueError) as exc:
+        raise BenchError(f"{where} ({attack}): {exc}") from exc
     key = cell_key(attack, cfg, subset)
     return Cell(attack, cfg, key, cfg.threat_key(), subset)
 
@@ -135,9 +135,9 @@ def transfer_cell(key: str, threat) -> Cell:
     config's `for_transfer()` where it has one (PGD keeps its final iterate rather than the
     first that fools the source), so the key says how the examples were made."""
     cell = parse_cell_key(key, threat)
-    if not hasattr(cell.config, "for_transfer"):
+    config = contract.for_transfer(cell.config)
+    if config is None:
         return cell
-    config = cell.config.for_transfer()
     return dataclasses.replace(cell, config=config, key=cell_key(cell.attack, config, cell.subset))
 
 
@@ -152,12 +152,60 @@ def _parse_value(v: str) -> Any:
     return v
 
 
-def load_matrix(name_or_path: str) -> tuple[str, list[dict]]:
-    """(name, raw cell tables) of a built-in matrix or a TOML file; a matrix that says
-    `include = ["full"]` has the included built-in matrices' cells first, then its own."""
+@dataclass(frozen=True)
+class TransferTable:
+    """A matrix's `[transfer]` table: the surrogate defenses examples are crafted on, and
+    the keys of the cells that craft them (bench.run.surrogates)."""
+
+    surrogates: tuple[str, ...] = ()
+    cells: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A matrix read and checked once per command, then handed to every stage that runs it.
+
+    Its cells are expanded per dataset (`cells`), since the threat model fills their
+    budgets; the TOML is never read again."""
+
+    name: str
+    """The file's stem, or the built-in matrix's name."""
+    source: str
+    """What the user gave (a built-in name or a path): errors name it."""
+    description: str
+    tables: tuple[dict, ...]
+    """The `[[cell]]` tables, those of the included matrices first, as parsed."""
+    transfer: TransferTable
+
+    def cells(self, threat, test_size: int | None = None) -> list[Cell]:
+        """Every cell under `threat`; `test_size`, where the dataset is known, bounds subsets."""
+        return expand(list(self.tables), threat, where=f"matrix {self.source!r}", test_size=test_size)
+
+    def transfer_cells(self, threat) -> list[Cell]:
+        """The cells that craft the transfer examples, as `transfer_cell` makes them."""
+        return [transfer_cell(k, threat) for k in self.transfer.cells]
+
+
+def load_matrix(name_or_path: str) -> Matrix:
+    """A built-in matrix or a TOML file; a matrix that says `include = ["full"]` has the
+    included built-in matrices' cells first, then its own, and their [transfer] table
+    unless it has its own."""
     name, raw = _load_toml(name_or_path)
-    cells = raw.get("cell", [])
-    return name, [*_included(raw, name)[0], *cells]
+    included, included_transfer = _included(raw, name)
+    return Matrix(name=name, source=name_or_path, description=str(raw.get("description", "")),
+                  tables=(*included, *raw.get("cell", [])),
+                  transfer=_transfer_table(name, raw.get("transfer") or included_transfer))
+
+
+def _transfer_table(name: str, table: dict) -> TransferTable:
+    surrogates, cells = table.get("surrogates", []), table.get("cells", [])
+    if not (isinstance(surrogates, list) and all(isinstance(s, str) for s in surrogates)
+            and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):
+        raise BenchError(f"matrix {name!r}: [transfer] takes surrogates = [\"natural\", ...] and "
+                         "cells = [\"pgd:steps=20\", ...]")
+    if surrogates and not cells:
+        raise BenchError(f"matrix {name!r}: [transfer] names surrogates but no cells to craft with")
+    return TransferTable(tuple(surrogates), tuple(cells))
 
 
 def _included(raw: dict, where: str) -> tuple[list[dict], dict]:
@@ -169,9 +217,10 @@ def _included(raw: dict, where: str) -> tuple[list[dict], dict]:
     cells: list[dict] = []
     transfer: dict = {}
     for name in names:
-        _, included = load_matrix(name)
-        cells.extend(included)
-        transfer = transfer or (_load_toml(name)[1].get("transfer") or {})
+        included_raw = _load_toml(name)[1]
+        cells.extend(_included(included_raw, name)[0])
+        cells.extend(included_raw.get("cell", []))
+        transfer = transfer or (included_raw.get("transfer") or {})
     return cells, transfer
 
 
@@ -222,20 +271,12 @@ def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int |
 
 
 def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> list[Cell]:
-    """Every cell of a matrix; errors name the matrix as given (built-in name or path)."""
-    _, raw = load_matrix(name_or_path)
-    return expand(raw, threat, where=f"matrix {name_or_path!r}", test_size=test_size)
+    """Every cell of a matrix read from its name or path (for scripts and listings; a
+    command reads its matrix once, `load_matrix`, and passes the Matrix down)."""
+    return load_matrix(name_or_path).cells(threat, test_size)
 
 
 def matrix_transfer(name_or_path: str) -> tuple[list[str], list[str]]:
     """(surrogate defenses, transfer cell keys) of a matrix's [transfer] table; empty if none."""
-    name, raw = _load_toml(name_or_path)
-    table = raw.get("transfer") or _included(raw, name)[1]
-    surrogates, cells = table.get("surrogates", []), table.get("cells", [])
-    if not (isinstance(surrogates, list) and all(isinstance(s, str) for s in surrogates)
-            and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):
-        raise BenchError(f"matrix {name!r}: [transfer] takes surrogates = [\"natural\", ...] and "
-                         "cells = [\"pgd:steps=20\", ...]")
-    if surrogates and not cells:
-        raise BenchError(f"matrix {name!r}: [transfer] names surrogates but no cells to craft with")
-    return surrogates, cells
+    table = load_matrix(name_or_path).transfer
+    return list(table.surrogates), list(table.cells)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.core import contract
 from bench.core.matrix import Cell
 
 LINF_TOLERANCE = 1e-6
@@ -30,8 +31,9 @@ class BudgetError(RuntimeError):
 def ball(cell: Cell) -> tuple[str, float]:
     """(norm, eps) of the cell's threat model."""
     kind, _, value = cell.threat.partition("-")
-    norm = getattr(cell.config, "norm", None) or ("l2" if kind == "l2" else "linf")
-    eps = getattr(cell.config, "eps", None)
+    declared = contract.hooks(cell.config)
+    norm = declared.norm or ("l2" if kind == "l2" else "linf")
+    eps = declared.eps
     return norm, float(eps if eps is not None else value)
 
 

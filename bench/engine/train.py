@@ -6,7 +6,7 @@ minimize. Schedule, optimizer and augmentation are the shared TrainConfig below,
 defenses differ only in their loss. The same seed gives the same weights on the same
 machine.
 
-On a GPU the caller (the training job, bench.run.jobs, from Bench) turns on the fast path: channels-last
+On a GPU the caller (the training job, bench.run.jobs, from the Workspace) turns on the fast path: channels-last
 weights and inputs, and the loss (the training adversary included) under bf16 autocast,
 with fp32 weights, optimizer and backward accumulation, so no loss scaling is needed.
 Neither is on by default, and the CPU never uses them: its results stay bit for bit.

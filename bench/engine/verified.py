@@ -1,7 +1,7 @@
 """The verdicts of a verifier cell, held to what the model itself does.
 
 Two kinds of cell return per-image verdicts besides their inputs (attacks/verify.py,
-attacks/certify.py):
+attacks/certify.py), each a record of bench.core.contract that the cell's kind names:
 
 - a complete verifier: per image `robust` (no input of the ball changes the label),
   `not_robust` (with a counterexample, returned as the cell's adversarial input) or
@@ -18,8 +18,13 @@ of the fp32 tolerances the verifier's margins had to exceed (bench.verify.roundi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+
+from bench.core.contract import CertifiedVerdicts, CompleteVerdicts
+from bench.core.kinds import CellKind
 
 
 STATUSES = ("robust", "not_robust", "unknown")
@@ -32,19 +37,28 @@ def _spread(values: np.ndarray) -> dict:
             "max": float(values.max()), "total": float(values.sum())}
 
 
-def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(the cell's robust bits, its proven bits, its extra) from the verdicts a verifier cell returned,
-    `clean` and `robust` being the model's fp32 verdicts on the clean and returned inputs."""
-    if "certified" in verdicts:
-        certified = verdicts["certified"].bool()
-        if bool((certified & ~clean).any()):
-            raise RuntimeError("certify: an image the model misclassifies was certified robust")
-        extra = {"certified": {"count": int(certified.sum()), "n": len(certified)}}
-        if "margin" in verdicts:
-            margin = verdicts["margin"].double().numpy()
-            extra["certified"]["margin_median"] = float(np.median(margin)) if len(margin) else None
-        return certified & clean, certified & clean, extra
-    status = verdicts["status"]
+def verified(kind: CellKind, parts: Sequence, clean: torch.Tensor,
+             robust: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(the cell's robust bits, its proven bits, its extra) from the verdicts a verifier
+    cell of `kind` returned, batch by batch (`parts`), `clean` and `robust` being the
+    model's fp32 verdicts on the clean and returned inputs."""
+    if kind is CellKind.CERTIFY:
+        return _certified(CertifiedVerdicts.concat(list(parts)), clean)
+    return _complete(CompleteVerdicts.concat(list(parts)), robust)
+
+
+def _certified(verdicts: CertifiedVerdicts, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    certified = verdicts.certified.bool()
+    if bool((certified & ~clean).any()):
+        raise RuntimeError("certify: an image the model misclassifies was certified robust")
+    margin = verdicts.margin.double().numpy()
+    extra = {"certified": {"count": int(certified.sum()), "n": len(certified),
+                           "margin_median": float(np.median(margin)) if len(margin) else None}}
+    return certified & clean, certified & clean, extra
+
+
+def _complete(verdicts: CompleteVerdicts, robust: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    status = verdicts.status
     unknown_status = [s for s in set(status) if s not in STATUSES]
     if unknown_status:
         raise RuntimeError(f"verify: unknown verdict {unknown_status[0]!r}")
@@ -56,12 +70,12 @@ def verified(verdicts: dict, clean: torch.Tensor, robust: torch.Tensor) -> tuple
     bad = (is_["robust"] & ~robust).nonzero().flatten().tolist()
     if bad:
         raise RuntimeError(f"verify: image {bad[0]} was verified robust but the model misclassifies its input")
-    seconds = verdicts["seconds"].double().numpy()
-    unstable = verdicts["unstable"].long().numpy()
-    binaries = verdicts["binaries"].long().numpy()
-    tolerance = verdicts["tolerance"].double().numpy() if "tolerance" in verdicts else np.zeros(0)
+    seconds = verdicts.seconds.double().numpy()
+    unstable = verdicts.unstable.long().numpy()
+    binaries = verdicts.binaries.long().numpy()
+    tolerance = verdicts.tolerance.double().numpy()
     decided_by: dict[str, int] = {}
-    for how in verdicts.get("decided_by", []):
+    for how in verdicts.decided_by:
         decided_by[how] = decided_by.get(how, 0) + 1
     counts = {s: int(is_[s].sum()) for s in STATUSES}
     extra = {"verify": {**counts, "n": len(status),

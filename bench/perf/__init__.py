@@ -2,7 +2,7 @@
 
 One process, one model and one set of inputs per comparison:
 
-- race: our PGD (through `bench.engine.evaluate.craft`, the path every cell takes) against
+- race: our PGD (through `bench.engine.cell.craft`, the path every cell takes) against
   torchattacks' PGD with the same steps, eps, step size and random start, on a robust
   digits model trained here (pgd_at when registered, else logit_squeeze with noise).
   Early stop off is equal work (every sample takes every step); early stop on is what

@@ -3,6 +3,7 @@ CIFAR-shaped synthetic data, PGD on ResNet-18 and WideResNet-28-10, and PGD trai
 from __future__ import annotations
 
 import statistics
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -12,12 +13,13 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.engine.device import frozen
-from bench.engine.evaluate import craft
+from bench.engine.cell import craft
+from bench.engine.fast import PLAIN
 from bench.engine.train import TrainConfig, train_model
 from bench.perf.races import _robust, precision_check, race
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _median_times, _timed
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from defenses._parts import pgd_adversary
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), by a piece of
@@ -65,12 +67,12 @@ def synthetic_cifar(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch
     return x.clamp_(0, 1).to(device), y.to(device)
 
 
-def train_timing(bench: Bench, size: PerfSize, log: Log) -> tuple[dict, torch.nn.Module]:
+def train_timing(ws: Workspace, size: PerfSize, log: Log) -> tuple[dict, torch.nn.Module]:
     """Seconds per epoch of pgd_at-style 7-step PGD training of ResNet-18 on CIFAR-shaped
     synthetic data, through bench.engine.train with the bench's fast path."""
     spec = get_spec("cifar10")
     th = spec.threat
-    x, y = synthetic_cifar(size.train_images, 1, bench.device)
+    x, y = synthetic_cifar(size.train_images, 1, ws.device)
 
     def at_loss(model, xb, yb, cfg, ctx):  # Madry et al.: the adversary's loss only
         xa = pgd_adversary(model, xb, yb, eps=th.eps, steps=7, step_size=th.step_size, generator=ctx.generator)
@@ -80,8 +82,8 @@ def train_timing(bench: Bench, size: PerfSize, log: Log) -> tuple[dict, torch.nn
     for batch, epochs in size.train_runs:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="sgd", lr=0.05, weight_decay=5e-4,
                            schedule="constant", augment="crop_flip")
-        model, res = train_model("resnet18", spec, at_loss, None, tcfg, x, y, seed=0, device=bench.device,
-                                 precision=bench.precision, channels_last=bench.channels_last)
+        model, res = train_model("resnet18", spec, at_loss, None, tcfg, x, y, seed=0, device=ws.device,
+                                 precision=ws.precision, channels_last=ws.channels_last)
         per_epoch = res.epoch_seconds
         for e, (s, loss) in enumerate(zip(per_epoch, res.losses)):
             log(f"train resnet18 batch {batch}: epoch {e + 1} {s:.2f} s (loss {loss:.3f})")
@@ -93,49 +95,48 @@ def train_timing(bench: Bench, size: PerfSize, log: Log) -> tuple[dict, torch.nn
             kept = model
     # An epoch costs 8 forward and 8 backward passes per image (7 adversary steps, 1 update).
     return {"recipe": "ResNet-18, 7-step L-inf PGD training (eps 8/255, step 2/255), SGD, crop+flip",
-            "data": "CIFAR-shaped synthetic (class colour patterns + noise)", "precision": bench.precision,
-            "channels_last": bench.channels_last, "runs": runs}, kept.eval()
+            "data": "CIFAR-shaped synthetic (class colour patterns + noise)", "precision": ws.precision,
+            "channels_last": ws.channels_last, "runs": runs}, kept.eval()
 
 
-def gpu_models(bench: Bench, size: PerfSize, trained: torch.nn.Module | None, peak: float, log: Log) -> dict:
+def gpu_models(ws: Workspace, size: PerfSize, trained: torch.nn.Module | None, peak: float, log: Log) -> dict:
     spec = get_spec("cifar10")
     out: dict[str, Any] = {}
-    x, y = synthetic_cifar(size.gpu_images, 2, bench.device)
-    datasheet = out_peak(bench.device)
+    x, y = synthetic_cifar(size.gpu_images, 2, ws.device)
+    datasheet = out_peak(ws.device)
     for arch in size.gpu_archs:
         if arch == "resnet18" and trained is not None:
             model, weights = trained, "trained here (7-step PGD training, synthetic CIFAR-shaped data)"
         else:
             torch.manual_seed(0)
-            model, weights = build_model(arch, spec).to(bench.device).eval(), "random (seeded init)"
-        flops = flops_per_image(model, spec.shape, bench.device)
-        batch = size.gpu_batch.get(arch, bench.batch_size())
+            model, weights = build_model(arch, spec).to(ws.device).eval(), "random (seeded init)"
+        flops = flops_per_image(model, spec.shape, ws.device)
+        batch = size.gpu_batch.get(arch, ws.batch_size())
         steps = size.gpu_steps
         total_flops = (steps * flops["pgd_step"] + flops["forward"]) * len(x)
         res: dict[str, Any] = {"weights": weights, "flops_per_image": flops, "images": len(x), "steps": steps,
                                "batch_size": batch, "pgd_flops_total": total_flops, "variants": {}}
         # (label, fast-path keywords, early stop); equal work (early stop off) is what the
         # FLOP rate and the targets are measured on.
-        variants = [("default", bench.fast, False), ("default_early_stop", bench.fast, True)]
+        variants = [("default", ws.fast, False), ("default_early_stop", ws.fast, True)]
         if arch in size.gpu_fp32_archs:
-            variants.append(("fp32_plain", {"precision": "fp32", "channels_last": False, "fold_bn": False,
-                                            "compile": False, "exact_rewrites": False}, False))
-        if bench.fold_bn and size.gpu_ablations:
-            variants.append(("default_without_bn_folding", dict(bench.fast, fold_bn=False), False))
-        if bench.channels_last and size.gpu_ablations:
-            variants.append(("default_nchw", dict(bench.fast, channels_last=False), False))
+            variants.append(("fp32_plain", PLAIN, False))
+        if ws.fold_bn and size.gpu_ablations:
+            variants.append(("default_without_bn_folding", replace(ws.fast, fold_bn=False), False))
+        if ws.channels_last and size.gpu_ablations:
+            variants.append(("default_nchw", replace(ws.fast, channels_last=False), False))
         if size.gpu_compile and arch == "resnet18":
-            variants.append(("default_compiled", dict(bench.fast, compile=True), False))
+            variants.append(("default_compiled", replace(ws.fast, compile=True), False))
         for label, fast, early in variants:
             cell = make_cell("pgd", {"steps": steps, "early_stop": early}, spec.threat)
             log(f"{arch}: PGD-{steps} on {len(x)} images, {label}")
-            f = lambda: craft(model, cell, x, y, device=bench.device, batch_size=batch, **fast)  # noqa: E731
-            first, _ = _timed(f, bench.device)  # warm-up (and compiling, if asked)
-            t, outs = _median_times({"t": f}, 1 if arch != "resnet18" else 2, bench.device)
+            f = lambda: craft(model, cell, x, y, device=ws.device, batch_size=batch, fast=fast)  # noqa: E731
+            first, _ = _timed(f, ws.device)  # warm-up (and compiling, if asked)
+            t, outs = _median_times({"t": f}, 1 if arch != "resnet18" else 2, ws.device)
             sec = t["t"]
-            row = {"seconds": sec, "first_call_seconds": first, "fast_path": fast, "early_stop": early,
+            row = {"seconds": sec, "first_call_seconds": first, "fast_path": asdict(fast), "early_stop": early,
                    "images_steps_per_s": len(x) * steps / sec,
-                   "robust_acc": _robust(model, outs["t"], x, y, bench)}
+                   "robust_acc": _robust(model, outs["t"], x, y, ws)}
             if not early:
                 row["achieved_tflops"] = total_flops / sec / 1e12
                 row["fraction_of_measured_peak"] = row["achieved_tflops"] / peak
@@ -144,10 +145,10 @@ def gpu_models(bench: Bench, size: PerfSize, trained: torch.nn.Module | None, pe
             res["variants"][label] = row
             log(f"{arch} {label}: {sec:.2f} s ({row.get('achieved_tflops', float('nan')):.0f} TFLOP/s)")
         if arch == "resnet18":
-            res["race"] = race(model, x, y, spec.threat, bench, steps=steps, repeats=1, batch_size=batch, log=log)
+            res["race"] = race(model, x, y, spec.threat, ws, steps=steps, repeats=1, batch_size=batch, log=log)
             if trained is not None:
                 res["precision"] = precision_check(
-                    model, x, y, spec.threat, bench, batch_size=batch, repeats=1, log=log,
+                    model, x, y, spec.threat, ws, batch_size=batch, repeats=1, log=log,
                     cells=[{"steps": steps}, {"steps": steps, "loss": "cw"}])
         out[arch] = res
         del model

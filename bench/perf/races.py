@@ -3,6 +3,7 @@ too): the race of our PGD against torchattacks' PGD, the fp32 against bf16 check
 how time scales with images and steps."""
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -10,11 +11,12 @@ import torchattacks
 
 from bench.core.matrix import make_cell
 from bench.engine.device import frozen
-from bench.engine.evaluate import craft
+from bench.engine.cell import craft
+from bench.engine.fast import FastPath
 from bench.engine.verdicts import predict
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _fit, _median_times, _tile
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 
 
 def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:
@@ -25,65 +27,65 @@ def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _robust(model, x_adv, x, y, bench: Bench) -> float:
-    """Robust accuracy of (x_adv, x) verified in fp32, as bench.engine.evaluate.evaluate counts it."""
-    bs = bench.batch_size()
-    clean = predict(model, x, device=bench.device, batch_size=bs).argmax(1) == y.cpu()
-    adv = predict(model, x_adv, device=bench.device, batch_size=bs).argmax(1) == y.cpu()
+def _robust(model, x_adv, x, y, ws: Workspace) -> float:
+    """Robust accuracy of (x_adv, x) verified in fp32, as bench.engine.cell.run_cell counts it."""
+    bs = ws.batch_size()
+    clean = predict(model, x, device=ws.device, batch_size=bs).argmax(1) == y.cpu()
+    adv = predict(model, x_adv, device=ws.device, batch_size=bs).argmax(1) == y.cpu()
     return float((clean & adv).float().mean())
 
 
-def race(model, x, y, threat, bench: Bench, *, steps: int, repeats: int, batch_size: int,
-         fast: dict | None = None, log: Log) -> dict:
+def race(model, x, y, threat, ws: Workspace, *, steps: int, repeats: int, batch_size: int,
+         fast: FastPath | None = None, log: Log) -> dict:
     """Our PGD (craft, early stop off and on) against torchattacks' PGD, same inputs."""
-    fast = bench.fast if fast is None else fast
+    fast = ws.fast if fast is None else fast
     off = make_cell("pgd", {"steps": steps, "early_stop": False}, threat)
     on = make_cell("pgd", {"steps": steps}, threat)
-    x, y = x.to(bench.device), y.to(bench.device)
-    dev = bench.device
+    x, y = x.to(ws.device), y.to(ws.device)
+    dev = ws.device
 
-    def ours(cell, kw=fast):
-        return lambda: craft(model, cell, x, y, device=dev, batch_size=batch_size, seed=0, **kw)
+    def ours(cell, path=fast):
+        return lambda: craft(model, cell, x, y, device=dev, batch_size=batch_size, seed=0, fast=path)
 
     def theirs():
         with frozen(model):
             return _torchattacks_pgd(model, x, y, on.config, batch_size)
 
     variants = {"torchattacks": theirs, "ours_equal_work": ours(off), "ours_early_stop": ours(on)}
-    if fast.get("exact_rewrites"):  # what the graph rewrites alone are worth
-        variants["ours_equal_work_unrewritten"] = ours(off, dict(fast, exact_rewrites=False))
+    if fast.exact_rewrites:  # what the graph rewrites alone are worth
+        variants["ours_equal_work_unrewritten"] = ours(off, replace(fast, exact_rewrites=False))
     log(f"race: {len(x)} images x {steps} steps, {repeats} timed rounds")
     t, outs = _median_times(variants, repeats, dev)
     work = len(x) * steps
     res = {"images": len(x), "steps": steps, "eps": on.config.eps, "step_size": on.config.step_size,
-           "random_start": True, "batch_size": batch_size, "fast_path": fast,
+           "random_start": True, "batch_size": batch_size, "fast_path": asdict(fast),
            "seconds": t, "images_steps_per_s": {k: work / v for k, v in t.items()},
            "ratio_equal_work": t["torchattacks"] / t["ours_equal_work"],
            "ratio_early_stop": t["torchattacks"] / t["ours_early_stop"],
            "ratio_equal_work_unrewritten": (t["torchattacks"] / t["ours_equal_work_unrewritten"]
                                             if "ours_equal_work_unrewritten" in t else None),
-           "robust_acc": {k: _robust(model, v, x, y, bench) for k, v in outs.items()}}
+           "robust_acc": {k: _robust(model, v, x, y, ws) for k, v in outs.items()}}
     log(f"race: ratio {res['ratio_equal_work']:.2f} at equal work, "
         f"{res['ratio_early_stop']:.2f} with early stop")
     return res
 
 
-def precision_check(model, x, y, threat, bench: Bench, *, cells: list[dict], batch_size: int,
+def precision_check(model, x, y, threat, ws: Workspace, *, cells: list[dict], batch_size: int,
                     repeats: int, log: Log) -> dict:
     """Robust accuracy crafted in fp32 and in bf16 on the same samples, with times; the
     recommended setting is the fastest whose accuracy is within half a point of fp32 on
     every cell."""
     out: dict[str, Any] = {"cells": {}, "tolerance": 0.005}
-    settings = {"fp32": dict(bench.fast, precision="fp32"), "bf16": dict(bench.fast, precision="bf16")}
+    settings = {"fp32": replace(ws.fast, precision="fp32"), "bf16": replace(ws.fast, precision="bf16")}
     seconds = {k: 0.0 for k in settings}
     agree = True
     for params in cells:
         cell = make_cell("pgd", params, threat)
         row = {}
         for name, fast in settings.items():
-            t, outs = _median_times({name: lambda: craft(model, cell, x, y, device=bench.device,
-                                                         batch_size=batch_size, **fast)}, repeats, bench.device)
-            row[name] = {"seconds": t[name], "robust_acc": _robust(model, outs[name], x, y, bench)}
+            t, outs = _median_times({name: lambda: craft(model, cell, x, y, device=ws.device,
+                                                         batch_size=batch_size, fast=fast)}, repeats, ws.device)
+            row[name] = {"seconds": t[name], "robust_acc": _robust(model, outs[name], x, y, ws)}
             seconds[name] += t[name]
         row["difference"] = row["bf16"]["robust_acc"] - row["fp32"]["robust_acc"]
         agree &= abs(row["difference"]) <= out["tolerance"]
@@ -93,11 +95,11 @@ def precision_check(model, x, y, threat, bench: Bench, *, cells: list[dict], bat
     out["bf16_agrees"] = bool(agree)
     candidates = ["fp32"] + (["bf16"] if agree else [])
     out["recommended"] = min(candidates, key=lambda k: seconds[k])
-    out["bench_default"] = bench.precision
+    out["bench_default"] = ws.precision
     return out
 
 
-def scaling(model, x, y, threat, bench: Bench, size: PerfSize, log: Log) -> dict:
+def scaling(model, x, y, threat, ws: Workspace, size: PerfSize, log: Log) -> dict:
     """Seconds of our PGD (early stop off: equal work per image and step) as images and
     steps grow, with a least-squares line through each. The sizes of a series are timed
     in interleaved rounds, so a change in the machine's load falls on all of them alike
@@ -105,13 +107,13 @@ def scaling(model, x, y, threat, bench: Bench, size: PerfSize, log: Log) -> dict
     def job(n, steps):
         cell = make_cell("pgd", {"steps": steps, "early_stop": False}, threat)
         xs, ys = _tile(x, y, n)
-        xs, ys = xs.to(bench.device), ys.to(bench.device)
-        return lambda: craft(model, cell, xs, ys, device=bench.device, batch_size=bench.batch_size(), **bench.fast)
+        xs, ys = xs.to(ws.device), ys.to(ws.device)
+        return lambda: craft(model, cell, xs, ys, device=ws.device, batch_size=ws.batch_size(), fast=ws.fast)
 
     log(f"scaling: images {size.scale_images} at {size.scale_fixed_steps} steps, "
         f"steps {size.scale_steps} at {size.scale_fixed_images} images")
-    t_n = _median_times({n: job(n, size.scale_fixed_steps) for n in size.scale_images}, size.repeats, bench.device)[0]
-    t_s = _median_times({s: job(size.scale_fixed_images, s) for s in size.scale_steps}, size.repeats, bench.device)[0]
+    t_n = _median_times({n: job(n, size.scale_fixed_steps) for n in size.scale_images}, size.repeats, ws.device)[0]
+    t_s = _median_times({s: job(size.scale_fixed_images, s) for s in size.scale_steps}, size.repeats, ws.device)[0]
     by_n = [{"images": n, "steps": size.scale_fixed_steps, "seconds": t_n[n]} for n in size.scale_images]
     by_s = [{"images": size.scale_fixed_images, "steps": s, "seconds": t_s[s]} for s in size.scale_steps]
     return {"images": by_n, "steps": by_s,

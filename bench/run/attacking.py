@@ -14,7 +14,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, make_cell
 from bench.errors import BenchError
 from bench.engine.verdicts import majority_correct
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import EvalJob, Failed
 from bench.run.progress import progress_bar
@@ -22,12 +22,12 @@ from bench.run.training import once
 from bench.science.adaptive import VOTES, WITNESS, adapt_cells
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import CALLS_WITNESS, recompute_flags
-from bench.store.claims import Claims, claimed
+from bench.store.claims import Claims, claimed, eval_claim
 from bench.store.db import Checkpoint
 from bench.verify import to_graph
 
 
-def expect(bench: Bench, row: Checkpoint, keys: list[str], threats: dict[str, str] | None = None) -> None:
+def expect(ws: Workspace, row: Checkpoint, keys: list[str], threats: dict[str, str] | None = None) -> None:
     """Record that the checkpoint's matrix asks for these cells (evaluation keys, or
     `<surrogate>|<key>` for transfers): its worst case is complete only once all are stored.
     `threats` gives the threat model of each key not of the checkpoint's own (the L2
@@ -38,10 +38,10 @@ def expect(bench: Bench, row: Checkpoint, keys: list[str], threats: dict[str, st
     recorded = meta.get("cell_threats", {})
     if set(keys) <= known and other.items() <= recorded.items():
         return
-    bench.store.update_meta(row, expected_cells=sorted(known | set(keys)), cell_threats={**recorded, **other})
+    ws.store.update_meta(row, expected_cells=sorted(known | set(keys)), cell_threats={**recorded, **other})
 
 
-def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
+def verifiable_cells(ws: Workspace, row: Checkpoint, cells: list[Cell],
                      model: Callable[[], torch.nn.Module]) -> list[Cell]:
     """The cells, less the verifier cells (attack config `verifier`) when the verifier does
     not take the model: a layer it does not support, or a forward pass that varies. The
@@ -59,23 +59,23 @@ def verifiable_cells(bench: Bench, row: Checkpoint, cells: list[Cell],
                 to_graph(model(), get_spec(row.dataset).shape)
             except BenchError as exc:  # Unsupported, naming the layer, or a shape it cannot take
                 reason = str(exc)
-        bench.store.update_meta(row, not_verifiable=reason)
+        ws.store.update_meta(row, not_verifiable=reason)
         meta = row.meta
     if meta["not_verifiable"] is None:
         return cells
     return [c for c in cells if not c.verifier]
 
 
-def majority_clean(bench: Bench, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> None:
+def majority_clean(ws: Workspace, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> None:
     """A randomized model's clean accuracy (its checkpoint's clean column) as the seeded
     majority of VOTES passes, like every verdict of its cells, instead of the one pass
     taken when it was stored."""
     meta = row.meta or {}
     if not is_randomized(row.admission) or meta.get("clean_votes") == VOTES:
         return
-    x, y = load_dataset(row.dataset, "test", bench.data_root)
-    clean = majority_correct(model(), x, y, VOTES, device=bench.device, batch_size=bench.batch_size())
-    bench.store.update_meta(row, clean_acc=float(clean.float().mean()), clean_votes=VOTES)
+    x, y = load_dataset(row.dataset, "test", ws.data_root)
+    clean = majority_correct(model(), x, y, VOTES, device=ws.device, batch_size=ws.batch_size())
+    ws.store.update_meta(row, clean_acc=float(clean.float().mean()), clean_votes=VOTES)
 
 
 class CellsRun(list):
@@ -87,30 +87,30 @@ class CellsRun(list):
         self.failures: dict[str, str] = {}
 
 
-def attack_checkpoint(bench: Bench, row: Checkpoint, cells: list[Cell],
+def attack_checkpoint(ws: Workspace, row: Checkpoint, cells: list[Cell],
                       model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
     """Run the cells the store lacks for one stored checkpoint, commit each result as it
     arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
     called (once) when a cell or the admission checks are missing. The checks choose how
     the cells run (bench.science.adaptive.adapt_cells). Returns the keys of the cells run (a
     CellsRun, whose `failures` names the cells whose attack raised)."""
-    return attack_checkpoints(bench, [(row, cells, model)], executor)[row.id]
+    return attack_checkpoints(ws, [(row, cells, model)], executor)[row.id]
 
 
-def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Callable[[], torch.nn.Module]]],
+def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], Callable[[], torch.nn.Module]]],
                        executor=None) -> dict[int, CellsRun]:
     """`attack_checkpoint` for several checkpoints as one stream of jobs, so a parallel
     executor attacks them all at once. Each cell runs under a claim: a second driver on
     the same store waits for it and reads the row instead of running it again."""
     # What each model does (randomness, zero gradients, ...) chooses how it is attacked.
-    work = [(row, adapt_cells(cells, ensure_admission(bench, row, build), get_spec(row.dataset).threat), build)
+    work = [(row, adapt_cells(cells, ensure_admission(ws, row, build), get_spec(row.dataset).threat), build)
             for row, cells, build in ((r, c, once(b)) for r, c, b in work)]
-    work = [(row, verifiable_cells(bench, row, cells, build), build) for row, cells, build in work]
+    work = [(row, verifiable_cells(ws, row, cells, build), build) for row, cells, build in work]
     for row, cells, build in work:
         # The attacks make the worst case; a verifier's cells bracket it, and one that
         # fails leaves the bracket open, not the worst case incomplete.
-        expect(bench, row, [c.key for c in cells if not c.verifier], {c.key: c.threat for c in cells})
-        majority_clean(bench, row, build)
+        expect(ws, row, [c.key for c in cells if not c.verifier], {c.key: c.threat for c in cells})
+        majority_clean(ws, row, build)
     executor = executor or LocalExecutor()
     ran = {row.id: CellsRun() for row, _, _ in work}
     rows = {row.key: row for row, _, _ in work}
@@ -119,28 +119,28 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
     bars: dict[str, tuple] = {}
 
     def claim_key(item) -> str:
-        return f"eval:{item[0].key}:{item[1].key}"
+        return eval_claim(item[0].key, item[1].key)
 
     def missing():
         for row, cells, build in work:
-            done = bench.store.done_cells(row.id)
+            done = ws.store.done_cells(row.id)
             yield from ((row, c, build) for c in cells if c.key not in done)
 
-    with Claims(bench.store) as claims:
+    with Claims(ws.store) as claims:
         def jobs():
             for item in claimed(missing(), claims, key=claim_key,
-                                done=lambda it: it[1].key in bench.store.done_cells(it[0].id)):
+                                done=lambda it: it[1].key in ws.store.done_cells(it[0].id)):
                 if item is None:
                     yield None
                     continue
                 row, cell, build = item
                 if row.key not in models:  # built once, on the first cell this driver runs
                     models[row.key] = build()
-                    data.setdefault(row.dataset, load_dataset(row.dataset, "test", bench.data_root))
-                    bars[row.key] = progress_bar(bench, f"attack {row.defense} [{row.key[:8]}]",
+                    data.setdefault(row.dataset, load_dataset(row.dataset, "test", ws.data_root))
+                    bars[row.key] = progress_bar(ws, f"attack {row.defense} [{row.key[:8]}]",
                                               sum(len(c) for r, c, _ in work if r.key == row.key))
                 x, y = data[row.dataset]
-                yield EvalJob(models[row.key], cell, x, y, bench.device, bench.batch_size(), fast=bench.fast,
+                yield EvalJob(models[row.key], cell, x, y, ws.device, ws.batch_size(), fast=ws.fast,
                               label=row.key)
 
         try:
@@ -149,21 +149,21 @@ def attack_checkpoints(bench: Bench, work: list[tuple[Checkpoint, list[Cell], Ca
                 if isinstance(result, Failed):
                     ran[row.id].failures[job.cell.key] = result.reason
                 else:
-                    bench.store.add_evaluation(row.id, **result)
+                    ws.store.add_evaluation(row.id, **result.row_fields())
                     ran[row.id].append(job.cell.key)
-                claims.release(f"eval:{row.key}:{job.cell.key}")
+                claims.release(eval_claim(row.key, job.cell.key))
                 on_step = bars[row.key][0]
                 if on_step:
-                    on_step(len(bench.store.done_cells(row.id)) + len(ran[row.id].failures))
+                    on_step(len(ws.store.done_cells(row.id)) + len(ran[row.id].failures))
         finally:
             for _, finish in bars.values():
                 finish()
     for row, _, _ in work:
-        recompute_flags(bench.store, row)
+        recompute_flags(ws.store, row)
     return ran
 
 
-def witness_after_black_box(bench: Bench, work: list[tuple[Checkpoint, Callable[[], torch.nn.Module]]],
+def witness_after_black_box(ws: Workspace, work: list[tuple[Checkpoint, Callable[[], torch.nn.Module]]],
                             executor=None) -> dict[int, CellsRun]:
     """The witness cells for each checkpoint on which a black-box cell (Square, SPSA, a
     transfer) beat the strongest white-box one, as its stored flags say: admission alone
@@ -172,7 +172,7 @@ def witness_after_black_box(bench: Bench, work: list[tuple[Checkpoint, Callable[
     checkpoint's expected cells, so its worst case is complete only with them."""
     todo = []
     for row, build in work:
-        if {f.name for f in bench.store.flags([row.id])} & CALLS_WITNESS:
+        if {f.name for f in ws.store.flags([row.id])} & CALLS_WITNESS:
             threat = get_spec(row.dataset).threat
             todo.append((row, [make_cell(name, {}, threat) for name in WITNESS], build))
-    return attack_checkpoints(bench, todo, executor) if todo else {}
+    return attack_checkpoints(ws, todo, executor) if todo else {}

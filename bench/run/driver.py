@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.core.data import load_dataset
-from bench.core.matrix import Cell, matrix_cells
+from bench.core.matrix import Cell, Matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.diagnosing import ensure_diagnostic
+from bench.run.plan import checked_cells
 from bench.run.recipe import Recipe, TrainRequest, resolve
-from bench.run.surrogates import check_transfer, transfer_cells
+from bench.run.surrogates import transfer_cells
 from bench.run.training import ensure_checkpoints, model_of
 from bench.store.db import Checkpoint
 
@@ -34,33 +34,38 @@ class RunReport:
     """The matrix's transfer surrogates this run trained (once per dataset)."""
 
 
-def plan_run(spec: TrainRequest, matrix: str, data_root: str | None) -> tuple[Recipe, list[Cell]]:
+@dataclass(frozen=True)
+class Plan:
+    """One defense's run, checked: its recipe and the matrix's cells on its dataset."""
+
+    recipe: Recipe
+    cells: tuple[Cell, ...]
+
+
+def plan_run(spec: TrainRequest, matrix: Matrix, data_root: str | None) -> Plan:
     """The recipe and the matrix's cells with every value checked, subsets against the
     size of the dataset's test set, before anything trains or runs."""
     recipe = resolve(spec)
-    test_size = len(load_dataset(recipe.dataset.name, "test", data_root)[1])
-    cells = matrix_cells(matrix, recipe.dataset.threat, test_size=test_size)
-    check_transfer(matrix, recipe.dataset)
-    return recipe, cells
+    return Plan(recipe, tuple(checked_cells(matrix, recipe.dataset, data_root)))
 
 
-def run_defense(bench: Bench, spec: TrainRequest, matrix: str, executor=None) -> RunReport:
-    return run_defenses(bench, [spec], matrix, executor)[0]
+def run_defense(ws: Workspace, spec: TrainRequest, matrix: Matrix, executor=None) -> RunReport:
+    return run_defenses(ws, [plan_run(spec, matrix, ws.data_root)], matrix, executor)[0]
 
 
-def run_defenses(bench: Bench, specs: list[TrainRequest], matrix: str, executor=None) -> list[RunReport]:
+def run_defenses(ws: Workspace, plans: list[Plan], matrix: Matrix, executor=None) -> list[RunReport]:
     """Train what is missing (all trainings first, in parallel on a parallel executor),
     then run every missing cell of every checkpoint (again in parallel), then the
-    matrix's transfer cells from the bench's surrogates, then the diagnostics."""
-    plans = [plan_run(s, matrix, bench.data_root) for s in specs]  # bad input fails before training
-    recipes = [recipe for recipe, _ in plans]
-    cells = {recipe.key: c for recipe, c in plans}
-    rows, trained = ensure_checkpoints(bench, recipes, executor)
+    matrix's transfer cells from the workspace's surrogates, then the diagnostics. The plans
+    are checked already (`plan_run`), so bad input failed before the store was opened."""
+    recipes = [plan.recipe for plan in plans]
+    cells = {plan.recipe.key: list(plan.cells) for plan in plans}
+    rows, trained = ensure_checkpoints(ws, recipes, executor)
     unique = list({row.key: row for row in rows}.values())
-    builds = {row.key: model_of(row, bench.device) for row in unique}
-    ran = attack_checkpoints(bench, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
-    transfers = {row.key: transfer_cells(bench, row, matrix, builds[row.key]) for row in unique}
-    for row_id, extra in witness_after_black_box(bench, [(row, builds[row.key]) for row in unique],
+    builds = {row.key: model_of(row, ws.device) for row in unique}
+    ran = attack_checkpoints(ws, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
+    transfers = {row.key: transfer_cells(ws, row, matrix, builds[row.key]) for row in unique}
+    for row_id, extra in witness_after_black_box(ws, [(row, builds[row.key]) for row in unique],
                                                  executor).items():
         ran[row_id].extend(extra)
         ran[row_id].failures.update(extra.failures)
@@ -68,7 +73,7 @@ def run_defenses(bench: Bench, specs: list[TrainRequest], matrix: str, executor=
     # draw every defense against natural training on the same dataset.
     surrogates = {s.key: s for t in transfers.values() for s in t.surrogates if s.key not in builds}
     for row in [*unique, *surrogates.values()]:
-        ensure_diagnostic(bench, row, builds.get(row.key) or model_of(row, bench.device))
+        ensure_diagnostic(ws, row, builds.get(row.key) or model_of(row, ws.device))
     trained_surrogates = sorted({n for t in transfers.values() for n in t.trained})
     return [RunReport(row, row.key in trained, [*ran[row.id], *transfers[row.key].ran],
                       len(cells[row.key]) + transfers[row.key].total, ran[row.id].failures,

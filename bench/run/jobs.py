@@ -19,7 +19,9 @@ import torch
 from bench.core.data import load_dataset
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
-from bench.engine.evaluate import craft, evaluate, logit_stats
+from bench.engine.cell import craft, logit_stats, run_cell
+from bench.engine.fast import PLAIN, FastPath
+from bench.engine.outcome import CellOutcome
 from bench.engine.train import train_model
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
@@ -41,8 +43,8 @@ class AttackJob:
     y: torch.Tensor
     device: str
     batch_size: int
-    fast: dict = dataclasses.field(default_factory=dict)
-    """Fast-path keywords for craft and evaluate (see Bench.fast)."""
+    fast: FastPath = PLAIN
+    """The fast path craft and run_cell take (see Workspace.fast)."""
     label: str = ""
     """What the driver knows the job by (the checkpoint key); not used to compute."""
 
@@ -53,14 +55,14 @@ class AttackJob:
 
 @dataclass
 class EvalJob(AttackJob):
-    """Attack one model with one cell on (x, y); returns the row the store keeps."""
+    """Attack one model with one cell on (x, y); returns its CellOutcome (the row the store keeps)."""
 
     seed: int | None = None
     """The attack's seed; unset, the cell's own (derived from its key)."""
 
-    def run(self) -> dict:
-        return evaluate(self.on_device(), self.cell, self.x, self.y, device=self.device,
-                        batch_size=self.batch_size, seed=self.seed, **self.fast)
+    def run(self) -> CellOutcome:
+        return run_cell(self.on_device(), self.cell, self.x, self.y, device=self.device,
+                        batch_size=self.batch_size, seed=self.seed, fast=self.fast)
 
 
 @dataclass
@@ -69,7 +71,7 @@ class CraftJob(AttackJob):
 
     def run(self) -> torch.Tensor:
         return craft(self.on_device(), self.cell, self.x, self.y, device=self.device,
-                     batch_size=self.batch_size, **self.fast)
+                     batch_size=self.batch_size, fast=self.fast)
 
 
 @dataclass

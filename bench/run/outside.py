@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from bench.core.data import DatasetSpec, get_spec, load_dataset
-from bench.core.matrix import matrix_cells
+from bench.core.matrix import Cell, Matrix
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.run.attacking import attack_checkpoint, witness_after_black_box
-from bench.run.bench import Bench
-from bench.run.surrogates import check_transfer, transfer_cells
+from bench.run.workspace import Workspace
+from bench.run.plan import checked_cells
+from bench.run.surrogates import transfer_cells
 from bench.store import checkpoints as ckpt
 from bench.store.factories import (
     SOURCE_FILE,
@@ -118,22 +119,22 @@ def prepare(model: torch.nn.Module | str, name: str, dataset: str = "digits", we
                      str(Path(weights).resolve()) if weights else None)
 
 
-def record(bench: Bench, candidate: Candidate):
+def record(ws: Workspace, candidate: Candidate):
     """The store row of a candidate: found by key, or written (folder, then row)."""
     key = candidate.key
-    row = bench.store.checkpoint(key)
+    row = ws.store.checkpoint(key)
     if row is not None:
         return row, False
-    directory = ckpt.checkpoint_dir(bench.results, candidate.dataset.name, candidate.name, key)
+    directory = ckpt.checkpoint_dir(ws.results, candidate.dataset.name, candidate.name, key)
     meta = ckpt.read_meta(directory)
     if meta is None:
-        x, y = load_dataset(candidate.dataset.name, "test", bench.data_root)
-        logits = predict(candidate.model.to(bench.device), x, device=bench.device, batch_size=bench.batch_size())
+        x, y = load_dataset(candidate.dataset.name, "test", ws.data_root)
+        logits = predict(candidate.model.to(ws.device), x, device=ws.device, batch_size=ws.batch_size())
         clean = float((logits.argmax(1) == y).float().mean())
         source = candidate.factory.module if candidate.factory and candidate.factory.is_file else None
         meta = ckpt.save_checkpoint(candidate.model, directory, {
             "key": key, "defense": candidate.name, "config": {}, "train": {}, "dataset": candidate.dataset.name,
-            "arch": ARCH, "seed": 0, "epochs": 0, "train_seconds": 0.0, "device": device_name(bench.device),
+            "arch": ARCH, "seed": 0, "epochs": 0, "train_seconds": 0.0, "device": device_name(ws.device),
             "preset": None, "paper": {}, "clean_acc": clean,
             "outside": {"factory": candidate.factory.reference if candidate.factory else None,
                         "weights_sha256": candidate.digest, "weights_file": candidate.weights_file,
@@ -141,7 +142,7 @@ def record(bench: Bench, candidate: Candidate):
             "package_version": package_version(), "git_commit": git_commit(),
             "torch_version": torch.__version__,
         }, files={SOURCE_FILE: Path(source)} if source else {})
-    row = bench.store.add_checkpoint(
+    row = ws.store.add_checkpoint(
         key=key, dataset=candidate.dataset.name, defense=candidate.name, preset=None, arch=ARCH, seed=0,
         threat=candidate.dataset.threat.name, config={"outside": meta["outside"]}, train_config={},
         path=str(directory), sha256=meta["sha256"], epochs=0, train_seconds=0.0, device=meta["device"],
@@ -161,28 +162,35 @@ class EvalReport:
     """The matrix's transfer surrogates this evaluation trained (once per dataset)."""
 
 
+@dataclass(frozen=True)
+class OutsidePlan:
+    """An outside model's evaluation, checked: the candidate and the matrix's cells."""
+
+    candidate: Candidate
+    cells: tuple[Cell, ...]
+
+
 def plan_outside(model: torch.nn.Module | str, name: str, dataset: str, weights: str | None,
-                 data_root: str | None, matrix: str) -> Candidate:
+                 data_root: str | None, matrix: Matrix) -> OutsidePlan:
     """The candidate with everything the user gave checked (the model builds and answers,
-    the matrix and its transfer table are valid), before any folder or store is touched."""
+    the matrix and its transfer table are valid, as `bench run` checks them), before any
+    folder or store is touched."""
     candidate = prepare(model, name, dataset, weights, data_root)
-    matrix_cells(matrix, candidate.dataset.threat)
-    check_transfer(matrix, candidate.dataset)
-    return candidate
+    return OutsidePlan(candidate, tuple(checked_cells(matrix, candidate.dataset, data_root)))
 
 
-def evaluate_outside(bench: Bench, candidate: Candidate, matrix: str = "full", executor=None) -> EvalReport:
+def run_outside(ws: Workspace, plan: OutsidePlan, matrix: Matrix, executor=None) -> EvalReport:
     """Store the candidate (once) and run the matrix cells it lacks."""
-    cells = matrix_cells(matrix, candidate.dataset.threat)
-    row, added = record(bench, candidate)
+    candidate, cells = plan.candidate, list(plan.cells)
+    row, added = record(ws, candidate)
     model = candidate.model
 
     def build() -> torch.nn.Module:
-        return model.to(bench.device).eval()
+        return model.to(ws.device).eval()
 
-    ran = attack_checkpoint(bench, row, cells, build, executor)
-    transfers = transfer_cells(bench, row, matrix, build)
-    for extra in witness_after_black_box(bench, [(row, build)], executor).values():
+    ran = attack_checkpoint(ws, row, cells, build, executor)
+    transfers = transfer_cells(ws, row, matrix, build)
+    for extra in witness_after_black_box(ws, [(row, build)], executor).values():
         ran.extend(extra)
         ran.failures.update(extra.failures)
     return EvalReport(row, added, [*ran, *transfers.ran], len(cells) + transfers.total, ran.failures,

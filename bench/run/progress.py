@@ -1,18 +1,18 @@
-"""Progress bars of a run's stages, on the Bench's rich Progress (none in logs and pipes)."""
+"""Progress bars of a run's stages, on the Workspace's rich Progress (none in logs and pipes)."""
 from __future__ import annotations
 
 from typing import Callable
 
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 
 
-def progress_bar(bench: Bench, label: str, total: int) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+def progress_bar(ws: Workspace, label: str, total: int) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
     """(on_step, done) callbacks driving one progress bar, or no-ops without a display."""
-    if bench.progress is None:
+    if ws.progress is None:
         return None, lambda: None
-    task = bench.progress.add_task(label, total=total)
+    task = ws.progress.add_task(label, total=total)
 
     def on_step(step, *_):
-        bench.progress.update(task, completed=step)
+        ws.progress.update(task, completed=step)
 
-    return on_step, lambda: bench.progress.remove_task(task)
+    return on_step, lambda: ws.progress.remove_task(task)

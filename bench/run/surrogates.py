@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import matrix_transfer, parse_cell_key, transfer_cell
+from bench.core.matrix import Matrix
 from bench.run.attacking import expect
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
 from bench.run.transfer import correct, crafted_examples, transfer_key
@@ -27,15 +27,6 @@ from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.db import Checkpoint, pack_bits
 from bench.store.meta import transfer_name
-
-
-def check_transfer(matrix: str, dataset) -> None:
-    """Fail on a bad [transfer] table before anything is trained or written."""
-    surrogates, cells = matrix_transfer(matrix)
-    for name in surrogates:
-        resolve(TrainRequest(name, dataset.name))
-    for key in cells:
-        parse_cell_key(key, dataset.threat)
 
 
 @dataclass
@@ -52,52 +43,51 @@ class TransferCells:
     """The surrogates trained by this call (the first run on a dataset trains them)."""
 
 
-def mark_surrogate(bench: Bench, source: Checkpoint) -> None:
+def mark_surrogate(ws: Workspace, source: Checkpoint) -> None:
     """Mark a checkpoint in its meta as a matrix surrogate, so boards can say why it is there."""
     if not (source.meta or {}).get("surrogate"):
-        bench.store.update_meta(source, surrogate=True)
+        ws.store.update_meta(source, surrogate=True)
 
 
-def transfer_cells(bench: Bench, row: Checkpoint, matrix: str,
+def transfer_cells(ws: Workspace, row: Checkpoint, matrix: Matrix,
                    model: Callable[[], torch.nn.Module]) -> TransferCells:
     """Run the matrix's transfer cells the store lacks for `row`."""
-    surrogates, keys = matrix_transfer(matrix)
+    surrogates = matrix.transfer.surrogates
     done = TransferCells()
     if not surrogates:
         return done
 
-    spec = get_spec(row.dataset)
-    cells = [transfer_cell(k, spec.threat) for k in keys]
+    cells = matrix.transfer_cells(get_spec(row.dataset).threat)
     randomized = is_randomized(row.admission)
     x = y = clean = None
     ran = done.ran
     for name in surrogates:
         # The bench's own checkpoint of the surrogate's default recipe (trained on first use).
-        source, trained = ensure_checkpoint(bench, resolve(TrainRequest(name, row.dataset)))
+        source, trained = ensure_checkpoint(ws, resolve(TrainRequest(name, row.dataset)))
         if source.id == row.id:
             continue
-        mark_surrogate(bench, source)
+        mark_surrogate(ws, source)
         done.surrogates.append(source)
         if trained:
             done.trained.append(name)
         done.total += len(cells)
-        expect(bench, row, [transfer_name(name, transfer_key(c.key, randomized)) for c in cells])
+        expect(ws, row, [transfer_name(name, transfer_key(c.key, randomized)) for c in cells])
         for cell in cells:
             key = transfer_key(cell.key, randomized)
-            if row.id in bench.store.done_transfers(source.id, key):
+            if row.id in ws.store.done_transfers(source.id, key):
                 continue
             if x is None:
-                x, y = load_dataset(row.dataset, "test", bench.data_root)
-                clean = correct(model(), x, y, bench, randomized)
-            x_adv, _ = crafted_examples(bench, source, cell, x, y)
-            robust = correct(model(), x_adv, y, bench, randomized) & clean
-            bench.store.add_transfer(
+                x, y = load_dataset(row.dataset, "test", ws.data_root)
+                clean = correct(model(), x, y, ws, randomized)
+            x_adv, _ = crafted_examples(ws, source, cell, x, y)
+            robust = correct(model(), x_adv, y, ws, randomized) & clean
+            ws.store.add_transfer(
                 source.id, row.id, cell_key=key, attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean.float().mean()),
                 robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()), indices=None,
-                extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=bench.device)
+                extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=ws.device)
             ran.append(transfer_name(name, key))
     if ran:
-        recompute_flags(bench.store, row)
+        recompute_flags(ws.store, row)
     return done

@@ -14,23 +14,23 @@ import torch
 
 from bench.core.data import load_dataset
 from bench.errors import BenchError
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import Failed, TrainJob
 from bench.run.progress import progress_bar
 from bench.run.recipe import Recipe
 from bench.store import checkpoints as ckpt
-from bench.store.claims import Claims, claimed
+from bench.store.claims import Claims, claimed, train_claim
 from bench.store.db import Checkpoint
 
 
-def ensure_checkpoint(bench: Bench, recipe: Recipe, executor=None) -> tuple[Checkpoint, bool]:
+def ensure_checkpoint(ws: Workspace, recipe: Recipe, executor=None) -> tuple[Checkpoint, bool]:
     """The stored checkpoint for a recipe, training it first if absent. (row, trained?)"""
-    rows, trained = ensure_checkpoints(bench, [recipe], executor)
+    rows, trained = ensure_checkpoints(ws, [recipe], executor)
     return rows[0], recipe.key in trained
 
 
-def ensure_checkpoints(bench: Bench, recipes: list[Recipe], executor=None) -> tuple[list[Checkpoint], set[str]]:
+def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> tuple[list[Checkpoint], set[str]]:
     """The stored checkpoints of `recipes` (in their order) and the keys trained here.
 
     Missing ones are trained as jobs on the executor (in parallel where it runs several),
@@ -44,24 +44,24 @@ def ensure_checkpoints(bench: Bench, recipes: list[Recipe], executor=None) -> tu
     bars: dict[str, Callable[[], None]] = {}
 
     def directory(recipe: Recipe) -> Path:
-        return ckpt.checkpoint_dir(bench.results, recipe.dataset.name, recipe.defense, recipe.key)
+        return ckpt.checkpoint_dir(ws.results, recipe.dataset.name, recipe.defense, recipe.key)
 
-    with Claims(bench.store) as claims:
+    with Claims(ws.store) as claims:
         def jobs():
-            for recipe in claimed(unique.values(), claims, key=lambda r: f"train:{r.key}",
-                                  done=lambda r: bench.store.checkpoint(r.key) is not None):
+            for recipe in claimed(unique.values(), claims, key=lambda r: train_claim(r.key),
+                                  done=lambda r: ws.store.checkpoint(r.key) is not None):
                 if recipe is None:
                     yield None
                     continue
                 meta = ckpt.read_meta(directory(recipe))
                 if meta is not None:  # written by a run killed before recording it: adopt it
-                    record_checkpoint(bench, recipe, directory(recipe), meta)
-                    claims.release(f"train:{recipe.key}")
+                    record_checkpoint(ws, recipe, directory(recipe), meta)
+                    claims.release(train_claim(recipe.key))
                     continue
-                steps = recipe.train_config.epochs * -(-_train_size(recipe, bench) // recipe.train_config.batch_size)
-                on_step, bars[recipe.key] = progress_bar(bench, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
-                yield TrainJob(recipe, directory(recipe), bench.device, bench.data_root, bench.batch_size(),
-                               precision=bench.precision, channels_last=bench.channels_last, on_step=on_step)
+                steps = recipe.train_config.epochs * -(-_train_size(recipe, ws) // recipe.train_config.batch_size)
+                on_step, bars[recipe.key] = progress_bar(ws, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
+                yield TrainJob(recipe, directory(recipe), ws.device, ws.data_root, ws.batch_size(),
+                               precision=ws.precision, channels_last=ws.channels_last, on_step=on_step)
 
         try:
             for job, meta in executor.map(jobs()):
@@ -69,25 +69,25 @@ def ensure_checkpoints(bench: Bench, recipes: list[Recipe], executor=None) -> tu
                 if isinstance(meta, Failed):
                     failures.append(meta)
                 else:
-                    record_checkpoint(bench, job.recipe, job.directory, meta)
+                    record_checkpoint(ws, job.recipe, job.directory, meta)
                     trained.add(job.recipe.key)
-                claims.release(f"train:{job.recipe.key}")
+                claims.release(train_claim(job.recipe.key))
         finally:
             for done in bars.values():
                 done()
     if failures:  # the other trainings are recorded; the first failure stops the run
         raise failures[0].error or BenchError(f"training failed: {failures[0].reason}")
-    return [bench.store.checkpoint(r.key) for r in recipes], trained
+    return [ws.store.checkpoint(r.key) for r in recipes], trained
 
 
-def _train_size(recipe: Recipe, bench: Bench) -> int:
-    return len(load_dataset(recipe.dataset.name, "train", bench.data_root)[1])
+def _train_size(recipe: Recipe, ws: Workspace) -> int:
+    return len(load_dataset(recipe.dataset.name, "train", ws.data_root)[1])
 
 
-def record_checkpoint(bench: Bench, recipe: Recipe, directory: Path, meta: dict) -> Checkpoint:
+def record_checkpoint(ws: Workspace, recipe: Recipe, directory: Path, meta: dict) -> Checkpoint:
     """Record a checkpoint folder in the store (idempotent: a row already there is kept)."""
     ds = recipe.dataset
-    return bench.store.add_checkpoint(
+    return ws.store.add_checkpoint(
         key=recipe.key, dataset=ds.name, defense=recipe.defense,
         preset=recipe.preset.name if recipe.preset else None, arch=recipe.arch, seed=recipe.seed,
         threat=ds.threat.name, config=meta["config"], train_config=meta["train"], path=str(directory),

@@ -21,14 +21,14 @@ from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
 from bench.engine.verdicts import majority_correct, predict
 from bench.errors import BenchError
-from bench.run.bench import Bench
+from bench.run.workspace import Workspace
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import CraftJob, Failed
 from bench.run.training import load_model
 from bench.science.adaptive import VOTES, adaptive_key
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags
-from bench.store.claims import Claims, claimed
+from bench.store.claims import Claims, claimed, craft_claim
 from bench.store.db import Checkpoint, pack_bits
 from bench.store.select import select_checkpoints
 
@@ -49,12 +49,12 @@ def transfer_key(cell_key: str, randomized: bool) -> str:
     return adaptive_key(cell_key, 0, VOTES) if randomized else cell_key
 
 
-def correct(model, x, y, bench: Bench, randomized: bool) -> torch.Tensor:
+def correct(model, x, y, ws: Workspace, randomized: bool) -> torch.Tensor:
     """Per sample, whether the target classifies it correctly: one pass, or the seeded
     majority of VOTES passes for a randomized target (the same passes as its cells')."""
     if randomized:
-        return majority_correct(model, x, y, VOTES, device=bench.device, batch_size=bench.batch_size())
-    return predict(model, x, device=bench.device, batch_size=bench.batch_size()).argmax(1) == y
+        return majority_correct(model, x, y, VOTES, device=ws.device, batch_size=ws.batch_size())
+    return predict(model, x, device=ws.device, batch_size=ws.batch_size()).argmax(1) == y
 
 
 def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
@@ -62,10 +62,10 @@ def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
     return results / "transfers" / source.dataset / source.key / f"{digest}.safetensors"
 
 
-def cached_examples(bench: Bench, source: Checkpoint, cell: Cell, x) -> torch.Tensor | None:
+def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> torch.Tensor | None:
     """The cached examples of (source, cell), held to the cell's ball around x like any
     crafted batch: a file edited or written by other code is refused, never judged."""
-    path = cache_path(bench.results, source, cell)
+    path = cache_path(ws.results, source, cell)
     if path.is_file():
         cached = load_file(str(path))
         if cached["x_adv"].shape == x.shape:
@@ -78,8 +78,8 @@ def cached_examples(bench: Bench, source: Checkpoint, cell: Cell, x) -> torch.Te
     return None
 
 
-def write_cache(bench: Bench, source: Checkpoint, cell: Cell, x_adv: torch.Tensor) -> None:
-    path = cache_path(bench.results, source, cell)
+def write_cache(ws: Workspace, source: Checkpoint, cell: Cell, x_adv: torch.Tensor) -> None:
+    path = cache_path(ws.results, source, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -91,24 +91,24 @@ def write_cache(bench: Bench, source: Checkpoint, cell: Cell, x_adv: torch.Tenso
             os.remove(tmp)
 
 
-def _craft_job(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
+def _craft_job(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
     # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32.
-    return CraftJob(load_model(source, bench.device), cell, x, y, bench.device, bench.batch_size(),
-                    fast=bench.fast, label=source.key)
+    return CraftJob(load_model(source, ws.device), cell, x, y, ws.device, ws.batch_size(),
+                    fast=ws.fast, label=source.key)
 
 
-def crafted_examples(bench: Bench, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
+def crafted_examples(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
     """(x_adv, reused?) for a source and cell: from the cache, or crafted in this process
     and cached (the matrix's surrogate transfers, which the driver runs itself)."""
-    cached = cached_examples(bench, source, cell, x)
+    cached = cached_examples(ws, source, cell, x)
     if cached is not None:
         return cached, True
-    x_adv = _craft_job(bench, source, cell, x, y).run()
-    write_cache(bench, source, cell, x_adv)
+    x_adv = _craft_job(ws, source, cell, x, y).run()
+    write_cache(ws, source, cell, x_adv)
     return x_adv, False
 
 
-def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
+def run_transfers(ws: Workspace, source: str, target: str, attack: str | None,
                   dataset: str = "digits", executor=None) -> TransferReport:
     """Craft on each source (as jobs on the executor, each under a claim, cached on disk),
     then judge every target on each source's examples here, committing row by row."""
@@ -116,92 +116,92 @@ def run_transfers(bench: Bench, source: str, target: str, attack: str | None,
     cell = transfer_cell(attack or DEFAULT_ATTACK, spec.threat)
     if cell.subset:
         raise BenchError("transfer cells run on the whole test set; drop subset= from --attack")
-    checkpoints = bench.store.checkpoints(dataset=dataset)
-    sources = select_checkpoints(bench.store, source, dataset, option="--source")
-    targets = select_checkpoints(bench.store, target, dataset, option="--target")
-    x, y = load_dataset(dataset, "test", bench.data_root)
+    checkpoints = ws.store.checkpoints(dataset=dataset)
+    sources = select_checkpoints(ws.store, source, dataset, option="--source")
+    targets = select_checkpoints(ws.store, target, dataset, option="--target")
+    x, y = load_dataset(dataset, "test", ws.data_root)
     executor = executor or LocalExecutor()
     report = TransferReport()
     models: dict[int, torch.nn.Module] = {}
     clean: dict[int, torch.Tensor] = {}
     touched: set[int] = set()
-    task = bench.progress.add_task("transfer", total=len(sources) * len(targets)) if bench.progress else None
+    task = ws.progress.add_task("transfer", total=len(sources) * len(targets)) if ws.progress else None
 
     # A randomized target is judged by the seeded majority of passes, as in every cell,
     # and its row's key says so (`...,votes=21`).
-    randomized = {t.id: is_randomized(ensure_admission(bench, t, lambda t=t: load_model(t, bench.device)))
+    randomized = {t.id: is_randomized(ensure_admission(ws, t, lambda t=t: load_model(t, ws.device)))
                   for t in targets}
     keys = {t.id: transfer_key(cell.key, randomized[t.id]) for t in targets}
 
     def todo(src: Checkpoint) -> list[Checkpoint]:
-        done = {k: bench.store.done_transfers(src.id, k) for k in set(keys.values())}
+        done = {k: ws.store.done_transfers(src.id, k) for k in set(keys.values())}
         return [t for t in targets if t.id not in done[keys[t.id]]]
 
     def judge(src: Checkpoint, x_adv: torch.Tensor) -> None:
         for tgt in todo(src):
             if tgt.id not in models:
-                models[tgt.id] = load_model(tgt, bench.device)
-                clean[tgt.id] = correct(models[tgt.id], x, y, bench, randomized[tgt.id])
-            robust = correct(models[tgt.id], x_adv, y, bench, randomized[tgt.id]) & clean[tgt.id]
-            report.evaluated += bench.store.add_transfer(
+                models[tgt.id] = load_model(tgt, ws.device)
+                clean[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id])
+            robust = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id]) & clean[tgt.id]
+            report.evaluated += ws.store.add_transfer(
                 src.id, tgt.id, cell_key=keys[tgt.id], attack=cell.attack, params=dict(vars(cell.config)),
                 threat=cell.threat, clean_acc=float(clean[tgt.id].float().mean()),
                 robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()), indices=None,
-                extra={"votes": VOTES if randomized[tgt.id] else 1}, device=bench.device)
+                extra={"votes": VOTES if randomized[tgt.id] else 1}, device=ws.device)
             touched.add(tgt.id)
         if task is not None:
-            bench.progress.advance(task, len(targets))
+            ws.progress.advance(task, len(targets))
 
     pending = []
     for src in sources:
         if not todo(src):
             report.skipped += len(targets)
             if task is not None:
-                bench.progress.advance(task, len(targets))
+                ws.progress.advance(task, len(targets))
             continue
         report.skipped += len(targets) - len(todo(src))
-        cached = cached_examples(bench, src, cell, x)
+        cached = cached_examples(ws, src, cell, x)
         if cached is None:
             pending.append(src)
         else:
             report.reused += 1
             judge(src, cached)
     by_key = {src.key: src for src in pending}
-    with Claims(bench.store) as claims:
+    with Claims(ws.store) as claims:
         # A source another driver is crafting is waited for, then read from the cache.
         def ready(src: Checkpoint) -> bool:
-            return not todo(src) or cache_path(bench.results, src, cell).is_file()
+            return not todo(src) or cache_path(ws.results, src, cell).is_file()
 
         def jobs():
-            for src in claimed(pending, claims, key=lambda s: f"craft:{s.key}:{cell.key}", done=ready):
-                yield None if src is None else _craft_job(bench, src, cell, x, y)
+            for src in claimed(pending, claims, key=lambda s: craft_claim(s.key, cell.key), done=ready):
+                yield None if src is None else _craft_job(ws, src, cell, x, y)
 
         for job, x_adv in executor.map(jobs()):
             src = by_key[job.label]
             if isinstance(x_adv, Failed):
-                claims.release(f"craft:{src.key}:{cell.key}")
+                claims.release(craft_claim(src.key, cell.key))
                 raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {x_adv.reason}")
-            write_cache(bench, src, cell, x_adv)
-            claims.release(f"craft:{src.key}:{cell.key}")
+            write_cache(ws, src, cell, x_adv)
+            claims.release(craft_claim(src.key, cell.key))
             report.crafted += 1
             judge(src, x_adv)
     for src in pending:  # crafted by another driver meanwhile
         if todo(src):
-            x_adv = cached_examples(bench, src, cell, x)
+            x_adv = cached_examples(ws, src, cell, x)
             if x_adv is not None:
                 report.reused += 1
                 judge(src, x_adv)
     for ck in targets:
         if ck.id in touched:
-            recompute_flags(bench.store, ck)
+            recompute_flags(ws.store, ck)
     # A defense's name alone where it has one checkpoint here; with its key where several.
     counts = {d: sum(c.defense == d for c in checkpoints) for d in {c.defense for c in checkpoints}}
     names = {c.id: c.defense if counts[c.defense] == 1 else f"{c.defense}[{c.key[:6]}]" for c in checkpoints}
     wanted_src, wanted_tgt = {c.id for c in sources}, {c.id for c in targets}
     report.grid = [{"source": names[t.source_id], "target": names[t.target_id], "robust_acc": t.robust_acc,
                     "cell": t.cell_key}
-                   for t in bench.store.transfers(wanted_tgt)
+                   for t in ws.store.transfers(wanted_tgt)
                    if t.cell_key == keys.get(t.target_id) and t.source_id in wanted_src
                    and t.target_id in wanted_tgt]
     return report

@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from bench.core import contract
 from bench.core.matrix import Cell, cell_key, make_cell
 from bench.engine.mirror import ThroughForward
 from bench.science.admission import forward_differentiable, gradients_say_nothing, is_randomized
@@ -123,7 +124,7 @@ def through(cell: Cell, view=FORWARD_VIEW) -> Cell:
 def _follows_gradients(c: Cell, threat) -> bool:
     """A cell that follows the model's gradients (no `queries_only`, no verifier), on the
     model as it is, toward the threat model (when given)."""
-    return (c.view is None and not getattr(c.config, "queries_only", False) and not c.verifier
+    return (c.view is None and not contract.hooks(c.config).queries_only and not c.verifier
             and (threat is None or c.threat == threat.name))
 
 
@@ -149,10 +150,11 @@ def _for_randomized(c: Cell) -> Cell:
     `queries_only`) or that average over passes themselves (config `for_randomized()`,
     AutoAttack's `rand` version); majority votes and rounds for all."""
     config, key, eot = c.config, c.key, EOT_PASSES
-    if getattr(config, "queries_only", False):
+    if contract.hooks(config).queries_only:
         eot = 1
-    if hasattr(config, "for_randomized"):
-        config, eot = config.for_randomized(), 1
+    own = contract.for_randomized(config)
+    if own is not None:
+        config, eot = own, 1
         key = cell_key(c.attack, config, c.subset)
     return dataclasses.replace(c, config=config, key=adaptive_key(key, eot, VOTES, ROUNDS), eot=eot,
                                votes=VOTES, rounds=ROUNDS)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from attacks.pgd import PGD, plain_pgd
 from bench.core.data import get_spec, load_dataset
 from bench.engine.device import frozen
 from bench.engine.mirror import custom_functions
+from bench.store.db import Checkpoint, Store
 
 SCHEMA = 4
 """Bumped when a check changes, so stored checks are measured again (4: the gradient check
@@ -67,7 +69,7 @@ class AdmissionConfig:
     few ReLUs change state, large enough for fp32 differences of the loss."""
     batch_sizes: tuple[int, ...] = ()
     """Batch sizes autograd's gradient is also checked at: those the attacks run at
-    (`attack_batches`; ensure_admission passes the bench's)."""
+    (`attack_batches`; ensure_admission passes the workspace's)."""
 
 
 def _autograd_codes() -> set:
@@ -125,7 +127,7 @@ from its random start, asks for gradients)."""
 
 def attack_batches(test_size: int, batch_size: int) -> tuple[int, ...]:
     """The batch sizes a cell's attack runs at on a test set of `test_size` images in
-    batches of `batch_size` (bench.engine.evaluate.craft): full batches and the remainder."""
+    batches of `batch_size` (bench.engine.cell.craft): full batches and the remainder."""
     full = min(batch_size, test_size)
     rest = test_size % batch_size if test_size > batch_size else 0
     return tuple(sorted({full, rest} - {0}))
@@ -303,19 +305,30 @@ def _covers(stored: dict, batches: tuple[int, ...]) -> bool:
     return set(batches) <= set(stored.get("config", {}).get("batch_sizes", ()))
 
 
-def ensure_admission(bench, row, model) -> dict:
+class AdmissionWorkspace(Protocol):
+    """What the admission checks read of the run's workspace (bench.run.workspace.Workspace,
+    which the science layer cannot import): where the data is, the attack batch size, and
+    the store the checks are kept in."""
+
+    data_root: str | None
+    store: Store
+
+    def batch_size(self) -> int: ...
+
+
+def ensure_admission(ws: AdmissionWorkspace, row: Checkpoint, model: Callable[[], torch.nn.Module]) -> dict:
     """The checkpoint's admission checks: from its meta, or measured now and stored there.
 
     `model` builds the model; it is called only when the checks are missing or stale, or
-    when the bench attacks in batches of a size they were not measured at (another
+    when the workspace attacks in batches of a size they were not measured at (another
     device, another --batch-size), since a backward may answer differently there.
     """
-    x, y = load_dataset(row.dataset, "test", bench.data_root)
-    batches = attack_batches(len(x), bench.batch_size())
+    x, y = load_dataset(row.dataset, "test", ws.data_root)
+    batches = attack_batches(len(x), ws.batch_size())
     stored = row.admission
     if stored and _covers(stored, batches):
         return stored
     cfg = AdmissionConfig(batch_sizes=batches)
     result = admit(model(), x, y, get_spec(row.dataset).threat.eps, cfg)
-    bench.store.update_meta(row, admission=result)
+    ws.store.update_meta(row, admission=result)
     return result

@@ -33,6 +33,23 @@ POLL_SECONDS = 0.5
 T = TypeVar("T")
 
 
+# The keys of the work a driver claims, built here alone: two drivers agree on a key only
+# if they spell it alike, and a claim held under one spelling guards nothing against another.
+def train_claim(checkpoint_key: str) -> str:
+    """The claim on training one checkpoint."""
+    return f"train:{checkpoint_key}"
+
+
+def eval_claim(checkpoint_key: str, cell_key: str) -> str:
+    """The claim on running one cell on one checkpoint."""
+    return f"eval:{checkpoint_key}:{cell_key}"
+
+
+def craft_claim(source_key: str, cell_key: str) -> str:
+    """The claim on crafting one cell's transfer examples on one source checkpoint."""
+    return f"craft:{source_key}:{cell_key}"
+
+
 def new_owner() -> str:
     """host:pid:nonce, unique to one driver (the nonce tells apart two Claims in one process)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""Bench: the environment a command runs in (results folder, store, device and fast-path
+"""Workspace: the environment a command runs in (results folder, store, device and fast-path
 settings). Every stage of a run takes one."""
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine.device import check_precision, default_precision, resolve_device
+from bench.engine.fast import FastPath
 from bench.errors import BenchError
 from bench.store.db import Store
 
 
 @dataclass
-class Bench:
+class Workspace:
+    """Where a command's work is kept and how it runs: the results folder, the store, the
+    device and the fast path. Every stage of a run takes one (`ws`)."""
+
     results: Path
     store: Store
     device: str
@@ -54,14 +58,14 @@ class Bench:
             self.fold_bn = self.device.startswith("cuda")
 
     @property
-    def fast(self) -> dict:
-        """The fast-path keyword arguments of craft and evaluate, as this bench sets them."""
-        return {"precision": self.precision, "channels_last": self.channels_last, "fold_bn": self.fold_bn,
-                "compile": self.compile, "exact_rewrites": self.exact_rewrites}
+    def fast(self) -> FastPath:
+        """The fast path of craft and run_cell, as this workspace sets it."""
+        return FastPath(precision=self.precision, channels_last=self.channels_last, fold_bn=self.fold_bn,
+                        compile=self.compile, exact_rewrites=self.exact_rewrites)
 
     @classmethod
     def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
-             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Bench":
+             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Workspace":
         path = Path(results)
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
-"""Crafting and evaluating one cell: the path every stored number takes.
+"""Crafting (`craft`) and running (`run_cell`) one cell: the path every stored number takes.
 
 Attacks keep their data on the device for the whole call, run in large batches with the
-model frozen (eval mode, no weight gradients), and, where the caller asks (Bench sets
+model frozen (eval mode, no weight gradients), and, where the caller asks (the Workspace sets
 it from the device), in NHWC memory, in bf16 autocast, on a copy with batch norm folded
 into the convolutions, or compiled. On the CPU none of these is on by default, so fp32
 results stay what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).
@@ -21,11 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.core import contract
 from bench.core.matrix import Cell
 from bench.engine import rewrite
 from bench.engine.budget import check_budget
+from bench.engine.fast import PLAIN, FastPath
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 from bench.engine.losses import cw_margin
+from bench.engine.outcome import CellOutcome
 from bench.engine.verdicts import EOT, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
@@ -76,29 +79,28 @@ def _weights_key(model: torch.nn.Module) -> tuple:
 
 
 @contextlib.contextmanager
-def fast_model(model: torch.nn.Module, *, channels_last: bool = False, fold_bn: bool = False,
-               compile: bool = False, exact_rewrites: bool = False):
+def fast_model(model: torch.nn.Module, fast: FastPath = PLAIN):
     """The frozen model as the fast path runs it, built once and kept per model.
 
     Plain, channels-last or exactly rewritten only: the model itself or a traced graph
     that shares its parameters (weights converted to channels-last for the duration).
     With folding or compiling: a private copy, rebuilt when the model's weights change.
     """
-    if not (fold_bn or compile):
-        net = rewrite.exact_view(model) if exact_rewrites else model
-        with memory_format(model, channels_last):
+    if not fast.copies_model:
+        net = rewrite.exact_view(model) if fast.exact_rewrites else model
+        with memory_format(model, fast.channels_last):
             yield net
         return
-    key = (channels_last, fold_bn, compile, exact_rewrites, _weights_key(model))
+    key = (fast.channels_last, fast.fold_bn, fast.compile, fast.exact_rewrites, _weights_key(model))
     cached = _PREPARED.get(model)
     if cached is None or cached[0] != key:
-        net = rewrite.fold_bn(model) if fold_bn else copy.deepcopy(model)
-        if exact_rewrites:
+        net = rewrite.fold_bn(model) if fast.fold_bn else copy.deepcopy(model)
+        if fast.exact_rewrites:
             net = rewrite.exact_rewrite(net)
         net.eval().requires_grad_(False)
-        if channels_last:
+        if fast.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        if compile:  # dynamic batch: early stop shrinks the working batch
+        if fast.compile:  # dynamic batch: early stop shrinks the working batch
             net = torch.compile(net, dynamic=True)
         cached = _PREPARED[model] = (key, net)
     yield cached[1]
@@ -139,54 +141,49 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
     if len(idx):
         with torch.autocast(x.device.type, enabled=False), full_fp32():
             x_adv = x_adv.index_put((idx,), perturb(model, x[idx], y[idx], cell.config,
-                                                    generator=generator).detach().float())
+                                                    generator=generator).x_adv.detach().float())
     return x_adv
 
 
 def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
-          on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
-          channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-          exact_rewrites: bool = False, verdicts: dict | None = None) -> torch.Tensor:
+          on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN,
+          verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
-    The whole set moves to the device once and comes back once. `precision`,
-    `channels_last`, `fold_bn`, `compile` and `exact_rewrites` select the fast path (see
-    Bench); the defaults are the plain fp32 path. The fast model is used only where it
-    computes the model's own logits and gradients (`faithful`); every batch gets the
+    The whole set moves to the device once and comes back once. `fast` selects the fast
+    path (bench.engine.fast); the default is the plain fp32 path. The fast model is used
+    only where it computes the model's own logits and gradients (`faithful`); every batch gets the
     reported model's last word (`last_word`) and is held to the cell's threat model by
     the harness itself (bench.engine.budget), whatever the attack plugin did.
 
-    A verifier cell (config `verifier = True`) returns `(x_adv, per-image verdicts)`;
-    the verdicts, concatenated over batches, go into `verdicts`, and its batches are at
-    most `config.batch_limit` images, so its progress moves while it verifies.
+    Every attack returns a `Crafted` (bench.core.contract); a verifier cell's carries
+    per-image verdicts, which are appended to `verdicts` batch by batch, and its batches
+    are at most `config.batch_limit` images, so its progress moves while it verifies.
     """
     perturb = ATTACKS.get(cell.attack).fn
     seed = cell.seed if seed is None else seed
     verifier = cell.verifier
     if verifier:
-        batch_size = min(batch_size, getattr(cell.config, "batch_limit", batch_size))
+        limit = contract.hooks(cell.config).batch_limit
+        batch_size = batch_size if limit is None else min(batch_size, limit)
         # Verification is exact arithmetic on the model as it is: no fast copy.
-        precision, channels_last, fold_bn, compile, exact_rewrites = "fp32", False, False, False, False
-    found: dict[str, list[torch.Tensor]] = {}
+        fast = PLAIN
     gen = torch.Generator(device=device).manual_seed(seed)
-    xd, yd = on_device(x, device, channels_last), y.to(device)
+    xd, yd = on_device(x, device, fast.channels_last), y.to(device)
     out = []
-    with frozen(model), fast_model(model, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-                                   exact_rewrites=exact_rewrites) as net:
+    with frozen(model), fast_model(model, fast) as net:
         if not faithful(model, net, xd[:FAITHFUL_BATCH], yd[:FAITHFUL_BATCH]):
             net = model
         # Only a folded or compiled copy computes other bits than the model: the exact
         # rewrites change no bit of any logit (bench.engine.rewrite), so a break on them is one.
-        approximate = net is not model and (fold_bn or compile)
+        approximate = net is not model and fast.copies_model
         for i in range(0, len(x), batch_size):
             xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
-            with autocast(device, precision):
-                x_adv = perturb(net, xb, yb, cell.config, generator=gen)
-            if verifier:
-                x_adv, per_image = x_adv
-                for name, value in per_image.items():  # tensors, or lists (of names)
-                    found.setdefault(name, []).append(value.cpu() if torch.is_tensor(value) else list(value))
-            x_adv = x_adv.detach()
+            with autocast(device, fast.precision):
+                crafted = perturb(net, xb, yb, cell.config, generator=gen)
+            if verifier and verdicts is not None:
+                verdicts.append(crafted.verdicts)
+            x_adv = crafted.x_adv.detach()
             if x_adv.shape != xb.shape:
                 raise RuntimeError(f"attack {cell.attack!r} returned inputs of the wrong shape")
             x_adv = x_adv.float()
@@ -196,9 +193,6 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
             out.append(x_adv)
             if on_batch:
                 on_batch(len(xb))
-    if verdicts is not None:
-        verdicts.update({name: torch.cat(parts) if torch.is_tensor(parts[0]) else sum(parts, [])
-                         for name, parts in found.items()})
     return torch.cat(out).cpu().contiguous()
 
 
@@ -208,10 +202,8 @@ VERDICT_SEED = 0
 the same passes while each cell's attack draws from its own stream."""
 
 
-def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
-             on_batch: Callable[[int], None] | None = None, precision: str = "fp32",
-             channels_last: bool = False, fold_bn: bool = False, compile: bool = False,
-             exact_rewrites: bool = False) -> dict:
+def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
+             on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
@@ -223,23 +215,22 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     target = model
     if cell.eot > 1:  # a randomized model: attacked through its mean logits, plainly
         target = EOT(model, cell.eot)
-        fold_bn = compile = exact_rewrites = False
+        fast = fast.on_the_model()
     if cell.view is not None:  # crafted through a view of the model, judged on the model below
         target = cell.view(target)
-        fold_bn = compile = exact_rewrites = False
+        fast = fast.on_the_model()
     # A randomized model draws its noise from torch's global generators: seeded from the
     # cell's seed for the craft (and restored), so its cells are reproducible too.
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
-    verdicts: dict = {}
+    verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] = []
     with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
         x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
-                      precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-                      exact_rewrites=exact_rewrites, verdicts=verdicts)
+                      fast=fast, verdicts=verdicts)
     seconds = time.perf_counter() - start
-    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
-    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=channels_last)
+    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
+    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
     clean = clean_logits.argmax(1) == y
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
@@ -257,8 +248,7 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
                 break
             with seeded_noise(device, seed + extra):
                 again = craft(target, cell, x[left], y[left], device=device, batch_size=batch_size,
-                              seed=seed + extra, precision=precision, channels_last=channels_last,
-                              fold_bn=fold_bn, compile=compile, exact_rewrites=exact_rewrites)
+                              seed=seed + extra, fast=fast)
             x_adv[left] = again
             # Judged on the whole set with the verdict seed: every verdict of the cell
             # comes from the same passes (the noise a pass draws depends on a sample's
@@ -268,18 +258,18 @@ def evaluate(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
         seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
     extra = {"logit_hist": histogram(clean_logits, adv_logits), "adv_logit_stats": logit_stats(adv_logits, y),
-             "warnings": messages, "precision": precision}
+             "warnings": messages, "precision": fast.precision}
     proven = None
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
-        robust, proven, verdict_extra = verified(verdicts, clean, robust)
+        robust, proven, verdict_extra = verified(cell.kind, verdicts, clean, robust)
         extra.update(verdict_extra)
-    return {
-        "cell_key": cell.key, "kind": cell.kind.value, "attack": cell.attack, "threat": cell.threat,
-        "params": dataclasses.asdict(cell.config),
-        "clean_acc": float(clean.float().mean()), "robust_acc": float(robust.float().mean()),
-        "n": len(y), "seconds": seconds, "correct_bits": pack_bits(robust.numpy()),
-        "proven_bits": None if proven is None else pack_bits(proven.numpy()),
-        "indices": None if idx is None else idx.tolist(), "test_size": test_size,
-        "extra": extra,
-        "device": device,
-    }
+    return CellOutcome(
+        cell_key=cell.key, kind=cell.kind, attack=cell.attack, threat=cell.threat,
+        params=dataclasses.asdict(cell.config),
+        clean_acc=float(clean.float().mean()), robust_acc=float(robust.float().mean()),
+        n=len(y), seconds=seconds, correct_bits=pack_bits(robust.numpy()),
+        proven_bits=None if proven is None else pack_bits(proven.numpy()),
+        indices=None if idx is None else idx.tolist(), test_size=test_size,
+        extra=extra,
+        device=device,
+    )
