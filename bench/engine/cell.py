@@ -181,6 +181,9 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
             xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
             with autocast(device, fast.precision):
                 crafted = perturb(net, xb, yb, cell.config, generator=gen)
+            if not isinstance(crafted, contract.Crafted):  # the plugin contract, held like the budget below
+                raise RuntimeError(f"attack {cell.attack!r} returned {type(crafted).__name__}; an attack's perturb "
+                                   "returns bench.plugin.Crafted(x_adv) (and a verifier its verdicts beside it)")
             if verifier and verdicts is not None:
                 verdicts.append(crafted.verdicts)
             x_adv = crafted.x_adv.detach()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.core.contract import hooks
 from bench.core.kinds import Role
 from bench.registry import ATTACKS
 from bench.store.db import Checkpoint
@@ -37,7 +38,7 @@ def role_of(cell: CellRow) -> Role:
     an attack this installation does not have (a row stored by a plugin since removed)."""
     if cell.attack not in ATTACKS:
         return Role.OTHER
-    return getattr(ATTACKS.get(cell.attack).config, "role", Role.OTHER)
+    return hooks(ATTACKS.get(cell.attack).config).role
 
 
 WHITE_BOX = frozenset(r for r in Role if r.white_box)
