@@ -23,7 +23,7 @@ import contextlib
 import logging
 import sys
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from pyautoattack import checks

@@ -23,14 +23,14 @@ package's last misclassified iterate), x itself where nothing broke it.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
 from attacks._packaged import LOGGER, package_run, reraise
-from bench.plugin import Crafted, Role, NORMS, at_least, one_of, radius, register_attack, seed_from
+from bench.plugin import NORMS, Crafted, Role, at_least, one_of, radius, register_attack, seed_from
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -58,7 +58,7 @@ class APGD:
         at_least("steps", self.steps, 1)
         at_least("restarts", self.restarts, 1)
 
-    def with_threat(self, threat) -> "APGD":
+    def with_threat(self, threat) -> APGD:
         if self.eps is not None:
             return self
         return replace(self, eps=threat.eps if self.norm == "linf" else threat.l2_eps)
@@ -90,7 +90,7 @@ class APGDT:
         at_least("restarts", self.restarts, 1)
         at_least("n_target_classes", self.n_target_classes, 1)
 
-    def with_threat(self, threat) -> "APGDT":
+    def with_threat(self, threat) -> APGDT:
         if self.eps is not None:
             return self
         return replace(self, eps=threat.eps if self.norm == "linf" else threat.l2_eps)

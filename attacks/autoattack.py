@@ -15,14 +15,14 @@ flags.autoattack_warning fires.
 """
 from __future__ import annotations
 
-from typing import ClassVar
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from pyautoattack import AutoAttack as PackageAutoAttack
 
 from attacks._packaged import AutoAttackWarning, package_run, reraise
-from bench.plugin import Crafted, Role, NORMS, one_of, radius, register_attack, seed_from
+from bench.plugin import NORMS, Crafted, Role, one_of, radius, register_attack, seed_from
 
 __all__ = ["AutoAttack", "AutoAttackWarning", "perturb", "run_autoattack"]
 
@@ -45,7 +45,7 @@ class AutoAttack:
         one_of("version", self.version, ("standard", "plus", "rand"))
         radius("eps", self.eps, self.norm)
 
-    def with_threat(self, threat) -> "AutoAttack":
+    def with_threat(self, threat) -> AutoAttack:
         if self.eps is not None:
             return self
         return replace(self, eps=threat.eps if self.norm == "linf" else threat.l2_eps)
@@ -53,7 +53,7 @@ class AutoAttack:
     def threat_key(self) -> str:
         return f"{self.norm}-{self.eps:g}"
 
-    def for_randomized(self) -> "AutoAttack":
+    def for_randomized(self) -> AutoAttack:
         """AutoAttack's own version for randomized models, which averages its gradients
         over passes itself (bench.science.adaptive then adds no EOT wrapper)."""
         return replace(self, version="rand")

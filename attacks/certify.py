@@ -39,7 +39,7 @@ class Certify:
         one_of("method", self.method, ("crown", "ibp"))
         radius("eps", self.eps, "linf")
 
-    def with_threat(self, threat) -> "Certify":
+    def with_threat(self, threat) -> Certify:
         return self if self.eps is not None else replace(self, eps=threat.eps)
 
     def threat_key(self) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.pgd import PGD, plain_pgd
-from bench.plugin import Crafted, Role, NORMS, at_least, one_of, radius, register_attack, seed_from
+from bench.plugin import NORMS, Crafted, Role, at_least, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Distill:
         for name in ("label_votes", "judge_votes"):
             at_least(name, getattr(self, name), 1)
 
-    def with_threat(self, threat) -> "Distill":
+    def with_threat(self, threat) -> Distill:
         if self.eps is not None:
             return self
         return replace(self, eps=threat.eps if self.norm == "linf" else threat.l2_eps)

@@ -4,12 +4,12 @@ One signed-gradient step of size eps on the cross-entropy, L-inf, no random star
 """
 from __future__ import annotations
 
-from typing import ClassVar
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-from bench.plugin import Crafted, Role, LOSSES, one_of, radius, register_attack
+from bench.plugin import LOSSES, Crafted, Role, one_of, radius, register_attack
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class FGSM:
     loss: str = "xent"
     """Objective: `xent` (cross-entropy) or `cw` (Carlini-Wagner margin)."""
 
-    def with_threat(self, threat) -> "FGSM":
+    def with_threat(self, threat) -> FGSM:
         return self if self.eps is not None else replace(self, eps=threat.eps)
 
     def threat_key(self) -> str:

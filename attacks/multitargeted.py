@@ -25,8 +25,8 @@ sample's attack early nor hide a break.
 """
 from __future__ import annotations
 
-from typing import ClassVar
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -57,7 +57,7 @@ class MultiTargeted:
         if self.step_size is not None:
             positive("step_size", self.step_size)
 
-    def with_threat(self, threat) -> "MultiTargeted":
+    def with_threat(self, threat) -> MultiTargeted:
         return replace(self, eps=self.eps if self.eps is not None else threat.eps,
                        step_size=self.step_size if self.step_size is not None else threat.step_size)
 

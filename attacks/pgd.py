@@ -41,15 +41,15 @@ early nor hide a break (without this, bf16 PGD read 0.5 to 1.7 points more robus
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import ClassVar, Callable
-
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from bench.plugin import Crafted, Role, LOSSES, NORMS, at_least, full_fp32, one_of, positive, radius, register_attack
+from bench.plugin import LOSSES, NORMS, Crafted, Role, at_least, full_fp32, one_of, positive, radius, register_attack
 
 KEEPS = ("first", "last")
 SCHEDULES = ("fixed", "cosine")
@@ -97,7 +97,7 @@ class PGD:
         if self.step_size is not None:
             positive("step_size", self.step_size)
 
-    def with_threat(self, threat) -> "PGD":
+    def with_threat(self, threat) -> PGD:
         eps = self.eps if self.eps is not None else (threat.eps if self.norm == "linf" else threat.l2_eps)
         step = self.step_size
         if step is None:
@@ -107,7 +107,7 @@ class PGD:
     def threat_key(self) -> str:
         return f"{self.norm}-{self.eps:g}"
 
-    def for_transfer(self) -> "PGD":
+    def for_transfer(self) -> PGD:
         """The config that crafts examples for another model: the final iterate."""
         return replace(self, keep="last") if self.keep == "first" else self
 

@@ -90,7 +90,7 @@ class SPSA:
                              f"{self.samples_per_dim:g} per dimension of {x[0].numel()})")
         return samples
 
-    def with_threat(self, threat) -> "SPSA":
+    def with_threat(self, threat) -> SPSA:
         return self if self.eps is not None else replace(self, eps=threat.eps)
 
     def threat_key(self) -> str:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from pyautoattack.square import SquareAttack
 
-from bench.plugin import Crafted, Role, NORMS, at_least, in_range, one_of, radius, register_attack, seed_from
+from bench.plugin import NORMS, Crafted, Role, at_least, in_range, one_of, radius, register_attack, seed_from
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Square:
         radius("eps", self.eps, self.norm)
         in_range("p_init", self.p_init, 0, 1, low_open=True)
 
-    def with_threat(self, threat) -> "Square":
+    def with_threat(self, threat) -> Square:
         if self.eps is not None:
             return self
         return replace(self, eps=threat.eps if self.norm == "linf" else threat.l2_eps)

@@ -15,11 +15,11 @@ very code the bounded cells run.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from attacks.pgd import PGD, run_pgd
-from bench.plugin import Crafted, Role, LOSSES, at_least, one_of, positive, radius, register_attack
+from bench.plugin import LOSSES, Crafted, Role, at_least, one_of, positive, radius, register_attack
 
 STEPS_PER_THREAT_EPS = 20
 """The threat model's own PGD-20 at multiple 1, growing linearly with the budget."""
@@ -57,7 +57,7 @@ class Unbounded:
         if self.step_size is not None:
             positive("step_size", self.step_size)
 
-    def with_threat(self, threat) -> "Unbounded":
+    def with_threat(self, threat) -> Unbounded:
         eps = self.eps if self.eps is not None else min(1.0, self.multiple * threat.eps)
         # Derived from eps, not from multiple, so equal budgets give equal cells.
         steps = self.steps or min(MAX_STEPS, math.ceil(STEPS_PER_THREAT_EPS * eps / threat.eps - 1e-9))

@@ -20,9 +20,20 @@ from typing import ClassVar
 
 import torch
 
-from bench.plugin import CellKind, CompleteVerdicts, Crafted, Role, one_of, positive, radius, register_attack, to_graph, verify_images
+from bench.plugin import (
+    CellKind,
+    CompleteVerdicts,
+    Crafted,
+    Role,
+    one_of,
+    positive,
+    radius,
+    register_attack,
+    to_graph,
+    verify_images,
+)
 
-_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def graph_of(model: torch.nn.Module, shape: tuple[int, ...]):
@@ -56,7 +67,7 @@ class Verify:
         radius("eps", self.eps, "linf")
         positive("time_limit", self.time_limit)
 
-    def with_threat(self, threat) -> "Verify":
+    def with_threat(self, threat) -> Verify:
         return self if self.eps is not None else replace(self, eps=threat.eps)
 
     def threat_key(self) -> str:

@@ -27,7 +27,6 @@ from bench.reporting.diagnosis import diagnosis_rows
 from bench.reporting.results import result_rows
 from bench.reporting.site import build_site
 from bench.reporting.site.names import cell_label
-from bench.run.workspace import Workspace
 from bench.run.diagnosing import ensure_diagnostics
 from bench.run.driver import RunReport, plan_run, run_defenses
 from bench.run.executors import make_executor
@@ -35,6 +34,7 @@ from bench.run.outside import EvalReport, plan_outside, run_outside
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
 from bench.run.transfer import TransferReport, run_transfers
+from bench.run.workspace import Workspace
 from bench.science.adaptive import BPDA
 from bench.store.checkpoints import load_checkpoint
 from bench.store.db import Checkpoint

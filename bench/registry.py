@@ -16,8 +16,9 @@ import math
 import pkgutil
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from bench.errors import BenchError, did_you_mean
 

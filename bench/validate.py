@@ -9,7 +9,8 @@ value is inside" rather than "the value is outside": NaN is never inside.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from bench.errors import did_you_mean
 

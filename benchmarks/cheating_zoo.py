@@ -33,17 +33,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402
-from bench.core.data import get_spec, load_dataset  # noqa: E402
-from bench.engine.cell import run_cell  # noqa: E402
-from bench.science.flags import MASKING  # noqa: E402
-from bench.core.matrix import make_cell, matrix_cells  # noqa: E402
-from bench.core.presets import default_preset  # noqa: E402
-from bench.store.evidence import worst_case  # noqa: E402
-from bench.store.rows import CellRow  # noqa: E402
-from conftest import train_digits  # noqa: E402
-from cheats import BY_NAME, CHEATS  # noqa: E402
-from worst_vs_autoattack import autoattack_runs, independent_seeds  # noqa: E402
+from cheats import BY_NAME, CHEATS
+from conftest import train_digits
+from worst_vs_autoattack import autoattack_runs, independent_seeds
+
+import bench
+from bench.core.data import get_spec, load_dataset
+from bench.core.matrix import make_cell, matrix_cells
+from bench.core.presets import default_preset
+from bench.engine.cell import run_cell
+from bench.science.flags import MASKING
+from bench.store.evidence import worst_case
+from bench.store.rows import CellRow
 
 SPEC = get_spec("digits")
 

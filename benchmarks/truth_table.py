@@ -19,8 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.store.bracket import bracket
-from bench.store.evidence import test_size_of
 from bench.store.db import Store
+from bench.store.evidence import test_size_of
 
 
 def main() -> None:

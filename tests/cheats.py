@@ -29,16 +29,16 @@ broke. Each wraps a trained digits model (`tests/conftest.py::train_digits`):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from custom_backward import Reversed, StraightThrough, Wrapped
 
 from bench.core.data import get_spec
 from bench.engine.verdicts import majority_correct
 from bench.science.adaptive import BPDA
-from custom_backward import Reversed, StraightThrough, Wrapped
 
 THREAT = get_spec("digits").threat
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.registry import DEFENSES
 from bench.engine.train import TrainConfig, train_model
+from bench.registry import DEFENSES
 
 # One intra-op thread: the digits models are too small to gain from more, and when the
 # cores are shared (a parallel build, a busy CI host) OpenMP threads spin-waiting for

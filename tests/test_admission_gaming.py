@@ -15,6 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cheats import BY_NAME, ReversedOver16, quantize
+from conftest import train_digits
+from custom_backward import Reversed, Wrapped
 
 import bench
 from bench.core.data import get_spec
@@ -23,9 +26,6 @@ from bench.core.presets import default_preset
 from bench.engine.mirror import ThroughForward, custom_functions
 from bench.science.adaptive import BPDA, adapt_cells
 from bench.science.admission import AdmissionConfig, admit, attack_batches, gradient_disagrees
-from cheats import BY_NAME, ReversedOver16, quantize
-from conftest import train_digits
-from custom_backward import Reversed, Wrapped
 
 THREAT = get_spec("digits").threat
 MATRIX = """

@@ -9,22 +9,22 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import train_digits
 
-from bench.plugin import seed_from
 from bench.core.data import get_spec
-from bench.errors import BenchError
-from bench.science.flags import compute_flags
 from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
-from bench.registry import ATTACKS, DEFENSES
-from bench.reporting.results import result_rows
 from bench.engine.cell import craft, run_cell, subset_indices
 from bench.engine.device import frozen
 from bench.engine.outcome import CellOutcome
+from bench.errors import BenchError
+from bench.plugin import seed_from
+from bench.registry import ATTACKS, DEFENSES
+from bench.reporting.results import result_rows
+from bench.science.flags import compute_flags
 from bench.store.db import Checkpoint, Store, pack_bits
 from bench.store.evidence import worst_case
 from bench.store.rows import CellRow
-from conftest import train_digits
 
 DIGITS = get_spec("digits")
 THREAT = DIGITS.threat

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cheats import BY_NAME, Noisy, Quantized, Saturated, margin, pgd, quantize, robust, xent
+from conftest import train_digits
+from custom_backward import Reversed, StraightThrough, Wrapped
 
 import bench
-from bench.science.adaptive import BPDA
-from bench.engine.verdicts import EOT, majority_correct
 from bench.core.data import get_spec
+from bench.core.presets import default_preset
+from bench.engine.verdicts import EOT, majority_correct
+from bench.science.adaptive import BPDA
 from bench.science.admission import admit
 from bench.science.flags import MASKING, compute_flags
 from bench.store.db import Checkpoint
-from bench.core.presets import default_preset
-from conftest import train_digits
-from cheats import BY_NAME, Noisy, Quantized, Saturated, margin, pgd, quantize, robust, xent
-from custom_backward import Reversed, StraightThrough, Wrapped
 
 THREAT = get_spec("digits").threat
 MATRIX = """
@@ -176,8 +176,8 @@ def test_eot_view_averages_passes():
 
 
 def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
-    from bench.science.adaptive import adapt_cells
     from bench.core.matrix import make_cell
+    from bench.science.adaptive import adapt_cells
 
     noisy = {"randomized": {"share_prediction_changed": 0.2, "max_relative_diff": 0.3, "max_output_diff": 1.0}}
     steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 1e-7, "max_output_diff": 1e-6}}
@@ -191,8 +191,8 @@ def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
 
 
 def test_a_model_whose_gradients_say_nothing_gets_the_witness():
-    from bench.science.adaptive import adapt_cells
     from bench.core.matrix import make_cell
+    from bench.science.adaptive import adapt_cells
 
     steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 0.0, "max_output_diff": 0.0}}
     honest = {**steady, "zero_gradient": {"count": 0, "n": 500, "share": 0.0},
@@ -215,8 +215,8 @@ def test_a_model_whose_gradients_say_nothing_gets_the_witness():
 def test_randomized_cells_are_reproducible(natural_model, digits_test):
     import dataclasses
 
-    from bench.engine.cell import run_cell
     from bench.core.matrix import make_cell
+    from bench.engine.cell import run_cell
 
     x, y = digits_test
     cell = make_cell("pgd", {"steps": 5}, THREAT)

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bench.core.matrix import load_matrix
-from bench import cli
 from cli_run import run_cli as _cli
+
+from bench import cli
+from bench.core.matrix import load_matrix
 
 # The console script installed beside this interpreter (a venv's bin/, or the system's).
 BENCH = Path(sys.executable).parent / "bench"
@@ -43,9 +43,9 @@ def _store_state(results: Path) -> tuple[bytes, list[str]]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A results folder holding one tiny trained checkpoint and its quick-matrix cells."""
-    from bench.run.workspace import Workspace
-    from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
+    from bench.run.recipe import TrainRequest
+    from bench.run.workspace import Workspace
 
     results = tmp_path_factory.mktemp("cli-errors") / "res"
     ws = Workspace.open(results)

@@ -19,17 +19,16 @@ from pathlib import Path
 
 import pytest
 import typer
+from cli_run import run_cli
 from rich.console import Console
 
-from bench.core.matrix import load_matrix
 from bench.cli import output
 from bench.cli.app import app
 from bench.cli.options import DATASET_NAMES
 from bench.core.data import DATASETS, get_spec
-from bench.core.matrix import matrix_cells, matrix_transfer, parse_cell_key
+from bench.core.matrix import load_matrix, matrix_cells, matrix_transfer, parse_cell_key
 from bench.reporting.results import BRACKET, COLUMNS
 from bench.reporting.site.names import cell_label
-from cli_run import run_cli
 
 BENCH = Path(sys.executable).parent / "bench"
 KEY = "3626cbc619ecb8d2"
@@ -204,9 +203,9 @@ def test_ls_matrices_shows_each_matrix_s_cells(monkeypatch, capsys):
 # --- messages that are true ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from bench.run.workspace import Workspace
     from bench.run.driver import run_defense
     from bench.run.recipe import TrainRequest
+    from bench.run.workspace import Workspace
 
     results = tmp_path_factory.mktemp("cli-output") / "res"
     run_defense(Workspace.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchattacks
+from conftest import train_digits
 from safetensors.torch import save_file
 
 from attacks.pgd import PGD, plain_pgd
@@ -26,7 +27,6 @@ from bench.errors import BenchError
 from bench.run.transfer import DEFAULT_ATTACK, cache_path, cached_examples
 from bench.science.flags import CALLS_WITNESS, pgd_still_falling
 from bench.store.rows import CellRow
-from conftest import train_digits
 
 THREAT = get_spec("digits").threat
 
@@ -210,9 +210,9 @@ def test_l2_has_a_worst_case_of_its_own(tmp_path: Path, monkeypatch, capsys):
     ball), complete only when every L2 cell the matrix asked for is stored."""
     import json
 
-    from bench.store.db import Store
-
     from cli_run import run_cli
+
+    from bench.store.db import Store
 
     matrix = tmp_path / "m.toml"
     matrix.write_text('[[cell]]\nattack = "pgd"\nsteps = 10\n\n'

@@ -10,11 +10,11 @@ import time
 from collections import Counter
 
 import pytest
+from servers import plugin_env, read_log
 from sqlalchemy import func, select
 
 from bench.store.claims import Claims, craft_claim, eval_claim, train_claim
 from bench.store.db import Checkpoint, Claim, Evaluation, Store, Transfer
-from servers import plugin_env, read_log
 
 CHECKPOINT = dict(key="k" * 16, dataset="digits", defense="natural", preset=None, arch="digits_cnn", seed=0,
                   threat="linf-0.2", config={"a": 1}, train_config={}, path="/nowhere", sha256="s" * 64,

@@ -15,22 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli as _cli
 
 import bench
-from bench.core.matrix import load_matrix
-from bench.store.checkpoints import checkpoint_key, load_checkpoint
 from bench.core.data import get_spec, load_dataset
-from bench.errors import BenchError
-from bench.core.matrix import cell_key, make_cell, matrix_cells
-from bench.registry import ATTACKS, DEFENSES, Registry
-from bench.run.workspace import Workspace
+from bench.core.matrix import cell_key, load_matrix, make_cell, matrix_cells
 from bench.engine.cell import subset_indices
-from bench.run.recipe import TrainRequest, resolve
+from bench.errors import BenchError
+from bench.registry import ATTACKS, DEFENSES, Registry
 from bench.run.driver import run_defense
+from bench.run.recipe import TrainRequest, resolve
+from bench.run.workspace import Workspace
+from bench.store.checkpoints import checkpoint_key, load_checkpoint
 from bench.store.db import pack_bits, unpack_bits
 from bench.store.evidence import worst_case
 from bench.store.rows import CellRow
-from cli_run import run_cli as _cli
 
 DIGITS = get_spec("digits")
 

@@ -15,10 +15,10 @@ import torch
 
 import defenses._parts as parts
 from bench.core.data import get_spec, load_dataset
-from bench.errors import BenchError
 from bench.core.models import build_model
-from bench.registry import DEFENSES, field_docs
 from bench.engine.train import TrainConfig, TrainContext, train_model
+from bench.errors import BenchError
+from bench.registry import DEFENSES, field_docs
 
 LN3 = math.log(3.0)
 THREAT = get_spec("digits").threat

@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_run import run_cli as _cli
 from torch import nn
 
-from bench.core.matrix import load_matrix
 from bench import api
-from bench.science.diagnostics import (landscape, logit_gradients, per_sample, predicted_accuracy,
-                               stored_eps_l, diagnose)
-from bench.run.workspace import Workspace
-from bench.run.recipe import TrainRequest
+from bench.core.matrix import load_matrix
 from bench.run.driver import run_defense
-from cli_run import run_cli as _cli
+from bench.run.recipe import TrainRequest
+from bench.run.workspace import Workspace
+from bench.science.diagnostics import diagnose, landscape, logit_gradients, per_sample, predicted_accuracy, stored_eps_l
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Module:

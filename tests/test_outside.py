@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from cheats import Saturated
 from safetensors.torch import save_file
 
 import bench
-from bench.core.matrix import load_matrix
 from bench import cli
-from bench.science.admission import admit, count_autograd_calls
 from bench.core.data import get_spec
+from bench.core.matrix import load_matrix
+from bench.science.admission import admit, count_autograd_calls
 from bench.science.flags import compute_flags
-from bench.store.factories import weights_hash
 from bench.store.db import Checkpoint, Store
-from cheats import Saturated
+from bench.store.factories import weights_hash
 
 DIGITS = get_spec("digits")
 MATRIX = """
@@ -248,9 +248,9 @@ cells = ["pgd:steps=5"]
 
 
 def test_matrix_transfer_cells_come_from_surrogates_the_bench_trains(natural_model, tmp_path):
-    from bench.run.workspace import Workspace
-    from bench.run.recipe import TrainRequest
     from bench.run.driver import run_defense
+    from bench.run.recipe import TrainRequest
+    from bench.run.workspace import Workspace
 
     matrix = tmp_path / "t.toml"
     matrix.write_text(TRANSFER_MATRIX)

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.engine.fast import FastPath
+from attacks.pgd import PGD, run_pgd
 from bench.core.data import get_spec, load_dataset
-from bench.errors import BenchError
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
-from bench.run.workspace import Workspace
 from bench.engine.cell import craft
 from bench.engine.device import default_precision, frozen
-from attacks.pgd import PGD, run_pgd
+from bench.engine.fast import FastPath
+from bench.errors import BenchError
+from bench.run.workspace import Workspace
 
 DIGITS = get_spec("digits")
 

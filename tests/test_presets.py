@@ -12,9 +12,9 @@ import pytest
 from bench.core.data import DATASETS, get_spec
 from bench.core.models import ARCHS
 from bench.core.presets import PRESET_DIR, all_presets, default_preset
+from bench.engine.train import TrainConfig
 from bench.registry import DEFENSES, build_config
 from bench.run.recipe import TrainRequest, resolve
-from bench.engine.train import TrainConfig
 from defenses._parts import alpha_to_smoothing
 
 PAPER_COLUMNS = {"clean", "fgsm", "pgd5", "pgd10", "pgd20", "pgd40", "pgd50", "pgd100", "pgd200",

@@ -13,18 +13,21 @@ ray = pytest.importorskip("ray")
 # one per worker on the same two cores.
 pytestmark = pytest.mark.xdist_group("ray")
 
-from bench.core.matrix import make_cell  # noqa: E402
+from servers import read_log  # noqa: E402
+
+from bench.core.matrix import (
+    load_matrix,
+    make_cell,
+)
 from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.run.attacking import attack_checkpoint  # noqa: E402
-from bench.run.workspace import Workspace  # noqa: E402
-from bench.core.matrix import load_matrix  # noqa: E402
 from bench.run.driver import plan_run, run_defenses  # noqa: E402
 from bench.run.executors.ray import RayExecutor, _run_job  # noqa: E402
 from bench.run.recipe import TrainRequest, resolve  # noqa: E402
 from bench.run.training import ensure_checkpoint, load_model  # noqa: E402
 from bench.run.transfer import run_transfers  # noqa: E402
-from servers import read_log  # noqa: E402
+from bench.run.workspace import Workspace  # noqa: E402
 
 MATRIX = """
 [[cell]]

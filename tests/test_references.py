@@ -33,16 +33,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_digits
 
 from attacks.spsa import _spsa_gradient
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
-from bench.engine.device import frozen
 from bench.engine.cell import run_cell, subset_indices
+from bench.engine.device import frozen
 from bench.registry import ATTACKS
 from bench.science.adaptive import adapt_cells
-from conftest import train_digits
 
 THREAT = get_spec("digits").threat
 SEEDS = range(4)

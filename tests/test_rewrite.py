@@ -12,10 +12,10 @@ import defenses._parts as parts
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
-from bench.engine.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
 from bench.engine.cell import craft
-from bench.engine.fast import FastPath
 from bench.engine.device import frozen
+from bench.engine.fast import FastPath
+from bench.engine.rewrite import exact_rewrite, exact_view, max_pool2d_nhwc
 
 DIGITS = get_spec("digits")
 MNIST = get_spec("mnist")

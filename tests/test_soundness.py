@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
+from test_truth import N, _store  # the stored checkpoint the bracket tests share
 from torch import nn
 
 from attacks.certify import Certify
@@ -25,7 +26,6 @@ from bench.store.bracket import bracket
 from bench.store.db import pack_bits
 from bench.verify import SearchConfig, Unsupported, certify, to_graph, verify_images
 from bench.verify.bounds import box, crown_bounds
-from test_truth import N, _store  # the stored checkpoint the bracket tests share
 
 THREAT = get_spec("digits").threat
 
@@ -225,7 +225,7 @@ class NanInTheBatch:
     eps: float | None = None
     """L-inf radius; unset means the dataset's threat model."""
 
-    def with_threat(self, threat) -> "NanInTheBatch":
+    def with_threat(self, threat) -> NanInTheBatch:
         return self if self.eps is not None else replace(self, eps=threat.eps)
 
     def threat_key(self) -> str:

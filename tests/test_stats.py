@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.stats import binomtest
+from test_truth import ATTACKS, N, _add, _store  # the stored checkpoint the bracket tests share
 
 from bench.core.stats import interval, mcnemar
 from bench.reporting.results import result_rows
 from bench.reporting.site.board import rank_rows
-from test_truth import ATTACKS, N, _add, _store  # the stored checkpoint the bracket tests share
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (113, 360), (1, 1), (359, 360), (50, 100)])

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from cli_run import run_cli
+from custom_backward import StraightThrough, Wrapped, Zero
 from torch import nn
 
 from attacks.pgd import BAND, _confirmed, _near_boundary
@@ -15,16 +17,14 @@ from bench import api
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
-from bench.engine.fast import FastPath
-from bench.engine.device import full_fp32
 from bench.engine.cell import craft, faithful
+from bench.engine.device import full_fp32
+from bench.engine.fast import FastPath
 from bench.engine.rewrite import exact_view, fold_bn
 from bench.engine.verdicts import majority_correct
 from bench.plugin import Crafted, radius, register_attack
 from bench.registry import ATTACKS
 from bench.run.training import load_model
-from cli_run import run_cli
-from custom_backward import StraightThrough, Wrapped, Zero
 
 THREAT = get_spec("digits").threat
 

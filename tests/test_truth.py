@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.core.contract import CertifiedVerdicts, CompleteVerdicts
-from bench.core.kinds import CellKind
 from bench.core.data import get_spec
+from bench.core.kinds import CellKind
 from bench.core.matrix import matrix_cells, matrix_transfer
 from bench.engine.verified import verified
 from bench.errors import BenchError

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from bench.core.data import get_spec, load_dataset
-from bench.errors import BenchError
 from bench.core.matrix import BUILTIN, load_matrix, matrix_cells
 from bench.core.presets import all_presets
-from bench.run.recipe import TrainRequest, resolve
+from bench.engine.train import TrainConfig
+from bench.errors import BenchError
 from bench.registry import ATTACKS, DEFENSES, build_config
 from bench.run.driver import plan_run
-from bench.engine.train import TrainConfig
+from bench.run.recipe import TrainRequest, resolve
 
 DIGITS = get_spec("digits")
 

@@ -23,18 +23,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_digits
 
 from attacks.multitargeted import run_multitargeted
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell, parse_cell_key
 from bench.core.presets import default_preset
 from bench.engine.budget import ball, check_budget
-from bench.engine.device import frozen
 from bench.engine.cell import craft, run_cell, subset_indices
+from bench.engine.device import frozen
 from bench.errors import BenchError
 from bench.plugin import seed_from
 from bench.registry import ATTACKS
-from conftest import train_digits
 
 THREAT = get_spec("digits").threat
 SEEDS = range(3)

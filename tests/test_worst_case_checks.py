@@ -28,7 +28,7 @@ from bench.store.db import Store
 from bench.store.evidence import worst_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from worst_vs_autoattack import autoattack_runs, first_full_draw, independent_seeds, matrix_seeds  # noqa: E402
+from worst_vs_autoattack import autoattack_runs, first_full_draw, independent_seeds, matrix_seeds
 
 MATRIX = """
 [[cell]]

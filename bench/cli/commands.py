@@ -1,7 +1,7 @@
 """The commands: each parses its options, calls one function of bench.api and prints."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -104,7 +104,7 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", metavar="MODULE:FUNCT
                                                      "returning logits. MODULE is a module name (found in the "
                                                      "current folder too, as python -m finds it) or a .py path.")],
              name: Annotated[str, typer.Option("--name", metavar="NAME", help="The name your model goes by on the boards.")],
-             weights: Annotated[Optional[str], typer.Option("--weights", metavar="FILE", help="A .safetensors file of the model's "
+             weights: Annotated[str | None, typer.Option("--weights", metavar="FILE", help="A .safetensors file of the model's "
                                                             "state_dict (never a pickle).")] = None,
              dataset: DatasetOf = "digits",
              matrix: Matrix = "full",
@@ -132,7 +132,7 @@ def results_cmd(format: Annotated[str, typer.Option("--format", metavar="table|w
                                                    help="table (short cell names, percent), wide (the same with "
                                                         "canonical cell keys), csv or json (canonical keys, "
                                                         "fractions).")] = "table",
-                defense: Annotated[Optional[str], typer.Option("--defense", metavar="NAME",
+                defense: Annotated[str | None, typer.Option("--defense", metavar="NAME",
                                                                help="Only checkpoints of this defense "
                                                                     "(default: every one).")] = None,
                 dataset: DatasetFilter = None, results: Results = "results", db: Db = None):
@@ -158,7 +158,7 @@ def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", metavar="NAME
 @app.command("transfer")
 def transfer_cmd(source: Annotated[str, typer.Option("--source", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")],
                  target: Annotated[str, typer.Option("--target", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")] = "all",
-                 attack: Annotated[Optional[str], typer.Option("--attack", metavar="CELL", help="Cell key to craft with (default PGD-10).")] = None,
+                 attack: Annotated[str | None, typer.Option("--attack", metavar="CELL", help="Cell key to craft with (default PGD-10).")] = None,
                  dataset: DatasetOf = "digits",
                  results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
                  threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
@@ -177,7 +177,7 @@ def transfer_cmd(source: Annotated[str, typer.Option("--source", metavar="NAME|K
 def perf_cmd(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object for machines.")] = False,
              device: Device = "auto",
              size: Annotated[str, typer.Option("--size", metavar="default|tiny", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test).")] = "default",
-             threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).")] = None):
+             threads: Annotated[int | None, typer.Option("--threads", metavar="N", help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).")] = None):
     """Time our attacks against torchattacks on the same model and inputs, and the fast path."""
     api, _ = _load()
     api.perf(device=device, as_json=as_json, size=size, threads=threads)

@@ -13,10 +13,11 @@ import dataclasses
 import hashlib
 import itertools
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.core import contract
 from bench.core.kinds import CellKind

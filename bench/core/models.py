@@ -3,7 +3,7 @@ so any attack library can use our checkpoints without knowing the dataset's stat
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,7 @@ import itertools
 import time
 import warnings
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ from bench.core import contract
 from bench.core.matrix import Cell
 from bench.engine import rewrite
 from bench.engine.budget import check_budget
-from bench.engine.fast import PLAIN, FastPath
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
+from bench.engine.fast import PLAIN, FastPath
 from bench.engine.losses import cw_margin
 from bench.engine.outcome import CellOutcome
 from bench.engine.verdicts import EOT, majority_correct, predict
@@ -69,7 +69,7 @@ def histogram(clean: torch.Tensor, adv: torch.Tensor, bins: int = 40) -> dict:
 FAITHFUL_BATCH = 8
 """Inputs on which the fast model is compared with the model before a cell uses it."""
 
-_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def _weights_key(model: torch.nn.Module) -> tuple:

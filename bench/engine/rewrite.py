@@ -90,7 +90,7 @@ _APPLY = autograd_function.Function.__dict__["apply"]
 
 
 @functools.cache
-def _opaque_apply(fn: type) -> "callable":
+def _opaque_apply(fn: type) -> callable:
     """A plain function calling `fn.apply`: the graph node a custom Function becomes
     (torch.fx records calls of functions, not of classes)."""
     def apply(*args, **kwargs):
@@ -128,7 +128,7 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
     # any way its code can (TraceError on data-dependent branches, but also TypeError,
     # AttributeError, assertions). A rewrite is only a speed-up: any failure means "run
     # the model as it is", never a failed attack.
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -197,7 +197,7 @@ def exact_rewrite(model: nn.Module) -> nn.Module:
     return gm
 
 
-_VIEWS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def exact_view(model: nn.Module) -> nn.Module:
@@ -224,5 +224,5 @@ def fold_bn(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     try:
         return fuse(gm, no_trace=True)
-    except Exception:  # noqa: BLE001 -- as in _trace
+    except Exception:
         return copy.deepcopy(model)

@@ -26,7 +26,6 @@ import torch
 from bench.core.contract import CertifiedVerdicts, CompleteVerdicts
 from bench.core.kinds import CellKind
 
-
 STATUSES = ("robust", "not_robust", "unknown")
 
 

@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.models import build_model
-from bench.engine.device import frozen
 from bench.engine.cell import craft
+from bench.engine.device import frozen
 from bench.engine.fast import PLAIN
 from bench.engine.train import TrainConfig, train_model
 from bench.perf.races import _robust, precision_check, race

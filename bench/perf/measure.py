@@ -21,10 +21,10 @@ from bench.perf.races import precision_check, race, scaling
 from bench.perf.sizes import PerfSize
 from bench.perf.timing import Log, _tile
 from bench.registry import DEFENSES
-from bench.run.workspace import Workspace
 from bench.run.driver import run_defense
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint, load_model
+from bench.run.workspace import Workspace
 
 
 def robust_digits_model(ws: Workspace, size: PerfSize, log: Log):

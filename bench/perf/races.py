@@ -10,8 +10,8 @@ import torch
 import torchattacks
 
 from bench.core.matrix import make_cell
-from bench.engine.device import frozen
 from bench.engine.cell import craft
+from bench.engine.device import frozen
 from bench.engine.fast import FastPath
 from bench.engine.verdicts import predict
 from bench.perf.sizes import PerfSize

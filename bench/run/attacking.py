@@ -6,19 +6,19 @@ its own transaction as it arrives; the checkpoint's flags are recomputed at the 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, make_cell
-from bench.errors import BenchError
 from bench.engine.verdicts import majority_correct
-from bench.run.workspace import Workspace
+from bench.errors import BenchError
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import EvalJob, Failed
 from bench.run.progress import progress_bar
 from bench.run.training import once
+from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, WITNESS, adapt_cells
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import CALLS_WITNESS, recompute_flags

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from bench.core.data import get_spec, load_dataset
-from bench.run.workspace import Workspace
 from bench.run.training import load_model
+from bench.run.workspace import Workspace
 from bench.science.diagnostics import diagnose
 from bench.store.db import Checkpoint
 from bench.store.select import select_checkpoints

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 from bench.core.matrix import Cell, Matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
-from bench.run.workspace import Workspace
 from bench.run.diagnosing import ensure_diagnostic
 from bench.run.plan import checked_cells
 from bench.run.recipe import Recipe, TrainRequest, resolve
 from bench.run.surrogates import transfer_cells
 from bench.run.training import ensure_checkpoints, model_of
+from bench.run.workspace import Workspace
 from bench.store.db import Checkpoint
 
 

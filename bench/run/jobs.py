@@ -10,9 +10,10 @@ commits.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -144,6 +145,6 @@ class Failed:
     """The exception itself, where it could be brought back to the driver."""
 
     @classmethod
-    def of(cls, exc: BaseException) -> "Failed":
+    def of(cls, exc: BaseException) -> Failed:
         first = (str(exc).strip().splitlines() or [""])[0]
         return cls(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, exc)

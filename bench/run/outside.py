@@ -30,9 +30,9 @@ from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.run.attacking import attack_checkpoint, witness_after_black_box
-from bench.run.workspace import Workspace
 from bench.run.plan import checked_cells
 from bench.run.surrogates import transfer_cells
+from bench.run.workspace import Workspace
 from bench.store import checkpoints as ckpt
 from bench.store.factories import (
     SOURCE_FILE,

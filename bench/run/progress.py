@@ -1,7 +1,7 @@
 """Progress bars of a run's stages, on the Workspace's rich Progress (none in logs and pipes)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from bench.run.workspace import Workspace
 

@@ -10,18 +10,18 @@ transfer target (that would be white-box).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Matrix
 from bench.run.attacking import expect
-from bench.run.workspace import Workspace
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
 from bench.run.transfer import correct, crafted_examples, transfer_key
+from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags

@@ -7,18 +7,18 @@ recorded the row is adopted, not retrained.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from bench.core.data import load_dataset
 from bench.errors import BenchError
-from bench.run.workspace import Workspace
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import Failed, TrainJob
 from bench.run.progress import progress_bar
 from bench.run.recipe import Recipe
+from bench.run.workspace import Workspace
 from bench.store import checkpoints as ckpt
 from bench.store.claims import Claims, claimed, train_claim
 from bench.store.db import Checkpoint

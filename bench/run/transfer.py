@@ -21,10 +21,10 @@ from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
 from bench.engine.verdicts import majority_correct, predict
 from bench.errors import BenchError
-from bench.run.workspace import Workspace
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import CraftJob, Failed
 from bench.run.training import load_model
+from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, adaptive_key
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags

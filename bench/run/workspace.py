@@ -65,7 +65,7 @@ class Workspace:
 
     @classmethod
     def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
-             data_root: str | None = None, progress: Any = None, **fast: Any) -> "Workspace":
+             data_root: str | None = None, progress: Any = None, **fast: Any) -> Workspace:
         path = Path(results)
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def summarize(samples: dict[str, np.ndarray], logits: torch.Tensor, eps: float) 
     accuracy (which counts it)."""
     out: dict = {name: _quantiles(samples[name]) for name in SAMPLE_FIELDS}
     out["eps"] = eps
-    out["n"] = int(len(samples["correct"]))
+    out["n"] = len(samples["correct"])
     out["clean_acc"] = float(np.mean(samples["correct"]))
     out["predicted_acc"] = predicted_accuracy(samples["eps_l"], samples["correct"], eps)
     out["logit_variance"] = float(logits.double().var())

@@ -2,8 +2,8 @@
 (bench.science.flags holds the checks)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from bench.store.db import Checkpoint
 from bench.store.rows import CellRow

@@ -14,14 +14,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from bench.core.kinds import Role
 from bench.science import admission
 from bench.science.admission import is_randomized
 from bench.science.flag_registry import FLAGS, flag
-from bench.core.kinds import Role
-from bench.science.white_box import (BLACK_BOX, ITERATIVE, beyond, beyond_white_box, is_pgd, of_role, role_of,
-                                     strongest_white_box_on, white_box)
-from bench.store.evidence import evidence
+from bench.science.white_box import (
+    BLACK_BOX,
+    ITERATIVE,
+    beyond,
+    beyond_white_box,
+    is_pgd,
+    of_role,
+    role_of,
+    strongest_white_box_on,
+    white_box,
+)
 from bench.store.db import Checkpoint, Store
+from bench.store.evidence import evidence
 from bench.store.rows import CellRow
 
 

@@ -19,7 +19,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from sqlalchemy import delete, select, update
 
@@ -85,7 +86,7 @@ class Claims:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Claims":
+    def __enter__(self) -> Claims:
         self._thread = threading.Thread(target=self._renew_loop, name="bench-claims", daemon=True)
         self._thread.start()
         return self

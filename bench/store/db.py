@@ -12,11 +12,11 @@ the same work twice (bench.store.claims).
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import numpy as np
 from sqlalchemy import (
     JSON,
     Float,
@@ -39,14 +39,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 from bench.core.kinds import CellKind
 from bench.errors import BenchError
-from bench.store.bits import pack_bits, unpack_bits
 from bench.store.meta import META_KEYS
 from bench.store.rows import CellRow, cell_query
 from bench.store.upgrade import upgrade
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Base(DeclarativeBase):
@@ -74,7 +73,7 @@ class Checkpoint(Base):
     meta: Mapped[dict] = mapped_column(JSON)
     """The checkpoint's whole sidecar: versions, commit, losses, logit statistics, paper numbers."""
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
-    evaluations: Mapped[list["Evaluation"]] = relationship(back_populates="checkpoint")
+    evaluations: Mapped[list[Evaluation]] = relationship(back_populates="checkpoint")
 
     @property
     def admission(self) -> dict | None:
@@ -193,7 +192,7 @@ class Store:
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
-    def for_results(cls, results: Path, db: str | None = None) -> "Store":
+    def for_results(cls, results: Path, db: str | None = None) -> Store:
         if db:
             return cls(db)
         return cls(f"sqlite:///{(results / 'bench.db').resolve()}")

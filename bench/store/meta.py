@@ -44,7 +44,7 @@ class CheckpointMeta:
     git_commit: str | None = None
 
     @classmethod
-    def of(cls, checkpoint: Any) -> "CheckpointMeta":
+    def of(cls, checkpoint: Any) -> CheckpointMeta:
         """The record of a checkpoint row (or of a meta dict)."""
         meta = checkpoint if isinstance(checkpoint, Mapping) else (checkpoint.meta or {})
         known = {f.name for f in fields(cls)}

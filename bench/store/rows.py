@@ -53,7 +53,7 @@ class CellRow:
               target_id: int | None = None, source_id: int | None = None, clean_acc: float = 1.0,
               robust_acc: float = 0.0, test_size: int | None = None, seconds: float = 0.0,
               proven_bits: bytes | None = None, indices: list | None = None, extra: dict | None = None,
-              device: str = "cpu", id: int = 0) -> "CellRow":
+              device: str = "cpu", id: int = 0) -> CellRow:
         """A row not read from a store (a cell just run, or one made by hand): the fields a
         stored row has, with those a store would add filled in."""
         transfer = source_id is not None

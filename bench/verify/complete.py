@@ -11,8 +11,8 @@ misclassifies in fp32, so it needs no tolerance."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,8 +21,17 @@ from bench.engine.device import frozen
 from bench.verify.bounds import box, crown_bounds, target_margins
 from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
-from bench.verify.milp import (MILP_PAD, MIN_SOLVE, Program, build, finite_bounds, numpy_bounds, tighten, to_numpy,
-                               unstable_count)
+from bench.verify.milp import (
+    MILP_PAD,
+    MIN_SOLVE,
+    Program,
+    build,
+    finite_bounds,
+    numpy_bounds,
+    tighten,
+    to_numpy,
+    unstable_count,
+)
 from bench.verify.rounding import fp32_error, margin_tolerance
 from bench.verify.search import SearchConfig, box32, misclassified, pgd_search, reproduce
 

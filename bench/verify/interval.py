@@ -26,11 +26,11 @@ class Interval:
     def __init__(self, c: torch.Tensor, r: torch.Tensor):
         self.c, self.r = c, r
 
-    def monotone(self, fn) -> "Interval":
+    def monotone(self, fn) -> Interval:
         lo, hi = fn(self.c - self.r), fn(self.c + self.r)
         return Interval((hi + lo) / 2, (hi - lo) / 2)
 
-    def shape_op(self, fn) -> "Interval":
+    def shape_op(self, fn) -> Interval:
         return Interval(fn(self.c), fn(self.r))
 
 
@@ -111,7 +111,7 @@ def ibp_bounds(model: nn.Module, x: torch.Tensor, eps: float) -> tuple[torch.Ten
     try:
         # Wrapped, so that a bare layer is a module call too rather than its traced body.
         gm = fx.symbolic_trace(nn.Sequential(model))
-    except Exception as exc:  # noqa: BLE001 -- any failure of the model's own code under tracing
+    except Exception as exc:
         raise unsupported(type(model).__name__, type(model).__name__,
                           f"does not trace with torch.fx ({type(exc).__name__})") from exc
     try:

@@ -268,7 +268,7 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
     relu_in = set(g.relu_inputs())
     for k in g.bound_nodes():
         node = g.nodes[k]
-        if k not in relu_in or node.op not in ("affine", "add") or node.op == "affine" and node.inputs[0] == 0:
+        if k not in relu_in or node.op not in ("affine", "add") or (node.op == "affine" and node.inputs[0] == 0):
             continue  # outputs of the first affine op already have exact bounds
         l, u = (t.clone() for t in bounds[k])
         mid = torch.nonzero((l[0] < 0) & (u[0] > 0)).flatten().tolist()

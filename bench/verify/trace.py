@@ -212,8 +212,8 @@ def _convert(gm: fx.GraphModule) -> _Builder:
         kind = type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target))
         name = n.target if n.op == "call_module" else n.name
         if out_shape is None:  # sizes and their items feed a view's shape; anything else fails where used
-            if n.op == "call_method" and n.target == "size" or n.op == "call_function" and n.target in (
-                    operator.getitem, getattr):
+            if (n.op == "call_method" and n.target == "size") or (n.op == "call_function" and n.target in (
+                    operator.getitem, getattr)):
                 continue
             raise unsupported(name, kind)
         first = n.args[0] if n.args else None
@@ -251,10 +251,10 @@ def _convert(gm: fx.GraphModule) -> _Builder:
                 const = const + _cpu(m.bias).abs()
             env[n] = b.diag(s, out_shape, name, _channelwise(out_shape, scale), _channelwise(out_shape, shift),
                             _channelwise(out_shape, const))
-        elif isinstance(m, nn.ReLU) or n.op == "call_function" and n.target in _RELU or (
+        elif isinstance(m, nn.ReLU) or (n.op == "call_function" and n.target in _RELU) or (
                 n.op == "call_method" and n.target in ("relu", "relu_")):
             env[n] = b.add("relu", [src(n, first, name, kind)], out_shape, name)
-        elif isinstance(m, nn.MaxPool2d) or n.op == "call_function" and n.target in (F.max_pool2d, torch.max_pool2d):
+        elif isinstance(m, nn.MaxPool2d) or (n.op == "call_function" and n.target in (F.max_pool2d, torch.max_pool2d)):
             s = src(n, first, name, kind)
             k, stride, pad, dil, ceil, ret = _pool_args(n, m)
             if _pair(k) != _pair(stride) or _pair(pad) != (0, 0) or _pair(dil) != (1, 1) or ceil or ret:
@@ -263,14 +263,14 @@ def _convert(gm: fx.GraphModule) -> _Builder:
                 raise unsupported(name, kind, "is applied to something other than a CHW map")
             windows, pooled = _pool_windows(shape(first), _pair(k))
             env[n] = b.add("maxpool", [s], pooled, name, windows=windows)
-        elif isinstance(m, (nn.Flatten, nn.Identity)) or n.op == "call_function" and n.target in _FLAT_FN or (
+        elif isinstance(m, (nn.Flatten, nn.Identity)) or (n.op == "call_function" and n.target in _FLAT_FN) or (
                 n.op == "call_method" and n.target in _FLAT_METHODS):
             s = src(n, first, name, kind)
             batch_kept = n.meta["tensor_meta"].shape[0] == first.meta["tensor_meta"].shape[0]
-            if not batch_kept or n.target != "contiguous" and not isinstance(m, nn.Identity) and len(out_shape) != 1:
+            if not batch_kept or (n.target != "contiguous" and not isinstance(m, nn.Identity) and len(out_shape) != 1):
                 raise unsupported(name, kind, f"reshaping to {out_shape} is not supported (only flattening to (N, -1))")
             env[n] = s
-        elif n.op != "call_module" and n.target in _ADD or n.op == "call_method" and n.target in ("add", "add_"):
+        elif (n.op != "call_module" and n.target in _ADD) or (n.op == "call_method" and n.target in ("add", "add_")):
             if len(n.args) != 2 or set(n.kwargs) - {"out"} or n.kwargs.get("out") is not None:
                 raise unsupported(name, kind, "with an alpha or more than two operands is not supported")
             a, c = (src(n, arg, name, kind) for arg in n.args)

@@ -1,7 +1,8 @@
 """The local executor: jobs run one after another in this process."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from bench.run.jobs import Failed
 
@@ -19,14 +20,14 @@ class LocalExecutor:
                 result = job.run()
             # Any exception of a job (a plugin attack's bug included) fails that job alone;
             # the driver reports it. KeyboardInterrupt is not an Exception and still stops.
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 result = Failed.of(exc)
             yield job, result
 
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "LocalExecutor":
+    def __enter__(self) -> LocalExecutor:
         return self
 
     def __exit__(self, *exc) -> None:

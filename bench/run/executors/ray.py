@@ -16,7 +16,8 @@ import dataclasses
 import socket
 import sys
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def _ray():
     return ray
 
 
-_WORKER_CACHE: "OrderedDict[str, Any]" = OrderedDict()
+_WORKER_CACHE: OrderedDict[str, Any] = OrderedDict()
 """In each worker process: the shared values it fetched last, by object id. A model is
 then deserialized once per worker rather than once per cell, and the fast path's per-model
 preparation (bench.engine.cell.fast_model) is reused across its cells."""
@@ -190,7 +191,7 @@ class RayExecutor:
             self.ray.shutdown()
             self.started = False
 
-    def __enter__(self) -> "RayExecutor":
+    def __enter__(self) -> RayExecutor:
         return self
 
     def __exit__(self, *exc) -> None:
