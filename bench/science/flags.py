@@ -10,13 +10,15 @@ cells on the very same images. Each flag's key is given to `@flag` and never cha
 is a database key): `..._than_pgd` reads "than the white-box attacks", as the functions'
 names say.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
 
 from bench.core.kinds import Role
-from bench.science import admission
-from bench.science.admission import is_randomized
+
+# The checks of the model itself (its admission record) register first, those of its cells below.
+from bench.science import admission_flags  # noqa: F401
 from bench.science.flag_registry import FLAGS, flag
 from bench.science.white_box import (
     BLACK_BOX,
@@ -48,8 +50,9 @@ def _variant(c: CellRow, *fields: str) -> tuple:
 
 @flag(
     "pgd_still_falling",
-      "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
-      "converged, so short-PGD numbers overstate robustness.")
+    "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
+    "converged, so short-PGD numbers overstate robustness.",
+)
 def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     # PGD-20 and the longest run of the same loss and base step, whatever their schedules
     # (the full matrix runs its long PGD with a decaying step); targeted runs apart.
@@ -64,16 +67,22 @@ def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[Cell
             continue
         drop = by_steps[20].robust_acc - by_steps[longest].robust_acc
         if beyond(drop) and (worst is None or drop > worst["drop"]):
-            worst = {"loss": by_steps[20].params.get("loss"), "pgd20": by_steps[20].robust_acc,
-                     "steps": longest, "longest": by_steps[longest].robust_acc, "drop": drop,
-                     "cells": [by_steps[20].cell_key, by_steps[longest].cell_key]}
+            worst = {
+                "loss": by_steps[20].params.get("loss"),
+                "pgd20": by_steps[20].robust_acc,
+                "steps": longest,
+                "longest": by_steps[longest].robust_acc,
+                "drop": drop,
+                "cells": [by_steps[20].cell_key, by_steps[longest].cell_key],
+            }
     return {"numbers": worst} if worst else None
 
 
 @flag(
     "restarts_matter",
-      "Random restarts lower accuracy by more than a point: single-start PGD is not finding the "
-      "worst case, a sign of a rugged or masked loss surface.")
+    "Random restarts lower accuracy by more than a point: single-start PGD is not finding the "
+    "worst case, a sign of a rugged or masked loss surface.",
+)
 def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     groups: dict[tuple, list[CellRow]] = defaultdict(list)
     for c in _pgd(cells, ck.threat):
@@ -86,17 +95,24 @@ def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRo
         for c in runs:
             drop = single.robust_acc - c.robust_acc
             if c.params.get("restarts", 1) > 1 and beyond(drop) and (worst is None or drop > worst["drop"]):
-                worst = {"loss": c.params.get("loss"), "steps": c.params["steps"], "restarts": c.params["restarts"],
-                         "single": single.robust_acc, "restarts_acc": c.robust_acc, "drop": drop,
-                         "cells": [single.cell_key, c.cell_key]}
+                worst = {
+                    "loss": c.params.get("loss"),
+                    "steps": c.params["steps"],
+                    "restarts": c.params["restarts"],
+                    "single": single.robust_acc,
+                    "restarts_acc": c.robust_acc,
+                    "drop": drop,
+                    "cells": [single.cell_key, c.cell_key],
+                }
     return {"numbers": worst} if worst else None
 
 
 @flag(
     "fgsm_stronger_than_pgd",
-      "One FGSM step beats every iterative gradient attack (PGD, APGD, multi-targeted): the "
-      "iterative attacks are being misled, a classic sign of gradient masking.",
-      masking=True)
+    "One FGSM step beats every iterative gradient attack (PGD, APGD, multi-targeted): the "
+    "iterative attacks are being misled, a classic sign of gradient masking.",
+    masking=True,
+)
 def fgsm_beats_iterative(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     fgsm = white_box(cells, ck.threat, frozenset({Role.ONE_STEP}))
     pgd = white_box(cells, ck.threat, ITERATIVE)
@@ -105,8 +121,7 @@ def fgsm_beats_iterative(ck: Checkpoint, cells: list[CellRow], transfers: list[C
     f = min(fgsm, key=lambda c: c.robust_acc)
     best = min(pgd, key=lambda c: c.robust_acc)
     if beyond(best.robust_acc - f.robust_acc):
-        return {"numbers": {"fgsm": f.robust_acc, "best_pgd": best.robust_acc,
-                            "cells": [f.cell_key, best.cell_key]}}
+        return {"numbers": {"fgsm": f.robust_acc, "best_pgd": best.robust_acc, "cells": [f.cell_key, best.cell_key]}}
     return None
 
 
@@ -125,39 +140,49 @@ def _stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], rivals: list) -> di
 
 @flag(
     "spsa_stronger_than_pgd",
-      "The gradient-free SPSA attack beats the strongest white-box attack on the same images: "
-      "the gradients it follows are not informative (gradient masking).",
-      masking=True, calls_witness=True)
+    "The gradient-free SPSA attack beats the strongest white-box attack on the same images: "
+    "the gradients it follows are not informative (gradient masking).",
+    masking=True,
+    calls_witness=True,
+)
 def spsa_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     spsa = of_role(cells, ck.threat, frozenset({Role.GRADIENT_ESTIMATE}))
     hit = _stronger_than_pgd(ck, cells, spsa)
     if hit is None:
         return None
     gap, c, (pgd_acc, pgd_key) = hit
-    return {"numbers": {"spsa": c.robust_acc, "pgd_same_images": pgd_acc, "n": c.n,
-                        "cells": [c.cell_key, pgd_key]}}
+    return {"numbers": {"spsa": c.robust_acc, "pgd_same_images": pgd_acc, "n": c.n, "cells": [c.cell_key, pgd_key]}}
 
 
 @flag(
     "transfer_stronger_than_pgd",
-      "A black-box transfer attack beats the strongest white-box attack: white-box gradients "
-      "are masked.",
-      masking=True, calls_witness=True)
+    "A black-box transfer attack beats the strongest white-box attack: white-box gradients are masked.",
+    masking=True,
+    calls_witness=True,
+)
 def transfer_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
     hit = _stronger_than_pgd(ck, cells, incoming)
     if hit is None:
         return None
     gap, t, (pgd_acc, pgd_key) = hit
-    return {"numbers": {"transfer": t.robust_acc, "source_id": t.source_id, "pgd_same_images": pgd_acc,
-                        "n": t.n, "cells": [t.cell_key, pgd_key]}}
+    return {
+        "numbers": {
+            "transfer": t.robust_acc,
+            "source_id": t.source_id,
+            "pgd_same_images": pgd_acc,
+            "n": t.n,
+            "cells": [t.cell_key, pgd_key],
+        }
+    }
 
 
 @flag(
     "unbounded_not_zero",
-      "PGD with an unbounded budget does not drive accuracy to zero: the attack cannot follow "
-      "the model's gradients (Athalye et al.'s sanity check).",
-      masking=True)
+    "PGD with an unbounded budget does not drive accuracy to zero: the attack cannot follow "
+    "the model's gradients (Athalye et al.'s sanity check).",
+    masking=True,
+)
 def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     sweep = [c for c in cells if role_of(c) is Role.SWEEP]
     if not sweep:
@@ -166,16 +191,15 @@ def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
     # Several cells may share the top eps (Table 9 has two at 150/255): the best of them.
     top = min((c for c in sweep if c.params["eps"] == top_eps), key=lambda c: c.robust_acc)
     if top.robust_acc > 0:
-        curve = {f"{e:g}": min(c.robust_acc for c in sweep if c.params["eps"] == e)
-                 for e in sorted({c.params["eps"] for c in sweep})}
-        return {"numbers": {"eps": top_eps, "accuracy": top.robust_acc, "sweep": curve,
-                            "cells": [top.cell_key]}}
+        curve = {
+            f"{e:g}": min(c.robust_acc for c in sweep if c.params["eps"] == e)
+            for e in sorted({c.params["eps"] for c in sweep})
+        }
+        return {"numbers": {"eps": top_eps, "accuracy": top.robust_acc, "sweep": curve, "cells": [top.cell_key]}}
     return None
 
 
-@flag(
-    "autoattack_warning",
-      "AutoAttack's own checks warned about this model.")
+@flag("autoattack_warning", "AutoAttack's own checks warned about this model.")
 def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     raised = [c for c in cells if role_of(c) is Role.ENSEMBLE and c.warnings]
     if not raised:
@@ -184,151 +208,54 @@ def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
     return {"numbers": {"warnings": messages, "cells": [c.cell_key for c in raised]}}
 
 
-def _admission(ck: Checkpoint) -> dict:
-    return ck.admission or {}
-
-
-PROBABILITY_TOLERANCE = 1e-4
-
-
-@flag(
-    "outputs_probabilities",
-      "The model's outputs lie in [0, 1] and sum to 1 per sample: they are probabilities, not "
-      "logits. Cross-entropy on probabilities has flattened gradients, so gradient attacks "
-      "understate what is possible.",
-      masking=True)
-def outputs_probabilities(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    p = _admission(ck).get("probabilities")
-    if p and p["min"] >= -PROBABILITY_TOLERANCE and p["max"] <= 1 + PROBABILITY_TOLERANCE \
-            and p["max_row_sum_error"] <= PROBABILITY_TOLERANCE:
-        return {"numbers": dict(p)}
-    return None
-
-
-@flag(
-    "randomized_forward",
-      "Repeated forward passes on the same inputs differ: the model is randomized. Its cells "
-      "are crafted with EOT (gradients averaged over passes) and each verdict is a majority of "
-      "passes, as the cell keys record.",
-      masking=True)
-def randomized_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    a = _admission(ck)
-    return {"numbers": dict(a["randomized"])} if is_randomized(a) else None
-
-
-@flag(
-    "autograd_in_forward",
-      "The forward pass calls autograd itself (a defense that optimizes at inference time): "
-      "attacks that differentiate through it may follow a gradient of the wrong function; an "
-      "adaptive attack is needed.",
-      masking=True)
-def autograd_in_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    calls = _admission(ck).get("autograd_calls")
-    return {"numbers": {"autograd_calls_per_forward": calls}} if calls else None
-
-
-@flag(
-    "zero_gradients",
-      "Some samples have an input gradient of cross-entropy of exactly zero (a saturated "
-      "softmax, a step function or a detached input): gradient attacks cannot move them, so "
-      "their robustness is unproven (Pintor et al.'s indicator of unavailable gradients; "
-      "AutoAttack's zero-gradient check).",
-      masking=True)
-def zero_gradients(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    z = admission.zero_gradients(ck.admission)
-    return {"numbers": z} if z else None
-
-
-@flag(
-    "gradient_disagrees",
-      "The model's input gradient, as autograd computes it, disagrees with finite differences of "
-      "its own forward pass: a custom backward (a straight-through estimator, a rescaled or "
-      "reversed gradient) tells attacks something other than what the function does, so "
-      "gradient attacks follow the wrong direction (Athalye et al.'s obfuscated gradients).",
-      masking=True)
-def gradient_disagrees(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    g = admission.gradient_disagrees(ck.admission)
-    return {"numbers": g} if g else None
-
-
-NOISE_FLIP_SHARE = 0.02
-"""More than this share of correct samples flipping under tiny noise raises noise_flips."""
-
-
-@flag(
-    "noise_flips",
-      "Predictions change under uniform noise of a twentieth of the budget on a model whose "
-      "passes do not vary: the loss surface is too rugged for its gradient to point anywhere "
-      "useful (gradient shattering).",
-      masking=True)
-def noise_flips(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    n = _admission(ck).get("noise_flips")
-    if n and n["correct"] and n["flipped"] / n["correct"] > NOISE_FLIP_SHARE:
-        return {"numbers": dict(n, share=n["flipped"] / n["correct"])}
-    return None
-
-
-RISING = 0.05
-"""A traced PGD's mean loss rising by more than this fraction over its last tenth of steps."""
-
-
-@flag(
-    "attack_not_converged",
-      "A traced PGD run's cross-entropy was still rising over its last tenth of steps: the "
-      "attack had not converged (Pintor et al.'s incomplete optimization), so longer or "
-      "stronger attacks may find more.")
-def attack_not_converged(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    t = _admission(ck).get("loss_rising")
-    if not t:
-        return None
-    before, last = t["loss_before_tail"], t["loss_last"]
-    if last - before > RISING * max(abs(before), 1e-12):
-        return {"numbers": {k: t[k] for k in ("steps", "n", "tail", "loss_before_tail", "loss_last", "trace")}}
-    return None
-
-
 @flag(
     "square_stronger_than_pgd",
-      "The query-based Square attack broke more than a point of samples that no white-box "
-      "gradient attack (FGSM, PGD, APGD, multi-targeted) broke: a black-box attack beating white-box ones means the "
-      "gradients are masked (Pintor et al.; AutoAttack's Square check).",
-      masking=True, calls_witness=True)
+    "The query-based Square attack broke more than a point of samples that no white-box "
+    "gradient attack (FGSM, PGD, APGD, multi-targeted) broke: a black-box attack beating white-box ones means the "
+    "gradients are masked (Pintor et al.; AutoAttack's Square check).",
+    masking=True,
+    calls_witness=True,
+)
 def square_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return beyond_white_box(ck, cells, BLACK_BOX, "square")
 
 
 @flag(
     "distilled_stronger_than_pgd",
-      "A surrogate distilled from the model's own answers (the witness cell a model whose "
-      "gradients say nothing gets) broke more than a point of samples that no white-box "
-      "gradient attack broke: the model's gradients hide what its answers give away "
-      "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
-      masking=True)
+    "A surrogate distilled from the model's own answers (the witness cell a model whose "
+    "gradients say nothing gets) broke more than a point of samples that no white-box "
+    "gradient attack broke: the model's gradients hide what its answers give away "
+    "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
+    masking=True,
+)
 def witness_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return beyond_white_box(ck, cells, frozenset({Role.WITNESS}), "distill")
 
 
 @flag(
     "attacks_missed",
-      "The complete verifier found counterexamples, which reproduced on the model, for images "
-      "that every attack cell left standing: the attacks' worst case was above the truth by "
-      "that many images (the count and the image indices are kept).")
+    "The complete verifier found counterexamples, which reproduced on the model, for images "
+    "that every attack cell left standing: the attacks' worst case was above the truth by "
+    "that many images (the count and the image indices are kept).",
+)
 def attacks_missed(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return _in_bracket(ck, cells, transfers, "attacks_missed", "missed_indices")
 
 
 @flag(
     "unsound",
-      "An image proven robust (certified, or verified by the complete verifier) was broken by "
-      "an attack cell, or by the verifier's own reproducing counterexample. A sound verifier "
-      "and a correct attack can never disagree so: this is a bug in one of them, the run "
-      "fails, and the exact and certified figures are withheld.")
+    "An image proven robust (certified, or verified by the complete verifier) was broken by "
+    "an attack cell, or by the verifier's own reproducing counterexample. A sound verifier "
+    "and a correct attack can never disagree so: this is a bug in one of them, the run "
+    "fails, and the exact and certified figures are withheld.",
+)
 def unsound(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
     return _in_bracket(ck, cells, transfers, "unsound", "unsound_indices")
 
 
-def _in_bracket(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], count: str,
-                indices: str) -> dict | None:
+def _in_bracket(
+    ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], count: str, indices: str
+) -> dict | None:
     """A flag's numbers from the checkpoint's bracket: the images it counts, if any."""
     ev = evidence(ck, cells, transfers, {})
     b = ev.bracket
@@ -362,6 +289,8 @@ def recompute_flags(store: Store, ck: Checkpoint) -> list[dict]:
     bad = next((f for f in flags if f["name"] == "unsound"), None)
     if bad:
         n = bad["numbers"]
-        raise RuntimeError(f"unsound: {n['count']} image(s) of checkpoint {ck.key[:8]} proven robust were broken "
-                           f"by an attack (images {n['indices'][:10]}); the verifier or an attack has a bug")
+        raise RuntimeError(
+            f"unsound: {n['count']} image(s) of checkpoint {ck.key[:8]} proven robust were broken "
+            f"by an attack (images {n['indices'][:10]}); the verifier or an attack has a bug"
+        )
     return flags
