@@ -17,6 +17,7 @@ APGD-T): the conditions under which the package behaves like a bench attack.
   the process warn; the counts are zeroed before each run, and any tracer already
   installed (coverage, a debugger) is put back afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib

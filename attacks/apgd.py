@@ -20,6 +20,7 @@ zero-gradient check (DLR losses) re-raised as an AutoAttackWarning. Only samples
 model classifies correctly are attacked; every sample keeps its adversary (the
 package's last misclassified iterate), x itself where nothing broke it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,8 +107,17 @@ def _package_norm(norm: str) -> str:
 def run_apgd(model, x, y, cfg: APGD, seed: int) -> tuple[torch.Tensor, list[str]]:
     """(x_adv, the package's warnings) for one batch; the global RNG is left untouched."""
     with package_run(x) as messages:
-        attack = APGDAttack(model, n_iter=cfg.steps, norm=_package_norm(cfg.norm), n_restarts=cfg.restarts,
-                            eps=cfg.eps, seed=seed, loss=cfg.loss, device=x.device, logger=logging.getLogger(LOGGER))
+        attack = APGDAttack(
+            model,
+            n_iter=cfg.steps,
+            norm=_package_norm(cfg.norm),
+            n_restarts=cfg.restarts,
+            eps=cfg.eps,
+            seed=seed,
+            loss=cfg.loss,
+            device=x.device,
+            logger=logging.getLogger(LOGGER),
+        )
         x_adv = attack.perturb(x.float(), y)
     return x_adv, messages
 
@@ -120,10 +130,17 @@ def run_apgd_t(model, x, y, cfg: APGDT, seed: int) -> tuple[torch.Tensor, list[s
         # with fewer classes gets every wrong class as a target (one forward pass asks).
         with torch.no_grad():
             classes = model(x[:1].float()).shape[1]
-        attack = APGDAttack_targeted(model, n_iter=cfg.steps, norm=_package_norm(cfg.norm),
-                                     n_restarts=cfg.restarts, eps=cfg.eps, seed=seed,
-                                     n_target_classes=min(cfg.n_target_classes, classes - 1),
-                                     device=x.device, logger=logging.getLogger(LOGGER))
+        attack = APGDAttack_targeted(
+            model,
+            n_iter=cfg.steps,
+            norm=_package_norm(cfg.norm),
+            n_restarts=cfg.restarts,
+            eps=cfg.eps,
+            seed=seed,
+            n_target_classes=min(cfg.n_target_classes, classes - 1),
+            device=x.device,
+            logger=logging.getLogger(LOGGER),
+        )
         x_adv = attack.perturb(x.float(), y)
     return x_adv, messages
 

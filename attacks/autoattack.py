@@ -13,6 +13,7 @@ instead of logits, zero gradients, Square beating the gradient attacks) re-raise
 `AutoAttackWarning`s, so that bench.engine.cell.run_cell records them and
 flags.autoattack_warning fires.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -62,8 +63,14 @@ class AutoAttack:
 def run_autoattack(model, x, y, cfg: AutoAttack, seed: int) -> tuple[torch.Tensor, list[str]]:
     """(x_adv, the package's warnings) for one batch; the global RNG is left untouched."""
     with package_run(x) as messages:
-        attack = PackageAutoAttack(model, norm="Linf" if cfg.norm == "linf" else "L2", eps=cfg.eps,
-                                   version=cfg.version, seed=seed, device=x.device)
+        attack = PackageAutoAttack(
+            model,
+            norm="Linf" if cfg.norm == "linf" else "L2",
+            eps=cfg.eps,
+            version=cfg.version,
+            seed=seed,
+            device=x.device,
+        )
         x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=len(x))
     return x_adv, messages
 

@@ -12,6 +12,7 @@ tolerance of that pair, for either method, and the graph is first held to the mo
 points of each image's box (bench.verify.certify): the claim is about the model as it
 runs, not about a float64 copy of it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -51,5 +52,7 @@ def perturb(model, x, y, cfg: Certify, *, generator=None) -> Crafted:
     """A certified floor: the images a sound linear relaxation (CROWN) proves robust; inputs unchanged."""
     graph = graph_of(model, tuple(x.shape[1:]))
     bits, margin = certify(graph, x, y, cfg.eps, model=model, method=cfg.method)
-    return Crafted(x.clone(), CertifiedVerdicts(certified=torch.as_tensor(bits).bool().cpu(),
-                                                margin=torch.as_tensor(margin).double().cpu()))
+    return Crafted(
+        x.clone(),
+        CertifiedVerdicts(certified=torch.as_tensor(bits).bool().cpu(), margin=torch.as_tensor(margin).double().cpu()),
+    )

@@ -16,6 +16,7 @@ sees no other data. Written here rather than taken from a library because none s
 substitute trained on a model's answers inside a threat model's balls; the PGD is the
 bench's own (`attacks.pgd.plain_pgd`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -74,9 +75,18 @@ def surrogate_net(shape: tuple[int, int, int], classes: int) -> nn.Module:
     """A small CNN for any (C, H, W) input: two stride-2 convolutions, then two layers."""
     c, h, w = shape
     side = ((h + 3) // 4) * ((w + 3) // 4)
-    return nn.Sequential(nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(64 * side, 128), nn.ReLU(), nn.Linear(128, classes))
+    return nn.Sequential(
+        nn.Conv2d(c, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * side, 128),
+        nn.ReLU(),
+        nn.Linear(128, classes),
+    )
 
 
 def in_ball(x: torch.Tensor, cfg: Distill, generator) -> torch.Tensor:
@@ -97,8 +107,8 @@ def vote(model, x: torch.Tensor, votes: int, classes: int, batch: int = 4096) ->
     counts = torch.zeros(len(x), classes, device=x.device)
     for _ in range(votes):
         for i in range(0, len(x), batch):
-            pred = model(x[i:i + batch]).argmax(1)
-            counts[i:i + batch].scatter_add_(1, pred[:, None], torch.ones(len(pred), 1, device=x.device))
+            pred = model(x[i : i + batch]).argmax(1)
+            counts[i : i + batch].scatter_add_(1, pred[:, None], torch.ones(len(pred), 1, device=x.device))
     return counts
 
 
@@ -110,7 +120,7 @@ def fit(net: nn.Module, x: torch.Tensor, labels: torch.Tensor, epochs: int, gene
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=generator, device=x.device)
             for i in range(0, len(x), 128):
-                idx = order[i:i + 128]
+                idx = order[i : i + 128]
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(net(x[idx]), labels[idx]).backward()
                 opt.step()

@@ -2,6 +2,7 @@
 
 One signed-gradient step of size eps on the cross-entropy, L-inf, no random start.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

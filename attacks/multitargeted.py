@@ -23,6 +23,7 @@ hit near the decision boundary is confirmed in true fp32 before it is final, wit
 band attacks.pgd measured for bf16 (attacks.pgd.BAND), so rounding can neither end a
 sample's attack early nor hide a break.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -58,8 +59,11 @@ class MultiTargeted:
             positive("step_size", self.step_size)
 
     def with_threat(self, threat) -> MultiTargeted:
-        return replace(self, eps=self.eps if self.eps is not None else threat.eps,
-                       step_size=self.step_size if self.step_size is not None else threat.step_size)
+        return replace(
+            self,
+            eps=self.eps if self.eps is not None else threat.eps,
+            step_size=self.step_size if self.step_size is not None else threat.step_size,
+        )
 
     def threat_key(self) -> str:
         return f"linf-{self.eps:g}"
@@ -100,7 +104,7 @@ def run_multitargeted(model, x, y, cfg: MultiTargeted, generator=None) -> tuple[
         else:
             start = x
         idx = (~broken).nonzero().squeeze(1)
-        ys, ts, l, h, x_adv = y[idx], order[idx, j:j + 1], lo[idx], hi[idx], start[idx].clone()
+        ys, ts, l, h, x_adv = y[idx], order[idx, j : j + 1], lo[idx], hi[idx], start[idx].clone()
         for step in range(cfg.steps + 1):
             if len(idx) == 0:
                 break

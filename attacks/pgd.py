@@ -39,6 +39,7 @@ low-precision pass, but whether an iterate is broken is decided in full precisio
 every sample near the decision boundary, so rounding can neither end a sample's attack
 early nor hide a break (without this, bf16 PGD read 0.5 to 1.7 points more robust).
 """
+
 from __future__ import annotations
 
 import math
@@ -317,9 +318,17 @@ def _run_to_end(model, x, y, cfg: PGD, generator):
     return best, broken
 
 
-def plain_pgd(model, x, y, cfg: PGD, generator=None, *, loss=None,
-              on_step: Callable[[torch.Tensor], None] | None = None,
-              goals: torch.Tensor | None = None) -> torch.Tensor:
+def plain_pgd(
+    model,
+    x,
+    y,
+    cfg: PGD,
+    generator=None,
+    *,
+    loss=None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+    goals: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Textbook PGD: every step on every sample from the same start and with the same step
     and projection as `run_pgd`, no early stop; returns the last iterate.
 

@@ -23,6 +23,7 @@ generator forked and restored, and the - probes then draw exactly what the + pro
 drew. Their difference then holds the model's slope and no noise term; evaluated with
 independent noise, it would carry a noise term of size noise / delta into every pair.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ class SPSA:
         at_least("max_batch", self.max_batch, 1)
         if self.samples_per_dim > 0:
             if self.samples not in (0, SPSA.samples):
-                raise ValueError(f"give samples ({self.samples}) or samples_per_dim ({self.samples_per_dim:g}), "
-                                 "not both")
+                raise ValueError(
+                    f"give samples ({self.samples}) or samples_per_dim ({self.samples_per_dim:g}), not both"
+                )
             # No fixed count runs, so the key says samples=0 (and parses back to this config).
             object.__setattr__(self, "samples", 0)
             return
@@ -86,8 +88,10 @@ class SPSA:
             return self.samples
         samples = 2 * math.ceil(self.samples_per_dim * x[0].numel() / 2)
         if self.max_batch < samples:
-            raise ValueError(f"max_batch ({self.max_batch}) must hold one image's samples ({samples}: "
-                             f"{self.samples_per_dim:g} per dimension of {x[0].numel()})")
+            raise ValueError(
+                f"max_batch ({self.max_batch}) must hold one image's samples ({samples}: "
+                f"{self.samples_per_dim:g} per dimension of {x[0].numel()})"
+            )
         return samples
 
     def with_threat(self, threat) -> SPSA:
@@ -108,7 +112,7 @@ def _spsa_gradient(model, x, y, cfg: SPSA, generator, samples: int) -> torch.Ten
     devices = [x.device] if x.device.type == "cuda" else []
     grads = []
     for i in range(0, len(x), per_chunk):
-        xc, yc = x[i:i + per_chunk], y[i:i + per_chunk]
+        xc, yc = x[i : i + per_chunk], y[i : i + per_chunk]
         n = len(xc)
         v = torch.randint(0, 2, (n, pairs, *x.shape[1:]), generator=generator, device=x.device)
         v = v.to(x.dtype).mul_(2).sub_(1)
@@ -155,7 +159,7 @@ def _spsa(model, x, y, cfg: SPSA, generator) -> torch.Tensor:
         g = _spsa_gradient(model, x_adv[idx], y[idx], cfg, generator, samples)
         m[idx] = _BETA1 * m[idx] + (1 - _BETA1) * g
         v[idx] = _BETA2 * v[idx] + (1 - _BETA2) * g * g
-        step = cfg.lr * (m[idx] / (1 - _BETA1 ** t)) / ((v[idx] / (1 - _BETA2 ** t)).sqrt() + _ADAM_EPS)
+        step = cfg.lr * (m[idx] / (1 - _BETA1**t)) / ((v[idx] / (1 - _BETA2**t)).sqrt() + _ADAM_EPS)
         xs = x[idx]
         moved = torch.min(torch.max(x_adv[idx] + step, xs - cfg.eps), xs + cfg.eps)
         x_adv[idx] = moved.clamp_(0, 1)

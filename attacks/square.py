@@ -7,6 +7,7 @@ standing; as a cell of its own it runs on every sample, and enters the worst cas
 any other cell. Seeded from the cell's generator; torch's global generator, which the
 package reseeds, is saved and restored around the run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -55,8 +56,16 @@ def perturb(model, x, y, cfg: Square, *, generator=None) -> Crafted:
     devices = [x.device] if x.device.type == "cuda" else []
     seed = seed_from(generator)
     with torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False), torch.no_grad():
-        attack = SquareAttack(model, norm="Linf" if cfg.norm == "linf" else "L2", eps=cfg.eps,
-                              n_queries=cfg.queries, p_init=cfg.p_init, n_restarts=1, seed=seed,
-                              verbose=False, device=x.device)
+        attack = SquareAttack(
+            model,
+            norm="Linf" if cfg.norm == "linf" else "L2",
+            eps=cfg.eps,
+            n_queries=cfg.queries,
+            p_init=cfg.p_init,
+            n_restarts=1,
+            seed=seed,
+            verbose=False,
+            device=x.device,
+        )
         x_adv = attack.perturb(x.float(), y)
     return Crafted(x_adv.clamp(0, 1).detach())

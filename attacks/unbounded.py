@@ -12,6 +12,7 @@ at 255/255): 20 steps per threat-eps of budget, at most 200, with Madry et al.'s
 of 2.5 * eps / steps. The PGD itself is attacks.pgd.run_pgd, so the sweep tests the
 very code the bounded cells run.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,9 +70,16 @@ class Unbounded:
 
     def pgd(self) -> PGD:
         """The PGD config this cell runs."""
-        return PGD(eps=self.eps, steps=self.steps, step_size=self.step_size, loss=self.loss,
-                   norm="linf", random_start=self.random_start, restarts=1,
-                   early_stop=self.early_stop)
+        return PGD(
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            loss=self.loss,
+            norm="linf",
+            random_start=self.random_start,
+            restarts=1,
+            early_stop=self.early_stop,
+        )
 
 
 @register_attack("unbounded", config=Unbounded)

@@ -11,6 +11,7 @@ the box (bench.verify.verify_images). The network must be one the verifier
 takes (ReLU networks of Linear, Conv2d, BatchNorm, Normalize, MaxPool2d, Flatten and
 residual adds); any other is refused with one line naming the layer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -82,9 +83,14 @@ def perturb(model, x, y, cfg: Verify, *, generator=None) -> Crafted:
     for i, v in enumerate(verdicts):
         if v.x_adv is not None:
             x_adv[i] = v.x_adv.to(x.device, x.dtype).view_as(x[i])
-    return Crafted(x_adv, CompleteVerdicts(
-        status=tuple(v.status for v in verdicts), decided_by=tuple(v.decided_by for v in verdicts),
-        seconds=torch.tensor([v.seconds for v in verdicts], dtype=torch.float64),
-        unstable=torch.tensor([v.unstable for v in verdicts], dtype=torch.int64),
-        binaries=torch.tensor([v.binaries for v in verdicts], dtype=torch.int64),
-        tolerance=torch.tensor([v.tolerance for v in verdicts], dtype=torch.float64)))
+    return Crafted(
+        x_adv,
+        CompleteVerdicts(
+            status=tuple(v.status for v in verdicts),
+            decided_by=tuple(v.decided_by for v in verdicts),
+            seconds=torch.tensor([v.seconds for v in verdicts], dtype=torch.float64),
+            unstable=torch.tensor([v.unstable for v in verdicts], dtype=torch.int64),
+            binaries=torch.tensor([v.binaries for v in verdicts], dtype=torch.int64),
+            tolerance=torch.tensor([v.tolerance for v in verdicts], dtype=torch.float64),
+        ),
+    )

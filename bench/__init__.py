@@ -8,6 +8,7 @@ For scripts and notebooks (bench.api holds every public call):
     rows = evaluate(my_model, name="mine", dataset="digits", matrix="full")  # your own model
     from bench import BPDA   # a non-differentiable step, attackable (Athalye et al. 2018)
 """
+
 __all__ = ["BPDA", "evaluate", "load_checkpoint", "load_dataset"]
 
 

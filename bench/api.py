@@ -8,6 +8,7 @@ what it returns; everything a command checks, opens or runs happens in these cal
 Every user error is a one-line BenchError, raised before the store is opened or
 anything is written.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ class IncompleteEvaluation(RuntimeError):
 
     def __init__(self, rows: list[dict], failures: dict[str, str]):
         first = next(iter(failures.items()))
-        super().__init__(f"{len(failures)} cell(s) failed, so the worst case is incomplete; first: "
-                         f"{first[0]}: {first[1]}")
+        super().__init__(
+            f"{len(failures)} cell(s) failed, so the worst case is incomplete; first: {first[0]}: {first[1]}"
+        )
         self.rows, self.failures = rows, failures
 
 
@@ -80,15 +82,15 @@ def open_workspace(where: Where, progress: Any = None) -> Workspace:
     if not 1 <= where.threads <= MAX_THREADS:
         raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {where.threads}")
     torch.set_num_threads(where.threads)
-    return Workspace.open(where.results, db=where.db, device=where.device, data_root=where.data_root,
-                      progress=progress)
+    return Workspace.open(where.results, db=where.db, device=where.device, data_root=where.data_root, progress=progress)
 
 
 def executor(where: Where):
     """The executor `where` asks for (a context manager: a local Ray cluster it starts is
     stopped on exit). Each Ray task gets `threads` CPUs and as many torch threads."""
-    return make_executor(where.executor, ray_address=where.ray_address, threads=where.threads,
-                         gpus_per_task=where.ray_gpus)
+    return make_executor(
+        where.executor, ray_address=where.ray_address, threads=where.threads, gpus_per_task=where.ray_gpus
+    )
 
 
 def listing(what: str) -> list[tuple[str, ...]]:
@@ -113,8 +115,10 @@ def listing(what: str) -> list[tuple[str, ...]]:
             parts = [f"{', '.join(ts)}: {', '.join(names)}" for names, ts in threats.items()]
             sources, crafted = matrix.transfer.surrogates, matrix.transfer_cells(threat)
             if sources:
-                parts.append(f"transfer from {', '.join(sources)}: "
-                             + ", ".join(cell_label(c.attack, vars(c.config)) for c in crafted))
+                parts.append(
+                    f"transfer from {', '.join(sources)}: "
+                    + ", ".join(cell_label(c.attack, vars(c.config)) for c in crafted)
+                )
             rows.append((name, f"{len(cells) + len(sources) * len(crafted)} cells on digits; " + "; ".join(parts)))
         return rows
     if what == "datasets":
@@ -132,13 +136,23 @@ def train(request: TrainRequest, where: Where = Where(), progress: Any = None) -
         return ensure_checkpoint(ws, recipe, ex)
 
 
-def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where(),
-        progress: Any = None) -> tuple[list[RunReport], list[dict]]:
+def run(
+    defense: str, matrix: str, request: TrainRequest, where: Where = Where(), progress: Any = None
+) -> tuple[list[RunReport], list[dict]]:
     """`bench run`: train what is missing and run every missing cell for one defense or
     `all`; returns the reports and the result rows of their checkpoints."""
     names = DEFENSES.names() if defense == "all" else [DEFENSES.get(defense).name]
-    requests = [TrainRequest(name, request.dataset, request.preset if defense != "all" else None,
-                             request.overrides, request.arch, request.seed) for name in names]
+    requests = [
+        TrainRequest(
+            name,
+            request.dataset,
+            request.preset if defense != "all" else None,
+            request.overrides,
+            request.arch,
+            request.seed,
+        )
+        for name in names
+    ]
     parsed = load_matrix(matrix)
     plans = [plan_run(r, parsed, where.data_root) for r in requests]  # checked before the store is opened
     ws = open_workspace(where, progress)
@@ -147,9 +161,17 @@ def run(defense: str, matrix: str, request: TrainRequest, where: Where = Where()
     return reports, result_rows(ws.store, checkpoint_keys={r.checkpoint.key for r in reports})
 
 
-def eval_outside(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
-                 weights: str | None = None, where: Where = Where(), progress: Any = None,
-                 workspace: Workspace | None = None) -> tuple[EvalReport, list[dict]]:
+def eval_outside(
+    model: torch.nn.Module | str,
+    *,
+    name: str,
+    dataset: str = "digits",
+    matrix: str = "full",
+    weights: str | None = None,
+    where: Where = Where(),
+    progress: Any = None,
+    workspace: Workspace | None = None,
+) -> tuple[EvalReport, list[dict]]:
     """`bench eval`: store an outside model by name and weights hash and run the matrix
     cells it lacks; returns the report and its result rows, the `worst_case` row last."""
     # Everything the user gave is checked before the results folder or store is touched.
@@ -161,9 +183,19 @@ def eval_outside(model: torch.nn.Module | str, *, name: str, dataset: str = "dig
     return report, result_rows(ws.store, checkpoint_keys={report.checkpoint.key})
 
 
-def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits", matrix: str = "full",
-             weights: str | None = None, results: str | os.PathLike = "results", db: str | None = None,
-             device: str = "auto", data_root: str | None = None, workspace: Workspace | None = None) -> list[dict]:
+def evaluate(
+    model: torch.nn.Module | str,
+    *,
+    name: str,
+    dataset: str = "digits",
+    matrix: str = "full",
+    weights: str | None = None,
+    results: str | os.PathLike = "results",
+    db: str | None = None,
+    device: str = "auto",
+    data_root: str | None = None,
+    workspace: Workspace | None = None,
+) -> list[dict]:
     """Judge your own model: store it by name and weights hash, run the matrix, return its rows.
 
     `model` is an nn.Module taking [0, 1] inputs and returning logits, or a
@@ -174,8 +206,9 @@ def evaluate(model: torch.nn.Module | str, *, name: str, dataset: str = "digits"
     it were whole.
     """
     where = Where(results=results, db=db, device=device, data_root=data_root, threads=torch.get_num_threads())
-    report, rows = eval_outside(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
-                                where=where, workspace=workspace)
+    report, rows = eval_outside(
+        model, name=name, dataset=dataset, matrix=matrix, weights=weights, where=where, workspace=workspace
+    )
     if report.failures:
         raise IncompleteEvaluation(rows, report.failures)
     return rows
@@ -189,9 +222,11 @@ def results(where: Where = Where(), defense: str | None = None, dataset: str | N
     stored = store.checkpoints() if not rows and (defense or dataset) else []
     if stored and not store.checkpoints(dataset=dataset, defense=defense):
         given = " ".join(f"--{k} {v!r}" for k, v in (("defense", defense), ("dataset", dataset)) if v)
-        raise BenchError(f"no stored checkpoint matches {given}; stored defenses: "
-                         f"{', '.join(sorted({c.defense for c in stored}))}; stored datasets: "
-                         f"{', '.join(sorted({c.dataset for c in stored}))}")
+        raise BenchError(
+            f"no stored checkpoint matches {given}; stored defenses: "
+            f"{', '.join(sorted({c.defense for c in stored}))}; stored datasets: "
+            f"{', '.join(sorted({c.dataset for c in stored}))}"
+        )
     return rows
 
 
@@ -202,8 +237,14 @@ def diagnose(name: str, dataset: str | None = None, where: Where = Where()) -> l
     return diagnosis_rows(ws.store, ensure_diagnostics(ws, name, dataset))
 
 
-def transfer(source: str, target: str = "all", attack: str | None = None, dataset: str = "digits",
-             where: Where = Where(), progress: Any = None) -> TransferReport:
+def transfer(
+    source: str,
+    target: str = "all",
+    attack: str | None = None,
+    dataset: str = "digits",
+    where: Where = Where(),
+    progress: Any = None,
+) -> TransferReport:
     """`bench transfer`: craft on every source, judge every target on its examples."""
     ws = open_workspace(where, progress)
     with executor(where) as ex:

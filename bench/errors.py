@@ -4,6 +4,7 @@ Anything a user can get wrong (a name, a file, a folder, a value) raises BenchEr
 with a single line that says what was wrong and how to mend it. Everything else is a
 bug and keeps its traceback.
 """
+
 import difflib
 
 

@@ -18,6 +18,7 @@ bench/; import-linter holds them to it (pyproject.toml).
   for the verifier cells, and `ibp_bounds` (differentiable interval bounds on the
   logits) for interval bound propagation training.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,34 @@ from bench.registry import register_attack, register_defense
 from bench.validate import NORMS, at_least, in_range, non_negative, one_of, positive, radius
 from bench.verify import certify, ibp_bounds, interval_margin, to_graph, verify_images
 
-__all__ = ["LOSSES", "NORMS", "AttackConfig", "CellKind", "CertifiedVerdicts", "CompleteVerdicts", "Crafted", "Role", "at_least", "certify", "cw_margin", "exact_view", "full_fp32", "ibp_bounds", "in_range",
-           "interval_margin", "non_negative", "one_of", "positive", "radius", "register_attack", "register_defense",
-           "seed_from", "to_graph", "verify_images", "xent"]
+__all__ = [
+    "LOSSES",
+    "NORMS",
+    "AttackConfig",
+    "CellKind",
+    "CertifiedVerdicts",
+    "CompleteVerdicts",
+    "Crafted",
+    "Role",
+    "at_least",
+    "certify",
+    "cw_margin",
+    "exact_view",
+    "full_fp32",
+    "ibp_bounds",
+    "in_range",
+    "interval_margin",
+    "non_negative",
+    "one_of",
+    "positive",
+    "radius",
+    "register_attack",
+    "register_defense",
+    "seed_from",
+    "to_graph",
+    "verify_images",
+    "xent",
+]
 
 
 def seed_from(generator: torch.Generator | None) -> int:

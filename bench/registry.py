@@ -5,6 +5,7 @@ plugins through an entry-point group. A duplicate name is an error, an unknown n
 is an error naming the closest matches, and a plugin that fails to import is an
 error rather than a silent gap in the leaderboard.
 """
+
 from __future__ import annotations
 
 import ast
@@ -92,9 +93,7 @@ class Registry(Generic[T]):
         self.load()
         if name not in self._entries:
             hint = did_you_mean(name, self._entries)
-            raise BenchError(
-                f"unknown {self.kind} {name!r}{hint} (`bench ls {self.kind}s` lists them)"
-            )
+            raise BenchError(f"unknown {self.kind} {name!r}{hint} (`bench ls {self.kind}s` lists them)")
         return self._entries[name]
 
     def names(self) -> list[str]:
@@ -117,8 +116,7 @@ def build_config(cls: type, values: dict[str, Any], *, what: str) -> Any:
     if unknown:
         hint = did_you_mean(unknown[0], fields)
         raise BenchError(
-            f"{what}: unknown setting {unknown[0]!r}{hint} "
-            f"(settings: {', '.join(sorted(fields)) or 'none'})"
+            f"{what}: unknown setting {unknown[0]!r}{hint} (settings: {', '.join(sorted(fields)) or 'none'})"
         )
     clean: dict[str, Any] = {}
     for key, value in values.items():
@@ -172,9 +170,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
 

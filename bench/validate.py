@@ -6,6 +6,7 @@ Each raises ValueError with the field's name, the rule and the value; `build_con
 that says what to mend. NaN fails every comparison, so each rule is written as "the
 value is inside" rather than "the value is outside": NaN is never inside.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,16 @@ def non_negative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number of zero or more, got {value!r}")
 
 
-def in_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
-             high_open: bool = False) -> None:
+def in_range(
+    name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
     """A number inside an interval; the bounds say whether they belong to it."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and (low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high)
+    )
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")

@@ -21,6 +21,7 @@ activation); the honest controls are a natural and a PGD-AT model. For each it p
   run, whether the worst case is at or below it (`<=`) or how many samples above (`+N`),
   and the standard runs' max-min spread, AutoAttack's own seed-to-seed noise.
 """
+
 from __future__ import annotations
 
 import sys
@@ -91,15 +92,21 @@ def main() -> None:
         if isinstance(runs, list):
             a = min(n for _, n in runs) / len(y)
         flags = sorted(set(wc["flags"]) & set(MASKING))
-        print(f"{kind:10} {100 * b:6.2f}% {100 * wc['robust_acc']:6.2f}% {100 * a:8.2f}% "
-              f"{time.perf_counter() - start:6.1f}  {', '.join(flags) or '-'}", flush=True)
+        print(
+            f"{kind:10} {100 * b:6.2f}% {100 * wc['robust_acc']:6.2f}% {100 * a:8.2f}% "
+            f"{time.perf_counter() - start:6.1f}  {', '.join(flags) or '-'}",
+            flush=True,
+        )
         if isinstance(runs, list):  # compared in samples: accuracies are k/n through float32
             worst = round(wc["robust_acc"] * len(y))
             standard = [n for label, n in runs if label.startswith("standard")]
-            print(f"{'':10} worst case {worst}/{len(y)} vs AutoAttack " + ", ".join(
-                f"{label} {n} ({'<=' if worst <= n else f'+{worst - n}'})" for label, n in runs)
+            print(
+                f"{'':10} worst case {worst}/{len(y)} vs AutoAttack "
+                + ", ".join(f"{label} {n} ({'<=' if worst <= n else f'+{worst - n}'})" for label, n in runs)
                 + f"; standard spread {max(standard) - min(standard)}, worst case within it of every run: "
-                f"{'yes' if all(worst - n <= max(standard) - min(standard) for _, n in runs) else 'NO'}", flush=True)
+                f"{'yes' if all(worst - n <= max(standard) - min(standard) for _, n in runs) else 'NO'}",
+                flush=True,
+            )
     print(f"wall time {time.perf_counter() - total:.0f} s; store: {results}")
 
 

@@ -13,6 +13,7 @@ same checkpoint keys), it adds that store's PGD-50, PGD-1000 and transfer figure
 masking flags each store raised, so what moved can be read off one table. The stores are
 only read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,23 +28,46 @@ from bench.store.rows import CellRow
 def _pgd(cells: list[CellRow], threat: str, steps: int, targeted: str = "none") -> CellRow | None:
     for c in cells:
         p = c.params
-        if (c.attack == "pgd" and c.threat == threat and c.indices is None and p.get("steps") == steps
-                and p.get("loss") == "xent" and p.get("restarts", 1) == 1 and p.get("norm", "linf") == "linf"
-                and p.get("targeted", "none") == targeted and "grad=forward" not in c.cell_key):
+        if (
+            c.attack == "pgd"
+            and c.threat == threat
+            and c.indices is None
+            and p.get("steps") == steps
+            and p.get("loss") == "xent"
+            and p.get("restarts", 1) == 1
+            and p.get("norm", "linf") == "linf"
+            and p.get("targeted", "none") == targeted
+            and "grad=forward" not in c.cell_key
+        ):
             return c
     return None
 
 
 def _one(cells: list[CellRow], threat: str, attack: str) -> CellRow | None:
-    return next((c for c in cells if c.attack == attack and c.threat == threat and c.indices is None
-                 and c.params.get("version", "standard") == "standard"), None)
+    return next(
+        (
+            c
+            for c in cells
+            if c.attack == attack
+            and c.threat == threat
+            and c.indices is None
+            and c.params.get("version", "standard") == "standard"
+        ),
+        None,
+    )
 
 
 def _lowest_transfer(transfers: list[CellRow], threat: str, target_id: int) -> float | None:
     """The lowest of the matrix's surrogate transfer cells (not a `bench transfer` grid's
     rows, whose diagonal is a white-box attack)."""
-    accs = [t.robust_acc for t in transfers if t.target_id == target_id and t.threat == threat
-            and t.source_id != target_id and (t.extra or {}).get("surrogate")]
+    accs = [
+        t.robust_acc
+        for t in transfers
+        if t.target_id == target_id
+        and t.threat == threat
+        and t.source_id != target_id
+        and (t.extra or {}).get("surrogate")
+    ]
     return min(accs) if accs else None
 
 
@@ -63,15 +87,23 @@ def figures(store: Store, dataset: str) -> dict[str, dict]:
             continue
         size = next((c.n for c in cells if c.indices is None), 0)
         wc = worst_case(ck.threat, [*cells, *incoming], size) if size else None
-        picked = {"fgsm": _one(cells, ck.threat, "fgsm"), "pgd20": _pgd(cells, ck.threat, 20),
-                  "pgd50": _pgd(cells, ck.threat, 50), "pgd1000": _pgd(cells, ck.threat, 1000),
-                  "targeted": _pgd(cells, ck.threat, 20, "random"), "apgd": _one(cells, ck.threat, "apgd"),
-                  "apgd_t": _one(cells, ck.threat, "apgd_t"), "multitargeted": _one(cells, ck.threat, "multitargeted"),
-                  "autoattack": _one(cells, ck.threat, "autoattack"), "square": _one(cells, ck.threat, "square")}
+        picked = {
+            "fgsm": _one(cells, ck.threat, "fgsm"),
+            "pgd20": _pgd(cells, ck.threat, 20),
+            "pgd50": _pgd(cells, ck.threat, 50),
+            "pgd1000": _pgd(cells, ck.threat, 1000),
+            "targeted": _pgd(cells, ck.threat, 20, "random"),
+            "apgd": _one(cells, ck.threat, "apgd"),
+            "apgd_t": _one(cells, ck.threat, "apgd_t"),
+            "multitargeted": _one(cells, ck.threat, "multitargeted"),
+            "autoattack": _one(cells, ck.threat, "autoattack"),
+            "square": _one(cells, ck.threat, "square"),
+        }
         l2 = next((c.threat for c in cells if c.threat.startswith("l2-")), None)
         l2_worst = worst_case(l2, [*cells, *incoming], size) if size and l2 else None
         out[ck.key] = {
-            "defense": ck.defense, "clean": (ck.meta or {}).get("clean_acc"),
+            "defense": ck.defense,
+            "clean": (ck.meta or {}).get("clean_acc"),
             **{k: (c.robust_acc if c else None) for k, c in picked.items()},
             "seconds": {k: c.seconds for k, c in picked.items() if c is not None},
             "transfer": _lowest_transfer(incoming, ck.threat, ck.id),
@@ -95,29 +127,75 @@ def main() -> int:
     after = figures(Store.for_results(Path(args.results)), args.dataset)
     before = figures(Store.for_results(Path(args.before)), args.dataset) if args.before else {}
     cols = ["pgd50", "pgd1000", "targeted", "apgd", "apgd_t", "multitargeted", "autoattack"]
-    head = ["defense", "clean", "FGSM", "PGD-20", "PGD-50", "PGD-1000", "targeted PGD-20", "APGD-CE", "APGD-T",
-            "multi-targeted", "AutoAttack", "Square", "transfer", "worst case", "L2 worst case"]
+    head = [
+        "defense",
+        "clean",
+        "FGSM",
+        "PGD-20",
+        "PGD-50",
+        "PGD-1000",
+        "targeted PGD-20",
+        "APGD-CE",
+        "APGD-T",
+        "multi-targeted",
+        "AutoAttack",
+        "Square",
+        "transfer",
+        "worst case",
+        "L2 worst case",
+    ]
     if before:
-        head = ["defense", "clean", "PGD-50 before", "PGD-50", "PGD-1000 before", "PGD-1000", *head[6:11],
-                "transfer before", "transfer", "worst case"]
+        head = [
+            "defense",
+            "clean",
+            "PGD-50 before",
+            "PGD-50",
+            "PGD-1000 before",
+            "PGD-1000",
+            *head[6:11],
+            "transfer before",
+            "transfer",
+            "worst case",
+        ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for key, f in sorted(after.items(), key=lambda kv: kv[1]["defense"]):
         b = before.get(key, {})
         if before:
-            row = [f["defense"], pct(f["clean"]), pct(b.get("pgd50")), pct(f["pgd50"]), pct(b.get("pgd1000")),
-                   pct(f["pgd1000"]), *(pct(f[c]) for c in cols[2:]), pct(b.get("transfer")), pct(f["transfer"]),
-                   pct(f["worst"])]
+            row = [
+                f["defense"],
+                pct(f["clean"]),
+                pct(b.get("pgd50")),
+                pct(f["pgd50"]),
+                pct(b.get("pgd1000")),
+                pct(f["pgd1000"]),
+                *(pct(f[c]) for c in cols[2:]),
+                pct(b.get("transfer")),
+                pct(f["transfer"]),
+                pct(f["worst"]),
+            ]
         else:
-            row = [f["defense"], pct(f["clean"]), pct(f["fgsm"]), pct(f["pgd20"]), *(pct(f[c]) for c in cols),
-                   pct(f["square"]), pct(f["transfer"]), f"**{pct(f['worst'])}**", pct(f["l2_worst"])]
+            row = [
+                f["defense"],
+                pct(f["clean"]),
+                pct(f["fgsm"]),
+                pct(f["pgd20"]),
+                *(pct(f[c]) for c in cols),
+                pct(f["square"]),
+                pct(f["transfer"]),
+                f"**{pct(f['worst'])}**",
+                pct(f["l2_worst"]),
+            ]
         print("| " + " | ".join(row) + " |")
     print("\nseconds per cell (the new white-box cells against AutoAttack's):")
     print("| defense | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for f in sorted(after.values(), key=lambda f: f["defense"]):
-        print(f"| {f['defense']} | " + " | ".join(
-            "–" if c not in f["seconds"] else f"{f['seconds'][c]:.1f}" for c in cols) + " |")
+        print(
+            f"| {f['defense']} | "
+            + " | ".join("–" if c not in f["seconds"] else f"{f['seconds'][c]:.1f}" for c in cols)
+            + " |"
+        )
     if before:
         print("\nmasking flags, before -> after:")
         for key, f in sorted(after.items(), key=lambda kv: kv[1]["defense"]):

@@ -12,6 +12,7 @@ must: same recipes, same seeds, same thread count). The target on a 2-core machi
 a ratio of at least 1.6. This is a measurement, not a test: nothing fails when it is slow,
 but it exits 1 when the two stores disagree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,19 @@ from bench.store.db import Store
 
 def _run(executor: str, results: Path, matrix: str, sets: list[str]) -> float:
     bench = shutil.which("bench", path=os.path.dirname(sys.executable)) or "bench"
-    argv = [bench, "run", "--defense", "all", "--matrix", matrix, "--results", str(results),
-            "--executor", executor, *[a for s in sets for a in ("--set", s)]]
+    argv = [
+        bench,
+        "run",
+        "--defense",
+        "all",
+        "--matrix",
+        matrix,
+        "--results",
+        str(results),
+        "--executor",
+        executor,
+        *[a for s in sets for a in ("--set", s)],
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as the tests: one intra-op thread per process
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
@@ -42,8 +54,9 @@ def _run(executor: str, results: Path, matrix: str, sets: list[str]) -> float:
 def _numbers(results: Path) -> dict:
     store = Store(f"sqlite:///{results / 'bench.db'}")
     keys = {c.id: (c.key, c.sha256) for c in store.checkpoints()}
-    return {(keys[e.checkpoint_id], e.cell_key): (e.clean_acc, e.robust_acc, e.correct_bits)
-            for e in store.evaluations()}
+    return {
+        (keys[e.checkpoint_id], e.cell_key): (e.clean_acc, e.robust_acc, e.correct_bits) for e in store.evaluations()
+    }
 
 
 def main() -> None:

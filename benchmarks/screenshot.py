@@ -10,6 +10,7 @@ in Debian's chromium through playwright (`apt-get install -y chromium`,
 dataset's main board: its heading and its table. The README shows the picture, so it
 is kept small (a warning says when it passes 300 KB).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,11 @@ def screenshot(store: Store, out: Path, dataset: str = "digits", width: int = 12
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=os.environ.get("BENCH_RESULTS", "results"),
-                    help="results folder holding bench.db (default ./results)")
+    ap.add_argument(
+        "--results",
+        default=os.environ.get("BENCH_RESULTS", "results"),
+        help="results folder holding bench.db (default ./results)",
+    )
     ap.add_argument("--db", help="SQLAlchemy URL of the store instead of --results")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "board.png"))

@@ -10,6 +10,7 @@ an unbounded eps sweep, L2 PGD, logit histograms, flags, a transfer grid), then 
 build_site and prints the figures. The budget is 10 s for the default size. This is a
 measurement, not a test: nothing fails when it is slow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,16 @@ DEFENSES = ["natural", "label_smoothing", "logit_squeeze", "gaussian_noise", "al
 
 def _pgd(steps, loss="xent", restarts=1, norm="linf", eps=0.2):
     step = 0.05 if norm == "linf" else 2.5 * eps / steps
-    return {"eps": eps, "steps": steps, "step_size": step, "loss": loss, "norm": norm,
-            "random_start": True, "restarts": restarts, "early_stop": True}
+    return {
+        "eps": eps,
+        "steps": steps,
+        "step_size": step,
+        "loss": loss,
+        "norm": norm,
+        "random_start": True,
+        "restarts": restarts,
+        "early_stop": True,
+    }
 
 
 def _cells(cells: int) -> list[tuple[str, dict, str, int]]:
@@ -42,9 +51,11 @@ def _cells(cells: int) -> list[tuple[str, dict, str, int]]:
     out = [("fgsm", {"eps": 0.2, "loss": "xent"}, "linf-0.2", 0)]
     for loss in ("xent", "cw"):
         out += [("pgd", _pgd(s, loss), "linf-0.2", 0) for s in (5, 10, 20, 50, 200, 1000)]
-    out += [("pgd", _pgd(20, restarts=10), "linf-0.2", 0),
-            ("spsa", {"eps": 0.2, "steps": 100, "samples": 128}, "linf-0.2", 100),
-            ("autoattack", {"eps": 0.2, "norm": "linf", "version": "standard"}, "linf-0.2", 0)]
+    out += [
+        ("pgd", _pgd(20, restarts=10), "linf-0.2", 0),
+        ("spsa", {"eps": 0.2, "steps": 100, "samples": 128}, "linf-0.2", 100),
+        ("autoattack", {"eps": 0.2, "norm": "linf", "version": "standard"}, "linf-0.2", 0),
+    ]
     out += [("unbounded", {"eps": e, "steps": 100}, "unbounded-linf", 0) for e in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)]
     out += [("pgd", _pgd(s, loss, norm="l2", eps=1.5), "l2-1.5", 0) for s in (10, 20, 50) for loss in ("xent", "cw")]
     while len(out) < cells:  # more PGD step counts if asked for more cells
@@ -57,8 +68,7 @@ def _key(attack, params, subset):
     return f"{attack}:" + ",".join(sorted(parts + ([f"subset={subset}"] if subset else [])))
 
 
-def synthetic_store(folder: Path, checkpoints: int = 1000, cells: int = 30, transfers: int = 8,
-                    seed: int = 0) -> Store:
+def synthetic_store(folder: Path, checkpoints: int = 1000, cells: int = 30, transfers: int = 8, seed: int = 0) -> Store:
     """A store shaped like real runs, with random but plausible numbers."""
     rng = np.random.default_rng(seed)
     store = Store(f"sqlite:///{folder / 'bench.db'}")
@@ -70,14 +80,30 @@ def synthetic_store(folder: Path, checkpoints: int = 1000, cells: int = 30, tran
             defense = DEFENSES[i % len(DEFENSES)]
             clean = rng.uniform(0.85, 0.99)
             ck = Checkpoint(
-                key=f"{i:016x}", dataset="digits" if i % 10 else "mnist", defense=defense,
-                preset=f"{defense}_digits" if i % 3 == 0 else None, arch="digits_cnn", seed=i // len(DEFENSES),
-                threat="linf-0.2", config={"beta": float(rng.uniform(0, 1)), "sigma": 0.5},
-                train_config={"epochs": 30, "lr": 0.003, "batch_size": 64}, path=f"/tmp/ck/{i}",
-                sha256=f"{i:064x}", epochs=30, train_seconds=float(rng.uniform(30, 3000)), device="cpu (2 cores)",
-                meta={"clean_acc": clean, "package_version": "0.1.0", "torch_version": "2.3.0", "git_commit": "abc123",
-                      "train_losses": [1.0, 0.5, 0.2], "logit_stats": {"mean": 0.1, "variance": 20.0},
-                      "paper": {"clean": 0.9, "fgsm": 0.5, "pgd20": 0.4} if i % 3 == 0 else {}})
+                key=f"{i:016x}",
+                dataset="digits" if i % 10 else "mnist",
+                defense=defense,
+                preset=f"{defense}_digits" if i % 3 == 0 else None,
+                arch="digits_cnn",
+                seed=i // len(DEFENSES),
+                threat="linf-0.2",
+                config={"beta": float(rng.uniform(0, 1)), "sigma": 0.5},
+                train_config={"epochs": 30, "lr": 0.003, "batch_size": 64},
+                path=f"/tmp/ck/{i}",
+                sha256=f"{i:064x}",
+                epochs=30,
+                train_seconds=float(rng.uniform(30, 3000)),
+                device="cpu (2 cores)",
+                meta={
+                    "clean_acc": clean,
+                    "package_version": "0.1.0",
+                    "torch_version": "2.3.0",
+                    "git_commit": "abc123",
+                    "train_losses": [1.0, 0.5, 0.2],
+                    "logit_stats": {"mean": 0.1, "variance": 20.0},
+                    "paper": {"clean": 0.9, "fgsm": 0.5, "pgd20": 0.4} if i % 3 == 0 else {},
+                },
+            )
             s.add(ck)
             cks.append((ck, clean))
         s.flush()
@@ -91,13 +117,28 @@ def synthetic_store(folder: Path, checkpoints: int = 1000, cells: int = 30, tran
                 n = subset or TEST_SIZE
                 if subset:
                     bits = bits[subset_idx]
-                hist = {"edges": edges, "clean": rng.integers(0, 500, 40).tolist(),
-                        "adv": rng.integers(0, 500, 40).tolist()}
-                rows.append(dict(checkpoint_id=ck.id, cell_key=_key(attack, params, subset), attack=attack,
-                                 params=params, threat=threat, clean_acc=clean, robust_acc=float(bits.mean()),
-                                 n=n, seconds=float(rng.uniform(0.1, 60)), correct_bits=pack_bits(bits),
-                                 indices=subset_idx if subset else None, device="cpu",
-                                 extra={"logit_hist": hist, "adv_logit_stats": {"mean": 0.0}, "warnings": []}))
+                hist = {
+                    "edges": edges,
+                    "clean": rng.integers(0, 500, 40).tolist(),
+                    "adv": rng.integers(0, 500, 40).tolist(),
+                }
+                rows.append(
+                    dict(
+                        checkpoint_id=ck.id,
+                        cell_key=_key(attack, params, subset),
+                        attack=attack,
+                        params=params,
+                        threat=threat,
+                        clean_acc=clean,
+                        robust_acc=float(bits.mean()),
+                        n=n,
+                        seconds=float(rng.uniform(0.1, 60)),
+                        correct_bits=pack_bits(bits),
+                        indices=subset_idx if subset else None,
+                        device="cpu",
+                        extra={"logit_hist": hist, "adv_logit_stats": {"mean": 0.0}, "warnings": []},
+                    )
+                )
             for name in rng.choice(sorted(FLAG_TEXT), size=rng.integers(0, 3), replace=False):
                 s.add(Flag(checkpoint_id=ck.id, name=str(name), message=FLAG_TEXT[name], numbers={"accuracy": 0.1}))
         s.execute(insert(Evaluation), rows)  # one bulk insert: 30,000 ORM objects would take a minute
@@ -105,9 +146,22 @@ def synthetic_store(folder: Path, checkpoints: int = 1000, cells: int = 30, tran
         for src in grid:
             for tgt in grid:
                 bits = rng.random(TEST_SIZE) < 0.5
-                s.add(Transfer(source_id=src.id, target_id=tgt.id, cell_key=_key("pgd", _pgd(10), 0), attack="pgd",
-                               params=_pgd(10), threat="linf-0.2", clean_acc=0.9, robust_acc=float(bits.mean()),
-                               n=TEST_SIZE, seconds=1.0, correct_bits=pack_bits(bits), extra={}))
+                s.add(
+                    Transfer(
+                        source_id=src.id,
+                        target_id=tgt.id,
+                        cell_key=_key("pgd", _pgd(10), 0),
+                        attack="pgd",
+                        params=_pgd(10),
+                        threat="linf-0.2",
+                        clean_acc=0.9,
+                        robust_acc=float(bits.mean()),
+                        n=TEST_SIZE,
+                        seconds=1.0,
+                        correct_bits=pack_bits(bits),
+                        extra={},
+                    )
+                )
     return store
 
 
@@ -153,12 +207,19 @@ def time_handwritten(samples: int = 400) -> float:
     start = time.process_time()
     for i in range(samples):
         if i % 2:
-            svg_lines([(loss, list(zip([5, 10, 20, 50, 200, 1000], rng.uniform(0, 1, 6))))
-                       for loss in ("xent", "cw")], xlabel="PGD steps", ylabel="robust accuracy (%)", logx=True)
+            svg_lines(
+                [(loss, list(zip([5, 10, 20, 50, 200, 1000], rng.uniform(0, 1, 6)))) for loss in ("xent", "cw")],
+                xlabel="PGD steps",
+                ylabel="robust accuracy (%)",
+                logx=True,
+            )
         else:
-            svg_hist(np.linspace(-20, 20, 41).tolist(), [("clean", rng.integers(0, 500, 40).tolist()),
-                                                         ("adversarial", rng.integers(0, 500, 40).tolist())],
-                     xlabel="logit value", ylabel="count")
+            svg_hist(
+                np.linspace(-20, 20, 41).tolist(),
+                [("clean", rng.integers(0, 500, 40).tolist()), ("adversarial", rng.integers(0, 500, 40).tolist())],
+                xlabel="logit value",
+                ylabel="count",
+            )
     return (time.process_time() - start) / samples
 
 
@@ -173,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         start = time.perf_counter()
         store = synthetic_store(tmp, args.checkpoints, args.cells)
-        print(f"synthetic store: {args.checkpoints} checkpoints x {args.cells} cells "
-              f"in {time.perf_counter() - start:.1f} s")
+        print(
+            f"synthetic store: {args.checkpoints} checkpoints x {args.cells} cells "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
         walls, cpus = [], []
         for _ in range(args.repeat):
             wall, cpu = time.perf_counter(), time.process_time()

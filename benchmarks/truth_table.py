@@ -11,6 +11,7 @@ and the count unknown), the attacks' worst case without
 the verifier's counterexamples, the images the attacks missed, the verifier's per-image
 seconds (median, p90, max) and the median number of unstable ReLUs, then the totals.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,9 @@ def main() -> None:
     transfers = defaultdict(list)
     for t in store.transfers():
         transfers[t.target_id].append(t)
-    print("| defense | clean | certified (CROWN) | exact | attacks' worst case | attacks missed | verify s: median / p90 / max | unstable ReLUs (median) |")
+    print(
+        "| defense | clean | certified (CROWN) | exact | attacks' worst case | attacks missed | verify s: median / p90 / max | unstable ReLUs (median) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     total_seconds, decided, images = 0.0, 0, 0
     for ck in sorted(store.checkpoints(), key=lambda c: c.defense):
@@ -50,16 +53,23 @@ def main() -> None:
             print(f"| {ck.defense} | no verifier cell stored |", file=sys.stderr)
             continue
         v = verify.extra["verify"]
-        exact = f"{100 * b.exact:.2f}" if b.exact is not None else \
-            f"[{100 * b.certified:.2f}, {100 * b.certified + b.gap:.2f}] ({b.unknown} unknown)"
-        print(f"| {ck.defense} | {100 * ck.meta['clean_acc']:.2f} | {100 * certify.robust_acc:.2f} | {exact} | "
-              f"{100 * b.attacks_only:.2f} | {b.attacks_missed} | {v['seconds']['median']:.3f} / "
-              f"{v['seconds']['p90']:.2f} / {v['seconds']['max']:.2f} | {v['unstable']['median']:.0f} |")
+        exact = (
+            f"{100 * b.exact:.2f}"
+            if b.exact is not None
+            else f"[{100 * b.certified:.2f}, {100 * b.certified + b.gap:.2f}] ({b.unknown} unknown)"
+        )
+        print(
+            f"| {ck.defense} | {100 * ck.meta['clean_acc']:.2f} | {100 * certify.robust_acc:.2f} | {exact} | "
+            f"{100 * b.attacks_only:.2f} | {b.attacks_missed} | {v['seconds']['median']:.3f} / "
+            f"{v['seconds']['p90']:.2f} / {v['seconds']['max']:.2f} | {v['unstable']['median']:.0f} |"
+        )
         total_seconds += verify.seconds
         decided += v["n"] - v["unknown"]
         images += v["n"]
-    print(f"\nverify cells: {total_seconds:.0f} s in all; {decided} of {images} images decided "
-          f"({100 * decided / max(images, 1):.2f}%)")
+    print(
+        f"\nverify cells: {total_seconds:.0f} s in all; {decided} of {images} images decided "
+        f"({100 * decided / max(images, 1):.2f}%)"
+    )
 
 
 if __name__ == "__main__":

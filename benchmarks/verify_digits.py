@@ -11,6 +11,7 @@ fractions, the verifier's robust / not robust / unknown counts, the decided frac
 what decided each image, per-image seconds (median, p90, max), the median number of
 unstable ReLUs and of binaries, and the wall times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,18 +82,24 @@ def report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     seconds = [v.seconds for v in verdicts]
     milp = [v for v in verdicts if v.binaries > 0]
     return {
-        "images": len(x), "clean": round(clean, 4),
-        "certified_crown": round(float(bits.float().mean()), 4), "certified_ibp": round(float(ibp.float().mean()), 4),
-        "robust": status["robust"], "not_robust": status["not_robust"], "unknown": status["unknown"],
+        "images": len(x),
+        "clean": round(clean, 4),
+        "certified_crown": round(float(bits.float().mean()), 4),
+        "certified_ibp": round(float(ibp.float().mean()), 4),
+        "robust": status["robust"],
+        "not_robust": status["not_robust"],
+        "unknown": status["unknown"],
         "robust_fraction": round(status["robust"] / len(x), 4),
         "decided_fraction": round(1 - status["unknown"] / len(x), 4),
         "decided_by": dict(Counter(v.decided_by for v in verdicts)),
-        "seconds_median": round(statistics.median(seconds), 3), "seconds_p90": round(quantile(seconds, 0.9), 3),
+        "seconds_median": round(statistics.median(seconds), 3),
+        "seconds_p90": round(quantile(seconds, 0.9), 3),
         "seconds_max": round(max(seconds), 3),
         "unstable_median": statistics.median(v.unstable for v in verdicts),
         "unstable_median_milp": statistics.median(v.unstable for v in milp) if milp else 0,
         "binaries_median_milp": statistics.median(v.binaries for v in milp) if milp else 0,
-        "certify_wall_s": round(certify_s, 2), "verify_wall_s": round(wall, 1),
+        "certify_wall_s": round(certify_s, 2),
+        "verify_wall_s": round(wall, 1),
     }
 
 
@@ -115,24 +122,35 @@ def main(argv: list[str] | None = None) -> None:
     eps = spec.threat.eps if args.eps is None else args.eps
     x, y = load_dataset(args.dataset, "test")
     if args.limit_images is not None:
-        x, y = x[:args.limit_images], y[:args.limit_images]
+        x, y = x[: args.limit_images], y[: args.limit_images]
     print(f"{args.dataset} / {args.arch}: {len(x)} test images, L-inf eps {eps:g}, {args.time_limit:g} s per image")
     for defense in args.defense:
         model = trained(args.dataset, args.arch, defense, args.seed, args.epochs, args.cache)
-        r = {"dataset": args.dataset, "arch": args.arch, "defense": defense, "eps": eps, **report(model, x, y, eps,
-                                                                                               args.time_limit)}
+        r = {
+            "dataset": args.dataset,
+            "arch": args.arch,
+            "defense": defense,
+            "eps": eps,
+            **report(model, x, y, eps, args.time_limit),
+        }
         if args.json:
             print(json.dumps(r))
             continue
         print(f"\n{defense}:")
-        print(f"  clean {r['clean']:.1%}   certified: CROWN {r['certified_crown']:.1%}, IBP {r['certified_ibp']:.1%}"
-              f"   (certify {r['certify_wall_s']} s)")
-        print(f"  verified: robust {r['robust']}, not robust {r['not_robust']}, unknown {r['unknown']}"
-              f"   -> robust {r['robust_fraction']:.1%}, decided {r['decided_fraction']:.1%}")
+        print(
+            f"  clean {r['clean']:.1%}   certified: CROWN {r['certified_crown']:.1%}, IBP {r['certified_ibp']:.1%}"
+            f"   (certify {r['certify_wall_s']} s)"
+        )
+        print(
+            f"  verified: robust {r['robust']}, not robust {r['not_robust']}, unknown {r['unknown']}"
+            f"   -> robust {r['robust_fraction']:.1%}, decided {r['decided_fraction']:.1%}"
+        )
         print(f"  decided by: {', '.join(f'{k} {v}' for k, v in sorted(r['decided_by'].items()))}")
         print(f"  seconds per image: median {r['seconds_median']}, p90 {r['seconds_p90']}, max {r['seconds_max']}")
-        print(f"  unstable ReLUs: median {r['unstable_median']} (where the MILP ran: {r['unstable_median_milp']}),"
-              f" binaries where the MILP ran: median {r['binaries_median_milp']}")
+        print(
+            f"  unstable ReLUs: median {r['unstable_median']} (where the MILP ran: {r['unstable_median_milp']}),"
+            f" binaries where the MILP ran: median {r['binaries_median_milp']}"
+        )
         print(f"  wall: verify {r['verify_wall_s']} s")
 
 

@@ -32,6 +32,7 @@ above any run by more than that spread (or by more than `--tolerance` samples). 
 store is only read. A randomized model is judged by one pass here, which its stored
 majority-of-passes cells do not use: its row is marked and left out of the verdict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ def first_full_draw() -> int:
     """What pyautoattack gets for the first batch of the full matrix's L-inf AutoAttack
     cell on digits, on the CPU."""
     spec = get_spec("digits")
-    cell = next(c for c in matrix_cells("full", spec.threat) if c.attack == "autoattack" and c.threat == spec.threat.name)
+    cell = next(
+        c for c in matrix_cells("full", spec.threat) if c.attack == "autoattack" and c.threat == spec.threat.name
+    )
     return seed_from(torch.Generator().manual_seed(cell.seed))
 
 
@@ -119,8 +122,12 @@ def main() -> int:
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--seeds", type=int, default=3, help="independent seeds of the standard version (default 3)")
     ap.add_argument("--no-plus", action="store_true", help="skip the plus version (the slowest run)")
-    ap.add_argument("--tolerance", type=int, default=None,
-                    help="samples a worst case may be above a run (default: the standard runs' max-min spread)")
+    ap.add_argument(
+        "--tolerance",
+        type=int,
+        default=None,
+        help="samples a worst case may be above a run (default: the standard runs' max-min spread)",
+    )
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
@@ -129,11 +136,16 @@ def main() -> int:
     spec = get_spec(args.dataset)
     x, y = load_dataset(args.dataset, "test")
     seeds = independent_seeds(args.seeds)
-    worst = {r["checkpoint"]: r["robust_acc"] for r in result_rows(store, dataset=args.dataset)
-             if r["attack"] == "worst_case"}
-    print(f"AutoAttack at seeds {', '.join(map(str, seeds))} (the matrix's cell drew "
-          f"{first_full_draw()}; none of the "
-          f"{len(matrix_seeds())} seeds the matrix can draw is among them), on all {len(x)} images")
+    worst = {
+        r["checkpoint"]: r["robust_acc"]
+        for r in result_rows(store, dataset=args.dataset)
+        if r["attack"] == "worst_case"
+    }
+    print(
+        f"AutoAttack at seeds {', '.join(map(str, seeds))} (the matrix's cell drew "
+        f"{first_full_draw()}; none of the "
+        f"{len(matrix_seeds())} seeds the matrix can draw is among them), on all {len(x)} images"
+    )
     above = 0
     for ck in store.checkpoints(dataset=args.dataset):
         if ck.key not in worst:
@@ -155,11 +167,15 @@ def main() -> int:
         for label, robust, seconds in runs:
             n_aa, gap = int(robust.sum()), n_worst - int(robust.sum())
             over += gap > tol
-            print(f"  {label:22} {100 * robust.float().mean():7.2f}% ({n_aa:3}) {'<=' if gap <= 0 else f'+{gap}':>11} "
-                  f"{int((bits & ~robust).sum()):>9} of {n_worst:<4} {seconds:6.1f}")
+            print(
+                f"  {label:22} {100 * robust.float().mean():7.2f}% ({n_aa:3}) {'<=' if gap <= 0 else f'+{gap}':>11} "
+                f"{int((bits & ~robust).sum()):>9} of {n_worst:<4} {seconds:6.1f}"
+            )
         above += bool(over) and not randomized
-        print(f"  standard runs' spread {max(standard) - min(standard)} samples; tolerance {tol}: "
-              f"{'ABOVE' if over else 'at or below'} every run within it")
+        print(
+            f"  standard runs' spread {max(standard) - min(standard)} samples; tolerance {tol}: "
+            f"{'ABOVE' if over else 'at or below'} every run within it"
+        )
     print(f"\n{above} worst case(s) above an independent AutoAttack run by more than the tolerance")
     return 1 if above else 0
 

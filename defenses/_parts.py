@@ -8,6 +8,7 @@ The adversary: `pgd_adversary`, and `training_adversary` that reads its budget f
 defense config's attack fields with the dataset's threat model as the default.
 Every random number comes from the generator passed in, so a seed fixes the run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,7 @@ def logit_norm_per_batch(logits: torch.Tensor, gamma: float = 0.0) -> torch.Tens
     return (logits - gamma).norm() / logits.shape[0]
 
 
-def pgd_adversary(model, x, y, *, eps: float, steps: int, step_size: float,
-                  generator: torch.Generator) -> torch.Tensor:
+def pgd_adversary(model, x, y, *, eps: float, steps: int, step_size: float, generator: torch.Generator) -> torch.Tensor:
     """Madry et al.'s training adversary: L-inf PGD-k on cross-entropy from a random start.
 
     Unlike the evaluation attack this runs every step on every sample and returns the
@@ -84,8 +84,7 @@ def training_adversary(model, x, y, cfg, ctx) -> torch.Tensor:
     `attack_step_size`; an unset budget is the dataset's threat model (ctx.threat)."""
     eps = ctx.threat.eps if cfg.attack_eps is None else cfg.attack_eps
     step = ctx.threat.step_size if cfg.attack_step_size is None else cfg.attack_step_size
-    return pgd_adversary(model, x, y, eps=eps, steps=cfg.attack_steps, step_size=step,
-                         generator=ctx.generator)
+    return pgd_adversary(model, x, y, eps=eps, steps=cfg.attack_steps, step_size=step, generator=ctx.generator)
 
 
 def logit_sq_norm(logits: torch.Tensor) -> torch.Tensor:
@@ -134,8 +133,9 @@ def _partners(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=generator, device=generator.device)
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
-          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mixup (Zhang et al., ICLR 2018): lam x_i + (1 - lam) x_j with targets mixed alike.
 
     Each example gets its own lam ~ Beta(alpha, alpha) and a partner j drawn by a random
@@ -149,8 +149,9 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
     return lx * x + (1 - lx) * x[partner], lt * targets + (1 - lt) * targets[partner]
 
 
-def vh_mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def vh_mixup(
+    x: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VH-mixup (Summers & Dinneen, "Improved mixed-example data augmentation", WACV 2019).
 
     For a pair (x1, x2) three coefficients are drawn, lam1, lam2, lam3 ~ Beta(alpha,
@@ -176,8 +177,7 @@ def vh_mixup(x: torch.Tensor, targets: torch.Tensor, alpha: float,
     horizontal = torch.where(left[:, None, None, :], x, x2)
     mix = lam[2].to(x.dtype).view(-1, 1, 1, 1)
     share = (lam[2] * rows / h + (1 - lam[2]) * cols / w)[:, None].to(targets.dtype)
-    return (mix * vertical + (1 - mix) * horizontal,
-            share * targets + (1 - share) * targets[partner])
+    return (mix * vertical + (1 - mix) * horizontal, share * targets + (1 - share) * targets[partner])
 
 
 @dataclass(frozen=True)
@@ -198,5 +198,6 @@ class TrainingAdversary:
         for name in ("attack_eps", "attack_step_size"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1] pixel units or unset (the dataset's "
-                                 f"threat model), got {value}")
+                raise ValueError(
+                    f"{name} must be in (0, 1] pixel units or unset (the dataset's threat model), got {value}"
+                )

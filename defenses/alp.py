@@ -8,6 +8,7 @@ clean_weight (Kannan et al. pair on top of mixed-minibatch M-PGD, a = 0.5; Summe
 Dinneen's baselines train on adversarial examples only, a = 0, yet still pair them with
 their clean logits). The squeeze term is Summers & Dinneen's Fig. 1 experiment.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ class ALP(TrainingAdversary):
         if not 0 <= self.clean_weight <= 1:
             raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight}")
         if self.pair_weight < 0 or self.squeeze_beta < 0:
-            raise ValueError("pair_weight and squeeze_beta must be non-negative, got "
-                             f"{self.pair_weight} and {self.squeeze_beta}")
+            raise ValueError(
+                f"pair_weight and squeeze_beta must be non-negative, got {self.pair_weight} and {self.squeeze_beta}"
+            )
         super().__post_init__()
 
 

@@ -6,6 +6,7 @@ the training loop shuffles every epoch, so these are random pairs of clean examp
 mostly of different classes. L is the L2 pairing loss of `alp`. Kannan et al. add
 Gaussian noise before pairing; with an odd batch the last example goes unpaired.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,4 +39,4 @@ def loss(model, x, y, cfg: CLP, ctx):
     half = len(x) // 2
     if half == 0:  # a one-example batch has nothing to pair
         return ce
-    return ce + cfg.pair_weight * logit_pairing(logits[:half], logits[half:2 * half])
+    return ce + cfg.pair_weight * logit_pairing(logits[:half], logits[half : 2 * half])

@@ -3,6 +3,7 @@
 Shafahi et al.'s rows with alpha = beta = 0. Their CIFAR-10 sigma is in 0-255 units;
 here sigma is always in [0, 1] pixel units (a CIFAR preset's 20 is 20/255).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

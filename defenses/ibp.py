@@ -10,6 +10,7 @@ kappa_end, and holds them for the rest (Gowal et al.: kappa from 1 to 0.5, a tra
 radius above the test radius, e.g. 0.4 for 0.3 on MNIST). Networks trained so have
 tight interval and linear bounds, which is what lets the verifier decide them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ with Gaussian noise on the inputs, hence `sigma`.
 
 loss = H(targets_s, softmax(f(x + n))), n ~ N(0, sigma^2).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ batch's logits on noisy inputs. It clusters every logit around the scalar gamma;
 0 is batch-wise logit squeezing (`logit_squeeze` with form = "batch"). The poster's
 CIFAR-10 rows use gamma = 1.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ is each example's logit norm averaged over the batch (`form = "example"`, Kannan
 al.) or the Frobenius norm of the batch's logits divided by the batch size
 (`form = "batch"`, the poster's batch-wise squeezing).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -36,6 +36,7 @@ which grows as the clean and adversarial predictions become identical and confid
 model can fall into that state, every prediction one confident class; a small digits
 CNN trained from scratch does so at ratio 0.125 and 0.95 (lrm_digits uses 8).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

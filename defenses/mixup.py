@@ -4,6 +4,7 @@ Train on lam x_i + (1 - lam) x_j against lam y_i + (1 - lam) y_j, lam ~ Beta(alp
 alpha), each example paired with a random partner of its minibatch. Summers & Dinneen
 report it lifts FGSM accuracy but not PGD accuracy; it is LRM's mixing on SVHN.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

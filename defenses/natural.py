@@ -1,4 +1,5 @@
 """Natural training: plain cross-entropy on clean examples."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

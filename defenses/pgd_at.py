@@ -10,6 +10,7 @@ Eq. 1). The squeeze term is the "L2 regularization on the logits" Summers & Dinn
 to adversarial training in Fig. 1, weighted over the examples the way their
 cross-entropy is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

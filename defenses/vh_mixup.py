@@ -8,6 +8,7 @@ uniform at alpha = 1 as the authors used. The label is the same combination of t
 labels, each concatenation weighted by the share of x1's pixels in it. It is the mixing
 LRM uses on CIFAR-10/100 (`defenses._parts.vh_mixup` has the details).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -27,6 +27,7 @@ broke. Each wraps a trained digits model (`tests/conftest.py::train_digits`):
   constant activation: zero gradients inside the network); truth: PGD with a straight-
   through estimator at every activation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -174,7 +175,7 @@ def pgd(model, x, y, loss_fn, steps=50, eps=THREAT.eps, step=THREAT.eps / 8, see
     x_adv = (x + (2 * torch.rand(x.shape, generator=g) - 1) * eps).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(loss_fn(model, x_adv, y), x_adv)
+        (grad,) = torch.autograd.grad(loss_fn(model, x_adv, y), x_adv)
         x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
     return x_adv.detach()
 
@@ -197,6 +198,7 @@ def robust(model, x_adv, x, y) -> float:
 def eot_truth(judged, attacked, x, y, steps=100, passes=8, votes=21) -> float:
     """EOT PGD on the margin (its gradient averaged over `passes` passes of `attacked`),
     judged by a seeded majority of `votes` passes of `judged`."""
+
     def eot_margin(m, xa, ya):
         return sum(margin(m, xa, ya) for _ in range(passes)) / passes
 
@@ -228,31 +230,79 @@ def _bpda(cheat, natural, x, y):
 
 
 CHEATS = [
-    Cheat("quantized", "natural model, input rounded to 4 grey levels", lambda n, r: Quantized(n), _bpda,
-          "BPDA PGD-50"),
-    Cheat("saturated", "natural model, logits x 1000", lambda n, r: Saturated(n),
-          lambda c, n, x, y: robust(c, pgd(c, x, y, margin), x, y), "margin PGD-50"),
-    Cheat("noisy", "PGD-AT model, input noise sigma 0.2 at every pass", lambda n, r: Noisy(r, 0.2),
-          lambda c, n, x, y: eot_truth(c, c, x, y), "EOT margin PGD-100, majority of 21"),
-    Cheat("round_noisy", "natural model, rounded to 4 grey levels, then noise sigma 0.1 at every pass",
-          lambda n, r: RoundNoisy(n), lambda c, n, x, y: eot_truth(c, RoundNoisy(n, bpda=True), x, y),
-          "BPDA + EOT margin PGD-100, majority of 21"),
-    Cheat("straight_through", "natural model, the rounding as a custom autograd.Function, identity backward",
-          lambda n, r: Wrapped(n, StraightThrough), _bpda, "BPDA PGD-50"),
-    Cheat("reversed", "natural model behind an identity custom Function whose backward is reversed",
-          lambda n, r: Wrapped(n, Reversed), lambda c, n, x, y: robust(c, pgd(n, x, y, xent), x, y),
-          "PGD-50 on the network behind it"),
-    Cheat("reversed_robust", "PGD-AT model behind an identity custom Function whose backward is reversed",
-          lambda n, r: Wrapped(r, Reversed), _behind, "PGD-50 on the network behind it"),
-    Cheat("reversed_over_16", "natural model behind an identity custom Function whose backward is reversed "
-          "for batches over 16", lambda n, r: Wrapped(n, ReversedOver16), _behind, "PGD-50 on the network behind it"),
-    Cheat("resize_pad", "natural model, random resize to 6-8 pixels and pad at every pass",
-          lambda n, r: ResizePad(n), lambda c, n, x, y: eot_truth(c, c, x, y), "EOT margin PGD-100, majority of 21"),
-    Cheat("sap", "natural model, stochastic activation pruning", lambda n, r: SAP(n),
-          lambda c, n, x, y: eot_truth(c, c, x, y), "EOT margin PGD-100, majority of 21"),
-    Cheat("staircase", "natural model, ReLU outputs rounded to steps of 1/4", lambda n, r: Staircase(n),
-          lambda c, n, x, y: robust(c, pgd(Staircase(n, bpda=True), x, y, xent), x, y),
-          "BPDA (ReLU) PGD-50 at every activation"),
+    Cheat(
+        "quantized", "natural model, input rounded to 4 grey levels", lambda n, r: Quantized(n), _bpda, "BPDA PGD-50"
+    ),
+    Cheat(
+        "saturated",
+        "natural model, logits x 1000",
+        lambda n, r: Saturated(n),
+        lambda c, n, x, y: robust(c, pgd(c, x, y, margin), x, y),
+        "margin PGD-50",
+    ),
+    Cheat(
+        "noisy",
+        "PGD-AT model, input noise sigma 0.2 at every pass",
+        lambda n, r: Noisy(r, 0.2),
+        lambda c, n, x, y: eot_truth(c, c, x, y),
+        "EOT margin PGD-100, majority of 21",
+    ),
+    Cheat(
+        "round_noisy",
+        "natural model, rounded to 4 grey levels, then noise sigma 0.1 at every pass",
+        lambda n, r: RoundNoisy(n),
+        lambda c, n, x, y: eot_truth(c, RoundNoisy(n, bpda=True), x, y),
+        "BPDA + EOT margin PGD-100, majority of 21",
+    ),
+    Cheat(
+        "straight_through",
+        "natural model, the rounding as a custom autograd.Function, identity backward",
+        lambda n, r: Wrapped(n, StraightThrough),
+        _bpda,
+        "BPDA PGD-50",
+    ),
+    Cheat(
+        "reversed",
+        "natural model behind an identity custom Function whose backward is reversed",
+        lambda n, r: Wrapped(n, Reversed),
+        lambda c, n, x, y: robust(c, pgd(n, x, y, xent), x, y),
+        "PGD-50 on the network behind it",
+    ),
+    Cheat(
+        "reversed_robust",
+        "PGD-AT model behind an identity custom Function whose backward is reversed",
+        lambda n, r: Wrapped(r, Reversed),
+        _behind,
+        "PGD-50 on the network behind it",
+    ),
+    Cheat(
+        "reversed_over_16",
+        "natural model behind an identity custom Function whose backward is reversed for batches over 16",
+        lambda n, r: Wrapped(n, ReversedOver16),
+        _behind,
+        "PGD-50 on the network behind it",
+    ),
+    Cheat(
+        "resize_pad",
+        "natural model, random resize to 6-8 pixels and pad at every pass",
+        lambda n, r: ResizePad(n),
+        lambda c, n, x, y: eot_truth(c, c, x, y),
+        "EOT margin PGD-100, majority of 21",
+    ),
+    Cheat(
+        "sap",
+        "natural model, stochastic activation pruning",
+        lambda n, r: SAP(n),
+        lambda c, n, x, y: eot_truth(c, c, x, y),
+        "EOT margin PGD-100, majority of 21",
+    ),
+    Cheat(
+        "staircase",
+        "natural model, ReLU outputs rounded to steps of 1/4",
+        lambda n, r: Staircase(n),
+        lambda c, n, x, y: robust(c, pgd(Staircase(n, bpda=True), x, y, xent), x, y),
+        "BPDA (ReLU) PGD-50 at every activation",
+    ),
 ]
 """The zoo, by name (`tests/test_cheaters.py`, `benchmarks/cheating_zoo.py`)."""
 BY_NAME = {c.name: c for c in CHEATS}

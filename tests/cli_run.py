@@ -1,4 +1,5 @@
 """The `bench` command line run in this process, for the tests of several files."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Shared fixtures: the digits data and small trained models, built once per session."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ def train_digits(defense: str, epochs: int = 15, seed: int = 0, **values) -> tor
     spec = get_spec("digits")
     entry = DEFENSES.get(defense)
     x, y = load_dataset("digits", "train")
-    model, _ = train_model("digits_cnn", spec, entry.fn, entry.make_config(values), TrainConfig(epochs=epochs),
-                           x, y, seed=seed)
+    model, _ = train_model(
+        "digits_cnn", spec, entry.fn, entry.make_config(values), TrainConfig(epochs=epochs), x, y, seed=seed
+    )
     return model
 
 

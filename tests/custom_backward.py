@@ -1,5 +1,6 @@
 """Models whose custom autograd.Function says something other than their forward pass:
 the cheats the fast path and the admission checks must see through."""
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@
 Outside CI the PostgreSQL tests skip when PostgreSQL is not installed; under CI=true
 they fail instead.
 """
+
 from __future__ import annotations
 
 import glob
@@ -118,8 +119,9 @@ def bench_plugins(tmp_path_factory):
     info = root / "bench_test_plugins-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bench_test_plugins\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[bench.defenses]\nlogged = bench_test_plugins\n"
-                                           "[bench.attacks]\nlogged = bench_test_plugins\n")
+    (info / "entry_points.txt").write_text(
+        "[bench.defenses]\nlogged = bench_test_plugins\n[bench.attacks]\nlogged = bench_test_plugins\n"
+    )
     return root
 
 
@@ -146,8 +148,11 @@ def registered_plugins(bench_plugins):
 
 def plugin_env(plugins: Path, log: Path) -> dict:
     """Environment for a subprocess that sees the plugins and logs to `log`."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])),
-                BENCH_TEST_LOG=str(log))
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])),
+        BENCH_TEST_LOG=str(log),
+    )
 
 
 def read_log(log: Path) -> list[str]:
@@ -203,8 +208,12 @@ def postgres_server():
     try:
         subprocess.run(_as_postgres([initdb, "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"]), **run)
         options = f"-c listen_addresses='' -k {root} -c fsync=off -c full_page_writes=off"
-        subprocess.run(_as_postgres([pg_ctl, "-D", data, "-o", options, "-l", os.path.join(root, "log"),
-                                     "-w", "-t", "60", "start"]), **run)
+        subprocess.run(
+            _as_postgres(
+                [pg_ctl, "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "-t", "60", "start"]
+            ),
+            **run,
+        )
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {exc.stderr.strip().splitlines()[-1:]}")

@@ -10,6 +10,7 @@ differentiated through its own forward (bench.engine.mirror), and judged on the 
 Each cheat's worst case must land within ten points of PGD with the honest network's
 gradient (tests/cheats.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -106,11 +107,12 @@ def honest_at(model, x, y):
     return g
 
 
-@pytest.mark.parametrize("fn, where", [(ReversedOver16, {"batch": 360}),
-                                       (ReversedOffData, {"points": "ball"})],
-                         ids=["over_16", "off_the_data"])
-def test_admission_catches_a_backward_that_lies_where_the_old_check_did_not_look(natural_model, digits_test,
-                                                                                 fn, where):
+@pytest.mark.parametrize(
+    "fn, where",
+    [(ReversedOver16, {"batch": 360}), (ReversedOffData, {"points": "ball"})],
+    ids=["over_16", "off_the_data"],
+)
+def test_admission_catches_a_backward_that_lies_where_the_old_check_did_not_look(natural_model, digits_test, fn, where):
     x, y = digits_test
     cfg = AdmissionConfig(batch_sizes=ATTACK_BATCH)
     assert gradient_disagrees(admit(natural_model, x, y, THREAT.eps, cfg)) is None
@@ -125,13 +127,17 @@ def test_admission_catches_a_backward_that_lies_where_the_old_check_did_not_look
 
 
 def test_only_a_lying_custom_function_gets_the_forward_view():
-    honest = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 0.0, "max_output_diff": 0.0},
-              "zero_gradient": {"count": 0, "n": 360, "share": 0.0},
-              "gradient_check": {"median_cosine": 0.99, "sign_agreement": 0.98, "custom_functions": []}}
+    honest = {
+        "randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 0.0, "max_output_diff": 0.0},
+        "zero_gradient": {"count": 0, "n": 360, "share": 0.0},
+        "gradient_check": {"median_cosine": 0.99, "sign_agreement": 0.98, "custom_functions": []},
+    }
     lying = {**honest, "gradient_check": {"median_cosine": -1.0, "sign_agreement": 0.0, "custom_functions": []}}
     lying_function = {**honest, "gradient_check": {**lying["gradient_check"], "custom_functions": ["m.Reversed"]}}
-    cells = [make_cell(a, p, THREAT) for a, p in (("pgd", {"steps": 20}), ("fgsm", {}), ("square", {}),
-                                                 ("pgd", {"steps": 20, "norm": "l2"}))]
+    cells = [
+        make_cell(a, p, THREAT)
+        for a, p in (("pgd", {"steps": 20}), ("fgsm", {}), ("square", {}), ("pgd", {"steps": 20, "norm": "l2"}))
+    ]
     assert adapt_cells(cells, honest, THREAT) == cells
     assert [c.view for c in adapt_cells(cells, lying, THREAT)] == [None] * 5  # the witness only
     adapted = adapt_cells(cells, lying_function, THREAT)
@@ -151,8 +157,9 @@ def _judge(model, name, results, tmp_path):
     return wc, {r["attack"]: r["robust_acc"] for r in rows if r["attack"] != "worst_case"}
 
 
-def test_a_reversed_backward_around_a_robust_net_lands_near_its_truth(natural_model, robust_net, digits_test,
-                                                                       results, tmp_path):
+def test_a_reversed_backward_around_a_robust_net_lands_near_its_truth(
+    natural_model, robust_net, digits_test, results, tmp_path
+):
     x, y = digits_test
     cheat = BY_NAME["reversed_robust"]
     model = cheat.build(natural_model, robust_net).eval()
@@ -166,8 +173,9 @@ def test_a_reversed_backward_around_a_robust_net_lands_near_its_truth(natural_mo
     assert abs(wc["robust_acc"] - truth) <= 0.10, (wc["robust_acc"], truth)
 
 
-def test_a_backward_lying_over_16_is_caught_and_lands_near_its_truth(natural_model, robust_net, digits_test,
-                                                                     results, tmp_path):
+def test_a_backward_lying_over_16_is_caught_and_lands_near_its_truth(
+    natural_model, robust_net, digits_test, results, tmp_path
+):
     x, y = digits_test
     cheat = BY_NAME["reversed_over_16"]
     model = cheat.build(natural_model, robust_net).eval()

@@ -1,6 +1,7 @@
 """The attack matrix: invariants over the whole attack registry, agreement with
 independent implementations (torchattacks, pyautoattack), the sanity checks the flags
 rest on, and the flags and worst case themselves on real and hand-made cells."""
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,10 @@ FAST: dict[str, list[dict]] = {
     # the verdicts (and the counterexamples) are the same run after run.
     "verify": [{"eps": 0.005, "time_limit": 5.0}],
     "certify": [{}, {"method": "ibp"}],
-    "distill": [{"copies": 2, "epochs": 2, "steps": 5, "restarts": 1},
-                {"copies": 2, "epochs": 2, "steps": 5, "restarts": 1, "norm": "l2"}],
+    "distill": [
+        {"copies": 2, "epochs": 2, "steps": 5, "restarts": 1},
+        {"copies": 2, "epochs": 2, "steps": 5, "restarts": 1, "norm": "l2"},
+    ],
 }
 CASES = [(name, params) for name in ATTACKS.names() for params in FAST.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in ATTACKS.names() for i in range(len(FAST.get(name, [{}])))]
@@ -104,8 +107,11 @@ def test_adversary_stays_in_the_ball_and_the_box(natural_model, sample, name, pa
 
 
 def model_state(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
-            [p.requires_grad for p in model.parameters()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+        [p.requires_grad for p in model.parameters()],
+    )
 
 
 def assert_same_model(model, state):
@@ -166,15 +172,25 @@ def test_fp32_attacks_ignore_a_callers_bf16_autocast(natural_model, sample, name
     assert under.dtype == torch.float32 and torch.equal(under, plain)
     # The control: PGD does follow the caller's autocast, so the context above is live.
     pgd_cell = make_cell("pgd", {"steps": 5}, THREAT)
-    assert not torch.equal(perturb_under_autocast(natural_model, pgd_cell, x, y, bf16=True),
-                           perturb_under_autocast(natural_model, pgd_cell, x, y, bf16=False))
+    assert not torch.equal(
+        perturb_under_autocast(natural_model, pgd_cell, x, y, bf16=True),
+        perturb_under_autocast(natural_model, pgd_cell, x, y, bf16=False),
+    )
 
 
-@pytest.mark.parametrize("name,values", [
-    ("spsa", {"samples": 3}), ("spsa", {"iterations": 0}), ("spsa", {"lr": 0.0}),
-    ("unbounded", {"eps": 1.5}), ("unbounded", {"multiple": -1.0}), ("unbounded", {"loss": "dlr"}),
-    ("autoattack", {"norm": "l1"}), ("autoattack", {"version": "custom"}),
-])
+@pytest.mark.parametrize(
+    "name,values",
+    [
+        ("spsa", {"samples": 3}),
+        ("spsa", {"iterations": 0}),
+        ("spsa", {"lr": 0.0}),
+        ("unbounded", {"eps": 1.5}),
+        ("unbounded", {"multiple": -1.0}),
+        ("unbounded", {"loss": "dlr"}),
+        ("autoattack", {"norm": "l1"}),
+        ("autoattack", {"version": "custom"}),
+    ],
+)
 def test_bad_settings_are_refused(name, values):
     with pytest.raises(BenchError, match=next(iter(values))):
         ATTACKS.get(name).make_config(values)
@@ -203,8 +219,7 @@ def test_pgd_is_never_weaker_than_torchattacks(natural_model, robust_model, digi
     ours = run(model, make_cell("pgd", {"steps": steps}, THREAT), x, y).robust_acc
     torch.manual_seed(0)  # torchattacks draws its random start from the global generator
     with frozen(model):
-        x_adv = torchattacks.PGD(model, eps=THREAT.eps, alpha=THREAT.step_size, steps=steps,
-                                 random_start=True)(x, y)
+        x_adv = torchattacks.PGD(model, eps=THREAT.eps, alpha=THREAT.step_size, steps=steps, random_start=True)(x, y)
     theirs = robust_acc(model, x_adv, x, y)
     assert ours <= theirs + 0.01, (ours, theirs)
     if which == "robust":
@@ -293,11 +308,21 @@ def test_unbounded_sweep_reaches_zero_on_every_defense(digits_test, defense):
 # --- flags and the worst case on hand-made cells ------------------------------------------
 def cell(attack, acc_bits, threat=THREAT.name, indices=None, extra=None, **params) -> CellRow:
     bits = np.asarray(acc_bits, dtype=bool)
-    return CellRow.build(cell_key=f"{attack}:" + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
-                      + (f",subset={len(bits)}" if indices is not None else ""),
-                      attack=attack, params=params, threat=threat, clean_acc=1.0,
-                      robust_acc=float(bits.mean()), n=len(bits), seconds=0.0,
-                      correct_bits=pack_bits(bits), indices=indices, extra=extra or {})
+    return CellRow.build(
+        cell_key=f"{attack}:"
+        + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+        + (f",subset={len(bits)}" if indices is not None else ""),
+        attack=attack,
+        params=params,
+        threat=threat,
+        clean_acc=1.0,
+        robust_acc=float(bits.mean()),
+        n=len(bits),
+        seconds=0.0,
+        correct_bits=pack_bits(bits),
+        indices=indices,
+        extra=extra or {},
+    )
 
 
 def ones(n_true, n=100):
@@ -305,8 +330,17 @@ def ones(n_true, n=100):
 
 
 def pgd(n_true, steps=20, loss="xent", restarts=1, **kw):
-    return cell("pgd", ones(n_true), steps=steps, loss=loss, restarts=restarts, norm="linf",
-                step_size=0.05, random_start=True, **kw)
+    return cell(
+        "pgd",
+        ones(n_true),
+        steps=steps,
+        loss=loss,
+        restarts=restarts,
+        norm="linf",
+        step_size=0.05,
+        random_start=True,
+        **kw,
+    )
 
 
 CK = Checkpoint(id=1, threat=THREAT.name)
@@ -317,15 +351,21 @@ def names(cells, transfers=()):
 
 
 def test_quiet_cells_raise_no_flag():
-    cells = [cell("fgsm", ones(50)), pgd(40), pgd(40, steps=1000), pgd(40, restarts=10),
-             cell("unbounded", ones(0), threat="unbounded-1", eps=1.0),
-             cell("spsa", ones(20, 20), indices=list(range(20)))]
+    cells = [
+        cell("fgsm", ones(50)),
+        pgd(40),
+        pgd(40, steps=1000),
+        pgd(40, restarts=10),
+        cell("unbounded", ones(0), threat="unbounded-1", eps=1.0),
+        cell("spsa", ones(20, 20), indices=list(range(20))),
+    ]
     assert names(cells) == []
 
 
 def test_pgd_still_falling_compares_like_with_like():
-    hit = compute_flags(CK, [pgd(40), pgd(38, steps=200), pgd(30, steps=1000), pgd(45, loss="cw"),
-                             pgd(44, steps=1000, loss="cw")], [])
+    hit = compute_flags(
+        CK, [pgd(40), pgd(38, steps=200), pgd(30, steps=1000), pgd(45, loss="cw"), pgd(44, steps=1000, loss="cw")], []
+    )
     assert [f["name"] for f in hit] == ["pgd_still_falling"]
     numbers = hit[0]["numbers"]
     assert (numbers["loss"], numbers["steps"], numbers["pgd20"], numbers["longest"]) == ("xent", 1000, 0.4, 0.3)
@@ -360,16 +400,30 @@ def test_spsa_is_compared_on_its_own_images():
 
 
 def test_transfer_stronger_than_pgd():
-    t = CellRow.build(source_id=2, target_id=1, cell_key="pgd:steps=10", attack="pgd", params={}, threat=THREAT.name,
-                 clean_acc=1.0, robust_acc=0.2, n=100, seconds=0.0, correct_bits=pack_bits(ones(20)),
-                 indices=None, extra={})
+    t = CellRow.build(
+        source_id=2,
+        target_id=1,
+        cell_key="pgd:steps=10",
+        attack="pgd",
+        params={},
+        threat=THREAT.name,
+        clean_acc=1.0,
+        robust_acc=0.2,
+        n=100,
+        seconds=0.0,
+        correct_bits=pack_bits(ones(20)),
+        indices=None,
+        extra={},
+    )
     assert names([pgd(40)], [t]) == ["transfer_stronger_than_pgd"]
     assert names([pgd(20)], [t]) == []
 
 
 def test_unbounded_sweep_must_end_at_zero():
-    sweep = [cell("unbounded", ones(30), threat="unbounded-0.4", eps=0.4),
-             cell("unbounded", ones(2), threat="unbounded-1", eps=1.0)]
+    sweep = [
+        cell("unbounded", ones(30), threat="unbounded-0.4", eps=0.4),
+        cell("unbounded", ones(2), threat="unbounded-1", eps=1.0),
+    ]
     hit = compute_flags(CK, sweep, [])
     assert [f["name"] for f in hit] == ["unbounded_not_zero"]
     assert hit[0]["numbers"]["accuracy"] == 0.02 and hit[0]["numbers"]["sweep"] == {"0.4": 0.3, "1": 0.02}
@@ -380,26 +434,80 @@ def test_worst_case_ands_every_cell_of_the_threat_model(tmp_path):
     unbounded and L2 cells count toward their own threat models; a stored subset cell
     keeps its indices through the database."""
     store = Store.for_results(tmp_path)
-    ck = store.add_checkpoint(key="k" * 64, dataset="digits", defense="natural", preset=None, arch="digits_cnn",
-                              seed=0, threat=THREAT.name, config={}, train_config={}, path=str(tmp_path),
-                              sha256="0" * 64, epochs=1, train_seconds=0.0, device="cpu", meta={"clean_acc": 1.0})
-    src = store.add_checkpoint(key="s" * 64, dataset="digits", defense="pgd_at", preset=None, arch="digits_cnn",
-                               seed=0, threat=THREAT.name, config={}, train_config={}, path=str(tmp_path),
-                               sha256="0" * 64, epochs=1, train_seconds=0.0, device="cpu", meta={})
+    ck = store.add_checkpoint(
+        key="k" * 64,
+        dataset="digits",
+        defense="natural",
+        preset=None,
+        arch="digits_cnn",
+        seed=0,
+        threat=THREAT.name,
+        config={},
+        train_config={},
+        path=str(tmp_path),
+        sha256="0" * 64,
+        epochs=1,
+        train_seconds=0.0,
+        device="cpu",
+        meta={"clean_acc": 1.0},
+    )
+    src = store.add_checkpoint(
+        key="s" * 64,
+        dataset="digits",
+        defense="pgd_at",
+        preset=None,
+        arch="digits_cnn",
+        seed=0,
+        threat=THREAT.name,
+        config={},
+        train_config={},
+        path=str(tmp_path),
+        sha256="0" * 64,
+        epochs=1,
+        train_seconds=0.0,
+        device="cpu",
+        meta={},
+    )
     full = [1, 1, 1, 1, 1, 1, 0, 1, 1, 1]
     other = [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]
     sub_idx, sub = [1, 5, 8], [0, 1, 0]  # breaks samples 1 and 8
-    rows = [cell("pgd", full, steps=20), cell("fgsm", other),
-            cell("spsa", sub, indices=sub_idx),
-            cell("unbounded", [0] * 10, threat="unbounded-1", eps=1.0),
-            cell("pgd", [0] * 10, threat="l2-1", norm="l2", steps=20)]
+    rows = [
+        cell("pgd", full, steps=20),
+        cell("fgsm", other),
+        cell("spsa", sub, indices=sub_idx),
+        cell("unbounded", [0] * 10, threat="unbounded-1", eps=1.0),
+        cell("pgd", [0] * 10, threat="l2-1", norm="l2", steps=20),
+    ]
     for r in rows:
-        store.add_evaluation(ck.id, cell_key=r.cell_key, attack=r.attack, params=r.params, threat=r.threat,
-                             clean_acc=r.clean_acc, robust_acc=r.robust_acc, n=r.n, seconds=0.0,
-                             correct_bits=r.correct_bits, indices=r.indices, extra={})
-    store.add_transfer(src.id, ck.id, cell_key="pgd:steps=10", attack="pgd", params={}, threat=THREAT.name,
-                       clean_acc=1.0, robust_acc=0.9, n=10, seconds=0.0,
-                       correct_bits=pack_bits([1, 1, 1, 1, 1, 1, 1, 1, 1, 0]), indices=None, extra={})
+        store.add_evaluation(
+            ck.id,
+            cell_key=r.cell_key,
+            attack=r.attack,
+            params=r.params,
+            threat=r.threat,
+            clean_acc=r.clean_acc,
+            robust_acc=r.robust_acc,
+            n=r.n,
+            seconds=0.0,
+            correct_bits=r.correct_bits,
+            indices=r.indices,
+            extra={},
+        )
+    store.add_transfer(
+        src.id,
+        ck.id,
+        cell_key="pgd:steps=10",
+        attack="pgd",
+        params={},
+        threat=THREAT.name,
+        clean_acc=1.0,
+        robust_acc=0.9,
+        n=10,
+        seconds=0.0,
+        correct_bits=pack_bits([1, 1, 1, 1, 1, 1, 1, 1, 1, 0]),
+        indices=None,
+        extra={},
+    )
     expected = np.array([1, 0, 1, 1, 0, 1, 0, 1, 0, 0], dtype=bool)
     wc = worst_case(ck.threat, [*store.evaluations([ck.id]), *store.transfers([ck.id])], 10)
     np.testing.assert_array_equal(wc.bits, expected)

@@ -8,6 +8,7 @@ within ten points of an attack written for its cheat, computed there independent
 the bench on the same images. The honest controls (a natural and an adversarially
 trained model) must raise no masking flag.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -184,7 +185,9 @@ def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
     cells = [make_cell(a, p, THREAT) for a, p in (("pgd", {"steps": 20}), ("square", {}), ("autoattack", {}))]
     assert adapt_cells(cells, steady) == cells  # a GPU kernel's rounding is not randomness
     pgd20, square, aa = adapt_cells(cells, noisy)
-    assert (pgd20.eot, pgd20.votes, pgd20.rounds) == (8, 21, 3) and pgd20.key == cells[0].key + ",eot=8,rounds=3,votes=21"
+    assert (pgd20.eot, pgd20.votes, pgd20.rounds) == (8, 21, 3) and pgd20.key == cells[
+        0
+    ].key + ",eot=8,rounds=3,votes=21"
     assert (square.eot, square.votes) == (1, 21) and square.key == cells[1].key + ",rounds=3,votes=21"
     assert aa.config.version == "rand" and aa.eot == 1
     assert aa.key == "autoattack:eps=0.2,norm=linf,version=rand,rounds=3,votes=21"
@@ -195,8 +198,11 @@ def test_a_model_whose_gradients_say_nothing_gets_the_witness():
     from bench.science.adaptive import adapt_cells
 
     steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 0.0, "max_output_diff": 0.0}}
-    honest = {**steady, "zero_gradient": {"count": 0, "n": 500, "share": 0.0},
-              "gradient_check": {"median_cosine": 0.99, "sign_agreement": 0.98}}
+    honest = {
+        **steady,
+        "zero_gradient": {"count": 0, "n": 500, "share": 0.0},
+        "gradient_check": {"median_cosine": 0.99, "sign_agreement": 0.98},
+    }
     zero = {**honest, "zero_gradient": {"count": 3, "n": 500, "share": 0.006}}
     lying = {**honest, "gradient_check": {"median_cosine": 0.03, "sign_agreement": 0.5}}
     noisy = {**zero, "randomized": {"share_prediction_changed": 0.2, "max_relative_diff": 0.3, "max_output_diff": 1}}

@@ -4,6 +4,7 @@ Run through the installed `bench` console script in a subprocess (what a user ty
 with whatever typer the environment resolved) and in-process through `bench.cli.main`.
 CI also runs this file alone in a freshly resolved virtual environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,13 @@ def _one_line(err: str) -> bool:
 def test_usage_errors_of_the_installed_script_are_one_line(store, args, message):
     assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
     before = _store_state(store)
-    proc = subprocess.run([str(BENCH), *args, *(["--results", str(store)] if args[0] in ("run", "train") else [])],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    proc = subprocess.run(
+        [str(BENCH), *args, *(["--results", str(store)] if args[0] in ("run", "train") else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "80"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert _one_line(proc.stderr), proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr
@@ -121,21 +127,35 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
     for prefix in ("train", "t10k"):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x0803, 10, 28, 28) + bytes(999))
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 10) + bytes(10))
-    return {"{nan}": str(tmp / "nan.toml"), "{seven}": str(tmp / "seven.toml"),
-            "{negative}": str(tmp / "negative.toml"), "{cifar}": str(tmp / "cifar"), "{mnist}": str(tmp / "mnist")}
+    return {
+        "{nan}": str(tmp / "nan.toml"),
+        "{seven}": str(tmp / "seven.toml"),
+        "{negative}": str(tmp / "negative.toml"),
+        "{cifar}": str(tmp / "cifar"),
+        "{mnist}": str(tmp / "mnist"),
+    }
 
 
 # Every case reported against the bench, beyond the usage errors above.
 ISSUE_CASES = [
     (["run", "--defense", "natural", "--matrix", "{nan}"], "cell 2 (pgd): eps must be a finite number, got nan"),
     (["run", "--defense", "natural", "--matrix", "{seven}"], "cell 2 (pgd): eps must be in (0, 1] for L-inf, got 7.0"),
-    (["run", "--defense", "natural", "--matrix", "{negative}"], "cell 2 (pgd): eps must be in (0, 1] for L-inf, got -0.1"),
-    (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{cifar}"],
-     "is refused: it refers to posix.system"),
-    (["run", "--defense", "natural", "--dataset", "mnist", "--data-root", "{mnist}"],
-     "t10k-images-idx3-ubyte' is corrupt or truncated"),
-    (["run", "--defense", "natural", "--db", "postgresql+psycopg2://bench@localhost/bench"],
-     'install the postgres extra (pip install -e ".[postgres]")'),
+    (
+        ["run", "--defense", "natural", "--matrix", "{negative}"],
+        "cell 2 (pgd): eps must be in (0, 1] for L-inf, got -0.1",
+    ),
+    (
+        ["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{cifar}"],
+        "is refused: it refers to posix.system",
+    ),
+    (
+        ["run", "--defense", "natural", "--dataset", "mnist", "--data-root", "{mnist}"],
+        "t10k-images-idx3-ubyte' is corrupt or truncated",
+    ),
+    (
+        ["run", "--defense", "natural", "--db", "postgresql+psycopg2://bench@localhost/bench"],
+        'install the postgres extra (pip install -e ".[postgres]")',
+    ),
     (["results", "--db", "mysql://bench@localhost/bench"], "its database driver (MySQLdb) is not installed"),
     # Plain postgresql:// is psycopg's: not installed, the driver line; installed, no server here.
     (["results", "--db", "postgresql://bench@127.0.0.1:9/bench"], "cannot open the store at 'postgresql://"),
@@ -146,8 +166,7 @@ ISSUE_CASES = [
 
 
 @pytest.mark.parametrize("args, message", ISSUE_CASES)
-def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path, monkeypatch, capsys,
-                                                                   args, message):
+def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path, monkeypatch, capsys, args, message):
     subst = _issue_inputs(tmp_path)
     before = _store_state(store)
     code, _, err = _cli(monkeypatch, capsys, *[subst.get(a, a) for a in args], "--results", str(store))
@@ -160,8 +179,9 @@ def test_defense_all_checks_every_recipe_before_training_any(store, monkeypatch,
     # `pair_weight` is a setting of alp and clp, the first two in order, but not of
     # gaussian_noise, the third: nothing may train before that is found out.
     before = _store_state(store)
-    code, _, err = _cli(monkeypatch, capsys, "run", "--defense", "all", "--set", "pair_weight=0.5",
-                        "--results", str(store))
+    code, _, err = _cli(
+        monkeypatch, capsys, "run", "--defense", "all", "--set", "pair_weight=0.5", "--results", str(store)
+    )
     assert code == 2 and _one_line(err) and "--set pair_weight: not a setting of 'gaussian_noise'" in err
     assert _store_state(store) == before
 

@@ -6,6 +6,7 @@ closed pipe, and --help answering before anything heavy is imported.
 The console script runs in a subprocess where what a user types matters (the script's
 own sys.path, a real pipe, the start-up time); the rest runs in this process.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,24 +39,59 @@ def full_rows(complete: bool = True, sources: bool = True) -> list[dict]:
     """Result rows shaped as bench.reporting.results.result_rows gives them for the digits
     full matrix: every cell, the transfers, and the worst case last."""
     threat = get_spec("digits").threat
-    base = {"defense": "logit_similarity", "preset": "logit_similarity_digits", "dataset": "digits",
-            "checkpoint": KEY}
-    rows = [{**base, "attack": c.key, "threat": c.threat, "clean_acc": 0.96666, "robust_acc": 0.11666,
-             "n": c.subset or 360, "seconds": 12.345, "kind": "attack", "label": cell_label(c.attack, vars(c.config)),
-             "params": dict(vars(c.config))} for c in matrix_cells("full", threat)]
+    base = {"defense": "logit_similarity", "preset": "logit_similarity_digits", "dataset": "digits", "checkpoint": KEY}
+    rows = [
+        {
+            **base,
+            "attack": c.key,
+            "threat": c.threat,
+            "clean_acc": 0.96666,
+            "robust_acc": 0.11666,
+            "n": c.subset or 360,
+            "seconds": 12.345,
+            "kind": "attack",
+            "label": cell_label(c.attack, vars(c.config)),
+            "params": dict(vars(c.config)),
+        }
+        for c in matrix_cells("full", threat)
+    ]
     surrogates, keys = matrix_transfer("full")
     for i, source in enumerate(surrogates):
         for k in keys:
             cell = parse_cell_key(k, threat)
-            rows.append({**base, "attack": f"transfer[{i + 2}]:{cell.key}", "threat": cell.threat,
-                         "clean_acc": 0.96666, "robust_acc": 0.83611, "n": 360, "seconds": 0.0, "kind": "transfer",
-                         "label": cell_label(cell.attack, vars(cell.config)), "params": dict(vars(cell.config)),
-                         "cell": cell.key, "source_id": i + 2,
-                         **({"source": source} if sources else {})})
+            rows.append(
+                {
+                    **base,
+                    "attack": f"transfer[{i + 2}]:{cell.key}",
+                    "threat": cell.threat,
+                    "clean_acc": 0.96666,
+                    "robust_acc": 0.83611,
+                    "n": 360,
+                    "seconds": 0.0,
+                    "kind": "transfer",
+                    "label": cell_label(cell.attack, vars(cell.config)),
+                    "params": dict(vars(cell.config)),
+                    "cell": cell.key,
+                    "source_id": i + 2,
+                    **({"source": source} if sources else {}),
+                }
+            )
     missing = [] if complete else [rows[0]["attack"], rows[1]["attack"]]
-    rows.append({**base, "attack": "worst_case", "threat": threat.name, "clean_acc": 0.96666,
-                 "robust_acc": 0.04166, "n": 360, "seconds": None, "cells": len(rows),
-                 "flags": ["pgd_still_falling", "restarts_matter"], "complete": complete, "missing": missing})
+    rows.append(
+        {
+            **base,
+            "attack": "worst_case",
+            "threat": threat.name,
+            "clean_acc": 0.96666,
+            "robust_acc": 0.04166,
+            "n": 360,
+            "seconds": None,
+            "cells": len(rows),
+            "flags": ["pgd_still_falling", "restarts_matter"],
+            "complete": complete,
+            "missing": missing,
+        }
+    )
     return rows
 
 
@@ -111,12 +147,14 @@ def test_the_worst_case_and_its_flags_come_first(monkeypatch):
 
 def test_an_incomplete_worst_case_says_so_in_the_table_and_the_summary(monkeypatch, capsys):
     rows = full_rows(complete=False)
-    assert first_cell(render(monkeypatch, rows)) == ("worst case linf-0.2 (incomplete: 2 cells missing) "
-                                                     "(flags: pgd_still_falling, restarts_matter)")
+    assert first_cell(render(monkeypatch, rows)) == (
+        "worst case linf-0.2 (incomplete: 2 cells missing) (flags: pgd_still_falling, restarts_matter)"
+    )
     assert output.missing_cells(rows, KEY) == 2 and output.missing_cells(full_rows(), KEY) is None
     output.summary("logit_similarity", KEY, "trained", 26, 28, output.missing_cells(rows, KEY))
-    assert capsys.readouterr().err == ("logit_similarity [3626cbc6]: trained, 26 of 28 cells run; "
-                                       "worst case (incomplete: 2 cells missing)\n")
+    assert capsys.readouterr().err == (
+        "logit_similarity [3626cbc6]: trained, 26 of 28 cells run; worst case (incomplete: 2 cells missing)\n"
+    )
     output.summary("logit_similarity", KEY, "trained", 28, 28, None)
     assert capsys.readouterr().err == "logit_similarity [3626cbc6]: trained, 28 of 28 cells run\n"
 
@@ -126,10 +164,21 @@ def test_a_transfer_without_its_source_name_shows_the_id(monkeypatch):
 
 
 def test_cells_that_would_share_a_name_show_the_settings_that_differ(monkeypatch):
-    base = {"defense": "natural", "preset": None, "dataset": "digits", "checkpoint": KEY, "threat": "linf-0.2",
-            "clean_acc": 0.9, "robust_acc": 0.5, "n": 360, "seconds": 0.1}
-    rows = [{**base, "attack": f"fgsm:eps=0.2,loss={loss}", "label": "fgsm", "params": {"eps": 0.2, "loss": loss}}
-            for loss in ("xent", "cw")]
+    base = {
+        "defense": "natural",
+        "preset": None,
+        "dataset": "digits",
+        "checkpoint": KEY,
+        "threat": "linf-0.2",
+        "clean_acc": 0.9,
+        "robust_acc": 0.5,
+        "n": 360,
+        "seconds": 0.1,
+    }
+    rows = [
+        {**base, "attack": f"fgsm:eps=0.2,loss={loss}", "label": "fgsm", "params": {"eps": 0.2, "loss": loss}}
+        for loss in ("xent", "cw")
+    ]
     assert set(cells_of(render(monkeypatch, rows))) == {"fgsm loss=xent", "fgsm loss=cw"}
 
 
@@ -164,8 +213,11 @@ def test_every_dataset_is_in_every_dataset_help():
 
 
 def test_run_and_eval_default_to_one_matrix():
-    defaults = {name: next(p.default for p in cmd.params if p.name == "matrix")
-                for name, cmd in _commands().items() if name in ("run", "eval")}
+    defaults = {
+        name: next(p.default for p in cmd.params if p.name == "matrix")
+        for name, cmd in _commands().items()
+        if name in ("run", "eval")
+    }
     assert defaults == {"run": "full", "eval": "full"}
 
 
@@ -176,8 +228,9 @@ def test_every_option_names_its_value():
             assert getattr(p, "is_flag", False) or p.metavar, f"{cmd.name} {p.opts}: no metavar"
 
 
-@pytest.mark.parametrize("command", ["", "ls", "train", "run", "eval", "results", "diagnose", "transfer",
-                                     "perf", "site"])
+@pytest.mark.parametrize(
+    "command", ["", "ls", "train", "run", "eval", "results", "diagnose", "transfer", "perf", "site"]
+)
 def test_help_names_values_in_words(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command.split(), "--help")
     assert code == 0 and "Usage: bench" in out
@@ -195,7 +248,9 @@ def test_ls_matrices_shows_each_matrix_s_cells(monkeypatch, capsys):
     total = len(matrix_cells("full", get_spec("digits").threat)) + len(surrogates) * len(keys)
     text = " ".join(out.split())
     assert code == 0 and f"full {total} cells on digits; linf-0.2: fgsm, pgd5, cw5," in text
-    assert "pgd20_r10" in text and "l2-1: pgd20" in text and "transfer from natural, pgd_at: pgd20_last, cw20_last" in text
+    assert (
+        "pgd20_r10" in text and "l2-1: pgd20" in text and "transfer from natural, pgd_at: pgd20_last, cw20_last" in text
+    )
     assert "quick 3 cells on digits; linf-0.2: fgsm, pgd10, pgd20" in text
     assert max(len(line) for line in out.splitlines()) <= 160  # the width of a piped console
 
@@ -212,8 +267,14 @@ def store(tmp_path_factory) -> Path:
     return results
 
 
-@pytest.mark.parametrize("args", [["--defense", "nonexistent"], ["--dataset", "mnist"],
-                                  ["--defense", "natural", "--dataset", "svhn", "--format", "json"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--defense", "nonexistent"],
+        ["--dataset", "mnist"],
+        ["--defense", "natural", "--dataset", "svhn", "--format", "json"],
+    ],
+)
 def test_a_filter_that_matches_nothing_says_so_and_names_what_is_stored(store, monkeypatch, capsys, args):
     code, out, err = run_cli(monkeypatch, capsys, "results", *args, "--results", str(store))
     assert code == 2 and out == "" and err.count("\n") == 1, err
@@ -246,17 +307,35 @@ def build():
 def test_model_module_is_found_in_the_current_folder(tmp_path):
     (tmp_path / "my_models.py").write_text(FACTORY)
     (tmp_path / "tiny.toml").write_text('[[cell]]\nattack = "fgsm"\n')
-    proc = subprocess.run([str(BENCH), "eval", "--model", "my_models:build", "--name", "mine", "--matrix",
-                           "tiny.toml", "--results", "res", "--device", "cpu"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(BENCH),
+            "eval",
+            "--model",
+            "my_models:build",
+            "--name",
+            "mine",
+            "--matrix",
+            "tiny.toml",
+            "--results",
+            "res",
+            "--device",
+            "cpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mine [" in proc.stderr and "added, 1 of 1 cells run" in proc.stderr
 
 
 def test_importing_the_cli_imports_nothing_heavy():
     code = "import sys, bench.cli; print(sorted(m for m in ('torch', 'numpy', 'sqlalchemy', 'bench.api') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() == "[]"
+    )
 
 
 @pytest.mark.parametrize("args, status", [(["--help"], 0), (["run", "--help"], 0), (["run", "--defens", "x"], 2)])
@@ -271,8 +350,11 @@ def test_help_and_usage_errors_answer_at_once(args, status):
 @pytest.mark.parametrize("args", [["ls", "presets"], ["--help"], ["results", "--format", "csv", "--results", "{tmp}"]])
 def test_a_closed_pipe_ends_quietly_with_status_0(tmp_path, args):
     # The reader goes before the first line is written, so every write meets the closed pipe.
-    proc = subprocess.Popen([str(BENCH), *[str(tmp_path) if a == "{tmp}" else a for a in args]],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(BENCH), *[str(tmp_path) if a == "{tmp}" else a for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == b"", err.decode()

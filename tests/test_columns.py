@@ -6,6 +6,7 @@ the first iterate that fooled the surrogate, every cell drew from seed 0 with a 
 step (so PGD-1000 revisited its own iterates and equalled PGD-50), there was no targeted
 PGD, and a black-box attack beating PGD added no witness unless admission had asked.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,20 +66,22 @@ def test_transfer_cells_keep_the_last_iterate_and_say_so():
 
 
 @pytest.mark.parametrize("direction", ["natural->pgd_at", "pgd_at->natural"])
-def test_a_transfer_cell_lands_within_two_points_of_a_last_iterate_pgd(direction, natural_model, pgd_at_model,
-                                                                       digits_test):
-    source, target = ((natural_model, pgd_at_model) if direction == "natural->pgd_at"
-                      else (pgd_at_model, natural_model))
+def test_a_transfer_cell_lands_within_two_points_of_a_last_iterate_pgd(
+    direction, natural_model, pgd_at_model, digits_test
+):
+    source, target = (natural_model, pgd_at_model) if direction == "natural->pgd_at" else (pgd_at_model, natural_model)
     x, y = digits_test
     cell = transfer_cell("pgd:steps=20", THREAT)
     bench_acc = accuracy(target, craft(source, cell, x, y, device="cpu", batch_size=1024), y)
-    outside = [accuracy(target, last_iterate_pgd(source, x, y, 20, THREAT.eps, THREAT.step_size, s), y)
-               for s in range(3)]
+    outside = [
+        accuracy(target, last_iterate_pgd(source, x, y, 20, THREAT.eps, THREAT.step_size, s), y) for s in range(3)
+    ]
     reference = sum(outside) / len(outside)
     assert abs(bench_acc - reference) <= 0.02, (bench_acc, outside)
     # The first-hit craft (what transfer cells used to keep) transfers much worse.
-    first = accuracy(target, craft(source, parse_cell_key("pgd:steps=20", THREAT), x, y, device="cpu",
-                                   batch_size=1024), y)
+    first = accuracy(
+        target, craft(source, parse_cell_key("pgd:steps=20", THREAT), x, y, device="cpu", batch_size=1024), y
+    )
     assert first > reference + 0.05, (first, reference)
 
 
@@ -137,18 +140,32 @@ def test_every_cell_draws_from_its_own_seed(natural_model, digits_test):
 
 
 def _row(cell, result) -> CellRow:
-    return CellRow.build(cell_key=cell.key, attack=cell.attack, threat=cell.threat, params=dict(vars(cell.config)),
-                         clean_acc=result.clean_acc, robust_acc=result.robust_acc, n=result.n,
-                         correct_bits=result.correct_bits)
+    return CellRow.build(
+        cell_key=cell.key,
+        attack=cell.attack,
+        threat=cell.threat,
+        params=dict(vars(cell.config)),
+        clean_acc=result.clean_acc,
+        robust_acc=result.robust_acc,
+        n=result.n,
+        correct_bits=result.correct_bits,
+    )
 
 
 def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_test):
     """PGD-20 against the full matrix's PGD-1000 on PGD-AT: the long run finds more than a
     point that PGD-20 missed (before, every run from 50 steps on gave the same number)."""
     x, y = digits_test
-    cells = [c for c in matrix_cells("full", THREAT)
-             if c.attack == "pgd" and c.config.loss == "xent" and c.config.steps in (20, 1000)
-             and c.config.restarts == 1 and c.config.targeted == "none" and c.threat == THREAT.name]
+    cells = [
+        c
+        for c in matrix_cells("full", THREAT)
+        if c.attack == "pgd"
+        and c.config.loss == "xent"
+        and c.config.steps in (20, 1000)
+        and c.config.restarts == 1
+        and c.config.targeted == "none"
+        and c.threat == THREAT.name
+    ]
     assert len(cells) == 2
     rows = [_row(c, run_cell(pgd_at_model, c, x, y, device="cpu", batch_size=1024)) for c in cells]
     ck = SimpleNamespace(threat=THREAT.name)
@@ -172,15 +189,17 @@ def test_targeted_pgd_matches_torchattacks_toward_the_same_targets(pgd_at_model,
         torch.manual_seed(seed)
         x_adv = attack(x, y)
         with torch.no_grad():
-            theirs.append(float(((pgd_at_model(x_adv).argmax(1) == y) & (pgd_at_model(x).argmax(1) == y))
-                                .float().mean()))
+            theirs.append(
+                float(((pgd_at_model(x_adv).argmax(1) == y) & (pgd_at_model(x).argmax(1) == y)).float().mean())
+            )
     mean_ours, mean_theirs = sum(ours) / 3, sum(theirs) / 3
     # Ours counts a sample broken at any misclassified iterate, torchattacks at the last.
     assert mean_ours <= mean_theirs + 0.005, (ours, theirs)
     assert mean_ours >= mean_theirs - 0.05, (ours, theirs)
     # And a targeted attack toward a random class is weaker than the untargeted one.
-    untargeted = run_cell(pgd_at_model, make_cell("pgd", {"steps": 20}, THREAT), x, y, device="cpu",
-                          batch_size=1024).robust_acc
+    untargeted = run_cell(
+        pgd_at_model, make_cell("pgd", {"steps": 20}, THREAT), x, y, device="cpu", batch_size=1024
+    ).robust_acc
     assert mean_ours > untargeted
 
 
@@ -194,11 +213,24 @@ def test_a_black_box_win_adds_the_witness(tmp_path: Path, monkeypatch, capsys):
     from cli_run import run_cli
 
     matrix = tmp_path / "m.toml"
-    matrix.write_text('[[cell]]\nattack = "pgd"\nsteps = 1\nstep_size = 0.001\nrandom_start = false\n\n'
-                      '[[cell]]\nattack = "square"\nqueries = 300\n')
+    matrix.write_text(
+        '[[cell]]\nattack = "pgd"\nsteps = 1\nstep_size = 0.001\nrandom_start = false\n\n'
+        '[[cell]]\nattack = "square"\nqueries = 300\n'
+    )
     results = str(tmp_path / "r")
-    code, _, err = run_cli(monkeypatch, capsys, "run", "--defense", "natural", "--matrix", str(matrix),
-                           "--results", results, "--set", "epochs=5")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "run",
+        "--defense",
+        "natural",
+        "--matrix",
+        str(matrix),
+        "--results",
+        results,
+        "--set",
+        "epochs=5",
+    )
     assert code == 0, err
     code, out, err = run_cli(monkeypatch, capsys, "results", "--results", results, "--format", "json")
     assert code == 0, err
@@ -215,11 +247,23 @@ def test_l2_has_a_worst_case_of_its_own(tmp_path: Path, monkeypatch, capsys):
     from bench.store.db import Store
 
     matrix = tmp_path / "m.toml"
-    matrix.write_text('[[cell]]\nattack = "pgd"\nsteps = 10\n\n'
-                      '[[cell]]\nattack = "pgd"\nnorm = "l2"\nsteps = [5, 10]\n')
+    matrix.write_text(
+        '[[cell]]\nattack = "pgd"\nsteps = 10\n\n[[cell]]\nattack = "pgd"\nnorm = "l2"\nsteps = [5, 10]\n'
+    )
     results = tmp_path / "r"
-    code, _, err = run_cli(monkeypatch, capsys, "run", "--defense", "natural", "--matrix", str(matrix),
-                           "--results", str(results), "--set", "epochs=5")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "run",
+        "--defense",
+        "natural",
+        "--matrix",
+        str(matrix),
+        "--results",
+        str(results),
+        "--set",
+        "epochs=5",
+    )
     assert code == 0, err
     code, out, err = run_cli(monkeypatch, capsys, "results", "--results", str(results), "--format", "json")
     rows = json.loads(out)
@@ -234,8 +278,11 @@ def test_l2_has_a_worst_case_of_its_own(tmp_path: Path, monkeypatch, capsys):
     store = Store.for_results(results)
     (ck,) = store.checkpoints()
     l2_key = next(r["attack"] for r in l2_cells if "steps=5" in r["attack"])
-    store.update_meta(ck, expected_cells=[*ck.meta["expected_cells"], l2_key.replace("steps=5", "steps=7")],
-                      cell_threats={**ck.meta["cell_threats"], l2_key.replace("steps=5", "steps=7"): "l2-1"})
+    store.update_meta(
+        ck,
+        expected_cells=[*ck.meta["expected_cells"], l2_key.replace("steps=5", "steps=7")],
+        cell_threats={**ck.meta["cell_threats"], l2_key.replace("steps=5", "steps=7"): "l2-1"},
+    )
     code, out, err = run_cli(monkeypatch, capsys, "results", "--results", str(results), "--format", "json")
     worst = {r["threat"]: r for r in json.loads(out) if r["attack"] == "worst_case"}
     assert worst["l2-1"]["complete"] is False and worst[THREAT.name]["complete"] is True

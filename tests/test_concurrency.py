@@ -1,5 +1,6 @@
 """The store on SQLite and on a real PostgreSQL server: idempotent writes, claims with
 leases, and two `bench run` drivers side by side on one store."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,35 @@ from sqlalchemy import func, select
 from bench.store.claims import Claims, craft_claim, eval_claim, train_claim
 from bench.store.db import Checkpoint, Claim, Evaluation, Store, Transfer
 
-CHECKPOINT = dict(key="k" * 16, dataset="digits", defense="natural", preset=None, arch="digits_cnn", seed=0,
-                  threat="linf-0.2", config={"a": 1}, train_config={}, path="/nowhere", sha256="s" * 64,
-                  epochs=1, train_seconds=1.5, device="cpu", meta={"clean_acc": 0.9})
-CELL = dict(cell_key="fgsm:eps=0.2,loss=xent", attack="fgsm", params={"eps": 0.2}, threat="linf-0.2",
-            clean_acc=0.9, robust_acc=0.5, n=3, seconds=0.1, correct_bits=b"\xa0", indices=None)
+CHECKPOINT = dict(
+    key="k" * 16,
+    dataset="digits",
+    defense="natural",
+    preset=None,
+    arch="digits_cnn",
+    seed=0,
+    threat="linf-0.2",
+    config={"a": 1},
+    train_config={},
+    path="/nowhere",
+    sha256="s" * 64,
+    epochs=1,
+    train_seconds=1.5,
+    device="cpu",
+    meta={"clean_acc": 0.9},
+)
+CELL = dict(
+    cell_key="fgsm:eps=0.2,loss=xent",
+    attack="fgsm",
+    params={"eps": 0.2},
+    threat="linf-0.2",
+    clean_acc=0.9,
+    robust_acc=0.5,
+    n=3,
+    seconds=0.1,
+    correct_bits=b"\xa0",
+    indices=None,
+)
 
 
 def _count(store: Store, model) -> int:
@@ -99,8 +124,9 @@ attack = "fgsm"
 
 
 def _drivers(argvs: list[list[str]], env: dict) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for argv in argvs]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for argv in argvs
+    ]
     return [subprocess.CompletedProcess(p.args, p.wait(), *p.communicate()) for p in procs]
 
 
@@ -109,8 +135,20 @@ def test_three_drivers_side_by_side_never_crash_duplicate_or_compute_twice(store
     matrix = tmp_path / "tiny.toml"
     matrix.write_text(MATRIX)
     log = tmp_path / "computed.log"
-    argv = [shutil_which_bench(), "run", "--defense", "logged_natural", "--set", "epochs=2", "--matrix", str(matrix),
-            "--results", str(tmp_path / "res"), "--db", store_url]
+    argv = [
+        shutil_which_bench(),
+        "run",
+        "--defense",
+        "logged_natural",
+        "--set",
+        "epochs=2",
+        "--matrix",
+        str(matrix),
+        "--results",
+        str(tmp_path / "res"),
+        "--db",
+        store_url,
+    ]
     other = argv[:5] + ["epochs=3"] + argv[6:]
     runs = _drivers([argv, argv, other], plugin_env(bench_plugins, log))
     assert [r.returncode for r in runs] == [0, 0, 0], "".join(r.stderr for r in runs)
@@ -127,8 +165,9 @@ def test_three_drivers_side_by_side_never_crash_duplicate_or_compute_twice(store
     # once per checkpoint, whichever driver computed it.
     computed = Counter(read_log(log))
     assert computed == Counter({"train": 2, **{f"cell logged_bim steps={s}": 2 for s in (2, 3, 4)}})
-    trained = sum(": trained," in line for r in runs for line in r.stderr.splitlines()
-                  if line.startswith("logged_natural ["))
+    trained = sum(
+        ": trained," in line for r in runs for line in r.stderr.splitlines() if line.startswith("logged_natural [")
+    )
     assert trained == 2  # one of the two same-recipe drivers found the other's checkpoint
     folders = (tmp_path / "res" / "checkpoints" / "digits" / "logged_natural").iterdir()
     assert sorted(f.name for f in folders) == sorted(c.key for c in checkpoints)  # no stray temporary folder
@@ -146,21 +185,38 @@ def test_a_failing_attack_fails_its_own_cell_and_the_run_exits_nonzero(bench_plu
     matrix = tmp_path / "failing.toml"
     matrix.write_text('[[cell]]\nattack = "failing"\n\n[[cell]]\nattack = "fgsm"\n')
     res = tmp_path / "res"
-    run = subprocess.run([shutil_which_bench(), "run", "--defense", "natural", "--set", "epochs=1", "--matrix",
-                          str(matrix), "--results", str(res)], capture_output=True, text=True,
-                         env=plugin_env(bench_plugins, tmp_path / "log"))
+    run = subprocess.run(
+        [
+            shutil_which_bench(),
+            "run",
+            "--defense",
+            "natural",
+            "--set",
+            "epochs=1",
+            "--matrix",
+            str(matrix),
+            "--results",
+            str(res),
+        ],
+        capture_output=True,
+        text=True,
+        env=plugin_env(bench_plugins, tmp_path / "log"),
+    )
     assert run.returncode == 1
     assert "failed failing:" in run.stderr and "RuntimeError: this attack always fails" in run.stderr
     assert "second line" not in run.stderr and "Traceback" not in run.stderr
     assert [e.cell_key for e in Store(f"sqlite:///{res / 'bench.db'}").evaluations()] == ["fgsm:eps=0.2,loss=xent"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--executor", "dask"], "--executor must be one of local, ray, got 'dask'"),
-    (["--ray-address", "auto"], "--ray-address is for --executor ray"),
-    (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach a Ray cluster at '127.0.0.1:1'"),
-    (["--executor", "ray", "--ray-address", "head-node"], "is not auto or host:port"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--executor", "dask"], "--executor must be one of local, ray, got 'dask'"),
+        (["--ray-address", "auto"], "--ray-address is for --executor ray"),
+        (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach a Ray cluster at '127.0.0.1:1'"),
+        (["--executor", "ray", "--ray-address", "head-node"], "is not auto or host:port"),
+    ],
+)
 def test_bad_executor_options_exit_2_with_one_line(tmp_path, monkeypatch, capsys, args, message):
     from bench import cli
 

@@ -1,6 +1,7 @@
 """The contract between the harness and the attack plugins (bench.core.contract), held
 over the whole attack registry: every registered attack, a new one included, is checked
 the moment it is registered."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The harness core: data, registry, checkpoints, store, matrices, scheduler, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,10 @@ def test_real_loaders_read_small_files_in_their_formats(tmp_path):
 
     from scipy.io import savemat
 
-    savemat(tmp_path / "test_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, 2)).astype(np.uint8),
-                                          "y": np.array([[10], [3]])})
+    savemat(
+        tmp_path / "test_32x32.mat",
+        {"X": rng.integers(0, 256, (32, 32, 3, 2)).astype(np.uint8), "y": np.array([[10], [3]])},
+    )
     x, y = load_dataset("svhn", "test", root=str(tmp_path))
     assert x.shape == (2, 3, 32, 32) and y.tolist() == [0, 3]
 
@@ -152,7 +155,9 @@ def test_entry_point_plugin_registers_and_runs(tmp_path, monkeypatch):
 
 
 def test_broken_entry_point_is_an_error_not_a_gap(tmp_path, monkeypatch):
-    _dist_info(tmp_path, "bench_plugin_broken", "bench.attacks", "bench_plugin_broken_mod", "raise ImportError('boom')\n")
+    _dist_info(
+        tmp_path, "bench_plugin_broken", "bench.attacks", "bench_plugin_broken_mod", "raise ImportError('boom')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(ATTACKS, "_loaded", False)
     with pytest.raises(BenchError, match="bench_plugin_broken.*boom"):
@@ -174,7 +179,7 @@ def test_bad_overrides_are_one_line_errors():
     with pytest.raises(BenchError, match="did you mean beta"):
         resolve(TrainRequest("logit_squeeze", overrides=("bta=1",)))
     with pytest.raises(BenchError, match="form must be"):
-        resolve(TrainRequest("logit_squeeze", overrides=("form=\"sideways\"",)))
+        resolve(TrainRequest("logit_squeeze", overrides=('form="sideways"',)))
     with pytest.raises(BenchError, match="not key=value"):
         resolve(TrainRequest("natural", overrides=("epochs",)))
 
@@ -214,14 +219,18 @@ def test_bits_round_trip():
 
 def _Cell(key, threat, bits, indices=None):
     bits = np.asarray(bits, dtype=bool)
-    return CellRow.build(cell_key=key, attack=key, threat=threat, n=len(bits), correct_bits=pack_bits(bits),
-                         indices=indices)
+    return CellRow.build(
+        cell_key=key, attack=key, threat=threat, n=len(bits), correct_bits=pack_bits(bits), indices=indices
+    )
 
 
 def test_worst_case_is_the_per_sample_and_over_its_threat_model():
-    cells = [_Cell("a", "linf-0.2", [1, 1, 0, 1]), _Cell("b", "linf-0.2", [1, 0, 1, 1]),
-             _Cell("other-threat", "l2-1", [0, 0, 0, 0]),
-             _Cell("subset", "linf-0.2", [0], indices=[3])]
+    cells = [
+        _Cell("a", "linf-0.2", [1, 1, 0, 1]),
+        _Cell("b", "linf-0.2", [1, 0, 1, 1]),
+        _Cell("other-threat", "l2-1", [0, 0, 0, 0]),
+        _Cell("subset", "linf-0.2", [0], indices=[3]),
+    ]
     wc = worst_case("linf-0.2", cells, 4)
     assert wc.robust_acc == 0.25 and len(wc.cells) == 3  # only sample 0 survives a, b and subset
 
@@ -266,7 +275,9 @@ def test_checkpoint_on_disk_is_adopted_not_retrained(tmp_path):
 
 
 def test_altered_weights_are_refused(tmp_path):
-    report = run_defense(Workspace.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
+    report = run_defense(
+        Workspace.open(tmp_path), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick")
+    )
     weights = Path(report.checkpoint.path) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BenchError, match="not an intact checkpoint"):
@@ -287,28 +298,36 @@ def test_results_json_has_the_promised_fields(tmp_path, monkeypatch, capsys):
 
 def _snapshot(db: Path):
     with sqlite3.connect(db) as con:
-        return [con.execute(f"select count(*) from {t}").fetchone()[0]
-                for t in ("checkpoints", "evaluations", "transfers", "flags")]
+        return [
+            con.execute(f"select count(*) from {t}").fetchone()[0]
+            for t in ("checkpoints", "evaluations", "transfers", "flags")
+        ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "--defense", "logit_sqeeze"], "unknown defense 'logit_sqeeze'; did you mean logit_squeeze"),
-    (["run", "--defense", "natural", "--matrix", "fulll"], "unknown matrix 'fulll'"),
-    (["run", "--defense", "natural", "--matrix", "{bad}"], "not valid TOML"),
-    (["run", "--defense", "natural", "--matrix", "{unknown_attack}"], "unknown attack 'fgsmm'"),
-    (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{missing}"], "is not a folder"),
-    (["transfer", "--source", "nothing_here"], "no stored checkpoint on digits matches --source"),
-    (["run", "--defense", "natural", "--set", "epochs=-1"], "epochs must be an integer of at least 1, got -1"),
-    (["results", "--format", "xml"], "--format must be table, wide, csv or json"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--defense", "logit_sqeeze"], "unknown defense 'logit_sqeeze'; did you mean logit_squeeze"),
+        (["run", "--defense", "natural", "--matrix", "fulll"], "unknown matrix 'fulll'"),
+        (["run", "--defense", "natural", "--matrix", "{bad}"], "not valid TOML"),
+        (["run", "--defense", "natural", "--matrix", "{unknown_attack}"], "unknown attack 'fgsmm'"),
+        (["run", "--defense", "natural", "--dataset", "cifar10", "--data-root", "{missing}"], "is not a folder"),
+        (["transfer", "--source", "nothing_here"], "no stored checkpoint on digits matches --source"),
+        (["run", "--defense", "natural", "--set", "epochs=-1"], "epochs must be an integer of at least 1, got -1"),
+        (["results", "--format", "xml"], "--format must be table, wide, csv or json"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_leaves_the_store(tmp_path, monkeypatch, capsys, args, message):
     results = tmp_path / "res"
     run_defense(Workspace.open(results), TrainRequest("natural", overrides=("epochs=1",)), load_matrix("quick"))
     before = _snapshot(results / "bench.db")
     (tmp_path / "bad.toml").write_text("[[cell]\n")
     (tmp_path / "unknown.toml").write_text("[[cell]]\nattack = 'fgsmm'\n")
-    subst = {"{bad}": str(tmp_path / "bad.toml"), "{unknown_attack}": str(tmp_path / "unknown.toml"),
-             "{missing}": str(tmp_path / "nowhere")}
+    subst = {
+        "{bad}": str(tmp_path / "bad.toml"),
+        "{unknown_attack}": str(tmp_path / "unknown.toml"),
+        "{missing}": str(tmp_path / "nowhere"),
+    }
     argv = [subst.get(a, a) for a in args] + ["--results", str(results)]
     code, out, err = _cli(monkeypatch, capsys, *argv)
     assert code == 2
@@ -335,8 +354,20 @@ def test_sigkill_mid_run_loses_nothing_committed(tmp_path):
     matrix = tmp_path / "slow.toml"
     matrix.write_text(KILL_MATRIX)
     res = tmp_path / "res"
-    argv = [sys.executable, "-m", "bench.cli", "run", "--defense", "natural", "--set", "epochs=2",
-            "--matrix", str(matrix), "--results", str(res)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        "--defense",
+        "natural",
+        "--set",
+        "epochs=2",
+        "--matrix",
+        str(matrix),
+        "--results",
+        str(res),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     db = res / "bench.db"
     deadline = time.time() + 120

@@ -5,6 +5,7 @@ Hand-computed values use logits chosen so the softmax is exact: logits (0, ln 3)
 probabilities (1/4, 3/4), and an identity "model" makes the input the logits, so a
 defense's whole loss can be checked on a 2-class toy batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,10 @@ def test_smoothed_targets_by_hand():
     assert torch.allclose(t, torch.tensor([[0.7, 0.15, 0.15], [0.15, 0.15, 0.7]]))
 
 
-@pytest.mark.parametrize("alpha, classes, s", [(0.2, 10, 0.18), (0.5, 10, 0.45), (0.95, 10, 0.855),
-                                               (0.95, 100, 0.9405), (1.0, 10, 0.9), (0.0, 10, 0.0)])
+@pytest.mark.parametrize(
+    "alpha, classes, s",
+    [(0.2, 10, 0.18), (0.5, 10, 0.45), (0.95, 10, 0.855), (0.95, 100, 0.9405), (1.0, 10, 0.9), (0.0, 10, 0.0)],
+)
 def test_alpha_to_smoothing(alpha, classes, s):
     assert parts.alpha_to_smoothing(alpha, classes) == pytest.approx(s)
 
@@ -91,9 +94,11 @@ ONE_HOT = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 @pytest.fixture
 def fixed_draws(monkeypatch):
     """Fix the mixing coefficients and make the two examples each other's partner."""
+
     def use(lams):
         monkeypatch.setattr(parts, "beta_sample", lambda alpha, n, g: torch.tensor(lams[:n]))
         monkeypatch.setattr(parts, "_partners", lambda n, g: torch.tensor([1, 0]))
+
     return use
 
 
@@ -170,9 +175,11 @@ def test_logit_squeeze_loss_by_hand():
     z = torch.tensor([[3.0, 4.0], [6.0, 8.0]])
     ce_mean = (ce(3, 4, 0) + ce(6, 8, 0)) / 2
     assert loss_of("logit_squeeze", z, [0, 0], beta=0.5, sigma=0.0, form="example") == pytest.approx(
-        ce_mean + 0.5 * 7.5, rel=1e-6)
+        ce_mean + 0.5 * 7.5, rel=1e-6
+    )
     assert loss_of("logit_squeeze", z, [0, 0], beta=0.5, sigma=0.0, form="batch") == pytest.approx(
-        ce_mean + 0.5 * math.sqrt(125) / 2, rel=1e-6)
+        ce_mean + 0.5 * math.sqrt(125) / 2, rel=1e-6
+    )
 
 
 def test_logit_similarity_loss_by_hand():
@@ -213,11 +220,13 @@ def test_ibp_loss_by_hand():
 @pytest.fixture
 def fixed_adversary(monkeypatch):
     """Make the training adversary return given logits (the model is the identity)."""
+
     def use(module_name, x_adv):
         import importlib
 
         module = importlib.import_module(f"defenses.{module_name}")
         monkeypatch.setattr(module, "training_adversary", lambda model, x, y, cfg, ctx: x_adv)
+
     return use
 
 
@@ -225,21 +234,25 @@ def test_pgd_at_loss_by_hand(fixed_adversary):
     fixed_adversary("pgd_at", torch.tensor([[0.0, 1.0]]))
     clean = torch.tensor([[1.0, 0.0]])
     assert loss_of("pgd_at", clean, [0], clean_weight=0.0, squeeze_beta=0.1) == pytest.approx(
-        ce(0, 1, 0) + 0.1 * 1.0, rel=1e-6)
+        ce(0, 1, 0) + 0.1 * 1.0, rel=1e-6
+    )
     assert loss_of("pgd_at", clean, [0], clean_weight=0.5, squeeze_beta=0.1) == pytest.approx(
-        0.5 * ce(1, 0, 0) + 0.5 * ce(0, 1, 0) + 0.1 * 1.0, rel=1e-6)
+        0.5 * ce(1, 0, 0) + 0.5 * ce(0, 1, 0) + 0.1 * 1.0, rel=1e-6
+    )
 
 
 def test_alp_loss_by_hand(fixed_adversary):
     fixed_adversary("alp", torch.tensor([[0.0, 1.0]]))
     # pairing: squared differences 1 and 1 over 2 entries = 1; squeeze 1/2 * 1 + 1/2 * 1 = 1
     expected = 0.5 * ce(1, 0, 0) + 0.5 * ce(0, 1, 0) + 0.5 * 1.0 + 0.1 * 1.0
-    assert loss_of("alp", torch.tensor([[1.0, 0.0]]), [0], clean_weight=0.5, pair_weight=0.5,
-                   squeeze_beta=0.1) == pytest.approx(expected, rel=1e-6)
+    assert loss_of(
+        "alp", torch.tensor([[1.0, 0.0]]), [0], clean_weight=0.5, pair_weight=0.5, squeeze_beta=0.1
+    ) == pytest.approx(expected, rel=1e-6)
     # adversarial-only still pairs with the clean logits
     expected = ce(0, 1, 0) + 2.0 * 1.0
-    assert loss_of("alp", torch.tensor([[1.0, 0.0]]), [0], clean_weight=0.0,
-                   pair_weight=2.0) == pytest.approx(expected, rel=1e-6)
+    assert loss_of("alp", torch.tensor([[1.0, 0.0]]), [0], clean_weight=0.0, pair_weight=2.0) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 LRM_CLEAN = [[0.0, 0.0]]  # p = (1/2, 1/2)
@@ -250,14 +263,13 @@ def lrm_by_hand(ratio, beta):
     """s = 0.2 on label 0: target (0.8, 0.2)."""
     adv_loss = -(0.8 * math.log(0.25) + 0.2 * math.log(0.75))
     h = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
-    return adv_loss + (adv_loss / h) / ratio * h + beta * (0.0 + LN3 ** 2)
+    return adv_loss + (adv_loss / h) / ratio * h + beta * (0.0 + LN3**2)
 
 
 def test_lrm_loss_by_hand(fixed_adversary):
     fixed_adversary("lrm", torch.tensor(LRM_ADV))
     for ratio in (0.125, 0.95):
-        value = loss_of("lrm", torch.tensor(LRM_CLEAN), [0], smoothing=0.2, mixing="none",
-                        beta=0.1, ratio=ratio)
+        value = loss_of("lrm", torch.tensor(LRM_CLEAN), [0], smoothing=0.2, mixing="none", beta=0.1, ratio=ratio)
         assert value == pytest.approx(lrm_by_hand(ratio, 0.1), rel=1e-6)
     # The pairing term is the adversarial loss over the ratio: at 0.125, 8 times it.
     adv_loss = -(0.8 * math.log(0.25) + 0.2 * math.log(0.75))
@@ -306,14 +318,26 @@ def test_training_adversary_uses_the_threat_model_unless_told():
 
 # --- bad settings ----------------------------------------------------------------------
 BAD = [
-    ("logit_squeeze", {"form": "foo"}), ("logit_squeeze", {"beta": -1.0}),
-    ("label_smoothing", {"smoothing": 1.0}), ("label_smoothing", {"smoothing": -0.1}),
-    ("label_smoothing", {"sigma": 20.0}), ("gaussian_noise", {"sigma": -0.1}),
-    ("logit_similarity", {"beta": -0.5}), ("mixup", {"mix_alpha": 0.0}), ("vh_mixup", {"mix_alpha": -1.0}),
-    ("pgd_at", {"clean_weight": 1.5}), ("pgd_at", {"attack_steps": 0}), ("pgd_at", {"attack_eps": 0.0}),
-    ("pgd_at", {"squeeze_beta": -1.0}), ("alp", {"pair_weight": -0.5}), ("alp", {"attack_step_size": 2.0}),
-    ("clp", {"pair_weight": -1.0}), ("clp", {"sigma": 2.0}),
-    ("lrm", {"ratio": 0.0}), ("lrm", {"mixing": "cutmix"}), ("lrm", {"smoothing": 1.0}),
+    ("logit_squeeze", {"form": "foo"}),
+    ("logit_squeeze", {"beta": -1.0}),
+    ("label_smoothing", {"smoothing": 1.0}),
+    ("label_smoothing", {"smoothing": -0.1}),
+    ("label_smoothing", {"sigma": 20.0}),
+    ("gaussian_noise", {"sigma": -0.1}),
+    ("logit_similarity", {"beta": -0.5}),
+    ("mixup", {"mix_alpha": 0.0}),
+    ("vh_mixup", {"mix_alpha": -1.0}),
+    ("pgd_at", {"clean_weight": 1.5}),
+    ("pgd_at", {"attack_steps": 0}),
+    ("pgd_at", {"attack_eps": 0.0}),
+    ("pgd_at", {"squeeze_beta": -1.0}),
+    ("alp", {"pair_weight": -0.5}),
+    ("alp", {"attack_step_size": 2.0}),
+    ("clp", {"pair_weight": -1.0}),
+    ("clp", {"sigma": 2.0}),
+    ("lrm", {"ratio": 0.0}),
+    ("lrm", {"mixing": "cutmix"}),
+    ("lrm", {"smoothing": 1.0}),
     ("lrm", {"beta": -1e-3}),
 ]
 
@@ -343,8 +367,7 @@ def train_one_epoch(name: str, seed: int):
     spec = get_spec("digits")
     x, y = load_dataset("digits", "train")
     entry = DEFENSES.get(name)
-    return train_model("digits_cnn", spec, entry.fn, entry.make_config({}), TrainConfig(epochs=1), x, y,
-                       seed=seed)
+    return train_model("digits_cnn", spec, entry.fn, entry.make_config({}), TrainConfig(epochs=1), x, y, seed=seed)
 
 
 @pytest.mark.parametrize("name", DEFENSES.names())

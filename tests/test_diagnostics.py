@@ -1,5 +1,6 @@
 """Shafahi et al.'s linearized robustness (Eq. 4): exact on linear models, stored once,
 printed by `bench diagnose`."""
+
 from __future__ import annotations
 
 import json
@@ -51,17 +52,21 @@ def test_linear_model_gaps_and_eps_l_are_the_hand_computed_values():
     x = torch.tensor([[[[0.5, 0.25], [0.75, 0.5]]]], dtype=torch.float64)
     y = torch.tensor([0])
     model = _linear(w, b)
-    z = w @ x.flatten().numpy() + b                       # [2.175, 0.55, 1.1]
+    z = w @ x.flatten().numpy() + b  # [2.175, 0.55, 1.1]
     assert z.argmax() == 0
-    other = 2                                             # the strongest other class
-    gap = z[0] - z[other]                                 # 1.075
-    grad_gap = np.abs(w[0] - w[other]).sum()              # |2| + |-2| + |-1.5| + |3| = 8.5
+    other = 2  # the strongest other class
+    gap = z[0] - z[other]  # 1.075
+    grad_gap = np.abs(w[0] - w[other]).sum()  # |2| + |-2| + |-1.5| + |3| = 8.5
     grads = logit_gradients(model, x, y)
     s = per_sample(grads, y)
     assert grads.other.tolist() == [other]
     np.testing.assert_allclose(grads.grad_true[0].numpy(), w[0])
     np.testing.assert_allclose(grads.grad_other[0].numpy(), w[other])
-    assert gap == pytest.approx(1.075) and s["logit_gap"][0] == pytest.approx(1.075) and s["grad_gap"][0] == pytest.approx(8.5)
+    assert (
+        gap == pytest.approx(1.075)
+        and s["logit_gap"][0] == pytest.approx(1.075)
+        and s["grad_gap"][0] == pytest.approx(8.5)
+    )
     assert s["eps_l"][0] == pytest.approx(1.075 / 8.5)
     cos = w[0] @ w[other] / np.linalg.norm(w[0]) / np.linalg.norm(w[other])
     assert s["coherence"][0] == pytest.approx(cos)
@@ -87,7 +92,7 @@ def test_two_class_linear_model_eps_l_is_the_smallest_label_flip():
     for i in range(len(x)):
         yi = int(y[i])
         direction = torch.tensor(np.sign(w[yi] - w[1 - yi])).reshape(1, 1, 4, 4)
-        t = _flip_size(model, x[i:i + 1], yi, direction, lambda zz: int(zz.argmax()) != yi)
+        t = _flip_size(model, x[i : i + 1], yi, direction, lambda zz: int(zz.argmax()) != yi)
         assert t == pytest.approx(s["eps_l"][i], rel=1e-9)
 
 
@@ -95,7 +100,7 @@ def test_batched_gradients_match_one_image_at_a_time(natural_model, digits_test)
     x, y = digits_test[0][:24], digits_test[1][:24]
     grads = logit_gradients(natural_model, x, y, batch_size=10)
     for i in (0, 7, 23):
-        xi = x[i:i + 1].clone().requires_grad_(True)
+        xi = x[i : i + 1].clone().requires_grad_(True)
         z = natural_model(xi)[0]
         other = int(grads.other[i])
         masked = z.detach().clone()
@@ -163,6 +168,7 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
         # Recomputing from the weights gives the stored values.
         from bench.core.data import load_dataset
         from bench.run.training import load_model
+
         x, y = load_dataset("digits", "test")
         fresh = diagnose(load_model(ck, "cpu"), x, y, 0.2)["summary"]
         assert row["median_logit_gap"] == pytest.approx(fresh["logit_gap"]["median"], rel=1e-6)
@@ -171,28 +177,37 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
 
 
 def test_diagnose_cli_table_and_json(small_results, monkeypatch, capsys):
-    code, out, _ = _cli(monkeypatch, capsys, "diagnose", "--defense", "pgd_at", "--format", "json",
-                        "--results", str(small_results))
+    code, out, _ = _cli(
+        monkeypatch, capsys, "diagnose", "--defense", "pgd_at", "--format", "json", "--results", str(small_results)
+    )
     rows = json.loads(out)
     assert code == 0 and len(rows) == 1 and rows[0]["defense"] == "pgd_at"
     key = rows[0]["checkpoint"]
     code, out, _ = _cli(monkeypatch, capsys, "diagnose", "--defense", key[:10], "--results", str(small_results))
     assert code == 0 and "pgd_at" in out and key[:8] in out
     assert f"{rows[0]['median_logit_gap']:.3g}" in out and f"{rows[0]['predicted_acc']:.3f}" in out
-    code, out, _ = _cli(monkeypatch, capsys, "diagnose", "--defense", "all", "--format", "json",
-                        "--results", str(small_results))
+    code, out, _ = _cli(
+        monkeypatch, capsys, "diagnose", "--defense", "all", "--format", "json", "--results", str(small_results)
+    )
     assert code == 0 and [r["defense"] for r in json.loads(out)] == ["natural", "pgd_at"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--defense", "nothing_here"], "no stored checkpoint matches --defense 'nothing_here'"),
-    (["--defense", "natural", "--dataset", "mnist"], "no stored checkpoint on mnist matches"),
-    (["--defense", "natural", "--format", "xml"], "--format must be table or json"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--defense", "nothing_here"], "no stored checkpoint matches --defense 'nothing_here'"),
+        (["--defense", "natural", "--dataset", "mnist"], "no stored checkpoint on mnist matches"),
+        (["--defense", "natural", "--format", "xml"], "--format must be table or json"),
+    ],
+)
 def test_diagnose_bad_input_exits_2_with_one_line(small_results, monkeypatch, capsys, args, message):
     code, out, err = _cli(monkeypatch, capsys, "diagnose", *args, "--results", str(small_results))
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     ws = str(Path(sys.executable).with_name("bench"))  # the installed script beside this Python
-    proc = subprocess.run([ws, "diagnose", *args, "--results", str(small_results)],
-                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [ws, "diagnose", *args, "--results", str(small_results)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1

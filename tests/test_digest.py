@@ -6,6 +6,7 @@ tests/store_digest.py, which reads the database with sqlite3 alone).
 The digest changes only with a change that is meant to change numbers; such a change
 records the new digest here and says why in its commit.
 """
+
 from __future__ import annotations
 
 from cli_run import run_cli

@@ -2,6 +2,7 @@
 a missing anchor or a page left out of the nav fails it), every page of docs/ is in the
 nav, the README stays a ten-minute read, and the manual's front page gives the README's
 first command word for word."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,15 @@ def test_the_manual_builds_in_strict_mode(tmp_path):
     # mkdocs-material prints a banner about MkDocs 2.0 on every build; it is no warning
     # of the build's, and the variable is the documented way to silence it.
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("index.html")}
     assert {"index.html", "guide/index.html", "results/index.html", "architecture/index.html"} <= pages

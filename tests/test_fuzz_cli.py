@@ -7,6 +7,7 @@ trained once. Valid draws are kept cheap on purpose (FGSM and PGD of at most 3 s
 and 3 restarts on digits, one epoch of training), and the examples are derandomized so
 the suite is the same on every run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ from hypothesis import strategies as st
 
 from bench import cli
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _state(results: Path) -> tuple[bytes, list[str]]:
@@ -36,8 +38,11 @@ def _state(results: Path) -> tuple[bytes, list[str]]:
 def _main(*argv: str) -> tuple[int, str]:
     """(exit status, stderr) of one in-process `bench` command."""
     err = io.StringIO()
-    with mock.patch.object(sys, "argv", ["bench", *argv]), contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        mock.patch.object(sys, "argv", ["bench", *argv]),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             cli.main()
             code = 0
@@ -85,15 +90,26 @@ SCALARS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(min_value=-0.5, max_value=1.5),
     st.integers(min_value=-3, max_value=3),
-    st.integers(min_value=-2**63, max_value=-4),
+    st.integers(min_value=-(2**63), max_value=-4),
     st.booleans(),
     st.sampled_from(["xent", "cw", "linf", "l2", "l3", "hinge", ""]),
     st.text(max_size=8),
 )
 # Fields of the two cheap attacks, plus fields neither has. Counts are drawn from the
 # small scalars only, so a valid draw never runs long.
-FIELDS = ["eps", "steps", "restarts", "step_size", "loss", "norm", "random_start", "early_stop",
-          "subset", "iterations", "bogus"]
+FIELDS = [
+    "eps",
+    "steps",
+    "restarts",
+    "step_size",
+    "loss",
+    "norm",
+    "random_start",
+    "early_stop",
+    "subset",
+    "iterations",
+    "bogus",
+]
 SMALL = st.one_of(st.integers(min_value=-2, max_value=3), st.sampled_from([0.5, "3", None]))
 
 
@@ -108,8 +124,11 @@ def cell_tables(draw):
     lines = [f"attack = {json.dumps(attack)}"]
     lists = 0
     for field in fields:
-        values = SMALL.filter(lambda v: v is not None) if field in ("steps", "restarts", "subset", "iterations") \
+        values = (
+            SMALL.filter(lambda v: v is not None)
+            if field in ("steps", "restarts", "subset", "iterations")
             else st.one_of(CELL_VALUES, SCALARS)
+        )
         if lists < 2 and draw(st.booleans()):
             lists += 1
             lines.append(f"{field} = {_toml(draw(st.lists(values, max_size=2)))}")
@@ -136,8 +155,22 @@ def test_random_matrix_files_end_in_0_or_2_and_a_refusal_changes_nothing(store, 
 # --- --set values ------------------------------------------------------------------
 # Keys of training and of logit_squeeze, and keys of neither; epochs and batch_size are
 # pinned afterwards (the last --set wins) so a valid draw trains one quick epoch.
-SET_KEYS = ["lr", "momentum", "weight_decay", "optimizer", "schedule", "milestones", "warmup_epochs",
-            "augment", "beta", "sigma", "form", "train.lr", "bogus", ""]
+SET_KEYS = [
+    "lr",
+    "momentum",
+    "weight_decay",
+    "optimizer",
+    "schedule",
+    "milestones",
+    "warmup_epochs",
+    "augment",
+    "beta",
+    "sigma",
+    "form",
+    "train.lr",
+    "bogus",
+    "",
+]
 RAW_VALUES = st.one_of(
     SCALARS.map(_toml),
     st.lists(SCALARS, max_size=3).map(_toml),
@@ -165,16 +198,20 @@ PRESET_VALUES = st.one_of(st.sampled_from([0.0, 0.1, 0.5, 1.0, 3, "batch", "sgd"
 @st.composite
 def preset_files(draw):
     lines = []
-    for key, values in (("defense", st.sampled_from(["logit_squeeze"] * 4 + ["natural", 3])),
-                        ("dataset", st.sampled_from(["digits"] * 4 + ["mnist", "", 1.5])),
-                        ("arch", st.sampled_from(["digits_cnn"] * 3 + ["madry_mnist", "nope", True]))):
+    for key, values in (
+        ("defense", st.sampled_from(["logit_squeeze"] * 4 + ["natural", 3])),
+        ("dataset", st.sampled_from(["digits"] * 4 + ["mnist", "", 1.5])),
+        ("arch", st.sampled_from(["digits_cnn"] * 3 + ["madry_mnist", "nope", True])),
+    ):
         if draw(st.integers(0, 9)):
             lines.append(f"{key} = {_toml(draw(values))}")
     if not draw(st.integers(0, 5)):
         lines.append(f"bogus = {_toml(draw(SCALARS))}")
-    for table, keys in (("config", ["beta", "sigma", "form", "bogus"]),
-                        ("train", ["lr", "momentum", "optimizer", "milestones", "epochs"]),
-                        ("paper", ["clean", "pgd20"])):
+    for table, keys in (
+        ("config", ["beta", "sigma", "form", "bogus"]),
+        ("train", ["lr", "momentum", "optimizer", "milestones", "epochs"]),
+        ("paper", ["clean", "pgd20"]),
+    ):
         if draw(st.booleans()):
             lines.append(f"[{table}]")
             for key in draw(st.lists(st.sampled_from(keys), unique=True, max_size=2)):
@@ -187,5 +224,15 @@ def preset_files(draw):
 def test_random_preset_files_end_in_0_or_2_and_a_refusal_changes_nothing(store, tmp_path_factory, text):
     path = tmp_path_factory.mktemp("preset") / "mine.toml"
     path.write_text(text)
-    _checked_run(store, "train", "--defense", "logit_squeeze", "--preset", str(path),
-                 "--set", "epochs=1", "--set", "batch_size=128")
+    _checked_run(
+        store,
+        "train",
+        "--defense",
+        "logit_squeeze",
+        "--preset",
+        str(path),
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=128",
+    )

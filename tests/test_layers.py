@@ -1,6 +1,7 @@
 """The house plan holds: import-linter's contracts in pyproject.toml (layers that only
 point down, reporting apart from the run layer, plugins on the plugin API alone, no
 circles), no import hidden inside a function to dodge them, and modules that do one job."""
+
 from __future__ import annotations
 
 import ast
@@ -12,8 +13,13 @@ from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bench", "attacks", "defenses")
-LAZY = {"bench/__init__.py", "bench/cli/commands.py", "bench/run/executors/ray.py", "bench/core/data.py",
-        "bench/core/datafiles.py"}
+LAZY = {
+    "bench/__init__.py",
+    "bench/cli/commands.py",
+    "bench/run/executors/ray.py",
+    "bench/core/data.py",
+    "bench/core/datafiles.py",
+}
 """The only modules allowed imports inside functions, each with its reason in a comment:
 the package root and the CLI import the heavy parts only once the arguments are
 checked (--help answers at once); Ray is an optional extra; the dataset loaders import
@@ -44,8 +50,13 @@ def test_the_layers_contract_has_at_least_five_layers():
 
 def _local_imports(path: Path) -> list[ast.stmt]:
     tree = ast.parse(path.read_text())
-    return [sub for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+    return [
+        sub
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for sub in ast.walk(node)
+        if isinstance(sub, (ast.Import, ast.ImportFrom))
+    ]
 
 
 @pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -57,7 +68,7 @@ def test_no_import_hides_inside_a_function(path):
         return
     lines = path.read_text().splitlines()
     for stmt in found:  # each lazy import says why, in a comment or docstring just above it
-        above = "\n".join(lines[max(0, stmt.lineno - 8):stmt.lineno - 1])
+        above = "\n".join(lines[max(0, stmt.lineno - 8) : stmt.lineno - 1])
         assert "#" in above or '"""' in above, f"{rel}:{stmt.lineno}: a lazy import needs its reason above it"
 
 

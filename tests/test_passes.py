@@ -1,5 +1,6 @@
 """What a cell costs, counted at the model: PGD-k against a count made by hand, FGSM,
 an attack that only queries, and EOT's passes."""
+
 from __future__ import annotations
 
 import dataclasses

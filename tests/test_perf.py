@@ -1,5 +1,6 @@
 """The fast path stays honest on the CPU: early stop changes no result, bf16 is never the
 CPU default, and `bench perf` runs in a tiny configuration with the figures it promises."""
+
 from __future__ import annotations
 
 import io
@@ -39,9 +40,15 @@ def small_model():
     return model.eval()
 
 
-@pytest.mark.parametrize("params", [
-    {"restarts": 1}, {"restarts": 3}, {"restarts": 3, "loss": "cw"}, {"restarts": 2, "norm": "l2", "eps": 0.6, "step_size": 0.15},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"restarts": 1},
+        {"restarts": 3},
+        {"restarts": 3, "loss": "cw"},
+        {"restarts": 2, "norm": "l2", "eps": 0.6, "step_size": 0.15},
+    ],
+)
 def test_early_stop_changes_no_result(small_model, digits_test, params):
     x, y = digits_test
     params = dict({"eps": 0.06, "step_size": 0.015, "steps": 8}, **params)
@@ -71,8 +78,9 @@ def test_craft_default_path_is_plain_fp32_pgd(small_model, digits_test):
     crafted = craft(small_model, cell, x, y, device="cpu", batch_size=128, seed=7)
     gen = torch.Generator().manual_seed(7)
     with frozen(small_model):
-        direct = torch.cat([run_pgd(small_model, x[i:i + 128], y[i:i + 128], cell.config, gen)[0]
-                            for i in range(0, len(x), 128)])
+        direct = torch.cat(
+            [run_pgd(small_model, x[i : i + 128], y[i : i + 128], cell.config, gen)[0] for i in range(0, len(x), 128)]
+        )
     assert crafted.dtype == torch.float32 and torch.equal(crafted, direct)
 
 
@@ -80,8 +88,9 @@ def test_bf16_is_never_the_cpu_default(tmp_path):
     ws = Workspace.open(tmp_path, device="cpu")
     assert default_precision("cpu") == "fp32"
     assert ws.precision == "fp32" and ws.channels_last is False and ws.compile is False
-    assert ws.fast == FastPath(precision="fp32", channels_last=False, fold_bn=False, compile=False,
-                                  exact_rewrites=True)  # exact: changes no bit (tests/test_rewrite.py)
+    assert ws.fast == FastPath(
+        precision="fp32", channels_last=False, fold_bn=False, compile=False, exact_rewrites=True
+    )  # exact: changes no bit (tests/test_rewrite.py)
     assert Workspace.open(tmp_path, device="cpu", precision="bf16").precision == "bf16"  # only when asked
     with pytest.raises(BenchError):
         Workspace.open(tmp_path, device="cpu", precision="fp8")

@@ -3,6 +3,7 @@ registered defense, dataset and architecture, builds its config and training sch
 and records paper numbers only under leaderboard columns. Every defense has a digits
 preset, and presets written from Shafahi et al.'s tables keep their units straight.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,25 @@ from bench.registry import DEFENSES, build_config
 from bench.run.recipe import TrainRequest, resolve
 from defenses._parts import alpha_to_smoothing
 
-PAPER_COLUMNS = {"clean", "fgsm", "pgd5", "pgd10", "pgd20", "pgd40", "pgd50", "pgd100", "pgd200",
-                 "pgd1000", "cw20", "cw40", "cw50", "cw200", "spsa", "blackbox", "restarts10"}
+PAPER_COLUMNS = {
+    "clean",
+    "fgsm",
+    "pgd5",
+    "pgd10",
+    "pgd20",
+    "pgd40",
+    "pgd50",
+    "pgd100",
+    "pgd200",
+    "pgd1000",
+    "cw20",
+    "cw40",
+    "cw50",
+    "cw200",
+    "spsa",
+    "blackbox",
+    "restarts10",
+}
 PRESETS = all_presets()
 
 

@@ -1,5 +1,6 @@
 """The Ray executor on a real local Ray cluster (2 CPUs, shared by the session): the same
 numbers as the local executor bit for bit, transfer grids, a killed worker, a failing attack."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,15 +48,20 @@ def _numbers(ws: Workspace) -> tuple[dict, dict, dict]:
     """Everything a run computes, keyed by checkpoint key (ids differ between stores)."""
     cks = {c.id: c for c in ws.store.checkpoints()}
     weights = {c.key: c.sha256 for c in cks.values()}
-    cells = {(cks[e.checkpoint_id].key, e.cell_key): (e.clean_acc, e.robust_acc, e.n, e.correct_bits)
-             for e in ws.store.evaluations()}
-    transfers = {(cks[t.source_id].key, cks[t.target_id].key, t.cell_key): (t.robust_acc, t.correct_bits)
-                 for t in ws.store.transfers()}
+    cells = {
+        (cks[e.checkpoint_id].key, e.cell_key): (e.clean_acc, e.robust_acc, e.n, e.correct_bits)
+        for e in ws.store.evaluations()
+    }
+    transfers = {
+        (cks[t.source_id].key, cks[t.target_id].key, t.cell_key): (t.robust_acc, t.correct_bits)
+        for t in ws.store.transfers()
+    }
     return weights, cells, transfers
 
 
-def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(ray_cluster, registered_plugins, tmp_path,
-                                                                      monkeypatch):
+def test_a_ray_run_stores_the_same_numbers_as_a_local_run_bit_for_bit(
+    ray_cluster, registered_plugins, tmp_path, monkeypatch
+):
     matrix = tmp_path / "small.toml"
     matrix.write_text(MATRIX)
     specs = [TrainRequest("natural", overrides=("epochs=2",)), TrainRequest("logit_squeeze", overrides=("epochs=2",))]
@@ -141,7 +147,7 @@ def test_bench_run_and_transfer_take_executor_ray(ray_cluster, tmp_path, monkeyp
     assert sum(r["attack"] != "worst_case" for r in rows) == 3 + 4 and ray.is_initialized()
 
 
-MODEL_FILE = '''
+MODEL_FILE = """
 import torch
 from torch import nn
 
@@ -158,7 +164,7 @@ class Tiny(nn.Module):
 def build():
     torch.manual_seed(0)
     return Tiny()
-'''
+"""
 
 
 def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path, monkeypatch):
@@ -172,21 +178,37 @@ def test_bench_eval_of_a_py_file_model_on_ray_equals_local(ray_cluster, tmp_path
     (tmp_path / "my_models.py").write_text(MODEL_FILE)
     # The verifier's cells run as jobs like any other (its verdicts, fixed by the bounds,
     # the seeded search and the MILP well inside the limit, equal too).
-    (tmp_path / "m.toml").write_text('[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\nsteps = [5, 10]\n\n'
-                                     '[[cell]]\nattack = "verify"\ntime_limit = 60.0\n\n[[cell]]\nattack = "certify"\n')
+    (tmp_path / "m.toml").write_text(
+        '[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\nsteps = [5, 10]\n\n'
+        '[[cell]]\nattack = "verify"\ntime_limit = 60.0\n\n[[cell]]\nattack = "certify"\n'
+    )
     stored = {}
     for executor in ("local", "ray"):
         results = tmp_path / executor
-        monkeypatch.setattr(sys, "argv", ["bench", "eval", "--model", str(tmp_path / "my_models.py:build"),
-                                          "--name", "tiny", "--matrix", str(tmp_path / "m.toml"),
-                                          "--results", str(results), "--executor", executor])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "bench",
+                "eval",
+                "--model",
+                str(tmp_path / "my_models.py:build"),
+                "--name",
+                "tiny",
+                "--matrix",
+                str(tmp_path / "m.toml"),
+                "--results",
+                str(results),
+                "--executor",
+                executor,
+            ],
+        )
         with pytest.raises(SystemExit) as exc:
             cli.main()
             raise SystemExit(0)
         assert exc.value.code == 0
         store = Store(f"sqlite:///{results / 'bench.db'}")
-        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits, e.proven_bits)
-                            for e in store.evaluations()}
+        stored[executor] = {e.cell_key: (e.robust_acc, e.correct_bits, e.proven_bits) for e in store.evaluations()}
     assert len(stored["local"]) == 5 and stored["ray"] == stored["local"]
 
 

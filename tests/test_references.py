@@ -24,6 +24,7 @@ input and on the adversarial one.
   adds x again; cleverhans issue #1249), so it cannot serve. On a linear model the
   gradient and the attack's answer are known exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,9 @@ def test_l2_pgd_is_never_weaker_than_torchattacks(model, digits_test):
         mine.append(ours(model, cell, x, y, seed))
         torch.manual_seed(seed)  # torchattacks draws its start from the global generator
         with frozen(model):
-            x_adv = torchattacks.PGDL2(model, eps=cell.config.eps, alpha=cell.config.step_size, steps=20,
-                                       random_start=True)(x, y)
+            x_adv = torchattacks.PGDL2(
+                model, eps=cell.config.eps, alpha=cell.config.step_size, steps=20, random_start=True
+            )(x, y)
         theirs.append(robust_acc(model, x_adv, x, y))
     assert_never_weaker(mine, theirs)
 
@@ -194,12 +196,26 @@ def test_square_is_never_weaker_than_art(model, digits_test, numpy_seeded):
         np.random.seed(seed)
         random.seed(seed)
         with frozen(model):
-            classifier = Classifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                                    nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+            classifier = Classifier(
+                model,
+                loss=torch.nn.CrossEntropyLoss(),
+                input_shape=tuple(x.shape[1:]),
+                nb_classes=10,
+                clip_values=(0.0, 1.0),
+                device_type="cpu",
+            )
             # max_iter candidates a sample after its first (stripe) query: the same budget
             # as our `queries`, which counts that first query too.
-            attack = SquareAttack(classifier, norm=np.inf, eps=THREAT.eps, max_iter=SQUARE_QUERIES, p_init=0.8,
-                                  nb_restarts=1, batch_size=SQUARE_IMAGES, verbose=False)
+            attack = SquareAttack(
+                classifier,
+                norm=np.inf,
+                eps=THREAT.eps,
+                max_iter=SQUARE_QUERIES,
+                p_init=0.8,
+                nb_restarts=1,
+                batch_size=SQUARE_IMAGES,
+                verbose=False,
+            )
             x_adv = torch.as_tensor(attack.generate(xs.numpy(), ys.numpy()))
         assert float((x_adv - xs).abs().max()) <= THREAT.eps + 1e-6
         theirs.append(robust_acc(model, x_adv, xs, ys))
@@ -230,11 +246,14 @@ def spsa_config(**values):
     return ATTACKS.get("spsa").make_config({"eps": THREAT.eps, **values})
 
 
-@pytest.mark.parametrize("shape,values,n", [
-    ((1, 8, 8), {"samples_per_dim": 2}, 200),     # digits: 128 samples
-    ((1, 28, 28), {"samples_per_dim": 2}, 16),    # MNIST: 1568, the same quality
-    ((1, 28, 28), {"samples": 128}, 200),         # MNIST at digits' fixed 128: much worse
-])
+@pytest.mark.parametrize(
+    "shape,values,n",
+    [
+        ((1, 8, 8), {"samples_per_dim": 2}, 200),  # digits: 128 samples
+        ((1, 28, 28), {"samples_per_dim": 2}, 16),  # MNIST: 1568, the same quality
+        ((1, 28, 28), {"samples": 128}, 200),  # MNIST at digits' fixed 128: much worse
+    ],
+)
 def test_spsa_gradient_estimate_matches_the_closed_form(shape, values, n):
     """With K Rademacher directions v (K = samples / 2) the estimate of a linear function's
     gradient w is g = (1/K) sum_k (v_k . w) v_k: E[g] = w, and since E[(v.w)^2 v_i v_j] is
@@ -248,19 +267,20 @@ def test_spsa_gradient_estimate_matches_the_closed_form(shape, values, n):
     samples = cfg.samples_for(x)
     k = samples // 2
     with torch.no_grad():
-        g = _spsa_gradient(Linear2(w, -1.0), x, torch.zeros(n, dtype=torch.long), cfg,
-                           torch.Generator().manual_seed(1), samples).flatten(1)
+        g = _spsa_gradient(
+            Linear2(w, -1.0), x, torch.zeros(n, dtype=torch.long), cfg, torch.Generator().manual_seed(1), samples
+        ).flatten(1)
     w = w.flatten()
     spread = (d - 1) / k
     # Each estimate's relative squared error has mean `spread` and a standard deviation of
     # about spread * sqrt(2 / d); 10% is over eight standard errors of the mean of n.
-    error = ((g - w) ** 2).sum(1) / (w ** 2).sum()
+    error = ((g - w) ** 2).sum(1) / (w**2).sum()
     assert abs(float(error.mean()) / spread - 1) < 0.1
     cosine = F.cosine_similarity(g, w[None], dim=1)
     assert abs(float(cosine.mean()) - 1 / math.sqrt(1 + spread)) < 0.03
     # Unbiased: the mean of n estimates has E|mean - w|^2 / |w|^2 = spread / n (3x: a
     # scale error of 2 would give 1).
-    assert float(((g.mean(0) - w) ** 2).sum() / (w ** 2).sum()) < 3 * spread / n
+    assert float(((g.mean(0) - w) ** 2).sum() / (w**2).sum()) < 3 * spread / n
 
 
 def test_spsa_breaks_exactly_what_a_linear_model_allows():
@@ -309,8 +329,7 @@ def test_spsa_pairs_see_the_same_noise_on_a_randomized_model():
     assert torch.equal(estimate(Linear2(torch.zeros_like(w), 0.5, sigma=1.0)), torch.zeros_like(x))
     # Noise of 1 against probes 0.01 apart: with independent draws each pair's difference
     # would carry noise of about 1.4 / 0.02 = 70 per pair, 70 / sqrt(64) ~ 9 per pixel.
-    torch.testing.assert_close(estimate(Linear2(w, 0.5, sigma=1.0)), estimate(Linear2(w, 0.5)),
-                               rtol=0, atol=1e-3)
+    torch.testing.assert_close(estimate(Linear2(w, 0.5, sigma=1.0)), estimate(Linear2(w, 0.5)), rtol=0, atol=1e-3)
 
 
 def test_spsa_reads_only_outputs_and_scales_with_the_input():

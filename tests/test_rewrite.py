@@ -1,6 +1,7 @@
 """The exact graph rewrites change no bit: logits and input gradients of the rewritten
 model equal the original's exactly, on inputs full of ties (the digits' flat background),
 and so do the attacks and the training adversary that run on them."""
+
 from __future__ import annotations
 
 import pytest
@@ -87,7 +88,9 @@ def _inputs(shape, n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, *shape)
     h, w = shape[1:]
-    x[..., h // 4: 3 * h // 4, w // 4: 3 * w // 4] = torch.rand(n, shape[0], h - 2 * (h // 4), w - 2 * (w // 4), generator=g)
+    x[..., h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = torch.rand(
+        n, shape[0], h - 2 * (h // 4), w - 2 * (w // 4), generator=g
+    )
     return x, torch.randint(0, 10, (n,), generator=g)
 
 
@@ -102,12 +105,15 @@ def _targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("build,shape", [
-    (lambda: build_model("digits_cnn", DIGITS), DIGITS.shape),
-    (lambda: build_model("madry_mnist", MNIST), MNIST.shape),
-    (ModulePools, (1, 4, 4)),
-    (InplaceRelu, (1, 4, 4)),
-])
+@pytest.mark.parametrize(
+    "build,shape",
+    [
+        (lambda: build_model("digits_cnn", DIGITS), DIGITS.shape),
+        (lambda: build_model("madry_mnist", MNIST), MNIST.shape),
+        (ModulePools, (1, 4, 4)),
+        (InplaceRelu, (1, 4, 4)),
+    ],
+)
 def test_rewrite_changes_no_logit_and_no_gradient(build, shape):
     torch.manual_seed(0)
     model = build().eval().requires_grad_(False)
@@ -181,8 +187,10 @@ def test_view_is_cached_follows_weights_and_is_retraced_on_a_mode_change():
     assert exact_view(moved) is not first
 
 
-@pytest.mark.parametrize("params", [{"steps": 10}, {"steps": 10, "loss": "cw"}, {"steps": 6, "restarts": 2},
-                                    {"steps": 10, "early_stop": False}])
+@pytest.mark.parametrize(
+    "params",
+    [{"steps": 10}, {"steps": 10, "loss": "cw"}, {"steps": 6, "restarts": 2}, {"steps": 10, "early_stop": False}],
+)
 def test_attacks_on_the_rewritten_model_are_bit_identical(digits_test, params):
     torch.manual_seed(1)
     model = build_model("digits_cnn", DIGITS)

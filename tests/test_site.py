@@ -9,6 +9,7 @@ from the store's own definition, bench.store.db.worst_case.
 Install: `apt-get install -y chromium` and `pip install playwright`. Without them these
 browser tests skip, except under CI=true, where they fail and say what to install.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,60 +44,142 @@ def _bits(acc: float, seed: int, n: int = N) -> np.ndarray:
 
 
 def _pgd(steps: int, loss: str = "xent", restarts: int = 1, norm: str = "linf", eps: float = 0.2) -> tuple:
-    params = {"eps": eps, "steps": steps, "step_size": 0.05, "loss": loss, "norm": norm,
-              "random_start": True, "restarts": restarts}
-    key = (f"pgd:eps={eps:g},loss={loss},norm={norm},random_start=true,restarts={restarts},"
-           f"step_size=0.05,steps={steps}")
+    params = {
+        "eps": eps,
+        "steps": steps,
+        "step_size": 0.05,
+        "loss": loss,
+        "norm": norm,
+        "random_start": True,
+        "restarts": restarts,
+    }
+    key = f"pgd:eps={eps:g},loss={loss},norm={norm},random_start=true,restarts={restarts},step_size=0.05,steps={steps}"
     return "pgd", key, params, f"{norm}-{eps:g}"
 
 
 FGSM = ("fgsm", "fgsm:eps=0.2,loss=xent", {"eps": 0.2, "loss": "xent"}, "linf-0.2")
-SPSA = ("spsa", "spsa:eps=0.2,iterations=10,samples=64,subset=20", {"eps": 0.2, "iterations": 10, "samples": 64},
-        "linf-0.2")
+SPSA = (
+    "spsa",
+    "spsa:eps=0.2,iterations=10,samples=64,subset=20",
+    {"eps": 0.2, "iterations": 10, "samples": 64},
+    "linf-0.2",
+)
 AUTO = ("autoattack", "autoattack:eps=0.2,norm=linf", {"eps": 0.2, "norm": "linf"}, "linf-0.2")
-SQUARE = ("square", "square:eps=0.2,norm=linf,p_init=0.8,queries=1000",
-          {"eps": 0.2, "norm": "linf", "p_init": 0.8, "queries": 1000}, "linf-0.2")
+SQUARE = (
+    "square",
+    "square:eps=0.2,norm=linf,p_init=0.8,queries=1000",
+    {"eps": 0.2, "norm": "linf", "p_init": 0.8, "queries": 1000},
+    "linf-0.2",
+)
 # The admission record bench.science.admission.admit stores in a checkpoint's meta.
-ADMISSION = {"schema": 2, "config": {"n": 500, "passes": 5, "noise_fraction": 0.05, "trace_steps": 100, "seed": 0},
-             "n": N, "probabilities": {"min": -11.25, "max": 9.5, "max_row_sum_error": 3.75},
-             "randomized": {"passes": 5, "max_output_diff": 0.0, "max_relative_diff": 0.0,
-                            "share_prediction_changed": 0.0},
-             "autograd_calls": 0, "zero_gradient": {"count": 3, "n": N, "share": 0.05},
-             "noise_flips": {"amplitude": 0.01, "flipped": 2, "correct": 57},
-             "loss_rising": {"steps": 100, "n": N, "tail": 10, "loss_before_tail": 2.5, "loss_last": 2.75,
-                             "trace": [0.5, 1.5, 2.5]}}
+ADMISSION = {
+    "schema": 2,
+    "config": {"n": 500, "passes": 5, "noise_fraction": 0.05, "trace_steps": 100, "seed": 0},
+    "n": N,
+    "probabilities": {"min": -11.25, "max": 9.5, "max_row_sum_error": 3.75},
+    "randomized": {"passes": 5, "max_output_diff": 0.0, "max_relative_diff": 0.0, "share_prediction_changed": 0.0},
+    "autograd_calls": 0,
+    "zero_gradient": {"count": 3, "n": N, "share": 0.05},
+    "noise_flips": {"amplitude": 0.01, "flipped": 2, "correct": 57},
+    "loss_rising": {
+        "steps": 100,
+        "n": N,
+        "tail": 10,
+        "loss_before_tail": 2.5,
+        "loss_last": 2.75,
+        "trace": [0.5, 1.5, 2.5],
+    },
+}
 
 
 def _unbounded(eps: float) -> tuple:
-    return ("unbounded", f"unbounded:eps={eps:g},loss=xent,steps=20", {"eps": eps, "loss": "xent", "steps": 20},
-            f"unbounded-{eps:g}")
+    return (
+        "unbounded",
+        f"unbounded:eps={eps:g},loss=xent,steps=20",
+        {"eps": eps, "loss": "xent", "steps": 20},
+        f"unbounded-{eps:g}",
+    )
 
 
 # (defense, preset, dataset, threat, clean, [(cell, robust accuracy)], extra meta, config)
 CHECKPOINTS = [
-    ("natural", "natural_digits", "digits", "linf-0.2", 0.95,
-     [(FGSM, 0.30), (_pgd(5), 0.20), (_pgd(20), 0.10), (_pgd(200), 0.05), (_pgd(20, "cw"), 0.15),
-      (_pgd(20, restarts=10), 0.05), (SPSA, 0.25), (AUTO, 0.0), (_unbounded(0.4), 0.05), (_unbounded(1.0), 0.0),
-      (_pgd(20, norm="l2", eps=1.5), 0.4), (_pgd(20, "cw", norm="l2", eps=1.5), 0.45)],
-     # natural is the matrix's transfer surrogate (the run layer marks it so)
-     {"paper": {"clean": 0.99, "pgd20": 0.02, "pgd200": 0.01}, "surrogate": True, "admission": ADMISSION}, {}),
-    ("logit_squeeze", "logit_squeeze_digits", "digits", "linf-0.2", 0.9,
-     [(FGSM, 0.55), (_pgd(5), 0.6), (_pgd(20), 0.5), (_pgd(50), 0.45), (_pgd(20, "cw"), 0.4), (SPSA, 0.35),
-      (SQUARE, 0.3), (_pgd(20, norm="l2", eps=1.5), 0.6)],
-     {"preset_description": f"squeezes logits {XSS}<b>not bold</b>"}, {"beta": 0.05, "note": XSS}),
-    ("label_smoothing", None, "digits", "linf-0.2", 0.93,
-     [(FGSM, 0.45), (_pgd(20), 0.3), (_pgd(1000), 0.2)], {}, {"smoothing": 0.1}),
+    (
+        "natural",
+        "natural_digits",
+        "digits",
+        "linf-0.2",
+        0.95,
+        [
+            (FGSM, 0.30),
+            (_pgd(5), 0.20),
+            (_pgd(20), 0.10),
+            (_pgd(200), 0.05),
+            (_pgd(20, "cw"), 0.15),
+            (_pgd(20, restarts=10), 0.05),
+            (SPSA, 0.25),
+            (AUTO, 0.0),
+            (_unbounded(0.4), 0.05),
+            (_unbounded(1.0), 0.0),
+            (_pgd(20, norm="l2", eps=1.5), 0.4),
+            (_pgd(20, "cw", norm="l2", eps=1.5), 0.45),
+        ],
+        # natural is the matrix's transfer surrogate (the run layer marks it so)
+        {"paper": {"clean": 0.99, "pgd20": 0.02, "pgd200": 0.01}, "surrogate": True, "admission": ADMISSION},
+        {},
+    ),
+    (
+        "logit_squeeze",
+        "logit_squeeze_digits",
+        "digits",
+        "linf-0.2",
+        0.9,
+        [
+            (FGSM, 0.55),
+            (_pgd(5), 0.6),
+            (_pgd(20), 0.5),
+            (_pgd(50), 0.45),
+            (_pgd(20, "cw"), 0.4),
+            (SPSA, 0.35),
+            (SQUARE, 0.3),
+            (_pgd(20, norm="l2", eps=1.5), 0.6),
+        ],
+        {"preset_description": f"squeezes logits {XSS}<b>not bold</b>"},
+        {"beta": 0.05, "note": XSS},
+    ),
+    (
+        "label_smoothing",
+        None,
+        "digits",
+        "linf-0.2",
+        0.93,
+        [(FGSM, 0.45), (_pgd(20), 0.3), (_pgd(1000), 0.2)],
+        {},
+        {"smoothing": 0.1},
+    ),
     ("pgd_at", None, "digits", "linf-0.2", 0.8, [], {}, {"attack_steps": 5}),  # trained, nothing attacked yet
-    ("natural", None, "mnist", "linf-0.3", 0.99,
-     [(("fgsm", "fgsm:eps=0.3,loss=xent", {"eps": 0.3, "loss": "xent"}, "linf-0.3"), 0.1),
-      (_pgd(20, eps=0.3), 0.01)], {}, {}),
+    (
+        "natural",
+        None,
+        "mnist",
+        "linf-0.3",
+        0.99,
+        [
+            (("fgsm", "fgsm:eps=0.3,loss=xent", {"eps": 0.3, "loss": "xent"}, "linf-0.3"), 0.1),
+            (_pgd(20, eps=0.3), 0.01),
+        ],
+        {},
+        {},
+    ),
 ]
 
 
 def _hist(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"edges": np.linspace(-10, 10, 21).round(3).tolist(), "clean": rng.integers(0, 50, 20).tolist(),
-            "adv": rng.integers(0, 50, 20).tolist()}
+    return {
+        "edges": np.linspace(-10, 10, 21).round(3).tolist(),
+        "clean": rng.integers(0, 50, 20).tolist(),
+        "adv": rng.integers(0, 50, 20).tolist(),
+    }
 
 
 DIAGNOSED = (0, 1, 3)  # natural, logit_squeeze and pgd_at on digits; the others have none
@@ -111,18 +194,36 @@ def _add_diagnostic(store: Store, checkpoint_id: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     gap = rng.normal(3 + seed, 2, N)
     grad_gap = rng.uniform(5, 80, N)
-    samples = {"logit_gap": gap, "grad_gap": grad_gap, "eps_l": gap / grad_gap,
-               "coherence": rng.uniform(-1, 1, N), "grad_norm_true": rng.uniform(1, 50, N),
-               "grad_norm_adv": rng.uniform(1, 50, N), "correct": gap > 0}
+    samples = {
+        "logit_gap": gap,
+        "grad_gap": grad_gap,
+        "eps_l": gap / grad_gap,
+        "coherence": rng.uniform(-1, 1, N),
+        "grad_norm_true": rng.uniform(1, 50, N),
+        "grad_norm_adv": rng.uniform(1, 50, N),
+        "correct": gap > 0,
+    }
     logits = torch.tensor(rng.normal(0, 3, (N, 10)))
     stored = {k: _rounded(samples[k]) for k in SAMPLE_FIELDS}
     stored["correct"] = [bool(c) for c in samples["correct"]]
     stored["logits"] = _rounded(logits.numpy(), 4)
     values = np.linspace(-0.25, 0.25, 5).tolist()
-    land = {"values": values, "span": 1.25, "eps": 0.2, "seed": 0,
-            "loss": [rng.uniform(0, 3, (5, 5)).round(4).tolist() for _ in range(8)]}
-    store.add_diagnostic(checkpoint_id, eps=0.2, n=N, summary=summarize(samples, logits, 0.2), samples=stored,
-                         landscape=land, seconds=0.1)
+    land = {
+        "values": values,
+        "span": 1.25,
+        "eps": 0.2,
+        "seed": 0,
+        "loss": [rng.uniform(0, 3, (5, 5)).round(4).tolist() for _ in range(8)],
+    }
+    store.add_diagnostic(
+        checkpoint_id,
+        eps=0.2,
+        n=N,
+        summary=summarize(samples, logits, 0.2),
+        samples=stored,
+        landscape=land,
+        seconds=0.1,
+    )
 
 
 def make_store(folder: Path) -> Store:
@@ -130,12 +231,29 @@ def make_store(folder: Path) -> Store:
     ids = []
     for i, (defense, preset, dataset, threat, clean, cells, meta, config) in enumerate(CHECKPOINTS):
         ck = store.add_checkpoint(
-            key=f"{i:04d}{defense[:4]}abcdef01", dataset=dataset, defense=defense, preset=preset, arch="digits_cnn",
-            seed=i, threat=threat, config=config, train_config={"epochs": 3, "lr": 0.01},
+            key=f"{i:04d}{defense[:4]}abcdef01",
+            dataset=dataset,
+            defense=defense,
+            preset=preset,
+            arch="digits_cnn",
+            seed=i,
+            threat=threat,
+            config=config,
+            train_config={"epochs": 3, "lr": 0.01},
             path=str(folder / "results" / "checkpoints" / dataset / defense / f"{i:04d}{defense[:4]}abcdef01"),
-            sha256=f"{i:064d}", epochs=3, train_seconds=10.0 + 7 * i, device="cpu (2 cores)",
-            meta={"clean_acc": clean, "package_version": "0.1.0", "torch_version": "2.x", "git_commit": "deadbeef",
-                  "logit_stats": {"mean": 0.5, "variance": 3.0}, **meta})
+            sha256=f"{i:064d}",
+            epochs=3,
+            train_seconds=10.0 + 7 * i,
+            device="cpu (2 cores)",
+            meta={
+                "clean_acc": clean,
+                "package_version": "0.1.0",
+                "torch_version": "2.x",
+                "git_commit": "deadbeef",
+                "logit_stats": {"mean": 0.5, "variance": 3.0},
+                **meta,
+            },
+        )
         ids.append(ck.id)
         clean_bits = _bits(clean, seed=1000 + i)
         for j, ((attack, key, params, cthreat), acc) in enumerate(cells):
@@ -143,25 +261,67 @@ def make_store(folder: Path) -> Store:
             n = len(SPSA_IDX) if subset else N
             # Robust implies clean; the accuracy is what is stored, the bits follow it.
             bits = _bits(acc, seed=100 * i + j, n=n) & (clean_bits[SPSA_IDX] if subset else clean_bits)
-            store.add_evaluation(ck.id, cell_key=key, attack=attack, params=params, threat=cthreat,
-                                 clean_acc=clean, robust_acc=float(bits.mean()), n=n, seconds=1.5,
-                                 correct_bits=pack_bits(bits), indices=SPSA_IDX if subset else None,
-                                 extra={"logit_hist": _hist(j), "adv_logit_stats": {"mean": -1.0},
-                                        "warnings": ["AutoAttack: possible gradient masking"] if attack == "autoattack" else []})
+            store.add_evaluation(
+                ck.id,
+                cell_key=key,
+                attack=attack,
+                params=params,
+                threat=cthreat,
+                clean_acc=clean,
+                robust_acc=float(bits.mean()),
+                n=n,
+                seconds=1.5,
+                correct_bits=pack_bits(bits),
+                indices=SPSA_IDX if subset else None,
+                extra={
+                    "logit_hist": _hist(j),
+                    "adv_logit_stats": {"mean": -1.0},
+                    "warnings": ["AutoAttack: possible gradient masking"] if attack == "autoattack" else [],
+                },
+            )
     # A 3 x 3 transfer grid among the first three digits checkpoints, diagonal included.
     _, key, params, _ = _pgd(10)
     for s in ids[:3]:
         for t in ids[:3]:
             bits = _bits(0.3 + 0.1 * ((s + 2 * t) % 5), seed=7 * s + t)
-            store.add_transfer(s, t, cell_key=key, attack="pgd", params=params, threat="linf-0.2", clean_acc=0.9,
-                               robust_acc=float(bits.mean()), n=N, seconds=0.5, correct_bits=pack_bits(bits), extra={})
+            store.add_transfer(
+                s,
+                t,
+                cell_key=key,
+                attack="pgd",
+                params=params,
+                threat="linf-0.2",
+                clean_acc=0.9,
+                robust_acc=float(bits.mean()),
+                n=N,
+                seconds=0.5,
+                correct_bits=pack_bits(bits),
+                extra={},
+            )
     for i in DIAGNOSED:
         _add_diagnostic(store, ids[i], seed=i)
-    store.replace_flags(ids[1], [{"name": "spsa_stronger_than_pgd", "message": "SPSA beats PGD on the same images.",
-                                  "numbers": {"spsa": 0.35, "pgd_same_images": 0.5, "n": 20}},
-                                 {"name": "square_stronger_than_pgd", "message": "Square breaks what PGD cannot.",
-                                  "numbers": {"broken_only_by_square": 7, "n": N, "share": 7 / N,
-                                              "whitebox_broken": 30, "square_broken": 25, "cells": [SQUARE[1]]}}])
+    store.replace_flags(
+        ids[1],
+        [
+            {
+                "name": "spsa_stronger_than_pgd",
+                "message": "SPSA beats PGD on the same images.",
+                "numbers": {"spsa": 0.35, "pgd_same_images": 0.5, "n": 20},
+            },
+            {
+                "name": "square_stronger_than_pgd",
+                "message": "Square breaks what PGD cannot.",
+                "numbers": {
+                    "broken_only_by_square": 7,
+                    "n": N,
+                    "share": 7 / N,
+                    "whitebox_broken": 30,
+                    "square_broken": 25,
+                    "cells": [SQUARE[1]],
+                },
+            },
+        ],
+    )
     return store
 
 
@@ -177,24 +337,39 @@ def expected_rows(store: Store) -> dict[str, dict]:
             return min(hits) if hits else None
 
         def pgd(steps, loss="xent"):
-            return lowest(lambda e: e.attack == "pgd" and e.params["steps"] == steps and e.params["loss"] == loss
-                          and e.params["restarts"] == 1)
+            return lowest(
+                lambda e: (
+                    e.attack == "pgd"
+                    and e.params["steps"] == steps
+                    and e.params["loss"] == loss
+                    and e.params["restarts"] == 1
+                )
+            )
 
-        steps = [e.params["steps"] for e in cells if e.attack == "pgd" and e.params["loss"] == "xent"
-                 and e.params["restarts"] == 1]
+        steps = [
+            e.params["steps"]
+            for e in cells
+            if e.attack == "pgd" and e.params["loss"] == "xent" and e.params["restarts"] == 1
+        ]
         wc = worst_case(ck.threat, [*cells, *transfers], N) if any(e.indices is None for e in cells) else None
         # The strongest transfer from another checkpoint (the diagonal is white-box) and its surrogates.
         black_box = [t for t in transfers if t.source_id != ck.id and t.threat == ck.threat]
         transfer = min(t.robust_acc for t in black_box) if black_box else None
-        out[ck.key] = {"board": f"board-{ck.dataset}-{ck.threat}", "clean": ck.meta["clean_acc"],
-                       "fgsm": lowest(lambda e: e.attack == "fgsm"), "pgd20": pgd(20),
-                       "pgd_longest": pgd(max(steps)) if steps else None, "cw20": pgd(20, "cw"),
-                       "apgd_t": lowest(lambda e: e.attack == "apgd_t"),
-                       "spsa": lowest(lambda e: e.attack == "spsa"),
-                       "autoattack": lowest(lambda e: e.attack == "autoattack"),
-                       "square": lowest(lambda e: e.attack == "square"), "transfer": transfer,
-                       "surrogates": {t.source_id for t in black_box if t.robust_acc == transfer},
-                       "worst": wc.robust_acc if wc else None}
+        out[ck.key] = {
+            "board": f"board-{ck.dataset}-{ck.threat}",
+            "clean": ck.meta["clean_acc"],
+            "fgsm": lowest(lambda e: e.attack == "fgsm"),
+            "pgd20": pgd(20),
+            "pgd_longest": pgd(max(steps)) if steps else None,
+            "cw20": pgd(20, "cw"),
+            "apgd_t": lowest(lambda e: e.attack == "apgd_t"),
+            "spsa": lowest(lambda e: e.attack == "spsa"),
+            "autoattack": lowest(lambda e: e.attack == "autoattack"),
+            "square": lowest(lambda e: e.attack == "square"),
+            "transfer": transfer,
+            "surrogates": {t.source_id for t in black_box if t.robust_acc == transfer},
+            "worst": wc.robust_acc if wc else None,
+        }
     return out
 
 
@@ -291,8 +466,19 @@ def _board_rows(page, board_id: str) -> list[dict]:
 
 
 # --- the board ---------------------------------------------------------------------------
-COLUMNS = ("clean", "fgsm", "pgd20", "pgd_longest", "cw20", "apgd_t", "spsa", "square", "transfer", "autoattack",
-           "worst")
+COLUMNS = (
+    "clean",
+    "fgsm",
+    "pgd20",
+    "pgd_longest",
+    "cw20",
+    "apgd_t",
+    "spsa",
+    "square",
+    "transfer",
+    "autoattack",
+    "worst",
+)
 
 
 def test_every_checkpoint_is_on_its_board_with_the_stored_numbers(built, session):
@@ -338,8 +524,13 @@ def test_other_threat_models_get_their_own_board(built, session):
     assert ids == ["board-digits-linf-0.2", "board-digits-l2-1.5", "board-mnist-linf-0.3"]
     l2 = _board_rows(page, "board-digits-l2-1.5")
     assert sorted(r["key"] for r in l2) == ["0000natuabcdef01", "0001logiabcdef01"]
-    store = {e.cell_key: e.robust_acc for e in built.store.evaluations() if e.threat == "l2-1.5"
-             and e.params["loss"] == "xent" and e.checkpoint_id == built.store.checkpoint(l2[0]["key"]).id}
+    store = {
+        e.cell_key: e.robust_acc
+        for e in built.store.evaluations()
+        if e.threat == "l2-1.5"
+        and e.params["loss"] == "xent"
+        and e.checkpoint_id == built.store.checkpoint(l2[0]["key"]).id
+    }
     assert float(l2[0]["cells"]["pgd20"]["value"]) == pytest.approx(min(store.values()))
 
 
@@ -350,8 +541,11 @@ def test_square_and_transfer_columns_are_filled_where_stored(built, session):
     rows = {r["key"]: r["cells"] for r in _board_rows(page, "board-digits-linf-0.2")}
     # Square only on logit_squeeze; transfers among the first three, none on pgd_at.
     assert [k for k, c in rows.items() if c["square"]["value"]] == ["0001logiabcdef01"]
-    assert sorted(k for k, c in rows.items() if c["transfer"]["value"]) == ["0000natuabcdef01", "0001logiabcdef01",
-                                                                           "0002labeabcdef01"]
+    assert sorted(k for k, c in rows.items() if c["transfer"]["value"]) == [
+        "0000natuabcdef01",
+        "0001logiabcdef01",
+        "0002labeabcdef01",
+    ]
     help_text = page.inner_text("section.help")
     assert "Square" in help_text and "strongest" in help_text
 
@@ -418,8 +612,9 @@ def test_each_board_plots_accuracy_against_eps_from_the_store(built, session):
 def test_surrogates_are_marked_and_explained(built, session):
     page = session.open(built.index.as_uri())
     for board in ("board-digits-linf-0.2", "board-digits-l2-1.5"):
-        marked = page.eval_on_selector_all(f"[id='{board}'] tbody tr:has(.mark.surrogate)",
-                                           "rs => rs.map(r => r.dataset.key)")
+        marked = page.eval_on_selector_all(
+            f"[id='{board}'] tbody tr:has(.mark.surrogate)", "rs => rs.map(r => r.dataset.key)"
+        )
         assert marked == ["0000natuabcdef01"], board
         assert "black-box transfer cells" in page.inner_text(f"[id='{board}'] .surrogate-note")
     assert page.locator("[id='board-mnist-linf-0.3'] .surrogate").count() == 0
@@ -611,10 +806,13 @@ def test_script_in_stored_text_shows_as_text(built, session):
 
 def test_transfer_page_is_a_target_by_source_grid(built, session):
     page = session.open((built.root / "transfer.html").as_uri())
-    grid = page.eval_on_selector("table.transfer", """t => ({
+    grid = page.eval_on_selector(
+        "table.transfer",
+        """t => ({
         sources: Array.from(t.tHead.rows[1].cells).slice(1, -1).map(c => c.querySelector('a').innerText),
         rows: Array.from(t.tBodies[0].rows).map(r => ({target: r.cells[0].querySelector('a').innerText,
-              values: Array.from(r.querySelectorAll('td.heat')).map(c => c.dataset.value)}))})""")
+              values: Array.from(r.querySelectorAll('td.heat')).map(c => c.dataset.value)}))})""",
+    )
     ids = sorted({t.source_id for t in built.store.transfers()})
     names = ["natural (natural_digits)", "logit_squeeze (logit_squeeze_digits)", "label_smoothing"]
     assert grid["sources"] == names and [r["target"] for r in grid["rows"]] == names
@@ -651,15 +849,28 @@ def _expected_diag(store: Store, ck) -> dict:
     """What a Table 1 row must show, from the stored rows alone (measured accuracies are
     the weakest stored FGSM and L-inf PGD cells at the diagnostic's eps)."""
     d = store.diagnostics([ck.id])[0]
-    cells = [e for e in store.evaluations([ck.id]) if e.indices is None and e.threat == ck.threat
-             and e.params.get("eps") == d.eps and e.params.get("norm", "linf") == "linf"]
+    cells = [
+        e
+        for e in store.evaluations([ck.id])
+        if e.indices is None
+        and e.threat == ck.threat
+        and e.params.get("eps") == d.eps
+        and e.params.get("norm", "linf") == "linf"
+    ]
     fgsm = [e.robust_acc for e in cells if e.attack == "fgsm"]
     pgd = [e.robust_acc for e in cells if e.attack == "pgd"]
     s = d.summary
-    return {"logit_gap": s["logit_gap"]["median"], "grad_gap": s["grad_gap"]["median"],
-            "eps_l": s["eps_l"]["median"], "coherence": s["coherence"]["median"],
-            "logit_variance": s["logit_variance"], "predicted": s["predicted_acc"], "clean": s["clean_acc"],
-            "fgsm": min(fgsm) if fgsm else None, "pgd": min(pgd) if pgd else None}
+    return {
+        "logit_gap": s["logit_gap"]["median"],
+        "grad_gap": s["grad_gap"]["median"],
+        "eps_l": s["eps_l"]["median"],
+        "coherence": s["coherence"]["median"],
+        "logit_variance": s["logit_variance"],
+        "predicted": s["predicted_acc"],
+        "clean": s["clean_acc"],
+        "fgsm": min(fgsm) if fgsm else None,
+        "pgd": min(pgd) if pgd else None,
+    }
 
 
 def _check_diag_row(shown: dict, expected: dict) -> None:
@@ -677,14 +888,16 @@ def test_checkpoint_page_shows_its_stored_diagnostics(built, session):
     assert len(rows) == 1 and rows[0]["key"] == natural.key
     _check_diag_row(rows[0]["cells"], _expected_diag(built.store, natural))
     # Eight landscapes, each a PNG the browser decodes to the stored 5 x 5 grid.
-    sizes = page.eval_on_selector_all(".landscapes img", "is => is.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    sizes = page.eval_on_selector_all(
+        ".landscapes img", "is => is.map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+    )
     assert sizes == [[True, 5, 5]] * 8
     # The highest stored loss of the eight is drawn in the top colour, the lowest in the bottom one.
     grids = np.array(built.store.diagnostics([natural.id])[0].landscape["loss"])
     hi_at, lo_at = np.unravel_index(grids.argmax(), grids.shape), np.unravel_index(grids.argmin(), grids.shape)
     for (image, row, col), color in ((hi_at, [253, 231, 37]), (lo_at, [68, 1, 84])):
         pixels = page.eval_on_selector(f"#landscape-{image} img", PIXELS_JS)
-        assert pixels[4 * (row * 5 + col):4 * (row * 5 + col) + 3] == color
+        assert pixels[4 * (row * 5 + col) : 4 * (row * 5 + col) + 3] == color
     for plot in ("logit-gap", "grad-gap", "eps-l", "coherence"):
         box = page.locator(f"#plot-diag-{plot} svg").bounding_box()
         assert box and box["width"] > 100, plot
@@ -778,8 +991,14 @@ def test_an_outside_model_shows_its_file_not_its_folder(tmp_path):
     state = {k: v.contiguous() for k, v in build_model("digits_cnn", get_spec("digits")).state_dict().items()}
     save_file(state, str(home / "weights.safetensors"))
     results = tmp_path / "results"
-    bench.evaluate(f"{home / 'my_models.py'}:build", name="mine", matrix=str(home / "tiny.toml"),
-                   weights=str(home / "weights.safetensors"), results=results, device="cpu")
+    bench.evaluate(
+        f"{home / 'my_models.py'}:build",
+        name="mine",
+        matrix=str(home / "tiny.toml"),
+        weights=str(home / "weights.safetensors"),
+        results=results,
+        device="cpu",
+    )
     store = Store.for_results(results, None)
     (ck,) = store.checkpoints()
     assert str(home) in ck.meta["outside"]["factory"] and str(home) in ck.meta["outside"]["weights_file"]
@@ -789,9 +1008,15 @@ def test_an_outside_model_shows_its_file_not_its_folder(tmp_path):
         assert str(tmp_path) not in text and str(results.resolve()) not in text, page
     assert "outside model my_models.py:build" in pages[index]
     text = pages[index.parent / "ck" / f"{ck.key}.html"]
-    for needle in ("<code>my_models.py:build</code>", "<code>weights.safetensors</code>",
-                   ck.meta["outside"]["weights_sha256"], f"checkpoints/digits/mine/{ck.key}"):
+    for needle in (
+        "<code>my_models.py:build</code>",
+        "<code>weights.safetensors</code>",
+        ck.meta["outside"]["weights_sha256"],
+        f"checkpoints/digits/mine/{ck.key}",
+    ):
         assert needle in text
+
+
 def test_bad_out_is_one_line_bench_error(built, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -813,8 +1038,11 @@ def test_cli_exits_2_on_unwritable_out(built, tmp_path, monkeypatch, capsys):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    monkeypatch.setattr(sys, "argv", ["bench", "site", "--db", built.store.url, "--results", str(tmp_path),
-                                      "--out", str(blocker / "site")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["bench", "site", "--db", built.store.url, "--results", str(tmp_path), "--out", str(blocker / "site")],
+    )
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     err = capsys.readouterr().err
@@ -827,6 +1055,7 @@ def test_a_failed_build_leaves_the_old_site(built, tmp_path, monkeypatch):
     build_site(built.store, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert (out / MARKER).is_file()
+
     def broken(data, folder):
         (folder / "index.html").write_text("half a site")
         raise RuntimeError("template exploded")

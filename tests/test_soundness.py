@@ -2,6 +2,7 @@
 certified verdict, the graph is held to the model (hooks, overridden layers), the bracket
 withholds its figures when a verifier and an attack (or two verifiers) contradict each
 other, and a non-finite adversarial batch fails its cell."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -69,7 +70,7 @@ def test_fp32_rounding_is_inside_robust_and_certified():
     assert 0 < float(margin[0]) < 1e-6  # the float64 bound is right about the float64 copy
     assert not bool(bits[0])
     for search in (SearchConfig(), SearchConfig(steps=0, restarts=1)):
-        v, = verify_images(g, model, x, y, eps, search=search)
+        (v,) = verify_images(g, model, x, y, eps, search=search)
         assert v.status != "robust"
         if v.status == "not_robust":
             with torch.no_grad():
@@ -109,6 +110,7 @@ def test_the_rounding_bound_holds_on_digits_mlp_and_is_small(digits_test):
 # the logits around where both pixels are below 0.41, a corner of the box around
 # (0.5, 0.5) at eps 0.1 that neither the clean image nor a gradient step goes near.
 
+
 def _base() -> nn.Module:
     """margin of class 0 = 1 - 0.1 (x1 + x2) > 0 on [0, 1]^2: robust everywhere."""
     first, last = nn.Linear(2, 2), nn.Linear(2, 2)
@@ -134,18 +136,21 @@ class Sneaky(Normalize):
 def _last_layer_hook(model):
     def hook(module, inputs, out):
         return out + 10.0 * _corner(inputs[0])[:, None] * torch.tensor([-1.0, 1.0])
+
     return model[-1].register_forward_hook(hook)
 
 
 def _root_pre_hook(model):
     def hook(module, args):
         return (torch.where(_corner(args[0]).view(-1, 1, 1, 1), 100.0 * args[0], args[0]),)
+
     return model.register_forward_pre_hook(hook)
 
 
 def _global_hook(model):
     def hook(module, inputs, out):
         return out + 10.0 * _corner(inputs[0])[:, None] * torch.tensor([-1.0, 1.0]) if module is model[-1] else out
+
     return torch.nn.modules.module.register_module_forward_hook(hook)
 
 
@@ -164,8 +169,9 @@ def _refused_or_never_robust(model, name: str):
     assert not bool(certified.certified[0]), name
 
 
-@pytest.mark.parametrize("attach", [_last_layer_hook, _root_pre_hook, _global_hook],
-                         ids=["forward hook", "root pre-hook", "global hook"])
+@pytest.mark.parametrize(
+    "attach", [_last_layer_hook, _root_pre_hook, _global_hook], ids=["forward hook", "root pre-hook", "global hook"]
+)
 def test_a_hooked_model_is_refused(attach):
     model = _base()
     handle = attach(model)
@@ -209,6 +215,7 @@ def test_the_graph_is_held_to_the_model_on_the_box(monkeypatch):
 
 
 # A NaN in an adversarial batch: the harness fails the cell, whatever the plugin did.
+
 
 def test_check_budget_refuses_non_finite_inputs():
     x = torch.rand(4, 1, 8, 8)
@@ -261,11 +268,23 @@ def test_a_nan_batch_fails_its_cell(nan_attack, natural_model, tmp_path):
 
 def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None, proven=None):
     """One stored cell; a verifier's (`verify`, `certify`) with the images it proved."""
-    store.add_evaluation(ck.id, cell_key=key, attack=attack, params={}, threat=threat, clean_acc=0.9,
-                         robust_acc=float(np.mean(correct)), n=N, seconds=0.0, correct_bits=pack_bits(correct),
-                         indices=None, extra=extra or {}, test_size=N,
-                         kind=attack if attack in ("verify", "certify") else "attack",
-                         proven_bits=None if proven is None else pack_bits(proven))
+    store.add_evaluation(
+        ck.id,
+        cell_key=key,
+        attack=attack,
+        params={},
+        threat=threat,
+        clean_acc=0.9,
+        robust_acc=float(np.mean(correct)),
+        n=N,
+        seconds=0.0,
+        correct_bits=pack_bits(correct),
+        indices=None,
+        extra=extra or {},
+        test_size=N,
+        kind=attack if attack in ("verify", "certify") else "attack",
+        proven_bits=None if proven is None else pack_bits(proven),
+    )
 
 
 def _bits(*ones: int) -> np.ndarray:
@@ -274,14 +293,12 @@ def _bits(*ones: int) -> np.ndarray:
     return out
 
 
-
 def _contradicted(tmp_path):
     """certify proves images 0-2; verify breaks image 2 with a counterexample (and proves
     0, 1); the attacks leave 0-4 standing."""
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", _bits(0, 1, 2, 3, 4))
-    _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 3, 4),
-         proven=_bits(0, 1, 3, 4))
+    _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 3, 4), proven=_bits(0, 1, 3, 4))
     _add(store, ck, "certify:eps=0.2,method=crown", "certify", _bits(0, 1, 2), proven=_bits(0, 1, 2))
     return store, store.checkpoint("k" * 64)
 
@@ -314,8 +331,7 @@ def test_an_unsound_bracket_withholds_its_figures(tmp_path):
 def test_a_sound_bracket_says_nothing_is_withheld(tmp_path):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", _bits(0, 1, 2, 3, 4))
-    _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 2, 3),
-         proven=_bits(0, 1, 2))
+    _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", _bits(0, 1, 2, 3), proven=_bits(0, 1, 2))
     b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
     assert b.withheld is None and b.certified == pytest.approx(0.3) and b.unsound == 0
 

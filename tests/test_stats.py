@@ -1,5 +1,6 @@
 """How sure each number is: the exact binomial interval against scipy.stats, the exact
 McNemar test against a case worked by hand, and the board's ties on stored bits."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """The harness, not the plugin, holds every attack to its threat model; a failed cell
 leaves the worst case marked incomplete everywhere it is shown; the fast model is used
 only where it is the model; verdicts and confirmations are true fp32."""
+
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ class Outside:
 @pytest.fixture
 def cheat():
     """A plugin that claims the L-inf threat model and steps `factor * eps` away."""
+
     @register_attack("outside_the_ball", config=Outside)
     def perturb(model, x, y, cfg, *, generator=None):
         """Steps outside the ball it claims."""
@@ -82,11 +84,24 @@ def test_a_cheating_plugin_fails_its_cell_and_the_worst_case_says_incomplete(che
     matrix = tmp_path / "m.toml"
     matrix.write_text(f'[[cell]]\nattack = "{cheat}"\n\n[[cell]]\nattack = "fgsm"\n')
     res = tmp_path / "results"
-    code, out, err = run_cli(monkeypatch, capsys, "run", "--defense", "natural", "--set", "epochs=2",
-                             "--matrix", str(matrix), "--results", str(res))
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "run",
+        "--defense",
+        "natural",
+        "--set",
+        "epochs=2",
+        "--matrix",
+        str(matrix),
+        "--results",
+        str(res),
+    )
     assert code == 1
     line = next(x for x in err.splitlines() if x.strip().startswith(f"failed {cheat}:"))
-    assert "BudgetError: attack 'outside_the_ball' left the L-inf ball of radius 0.2: largest |x_adv - x| is 0.4" in line
+    assert (
+        "BudgetError: attack 'outside_the_ball' left the L-inf ball of radius 0.2: largest |x_adv - x| is 0.4" in line
+    )
     assert "Traceback" not in err
     assert "natural [" in err and "worst case (incomplete: 1 cell missing)" in err  # the summary line
 
@@ -106,8 +121,19 @@ def test_a_cheating_plugin_fails_its_cell_and_the_worst_case_says_incomplete(che
     # A complete run says complete.
     matrix.write_text('[[cell]]\nattack = "fgsm"\n')
     other = tmp_path / "other"
-    code, out, _ = run_cli(monkeypatch, capsys, "run", "--defense", "natural", "--set", "epochs=2",
-                           "--matrix", str(matrix), "--results", str(other))
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "run",
+        "--defense",
+        "natural",
+        "--set",
+        "epochs=2",
+        "--matrix",
+        str(matrix),
+        "--results",
+        str(other),
+    )
     code, out, _ = run_cli(monkeypatch, capsys, "results", "--format", "json", "--results", str(other))
     worst = next(r for r in json.loads(out) if r["attack"] == "worst_case")
     assert worst["complete"] is True and worst["missing"] == []
@@ -159,8 +185,9 @@ def test_faithful_refuses_a_net_whose_gradients_differ(natural_model, digits_tes
 def test_fold_bn_keeps_the_logits_within_1e5(digits_test):
     x, _ = digits_test
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    )
     with torch.no_grad():  # non-trivial statistics, as after training
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
@@ -228,8 +255,9 @@ def test_bench_transfer_judges_a_randomized_target_by_the_majority_rule(tmp_path
     matrix = tmp_path / "m.toml"
     matrix.write_text('[[cell]]\nattack = "fgsm"\n')
     where = api.Where(tmp_path / "results", device="cpu")
-    rows = api.evaluate(str(tmp_path / "noisy.py") + ":build", name="noisy", matrix=str(matrix),
-                        results=where.results, device="cpu")
+    rows = api.evaluate(
+        str(tmp_path / "noisy.py") + ":build", name="noisy", matrix=str(matrix), results=where.results, device="cpu"
+    )
     assert rows[0]["attack"].endswith(",votes=21")  # the matrix's own cells
     grid = api.transfer("noisy", "noisy", where=where).grid
     assert grid and all(g["cell"].endswith(",votes=21") for g in grid)

@@ -1,6 +1,7 @@
 """The bracket: the certified floor and the exact figure beside every worst case, the
 `attacks_missed` and `unsound` flags, the verifier cells' verdicts held to the model, the
 `truth` matrix, and IBP training."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,21 +27,46 @@ N = 10
 
 def _store(tmp_path) -> tuple[Store, object]:
     store = Store.for_results(tmp_path)
-    ck = store.add_checkpoint(key="k" * 64, dataset="digits", defense="natural", preset=None, arch="digits_mlp",
-                              seed=0, threat=THREAT.name, config={}, train_config={}, path=str(tmp_path),
-                              sha256="0" * 64, epochs=1, train_seconds=0.0, device="cpu", meta={"clean_acc": 0.9})
+    ck = store.add_checkpoint(
+        key="k" * 64,
+        dataset="digits",
+        defense="natural",
+        preset=None,
+        arch="digits_mlp",
+        seed=0,
+        threat=THREAT.name,
+        config={},
+        train_config={},
+        path=str(tmp_path),
+        sha256="0" * 64,
+        epochs=1,
+        train_seconds=0.0,
+        device="cpu",
+        meta={"clean_acc": 0.9},
+    )
     return store, ck
 
 
 def _add(store, ck, key, attack, correct, threat=THREAT.name, extra=None, proven=None):
     """One stored cell; a verifier's (`verify`, `certify`) with the images it proved."""
     params = {"steps": 20, "loss": "xent", "norm": "linf"} if attack == "pgd" else {}
-    store.add_evaluation(ck.id, cell_key=key, attack=attack, params=params, threat=threat, clean_acc=0.9,
-                         robust_acc=float(np.mean(correct)), n=N, seconds=0.0, correct_bits=pack_bits(correct),
-                         indices=None, extra=extra or {}, test_size=N,
-                         kind=attack if attack in ("verify", "certify") else "attack",
-                         proven_bits=None if proven is None else pack_bits(proven))
-
+    store.add_evaluation(
+        ck.id,
+        cell_key=key,
+        attack=attack,
+        params=params,
+        threat=threat,
+        clean_acc=0.9,
+        robust_acc=float(np.mean(correct)),
+        n=N,
+        seconds=0.0,
+        correct_bits=pack_bits(correct),
+        indices=None,
+        extra=extra or {},
+        test_size=N,
+        kind=attack if attack in ("verify", "certify") else "attack",
+        proven_bits=None if proven is None else pack_bits(proven),
+    )
 
 
 # Image 9 is misclassified. The attacks leave 0-4 standing; the verifier proves 0-2
@@ -57,8 +83,7 @@ def _bracketed(tmp_path, certified=CERTIFIED, verify=True):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", ATTACKS)
     if verify:
-        _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_STANDING,
-             proven=V_ROBUST)
+        _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_STANDING, proven=V_ROBUST)
     _add(store, ck, "certify:eps=0.2,method=crown", "certify", certified, proven=certified)
     return store, store.checkpoint("k" * 64)
 
@@ -86,8 +111,7 @@ def test_the_exact_figure_where_every_image_was_decided(tmp_path):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", ATTACKS)
     decided = np.zeros(N, dtype=bool)
-    _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_ROBUST,
-         proven=V_ROBUST)
+    _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_ROBUST, proven=V_ROBUST)
     b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
     assert b.exact == pytest.approx(0.3) and b.unknown == 0 and b.gap == 0
 
@@ -114,12 +138,24 @@ def test_unsound_fires_and_fails_loudly_once_stored(tmp_path):
 
 def test_a_counterexample_that_does_not_reproduce_fails_the_cell():
     clean = torch.tensor([True, True, True])
-    parts = [CompleteVerdicts(status=("robust", "not_robust"), decided_by=("bound", "milp"),
-                              seconds=torch.zeros(2, dtype=torch.float64), unstable=torch.zeros(2, dtype=torch.int64),
-                              binaries=torch.zeros(2, dtype=torch.int64), tolerance=torch.zeros(2, dtype=torch.float64)),
-             CompleteVerdicts(status=("unknown",), decided_by=("timeout",),
-                              seconds=torch.zeros(1, dtype=torch.float64), unstable=torch.zeros(1, dtype=torch.int64),
-                              binaries=torch.zeros(1, dtype=torch.int64), tolerance=torch.zeros(1, dtype=torch.float64))]
+    parts = [
+        CompleteVerdicts(
+            status=("robust", "not_robust"),
+            decided_by=("bound", "milp"),
+            seconds=torch.zeros(2, dtype=torch.float64),
+            unstable=torch.zeros(2, dtype=torch.int64),
+            binaries=torch.zeros(2, dtype=torch.int64),
+            tolerance=torch.zeros(2, dtype=torch.float64),
+        ),
+        CompleteVerdicts(
+            status=("unknown",),
+            decided_by=("timeout",),
+            seconds=torch.zeros(1, dtype=torch.float64),
+            unstable=torch.zeros(1, dtype=torch.int64),
+            binaries=torch.zeros(1, dtype=torch.int64),
+            tolerance=torch.zeros(1, dtype=torch.float64),
+        ),
+    ]
     robust, proven, extra = verified(CellKind.VERIFY, parts, clean, torch.tensor([True, False, True]))
     assert robust.tolist() == [True, False, True] and proven.tolist() == [True, False, False]
     assert extra["verify"]["robust"] == 1 and extra["verify"]["unknown"] == 1
@@ -129,16 +165,22 @@ def test_a_counterexample_that_does_not_reproduce_fails_the_cell():
     with pytest.raises(RuntimeError, match="image 0 was verified robust"):
         verified(CellKind.VERIFY, parts, clean, torch.tensor([False, False, True]))
     with pytest.raises(RuntimeError, match="misclassifies was certified"):
-        verified(CellKind.CERTIFY, [CertifiedVerdicts(torch.tensor([True, False, False]), torch.zeros(3, dtype=torch.float64))],
-                 torch.tensor([False, True, True]), torch.tensor([False, True, True]))
+        verified(
+            CellKind.CERTIFY,
+            [CertifiedVerdicts(torch.tensor([True, False, False]), torch.zeros(3, dtype=torch.float64))],
+            torch.tensor([False, True, True]),
+            torch.tensor([False, True, True]),
+        )
 
 
 def test_truth_is_full_plus_the_verifier_cells():
     full, truth = matrix_cells("full", THREAT), matrix_cells("truth", THREAT)
-    assert [c.key for c in truth[:len(full)]] == [c.key for c in full]
-    extra = {c.key: c.threat for c in truth[len(full):]}
-    assert extra == {"verify:eps=0.2,method=milp,time_limit=10": THREAT.name,
-                     "certify:eps=0.2,method=crown": THREAT.name}
+    assert [c.key for c in truth[: len(full)]] == [c.key for c in full]
+    extra = {c.key: c.threat for c in truth[len(full) :]}
+    assert extra == {
+        "verify:eps=0.2,method=milp,time_limit=10": THREAT.name,
+        "certify:eps=0.2,method=crown": THREAT.name,
+    }
     assert matrix_transfer("truth") == matrix_transfer("full")
 
 
@@ -183,10 +225,14 @@ def test_the_terminal_shows_the_bracket_beside_the_worst_case(tmp_path):
     store, _ = _bracketed(tmp_path)
     (row,) = [r for r in result_rows(store) if r["attack"] == "worst_case"]
     assert bracket_note(row) == "certified 30.0%, 1 unknown, gap 10.0 pts, attacks missed 1"
-    assert bracket_note({**row, "exact": 0.3, "unknown": 0, "gap": 0.0, "attacks_missed": 0}) == \
-        "certified 30.0%, exact 30.0%, gap 0.0 pts"
-    assert bracket_note({"certified": None, "not_verifiable": "verify: layer 'x' (Tanh) is not supported"}) == \
-        "not verifiable: verify: layer 'x' (Tanh) is not supported"
+    assert (
+        bracket_note({**row, "exact": 0.3, "unknown": 0, "gap": 0.0, "attacks_missed": 0})
+        == "certified 30.0%, exact 30.0%, gap 0.0 pts"
+    )
+    assert (
+        bracket_note({"certified": None, "not_verifiable": "verify: layer 'x' (Tanh) is not supported"})
+        == "not verifiable: verify: layer 'x' (Tanh) is not supported"
+    )
 
 
 def test_the_site_shows_the_floor_beside_the_worst_case(tmp_path):
@@ -220,8 +266,9 @@ def test_a_model_the_verifier_does_not_take_skips_its_cells_with_the_reason(tmp_
     import bench
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 10)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)
+    ).eval()
     matrix = tmp_path / "m.toml"
     matrix.write_text(VERIFIER_MATRIX)
     rows = bench.evaluate(model, name="tanh", matrix=str(matrix), results=tmp_path / "r", device="cpu")
@@ -239,8 +286,9 @@ def test_evaluate_brackets_a_verifiable_model(tmp_path, digits_test):
 
     entry = DEFENSES.get("natural")
     x, y = load_dataset("digits", "train")
-    model, _ = train_model("digits_mlp", get_spec("digits"), entry.fn, entry.make_config({}), TrainConfig(epochs=5),
-                           x, y, seed=0)
+    model, _ = train_model(
+        "digits_mlp", get_spec("digits"), entry.fn, entry.make_config({}), TrainConfig(epochs=5), x, y, seed=0
+    )
     matrix = tmp_path / "m.toml"
     matrix.write_text(VERIFIER_MATRIX)
     rows = bench.evaluate(model.eval(), name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")

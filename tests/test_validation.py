@@ -1,5 +1,6 @@
 """Validation at the edge: every matrix field, --set value, preset value and data file is
 checked before anything trains or runs, and the error names the file, cell and field."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,30 +30,36 @@ def _matrix(tmp_path: Path, body: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("body, message", [
-    ('attack = "pgd"\neps = nan', "cell 2 (pgd): eps must be a finite number, got nan"),
-    ('attack = "pgd"\neps = inf', "cell 2 (pgd): eps must be a finite number, got inf"),
-    ('attack = "pgd"\neps = 7.0', "cell 2 (pgd): eps must be in (0, 1] for L-inf"),
-    ('attack = "pgd"\neps = -0.1', "cell 2 (pgd): eps must be in (0, 1] for L-inf"),
-    ('attack = "pgd"\nsteps = [5, 10]\neps = [0.1, 0]', "cell 2 (pgd): eps must be in (0, 1] for L-inf, got 0.0"),
-    ('attack = "pgd"\nnorm = "l2"\neps = -1.0', "cell 2 (pgd): eps (an L2 radius) must be a finite number above zero"),
-    ('attack = "pgd"\nnorm = "l3"', "cell 2 (pgd): norm must be one of linf, l2, got 'l3'"),
-    ('attack = "pgd"\nloss = "hinge"', "cell 2 (pgd): loss must be one of xent, cw, got 'hinge'"),
-    ('attack = "pgd"\nsteps = 0', "cell 2 (pgd): steps must be an integer of at least 1, got 0"),
-    ('attack = "pgd"\nrestarts = -2', "cell 2 (pgd): restarts must be an integer of at least 1"),
-    ('attack = "pgd"\nstep_size = -0.01', "cell 2 (pgd): step_size must be a finite number above zero"),
-    ('attack = "pgd"\nsteps = 2.5', "cell 2 (pgd): steps must be int, got 2.5"),
-    ('attack = "pgd"\nsteps = []', "cell 2 (pgd): steps = [] gives no cells"),
-    ('attack = "fgsm"\neps = 1.5', "cell 2 (fgsm): eps must be in (0, 1] for L-inf"),
-    ('attack = "spsa"\niterations = 0', "cell 2 (spsa): iterations must be an integer of at least 1"),
-    ('attack = "spsa"\nsamples = 0', "cell 2 (spsa): samples must be an integer of at least 2"),
-    ('attack = "spsa"\neps = 2.0', "cell 2 (spsa): eps must be in (0, 1] for L-inf"),
-    ('attack = "autoattack"\nnorm = "l2"\neps = nan', "cell 2 (autoattack): eps must be a finite number"),
-    ('attack = "unbounded"\nmultiple = -1.0', "cell 2 (unbounded): multiple must be a finite number above zero"),
-    ('attack = "pgd"\nsubset = 361', "cell 2 (pgd): subset must be at most the test set's 360 images, got 361"),
-    ('attack = "pgd"\nsubset = -1', "cell 2 (pgd): subset must be a non-negative integer"),
-    ('attack = "pgdd"', "cell 2: unknown attack 'pgdd'; did you mean pgd"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('attack = "pgd"\neps = nan', "cell 2 (pgd): eps must be a finite number, got nan"),
+        ('attack = "pgd"\neps = inf', "cell 2 (pgd): eps must be a finite number, got inf"),
+        ('attack = "pgd"\neps = 7.0', "cell 2 (pgd): eps must be in (0, 1] for L-inf"),
+        ('attack = "pgd"\neps = -0.1', "cell 2 (pgd): eps must be in (0, 1] for L-inf"),
+        ('attack = "pgd"\nsteps = [5, 10]\neps = [0.1, 0]', "cell 2 (pgd): eps must be in (0, 1] for L-inf, got 0.0"),
+        (
+            'attack = "pgd"\nnorm = "l2"\neps = -1.0',
+            "cell 2 (pgd): eps (an L2 radius) must be a finite number above zero",
+        ),
+        ('attack = "pgd"\nnorm = "l3"', "cell 2 (pgd): norm must be one of linf, l2, got 'l3'"),
+        ('attack = "pgd"\nloss = "hinge"', "cell 2 (pgd): loss must be one of xent, cw, got 'hinge'"),
+        ('attack = "pgd"\nsteps = 0', "cell 2 (pgd): steps must be an integer of at least 1, got 0"),
+        ('attack = "pgd"\nrestarts = -2', "cell 2 (pgd): restarts must be an integer of at least 1"),
+        ('attack = "pgd"\nstep_size = -0.01', "cell 2 (pgd): step_size must be a finite number above zero"),
+        ('attack = "pgd"\nsteps = 2.5', "cell 2 (pgd): steps must be int, got 2.5"),
+        ('attack = "pgd"\nsteps = []', "cell 2 (pgd): steps = [] gives no cells"),
+        ('attack = "fgsm"\neps = 1.5', "cell 2 (fgsm): eps must be in (0, 1] for L-inf"),
+        ('attack = "spsa"\niterations = 0', "cell 2 (spsa): iterations must be an integer of at least 1"),
+        ('attack = "spsa"\nsamples = 0', "cell 2 (spsa): samples must be an integer of at least 2"),
+        ('attack = "spsa"\neps = 2.0', "cell 2 (spsa): eps must be in (0, 1] for L-inf"),
+        ('attack = "autoattack"\nnorm = "l2"\neps = nan', "cell 2 (autoattack): eps must be a finite number"),
+        ('attack = "unbounded"\nmultiple = -1.0', "cell 2 (unbounded): multiple must be a finite number above zero"),
+        ('attack = "pgd"\nsubset = 361', "cell 2 (pgd): subset must be at most the test set's 360 images, got 361"),
+        ('attack = "pgd"\nsubset = -1', "cell 2 (pgd): subset must be a non-negative integer"),
+        ('attack = "pgdd"', "cell 2: unknown attack 'pgdd'; did you mean pgd"),
+    ],
+)
 def test_bad_matrix_cells_name_the_file_the_cell_and_the_field(tmp_path, body, message):
     path = _matrix(tmp_path, body)
     with pytest.raises(BenchError) as exc:
@@ -66,19 +73,22 @@ def test_subset_within_the_test_set_is_accepted(tmp_path):
     assert [c.subset for c in plan.cells] == [0, 360]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lr=nan", "lr must be a finite number, got nan"),
-    ("lr=-1", "lr must be a finite number above zero"),
-    ("epochs=0", "epochs must be an integer of at least 1, got 0"),
-    ("batch_size=true", "batch_size must be int, got True"),
-    ("momentum=1.5", "momentum must be in [0, 1), got 1.5"),
-    ("weight_decay=-inf", "weight_decay must be a finite number, got -inf"),
-    ("milestones=[10, inf]", "milestones[1] must be int, got inf"),
-    ("milestones=[0]", "each milestone must be an integer of at least 1"),
-    ("optimizer=\"adamw\"", "optimizer must be one of sgd, adam, got 'adamw'; did you mean adam?"),
-    ("beta=nan", "beta must be a finite number, got nan"),
-    ("sigma=inf", "sigma must be a finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=nan", "lr must be a finite number, got nan"),
+        ("lr=-1", "lr must be a finite number above zero"),
+        ("epochs=0", "epochs must be an integer of at least 1, got 0"),
+        ("batch_size=true", "batch_size must be int, got True"),
+        ("momentum=1.5", "momentum must be in [0, 1), got 1.5"),
+        ("weight_decay=-inf", "weight_decay must be a finite number, got -inf"),
+        ("milestones=[10, inf]", "milestones[1] must be int, got inf"),
+        ("milestones=[0]", "each milestone must be an integer of at least 1"),
+        ('optimizer="adamw"', "optimizer must be one of sgd, adam, got 'adamw'; did you mean adam?"),
+        ("beta=nan", "beta must be a finite number, got nan"),
+        ("sigma=inf", "sigma must be a finite number, got inf"),
+    ],
+)
 def test_bad_set_values_are_refused_by_name(override, message):
     with pytest.raises(BenchError) as exc:
         resolve(TrainRequest("logit_squeeze", overrides=(override,)))
@@ -123,14 +133,20 @@ def test_every_config_refuses_non_finite_values_in_every_float_field(bad):
     assert checked >= 20  # every registry contributes: this is no vacuous loop
 
 
-@pytest.mark.parametrize("text, message", [
-    ('defense = "logit_squeeze"\ndataset = "digits"\nconfig = 5', "config must be a table"),
-    ('defense = "logit_squeeze"\ndataset = "digits"\n[paper]\nclean = "high"', "paper.clean must be an accuracy"),
-    ('defense = "logit_squeeze"\ndataset = "digits"\n[paper]\nclean = 1.5', "paper.clean must be an accuracy"),
-    ('defense = 3\ndataset = "digits"', "defense must be a string"),
-    ('defense = "logit_squeeze"\ndataset = "digits"\n[config]\nbeta = nan', "beta must be a finite number"),
-    ('defense = "logit_squeeze"\ndataset = "digits"\n[train]\nepochs = 0', "epochs must be an integer of at least 1"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('defense = "logit_squeeze"\ndataset = "digits"\nconfig = 5', "config must be a table"),
+        ('defense = "logit_squeeze"\ndataset = "digits"\n[paper]\nclean = "high"', "paper.clean must be an accuracy"),
+        ('defense = "logit_squeeze"\ndataset = "digits"\n[paper]\nclean = 1.5', "paper.clean must be an accuracy"),
+        ('defense = 3\ndataset = "digits"', "defense must be a string"),
+        ('defense = "logit_squeeze"\ndataset = "digits"\n[config]\nbeta = nan', "beta must be a finite number"),
+        (
+            'defense = "logit_squeeze"\ndataset = "digits"\n[train]\nepochs = 0',
+            "epochs must be an integer of at least 1",
+        ),
+    ],
+)
 def test_bad_preset_files_are_refused(tmp_path, text, message):
     path = tmp_path / "mine.toml"
     path.write_text(text)
@@ -183,13 +199,16 @@ def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
     assert x.flatten(1).mul(255).round().byte().numpy().tolist() == pixels.tolist()
 
 
-@pytest.mark.parametrize("batch, message", [
-    ({"data": np.zeros((2, 3072), np.uint8), "labels": [1]}, "2 images but 1 labels"),
-    ({"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]}, "'data' is (2, 100)"),
-    ({"data": np.zeros((1, 3072), np.uint8), "labels": [10]}, "a label outside [0, 10)"),
-    ({"pixels": np.zeros((1, 3072), np.uint8)}, "no 'data' and 'labels' entries"),
-    ([1, 2, 3], "no 'data' and 'labels' entries"),
-])
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1]}, "2 images but 1 labels"),
+        ({"data": np.zeros((2, 100), np.uint8), "labels": [1, 2]}, "'data' is (2, 100)"),
+        ({"data": np.zeros((1, 3072), np.uint8), "labels": [10]}, "a label outside [0, 10)"),
+        ({"pixels": np.zeros((1, 3072), np.uint8)}, "no 'data' and 'labels' entries"),
+        ([1, 2, 3], "no 'data' and 'labels' entries"),
+    ],
+)
 def test_wrongly_shaped_cifar_batches_are_refused(tmp_path, batch, message):
     _cifar_folder(tmp_path, batch)
     with pytest.raises(BenchError) as exc:
@@ -209,12 +228,15 @@ def _idx(path: Path, dims: tuple[int, ...], payload: int, magic: int) -> None:
     path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + bytes(payload))
 
 
-@pytest.mark.parametrize("images, labels, message", [
-    (((4, 28, 28), 4 * 784 // 2), ((4,), 4), "t10k-images-idx3-ubyte' is corrupt or truncated"),
-    (((4, 28, 28), 4 * 784), ((4,), 2), "t10k-labels-idx1-ubyte' is corrupt or truncated"),
-    (((4, 20, 20), 4 * 400), ((4,), 4), "expected N x 28 x 28 images"),
-    (((4, 28, 28), 4 * 784), ((3,), 3), "expected N x 28 x 28 images and N labels"),
-])
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (((4, 28, 28), 4 * 784 // 2), ((4,), 4), "t10k-images-idx3-ubyte' is corrupt or truncated"),
+        (((4, 28, 28), 4 * 784), ((4,), 2), "t10k-labels-idx1-ubyte' is corrupt or truncated"),
+        (((4, 20, 20), 4 * 400), ((4,), 4), "expected N x 28 x 28 images"),
+        (((4, 28, 28), 4 * 784), ((3,), 3), "expected N x 28 x 28 images and N labels"),
+    ],
+)
 def test_truncated_or_misshapen_mnist_files_are_refused(tmp_path, images, labels, message):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -1,6 +1,7 @@
 """bench.verify: hand-built networks whose exact robust radius is known in closed form,
 the max-pool and residual encodings against brute force, to_graph's fidelity and
 refusals, soundness on a trained digits MLP, and the IBP training bounds."""
+
 from __future__ import annotations
 
 import itertools
@@ -56,9 +57,9 @@ def test_closed_form_radius_robust_inside_and_broken_outside():
     # c - |x1 - x2| at (0.5, 0.5): the worst corner moves both pixels apart, radius c / 2 = 0.3.
     model, x, y = abs_net(0.6), image(0.5, 0.5), torch.tensor([0])
     g = to_graph(model, (1, 1, 2))
-    inside, = verify_images(g, model, x, y, 0.29)
+    (inside,) = verify_images(g, model, x, y, 0.29)
     assert inside.status == "robust" and inside.lower > 0
-    outside, = verify_images(g, model, x, y, 0.31)
+    (outside,) = verify_images(g, model, x, y, 0.31)
     assert_counterexample(model, outside, x, 0, 0.31)
 
 
@@ -69,10 +70,10 @@ def test_box_clipping_to_the_unit_interval_matters():
     g = to_graph(model, (1, 1, 2))
     unclipped = g.forward(image(0.9 + 0.14, 0.5 - 0.14))
     assert float(unclipped[0, 0] - unclipped[0, 1]) < 0  # the unclipped box would hold a counterexample
-    robust, = verify_images(g, model, x, y, 0.14)
+    (robust,) = verify_images(g, model, x, y, 0.14)
     assert robust.status == "robust"
     assert bool(certify(g, x, y, 0.14)[0][0])
-    broken, = verify_images(g, model, x, y, 0.16)
+    (broken,) = verify_images(g, model, x, y, 0.16)
     assert_counterexample(model, broken, x, 0, 0.16)
     assert float(broken.x_adv.flatten()[0]) > 0.99
 
@@ -86,13 +87,13 @@ def test_the_milp_decides_where_crown_and_intervals_do_not():
     bits, margin = certify(g, x, y, 0.25)
     assert not bool(bits[0]) and float(margin[0]) == pytest.approx(0.6 - 3 * 0.25)
     assert float(interval_margin(g, x, y, 0.25)[0]) == pytest.approx(0.6 - 4 * 0.25)
-    verdict, = verify_images(g, model, x, y, 0.25)
+    (verdict,) = verify_images(g, model, x, y, 0.25)
     assert verdict.status == "robust" and verdict.decided_by == "milp" and verdict.binaries >= 1
     assert verdict.unstable == 2
-    broken, = verify_images(g, model, x, y, 0.31)
+    (broken,) = verify_images(g, model, x, y, 0.31)
     assert_counterexample(model, broken, x, 0, 0.31)
     assert bool(certify(g, x, y, 0.19)[0][0])
-    late, = verify_images(g, model, x, y, 0.25, time_limit=0.0)  # no time for the MILP: undecided
+    (late,) = verify_images(g, model, x, y, 0.25, time_limit=0.0)  # no time for the MILP: undecided
     assert (late.status, late.decided_by, late.x_adv) == ("unknown", "timeout", None)
     assert late.lower == pytest.approx(0.6 - 3 * 0.25)
 
@@ -110,7 +111,7 @@ def test_every_open_target_gets_its_own_milp():
     model = nn.Sequential(Normalize((0.0,), (1.0,)), nn.Flatten(), first, nn.ReLU(), last).eval()
     x, y = image(0.5, 0.5), torch.tensor([0])
     g = to_graph(model, (1, 1, 2))
-    verdict, = verify_images(g, model, x, y, 0.25, search=SearchConfig(steps=0, restarts=1))
+    (verdict,) = verify_images(g, model, x, y, 0.25, search=SearchConfig(steps=0, restarts=1))
     assert_counterexample(model, verdict, x, 0, 0.25)
     assert verdict.decided_by == "milp" and int(model(verdict.x_adv[None]).argmax()) == 2
 
@@ -198,14 +199,18 @@ def _against_brute_force(model: nn.Module, shape, x: torch.Tensor, points: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_max_pool_encoding_matches_a_grid_search(seed):
     torch.manual_seed(seed)
-    g, binaries, relus = _against_brute_force(PoolNet(), (1, 2, 2), torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64), 21)
+    g, binaries, relus = _against_brute_force(
+        PoolNet(), (1, 2, 2), torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64), 21
+    )
     assert any(n.op == "maxpool" for n in g.nodes) and binaries > relus  # the windows have binaries of their own
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_residual_add_encoding_matches_a_grid_search(seed):
     torch.manual_seed(seed)
-    g, binaries, _ = _against_brute_force(ResidualNet(), (1, 1, 2), torch.full((1, 1, 1, 2), 0.5, dtype=torch.float64), 301)
+    g, binaries, _ = _against_brute_force(
+        ResidualNet(), (1, 1, 2), torch.full((1, 1, 1, 2), 0.5, dtype=torch.float64), 301
+    )
     assert any(n.op == "add" for n in g.nodes) and binaries > 0
 
 
@@ -214,7 +219,11 @@ class ConvResidual(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1, self.bn, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 3, padding=1)
+        self.conv1, self.bn, self.conv2 = (
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 1, 3, padding=1),
+        )
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x):
@@ -262,11 +271,17 @@ class WithFunction(nn.Module):
         return self.net(Clip.apply(x))
 
 
-@pytest.mark.parametrize("bad, names", [
-    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.1), nn.Linear(8, 10)), ("'2'", "(Dropout)")),
-    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)), ("'2'", "(Tanh)")),
-    (lambda: WithFunction(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), ("Clip.apply", "autograd.Function")),
-])
+@pytest.mark.parametrize(
+    "bad, names",
+    [
+        (
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.1), nn.Linear(8, 10)),
+            ("'2'", "(Dropout)"),
+        ),
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)), ("'2'", "(Tanh)")),
+        (lambda: WithFunction(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), ("Clip.apply", "autograd.Function")),
+    ],
+)
 def test_to_graph_refuses_what_it_cannot_encode_in_one_line(bad, names):
     with pytest.raises(Unsupported) as err:
         to_graph(bad().eval(), (1, 8, 8))
@@ -296,7 +311,7 @@ def test_soundness_on_a_trained_mlp(mlp, digits_test):
     assert not (bits & ~robust).any()  # certified implies robust
     for i, v in enumerate(verdicts):
         if v.status == "not_robust":
-            assert_counterexample(mlp, v, x[i:i + 1], int(y[i]), eps)
+            assert_counterexample(mlp, v, x[i : i + 1], int(y[i]), eps)
         if v.decided_by == "clean":
             assert torch.equal(v.x_adv, x[i])
         else:
@@ -325,7 +340,7 @@ def test_the_milp_alone_finds_what_the_search_finds(mlp, digits_test):
     assert sum(v.decided_by == "milp" and v.status == "not_robust" for v in alone) >= 5
     for i, v in enumerate(alone):
         if v.status == "not_robust":
-            assert_counterexample(mlp, v, x[i:i + 1], int(y[i]), eps)
+            assert_counterexample(mlp, v, x[i : i + 1], int(y[i]), eps)
 
 
 def test_lp_tightening_is_sound_and_tighter(mlp, digits_test):
@@ -337,7 +352,7 @@ def test_lp_tightening_is_sound_and_tighter(mlp, digits_test):
     node = g.relu_inputs()[1]
     gained = 0.0
     for i in range(len(x)):
-        lo, hi = box(x[i:i + 1], eps)
+        lo, hi = box(x[i : i + 1], eps)
         crown = crown_bounds(g, lo, hi)
         tight = tighten(g, lo, hi, crown, time.perf_counter() + 30)
         (cl, cu), (tl, tu) = crown[node], tight[node]

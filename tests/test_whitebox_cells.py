@@ -14,6 +14,7 @@ implementations, their keys and budgets, and what they hand the harness.
   when any run's last iterate misclassifies it. Ours checks every iterate, so it is
   never weaker: on the mean over SEEDS at most TOLERANCE more robust accuracy.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,9 @@ def cell_seed(seed: int) -> int:
 
 
 # --- APGD and APGD-T against torchattacks -------------------------------------------------
-@pytest.mark.parametrize("params", [{"steps": 20}, {"steps": 20, "loss": "dlr"}, {"steps": 20, "norm": "l2"}],
-                         ids=["ce", "dlr", "l2"])
+@pytest.mark.parametrize(
+    "params", [{"steps": 20}, {"steps": 20, "loss": "dlr"}, {"steps": 20, "norm": "l2"}], ids=["ce", "dlr", "l2"]
+)
 def test_apgd_equals_torchattacks_at_the_same_seed(pgd_at_model, digits_test, params):
     import torchattacks
 
@@ -78,8 +80,15 @@ def test_apgd_equals_torchattacks_at_the_same_seed(pgd_at_model, digits_test, pa
     for seed in SEEDS:
         mine = ours(model, cell, x, y, seed)
         with frozen(model):
-            x_adv = torchattacks.APGD(model, norm="L2" if cell.config.norm == "l2" else "Linf", eps=cell.config.eps,
-                                      steps=20, n_restarts=1, seed=cell_seed(seed), loss=cell.config.loss)(x, y)
+            x_adv = torchattacks.APGD(
+                model,
+                norm="L2" if cell.config.norm == "l2" else "Linf",
+                eps=cell.config.eps,
+                steps=20,
+                n_restarts=1,
+                seed=cell_seed(seed),
+                loss=cell.config.loss,
+            )(x, y)
         theirs = robust(model, x_adv, x, y)
         assert 0.1 < theirs.mean() < 0.9  # some survive, some break: a real comparison
         np.testing.assert_array_equal(mine, theirs, err_msg=f"seed {seed}: {mine.mean():.4f} vs {theirs.mean():.4f}")
@@ -95,8 +104,9 @@ def test_apgd_t_equals_torchattacks_at_the_same_seed(pgd_at_model, digits_test):
     for seed in SEEDS:
         mine = ours(model, cell, x, y, seed)
         with frozen(model):
-            x_adv = torchattacks.APGDT(model, norm="Linf", eps=THREAT.eps, steps=10, n_restarts=1,
-                                       seed=cell_seed(seed), n_classes=10)(x, y)
+            x_adv = torchattacks.APGDT(
+                model, norm="Linf", eps=THREAT.eps, steps=10, n_restarts=1, seed=cell_seed(seed), n_classes=10
+            )(x, y)
         theirs = robust(model, x_adv, x, y)
         np.testing.assert_array_equal(mine, theirs, err_msg=f"seed {seed}")
         figures.append(mine.mean())
@@ -122,7 +132,7 @@ def reference_multitargeted(model, x, y, eps, alpha, steps, targets):
         # Every run draws its start for the whole batch, so the draws do not depend on it.
         noise = torch.empty_like(x).uniform_(-eps, eps)
         left = (~broken).nonzero().squeeze(1)
-        xs, ys, t = x[left], y[left], wrong[left, j:j + 1]
+        xs, ys, t = x[left], y[left], wrong[left, j : j + 1]
         x_adv = (xs + noise[left]).clamp(0, 1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -211,11 +221,20 @@ def test_keys_threats_and_budgets(natural_model, digits_test, attack, params):
     assert float(size) > 0.5 * eps  # it did move: the budget is used, not ignored
 
 
-@pytest.mark.parametrize("attack,values", [
-    ("apgd", {"loss": "xent"}), ("apgd", {"steps": 0}), ("apgd", {"restarts": 0}), ("apgd", {"norm": "l1"}),
-    ("apgd_t", {"n_target_classes": 0}), ("apgd_t", {"eps": -0.1}),
-    ("multitargeted", {"targets": 0}), ("multitargeted", {"step_size": 0.0}), ("multitargeted", {"norm": "l2"}),
-])
+@pytest.mark.parametrize(
+    "attack,values",
+    [
+        ("apgd", {"loss": "xent"}),
+        ("apgd", {"steps": 0}),
+        ("apgd", {"restarts": 0}),
+        ("apgd", {"norm": "l1"}),
+        ("apgd_t", {"n_target_classes": 0}),
+        ("apgd_t", {"eps": -0.1}),
+        ("multitargeted", {"targets": 0}),
+        ("multitargeted", {"step_size": 0.0}),
+        ("multitargeted", {"norm": "l2"}),
+    ],
+)
 def test_bad_settings_are_refused(attack, values):
     with pytest.raises(BenchError, match=next(iter(values))):
         ATTACKS.get(attack).make_config(values)
@@ -274,8 +293,15 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     x, y = digits_test
     y = torch.full_like(y[:16], 9)  # the constant model's prediction: all correct, all attacked
     with caplog.at_level(logging.DEBUG):
-        result = run_cell(Constant(), make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), x[:16], y,
-                          device="cpu", batch_size=1024, seed=0)
+        result = run_cell(
+            Constant(),
+            make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT),
+            x[:16],
+            y,
+            device="cpu",
+            batch_size=1024,
+            seed=0,
+        )
     assert any("zero gradient" in w for w in result.extra["warnings"])
     assert result.robust_acc == 1.0
     assert not caplog.records and logging.getLogger("auto-attack").handlers == []
@@ -285,9 +311,11 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
 def under_autocast(model, attack, params, x, y, bf16: bool):
     cell = make_cell(attack, params, THREAT)
     with frozen(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return run_multitargeted(model, x, y, cell.config, torch.Generator().manual_seed(0)) \
-            if attack == "multitargeted" else \
-            ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0)).x_adv
+        return (
+            run_multitargeted(model, x, y, cell.config, torch.Generator().manual_seed(0))
+            if attack == "multitargeted"
+            else ATTACKS.get(attack).fn(model, x, y, cell.config, generator=torch.Generator().manual_seed(0)).x_adv
+        )
 
 
 @pytest.mark.parametrize("attack", ["apgd", "apgd_t"])

@@ -12,6 +12,7 @@ on 20: its time is mostly per-iteration overhead); benchmarks/worst_vs_autoattac
 it on every image. About 75 s on one core: the bench run 23 s (its AutoAttack cell 15 s),
 each standard run 14 s, plus 17 s.
 """
+
 from __future__ import annotations
 
 import sys
@@ -81,8 +82,16 @@ def judged(tmp_path_factory):
     standard = autoattack_runs(model, x, y, threat, seeds, plus=False)
     survivors = bits.nonzero().squeeze(1)[:PLUS_SUBSET]
     (plus,) = autoattack_runs(model, x[survivors], y[survivors], threat, seeds[:1], plus=True)[1:]
-    return {"worst": round(wc["robust_acc"] * len(y)), "bits": bits, "rows": rows, "ck": ck,
-            "evaluations": evaluations, "standard": standard, "plus": plus, "n": len(y)}
+    return {
+        "worst": round(wc["robust_acc"] * len(y)),
+        "bits": bits,
+        "rows": rows,
+        "ck": ck,
+        "evaluations": evaluations,
+        "standard": standard,
+        "plus": plus,
+        "n": len(y),
+    }
 
 
 def above(n_worst: int, n_autoattack: int) -> int:
@@ -104,7 +113,8 @@ def test_worst_case_is_at_or_below_independent_autoattack(judged):
         n_autoattack = int(robust.sum())
         assert above(n_worst, n_autoattack) == 0, (
             f"worst case {n_worst}/{judged['n']} is above AutoAttack {label} ({n_autoattack}) "
-            f"by more than the {TOL}-sample seed noise")
+            f"by more than the {TOL}-sample seed noise"
+        )
     label, robust, _ = judged["plus"]
     broken = int((~robust).sum())
     assert broken <= TOL, f"AutoAttack {label} broke {broken} of {len(robust)} worst-case survivors"

@@ -3,6 +3,7 @@
 Exit status 0 on success; 2 on bad input, with one line saying what was wrong and how
 to mend it, and no traceback unless --debug.
 """
+
 from __future__ import annotations
 
 import os
@@ -125,4 +126,3 @@ def _main() -> None:
         _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
-

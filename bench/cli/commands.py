@@ -1,4 +1,5 @@
 """The commands: each parses its options, calls one function of bench.api and prints."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -28,8 +29,13 @@ from bench.cli.options import (
 )
 from bench.errors import BenchError
 
-LIST_WIDTHS = {"defenses": (18, 0), "attacks": (18, 0), "matrices": (8, 0), "datasets": (9, 0, 14, 0),
-               "presets": (40, 16, 9, 0)}
+LIST_WIDTHS = {
+    "defenses": (18, 0),
+    "attacks": (18, 0),
+    "matrices": (8, 0),
+    "datasets": (9, 0, 14, 0),
+    "presets": (40, 16, 9, 0),
+}
 
 
 def _load():
@@ -42,25 +48,48 @@ def _load():
     return api, output
 
 
-def _where(results="results", db=None, data_root=None, device="auto", threads=1, executor="local",
-           ray_address=None, ray_gpus=1.0):
+def _where(
+    results="results",
+    db=None,
+    data_root=None,
+    device="auto",
+    threads=1,
+    executor="local",
+    ray_address=None,
+    ray_gpus=1.0,
+):
     api, _ = _load()
     return api.Where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
 
 
 @app.command("ls")
-def ls(what: Annotated[str, typer.Argument(metavar="WHAT",
-                                           help="defenses, attacks, matrices, datasets or presets")] = "defenses"):
+def ls(
+    what: Annotated[
+        str, typer.Argument(metavar="WHAT", help="defenses, attacks, matrices, datasets or presets")
+    ] = "defenses",
+):
     """List defenses, attacks, matrices, datasets or presets."""
     api, output = _load()
     output.listing(api.listing(what), LIST_WIDTHS.get(what, ()))
 
 
 @app.command("train")
-def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset: Dataset = None,
-              arch: Arch = None, seed: Seed = 0, results: Results = "results", db: Db = None,
-              data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1,
-              executor: Executor = "local", ray_address: RayAddress = None, ray_gpus: RayGpus = 1.0):
+def train_cmd(
+    defense: Defense,
+    preset: Preset = None,
+    set_: Set = None,
+    dataset: Dataset = None,
+    arch: Arch = None,
+    seed: Seed = 0,
+    results: Results = "results",
+    db: Db = None,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    ray_gpus: RayGpus = 1.0,
+):
     """Train (or find) the checkpoint of one recipe."""
     api, output = _load()
     request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed)
@@ -68,16 +97,30 @@ def train_cmd(defense: Defense, preset: Preset = None, set_: Set = None, dataset
     with output.progress() as progress:
         row, trained = api.train(request, where, progress)
     verb = "trained" if trained else "found"
-    out.print(f"{verb} {row.defense} [{row.key}] clean accuracy {row.meta['clean_acc']:.4f} "
-              f"({row.train_seconds:.1f} s training) at {row.path}")
+    out.print(
+        f"{verb} {row.defense} [{row.key}] clean accuracy {row.meta['clean_acc']:.4f} "
+        f"({row.train_seconds:.1f} s training) at {row.path}"
+    )
 
 
 @app.command("run")
-def run_cmd(defense: Defense, matrix: Matrix = "full",
-            preset: Preset = None, set_: Set = None, dataset: Dataset = None, arch: Arch = None,
-            seed: Seed = 0, results: Results = "results", db: Db = None,
-            data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1,
-            executor: Executor = "local", ray_address: RayAddress = None, ray_gpus: RayGpus = 1.0):
+def run_cmd(
+    defense: Defense,
+    matrix: Matrix = "full",
+    preset: Preset = None,
+    set_: Set = None,
+    dataset: Dataset = None,
+    arch: Arch = None,
+    seed: Seed = 0,
+    results: Results = "results",
+    db: Db = None,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    ray_gpus: RayGpus = 1.0,
+):
     """Train what is missing, run every missing cell of the matrix, print the results."""
     api, output = _load()
     request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed)
@@ -87,9 +130,14 @@ def run_cmd(defense: Defense, matrix: Matrix = "full",
     output.surrogates(reports[0].surrogates_trained if reports else [])
     failed = 0
     for report in reports:
-        output.summary(report.checkpoint.defense, report.checkpoint.key,
-                       "trained" if report.trained else "checkpoint found", len(report.cells_run), report.cells_total,
-                       output.missing_cells(rows, report.checkpoint.key))
+        output.summary(
+            report.checkpoint.defense,
+            report.checkpoint.key,
+            "trained" if report.trained else "checkpoint found",
+            len(report.cells_run),
+            report.cells_total,
+            output.missing_cells(rows, report.checkpoint.key),
+        )
         output.failures(report.failures)
         failed += len(report.failures)
     output.rows(rows, "table")
@@ -99,27 +147,51 @@ def run_cmd(defense: Defense, matrix: Matrix = "full",
 
 
 @app.command("eval")
-def eval_cmd(model: Annotated[str, typer.Option("--model", metavar="MODULE:FUNCTION",
-                                                help="FUNCTION returns an nn.Module taking [0, 1] inputs and "
-                                                     "returning logits. MODULE is a module name (found in the "
-                                                     "current folder too, as python -m finds it) or a .py path.")],
-             name: Annotated[str, typer.Option("--name", metavar="NAME", help="The name your model goes by on the boards.")],
-             weights: Annotated[str | None, typer.Option("--weights", metavar="FILE", help="A .safetensors file of the model's "
-                                                            "state_dict (never a pickle).")] = None,
-             dataset: DatasetOf = "digits",
-             matrix: Matrix = "full",
-             results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
-             threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
-             ray_gpus: RayGpus = 1.0):
+def eval_cmd(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            metavar="MODULE:FUNCTION",
+            help="FUNCTION returns an nn.Module taking [0, 1] inputs and "
+            "returning logits. MODULE is a module name (found in the "
+            "current folder too, as python -m finds it) or a .py path.",
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", metavar="NAME", help="The name your model goes by on the boards.")],
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", metavar="FILE", help="A .safetensors file of the model's state_dict (never a pickle)."
+        ),
+    ] = None,
+    dataset: DatasetOf = "digits",
+    matrix: Matrix = "full",
+    results: Results = "results",
+    db: Db = None,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    ray_gpus: RayGpus = 1.0,
+):
     """Judge your own model with the same matrix; stored by name and weights hash."""
     api, output = _load()
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
-        report, rows = api.eval_outside(model, name=name, dataset=dataset, matrix=matrix, weights=weights,
-                                        where=where, progress=progress)
+        report, rows = api.eval_outside(
+            model, name=name, dataset=dataset, matrix=matrix, weights=weights, where=where, progress=progress
+        )
     output.surrogates(report.surrogates_trained)
-    output.summary(name, report.checkpoint.key, "added" if report.added else "found", len(report.cells_run),
-                   report.cells_total, output.missing_cells(rows, report.checkpoint.key))
+    output.summary(
+        name,
+        report.checkpoint.key,
+        "added" if report.added else "found",
+        len(report.cells_run),
+        report.cells_total,
+        output.missing_cells(rows, report.checkpoint.key),
+    )
     output.failures(report.failures)
     output.rows(rows, "table")
     if report.failures:
@@ -128,14 +200,25 @@ def eval_cmd(model: Annotated[str, typer.Option("--model", metavar="MODULE:FUNCT
 
 
 @app.command("results")
-def results_cmd(format: Annotated[str, typer.Option("--format", metavar="table|wide|csv|json",
-                                                   help="table (short cell names, percent), wide (the same with "
-                                                        "canonical cell keys), csv or json (canonical keys, "
-                                                        "fractions).")] = "table",
-                defense: Annotated[str | None, typer.Option("--defense", metavar="NAME",
-                                                               help="Only checkpoints of this defense "
-                                                                    "(default: every one).")] = None,
-                dataset: DatasetFilter = None, results: Results = "results", db: Db = None):
+def results_cmd(
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="table|wide|csv|json",
+            help="table (short cell names, percent), wide (the same with "
+            "canonical cell keys), csv or json (canonical keys, "
+            "fractions).",
+        ),
+    ] = "table",
+    defense: Annotated[
+        str | None,
+        typer.Option("--defense", metavar="NAME", help="Only checkpoints of this defense (default: every one)."),
+    ] = None,
+    dataset: DatasetFilter = None,
+    results: Results = "results",
+    db: Db = None,
+):
     """Print stored results: each checkpoint's worst case, then every cell."""
     if format not in ("table", "wide", "csv", "json"):
         raise BenchError(f"--format must be table, wide, csv or json, got {format!r}")
@@ -144,10 +227,18 @@ def results_cmd(format: Annotated[str, typer.Option("--format", metavar="table|w
 
 
 @app.command("diagnose")
-def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", metavar="NAME|KEY|all", help="Defense name, checkpoint key (prefix), or all.")],
-                 format: Annotated[str, typer.Option("--format", metavar="table|json", help="table or json.")] = "table",
-                 dataset: DatasetFilter = None, results: Results = "results", db: Db = None,
-                 data_root: DataRoot = None, device: Device = "auto", threads: Threads = 1):
+def diagnose_cmd(
+    defense: Annotated[
+        str, typer.Option("--defense", metavar="NAME|KEY|all", help="Defense name, checkpoint key (prefix), or all.")
+    ],
+    format: Annotated[str, typer.Option("--format", metavar="table|json", help="table or json.")] = "table",
+    dataset: DatasetFilter = None,
+    results: Results = "results",
+    db: Db = None,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+):
     """Shafahi et al.'s Table 1 row: logit gap, gradient gap, epsilon_L, predicted vs measured accuracy."""
     if format not in ("table", "json"):
         raise BenchError(f"--format must be table or json, got {format!r}")
@@ -156,36 +247,71 @@ def diagnose_cmd(defense: Annotated[str, typer.Option("--defense", metavar="NAME
 
 
 @app.command("transfer")
-def transfer_cmd(source: Annotated[str, typer.Option("--source", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")],
-                 target: Annotated[str, typer.Option("--target", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")] = "all",
-                 attack: Annotated[str | None, typer.Option("--attack", metavar="CELL", help="Cell key to craft with (default PGD-10).")] = None,
-                 dataset: DatasetOf = "digits",
-                 results: Results = "results", db: Db = None, data_root: DataRoot = None, device: Device = "auto",
-                 threads: Threads = 1, executor: Executor = "local", ray_address: RayAddress = None,
-                 ray_gpus: RayGpus = 1.0):
+def transfer_cmd(
+    source: Annotated[
+        str, typer.Option("--source", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")
+    ],
+    target: Annotated[
+        str, typer.Option("--target", metavar="NAME|KEY|all", help="Defense name, checkpoint key, or all.")
+    ] = "all",
+    attack: Annotated[
+        str | None, typer.Option("--attack", metavar="CELL", help="Cell key to craft with (default PGD-10).")
+    ] = None,
+    dataset: DatasetOf = "digits",
+    results: Results = "results",
+    db: Db = None,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    threads: Threads = 1,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    ray_gpus: RayGpus = 1.0,
+):
     """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
     api, output = _load()
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
         report = api.transfer(source, target, attack, dataset, where, progress)
-    err.print(f"crafted {report.crafted} source set(s), reused {report.reused}; evaluated "
-                     f"{report.evaluated} source/target pair(s), {report.skipped} already stored", markup=False)
+    err.print(
+        f"crafted {report.crafted} source set(s), reused {report.reused}; evaluated "
+        f"{report.evaluated} source/target pair(s), {report.skipped} already stored",
+        markup=False,
+    )
     output.grid(report.grid)
 
 
 @app.command("perf")
-def perf_cmd(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object for machines.")] = False,
-             device: Device = "auto",
-             size: Annotated[str, typer.Option("--size", metavar="default|tiny", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test).")] = "default",
-             threads: Annotated[int | None, typer.Option("--threads", metavar="N", help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).")] = None):
+def perf_cmd(
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object for machines.")] = False,
+    device: Device = "auto",
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size", metavar="default|tiny", help="default (a few minutes on 2 CPU cores) or tiny (a smoke test)."
+        ),
+    ] = "default",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            metavar="N",
+            help="CPU threads for torch (default: 1 on the CPU, where the digits model is too small for more to pay).",
+        ),
+    ] = None,
+):
     """Time our attacks against torchattacks on the same model and inputs, and the fast path."""
     api, _ = _load()
     api.perf(device=device, as_json=as_json, size=size, threads=threads)
 
 
 @app.command("site")
-def site_cmd(out_dir: Annotated[str, typer.Option("--out", metavar="DIR", help="Folder to write the static site into.")] = "site",
-             results: Results = "results", db: Db = None):
+def site_cmd(
+    out_dir: Annotated[
+        str, typer.Option("--out", metavar="DIR", help="Folder to write the static site into.")
+    ] = "site",
+    results: Results = "results",
+    db: Db = None,
+):
     """Render the static leaderboard from the store (reads only the store, writes only --out)."""
     api, _ = _load()
     out.print(f"wrote the leaderboard to {api.site(out_dir, _where(results, db))}")

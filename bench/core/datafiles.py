@@ -10,6 +10,7 @@ format holds (numpy arrays and their dtype), so a crafted file is an error and n
 runs code. The exact-match allow-list is written here because the standard library
 offers no safe pickle loader, and the format needs only these few names.
 """
+
 from __future__ import annotations
 
 import _codecs
@@ -64,11 +65,14 @@ class _CifarUnpickler(pickle.Unpickler):
         return _numpy_part(*target)
 
 
-def read_cifar_batch(path: Path, label_key: str, num_classes: int, dataset: str,
-                     hint: str) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(
+    path: Path, label_key: str, num_classes: int, dataset: str, hint: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(x uint8 (N, 3, 32, 32), y int64 (N,)) from one CIFAR python batch file."""
-    expected = (f"expected a pickled dict with 'data' (a uint8 array of N rows of 3072 pixels) "
-                f"and '{label_key}' (N labels in [0, {num_classes})); {hint}")
+    expected = (
+        f"expected a pickled dict with 'data' (a uint8 array of N rows of 3072 pixels) "
+        f"and '{label_key}' (N labels in [0, {num_classes})); {hint}"
+    )
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="latin1").load()
@@ -77,8 +81,9 @@ def read_cifar_batch(path: Path, label_key: str, num_classes: int, dataset: str,
     except OSError as exc:
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} cannot be read ({exc.strerror}); {hint}") from exc
     except Exception as exc:  # a pickle parser fed arbitrary bytes can raise almost anything
-        raise BenchError(f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated "
-                         f"({type(exc).__name__}); {expected}") from exc
+        raise BenchError(
+            f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated ({type(exc).__name__}); {expected}"
+        ) from exc
     problem = _cifar_problem(batch, label_key, num_classes)
     if problem:
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} is not a CIFAR batch ({problem}); {expected}")
@@ -121,12 +126,16 @@ def read_idx(path: Path, ndim: int, dataset: str, hint: str):
     except OSError as exc:
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} cannot be read ({exc.strerror}); {hint}") from exc
     except Exception as exc:  # the reader asserts, indexes and views raw bytes: anything goes
-        raise BenchError(f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated "
-                         f"({type(exc).__name__}); expected an idx file of uint8 {what}; {hint}") from exc
+        raise BenchError(
+            f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated "
+            f"({type(exc).__name__}); expected an idx file of uint8 {what}; {hint}"
+        ) from exc
 
     if t.dtype != torch.uint8 or t.dim() != ndim or len(t) == 0:
-        raise BenchError(f"dataset {dataset!r}: {str(path)!r} holds {t.dtype} of shape {tuple(t.shape)}; "
-                         f"expected an idx file of uint8 {what}; {hint}")
+        raise BenchError(
+            f"dataset {dataset!r}: {str(path)!r} holds {t.dtype} of shape {tuple(t.shape)}; "
+            f"expected an idx file of uint8 {what}; {hint}"
+        )
     return t
 
 
@@ -141,12 +150,20 @@ def read_svhn_mat(path: Path, dataset: str, hint: str) -> tuple[np.ndarray, np.n
     except OSError as exc:
         raise BenchError(f"dataset {dataset!r}: {str(path)!r} cannot be read ({exc}); {hint}") from exc
     except Exception as exc:  # scipy's MAT parser fed arbitrary bytes can raise almost anything
-        raise BenchError(f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated "
-                         f"({type(exc).__name__}); {expected}; {hint}") from exc
+        raise BenchError(
+            f"dataset {dataset!r}: {str(path)!r} is corrupt or truncated ({type(exc).__name__}); {expected}; {hint}"
+        ) from exc
     x, y = mat.get("X"), mat.get("y")
-    ok = (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.ndim == 4
-          and x.shape[:3] == (32, 32, 3) and x.shape[3] > 0 and x.dtype.kind in "ui"
-          and y.dtype.kind in "ui" and y.size == x.shape[3])
+    ok = (
+        isinstance(x, np.ndarray)
+        and isinstance(y, np.ndarray)
+        and x.ndim == 4
+        and x.shape[:3] == (32, 32, 3)
+        and x.shape[3] > 0
+        and x.dtype.kind in "ui"
+        and y.dtype.kind in "ui"
+        and y.size == x.shape[3]
+    )
     if ok:
         y = y.astype(np.int64).ravel()
         ok = bool((y >= 1).all() and (y <= 10).all() and x.min() >= 0 and x.max() <= 255)

@@ -5,6 +5,7 @@ Every layer that reads cells asks these, never an attack's name: a new attack pl
 declares its role in its config (bench.core.contract) and is compared like its peers.
 The values are database strings: they never change.
 """
+
 from __future__ import annotations
 
 from enum import Enum

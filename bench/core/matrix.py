@@ -7,6 +7,7 @@ are filled from the dataset's threat model, so every cell is concrete, and its k
 same string is the CLI argument, the log line and the database key. A cell may also
 set `subset = N` to run on a fixed, seeded subset of N test images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,8 +96,9 @@ def cell_key(attack: str, config: Any, subset: int = 0) -> str:
     return f"{attack}:" + ",".join(sorted(parts))
 
 
-def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell",
-              test_size: int | None = None) -> Cell:
+def make_cell(
+    attack: str, params: dict[str, Any], threat, *, where: str = "cell", test_size: int | None = None
+) -> Cell:
     """One concrete cell; `where` names its origin (file and cell) in every error, and
     `test_size`, where the dataset is known, bounds its subset."""
     params = dict(params)
@@ -104,8 +106,10 @@ def make_cell(attack: str, params: dict[str, Any], threat, *, where: str = "cell
     if not isinstance(subset, int) or isinstance(subset, bool) or subset < 0:
         raise BenchError(f"{where} ({attack}): subset must be a non-negative integer, got {subset!r}")
     if test_size is not None and subset > test_size:
-        raise BenchError(f"{where} ({attack}): subset must be at most the test set's {test_size} images, "
-                         f"got {subset} (0 runs on all of them)")
+        raise BenchError(
+            f"{where} ({attack}): subset must be at most the test set's {test_size} images, "
+            f"got {subset} (0 runs on all of them)"
+        )
     try:
         entry = ATTACKS.get(attack)
     except BenchError as exc:
@@ -193,17 +197,26 @@ def load_matrix(name_or_path: str) -> Matrix:
     unless it has its own."""
     name, raw = _load_toml(name_or_path)
     included, included_transfer = _included(raw, name)
-    return Matrix(name=name, source=name_or_path, description=str(raw.get("description", "")),
-                  tables=(*included, *raw.get("cell", [])),
-                  transfer=_transfer_table(name, raw.get("transfer") or included_transfer))
+    return Matrix(
+        name=name,
+        source=name_or_path,
+        description=str(raw.get("description", "")),
+        tables=(*included, *raw.get("cell", [])),
+        transfer=_transfer_table(name, raw.get("transfer") or included_transfer),
+    )
 
 
 def _transfer_table(name: str, table: dict) -> TransferTable:
     surrogates, cells = table.get("surrogates", []), table.get("cells", [])
-    if not (isinstance(surrogates, list) and all(isinstance(s, str) for s in surrogates)
-            and isinstance(cells, list) and all(isinstance(c, str) for c in cells)):
-        raise BenchError(f"matrix {name!r}: [transfer] takes surrogates = [\"natural\", ...] and "
-                         "cells = [\"pgd:steps=20\", ...]")
+    if not (
+        isinstance(surrogates, list)
+        and all(isinstance(s, str) for s in surrogates)
+        and isinstance(cells, list)
+        and all(isinstance(c, str) for c in cells)
+    ):
+        raise BenchError(
+            f'matrix {name!r}: [transfer] takes surrogates = ["natural", ...] and cells = ["pgd:steps=20", ...]'
+        )
     if surrogates and not cells:
         raise BenchError(f"matrix {name!r}: [transfer] names surrogates but no cells to craft with")
     return TransferTable(tuple(surrogates), tuple(cells))
@@ -213,8 +226,9 @@ def _included(raw: dict, where: str) -> tuple[list[dict], dict]:
     """(cell tables, [transfer] table) of the built-in matrices `raw` includes."""
     names = raw.get("include", [])
     if not (isinstance(names, list) and all(isinstance(n, str) and n in BUILTIN for n in names)):
-        raise BenchError(f"matrix {where!r}: include takes a list of built-in matrices ({', '.join(BUILTIN)}), "
-                         f"got {names!r}")
+        raise BenchError(
+            f"matrix {where!r}: include takes a list of built-in matrices ({', '.join(BUILTIN)}), got {names!r}"
+        )
     cells: list[dict] = []
     transfer: dict = {}
     for name in names:
@@ -234,21 +248,23 @@ def _load_toml(name_or_path: str) -> tuple[str, dict]:
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise BenchError(f"unknown matrix {name_or_path!r}: give one of {', '.join(BUILTIN)} "
-                             "or the path of a TOML file")
+            raise BenchError(
+                f"unknown matrix {name_or_path!r}: give one of {', '.join(BUILTIN)} or the path of a TOML file"
+            )
         try:
             text, where = path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as exc:
-            raise BenchError(f"matrix {name_or_path!r} cannot be read as UTF-8 text ({exc}); "
-                             "give a TOML file") from exc
+            raise BenchError(f"matrix {name_or_path!r} cannot be read as UTF-8 text ({exc}); give a TOML file") from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BenchError(f"matrix {where!r} is not valid TOML: {exc}") from exc
     cells = raw.get("cell", [] if raw.get("include") else None)
     if not isinstance(cells, list) or not (cells or raw.get("include")) or not all(isinstance(c, dict) for c in cells):
-        raise BenchError(f"matrix {where!r} has no [[cell]] tables; each names an attack, e.g. "
-                         "[[cell]] attack = \"pgd\" steps = [10, 20]")
+        raise BenchError(
+            f"matrix {where!r} has no [[cell]] tables; each names an attack, e.g. "
+            '[[cell]] attack = "pgd" steps = [10, 20]'
+        )
     return Path(where).stem, raw
 
 
@@ -258,12 +274,14 @@ def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int |
         table = dict(table)
         attack = table.pop("attack", None)
         if not isinstance(attack, str):
-            raise BenchError(f"{where}: cell {i + 1} has no attack = \"name\"")
+            raise BenchError(f'{where}: cell {i + 1} has no attack = "name"')
         lists = {k: v for k, v in table.items() if isinstance(v, list)}
         empty = [k for k, v in lists.items() if not v]
         if empty:
-            raise BenchError(f"{where}: cell {i + 1} ({attack}): {empty[0]} = [] gives no cells; "
-                             "list at least one value or drop the key")
+            raise BenchError(
+                f"{where}: cell {i + 1} ({attack}): {empty[0]} = [] gives no cells; "
+                "list at least one value or drop the key"
+            )
         for combo in itertools.product(*lists.values()) if lists else [()]:
             params = dict(table, **dict(zip(lists, combo)))
             cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}", test_size=test_size)

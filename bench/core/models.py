@@ -1,6 +1,7 @@
 """Architectures. Inputs are always in [0, 1]; normalization is the model's first layer,
 so any attack library can use our checkpoints without knowing the dataset's statistics.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,8 +30,9 @@ class TwoConvCNN(nn.Module):
     size and the side of the pooled map); the layer names are those of their checkpoints.
     """
 
-    def __init__(self, in_ch: int, num_classes: int, widths: tuple[int, int], kernel: int,
-                 pooled_side: int, hidden: int):
+    def __init__(
+        self, in_ch: int, num_classes: int, widths: tuple[int, int], kernel: int, pooled_side: int, hidden: int
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, widths[0], kernel, padding=kernel // 2)
         self.conv2 = nn.Conv2d(widths[0], widths[1], kernel, padding=kernel // 2)
@@ -69,8 +71,9 @@ def digits_mlp(in_ch: int, num_classes: int) -> nn.Sequential:
     64 -> 32 -> 32 -> classes, no pooling. At eps 0.2 the MILP decides over 99% of the
     360 test images within 10 s each, naturally or PGD trained (benchmarks/verify_digits.py);
     natural training reaches about 96% clean accuracy."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_ch * 64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(in_ch * 64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, num_classes)
+    )
 
 
 class BasicBlock(nn.Module):
@@ -98,7 +101,9 @@ class ResNet(nn.Module):
 
     def __init__(self, in_ch: int, num_classes: int, blocks: tuple[int, ...], widths: tuple[int, ...]):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         layers, cin = [], widths[0]
         for i, (n, w) in enumerate(zip(blocks, widths)):
             for j in range(n):
@@ -165,6 +170,8 @@ ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
 def build_model(arch: str, spec) -> nn.Module:
     """`spec` is a bench.core.data.DatasetSpec: channels, classes and normalization."""
     if arch not in ARCHS:
-        raise BenchError(f"unknown architecture {arch!r}{did_you_mean(arch, ARCHS, n=2)} (architectures: {', '.join(ARCHS)})")
+        raise BenchError(
+            f"unknown architecture {arch!r}{did_you_mean(arch, ARCHS, n=2)} (architectures: {', '.join(ARCHS)})"
+        )
     net = ARCHS[arch](spec.shape[0], spec.num_classes)
     return nn.Sequential(Normalize(spec.mean, spec.std), net)

@@ -5,6 +5,7 @@ dataset and architecture it is meant for, where its numbers come from, and the n
 the paper reports for it, so the leaderboard can show paper and measurement side by
 side. The `<defense>_digits` preset is the default when the dataset is digits.
 """
+
 from __future__ import annotations
 
 import tomllib
@@ -47,9 +48,14 @@ def _read(path: Path) -> Preset:
         raise BenchError(f"preset {str(path)!r} has unknown key {extra[0]!r} (keys: {', '.join(sorted(known))})")
     _check_types(path, raw)
     return Preset(
-        name=path.stem, defense=raw["defense"], dataset=raw["dataset"], arch=raw.get("arch"),
-        description=raw.get("description", ""), source=raw.get("source", ""),
-        config=dict(raw.get("config", {})), train=dict(raw.get("train", {})),
+        name=path.stem,
+        defense=raw["defense"],
+        dataset=raw["dataset"],
+        arch=raw.get("arch"),
+        description=raw.get("description", ""),
+        source=raw.get("source", ""),
+        config=dict(raw.get("config", {})),
+        train=dict(raw.get("train", {})),
         paper={k: float(v) for k, v in raw.get("paper", {}).items()},
     )
 

@@ -1,5 +1,6 @@
 """Provenance: what every stored result records about where it came from (the package's
 version, the git commit of its source tree, the device it ran on)."""
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,7 @@ def git_commit() -> str | None:
     """The commit of the source tree the package runs from, if it is a git checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

@@ -6,6 +6,7 @@ incomplete beta function rather than through scipy.stats, whose import alone cos
 about a second of every command that prints a result (tests/test_stats.py holds them
 to scipy.stats.binomtest).
 """
+
 from __future__ import annotations
 
 import numpy as np

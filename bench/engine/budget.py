@@ -11,6 +11,7 @@ ulp of 1.0 (6e-8), and an L2 projection rescales by eps / ||delta||, off by a fe
 relative. LINF_TOLERANCE (1e-6, some 16 such roundings) and L2_RELATIVE (1e-5) admit that
 and nothing an attack could use: the smallest pixel step of an 8-bit image is 3.9e-3.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,21 +43,28 @@ def check_budget(cell: Cell, x: torch.Tensor, x_adv: torch.Tensor) -> None:
     finite or leaves [0, 1] or the cell's ball around x."""
     bad = int((~torch.isfinite(x_adv)).sum())
     if bad:
-        raise BudgetError(f"attack {cell.attack!r} returned {bad} non-finite value{'' if bad == 1 else 's'} "
-                          f"(NaN or inf) in its inputs; its cell fails")
+        raise BudgetError(
+            f"attack {cell.attack!r} returned {bad} non-finite value{'' if bad == 1 else 's'} "
+            f"(NaN or inf) in its inputs; its cell fails"
+        )
     low, high = float(x_adv.min()), float(x_adv.max())
     if low < 0 or high > 1:
-        raise BudgetError(f"attack {cell.attack!r} returned inputs outside [0, 1] (min {low:.6g}, "
-                          f"max {high:.6g}); its cell fails")
+        raise BudgetError(
+            f"attack {cell.attack!r} returned inputs outside [0, 1] (min {low:.6g}, max {high:.6g}); its cell fails"
+        )
     norm, eps = ball(cell)
     delta = (x_adv.float() - x.float()).flatten(1)
     if norm == "l2":
         worst = float(delta.norm(dim=1).max()) if len(delta) else 0.0
         if worst > eps * (1 + L2_RELATIVE):
-            raise BudgetError(f"attack {cell.attack!r} left the L2 ball of radius {eps:g}: largest "
-                              f"||x_adv - x||_2 is {worst:.6g}; its cell fails")
+            raise BudgetError(
+                f"attack {cell.attack!r} left the L2 ball of radius {eps:g}: largest "
+                f"||x_adv - x||_2 is {worst:.6g}; its cell fails"
+            )
         return
     worst = float(delta.abs().max()) if delta.numel() else 0.0
     if worst > eps + LINF_TOLERANCE:
-        raise BudgetError(f"attack {cell.attack!r} left the L-inf ball of radius {eps:g}: largest "
-                          f"|x_adv - x| is {worst:.6g}; its cell fails")
+        raise BudgetError(
+            f"attack {cell.attack!r} left the L-inf ball of radius {eps:g}: largest "
+            f"|x_adv - x| is {worst:.6g}; its cell fails"
+        )

@@ -6,6 +6,7 @@ it from the device), in NHWC memory, in bf16 autocast, on a copy with batch norm
 into the convolutions, or compiled. On the CPU none of these is on by default, so fp32
 results stay what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,9 @@ _PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDi
 
 def _weights_key(model: torch.nn.Module) -> tuple:
     """Changes whenever a weight or buffer is replaced or updated in place."""
-    return tuple((t.data_ptr(), t._version, tuple(t.stride()))
-                 for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(
+        (t.data_ptr(), t._version, tuple(t.stride())) for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 @contextlib.contextmanager
@@ -127,8 +129,10 @@ def faithful(model, net, x: torch.Tensor, y: torch.Tensor) -> bool:
         return z.detach(), g
 
     (z0, g0), (z1, g1) = logits_and_grad(model), logits_and_grad(net)
-    return bool(torch.allclose(z1, z0, rtol=FAITHFUL_RTOL, atol=FAITHFUL_ATOL)
-                and torch.allclose(g1, g0, rtol=FAITHFUL_RTOL * 10, atol=FAITHFUL_ATOL))
+    return bool(
+        torch.allclose(z1, z0, rtol=FAITHFUL_RTOL, atol=FAITHFUL_ATOL)
+        and torch.allclose(g1, g0, rtol=FAITHFUL_RTOL * 10, atol=FAITHFUL_ATOL)
+    )
 
 
 def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.Tensor:
@@ -140,14 +144,25 @@ def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.
     idx = redo.nonzero().squeeze(1)
     if len(idx):
         with torch.autocast(x.device.type, enabled=False), full_fp32():
-            x_adv = x_adv.index_put((idx,), perturb(model, x[idx], y[idx], cell.config,
-                                                    generator=generator).x_adv.detach().float())
+            x_adv = x_adv.index_put(
+                (idx,), perturb(model, x[idx], y[idx], cell.config, generator=generator).x_adv.detach().float()
+            )
     return x_adv
 
 
-def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
-          on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN,
-          verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None) -> torch.Tensor:
+def craft(
+    model,
+    cell: Cell,
+    x,
+    y,
+    *,
+    device: str,
+    batch_size: int,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    fast: FastPath = PLAIN,
+    verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None,
+) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
     The whole set moves to the device once and comes back once. `fast` selects the fast
@@ -178,12 +193,14 @@ def craft(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | 
         # rewrites change no bit of any logit (bench.engine.rewrite), so a break on them is one.
         approximate = net is not model and fast.copies_model
         for i in range(0, len(x), batch_size):
-            xb, yb = xd[i:i + batch_size], yd[i:i + batch_size]
+            xb, yb = xd[i : i + batch_size], yd[i : i + batch_size]
             with autocast(device, fast.precision):
                 crafted = perturb(net, xb, yb, cell.config, generator=gen)
             if not isinstance(crafted, contract.Crafted):  # the plugin contract, held like the budget below
-                raise RuntimeError(f"attack {cell.attack!r} returned {type(crafted).__name__}; an attack's perturb "
-                                   "returns bench.plugin.Crafted(x_adv) (and a verifier its verdicts beside it)")
+                raise RuntimeError(
+                    f"attack {cell.attack!r} returned {type(crafted).__name__}; an attack's perturb "
+                    "returns bench.plugin.Crafted(x_adv) (and a verifier its verdicts beside it)"
+                )
             if verifier and verdicts is not None:
                 verdicts.append(crafted.verdicts)
             x_adv = crafted.x_adv.detach()
@@ -205,8 +222,18 @@ VERDICT_SEED = 0
 the same passes while each cell's attack draws from its own stream."""
 
 
-def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int | None = None,
-             on_batch: Callable[[int], None] | None = None, fast: FastPath = PLAIN) -> CellOutcome:
+def run_cell(
+    model,
+    cell: Cell,
+    x,
+    y,
+    *,
+    device: str,
+    batch_size: int,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    fast: FastPath = PLAIN,
+) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
@@ -229,8 +256,18 @@ def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] = []
     with warnings.catch_warnings(record=True) as caught, noise:
         warnings.simplefilter("always")
-        x_adv = craft(target, cell, x, y, device=device, batch_size=batch_size, seed=seed, on_batch=on_batch,
-                      fast=fast, verdicts=verdicts)
+        x_adv = craft(
+            target,
+            cell,
+            x,
+            y,
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+            on_batch=on_batch,
+            fast=fast,
+            verdicts=verdicts,
+        )
     seconds = time.perf_counter() - start
     clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
     adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
@@ -238,10 +275,11 @@ def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
     # A sample the model already gets wrong is not robust, whatever the attack returned.
     robust = (adv_logits.argmax(1) == y) & clean
     if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
-        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size,
-                                 seed=VERDICT_SEED)
-        robust = majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size,
-                                  seed=VERDICT_SEED) & clean
+        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED)
+        robust = (
+            majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED)
+            & clean
+        )
         # An attack stops at the first iterate its noisy view misclassifies, right at the
         # boundary, where the verdict is a coin flip; so what the verdict leaves standing
         # is attacked again (the craft with a fresh seed), `cell.rounds` times in all.
@@ -250,29 +288,42 @@ def run_cell(model, cell: Cell, x, y, *, device: str, batch_size: int, seed: int
             if len(left) == 0:
                 break
             with seeded_noise(device, seed + extra):
-                again = craft(target, cell, x[left], y[left], device=device, batch_size=batch_size,
-                              seed=seed + extra, fast=fast)
+                again = craft(
+                    target, cell, x[left], y[left], device=device, batch_size=batch_size, seed=seed + extra, fast=fast
+                )
             x_adv[left] = again
             # Judged on the whole set with the verdict seed: every verdict of the cell
             # comes from the same passes (the noise a pass draws depends on a sample's
             # place in the batch), and what is broken stays broken.
-            robust &= majority_correct(model, x_adv, y, cell.votes, device=device,
-                                       batch_size=batch_size, seed=VERDICT_SEED)
+            robust &= majority_correct(
+                model, x_adv, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED
+            )
         seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
-    extra = {"logit_hist": histogram(clean_logits, adv_logits), "adv_logit_stats": logit_stats(adv_logits, y),
-             "warnings": messages, "precision": fast.precision}
+    extra = {
+        "logit_hist": histogram(clean_logits, adv_logits),
+        "adv_logit_stats": logit_stats(adv_logits, y),
+        "warnings": messages,
+        "precision": fast.precision,
+    }
     proven = None
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
         robust, proven, verdict_extra = verified(cell.kind, verdicts, clean, robust)
         extra.update(verdict_extra)
     return CellOutcome(
-        cell_key=cell.key, kind=cell.kind, attack=cell.attack, threat=cell.threat,
+        cell_key=cell.key,
+        kind=cell.kind,
+        attack=cell.attack,
+        threat=cell.threat,
         params=dataclasses.asdict(cell.config),
-        clean_acc=float(clean.float().mean()), robust_acc=float(robust.float().mean()),
-        n=len(y), seconds=seconds, correct_bits=pack_bits(robust.numpy()),
+        clean_acc=float(clean.float().mean()),
+        robust_acc=float(robust.float().mean()),
+        n=len(y),
+        seconds=seconds,
+        correct_bits=pack_bits(robust.numpy()),
         proven_bits=None if proven is None else pack_bits(proven.numpy()),
-        indices=None if idx is None else idx.tolist(), test_size=test_size,
+        indices=None if idx is None else idx.tolist(),
+        test_size=test_size,
         extra=extra,
         device=device,
     )

@@ -1,6 +1,7 @@
 """Device handling: which device and arithmetic a command runs on, and the contexts
 every model call on it goes through (frozen weights, autocast, memory layout, seeded
 noise)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ A workspace sets it from the device (bench.run); craft and run_cell take it whol
 field off is the plain fp32 path (`PLAIN`), the path of the CPU, whose results stay bit
 for bit what they were; verdicts are taken in fp32 whatever crafted the inputs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

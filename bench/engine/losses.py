@@ -1,4 +1,5 @@
 """Per-sample attack objectives on logits; an attack ascends them."""
+
 from __future__ import annotations
 
 import torch

@@ -24,6 +24,7 @@ class for the length of a `with` block reaches every subclass that does not over
 (bench.engine.rewrite's tracer does the same to keep such Functions opaque). Written here
 because torch offers no switch to ignore a Function's backward.
 """
+
 from __future__ import annotations
 
 import contextlib

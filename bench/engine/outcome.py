@@ -3,6 +3,7 @@
 The engine returns it (bench.engine.cell), a job carries it back from a worker (it
 pickles like any frozen dataclass), and the driver hands `row_fields()` to the store.
 """
+
 from __future__ import annotations
 
 import dataclasses

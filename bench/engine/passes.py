@@ -13,6 +13,7 @@ network and is priced by its time.
 The hook observes and never changes what the model computes, so the verifier's refusal
 of hooks (bench.verify.faithful) lets a `PassCount` through.
 """
+
 from __future__ import annotations
 
 import contextlib

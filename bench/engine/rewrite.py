@@ -26,6 +26,7 @@ straight-through estimator, a reversed or a zeroed gradient) would silently vani
 the copy every attack sees. The tracer here keeps each `Function.apply` as one opaque
 call instead, forward and backward as the model has them, and rewrites around it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,15 @@ class _MaxPoolNHWC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
-        out, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding,
-                                dilation, ceil_mode=ceil_mode, return_indices=True)
+        out, idx = F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last),
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode=ceil_mode,
+            return_indices=True,
+        )
         ctx.save_for_backward(x, idx.contiguous())
         ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
         return out.contiguous()
@@ -66,23 +74,36 @@ class _MaxPoolNHWC(torch.autograd.Function):
         kernel, stride, padding, dilation, ceil_mode = ctx.geometry
         kernel = _pair(kernel)
         gx = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad.contiguous(), x, kernel, _pair(stride) if stride else kernel, _pair(padding), _pair(dilation),
-            ceil_mode, idx)
+            grad.contiguous(),
+            x,
+            kernel,
+            _pair(stride) if stride else kernel,
+            _pair(padding),
+            _pair(dilation),
+            ceil_mode,
+            idx,
+        )
         return gx, None, None, None, None, None
 
 
-def max_pool2d_nhwc(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
-                    ceil_mode: bool = False) -> torch.Tensor:
+def max_pool2d_nhwc(
+    x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False
+) -> torch.Tensor:
     """F.max_pool2d with the same values and gradient; for a contiguous NCHW CPU input
     the forward runs in NHWC (several times faster for small feature maps), any other
     input goes to F.max_pool2d as it is."""
-    nchw_cpu = (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
-                and not x.is_contiguous(memory_format=torch.channels_last))
+    nchw_cpu = (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.is_contiguous()
+        and not x.is_contiguous(memory_format=torch.channels_last)
+    )
     if not nchw_cpu:
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding,
-                            dilation, ceil_mode=ceil_mode).contiguous()
+        return F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation, ceil_mode=ceil_mode
+        ).contiguous()
     return _MaxPoolNHWC.apply(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -93,8 +114,10 @@ _APPLY = autograd_function.Function.__dict__["apply"]
 def _opaque_apply(fn: type) -> callable:
     """A plain function calling `fn.apply`: the graph node a custom Function becomes
     (torch.fx records calls of functions, not of classes)."""
+
     def apply(*args, **kwargs):
         return fn.apply(*args, **kwargs)
+
     apply.__name__ = apply.__qualname__ = f"apply_{fn.__name__}"
     return apply
 

@@ -11,6 +11,7 @@ weights and inputs, and the loss (the training adversary included) under bf16 au
 with fp32 weights, optimizer and backward accumulation, so no loss scaling is needed.
 Neither is on by default, and the CPU never uses them: its results stay bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,18 +111,31 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Ten
     dy = torch.randint(0, 9, (n,), generator=generator, device=x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                 torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     if kind == "crop_flip":
         flip = torch.rand(n, generator=generator, device=x.device) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 
 
-def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig,
-          x: torch.Tensor, y: torch.Tensor, ctx: TrainContext,
-          on_step: Callable[[int, int], None] | None = None, *,
-          precision: str = "fp32", channels_last: bool = False) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    cfg,
+    train_cfg: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: TrainContext,
+    on_step: Callable[[int, int], None] | None = None,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> TrainResult:
     """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over (x, y) for train_cfg.epochs.
 
     `precision` `bf16` runs the loss under bf16 autocast; `channels_last` keeps weights
@@ -133,8 +147,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
         x = x.contiguous(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if train_cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                              weight_decay=train_cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
@@ -151,7 +164,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
         order = torch.randperm(n, generator=ctx.generator, device=x.device)
         running = torch.zeros((), device=x.device)
         for i in range(per_epoch):
-            idx = order[i * train_cfg.batch_size:(i + 1) * train_cfg.batch_size]
+            idx = order[i * train_cfg.batch_size : (i + 1) * train_cfg.batch_size]
             xb = augment(x[idx], train_cfg.augment, ctx.generator)
             for group in opt.param_groups:
                 group["lr"] = lr_at(train_cfg, epoch + i / per_epoch)
@@ -176,10 +189,21 @@ def train(model: torch.nn.Module, loss_fn: Callable, cfg, train_cfg: TrainConfig
     return result
 
 
-def train_model(arch: str, spec: DatasetSpec, loss_fn: Callable, cfg, train_cfg: TrainConfig,
-                x: torch.Tensor, y: torch.Tensor, *, seed: int, device: str = "cpu",
-                on_step: Callable[[int, int], None] | None = None, precision: str = "fp32",
-                channels_last: bool = False) -> tuple[torch.nn.Module, TrainResult]:
+def train_model(
+    arch: str,
+    spec: DatasetSpec,
+    loss_fn: Callable,
+    cfg,
+    train_cfg: TrainConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    seed: int,
+    device: str = "cpu",
+    on_step: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> tuple[torch.nn.Module, TrainResult]:
     """The one way a training run opens: seed torch, build the architecture, seed the
     loss's generator, train on (x, y) moved to `device`. Returns the eval-mode model.
 
@@ -188,6 +212,16 @@ def train_model(arch: str, spec: DatasetSpec, loss_fn: Callable, cfg, train_cfg:
     torch.manual_seed(seed)
     model = build_model(arch, spec).to(device)
     ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator(device=device).manual_seed(seed))
-    result = train(model, loss_fn, cfg, train_cfg, x.to(device), y.to(device), ctx, on_step=on_step,
-                   precision=precision, channels_last=channels_last)
+    result = train(
+        model,
+        loss_fn,
+        cfg,
+        train_cfg,
+        x.to(device),
+        y.to(device),
+        ctx,
+        on_step=on_step,
+        precision=precision,
+        channels_last=channels_last,
+    )
     return model.eval(), result

@@ -1,6 +1,7 @@
 """Verdicts: a model's logits on a set, and the seeded majority of passes that judges a
 randomized model; EOT, the mean-logit view of a randomized model that gradient attacks
 see (Expectation over Transformation)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,14 +12,15 @@ from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_d
 
 
 @torch.no_grad()
-def predict(model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32",
-            channels_last: bool = False) -> torch.Tensor:
+def predict(
+    model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32", channels_last: bool = False
+) -> torch.Tensor:
     """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored.
     In fp32 they are true fp32 (no TF32 on CUDA), as every verdict must be."""
     xd = on_device(x, device, channels_last)
     arithmetic = full_fp32() if precision == "fp32" else contextlib.nullcontext()
     with frozen(model), memory_format(model, channels_last), autocast(device, precision), arithmetic:
-        logits = [model(xd[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        logits = [model(xd[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
     return torch.cat(logits).cpu()
 
 
@@ -36,8 +38,9 @@ class EOT(torch.nn.Module):
 
 
 @torch.no_grad()
-def majority_correct(model, x: torch.Tensor, y: torch.Tensor, votes: int, *, device: str,
-                     batch_size: int, seed: int = 0) -> torch.Tensor:
+def majority_correct(
+    model, x: torch.Tensor, y: torch.Tensor, votes: int, *, device: str, batch_size: int, seed: int = 0
+) -> torch.Tensor:
     """Per sample: more than half of `votes` forward passes classify it correctly (on the CPU).
 
     The passes draw from torch's generators seeded with `seed` (restored afterwards), so

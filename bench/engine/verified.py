@@ -16,6 +16,7 @@ Either way the images proven robust are the cell's proven bits, stored beside it
 robust bits. The stored extra keeps the counts and the per-image cost, and the spread
 of the fp32 tolerances the verifier's margins had to exceed (bench.verify.rounding).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,12 +33,17 @@ STATUSES = ("robust", "not_robust", "unknown")
 def _spread(values: np.ndarray) -> dict:
     if len(values) == 0:
         return {}
-    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90)),
-            "max": float(values.max()), "total": float(values.sum())}
+    return {
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+        "max": float(values.max()),
+        "total": float(values.sum()),
+    }
 
 
-def verified(kind: CellKind, parts: Sequence, clean: torch.Tensor,
-             robust: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def verified(
+    kind: CellKind, parts: Sequence, clean: torch.Tensor, robust: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(the cell's robust bits, its proven bits, its extra) from the verdicts a verifier
     cell of `kind` returned, batch by batch (`parts`), `clean` and `robust` being the
     model's fp32 verdicts on the clean and returned inputs."""
@@ -51,8 +57,13 @@ def _certified(verdicts: CertifiedVerdicts, clean: torch.Tensor) -> tuple[torch.
     if bool((certified & ~clean).any()):
         raise RuntimeError("certify: an image the model misclassifies was certified robust")
     margin = verdicts.margin.double().numpy()
-    extra = {"certified": {"count": int(certified.sum()), "n": len(certified),
-                           "margin_median": float(np.median(margin)) if len(margin) else None}}
+    extra = {
+        "certified": {
+            "count": int(certified.sum()),
+            "n": len(certified),
+            "margin_median": float(np.median(margin)) if len(margin) else None,
+        }
+    }
     return certified & clean, certified & clean, extra
 
 
@@ -64,8 +75,10 @@ def _complete(verdicts: CompleteVerdicts, robust: torch.Tensor) -> tuple[torch.T
     is_ = {s: torch.tensor([v == s for v in status], dtype=torch.bool) for s in STATUSES}
     bad = (is_["not_robust"] & robust).nonzero().flatten().tolist()
     if bad:
-        raise RuntimeError(f"verify: the counterexample of image {bad[0]} does not reproduce "
-                           f"(the model classifies it correctly in fp32); {len(bad)} such")
+        raise RuntimeError(
+            f"verify: the counterexample of image {bad[0]} does not reproduce "
+            f"(the model classifies it correctly in fp32); {len(bad)} such"
+        )
     bad = (is_["robust"] & ~robust).nonzero().flatten().tolist()
     if bad:
         raise RuntimeError(f"verify: image {bad[0]} was verified robust but the model misclassifies its input")
@@ -77,9 +90,17 @@ def _complete(verdicts: CompleteVerdicts, robust: torch.Tensor) -> tuple[torch.T
     for how in verdicts.decided_by:
         decided_by[how] = decided_by.get(how, 0) + 1
     counts = {s: int(is_[s].sum()) for s in STATUSES}
-    extra = {"verify": {**counts, "n": len(status),
-                        "seconds": _spread(seconds), "per_image_seconds": [round(float(t), 3) for t in seconds],
-                        "unstable": _spread(unstable.astype(np.float64)), "per_image_unstable": unstable.tolist(),
-                        "binaries": _spread(binaries.astype(np.float64)), "decided_by": decided_by,
-                        "tolerance": _spread(tolerance[np.isfinite(tolerance)])}}
+    extra = {
+        "verify": {
+            **counts,
+            "n": len(status),
+            "seconds": _spread(seconds),
+            "per_image_seconds": [round(float(t), 3) for t in seconds],
+            "unstable": _spread(unstable.astype(np.float64)),
+            "per_image_unstable": unstable.tolist(),
+            "binaries": _spread(binaries.astype(np.float64)),
+            "decided_by": decided_by,
+            "tolerance": _spread(tolerance[np.isfinite(tolerance)]),
+        }
+    }
     return robust, is_["robust"], extra

@@ -22,6 +22,7 @@ Where each part lives: `sizes` (how much is measured), `timing` (clocks and fits
 `races` (the race, the precision check, scaling), `gpu` (the CUDA-only figures),
 `measure` (the order of it all), `render` (the text report); `run_perf` here.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ __all__ = ["SIZES", "PerfSize", "run_perf"]
 
 
 # --- the command -----------------------------------------------------------------------
-def run_perf(device: str = "auto", as_json: bool = False, size: str | PerfSize = "default",
-             threads: int | None = None, out=None, err=None) -> dict:
+def run_perf(
+    device: str = "auto",
+    as_json: bool = False,
+    size: str | PerfSize = "default",
+    threads: int | None = None,
+    out=None,
+    err=None,
+) -> dict:
     """Measure everything above and print it; returns the same figures as a dict.
 
     On the CPU both contenders run on one torch thread unless `threads` says otherwise:

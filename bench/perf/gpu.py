@@ -1,5 +1,6 @@
 """The GPU figures of `bench perf` (CUDA only): FLOPs per image, the bf16 matmul peak,
 CIFAR-shaped synthetic data, PGD on ResNet-18 and WideResNet-28-10, and PGD training."""
+
 from __future__ import annotations
 
 import statistics
@@ -24,8 +25,14 @@ from defenses._parts import pgd_adversary
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), by a piece of
 # the device name; the measured large-matmul rate is reported beside it.
-DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
-                         "L40S": 362.1, "RTX 4090": 165.2}
+DATASHEET_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.4,
+    "H200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "RTX 4090": 165.2,
+}
 
 
 def flops_per_image(model, shape, device: str) -> dict:
@@ -51,7 +58,7 @@ def matmul_peak(device: str, n: int = 8192) -> float:
         a @ b
     reps = 10
     t, _ = _timed(lambda: [a @ b for _ in range(reps)], device)
-    return 2 * n ** 3 * reps / t / 1e12
+    return 2 * n**3 * reps / t / 1e12
 
 
 def synthetic_cifar(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +66,9 @@ def synthetic_cifar(n: int, seed: int, device: str) -> tuple[torch.Tensor, torch
     under per-pixel noise. Only for timing and for comparing precisions; no claim about
     CIFAR itself."""
     g = torch.Generator().manual_seed(0)
-    templates = torch.nn.functional.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=32,
-                                                mode="bilinear", align_corners=False)
+    templates = torch.nn.functional.interpolate(
+        torch.rand(10, 3, 4, 4, generator=g), size=32, mode="bilinear", align_corners=False
+    )
     g.manual_seed(seed)
     y = torch.randint(0, 10, (n,), generator=g)
     x = 0.5 + 0.25 * (templates[y] - 0.5) + 0.15 * torch.randn(n, 3, 32, 32, generator=g)
@@ -80,23 +88,52 @@ def train_timing(ws: Workspace, size: PerfSize, log: Log) -> tuple[dict, torch.n
 
     runs, kept = [], None
     for batch, epochs in size.train_runs:
-        tcfg = TrainConfig(epochs=epochs, batch_size=batch, optimizer="sgd", lr=0.05, weight_decay=5e-4,
-                           schedule="constant", augment="crop_flip")
-        model, res = train_model("resnet18", spec, at_loss, None, tcfg, x, y, seed=0, device=ws.device,
-                                 precision=ws.precision, channels_last=ws.channels_last)
+        tcfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch,
+            optimizer="sgd",
+            lr=0.05,
+            weight_decay=5e-4,
+            schedule="constant",
+            augment="crop_flip",
+        )
+        model, res = train_model(
+            "resnet18",
+            spec,
+            at_loss,
+            None,
+            tcfg,
+            x,
+            y,
+            seed=0,
+            device=ws.device,
+            precision=ws.precision,
+            channels_last=ws.channels_last,
+        )
         per_epoch = res.epoch_seconds
         for e, (s, loss) in enumerate(zip(per_epoch, res.losses)):
             log(f"train resnet18 batch {batch}: epoch {e + 1} {s:.2f} s (loss {loss:.3f})")
         steady = per_epoch[1:] or per_epoch
-        runs.append({"batch_size": batch, "images": len(x), "attack_steps": 7, "epoch_seconds": per_epoch,
-                     "seconds_per_epoch": statistics.mean(steady),
-                     "note": "first epoch includes warm-up" if len(per_epoch) > 1 else "one epoch, warm-up included"})
+        runs.append(
+            {
+                "batch_size": batch,
+                "images": len(x),
+                "attack_steps": 7,
+                "epoch_seconds": per_epoch,
+                "seconds_per_epoch": statistics.mean(steady),
+                "note": "first epoch includes warm-up" if len(per_epoch) > 1 else "one epoch, warm-up included",
+            }
+        )
         if kept is None:
             kept = model
     # An epoch costs 8 forward and 8 backward passes per image (7 adversary steps, 1 update).
-    return {"recipe": "ResNet-18, 7-step L-inf PGD training (eps 8/255, step 2/255), SGD, crop+flip",
-            "data": "CIFAR-shaped synthetic (class colour patterns + noise)", "precision": ws.precision,
-            "channels_last": ws.channels_last, "runs": runs}, kept.eval()
+    return {
+        "recipe": "ResNet-18, 7-step L-inf PGD training (eps 8/255, step 2/255), SGD, crop+flip",
+        "data": "CIFAR-shaped synthetic (class colour patterns + noise)",
+        "precision": ws.precision,
+        "channels_last": ws.channels_last,
+        "runs": runs,
+    }, kept.eval()
 
 
 def gpu_models(ws: Workspace, size: PerfSize, trained: torch.nn.Module | None, peak: float, log: Log) -> dict:
@@ -114,8 +151,15 @@ def gpu_models(ws: Workspace, size: PerfSize, trained: torch.nn.Module | None, p
         batch = size.gpu_batch.get(arch, ws.batch_size())
         steps = size.gpu_steps
         total_flops = (steps * flops["pgd_step"] + flops["forward"]) * len(x)
-        res: dict[str, Any] = {"weights": weights, "flops_per_image": flops, "images": len(x), "steps": steps,
-                               "batch_size": batch, "pgd_flops_total": total_flops, "variants": {}}
+        res: dict[str, Any] = {
+            "weights": weights,
+            "flops_per_image": flops,
+            "images": len(x),
+            "steps": steps,
+            "batch_size": batch,
+            "pgd_flops_total": total_flops,
+            "variants": {},
+        }
         # (label, fast-path keywords, early stop); equal work (early stop off) is what the
         # FLOP rate and the targets are measured on.
         variants = [("default", ws.fast, False), ("default_early_stop", ws.fast, True)]
@@ -134,9 +178,14 @@ def gpu_models(ws: Workspace, size: PerfSize, trained: torch.nn.Module | None, p
             first, _ = _timed(f, ws.device)  # warm-up (and compiling, if asked)
             t, outs = _median_times({"t": f}, 1 if arch != "resnet18" else 2, ws.device)
             sec = t["t"]
-            row = {"seconds": sec, "first_call_seconds": first, "fast_path": asdict(fast), "early_stop": early,
-                   "images_steps_per_s": len(x) * steps / sec,
-                   "robust_acc": _robust(model, outs["t"], x, y, ws)}
+            row = {
+                "seconds": sec,
+                "first_call_seconds": first,
+                "fast_path": asdict(fast),
+                "early_stop": early,
+                "images_steps_per_s": len(x) * steps / sec,
+                "robust_acc": _robust(model, outs["t"], x, y, ws),
+            }
             if not early:
                 row["achieved_tflops"] = total_flops / sec / 1e12
                 row["fraction_of_measured_peak"] = row["achieved_tflops"] / peak
@@ -148,8 +197,16 @@ def gpu_models(ws: Workspace, size: PerfSize, trained: torch.nn.Module | None, p
             res["race"] = race(model, x, y, spec.threat, ws, steps=steps, repeats=1, batch_size=batch, log=log)
             if trained is not None:
                 res["precision"] = precision_check(
-                    model, x, y, spec.threat, ws, batch_size=batch, repeats=1, log=log,
-                    cells=[{"steps": steps}, {"steps": steps, "loss": "cw"}])
+                    model,
+                    x,
+                    y,
+                    spec.threat,
+                    ws,
+                    batch_size=batch,
+                    repeats=1,
+                    log=log,
+                    cells=[{"steps": steps}, {"steps": steps, "loss": "cw"}],
+                )
         out[arch] = res
         del model
         torch.cuda.empty_cache()

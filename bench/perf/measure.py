@@ -1,5 +1,6 @@
 """What `bench perf` measures, in order: the robust digits model, the race, scaling, the
 matrix, and on CUDA the precision checks and the GPU figures."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,13 @@ def robust_digits_model(ws: Workspace, size: PerfSize, log: Log):
     spec = TrainRequest(defense, "digits", overrides=(f"epochs={size.robust_epochs}",))
     log(f"training the robust digits model ({defense}, {size.robust_epochs} epochs)")
     row, _ = ensure_checkpoint(ws, resolve(spec))
-    return load_model(row, ws.device), {"defense": defense, "epochs": size.robust_epochs,
-                                           "key": row.key, "train_seconds": row.train_seconds,
-                                           "clean_acc": row.meta["clean_acc"]}
+    return load_model(row, ws.device), {
+        "defense": defense,
+        "epochs": size.robust_epochs,
+        "key": row.key,
+        "train_seconds": row.train_seconds,
+        "clean_acc": row.meta["clean_acc"],
+    }
 
 
 def matrix_timing(ws: Workspace, size: PerfSize, log: Log, defense: str = "logit_squeeze") -> dict:
@@ -54,11 +59,18 @@ def matrix_timing(ws: Workspace, size: PerfSize, log: Log, defense: str = "logit
     wall = time.perf_counter() - t0
     row = ws.store.checkpoint(recipe.key)
     evals = ws.store.evaluations([row.id]) if row else []
-    return {"defense": defense, "matrix": size.matrix, "cells": len(evals), "checkpoint": recipe.key,
-            "error": error, "train_seconds": row.train_seconds if row else None,
-            "attack_seconds": sum(e.seconds for e in evals), "wall_seconds": wall,
-            "cell_seconds": {e.cell_key: e.seconds for e in evals},
-            "robust_acc": {e.cell_key: e.robust_acc for e in evals}}
+    return {
+        "defense": defense,
+        "matrix": size.matrix,
+        "cells": len(evals),
+        "checkpoint": recipe.key,
+        "error": error,
+        "train_seconds": row.train_seconds if row else None,
+        "attack_seconds": sum(e.seconds for e in evals),
+        "wall_seconds": wall,
+        "cell_seconds": {e.cell_key: e.seconds for e in evals},
+        "robust_acc": {e.cell_key: e.robust_acc for e in evals},
+    }
 
 
 def matrix_in_fp32(ws: Workspace, matrix: dict, log: Log) -> dict:
@@ -75,12 +87,21 @@ def matrix_in_fp32(ws: Workspace, matrix: dict, log: Log) -> dict:
             continue
         r = run_cell(model, cell, x, y, device=ws.device, batch_size=ws.batch_size())
         fast = matrix["robust_acc"].get(cell.key)
-        cells[cell.key] = {"fp32": r.robust_acc, "fast": fast, "fp32_seconds": r.seconds,
-                           "fast_seconds": matrix["cell_seconds"].get(cell.key)}
+        cells[cell.key] = {
+            "fp32": r.robust_acc,
+            "fast": fast,
+            "fp32_seconds": r.seconds,
+            "fast_seconds": matrix["cell_seconds"].get(cell.key),
+        }
     diffs = [abs(c["fast"] - c["fp32"]) for c in cells.values() if c["fast"] is not None]
-    return {"fast_path": asdict(ws.fast), "cells": cells, "max_abs_difference": max(diffs) if diffs else None,
-            "fast_never_higher_by_more_than_half_a_point": all(
-                c["fast"] - c["fp32"] <= 0.005 for c in cells.values() if c["fast"] is not None)}
+    return {
+        "fast_path": asdict(ws.fast),
+        "cells": cells,
+        "max_abs_difference": max(diffs) if diffs else None,
+        "fast_never_higher_by_more_than_half_a_point": all(
+            c["fast"] - c["fp32"] <= 0.005 for c in cells.values() if c["fast"] is not None
+        ),
+    }
 
 
 def _measure(device: str, size: PerfSize, log: Log) -> dict:
@@ -88,42 +109,74 @@ def _measure(device: str, size: PerfSize, log: Log) -> dict:
         ws = Workspace.open(tmp, device=device)
         dev = ws.device
         report: dict[str, Any] = {
-            "device": dev, "device_name": _device_label(dev), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "torchattacks": torchattacks.__version__, "size": dataclasses.asdict(size),
-            "fast_path": asdict(ws.fast), "batch_size": ws.batch_size(),
+            "device": dev,
+            "device_name": _device_label(dev),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "torchattacks": torchattacks.__version__,
+            "size": dataclasses.asdict(size),
+            "fast_path": asdict(ws.fast),
+            "batch_size": ws.batch_size(),
         }
         log(f"device {report['device_name']}, fast path {asdict(ws.fast)}")
         digits = get_spec("digits")
         model, info = robust_digits_model(ws, size, log)
         xt, yt = load_dataset("digits", "test")
         x, y = _tile(xt, yt, size.race_images)
-        report["race"] = dict(race(model, x, y, digits.threat, ws, steps=size.race_steps, repeats=size.repeats,
-                                   batch_size=ws.batch_size(), log=log), model=info)
+        report["race"] = dict(
+            race(
+                model,
+                x,
+                y,
+                digits.threat,
+                ws,
+                steps=size.race_steps,
+                repeats=size.repeats,
+                batch_size=ws.batch_size(),
+                log=log,
+            ),
+            model=info,
+        )
         report["scaling"] = scaling(model, xt, yt, digits.threat, ws, size, log)
         report["matrix"] = matrix_timing(ws, size, log)
         if dev.startswith("cuda"):
             report["precision"] = precision_check(
-                model, x.to(dev), y.to(dev), digits.threat, ws, batch_size=ws.batch_size(),
-                repeats=1, log=log, cells=[{"steps": size.race_steps}, {"steps": size.race_steps, "loss": "cw"}])
+                model,
+                x.to(dev),
+                y.to(dev),
+                digits.threat,
+                ws,
+                batch_size=ws.batch_size(),
+                repeats=1,
+                log=log,
+                cells=[{"steps": size.race_steps}, {"steps": size.race_steps, "loss": "cw"}],
+            )
             # Informative: on 360 digits one sample is 0.28 points, so a cell can move by
             # two samples through a different gradient path alone.
             report["precision"]["matrix"] = matrix_in_fp32(ws, report["matrix"], log)
             peak = matmul_peak(dev)
             log(f"bf16 matmul: {peak:.0f} TFLOP/s")
             train_report, trained = train_timing(ws, size, log)
-            report["gpu"] = {"matmul_bf16_tflops": peak, "datasheet_bf16_tflops": out_peak(dev),
-                             "train": train_report}
+            report["gpu"] = {"matmul_bf16_tflops": peak, "datasheet_bf16_tflops": out_peak(dev), "train": train_report}
             report["gpu"]["models"] = gpu_models(ws, size, trained, peak, log)
             # The recommendation stands on every PGD comparison: digits and ResNet-18.
-            checks = [report["precision"]] + [m["precision"] for m in report["gpu"]["models"].values()
-                                              if "precision" in m]
+            checks = [report["precision"]] + [
+                m["precision"] for m in report["gpu"]["models"].values() if "precision" in m
+            ]
             agree = all(c["bf16_agrees"] for c in checks)
             faster = sum(c["seconds"]["bf16"] for c in checks) < sum(c["seconds"]["fp32"] for c in checks)
-            report["precision"]["overall"] = {"bf16_agrees": agree, "recommended": "bf16" if agree and faster else "fp32",
-                                              "bench_default": ws.precision}
+            report["precision"]["overall"] = {
+                "bf16_agrees": agree,
+                "recommended": "bf16" if agree and faster else "fp32",
+                "bench_default": ws.precision,
+            }
         else:
-            report["precision"] = {"bench_default": ws.precision, "recommended": "fp32", "bf16_agrees": None,
-                                   "note": "bf16 is never the default on the CPU; compare on a GPU"}
+            report["precision"] = {
+                "bench_default": ws.precision,
+                "recommended": "fp32",
+                "bf16_agrees": None,
+                "note": "bf16 is never the default on the CPU; compare on a GPU",
+            }
     return report
 
 

@@ -1,6 +1,7 @@
 """The PGD comparisons of `bench perf` (on any device; gpu.py runs them on ResNet-18
 too): the race of our PGD against torchattacks' PGD, the fp32 against bf16 check, and
 how time scales with images and steps."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, replace
@@ -20,10 +21,8 @@ from bench.run.workspace import Workspace
 
 
 def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:
-    atk = torchattacks.PGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
-                           random_start=cfg.random_start)
-    return torch.cat([atk(x[i:i + batch_size], y[i:i + batch_size])
-                      for i in range(0, len(x), batch_size)])
+    atk = torchattacks.PGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, random_start=cfg.random_start)
+    return torch.cat([atk(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
@@ -35,8 +34,19 @@ def _robust(model, x_adv, x, y, ws: Workspace) -> float:
     return float((clean & adv).float().mean())
 
 
-def race(model, x, y, threat, ws: Workspace, *, steps: int, repeats: int, batch_size: int,
-         fast: FastPath | None = None, log: Log) -> dict:
+def race(
+    model,
+    x,
+    y,
+    threat,
+    ws: Workspace,
+    *,
+    steps: int,
+    repeats: int,
+    batch_size: int,
+    fast: FastPath | None = None,
+    log: Log,
+) -> dict:
     """Our PGD (craft, early stop off and on) against torchattacks' PGD, same inputs."""
     fast = ws.fast if fast is None else fast
     off = make_cell("pgd", {"steps": steps, "early_stop": False}, threat)
@@ -57,21 +67,30 @@ def race(model, x, y, threat, ws: Workspace, *, steps: int, repeats: int, batch_
     log(f"race: {len(x)} images x {steps} steps, {repeats} timed rounds")
     t, outs = _median_times(variants, repeats, dev)
     work = len(x) * steps
-    res = {"images": len(x), "steps": steps, "eps": on.config.eps, "step_size": on.config.step_size,
-           "random_start": True, "batch_size": batch_size, "fast_path": asdict(fast),
-           "seconds": t, "images_steps_per_s": {k: work / v for k, v in t.items()},
-           "ratio_equal_work": t["torchattacks"] / t["ours_equal_work"],
-           "ratio_early_stop": t["torchattacks"] / t["ours_early_stop"],
-           "ratio_equal_work_unrewritten": (t["torchattacks"] / t["ours_equal_work_unrewritten"]
-                                            if "ours_equal_work_unrewritten" in t else None),
-           "robust_acc": {k: _robust(model, v, x, y, ws) for k, v in outs.items()}}
-    log(f"race: ratio {res['ratio_equal_work']:.2f} at equal work, "
-        f"{res['ratio_early_stop']:.2f} with early stop")
+    res = {
+        "images": len(x),
+        "steps": steps,
+        "eps": on.config.eps,
+        "step_size": on.config.step_size,
+        "random_start": True,
+        "batch_size": batch_size,
+        "fast_path": asdict(fast),
+        "seconds": t,
+        "images_steps_per_s": {k: work / v for k, v in t.items()},
+        "ratio_equal_work": t["torchattacks"] / t["ours_equal_work"],
+        "ratio_early_stop": t["torchattacks"] / t["ours_early_stop"],
+        "ratio_equal_work_unrewritten": (
+            t["torchattacks"] / t["ours_equal_work_unrewritten"] if "ours_equal_work_unrewritten" in t else None
+        ),
+        "robust_acc": {k: _robust(model, v, x, y, ws) for k, v in outs.items()},
+    }
+    log(f"race: ratio {res['ratio_equal_work']:.2f} at equal work, {res['ratio_early_stop']:.2f} with early stop")
     return res
 
 
-def precision_check(model, x, y, threat, ws: Workspace, *, cells: list[dict], batch_size: int,
-                    repeats: int, log: Log) -> dict:
+def precision_check(
+    model, x, y, threat, ws: Workspace, *, cells: list[dict], batch_size: int, repeats: int, log: Log
+) -> dict:
     """Robust accuracy crafted in fp32 and in bf16 on the same samples, with times; the
     recommended setting is the fastest whose accuracy is within half a point of fp32 on
     every cell."""
@@ -83,8 +102,11 @@ def precision_check(model, x, y, threat, ws: Workspace, *, cells: list[dict], ba
         cell = make_cell("pgd", params, threat)
         row = {}
         for name, fast in settings.items():
-            t, outs = _median_times({name: lambda: craft(model, cell, x, y, device=ws.device,
-                                                         batch_size=batch_size, fast=fast)}, repeats, ws.device)
+            t, outs = _median_times(
+                {name: lambda: craft(model, cell, x, y, device=ws.device, batch_size=batch_size, fast=fast)},
+                repeats,
+                ws.device,
+            )
             row[name] = {"seconds": t[name], "robust_acc": _robust(model, outs[name], x, y, ws)}
             seconds[name] += t[name]
         row["difference"] = row["bf16"]["robust_acc"] - row["fp32"]["robust_acc"]
@@ -104,18 +126,24 @@ def scaling(model, x, y, threat, ws: Workspace, size: PerfSize, log: Log) -> dic
     steps grow, with a least-squares line through each. The sizes of a series are timed
     in interleaved rounds, so a change in the machine's load falls on all of them alike
     instead of bending the line."""
+
     def job(n, steps):
         cell = make_cell("pgd", {"steps": steps, "early_stop": False}, threat)
         xs, ys = _tile(x, y, n)
         xs, ys = xs.to(ws.device), ys.to(ws.device)
         return lambda: craft(model, cell, xs, ys, device=ws.device, batch_size=ws.batch_size(), fast=ws.fast)
 
-    log(f"scaling: images {size.scale_images} at {size.scale_fixed_steps} steps, "
-        f"steps {size.scale_steps} at {size.scale_fixed_images} images")
+    log(
+        f"scaling: images {size.scale_images} at {size.scale_fixed_steps} steps, "
+        f"steps {size.scale_steps} at {size.scale_fixed_images} images"
+    )
     t_n = _median_times({n: job(n, size.scale_fixed_steps) for n in size.scale_images}, size.repeats, ws.device)[0]
     t_s = _median_times({s: job(size.scale_fixed_images, s) for s in size.scale_steps}, size.repeats, ws.device)[0]
     by_n = [{"images": n, "steps": size.scale_fixed_steps, "seconds": t_n[n]} for n in size.scale_images]
     by_s = [{"images": size.scale_fixed_images, "steps": s, "seconds": t_s[s]} for s in size.scale_steps]
-    return {"images": by_n, "steps": by_s,
-            "fit_images": _fit([r["images"] for r in by_n], [r["seconds"] for r in by_n]),
-            "fit_steps": _fit([r["steps"] for r in by_s], [r["seconds"] for r in by_s])}
+    return {
+        "images": by_n,
+        "steps": by_s,
+        "fit_images": _fit([r["images"] for r in by_n], [r["seconds"] for r in by_n]),
+        "fit_steps": _fit([r["steps"] for r in by_s], [r["seconds"] for r in by_s]),
+    }

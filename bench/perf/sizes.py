@@ -1,4 +1,5 @@
 """How much `bench perf` measures: the sizes it knows by name."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +41,23 @@ class PerfSize:
 
 SIZES = {
     "default": PerfSize(),
-    "tiny": PerfSize(race_images=48, race_steps=3, repeats=1, robust_epochs=1, matrix="quick",
-                     matrix_epochs=1, scale_images=(16, 32), scale_steps=(2, 4), scale_fixed_steps=2,
-                     scale_fixed_images=16, gpu_images=256, gpu_steps=2, gpu_archs=("resnet18",),
-                     gpu_batch={"resnet18": 128}, gpu_compile=False, train_images=512,
-                     train_runs=((128, 1),)),
+    "tiny": PerfSize(
+        race_images=48,
+        race_steps=3,
+        repeats=1,
+        robust_epochs=1,
+        matrix="quick",
+        matrix_epochs=1,
+        scale_images=(16, 32),
+        scale_steps=(2, 4),
+        scale_fixed_steps=2,
+        scale_fixed_images=16,
+        gpu_images=256,
+        gpu_steps=2,
+        gpu_archs=("resnet18",),
+        gpu_batch={"resnet18": 128},
+        gpu_compile=False,
+        train_images=512,
+        train_runs=((128, 1),),
+    ),
 }

@@ -1,5 +1,6 @@
 """Clocks for `bench perf`: its progress log, synchronised timing, interleaved medians,
 least-squares lines, and tiling inputs to a size."""
+
 from __future__ import annotations
 
 import statistics
@@ -51,9 +52,13 @@ def _fit(xs: list[float], ts: list[float]) -> dict:
     pred = intercept + slope * np.asarray(xs, float)
     ss_res = float(((np.asarray(ts) - pred) ** 2).sum())
     ss_tot = float(((np.asarray(ts) - np.mean(ts)) ** 2).sum())
-    return {"slope_s": float(slope), "intercept_s": float(intercept),
-            "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
-            "time_ratios": [t / ts[0] for t in ts], "size_ratios": [x / xs[0] for x in xs]}
+    return {
+        "slope_s": float(slope),
+        "intercept_s": float(intercept),
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+        "time_ratios": [t / ts[0] for t in ts],
+        "size_ratios": [x / xs[0] for x in xs],
+    }
 
 
 def _tile(x, y, n):

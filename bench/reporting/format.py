@@ -3,6 +3,7 @@
 One module so that the site and the CLI show the same number the same way; in
 particular a missing number is always shown as MISSING ("–"), never as an empty string.
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ images the attacks missed.
 
 This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -21,8 +22,20 @@ from bench.store.db import Checkpoint, Store
 from bench.store.evidence import Evidence, WorstCase, load_evidence
 from bench.store.rows import CellRow
 
-COLUMNS = ["defense", "preset", "dataset", "checkpoint", "attack", "threat", "clean_acc",
-           "robust_acc", "ci_low", "ci_high", "n", "seconds"]
+COLUMNS = [
+    "defense",
+    "preset",
+    "dataset",
+    "checkpoint",
+    "attack",
+    "threat",
+    "clean_acc",
+    "robust_acc",
+    "ci_low",
+    "ci_high",
+    "n",
+    "seconds",
+]
 """The CSV's columns; `ci_low` and `ci_high` bound the robust accuracy's 95% exact binomial
 interval on the n images it was measured on."""
 BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed", "withheld"]
@@ -48,26 +61,57 @@ def bracket_fields(ev: Evidence) -> dict:
 
 def _cell_row(base: dict, c: CellRow, defense_of: dict[int, str]) -> dict:
     low, high = c.interval()
-    row = {**base, "attack": c.cell_key, "threat": c.threat, "clean_acc": c.clean_acc,
-           "robust_acc": c.robust_acc, "ci_low": low, "ci_high": high, "n": c.n, "seconds": round(c.seconds, 3), "kind": c.kind,
-           "label": cell_label(c.attack, c.params), "params": c.params}
+    row = {
+        **base,
+        "attack": c.cell_key,
+        "threat": c.threat,
+        "clean_acc": c.clean_acc,
+        "robust_acc": c.robust_acc,
+        "ci_low": low,
+        "ci_high": high,
+        "n": c.n,
+        "seconds": round(c.seconds, 3),
+        "kind": c.kind,
+        "label": cell_label(c.attack, c.params),
+        "params": c.params,
+    }
     if c.source_id is not None:  # a transfer: named by its source as well as its key
-        row.update(attack=f"transfer[{c.source_id}]:{c.cell_key}", cell=c.cell_key, source_id=c.source_id,
-                   source=defense_of.get(c.source_id))
+        row.update(
+            attack=f"transfer[{c.source_id}]:{c.cell_key}",
+            cell=c.cell_key,
+            source_id=c.source_id,
+            source=defense_of.get(c.source_id),
+        )
     return row
 
 
 def _worst_row(base: dict, ev: Evidence, wc: WorstCase) -> dict:
     low, high = wc.interval
-    return {**base, "attack": WORST_CASE, "threat": wc.threat, "clean_acc": ev.meta.clean_acc,
-            "robust_acc": wc.robust_acc, "ci_low": low, "ci_high": high, "n": wc.n, "seconds": None, "kind": WORST_CASE,
-            "cells": len(wc.cells), "complete": wc.complete, "missing": list(wc.missing)}
+    return {
+        **base,
+        "attack": WORST_CASE,
+        "threat": wc.threat,
+        "clean_acc": ev.meta.clean_acc,
+        "robust_acc": wc.robust_acc,
+        "ci_low": low,
+        "ci_high": high,
+        "n": wc.n,
+        "seconds": None,
+        "kind": WORST_CASE,
+        "cells": len(wc.cells),
+        "complete": wc.complete,
+        "missing": list(wc.missing),
+    }
 
 
-def result_rows(store: Store, defense: str | None = None, dataset: str | None = None,
-                checkpoint_keys: set[str] | None = None) -> list[dict]:
-    cks = [c for c in store.checkpoints(dataset=dataset, defense=defense)
-           if checkpoint_keys is None or c.key in checkpoint_keys]
+def result_rows(
+    store: Store, defense: str | None = None, dataset: str | None = None, checkpoint_keys: set[str] | None = None
+) -> list[dict]:
+    cks = [
+        c
+        for c in store.checkpoints(dataset=dataset, defense=defense)
+        if checkpoint_keys is None or c.key in checkpoint_keys
+    ]
     if not cks:
         return []
     evidence = load_evidence(store, cks)

@@ -4,6 +4,7 @@ A model's admission checks run first and choose how its cells run
 (bench.science.adaptive.adapt_cells); each cell runs under a claim and is committed in
 its own transaction as it arrives; the checkpoint's flags are recomputed at the end.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,8 +42,9 @@ def expect(ws: Workspace, row: Checkpoint, keys: list[str], threats: dict[str, s
     ws.store.update_meta(row, expected_cells=sorted(known | set(keys)), cell_threats={**recorded, **other})
 
 
-def verifiable_cells(ws: Workspace, row: Checkpoint, cells: list[Cell],
-                     model: Callable[[], torch.nn.Module]) -> list[Cell]:
+def verifiable_cells(
+    ws: Workspace, row: Checkpoint, cells: list[Cell], model: Callable[[], torch.nn.Module]
+) -> list[Cell]:
     """The cells, less the verifier cells (attack config `verifier`) when the verifier does
     not take the model: a layer it does not support, or a forward pass that varies. The
     one-line reason is kept in the meta (`not_verifiable`), where the boards show it; the
@@ -87,8 +89,9 @@ class CellsRun(list):
         self.failures: dict[str, str] = {}
 
 
-def attack_checkpoint(ws: Workspace, row: Checkpoint, cells: list[Cell],
-                      model: Callable[[], torch.nn.Module], executor=None) -> list[str]:
+def attack_checkpoint(
+    ws: Workspace, row: Checkpoint, cells: list[Cell], model: Callable[[], torch.nn.Module], executor=None
+) -> list[str]:
     """Run the cells the store lacks for one stored checkpoint, commit each result as it
     arrives, and recompute the checkpoint's flags. `model` builds the model, and is only
     called (once) when a cell or the admission checks are missing. The checks choose how
@@ -97,14 +100,17 @@ def attack_checkpoint(ws: Workspace, row: Checkpoint, cells: list[Cell],
     return attack_checkpoints(ws, [(row, cells, model)], executor)[row.id]
 
 
-def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], Callable[[], torch.nn.Module]]],
-                       executor=None) -> dict[int, CellsRun]:
+def attack_checkpoints(
+    ws: Workspace, work: list[tuple[Checkpoint, list[Cell], Callable[[], torch.nn.Module]]], executor=None
+) -> dict[int, CellsRun]:
     """`attack_checkpoint` for several checkpoints as one stream of jobs, so a parallel
     executor attacks them all at once. Each cell runs under a claim: a second driver on
     the same store waits for it and reads the row instead of running it again."""
     # What each model does (randomness, zero gradients, ...) chooses how it is attacked.
-    work = [(row, adapt_cells(cells, ensure_admission(ws, row, build), get_spec(row.dataset).threat), build)
-            for row, cells, build in ((r, c, once(b)) for r, c, b in work)]
+    work = [
+        (row, adapt_cells(cells, ensure_admission(ws, row, build), get_spec(row.dataset).threat), build)
+        for row, cells, build in ((r, c, once(b)) for r, c, b in work)
+    ]
     work = [(row, verifiable_cells(ws, row, cells, build), build) for row, cells, build in work]
     for row, cells, build in work:
         # The attacks make the worst case; a verifier's cells bracket it, and one that
@@ -127,9 +133,11 @@ def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], C
             yield from ((row, c, build) for c in cells if c.key not in done)
 
     with Claims(ws.store) as claims:
+
         def jobs():
-            for item in claimed(missing(), claims, key=claim_key,
-                                done=lambda it: it[1].key in ws.store.done_cells(it[0].id)):
+            for item in claimed(
+                missing(), claims, key=claim_key, done=lambda it: it[1].key in ws.store.done_cells(it[0].id)
+            ):
                 if item is None:
                     yield None
                     continue
@@ -137,11 +145,11 @@ def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], C
                 if row.key not in models:  # built once, on the first cell this driver runs
                     models[row.key] = build()
                     data.setdefault(row.dataset, load_dataset(row.dataset, "test", ws.data_root))
-                    bars[row.key] = progress_bar(ws, f"attack {row.defense} [{row.key[:8]}]",
-                                              sum(len(c) for r, c, _ in work if r.key == row.key))
+                    bars[row.key] = progress_bar(
+                        ws, f"attack {row.defense} [{row.key[:8]}]", sum(len(c) for r, c, _ in work if r.key == row.key)
+                    )
                 x, y = data[row.dataset]
-                yield EvalJob(models[row.key], cell, x, y, ws.device, ws.batch_size(), fast=ws.fast,
-                              label=row.key)
+                yield EvalJob(models[row.key], cell, x, y, ws.device, ws.batch_size(), fast=ws.fast, label=row.key)
 
         try:
             for job, result in executor.map(jobs()):
@@ -163,8 +171,9 @@ def attack_checkpoints(ws: Workspace, work: list[tuple[Checkpoint, list[Cell], C
     return ran
 
 
-def witness_after_black_box(ws: Workspace, work: list[tuple[Checkpoint, Callable[[], torch.nn.Module]]],
-                            executor=None) -> dict[int, CellsRun]:
+def witness_after_black_box(
+    ws: Workspace, work: list[tuple[Checkpoint, Callable[[], torch.nn.Module]]], executor=None
+) -> dict[int, CellsRun]:
     """The witness cells for each checkpoint on which a black-box cell (Square, SPSA, a
     transfer) beat the strongest white-box one, as its stored flags say: admission alone
     decides from a few gradients, and a model can pass it and still hide its boundary from

@@ -1,5 +1,6 @@
 """The diagnostics stage: each checkpoint's linearized-robustness diagnostics
 (bench.science.diagnostics), computed once from its weights and stored."""
+
 from __future__ import annotations
 
 import time
@@ -23,11 +24,16 @@ def ensure_diagnostic(ws: Workspace, row: Checkpoint, model: Callable[[], torch.
     eps = get_spec(row.dataset).threat.eps
     start = time.perf_counter()
     found = diagnose(model(), x, y, eps, device=ws.device, batch_size=ws.batch_size())
-    ws.store.add_diagnostic(row.id, eps=eps, n=len(y), summary=found["summary"],
-                               samples=found["samples"], landscape=found["landscape"],
-                               seconds=time.perf_counter() - start)
+    ws.store.add_diagnostic(
+        row.id,
+        eps=eps,
+        n=len(y),
+        summary=found["summary"],
+        samples=found["samples"],
+        landscape=found["landscape"],
+        seconds=time.perf_counter() - start,
+    )
     return True
-
 
 
 def ensure_diagnostics(ws: Workspace, name: str, dataset: str | None = None) -> list[Checkpoint]:

@@ -7,6 +7,7 @@ matrix's surrogate transfers (bench.run.surrogates) and the diagnostics
 each training and cell before handing it out (bench.store.claims), so drivers sharing a
 store never compute one twice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,8 +66,7 @@ def run_defenses(ws: Workspace, plans: list[Plan], matrix: Matrix, executor=None
     builds = {row.key: model_of(row, ws.device) for row in unique}
     ran = attack_checkpoints(ws, [(row, cells[row.key], builds[row.key]) for row in unique], executor)
     transfers = {row.key: transfer_cells(ws, row, matrix, builds[row.key]) for row in unique}
-    for row_id, extra in witness_after_black_box(ws, [(row, builds[row.key]) for row in unique],
-                                                 executor).items():
+    for row_id, extra in witness_after_black_box(ws, [(row, builds[row.key]) for row in unique], executor).items():
         ran[row_id].extend(extra)
         ran[row_id].failures.update(extra.failures)
     # The surrogates get their diagnostics too: the checkpoint pages and the compare page
@@ -75,9 +75,14 @@ def run_defenses(ws: Workspace, plans: list[Plan], matrix: Matrix, executor=None
     for row in [*unique, *surrogates.values()]:
         ensure_diagnostic(ws, row, builds.get(row.key) or model_of(row, ws.device))
     trained_surrogates = sorted({n for t in transfers.values() for n in t.trained})
-    return [RunReport(row, row.key in trained, [*ran[row.id], *transfers[row.key].ran],
-                      len(cells[row.key]) + transfers[row.key].total, ran[row.id].failures,
-                      trained_surrogates)
-            for row in rows]
-
-
+    return [
+        RunReport(
+            row,
+            row.key in trained,
+            [*ran[row.id], *transfers[row.key].ran],
+            len(cells[row.key]) + transfers[row.key].total,
+            ran[row.id].failures,
+            trained_surrogates,
+        )
+        for row in rows
+    ]

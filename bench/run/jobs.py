@@ -7,6 +7,7 @@ model, the test set), which a distributed executor ships once and lets every job
 which such an executor drops. Jobs never touch the store: they return what the driver
 commits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,16 @@ class EvalJob(AttackJob):
     """The attack's seed; unset, the cell's own (derived from its key)."""
 
     def run(self) -> CellOutcome:
-        return run_cell(self.on_device(), self.cell, self.x, self.y, device=self.device,
-                        batch_size=self.batch_size, seed=self.seed, fast=self.fast)
+        return run_cell(
+            self.on_device(),
+            self.cell,
+            self.x,
+            self.y,
+            device=self.device,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            fast=self.fast,
+        )
 
 
 @dataclass
@@ -71,8 +80,9 @@ class CraftJob(AttackJob):
     """Adversarial examples of one cell on one (source) model; returns them on the CPU."""
 
     def run(self) -> torch.Tensor:
-        return craft(self.on_device(), self.cell, self.x, self.y, device=self.device,
-                     batch_size=self.batch_size, fast=self.fast)
+        return craft(
+            self.on_device(), self.cell, self.x, self.y, device=self.device, batch_size=self.batch_size, fast=self.fast
+        )
 
 
 @dataclass
@@ -109,18 +119,37 @@ class TrainJob:
         x, y = load_dataset(ds.name, "train", self.data_root)
         x_test, y_test = load_dataset(ds.name, "test", self.data_root)
         try:
-            model, result = train_model(recipe.arch, ds, entry.fn, recipe.config, recipe.train_config, x, y,
-                                        seed=recipe.seed, device=device, on_step=self.on_step,
-                                        precision=self.precision, channels_last=self.channels_last)
+            model, result = train_model(
+                recipe.arch,
+                ds,
+                entry.fn,
+                recipe.config,
+                recipe.train_config,
+                x,
+                y,
+                seed=recipe.seed,
+                device=device,
+                on_step=self.on_step,
+                precision=self.precision,
+                channels_last=self.channels_last,
+            )
         except FloatingPointError as exc:
-            raise BenchError(f"training {recipe.defense!r} diverged: {exc}; lower lr or the "
-                             "regularization weight with --set") from exc
+            raise BenchError(
+                f"training {recipe.defense!r} diverged: {exc}; lower lr or the regularization weight with --set"
+            ) from exc
         logits = predict(model, x_test, device=device, batch_size=self.batch_size)
         meta = {
-            "key": recipe.key, "defense": recipe.defense, "config": dataclasses.asdict(recipe.config),
-            "train": dataclasses.asdict(recipe.train_config), "dataset": ds.name, "arch": recipe.arch,
-            "seed": recipe.seed, "epochs": recipe.train_config.epochs, "train_seconds": result.seconds,
-            "train_losses": result.losses, "device": device_name(device),
+            "key": recipe.key,
+            "defense": recipe.defense,
+            "config": dataclasses.asdict(recipe.config),
+            "train": dataclasses.asdict(recipe.train_config),
+            "dataset": ds.name,
+            "arch": recipe.arch,
+            "seed": recipe.seed,
+            "epochs": recipe.train_config.epochs,
+            "train_seconds": result.seconds,
+            "train_losses": result.losses,
+            "device": device_name(device),
             "preset": recipe.preset.name if recipe.preset else None,
             "paper": recipe.preset.paper if recipe.preset else {},
             "preset_description": recipe.preset.description if recipe.preset else "",
@@ -129,8 +158,10 @@ class TrainJob:
             "torch_threads": torch.get_num_threads(),
             "clean_acc": float((logits.argmax(1) == y_test).float().mean()),
             "logit_stats": logit_stats(logits, y_test),
-            "package_version": package_version(), "git_commit": git_commit(),
-            "torch_version": torch.__version__, "precision": self.precision,
+            "package_version": package_version(),
+            "git_commit": git_commit(),
+            "torch_version": torch.__version__,
+            "precision": self.precision,
         }
         return ckpt.save_checkpoint(model, self.directory, meta)
 

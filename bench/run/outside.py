@@ -12,6 +12,7 @@ factory's source file where one was given, and the weights as safetensors, so th
 model has been built, fed a batch of the dataset and found to answer with one logit per
 class; every user error is a one-line BenchError.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,7 @@ def outside_key(name: str, dataset: str, digest: str) -> str:
 
 def check_name(name: str) -> None:
     if not _NAME.match(name or ""):
-        raise BenchError(f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit")
+        raise BenchError(f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if name in DEFENSES.names():
         raise BenchError(f"--name {name!r} is a built-in defense; choose a name of your own (e.g. my_{name})")
 
@@ -70,13 +70,17 @@ def check_answers(model: torch.nn.Module, spec: DatasetSpec, x: torch.Tensor, wh
         with torch.no_grad():
             out = model.eval()(batch)
     except Exception as exc:  # a shape or dtype mismatch inside the user's model
-        raise BenchError(f"{where} fails on a {spec.name} batch of shape {tuple(batch.shape)}: "
-                         f"{type(exc).__name__}: {first_line(exc)[:200]}; the model must take "
-                         f"(N, {', '.join(map(str, spec.shape))}) inputs in [0, 1]") from exc
+        raise BenchError(
+            f"{where} fails on a {spec.name} batch of shape {tuple(batch.shape)}: "
+            f"{type(exc).__name__}: {first_line(exc)[:200]}; the model must take "
+            f"(N, {', '.join(map(str, spec.shape))}) inputs in [0, 1]"
+        ) from exc
     if not isinstance(out, torch.Tensor) or out.shape != (len(batch), spec.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise BenchError(f"{where} answers a {spec.name} batch of shape {tuple(batch.shape)} with {got}; "
-                         f"it must return logits of shape (N, {spec.num_classes})")
+        raise BenchError(
+            f"{where} answers a {spec.name} batch of shape {tuple(batch.shape)} with {got}; "
+            f"it must return logits of shape (N, {spec.num_classes})"
+        )
 
 
 @dataclass
@@ -95,8 +99,13 @@ class Candidate:
         return outside_key(self.name, self.dataset.name, self.digest)
 
 
-def prepare(model: torch.nn.Module | str, name: str, dataset: str = "digits", weights: str | None = None,
-            data_root: str | None = None) -> Candidate:
+def prepare(
+    model: torch.nn.Module | str,
+    name: str,
+    dataset: str = "digits",
+    weights: str | None = None,
+    data_root: str | None = None,
+) -> Candidate:
     """Build (from MODULE:FUNCTION) or take the model, load weights, check it on the data."""
     check_name(name)
     spec = get_spec(dataset)
@@ -115,8 +124,7 @@ def prepare(model: torch.nn.Module | str, name: str, dataset: str = "digits", we
     model = model.to("cpu").eval()
     x, _ = load_dataset(spec.name, "test", data_root)
     check_answers(model, spec, x, where)
-    return Candidate(model, name, spec, factory, weights_hash(model),
-                     str(Path(weights).resolve()) if weights else None)
+    return Candidate(model, name, spec, factory, weights_hash(model), str(Path(weights).resolve()) if weights else None)
 
 
 def record(ws: Workspace, candidate: Candidate):
@@ -132,21 +140,52 @@ def record(ws: Workspace, candidate: Candidate):
         logits = predict(candidate.model.to(ws.device), x, device=ws.device, batch_size=ws.batch_size())
         clean = float((logits.argmax(1) == y).float().mean())
         source = candidate.factory.module if candidate.factory and candidate.factory.is_file else None
-        meta = ckpt.save_checkpoint(candidate.model, directory, {
-            "key": key, "defense": candidate.name, "config": {}, "train": {}, "dataset": candidate.dataset.name,
-            "arch": ARCH, "seed": 0, "epochs": 0, "train_seconds": 0.0, "device": device_name(ws.device),
-            "preset": None, "paper": {}, "clean_acc": clean,
-            "outside": {"factory": candidate.factory.reference if candidate.factory else None,
-                        "weights_sha256": candidate.digest, "weights_file": candidate.weights_file,
-                        "source_copy": SOURCE_FILE if candidate.factory and candidate.factory.is_file else None},
-            "package_version": package_version(), "git_commit": git_commit(),
-            "torch_version": torch.__version__,
-        }, files={SOURCE_FILE: Path(source)} if source else {})
+        meta = ckpt.save_checkpoint(
+            candidate.model,
+            directory,
+            {
+                "key": key,
+                "defense": candidate.name,
+                "config": {},
+                "train": {},
+                "dataset": candidate.dataset.name,
+                "arch": ARCH,
+                "seed": 0,
+                "epochs": 0,
+                "train_seconds": 0.0,
+                "device": device_name(ws.device),
+                "preset": None,
+                "paper": {},
+                "clean_acc": clean,
+                "outside": {
+                    "factory": candidate.factory.reference if candidate.factory else None,
+                    "weights_sha256": candidate.digest,
+                    "weights_file": candidate.weights_file,
+                    "source_copy": SOURCE_FILE if candidate.factory and candidate.factory.is_file else None,
+                },
+                "package_version": package_version(),
+                "git_commit": git_commit(),
+                "torch_version": torch.__version__,
+            },
+            files={SOURCE_FILE: Path(source)} if source else {},
+        )
     row = ws.store.add_checkpoint(
-        key=key, dataset=candidate.dataset.name, defense=candidate.name, preset=None, arch=ARCH, seed=0,
-        threat=candidate.dataset.threat.name, config={"outside": meta["outside"]}, train_config={},
-        path=str(directory), sha256=meta["sha256"], epochs=0, train_seconds=0.0, device=meta["device"],
-        meta=meta)
+        key=key,
+        dataset=candidate.dataset.name,
+        defense=candidate.name,
+        preset=None,
+        arch=ARCH,
+        seed=0,
+        threat=candidate.dataset.threat.name,
+        config={"outside": meta["outside"]},
+        train_config={},
+        path=str(directory),
+        sha256=meta["sha256"],
+        epochs=0,
+        train_seconds=0.0,
+        device=meta["device"],
+        meta=meta,
+    )
     return row, True
 
 
@@ -170,8 +209,9 @@ class OutsidePlan:
     cells: tuple[Cell, ...]
 
 
-def plan_outside(model: torch.nn.Module | str, name: str, dataset: str, weights: str | None,
-                 data_root: str | None, matrix: Matrix) -> OutsidePlan:
+def plan_outside(
+    model: torch.nn.Module | str, name: str, dataset: str, weights: str | None, data_root: str | None, matrix: Matrix
+) -> OutsidePlan:
     """The candidate with everything the user gave checked (the model builds and answers,
     the matrix and its transfer table are valid, as `bench run` checks them), before any
     folder or store is touched."""
@@ -193,5 +233,4 @@ def run_outside(ws: Workspace, plan: OutsidePlan, matrix: Matrix, executor=None)
     for extra in witness_after_black_box(ws, [(row, build)], executor).values():
         ran.extend(extra)
         ran.failures.update(extra.failures)
-    return EvalReport(row, added, [*ran, *transfers.ran], len(cells) + transfers.total, ran.failures,
-                      transfers.trained)
+    return EvalReport(row, added, [*ran, *transfers.ran], len(cells) + transfers.total, ran.failures, transfers.trained)

@@ -2,6 +2,7 @@
 every cell concrete and valid under the dataset's threat model, subsets no larger than
 its test set, and the [transfer] table's surrogates and cells valid, before anything is
 trained or written."""
+
 from __future__ import annotations
 
 from bench.core.data import DatasetSpec, load_dataset

@@ -1,4 +1,5 @@
 """Progress bars of a run's stages, on the Workspace's rich Progress (none in logs and pipes)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -4,6 +4,7 @@ A defense's config is its dataclass defaults, then a preset, then `--set key=val
 overrides; the canonical JSON of the result, with dataset, architecture and seed,
 hashes to the checkpoint key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,9 @@ class Recipe:
 
     @property
     def key(self) -> str:
-        return ckpt.checkpoint_key(self.defense, self.config, self.train_config,
-                                   self.dataset.name, self.arch, self.seed)
+        return ckpt.checkpoint_key(
+            self.defense, self.config, self.train_config, self.dataset.name, self.arch, self.seed
+        )
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -76,8 +78,10 @@ def resolve(spec: TrainRequest) -> Recipe:
     dataset = spec.dataset or (preset.dataset if preset else "digits")
     ds = get_spec(dataset)
     if preset and preset.dataset != dataset:
-        raise BenchError(f"preset {preset.name!r} is for dataset {preset.dataset!r}; "
-                         f"drop --dataset or pass --dataset {preset.dataset}")
+        raise BenchError(
+            f"preset {preset.name!r} is for dataset {preset.dataset!r}; "
+            f"drop --dataset or pass --dataset {preset.dataset}"
+        )
     preset = preset or default_preset(spec.defense, dataset)
 
     defense_values = dict(preset.config) if preset else {}
@@ -92,9 +96,11 @@ def resolve(spec: TrainRequest) -> Recipe:
             train_values[key] = value
         else:
             hint = did_you_mean(key, defense_fields | train_fields)
-            raise BenchError(f"--set {key}: not a setting of {spec.defense!r} or of training{hint} "
-                             f"(defense: {', '.join(sorted(defense_fields)) or 'none'}; "
-                             f"training: {', '.join(sorted(train_fields))})")
+            raise BenchError(
+                f"--set {key}: not a setting of {spec.defense!r} or of training{hint} "
+                f"(defense: {', '.join(sorted(defense_fields)) or 'none'}; "
+                f"training: {', '.join(sorted(train_fields))})"
+            )
     source = f"preset {preset.name!r} or --set" if preset else "--set"
     cfg = entry.make_config(defense_values, what=f"{spec.defense} ({source})")
     train_cfg = build_config(TrainConfig, train_values, what=f"training ({source})")
@@ -111,9 +117,13 @@ def _check_fits(arch: str, ds: DatasetSpec) -> None:
         with torch.no_grad():
             logits = model(torch.zeros(1, *ds.shape))
     except RuntimeError as exc:
-        raise BenchError(f"architecture {arch!r} does not fit the {'x'.join(map(str, ds.shape))} images of "
-                         f"{ds.name} ({str(exc).splitlines()[0]}); drop --arch for the dataset's default "
-                         f"{ds.default_arch!r}") from exc
+        raise BenchError(
+            f"architecture {arch!r} does not fit the {'x'.join(map(str, ds.shape))} images of "
+            f"{ds.name} ({str(exc).splitlines()[0]}); drop --arch for the dataset's default "
+            f"{ds.default_arch!r}"
+        ) from exc
     if tuple(logits.shape) != (1, ds.num_classes):
-        raise BenchError(f"architecture {arch!r} gives logits of shape {tuple(logits.shape)} on {ds.name}, "
-                         f"not (1, {ds.num_classes}); drop --arch for the dataset's default {ds.default_arch!r}")
+        raise BenchError(
+            f"architecture {arch!r} gives logits of shape {tuple(logits.shape)} on {ds.name}, "
+            f"not (1, {ds.num_classes}); drop --arch for the dataset's default {ds.default_arch!r}"
+        )

@@ -8,6 +8,7 @@ dataset (trained on first use, then found like any checkpoint, and the very chec
 which the worst case and the flags read like any cell. A surrogate is not its own
 transfer target (that would be white-box).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,8 +50,9 @@ def mark_surrogate(ws: Workspace, source: Checkpoint) -> None:
         ws.store.update_meta(source, surrogate=True)
 
 
-def transfer_cells(ws: Workspace, row: Checkpoint, matrix: Matrix,
-                   model: Callable[[], torch.nn.Module]) -> TransferCells:
+def transfer_cells(
+    ws: Workspace, row: Checkpoint, matrix: Matrix, model: Callable[[], torch.nn.Module]
+) -> TransferCells:
     """Run the matrix's transfer cells the store lacks for `row`."""
     surrogates = matrix.transfer.surrogates
     done = TransferCells()
@@ -82,11 +84,22 @@ def transfer_cells(ws: Workspace, row: Checkpoint, matrix: Matrix,
             x_adv, _ = crafted_examples(ws, source, cell, x, y)
             robust = correct(model(), x_adv, y, ws, randomized) & clean
             ws.store.add_transfer(
-                source.id, row.id, cell_key=key, attack=cell.attack, params=dict(vars(cell.config)),
-                threat=cell.threat, clean_acc=float(clean.float().mean()),
-                robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
-                correct_bits=pack_bits(robust.numpy()), indices=None,
-                extra={"surrogate": name, "votes": VOTES if randomized else 1}, device=ws.device)
+                source.id,
+                row.id,
+                cell_key=key,
+                attack=cell.attack,
+                params=dict(vars(cell.config)),
+                threat=cell.threat,
+                clean_acc=float(clean.float().mean()),
+                robust_acc=float(robust.float().mean()),
+                n=len(y),
+                test_size=len(y),
+                seconds=0.0,
+                correct_bits=pack_bits(robust.numpy()),
+                indices=None,
+                extra={"surrogate": name, "votes": VOTES if randomized else 1},
+                device=ws.device,
+            )
             ran.append(transfer_name(name, key))
     if ran:
         recompute_flags(ws.store, row)

@@ -5,6 +5,7 @@ claim, so that a second driver on the same store waits for a training and reads 
 instead of training it again. A checkpoint folder written by a run killed before it
 recorded the row is adopted, not retrained.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -47,9 +48,14 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
         return ckpt.checkpoint_dir(ws.results, recipe.dataset.name, recipe.defense, recipe.key)
 
     with Claims(ws.store) as claims:
+
         def jobs():
-            for recipe in claimed(unique.values(), claims, key=lambda r: train_claim(r.key),
-                                  done=lambda r: ws.store.checkpoint(r.key) is not None):
+            for recipe in claimed(
+                unique.values(),
+                claims,
+                key=lambda r: train_claim(r.key),
+                done=lambda r: ws.store.checkpoint(r.key) is not None,
+            ):
                 if recipe is None:
                     yield None
                     continue
@@ -60,8 +66,16 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
                     continue
                 steps = recipe.train_config.epochs * -(-_train_size(recipe, ws) // recipe.train_config.batch_size)
                 on_step, bars[recipe.key] = progress_bar(ws, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
-                yield TrainJob(recipe, directory(recipe), ws.device, ws.data_root, ws.batch_size(),
-                               precision=ws.precision, channels_last=ws.channels_last, on_step=on_step)
+                yield TrainJob(
+                    recipe,
+                    directory(recipe),
+                    ws.device,
+                    ws.data_root,
+                    ws.batch_size(),
+                    precision=ws.precision,
+                    channels_last=ws.channels_last,
+                    on_step=on_step,
+                )
 
         try:
             for job, meta in executor.map(jobs()):
@@ -88,18 +102,30 @@ def record_checkpoint(ws: Workspace, recipe: Recipe, directory: Path, meta: dict
     """Record a checkpoint folder in the store (idempotent: a row already there is kept)."""
     ds = recipe.dataset
     return ws.store.add_checkpoint(
-        key=recipe.key, dataset=ds.name, defense=recipe.defense,
-        preset=recipe.preset.name if recipe.preset else None, arch=recipe.arch, seed=recipe.seed,
-        threat=ds.threat.name, config=meta["config"], train_config=meta["train"], path=str(directory),
-        sha256=meta["sha256"], epochs=meta["epochs"], train_seconds=meta["train_seconds"],
-        device=meta["device"], meta=meta)
+        key=recipe.key,
+        dataset=ds.name,
+        defense=recipe.defense,
+        preset=recipe.preset.name if recipe.preset else None,
+        arch=recipe.arch,
+        seed=recipe.seed,
+        threat=ds.threat.name,
+        config=meta["config"],
+        train_config=meta["train"],
+        path=str(directory),
+        sha256=meta["sha256"],
+        epochs=meta["epochs"],
+        train_seconds=meta["train_seconds"],
+        device=meta["device"],
+        meta=meta,
+    )
 
 
 def load_model(row: Checkpoint, device: str) -> torch.nn.Module:
     meta = ckpt.read_meta(Path(row.path))
     if meta is None or meta["sha256"] != row.sha256:
-        raise BenchError(f"checkpoint {row.key} at {row.path!r} is missing or altered; delete its "
-                         "row or restore the folder")
+        raise BenchError(
+            f"checkpoint {row.key} at {row.path!r} is missing or altered; delete its row or restore the folder"
+        )
     return ckpt.build_from_meta(meta, Path(row.path) / "model.safetensors", device)
 
 
@@ -113,8 +139,6 @@ def once(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
         return made[0]
 
     return get
-
-
 
 
 def model_of(row: Checkpoint, device: str) -> Callable[[], torch.nn.Module]:

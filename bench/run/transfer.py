@@ -5,6 +5,7 @@ safetensors under results/transfers/, so a rerun or a new target never recrafts.
 (source, target, cell) result is one row committed in its own transaction. The
 diagonal of a grid is the source attacking itself, i.e. white-box, kept for reference.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,8 +73,10 @@ def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> torch.T
             try:
                 check_budget(cell, x, cached["x_adv"])
             except BudgetError as exc:
-                raise BenchError(f"cached transfer examples {path} are outside the threat model ({exc}); "
-                                 "delete the file to craft them again") from exc
+                raise BenchError(
+                    f"cached transfer examples {path} are outside the threat model ({exc}); "
+                    "delete the file to craft them again"
+                ) from exc
             return cached["x_adv"]
     return None
 
@@ -93,8 +96,9 @@ def write_cache(ws: Workspace, source: Checkpoint, cell: Cell, x_adv: torch.Tens
 
 def _craft_job(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
     # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32.
-    return CraftJob(load_model(source, ws.device), cell, x, y, ws.device, ws.batch_size(),
-                    fast=ws.fast, label=source.key)
+    return CraftJob(
+        load_model(source, ws.device), cell, x, y, ws.device, ws.batch_size(), fast=ws.fast, label=source.key
+    )
 
 
 def crafted_examples(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
@@ -108,8 +112,9 @@ def crafted_examples(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> tup
     return x_adv, False
 
 
-def run_transfers(ws: Workspace, source: str, target: str, attack: str | None,
-                  dataset: str = "digits", executor=None) -> TransferReport:
+def run_transfers(
+    ws: Workspace, source: str, target: str, attack: str | None, dataset: str = "digits", executor=None
+) -> TransferReport:
     """Craft on each source (as jobs on the executor, each under a claim, cached on disk),
     then judge every target on each source's examples here, committing row by row."""
     spec = get_spec(dataset)
@@ -129,8 +134,7 @@ def run_transfers(ws: Workspace, source: str, target: str, attack: str | None,
 
     # A randomized target is judged by the seeded majority of passes, as in every cell,
     # and its row's key says so (`...,votes=21`).
-    randomized = {t.id: is_randomized(ensure_admission(ws, t, lambda t=t: load_model(t, ws.device)))
-                  for t in targets}
+    randomized = {t.id: is_randomized(ensure_admission(ws, t, lambda t=t: load_model(t, ws.device))) for t in targets}
     keys = {t.id: transfer_key(cell.key, randomized[t.id]) for t in targets}
 
     def todo(src: Checkpoint) -> list[Checkpoint]:
@@ -144,11 +148,22 @@ def run_transfers(ws: Workspace, source: str, target: str, attack: str | None,
                 clean[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id])
             robust = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id]) & clean[tgt.id]
             report.evaluated += ws.store.add_transfer(
-                src.id, tgt.id, cell_key=keys[tgt.id], attack=cell.attack, params=dict(vars(cell.config)),
-                threat=cell.threat, clean_acc=float(clean[tgt.id].float().mean()),
-                robust_acc=float(robust.float().mean()), n=len(y), test_size=len(y), seconds=0.0,
-                correct_bits=pack_bits(robust.numpy()), indices=None,
-                extra={"votes": VOTES if randomized[tgt.id] else 1}, device=ws.device)
+                src.id,
+                tgt.id,
+                cell_key=keys[tgt.id],
+                attack=cell.attack,
+                params=dict(vars(cell.config)),
+                threat=cell.threat,
+                clean_acc=float(clean[tgt.id].float().mean()),
+                robust_acc=float(robust.float().mean()),
+                n=len(y),
+                test_size=len(y),
+                seconds=0.0,
+                correct_bits=pack_bits(robust.numpy()),
+                indices=None,
+                extra={"votes": VOTES if randomized[tgt.id] else 1},
+                device=ws.device,
+            )
             touched.add(tgt.id)
         if task is not None:
             ws.progress.advance(task, len(targets))
@@ -199,9 +214,9 @@ def run_transfers(ws: Workspace, source: str, target: str, attack: str | None,
     counts = {d: sum(c.defense == d for c in checkpoints) for d in {c.defense for c in checkpoints}}
     names = {c.id: c.defense if counts[c.defense] == 1 else f"{c.defense}[{c.key[:6]}]" for c in checkpoints}
     wanted_src, wanted_tgt = {c.id for c in sources}, {c.id for c in targets}
-    report.grid = [{"source": names[t.source_id], "target": names[t.target_id], "robust_acc": t.robust_acc,
-                    "cell": t.cell_key}
-                   for t in ws.store.transfers(wanted_tgt)
-                   if t.cell_key == keys.get(t.target_id) and t.source_id in wanted_src
-                   and t.target_id in wanted_tgt]
+    report.grid = [
+        {"source": names[t.source_id], "target": names[t.target_id], "robust_acc": t.robust_acc, "cell": t.cell_key}
+        for t in ws.store.transfers(wanted_tgt)
+        if t.cell_key == keys.get(t.target_id) and t.source_id in wanted_src and t.target_id in wanted_tgt
+    ]
     return report

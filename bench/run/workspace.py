@@ -1,5 +1,6 @@
 """Workspace: the environment a command runs in (results folder, store, device and fast-path
 settings). Every stage of a run takes one."""
+
 from __future__ import annotations
 
 import os
@@ -60,20 +61,34 @@ class Workspace:
     @property
     def fast(self) -> FastPath:
         """The fast path of craft and run_cell, as this workspace sets it."""
-        return FastPath(precision=self.precision, channels_last=self.channels_last, fold_bn=self.fold_bn,
-                        compile=self.compile, exact_rewrites=self.exact_rewrites)
+        return FastPath(
+            precision=self.precision,
+            channels_last=self.channels_last,
+            fold_bn=self.fold_bn,
+            compile=self.compile,
+            exact_rewrites=self.exact_rewrites,
+        )
 
     @classmethod
-    def open(cls, results: str | os.PathLike, db: str | None = None, device: str = "auto",
-             data_root: str | None = None, progress: Any = None, **fast: Any) -> Workspace:
+    def open(
+        cls,
+        results: str | os.PathLike,
+        db: str | None = None,
+        device: str = "auto",
+        data_root: str | None = None,
+        progress: Any = None,
+        **fast: Any,
+    ) -> Workspace:
         path = Path(results)
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
                 pass
         except OSError as exc:
-            raise BenchError(f"results folder {str(path)!r} is not writable ({exc.strerror}); "
-                             "pass --results DIR or set BENCH_RESULTS to a folder you can write") from exc
+            raise BenchError(
+                f"results folder {str(path)!r} is not writable ({exc.strerror}); "
+                "pass --results DIR or set BENCH_RESULTS to a folder you can write"
+            ) from exc
         return cls(path, Store.for_results(path, db), resolve_device(device), data_root, progress, **fast)
 
     def batch_size(self) -> int:

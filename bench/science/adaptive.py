@@ -32,6 +32,7 @@
   gradient; the forward's gradient is that gradient wherever the forward is
   differentiable. Like every cell, these are judged on the model itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,8 +86,11 @@ class BPDA(torch.nn.Module):
                 return self.net(self.round(x))
     """
 
-    def __init__(self, forward_fn: Callable[[torch.Tensor], torch.Tensor],
-                 backward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        forward_fn: Callable[[torch.Tensor], torch.Tensor],
+        backward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.forward_fn = forward_fn
         self.backward_fn = backward_fn
@@ -124,8 +128,12 @@ def through(cell: Cell, view=FORWARD_VIEW) -> Cell:
 def _follows_gradients(c: Cell, threat) -> bool:
     """A cell that follows the model's gradients (no `queries_only`, no verifier), on the
     model as it is, toward the threat model (when given)."""
-    return (c.view is None and not contract.hooks(c.config).queries_only and not c.verifier
-            and (threat is None or c.threat == threat.name))
+    return (
+        c.view is None
+        and not contract.hooks(c.config).queries_only
+        and not c.verifier
+        and (threat is None or c.threat == threat.name)
+    )
 
 
 def adapt_cells(cells: list[Cell], admission: dict | None, threat=None) -> list[Cell]:
@@ -156,5 +164,6 @@ def _for_randomized(c: Cell) -> Cell:
     if own is not None:
         config, eot = own, 1
         key = cell_key(c.attack, config, c.subset)
-    return dataclasses.replace(c, config=config, key=adaptive_key(key, eot, VOTES, ROUNDS), eot=eot,
-                               votes=VOTES, rounds=ROUNDS)
+    return dataclasses.replace(
+        c, config=config, key=adaptive_key(key, eot, VOTES, ROUNDS), eot=eot, votes=VOTES, rounds=ROUNDS
+    )

@@ -26,6 +26,7 @@ pass that varies gets EOT cells judged by a majority of passes.
   at its input), so a cheat honest only where the check looks is still caught; it also
   names the custom autograd.Functions the forward applies.
 """
+
 from __future__ import annotations
 
 import sys
@@ -162,10 +163,15 @@ def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfi
     numeric = ((up - down) / (2 * cfg.fd_step)).view(len(xs), k)
     cos = _cosine(analytic, numeric)
     signs = (torch.sign(analytic) == torch.sign(numeric)).float().mean(1)
-    return {"batch": batch, "points": points, "images": len(xs),
-            "median_cosine": float(cos.median()), "min_cosine": float(cos.min()),
-            "sign_agreement": float(signs.mean()),
-            "median_autograd_norm": float(grad.flatten(1).norm(dim=1).median())}
+    return {
+        "batch": batch,
+        "points": points,
+        "images": len(xs),
+        "median_cosine": float(cos.median()),
+        "min_cosine": float(cos.min()),
+        "sign_agreement": float(signs.mean()),
+        "median_autograd_norm": float(grad.flatten(1).norm(dim=1).median()),
+    }
 
 
 def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) -> dict:
@@ -181,25 +187,38 @@ def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) ->
     sizes = sorted({cfg.fd_images, *cfg.batch_sizes})
     probes = [_probe(model, x, y, b, p, eps, cfg, generator) for b in sizes for p in POINTS]
     worst = min(probes, key=lambda p: p["median_cosine"])
-    return {**worst, "directions": cfg.fd_directions, "step": cfg.fd_step,
-            "min_cosine": min(p["min_cosine"] for p in probes), "probes": probes,
-            "custom_functions": custom_functions(model, x[:cfg.fd_images])}
+    return {
+        **worst,
+        "directions": cfg.fd_directions,
+        "step": cfg.fd_step,
+        "min_cosine": min(p["min_cosine"] for p in probes),
+        "probes": probes,
+        "custom_functions": custom_functions(model, x[: cfg.fd_images]),
+    }
 
 
 def _traced_pgd(model, x, y, eps: float, steps: int, generator) -> list[float]:
     """Mean cross-entropy per step of a plain L-inf PGD (step 2.5 eps / steps), no early stop."""
     cfg = PGD(eps=eps, steps=steps, step_size=2.5 * eps / steps, loss="xent", norm="linf")
     trace: list[float] = []
-    plain_pgd(model, x, y, cfg, generator, loss=lambda z, t: F.cross_entropy(z.float(), t, reduction="none"),
-              on_step=lambda losses: trace.append(float(losses.mean())))
+    plain_pgd(
+        model,
+        x,
+        y,
+        cfg,
+        generator,
+        loss=lambda z, t: F.cross_entropy(z.float(), t, reduction="none"),
+        on_step=lambda losses: trace.append(float(losses.mean())),
+    )
     return trace
 
 
-def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-          cfg: AdmissionConfig = AdmissionConfig()) -> dict:
+def admit(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, cfg: AdmissionConfig = AdmissionConfig()
+) -> dict:
     """Every admission check on the first cfg.n samples; numbers only, judged in bench.science.flags."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x, y = x[:cfg.n].to(device), y[:cfg.n].to(device)
+    x, y = x[: cfg.n].to(device), y[: cfg.n].to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     with frozen(model):
         with torch.no_grad():
@@ -215,8 +234,11 @@ def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             "max_relative_diff": max(float(((o - z).norm(dim=1) / norm).max()) for o in outs),
             "share_prediction_changed": float((preds != preds[0]).any(0).float().mean()),
         }
-        probabilities = {"min": float(z.min()), "max": float(z.max()),
-                         "max_row_sum_error": float((z.sum(1) - 1).abs().max())}
+        probabilities = {
+            "min": float(z.min()),
+            "max": float(z.max()),
+            "max_row_sum_error": float((z.sum(1) - 1).abs().max()),
+        }
         zero, n = _zero_grad_share(model, x, y)
         calls = count_autograd_calls(model, x[:8])
         noise = None
@@ -233,16 +255,23 @@ def admit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         gradient = None if _varies(randomized) else _gradient_check(model, x, y, eps, cfg, gen)
     tail = max(2, cfg.trace_steps // 10)
     return {
-        "schema": SCHEMA, "config": asdict(cfg), "n": n,
+        "schema": SCHEMA,
+        "config": asdict(cfg),
+        "n": n,
         "probabilities": probabilities,
         "randomized": randomized,
         "autograd_calls": calls,
         "zero_gradient": {"count": zero, "n": n, "share": zero / n},
         "noise_flips": noise,
         "gradient_check": gradient,
-        "loss_rising": {"steps": cfg.trace_steps, "n": len(x[sub]), "tail": tail,
-                        "loss_before_tail": trace[-tail - 1], "loss_last": trace[-1],
-                        "trace": [round(v, 5) for v in trace[:: max(1, cfg.trace_steps // 20)]]},
+        "loss_rising": {
+            "steps": cfg.trace_steps,
+            "n": len(x[sub]),
+            "tail": tail,
+            "loss_before_tail": trace[-tail - 1],
+            "loss_last": trace[-1],
+            "trace": [round(v, 5) for v in trace[:: max(1, cfg.trace_steps // 20)]],
+        },
     }
 
 

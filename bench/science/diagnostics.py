@@ -18,6 +18,7 @@ a Rademacher direction (their Fig. 9).
 
 Everything here is pure computation on a model and a test set; the driver stores it.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ class Gradients:
     """∇x z_ȳ, flattened to (N, D)."""
 
 
-def logit_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: str = "cpu",
-                    batch_size: int = 1024) -> Gradients:
+def logit_gradients(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: str = "cpu", batch_size: int = 1024
+) -> Gradients:
     """∇x z_y and ∇x z_ȳ for every sample in one forward and one backward per batch.
 
     The batch is stacked twice: the first copy's summed true logits and the second
@@ -69,8 +71,8 @@ def logit_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     logits, others, gts, gos = [], [], [], []
     with frozen(model):
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device)
-            yb = y[i:i + batch_size].to(device)
+            xb = x[i : i + batch_size].to(device)
+            yb = y[i : i + batch_size].to(device)
             n = len(xb)
             x2 = torch.cat([xb, xb]).requires_grad_(True)
             z2 = model(x2)
@@ -102,8 +104,7 @@ def per_sample(grads: Gradients, y: torch.Tensor) -> dict[str, np.ndarray]:
     diff = gt - go
     grad_gap = diff.abs().sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        eps_l = np.where(grad_gap.numpy() > 0, (gap / grad_gap).numpy(),
-                         np.where(gap.numpy() > 0, np.inf, -np.inf))
+        eps_l = np.where(grad_gap.numpy() > 0, (gap / grad_gap).numpy(), np.where(gap.numpy() > 0, np.inf, -np.inf))
     norm_t, norm_o = gt.norm(dim=1), go.norm(dim=1)
     denom = norm_t * norm_o
     coherence = torch.where(denom > 0, (gt * go).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom))
@@ -146,9 +147,18 @@ def summarize(samples: dict[str, np.ndarray], logits: torch.Tensor, eps: float) 
     return out
 
 
-def landscape(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-              device: str = "cpu", images: int = LANDSCAPE_IMAGES, points: int = LANDSCAPE_POINTS,
-              span: float = LANDSCAPE_SPAN, seed: int = LANDSCAPE_SEED) -> dict:
+def landscape(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    device: str = "cpu",
+    images: int = LANDSCAPE_IMAGES,
+    points: int = LANDSCAPE_POINTS,
+    span: float = LANDSCAPE_SPAN,
+    seed: int = LANDSCAPE_SEED,
+) -> dict:
     """Cross-entropy at clip(x_i + e1·a + e2·r, 0, 1) on a grid (Shafahi et al. Fig. 9).
 
     a = sign(∇x xent) at the clean image, r ~ Rademacher(0.5) drawn once from `seed`
@@ -174,13 +184,19 @@ def landscape(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                 grid = (xs[i] + e1 * a[i] + e2 * r).clamp(0.0, 1.0)
                 loss = F.cross_entropy(model(grid).float(), ys[i].expand(len(grid)), reduction="none")
                 losses.append(loss.reshape(points, points).cpu().double().numpy())
-    return {"values": [round(float(v), 6) for v in values], "span": span, "eps": eps,
-            "seed": seed, "loss": [_rounded(m) for m in losses]}
+    return {
+        "values": [round(float(v), 6) for v in values],
+        "span": span,
+        "eps": eps,
+        "seed": seed,
+        "loss": [_rounded(m) for m in losses],
+    }
 
 
 def _rounded(arr: np.ndarray, digits: int = 6) -> list:
     """JSON-ready nested lists: finite floats to `digits` significant figures, ±inf as
     None (JSON has no infinity; readers map None back by the sign of the logit gap)."""
+
     def one(v: float):
         if not math.isfinite(v):
             return None
@@ -191,8 +207,9 @@ def _rounded(arr: np.ndarray, digits: int = 6) -> list:
     return [_rounded(row, digits) for row in arr]
 
 
-def diagnose(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-             device: str = "cpu", batch_size: int = 1024) -> dict:
+def diagnose(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, device: str = "cpu", batch_size: int = 1024
+) -> dict:
     """Everything stored for one checkpoint: summary, per-sample values and landscape."""
     grads = logit_gradients(model, x, y, device=device, batch_size=batch_size)
     samples = per_sample(grads, y)
@@ -200,12 +217,12 @@ def diagnose(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     stored = {name: _rounded(samples[name]) for name in SAMPLE_FIELDS}
     stored["correct"] = [bool(c) for c in samples["correct"]]
     stored["logits"] = _rounded(grads.logits.double().numpy(), 4)
-    return {"summary": summary, "samples": stored,
-            "landscape": landscape(model, x, y, eps, device=device)}
+    return {"summary": summary, "samples": stored, "landscape": landscape(model, x, y, eps, device=device)}
 
 
 def stored_eps_l(samples: dict) -> np.ndarray:
     """εL from the stored per-sample lists, ±inf restored from the logit gap's sign."""
     gap = np.array([0.0 if v is None else v for v in samples["logit_gap"]])
-    return np.array([(np.inf if g > 0 else -np.inf) if v is None else v
-                     for v, g in zip(samples["eps_l"], gap)], dtype=np.float64)
+    return np.array(
+        [(np.inf if g > 0 else -np.inf) if v is None else v for v, g in zip(samples["eps_l"], gap)], dtype=np.float64
+    )

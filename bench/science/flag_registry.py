@@ -1,5 +1,6 @@
 """The flag registry: one `FlagCheck` record per reliability check, added by `@flag`
 (bench.science.flags holds the checks)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,6 +30,7 @@ FLAGS: list[FlagCheck] = []
 def flag(name: str, text: str, *, masking: bool = False, calls_witness: bool = False):
     """Register the decorated check under `name`, its stable database key (never derived
     from the function's name, which may change): a new flag is one entry."""
+
     def register(fn):
         if any(f.name == name for f in FLAGS):
             raise ValueError(f"flag {name!r} is registered twice")

@@ -8,6 +8,7 @@ inside, a black-box attack. A black-box attack beating PGD-20 alone says little:
 honest adversarially trained models Square did, because PGD-20 is a weak reference, not
 because the gradients were masked.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -108,7 +109,14 @@ def beyond_white_box(ck: Checkpoint, cells: list[CellRow], roles: frozenset[Role
         by_black |= broken_by(c, size)
     only = int((by_black & ~by_white).sum())
     if beyond(only / size):
-        return {"numbers": {f"broken_only_by_{name}": only, "n": size, "share": only / size,
-                            "whitebox_broken": int(by_white.sum()), f"{name}_broken": int(by_black.sum()),
-                            "cells": sorted({c.cell_key for c in black})}}
+        return {
+            "numbers": {
+                f"broken_only_by_{name}": only,
+                "n": size,
+                "share": only / size,
+                "whitebox_broken": int(by_white.sum()),
+                f"{name}_broken": int(by_black.sum()),
+                "cells": sorted({c.cell_key for c in black}),
+            }
+        }
     return None

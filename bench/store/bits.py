@@ -1,5 +1,6 @@
 """Per-sample bits as the store keeps them: np.packbits of a bool vector, in test-set
 (or subset) order."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -19,6 +19,7 @@ A bracket with anything unsound publishes no proven figure: `certified`, `exact`
 the board, the checkpoint page, the flags) shows the contradiction instead of a number
 that one of its two sides says is false.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,12 +56,18 @@ class Bracket:
 
 
 def _cells_of(kind: CellKind, threat: str, cells, test_size: int) -> list[CellRow]:
-    return [c for c in cells if c.cell_kind is kind and c.threat == threat and c.indices is None
-            and c.n == test_size and c.proven_bits is not None]
+    return [
+        c
+        for c in cells
+        if c.cell_kind is kind
+        and c.threat == threat
+        and c.indices is None
+        and c.n == test_size
+        and c.proven_bits is not None
+    ]
 
 
-def bracket(threat: str, cells: tuple[CellRow, ...], transfers: tuple[CellRow, ...],
-            test_size: int) -> Bracket | None:
+def bracket(threat: str, cells: tuple[CellRow, ...], transfers: tuple[CellRow, ...], test_size: int) -> Bracket | None:
     """The bracket of the cells of `threat`, or None when no verifier cell of it ran
     over the whole test set."""
     verify = _cells_of(CellKind.VERIFY, threat, cells, test_size)

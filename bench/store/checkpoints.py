@@ -6,6 +6,7 @@ its full config, training schedule, dataset, architecture, seed), so the same re
 is found again instead of retrained. Files are written to a temporary folder and
 renamed into place, so a killed run never leaves half a checkpoint behind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,10 +36,17 @@ def canonical(obj: Any) -> str:
 
 
 def checkpoint_key(defense: str, config, train_config, dataset: str, arch: str, seed: int) -> str:
-    payload = canonical({
-        "schema": KEY_SCHEMA, "defense": defense, "config": dataclasses.asdict(config),
-        "train": dataclasses.asdict(train_config), "dataset": dataset, "arch": arch, "seed": seed,
-    })
+    payload = canonical(
+        {
+            "schema": KEY_SCHEMA,
+            "defense": defense,
+            "config": dataclasses.asdict(config),
+            "train": dataclasses.asdict(train_config),
+            "dataset": dataset,
+            "arch": arch,
+            "seed": seed,
+        }
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -54,8 +62,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: torch.nn.Module, directory: Path, meta: dict,
-                    files: dict[str, Path] | None = None) -> dict:
+def save_checkpoint(model: torch.nn.Module, directory: Path, meta: dict, files: dict[str, Path] | None = None) -> dict:
     """Write weights, meta and `files` (name in the folder -> source path) atomically;
     returns the meta of the folder now in place: ours with the weights' sha256 added, or
     that of an intact folder another writer put there first (the same key, so the same
@@ -116,8 +123,9 @@ def build_from_meta(meta: dict, weights: Path, device: str = "cpu") -> torch.nn.
     return model.to(device).eval()
 
 
-def load_checkpoint(path_or_key: str | os.PathLike, results: str | os.PathLike | None = None,
-                    device: str = "cpu") -> torch.nn.Module:
+def load_checkpoint(
+    path_or_key: str | os.PathLike, results: str | os.PathLike | None = None, device: str = "cpu"
+) -> torch.nn.Module:
     """A checkpoint as an eval-mode nn.Module taking [0, 1] inputs.
 
     Accepts a checkpoint folder, its model.safetensors, or a key (looked up under
@@ -132,11 +140,15 @@ def load_checkpoint(path_or_key: str | os.PathLike, results: str | os.PathLike |
         matches = sorted(base.glob(f"*/*/{path_or_key}*")) if base.is_dir() else []
         if len(matches) != 1:
             what = "no" if not matches else "more than one"
-            raise BenchError(f"{what} checkpoint matches {str(path_or_key)!r} under {str(base)!r}; "
-                             "pass a checkpoint folder or a unique key")
+            raise BenchError(
+                f"{what} checkpoint matches {str(path_or_key)!r} under {str(base)!r}; "
+                "pass a checkpoint folder or a unique key"
+            )
         path = matches[0]
     meta = read_meta(path)
     if meta is None:
-        raise BenchError(f"{str(path)!r} is not an intact checkpoint (meta.json missing, unreadable, "
-                         "or the weights' sha256 does not match it)")
+        raise BenchError(
+            f"{str(path)!r} is not an intact checkpoint (meta.json missing, unreadable, "
+            "or the weights' sha256 does not match it)"
+        )
     return build_from_meta(meta, path / "model.safetensors", device)

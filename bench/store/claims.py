@@ -12,6 +12,7 @@ resumes without waiting out the lease.
 Lease times are wall-clock (Unix) seconds of the driver's host: drivers on several
 machines need clocks that agree to well within the lease (NTP does).
 """
+
 from __future__ import annotations
 
 import os
@@ -116,8 +117,12 @@ class Claims:
                 if not _dead_here(holder):
                     where.append(Claim.expires_at < now)
                 # RETURNING says whether the row changed (as the store's inserts ask it).
-                won = s.execute(update(Claim).where(*where).values(owner=self.owner, expires_at=until)
-                                .returning(Claim.key)).first() is not None
+                won = (
+                    s.execute(
+                        update(Claim).where(*where).values(owner=self.owner, expires_at=until).returning(Claim.key)
+                    ).first()
+                    is not None
+                )
         if won:
             self.held.add(key)
         return won
@@ -130,16 +135,16 @@ class Claims:
     def renew(self) -> None:
         if self.held:
             with self.store.Session.begin() as s:
-                s.execute(update(Claim).where(Claim.owner == self.owner)
-                          .values(expires_at=time.time() + self.lease))
+                s.execute(update(Claim).where(Claim.owner == self.owner).values(expires_at=time.time() + self.lease))
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease / 3):
             self.renew()
 
 
-def claimed(items: Iterable[T], claims: Claims, key: Callable[[T], str], done: Callable[[T], bool],
-            poll: float = POLL_SECONDS) -> Iterator[T | None]:
+def claimed(
+    items: Iterable[T], claims: Claims, key: Callable[[T], str], done: Callable[[T], bool], poll: float = POLL_SECONDS
+) -> Iterator[T | None]:
     """The items this driver should compute, each yielded once its claim is held.
 
     An item already done is skipped; one another driver holds is tried again later, until

@@ -10,6 +10,7 @@ several drivers may share one store, SQLite on one machine or PostgreSQL
 (`postgresql+psycopg://...`) across many; the `claims` table keeps them from computing
 the same work twice (bench.store.claims).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -111,7 +112,6 @@ class _CellResult:
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
 
 
-
 class Evaluation(_CellResult, Base):
     __tablename__ = "evaluations"
     __table_args__ = (UniqueConstraint("checkpoint_id", "cell_key"),)
@@ -183,12 +183,15 @@ class Store:
         except ImportError as exc:  # the URL names a database driver that is not installed
             raise BenchError(
                 f"cannot open the store at {url!r}: its database driver ({exc.name or exc}) is not "
-                "installed; for PostgreSQL install the postgres extra (pip install -e \".[postgres]\") "
-                "and give --db postgresql+psycopg://USER@HOST/DBNAME") from exc
+                'installed; for PostgreSQL install the postgres extra (pip install -e ".[postgres]") '
+                "and give --db postgresql+psycopg://USER@HOST/DBNAME"
+            ) from exc
         except (SQLAlchemyError, ValueError, TypeError) as exc:
-            raise BenchError(f"cannot open the store at {url!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}; "
-                             "check --db (an SQLAlchemy URL such as sqlite:///results/bench.db or "
-                             "postgresql+psycopg://USER@HOST/DBNAME) or that the results folder is writable") from exc
+            raise BenchError(
+                f"cannot open the store at {url!r}: {(str(exc).splitlines() or [type(exc).__name__])[0]}; "
+                "check --db (an SQLAlchemy URL such as sqlite:///results/bench.db or "
+                "postgresql+psycopg://USER@HOST/DBNAME) or that the results folder is writable"
+            ) from exc
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -207,8 +210,10 @@ class Store:
         self.insert_new(Checkpoint, fields, ["key"])
         row = self.checkpoint(fields["key"])
         if row is None:  # written or kept a moment ago: only a store emptied meanwhile lacks it
-            raise BenchError(f"checkpoint {fields['key'][:8]} vanished from the store {self.url!r} as it was "
-                             "recorded; was the database reset by another process?")
+            raise BenchError(
+                f"checkpoint {fields['key'][:8]} vanished from the store {self.url!r} as it was "
+                "recorded; was the database reset by another process?"
+            )
         return row
 
     def set_meta(self, checkpoint_id: int, meta: dict) -> None:
@@ -245,8 +250,7 @@ class Store:
 
     def add_evaluation(self, checkpoint_id: int, **fields: Any) -> bool:
         """Store one cell's result; False (and nothing written) if the row exists already."""
-        return self.insert_new(Evaluation, dict(fields, checkpoint_id=checkpoint_id),
-                                ["checkpoint_id", "cell_key"])
+        return self.insert_new(Evaluation, dict(fields, checkpoint_id=checkpoint_id), ["checkpoint_id", "cell_key"])
 
     def evaluations(self, checkpoint_ids: Iterable[int] | None = None) -> list[CellRow]:
         """The checkpoints' own cells (all of them, unset), in the order they were stored."""
@@ -258,13 +262,17 @@ class Store:
 
     def done_transfers(self, source_id: int, cell_key: str) -> set[int]:
         with self.Session() as s:
-            return set(s.scalars(select(Transfer.target_id).where(
-                Transfer.source_id == source_id, Transfer.cell_key == cell_key)))
+            return set(
+                s.scalars(
+                    select(Transfer.target_id).where(Transfer.source_id == source_id, Transfer.cell_key == cell_key)
+                )
+            )
 
     def add_transfer(self, source_id: int, target_id: int, **fields: Any) -> bool:
         """Store one transfer result; False (and nothing written) if the row exists already."""
-        return self.insert_new(Transfer, dict(fields, source_id=source_id, target_id=target_id),
-                                ["source_id", "target_id", "cell_key"])
+        return self.insert_new(
+            Transfer, dict(fields, source_id=source_id, target_id=target_id), ["source_id", "target_id", "cell_key"]
+        )
 
     def transfers(self, checkpoint_ids: Iterable[int] | None = None) -> list[CellRow]:
         """Transfer cells onto or from the checkpoints (all of them, unset)."""

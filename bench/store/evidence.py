@@ -13,6 +13,7 @@ Every reader (the result rows, the board, the checkpoint page, the flags, the CL
   certified floor, the exact figure where every image was decided, and the
   contradictions that withhold both.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -120,8 +121,14 @@ def worst_case(threat: str, cells: Iterable[CellRow], test_size: int) -> WorstCa
     return WorstCase(threat, float(robust.mean()), test_size, tuple(keys), robust)
 
 
-def missing_cells(meta: CheckpointMeta, own_threat: str, threat: str, cells: Iterable[CellRow],
-                  transfers: Iterable[CellRow], defense_of: Mapping[int, str]) -> tuple[str, ...]:
+def missing_cells(
+    meta: CheckpointMeta,
+    own_threat: str,
+    threat: str,
+    cells: Iterable[CellRow],
+    transfers: Iterable[CellRow],
+    defense_of: Mapping[int, str],
+) -> tuple[str, ...]:
     """The expected cells of `threat` that are not stored. `defense_of` maps checkpoint ids
     to defense names (a transfer is expected by its source's defense). A cell recorded
     without a threat model counts toward the checkpoint's own."""
@@ -131,8 +138,9 @@ def missing_cells(meta: CheckpointMeta, own_threat: str, threat: str, cells: Ite
     return tuple(sorted(wanted - have))
 
 
-def evidence(ck: Checkpoint, cells: Iterable[CellRow], transfers: Iterable[CellRow],
-             defense_of: Mapping[int, str]) -> Evidence:
+def evidence(
+    ck: Checkpoint, cells: Iterable[CellRow], transfers: Iterable[CellRow], defense_of: Mapping[int, str]
+) -> Evidence:
     """The evidence of one checkpoint from its own cells and the transfers onto it."""
     cells, transfers = tuple(cells), tuple(t for t in transfers if t.checkpoint_id == ck.id)
     meta = CheckpointMeta.of(ck)

@@ -7,6 +7,7 @@ nn.Module. A .py factory is kept as a copy (SOURCE_FILE) in the checkpoint folde
 the model can be rebuilt where the original file is gone. Every user error is a
 one-line BenchError.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,10 @@ def parse_factory(text: str) -> Factory:
     module, sep, function = text.rpartition(":")
     # A Windows drive letter (C:\...) is no separator: the function part has no slash.
     if not sep or not module or not function or "/" in function or "\\" in function:
-        raise BenchError(f"--model {text!r} is not MODULE:FUNCTION (e.g. --model my_models.py:build "
-                         "or --model my_package.models:build)")
+        raise BenchError(
+            f"--model {text!r} is not MODULE:FUNCTION (e.g. --model my_models.py:build "
+            "or --model my_package.models:build)"
+        )
     return Factory(module, function)
 
 
@@ -62,13 +65,16 @@ def _import(factory: Factory, source: Path | None = None):
         if source is not None or factory.is_file:
             path = Path(source or factory.module)
             if not path.is_file():
-                raise BenchError(f"--model {factory.reference!r}: no file {str(path)!r}; give the path of a "
-                                 ".py file or an importable module name")
+                raise BenchError(
+                    f"--model {factory.reference!r}: no file {str(path)!r}; give the path of a "
+                    ".py file or an importable module name"
+                )
             name = "bench_outside_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
             spec = importlib.util.spec_from_file_location(name, path)
             if spec is None or spec.loader is None:
-                raise BenchError(f"--model {factory.reference!r}: {str(path)!r} cannot be loaded as a Python "
-                                 "module; give a .py file")
+                raise BenchError(
+                    f"--model {factory.reference!r}: {str(path)!r} cannot be loaded as a Python module; give a .py file"
+                )
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # dataclasses and pickling look modules up by name
             # Nowhere else can import it by that name (a Ray worker, say), so whatever
@@ -85,8 +91,10 @@ def _import(factory: Factory, source: Path | None = None):
     except BenchError:
         raise
     except Exception as exc:  # whatever the user's module raises on import is their error
-        raise BenchError(f"--model {factory.reference!r} does not import: {type(exc).__name__}: "
-                         f"{first_line(exc)}; check the module path and that it imports on its own") from exc
+        raise BenchError(
+            f"--model {factory.reference!r} does not import: {type(exc).__name__}: "
+            f"{first_line(exc)}; check the module path and that it imports on its own"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -119,16 +127,22 @@ def build(factory: Factory, source: Path | None = None) -> torch.nn.Module:
     fn = getattr(module, factory.function, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise BenchError(f"--model {factory.reference!r}: {factory.module} has no function "
-                         f"{factory.function!r}{did_you_mean(factory.function, names)}")
+        raise BenchError(
+            f"--model {factory.reference!r}: {factory.module} has no function "
+            f"{factory.function!r}{did_you_mean(factory.function, names)}"
+        )
     try:
         model = fn()
     except Exception as exc:  # the user's factory failing is bad input, not a bench bug
-        raise BenchError(f"--model {factory.reference!r} raised {type(exc).__name__}: {first_line(exc)}; "
-                         "FUNCTION must build the model with no arguments") from exc
+        raise BenchError(
+            f"--model {factory.reference!r} raised {type(exc).__name__}: {first_line(exc)}; "
+            "FUNCTION must build the model with no arguments"
+        ) from exc
     if not isinstance(model, torch.nn.Module):
-        raise BenchError(f"--model {factory.reference!r} returned a {type(model).__name__}, not a "
-                         "torch.nn.Module; FUNCTION must return the model")
+        raise BenchError(
+            f"--model {factory.reference!r} returned a {type(model).__name__}, not a "
+            "torch.nn.Module; FUNCTION must return the model"
+        )
     return model
 
 
@@ -140,17 +154,21 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     try:
         state = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise BenchError(f"--weights {str(p)!r} is not a safetensors file ({first_line(exc)}); save with "
-                         "safetensors.torch.save_file(model.state_dict(), PATH)") from exc
+        raise BenchError(
+            f"--weights {str(p)!r} is not a safetensors file ({first_line(exc)}); save with "
+            "safetensors.torch.save_file(model.state_dict(), PATH)"
+        ) from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         missing = sorted(set(model.state_dict()) - set(state))
         extra = sorted(set(state) - set(model.state_dict()))
         detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {extra[:3]}" if extra else "")
-        raise BenchError(f"--weights {str(p)!r} do not fit the model: "
-                         f"{detail.strip() or first_line(exc).split(chr(9))[0][:200]}; "
-                         "save them from the model FUNCTION builds") from exc
+        raise BenchError(
+            f"--weights {str(p)!r} do not fit the model: "
+            f"{detail.strip() or first_line(exc).split(chr(9))[0][:200]}; "
+            "save them from the model FUNCTION builds"
+        ) from exc
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -171,18 +189,17 @@ def class_factory(model: torch.nn.Module) -> Factory | None:
     return Factory(cls.__module__, cls.__qualname__)
 
 
-
 def rebuild(meta: dict, directory: Path, device: str = "cpu") -> torch.nn.Module:
     """An outside model from its checkpoint folder: the factory (its kept source copy
     first), then the stored weights."""
     info = meta["outside"]
     if not info.get("factory"):
-        raise BenchError(f"outside model {meta['defense']!r} was given as an object with no importable "
-                         "factory, so it cannot be rebuilt; evaluate it with --model MODULE:FUNCTION")
+        raise BenchError(
+            f"outside model {meta['defense']!r} was given as an object with no importable "
+            "factory, so it cannot be rebuilt; evaluate it with --model MODULE:FUNCTION"
+        )
     factory = parse_factory(info["factory"])
     source = directory / SOURCE_FILE
     model = build(factory, source if source.is_file() else None)
     model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
     return model.to(device).eval()
-
-

@@ -4,6 +4,7 @@ The meta is the checkpoint's JSON sidecar plus what later runs measured on it. E
 reader asks `CheckpointMeta.of(checkpoint)` for a field; every writer goes through
 `Store.update_meta`, which refuses a key that is not declared here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -5,6 +5,7 @@ the site, the run layer).
 `extra` comes as text and is parsed on first use: it holds the logit histograms and is
 most of a row's bytes, and only a few readers need it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,19 +49,54 @@ class CellRow:
     _extra: dict | None = None
 
     @classmethod
-    def build(cls, *, cell_key: str, attack: str, threat: str, n: int, correct_bits: bytes,
-              kind: str | None = None, params: dict | None = None, checkpoint_id: int = 0,
-              target_id: int | None = None, source_id: int | None = None, clean_acc: float = 1.0,
-              robust_acc: float = 0.0, test_size: int | None = None, seconds: float = 0.0,
-              proven_bits: bytes | None = None, indices: list | None = None, extra: dict | None = None,
-              device: str = "cpu", id: int = 0) -> CellRow:
+    def build(
+        cls,
+        *,
+        cell_key: str,
+        attack: str,
+        threat: str,
+        n: int,
+        correct_bits: bytes,
+        kind: str | None = None,
+        params: dict | None = None,
+        checkpoint_id: int = 0,
+        target_id: int | None = None,
+        source_id: int | None = None,
+        clean_acc: float = 1.0,
+        robust_acc: float = 0.0,
+        test_size: int | None = None,
+        seconds: float = 0.0,
+        proven_bits: bytes | None = None,
+        indices: list | None = None,
+        extra: dict | None = None,
+        device: str = "cpu",
+        id: int = 0,
+    ) -> CellRow:
         """A row not read from a store (a cell just run, or one made by hand): the fields a
         stored row has, with those a store would add filled in."""
         transfer = source_id is not None
         kind = kind or (CellKind.TRANSFER if transfer else CellKind.ATTACK).value
-        return cls(id, target_id if target_id is not None else checkpoint_id, source_id, cell_key, kind, attack,
-                   params or {}, threat, clean_acc, robust_acc, n, test_size, seconds, correct_bits, proven_bits,
-                   indices, json.dumps(extra or {}), device, "")
+        return cls(
+            id,
+            target_id if target_id is not None else checkpoint_id,
+            source_id,
+            cell_key,
+            kind,
+            attack,
+            params or {},
+            threat,
+            clean_acc,
+            robust_acc,
+            n,
+            test_size,
+            seconds,
+            correct_bits,
+            proven_bits,
+            indices,
+            json.dumps(extra or {}),
+            device,
+            "",
+        )
 
     @property
     def cell_kind(self) -> CellKind:
@@ -104,7 +140,24 @@ def cell_query(table, transfer: bool):
     """The select that reads `table` (Evaluation or Transfer) into CellRow's fields, in order."""
     target = table.target_id if transfer else table.checkpoint_id
     source = table.source_id if transfer else null()
-    return select(table.id, target, source, table.cell_key, table.kind, table.attack, table.params, table.threat,
-                  table.clean_acc, table.robust_acc, table.n, table.test_size, table.seconds, table.correct_bits,
-                  table.proven_bits, table.indices, type_coerce(table.extra, Text), table.device,
-                  table.created_at).order_by(table.id)
+    return select(
+        table.id,
+        target,
+        source,
+        table.cell_key,
+        table.kind,
+        table.attack,
+        table.params,
+        table.threat,
+        table.clean_acc,
+        table.robust_acc,
+        table.n,
+        table.test_size,
+        table.seconds,
+        table.correct_bits,
+        table.proven_bits,
+        table.indices,
+        type_coerce(table.extra, Text),
+        table.device,
+        table.created_at,
+    ).order_by(table.id)

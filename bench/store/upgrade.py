@@ -12,6 +12,7 @@ This module is the one place that reads those old spellings: everything else rea
 columns. It runs inside the schema transaction (bench.store.db._create_schema), so two
 drivers opening one old store upgrade it once.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,10 +50,13 @@ def _fill(conn: Connection, table: str, owner: str) -> None:
         extra = row.extra if isinstance(row.extra, dict) else json.loads(row.extra or "{}")
         kind, threat, proven = CellKind.TRANSFER if table == "transfers" else CellKind.ATTACK, row.threat, None
         if table == "evaluations" and row.threat.startswith(_OLD_CERTIFIED):
-            kind, threat, proven = CellKind.CERTIFY, row.threat[len(_OLD_CERTIFIED):], row.correct_bits
+            kind, threat, proven = CellKind.CERTIFY, row.threat[len(_OLD_CERTIFIED) :], row.correct_bits
         elif table == "evaluations" and isinstance((extra or {}).get("verify"), dict):
             kind, proven = CellKind.VERIFY, bytes.fromhex(extra["verify"]["robust_bits"])
-        conn.execute(text(f"UPDATE {table} SET kind = :kind, threat = :threat, test_size = :size, "
-                          "proven_bits = :proven WHERE id = :id"),
-                     {"kind": kind.value, "threat": threat, "size": sizes.get(row[1]), "proven": proven,
-                      "id": row.id})
+        conn.execute(
+            text(
+                f"UPDATE {table} SET kind = :kind, threat = :threat, test_size = :size, "
+                "proven_bits = :proven WHERE id = :id"
+            ),
+            {"kind": kind.value, "threat": threat, "size": sizes.get(row[1]), "proven": proven, "id": row.id},
+        )

@@ -20,6 +20,7 @@ compared on points of the box (faithful.py).
 No maintained verifier installs beside torch 2.14 (auto_LiRPA on PyPI pins torch < 1.13),
 so the encodings are written here, on torch, numpy and scipy's HiGHS.
 """
+
 from bench.verify.bounds import certify, interval_margin
 from bench.verify.complete import Verdict, verify_images
 from bench.verify.graph import Graph, Node, Unsupported
@@ -27,5 +28,15 @@ from bench.verify.interval import ibp_bounds
 from bench.verify.search import SearchConfig
 from bench.verify.trace import to_graph
 
-__all__ = ["Graph", "Node", "SearchConfig", "Unsupported", "Verdict", "certify", "ibp_bounds", "interval_margin",
-           "to_graph", "verify_images"]
+__all__ = [
+    "Graph",
+    "Node",
+    "SearchConfig",
+    "Unsupported",
+    "Verdict",
+    "certify",
+    "ibp_bounds",
+    "interval_margin",
+    "to_graph",
+    "verify_images",
+]

@@ -20,6 +20,7 @@ so that the claim holds for the model as it runs.
 All arithmetic is float64 on the CPU, batched over images; memory is kept near
 CHUNK_BYTES by working through the images in chunks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,7 @@ from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
 from bench.verify.rounding import fp32_error, margin_tolerance, robust_beyond
 
-CHUNK_BYTES = 256 * 2 ** 20
+CHUNK_BYTES = 256 * 2**20
 """Peak size of one back-substitution's coefficient tensor (images x rows x values)."""
 
 Bounds = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -99,8 +100,15 @@ def _pool(t: _Coef, windows: torch.Tensor, l: torch.Tensor, u: torch.Tensor) -> 
     return _Coef(coef, win.gather(-1, best).squeeze(-1)), _times(top, neg)
 
 
-def back_substitute(g: Graph, start: int, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                    bounds: Bounds, const: torch.Tensor | None = None) -> torch.Tensor:
+def back_substitute(
+    g: Graph,
+    start: int,
+    a: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bounds: Bounds,
+    const: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A sound lower bound (n, s) of a @ v_start (+ const) over the box, a (n, s, size of start)."""
     acc = {start: _Coef(a)}
     const = torch.zeros(a.shape[:2], dtype=torch.float64) if const is None else const
@@ -133,8 +141,9 @@ def back_substitute(g: Graph, start: int, a: torch.Tensor, lo: torch.Tensor, hi:
     return const
 
 
-def node_bounds(g: Graph, k: int, lo: torch.Tensor, hi: torch.Tensor,
-                bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+def node_bounds(
+    g: Graph, k: int, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN bounds (n, m) of node k's values. An affine node starts from [W; -W] on its
     input (the identity never multiplies anything); a ReLU or pool output takes its
     input's bounds through the op, which is what back-substitution would give."""
@@ -157,8 +166,7 @@ def node_bounds(g: Graph, k: int, lo: torch.Tensor, hi: torch.Tensor,
     return res[:, :m], -res[:, m:]
 
 
-def crown_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds | None = None,
-                 after: int = -1) -> Bounds:
+def crown_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds | None = None, after: int = -1) -> Bounds:
     """Bounds of every node a ReLU or a pool reads, computed layer by layer; those in
     `bounds` are kept where tighter (only nodes past `after` are recomputed)."""
     out = dict(bounds or {})
@@ -190,8 +198,15 @@ def _chunk(g: Graph) -> int:
     return max(1, CHUNK_BYTES // (8 * widest * rows))
 
 
-def certify(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float, *, model: torch.nn.Module | None = None,
-            method: str = "crown") -> tuple[torch.Tensor, torch.Tensor]:
+def certify(
+    g: Graph,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    model: torch.nn.Module | None = None,
+    method: str = "crown",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(certified, margin): margin (n,) float64 is the lower bound of min_{j != y} z_y - z_j
     over the box for the graph in exact arithmetic, CROWN's (or plain intervals', `method`
     "ibp"); an image is certified when, for every j, the bound on z_y - z_j exceeds the
@@ -203,8 +218,8 @@ def certify(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float, *, model: to
     margins, bits = [], []
     step = _chunk(g)
     for i in range(0, len(x), step):
-        lo, hi = box(x[i:i + step].cpu(), eps)
-        yi = y[i:i + step]
+        lo, hi = box(x[i : i + step].cpu(), eps)
+        yi = y[i : i + step]
         if method == "crown":
             bounds = crown_bounds(g, lo, hi)
             low = target_margins(g, lo, hi, yi, bounds)
@@ -218,8 +233,9 @@ def certify(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float, *, model: to
     return torch.cat(bits) & clean, torch.cat(margins)
 
 
-def interval_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor,
-                    known: Bounds | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def interval_bounds(
+    g: Graph, lo: torch.Tensor, hi: torch.Tensor, known: Bounds | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Plain interval bounds (IBP) of every node of the graph; with `known` (CROWN's, say),
     each node's are intersected with those given for it before they propagate."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -227,7 +243,10 @@ def interval_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor,
         if node.op == "input":
             l, u = lo, hi
         elif node.op == "affine":
-            c, r = (out[node.inputs[0]][0] + out[node.inputs[0]][1]) / 2, (out[node.inputs[0]][1] - out[node.inputs[0]][0]) / 2
+            c, r = (
+                (out[node.inputs[0]][0] + out[node.inputs[0]][1]) / 2,
+                (out[node.inputs[0]][1] - out[node.inputs[0]][0]) / 2,
+            )
             c, r = c @ node.weight.T + node.bias, r @ node.weight.abs().T
             l, u = c - r, c + r
         elif node.op == "relu":

@@ -8,6 +8,7 @@ proven margin to exceed that pair's fp32 tolerance (rounding.py: twice the bound
 logits' rounding over the box), and the graph is first held to the model on points of
 each box (faithful.py). "Not robust" always comes with a point the model itself
 misclassifies in fp32, so it needs no tolerance."""
+
 from __future__ import annotations
 
 import time
@@ -70,8 +71,16 @@ def _margin_row(n_vars: int, out: int, y: int, j: int) -> np.ndarray:
     return c
 
 
-def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: float, time_limit: float,
-               index: int, cfg: SearchConfig = SearchConfig()) -> Verdict:
+def verify_one(
+    g: Graph,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: int,
+    eps: float,
+    time_limit: float,
+    index: int,
+    cfg: SearchConfig = SearchConfig(),
+) -> Verdict:
     """The verdict for one image x (C, H, W); see `verify_images`."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit
@@ -80,8 +89,7 @@ def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: f
     tol = torch.zeros(g.num_classes, dtype=torch.float64)
 
     def verdict(status, by, lower, x_adv=None, unstable=0, binaries=0):
-        return Verdict(status, x_adv, time.perf_counter() - t0, unstable, binaries, by, float(lower),
-                       float(tol.max()))
+        return Verdict(status, x_adv, time.perf_counter() - t0, unstable, binaries, by, float(lower), float(tol.max()))
 
     if bool(misclassified(model, xb, y)[0]):
         return verdict("not_robust", "clean", -np.inf, x_adv=xb[0].clone())
@@ -109,8 +117,19 @@ def verify_one(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: int, eps: f
     return verdict(status, by, low.min(), x_adv=adv, unstable=unstable, binaries=prog.binaries)
 
 
-def _solve_targets(prog: Program, g: Graph, model, xb, y: int, eps: float, low: torch.Tensor, tol: torch.Tensor,
-                   pad: float, deadline: float, index: int) -> tuple[str, str, torch.Tensor | None]:
+def _solve_targets(
+    prog: Program,
+    g: Graph,
+    model,
+    xb,
+    y: int,
+    eps: float,
+    low: torch.Tensor,
+    tol: torch.Tensor,
+    pad: float,
+    deadline: float,
+    index: int,
+) -> tuple[str, str, torch.Tensor | None]:
     """(status, decided_by, x_adv) from one MILP per target j that `low` (raised in
     place as targets are ruled out) leaves within its tolerance `tol`."""
     lo32, hi32 = box32(xb, eps)
@@ -137,15 +156,18 @@ def _solve_targets(prog: Program, g: Graph, model, xb, y: int, eps: float, low: 
             if adv is not None:
                 return "not_robust", "milp", adv
             if res.fun < -near or cap < 0:
-                raise RuntimeError(f"verify: image {index}: the MILP found margin {res.fun:.3g} against class {j} "
-                                   f"but the model classifies that point correctly; the encoding is wrong")
+                raise RuntimeError(
+                    f"verify: image {index}: the MILP found margin {res.fun:.3g} against class {j} "
+                    f"but the model classifies that point correctly; the encoding is wrong"
+                )
     if tie:  # some margin is within TIE + tol of 0: too close to call for the model in fp32
         return "unknown", "milp", None
     return "robust", "milp", None
 
 
-def exact_margins(g: Graph, x: torch.Tensor, y: int, eps: float, time_limit: float = 60.0
-                  ) -> tuple[torch.Tensor, list[np.ndarray | None]]:
+def exact_margins(
+    g: Graph, x: torch.Tensor, y: int, eps: float, time_limit: float = 60.0
+) -> tuple[torch.Tensor, list[np.ndarray | None]]:
     """min over the box of z_y - z_j for each j (+inf at y; nan where HiGHS did not reach
     optimality), by MILP without any cap, and the minimizing inputs: a check of the
     encoding against brute force on tiny networks."""
@@ -159,13 +181,20 @@ def exact_margins(g: Graph, x: torch.Tensor, y: int, eps: float, time_limit: flo
             continue
         res = prog.solve(_margin_row(prog.n_vars, prog.offsets[g.output], y, j), integer=True, time_limit=time_limit)
         values[j] = res.fun if res.status == 0 else float("nan")
-        points.append(res.x[:g.nodes[0].size] if res.x is not None else None)
+        points.append(res.x[: g.nodes[0].size] if res.x is not None else None)
     return values, points
 
 
-def verify_images(g: Graph, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                  time_limit: float = 10.0, on_image: Callable[[int], None] | None = None,
-                  search: SearchConfig = SearchConfig()) -> list[Verdict]:
+def verify_images(
+    g: Graph,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    time_limit: float = 10.0,
+    on_image: Callable[[int], None] | None = None,
+    search: SearchConfig = SearchConfig(),
+) -> list[Verdict]:
     """Exact robustness of each image over [max(x - eps, 0), min(x + eps, 1)], for the model
     in fp32, within `time_limit` seconds per image: (0) the graph held to the model on
     points of the boxes (Unsupported if it differs); (1) the clean prediction; (2) CROWN;

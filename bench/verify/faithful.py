@@ -14,6 +14,7 @@ Sampling is a check, not a proof: it catches a forward that differs anywhere it 
 and the refusals above, with Normalize read by exact type (trace.py), remove the ways
 known to make the traced graph differ from the forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,13 +48,19 @@ def refuse_hooks(model: torch.nn.Module) -> None:
             # The bench's own pass counter observes outputs and changes nothing (bench.engine.passes).
             if any(not isinstance(h, PassCount) for h in hooks.values()):
                 where = f"module {name!r} ({type(m).__name__})" if name else f"the model ({type(m).__name__})"
-                raise Unsupported(f"verify: {where} has a {kind}, which torch.fx does not record and which may "
-                                  f"change its output; remove it to verify the model")
-    for kind, hooks in (("forward hook", torch_module._global_forward_hooks),
-                        ("forward pre-hook", torch_module._global_forward_pre_hooks)):
+                raise Unsupported(
+                    f"verify: {where} has a {kind}, which torch.fx does not record and which may "
+                    f"change its output; remove it to verify the model"
+                )
+    for kind, hooks in (
+        ("forward hook", torch_module._global_forward_hooks),
+        ("forward pre-hook", torch_module._global_forward_pre_hooks),
+    ):
         if hooks:
-            raise Unsupported(f"verify: a global {kind} is registered (torch.nn.modules.module), which torch.fx "
-                              f"does not record and which may change the model's output; remove it to verify")
+            raise Unsupported(
+                f"verify: a global {kind} is registered (torch.nn.modules.module), which torch.fx "
+                f"does not record and which may change the model's output; remove it to verify"
+            )
 
 
 def check_points(g: Graph, model: torch.nn.Module, points: torch.Tensor, where: str) -> None:
@@ -61,30 +68,38 @@ def check_points(g: Graph, model: torch.nn.Module, points: torch.Tensor, where: 
     from the graph's by more than SAFETY times the rounding bound there."""
     dev = model_device(model)
     for i in range(0, len(points), CHUNK):
-        pts = points[i:i + CHUNK].float()
+        pts = points[i : i + CHUNK].float()
         with full_fp32(), torch.no_grad():
             z = model(pts.to(dev)).double().cpu()
         exact = g.forward(pts)
         if z.shape != exact.shape:
-            raise Unsupported(f"verify: the model's output has shape {tuple(z.shape[1:])}, its traced graph's "
-                              f"{tuple(exact.shape[1:])}; the trace missed something the forward does")
+            raise Unsupported(
+                f"verify: the model's output has shape {tuple(z.shape[1:])}, its traced graph's "
+                f"{tuple(exact.shape[1:])}; the trace missed something the forward does"
+            )
         flat = pts.double().flatten(1)
         allowed = SAFETY * fp32_error(g, flat, flat)
         diff = (z - exact).abs()
         bad = ~(diff <= allowed)  # NaN counts as a difference
         if bool(bad.any()):
             p, j = (int(t) for t in bad.nonzero()[0])
-            raise Unsupported(f"verify: the model's fp32 logits differ from its traced graph's at {where} "
-                              f"(logit {j}: {float(diff[p, j]):.3g}, rounding explains {float(allowed[p, j]):.3g}); "
-                              f"something the trace does not see changes what the model computes")
+            raise Unsupported(
+                f"verify: the model's fp32 logits differ from its traced graph's at {where} "
+                f"(logit {j}: {float(diff[p, j]):.3g}, rounding explains {float(allowed[p, j]):.3g}); "
+                f"something the trace does not see changes what the model computes"
+            )
 
 
 def check_unit_box(g: Graph, model: torch.nn.Module) -> None:
     """The graph against the model on random images and corners of [0, 1]^d."""
     gen = torch.Generator().manual_seed(SEED)
     shape = g.input_shape
-    pts = torch.cat([torch.rand(UNIT_POINTS, *shape, generator=gen),
-                     (torch.rand(UNIT_CORNERS, *shape, generator=gen) < 0.5).float()])
+    pts = torch.cat(
+        [
+            torch.rand(UNIT_POINTS, *shape, generator=gen),
+            (torch.rand(UNIT_CORNERS, *shape, generator=gen) < 0.5).float(),
+        ]
+    )
     check_points(g, model, pts, "random images of [0, 1]")
 
 

@@ -14,6 +14,7 @@ An affine node also keeps the model's own ops it was folded from (`Step`s: the L
 convolution, Normalize, BatchNorm), as fp32 computes them one after the other: their
 rounding, not the folded matrix's, is what bench.verify.rounding bounds.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,10 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 
-SUPPORTED = ("verifiable networks are ReLU networks of Linear, Conv2d, BatchNorm, Normalize, MaxPool2d, "
-             "Flatten and residual adds")
+SUPPORTED = (
+    "verifiable networks are ReLU networks of Linear, Conv2d, BatchNorm, Normalize, MaxPool2d, "
+    "Flatten and residual adds"
+)
 
 
 class Unsupported(BenchError):

@@ -9,6 +9,7 @@ Tracing rather than walking `nn.Sequential` takes the bench's own networks, whos
 forward passes call `F.relu` and `F.max_pool2d` as functions. Any other operation on an
 interval is refused (`Unsupported`), naming it.
 """
+
 from __future__ import annotations
 
 import operator
@@ -82,8 +83,11 @@ class _Bounds(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         (v,) = args
         name = target.removeprefix("0.") or type(self.fetch_attr(target)).__name__  # less the wrapper's "0."
-        return _module(self.fetch_attr(target), v, name) if isinstance(v, Interval) else super().call_module(
-            target, args, kwargs)
+        return (
+            _module(self.fetch_attr(target), v, name)
+            if isinstance(v, Interval)
+            else super().call_module(target, args, kwargs)
+        )
 
     def call_function(self, target, args, kwargs):
         if not any(isinstance(a, Interval) for a in args):
@@ -112,8 +116,9 @@ def ibp_bounds(model: nn.Module, x: torch.Tensor, eps: float) -> tuple[torch.Ten
         # Wrapped, so that a bare layer is a module call too rather than its traced body.
         gm = fx.symbolic_trace(nn.Sequential(model))
     except Exception as exc:
-        raise unsupported(type(model).__name__, type(model).__name__,
-                          f"does not trace with torch.fx ({type(exc).__name__})") from exc
+        raise unsupported(
+            type(model).__name__, type(model).__name__, f"does not trace with torch.fx ({type(exc).__name__})"
+        ) from exc
     try:
         out = _Bounds(gm).run(Interval((hi + lo) / 2, (hi - lo) / 2))
     except Unsupported as exc:  # torch.fx appends the graph node to the message: one line only

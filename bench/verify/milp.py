@@ -32,6 +32,7 @@ MILP_PAD is ten times HiGHS's MIP feasibility tolerance (1e-6).
 No maintained verifier installs beside torch 2.14 (auto_LiRPA on PyPI pins torch < 1.13),
 so the encoding is written here, on scipy's HiGHS.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,7 +48,7 @@ from bench.verify.bounds import Bounds, crown_bounds, interval_bounds
 from bench.verify.graph import Graph
 from bench.verify.rounding import gamma
 
-U64 = 2.0 ** -53
+U64 = 2.0**-53
 """Unit roundoff of float64."""
 MILP_PAD = 1e-5
 """Room a MILP's "no point has margin <= cap" needs beyond the cap, relative to 1 + the
@@ -100,9 +101,13 @@ class Program:
     def _rows(self) -> tuple:
         if self.cache is None or self.cache[0].shape[1] != self.n_vars:
             r, cc, v = (np.concatenate(t) for t in zip(*self.entries)) if self.entries else ([], [], [])
-            self.cache = (sp.csr_matrix((v, (r, cc)), shape=(self.n_rows, self.n_vars)),
-                          np.concatenate(self.row_lb or [np.zeros(0)]), np.concatenate(self.row_ub or [np.zeros(0)]),
-                          VarBounds(np.concatenate(self.lb), np.concatenate(self.ub)), np.concatenate(self.integer))
+            self.cache = (
+                sp.csr_matrix((v, (r, cc)), shape=(self.n_rows, self.n_vars)),
+                np.concatenate(self.row_lb or [np.zeros(0)]),
+                np.concatenate(self.row_ub or [np.zeros(0)]),
+                VarBounds(np.concatenate(self.lb), np.concatenate(self.ub)),
+                np.concatenate(self.integer),
+            )
         return self.cache
 
     def solve(self, c: np.ndarray, *, integer: bool, time_limit: float, extra=None):
@@ -113,8 +118,13 @@ class Program:
             a = sp.vstack([a, sp.csr_matrix(extra[0][None, :])], format="csr")
             row_lb, row_ub = np.append(row_lb, extra[1]), np.append(row_ub, extra[2])
         ints = ints if integer else np.zeros(self.n_vars, dtype=np.uint8)
-        return milp(c, integrality=ints, bounds=var_bounds, constraints=LinearConstraint(a, row_lb, row_ub),
-                    options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True})
+        return milp(
+            c,
+            integrality=ints,
+            bounds=var_bounds,
+            constraints=LinearConstraint(a, row_lb, row_ub),
+            options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True},
+        )
 
     def lp_bound(self, c: np.ndarray, time_limit: float) -> float | None:
         """A rigorous lower bound on min c.x over the LP relaxation (binaries in [0, 1]),
@@ -125,21 +135,34 @@ class Program:
             eq = np.flatnonzero(row_lb == row_ub)
             up = np.flatnonzero((row_lb != row_ub) & np.isfinite(row_ub))
             down = np.flatnonzero((row_lb != row_ub) & np.isfinite(row_lb))
-            self.lp_cache = (sp.vstack([a[up], -a[down]], format="csr"), np.concatenate([row_ub[up], -row_lb[down]]),
-                             a[eq], row_lb[eq], eq, up, down)
+            self.lp_cache = (
+                sp.vstack([a[up], -a[down]], format="csr"),
+                np.concatenate([row_ub[up], -row_lb[down]]),
+                a[eq],
+                row_lb[eq],
+                eq,
+                up,
+                down,
+            )
         a_ub, b_ub, a_eq, b_eq, eq, up, down = self.lp_cache
-        res = linprog(c, A_ub=a_ub if len(b_ub) else None, b_ub=b_ub if len(b_ub) else None,
-                      A_eq=a_eq if len(b_eq) else None, b_eq=b_eq if len(b_eq) else None,
-                      bounds=np.stack([var_bounds.lb, var_bounds.ub], 1), method="highs",
-                      options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True})
+        res = linprog(
+            c,
+            A_ub=a_ub if len(b_ub) else None,
+            b_ub=b_ub if len(b_ub) else None,
+            A_eq=a_eq if len(b_eq) else None,
+            b_eq=b_eq if len(b_eq) else None,
+            bounds=np.stack([var_bounds.lb, var_bounds.ub], 1),
+            method="highs",
+            options={"time_limit": max(time_limit, MIN_SOLVE), "presolve": True},
+        )
         y = np.zeros(self.n_rows)
         try:
             if len(b_eq):
                 y[eq] = res.eqlin.marginals
             if len(b_ub):
                 lam = np.minimum(res.ineqlin.marginals, 0.0)  # <= 0 in exact arithmetic; any y is valid
-                np.add.at(y, up, lam[:len(up)])
-                np.add.at(y, down, -lam[len(up):])
+                np.add.at(y, up, lam[: len(up)])
+                np.add.at(y, down, -lam[len(up) :])
         except (AttributeError, TypeError, ValueError):  # no dual came back (time limit, failure)
             return None
         if not np.all(np.isfinite(y)):
@@ -147,8 +170,15 @@ class Program:
         return dual_bound(c, a, row_lb, row_ub, var_bounds.lb, var_bounds.ub, y)
 
 
-def dual_bound(c: np.ndarray, a: sp.csr_matrix, row_lb: np.ndarray, row_ub: np.ndarray, lb: np.ndarray,
-               ub: np.ndarray, y: np.ndarray) -> float:
+def dual_bound(
+    c: np.ndarray,
+    a: sp.csr_matrix,
+    row_lb: np.ndarray,
+    row_ub: np.ndarray,
+    lb: np.ndarray,
+    ub: np.ndarray,
+    y: np.ndarray,
+) -> float:
     """Weak duality for min c.x s.t. row_lb <= A x <= row_ub, lb <= x <= ub, with any row
     multipliers y, evaluated in float64 so that the result stays a lower bound (module
     docstring). -inf where an infinite bound meets a nonzero multiplier or reduced cost."""
@@ -171,13 +201,14 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
 
 
-def build(g: Graph, lo: np.ndarray, hi: np.ndarray, bounds: dict[int, tuple[np.ndarray, np.ndarray]],
-          upto: int | None = None) -> Program:
+def build(
+    g: Graph, lo: np.ndarray, hi: np.ndarray, bounds: dict[int, tuple[np.ndarray, np.ndarray]], upto: int | None = None
+) -> Program:
     """The encoding of nodes 0..upto (all by default) for one image's box [lo, hi];
     `bounds` are numpy bounds of the nodes a ReLU or pool reads (others are free)."""
     p = Program()
     upto = g.output if upto is None else upto
-    for k, node in enumerate(g.nodes[:upto + 1]):
+    for k, node in enumerate(g.nodes[: upto + 1]):
         free = (np.full(node.size, -np.inf), np.full(node.size, np.inf))
         if node.op == "input":
             p.offsets.append(p.new_vars(lo, hi))
@@ -188,13 +219,23 @@ def build(g: Graph, lo: np.ndarray, hi: np.ndarray, bounds: dict[int, tuple[np.n
             if node.op == "affine":
                 w, i = node.weight.numpy(), np.arange(node.size)
                 r, c = np.nonzero(w)  # z - W x = b
-                p.rows(np.concatenate([i, r]), np.concatenate([z + i, src + c]),
-                       np.concatenate([np.ones(node.size), -w[r, c]]), node.bias.numpy(), node.bias.numpy())
+                p.rows(
+                    np.concatenate([i, r]),
+                    np.concatenate([z + i, src + c]),
+                    np.concatenate([np.ones(node.size), -w[r, c]]),
+                    node.bias.numpy(),
+                    node.bias.numpy(),
+                )
             else:
                 other = p.offsets[node.inputs[1]]
                 i = np.arange(node.size)
-                p.rows(np.tile(i, 3), np.concatenate([z + i, src + i, other + i]),
-                       np.repeat([1.0, -1.0, -1.0], node.size), 0.0, 0.0)
+                p.rows(
+                    np.tile(i, 3),
+                    np.concatenate([z + i, src + i, other + i]),
+                    np.repeat([1.0, -1.0, -1.0], node.size),
+                    0.0,
+                    0.0,
+                )
             p.offsets.append(z)
         elif node.op == "relu":
             l, u = bounds[node.inputs[0]]
@@ -209,9 +250,16 @@ def build(g: Graph, lo: np.ndarray, hi: np.ndarray, bounds: dict[int, tuple[np.n
                 i, m, ai = np.arange(len(mid)), len(mid), a + np.arange(len(mid))
                 # y - z >= 0;  y - u a <= 0;  y - z - l a <= -l
                 p.rows(np.tile(i, 2), np.concatenate([y + mid, src + mid]), np.repeat([1.0, -1.0], m), 0.0, np.inf)
-                p.rows(np.tile(i, 2), np.concatenate([y + mid, ai]), np.concatenate([np.ones(m), -u[mid]]), -np.inf, 0.0)
-                p.rows(np.tile(i, 3), np.concatenate([y + mid, src + mid, ai]),
-                       np.concatenate([np.ones(m), -np.ones(m), -l[mid]]), -np.inf, -l[mid])
+                p.rows(
+                    np.tile(i, 2), np.concatenate([y + mid, ai]), np.concatenate([np.ones(m), -u[mid]]), -np.inf, 0.0
+                )
+                p.rows(
+                    np.tile(i, 3),
+                    np.concatenate([y + mid, src + mid, ai]),
+                    np.concatenate([np.ones(m), -np.ones(m), -l[mid]]),
+                    -np.inf,
+                    -l[mid],
+                )
             p.offsets.append(y)
         else:
             p.offsets.append(_maxpool(p, node.windows.numpy(), src, *bounds[node.inputs[0]]))
@@ -234,8 +282,13 @@ def _maxpool(p: Program, win: np.ndarray, src: int, l: np.ndarray, u: np.ndarray
         a = p.new_vars(np.zeros(m), np.ones(m), integer=True) + i
         big = uw.max(1)[wi] - l[z]
         p.rows(np.tile(i, 2), np.concatenate([o + wi, src + z]), np.repeat([1.0, -1.0], m), 0.0, np.inf)
-        p.rows(np.tile(i, 3), np.concatenate([o + wi, src + z, a]), np.concatenate([np.ones(m), -np.ones(m), big]),
-               -np.inf, big)
+        p.rows(
+            np.tile(i, 3),
+            np.concatenate([o + wi, src + z, a]),
+            np.concatenate([np.ones(m), -np.ones(m), big]),
+            -np.inf,
+            big,
+        )
         multi = np.unique(wi)
         row = np.searchsorted(multi, wi)
         p.rows(row, a, np.ones(m), 1.0, 1.0)

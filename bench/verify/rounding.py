@@ -39,22 +39,23 @@ proven lower bound on z_y - z_j to exceed its tol_j, so the bound is chosen per 
 and per pair, sized by the box, rather than one fixed number: a fixed tolerance is
 either unsound for logits near 60 or throws away margins of 1e-4 on logits near 1.
 """
+
 from __future__ import annotations
 
 import torch
 
 from bench.verify.graph import Graph
 
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 """Unit roundoff of fp32 (round to nearest)."""
-ETA32 = 2.0 ** -149
+ETA32 = 2.0**-149
 """Twice the largest error an underflowing fp32 product makes (half the least subnormal)."""
 ELEMENTWISE_ROUNDINGS = 8
 """Roundings on the way to one output of Normalize or BatchNorm: var + eps, sqrt, 1 / .,
 * weight, mean * alpha, bias - ., x * alpha, + beta (cuDNN's order takes fewer)."""
 SAFETY = 2.0
 """Covers the verifiers' own float64 arithmetic, whose error is the same sums at 2^-29 of E."""
-OVERFLOW = 2.0 ** 127
+OVERFLOW = 2.0**127
 """Partial sums past this may overflow fp32 (max 2^128)."""
 
 
@@ -67,8 +68,9 @@ def _magnitude(lu: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.maximum(lu[0].abs(), lu[1].abs())
 
 
-def fp32_error(g: Graph, lo: torch.Tensor, hi: torch.Tensor,
-               bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+def fp32_error(
+    g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> torch.Tensor:
     """E (n, classes) float64: |the model's fp32 logits - the graph's exact ones| <= E at every
     fp32 point of each box [lo, hi] (n, d), by the analysis above. `bounds` (node -> (l, u),
     CROWN's) tighten the interval bounds on the values the rounding is relative to."""

@@ -1,6 +1,7 @@
 """The model's side of verification: the fp32 box every counterexample must lie in, the
 check that a point really is one (the model itself, in true fp32), and the cheap seeded
 PGD search on the CW margin that settles most non-robust images before any MILP."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,15 +48,17 @@ def misclassified(model: torch.nn.Module, x: torch.Tensor, y: int) -> torch.Tens
         return model(x.to(model_device(model), torch.float32)).argmax(1).cpu() != y
 
 
-def reproduce(model: torch.nn.Module, point: torch.Tensor, y: int, lo: torch.Tensor,
-              hi: torch.Tensor) -> torch.Tensor | None:
+def reproduce(
+    model: torch.nn.Module, point: torch.Tensor, y: int, lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor | None:
     """`point` clamped into the float32 box, if the model misclassifies it there; else None."""
     x = torch.maximum(torch.minimum(point.detach().float().reshape(lo.shape), hi), lo)
     return x[0].clone() if bool(misclassified(model, x, y)[0]) else None
 
 
-def pgd_search(model: torch.nn.Module, x: torch.Tensor, y: int, eps: float, index: int,
-               cfg: SearchConfig = SearchConfig()) -> torch.Tensor | None:
+def pgd_search(
+    model: torch.nn.Module, x: torch.Tensor, y: int, eps: float, index: int, cfg: SearchConfig = SearchConfig()
+) -> torch.Tensor | None:
     """A reproduced counterexample for one image x (1, C, H, W) inside its box, or None.
     Minimizes z_y - max_{j != y} z_j with sign steps from `cfg.restarts` starts at once."""
     if eps <= 0:
@@ -76,9 +79,9 @@ def pgd_search(model: torch.nn.Module, x: torch.Tensor, y: int, eps: float, inde
             margin = z[:, y] - others.amax(1)
         hits = torch.nonzero(margin.detach() < 0).flatten()
         for h in hits.tolist():
-            found = reproduce(model, xs[h:h + 1].detach().cpu(), y, lo, hi)
+            found = reproduce(model, xs[h : h + 1].detach().cpu(), y, lo, hi)
             if found is not None:
                 return found
-        grad, = torch.autograd.grad(margin.sum(), xs)
+        (grad,) = torch.autograd.grad(margin.sum(), xs)
         xs = torch.maximum(torch.minimum(xs.detach() - step * grad.sign(), hi_d), lo_d)
     return None

@@ -18,6 +18,7 @@ A custom `torch.autograd.Function` is refused before tracing: fx would trace thr
 forward and record ops that look harmless (a `clone`) while the model's gradient says
 something else, which is exactly the kind of model a benchmark must not "verify".
 """
+
 from __future__ import annotations
 
 import math
@@ -112,8 +113,10 @@ def _guess_shape(model: nn.Module) -> tuple[int, ...]:
         except (RuntimeError, ValueError):
             continue
     if len(fits) != 1:
-        raise BenchError(f"verify: cannot tell the model's input shape ({len(fits)} of the sides "
-                         f"{GUESS_SIDES} fit); pass input_shape=(C, H, W)")
+        raise BenchError(
+            f"verify: cannot tell the model's input shape ({len(fits)} of the sides "
+            f"{GUESS_SIDES} fit); pass input_shape=(C, H, W)"
+        )
     return fits[0]
 
 
@@ -127,8 +130,9 @@ class _Builder:
         self.nodes.append(dict(op=op, inputs=tuple(inputs), shape=tuple(shape), name=name, **kw))
         return len(self.nodes) - 1
 
-    def diag(self, src: int, shape, name, scale: torch.Tensor, shift: torch.Tensor,
-             const: torch.Tensor | None = None) -> int:
+    def diag(
+        self, src: int, shape, name, scale: torch.Tensor, shift: torch.Tensor, const: torch.Tensor | None = None
+    ) -> int:
         """An elementwise affine op; `const` (the size of its constants before they cancel)
         makes it a step the model computes, None the identity the logits end in."""
         scale, shift = scale.reshape(-1).double(), shift.reshape(-1).double()
@@ -161,7 +165,7 @@ def _pool_windows(shape, kernel: tuple[int, int]) -> tuple[torch.Tensor, tuple[i
     c, h, w = shape
     kh, kw = kernel
     oh, ow = h // kh, w // kw
-    idx = torch.arange(c * h * w).reshape(c, h, w)[:, :oh * kh, :ow * kw]
+    idx = torch.arange(c * h * w).reshape(c, h, w)[:, : oh * kh, : ow * kw]
     win = idx.reshape(c, oh, kh, ow, kw).permute(0, 1, 3, 2, 4).reshape(c * oh * ow, kh * kw)
     return win.contiguous(), (c, oh, ow)
 
@@ -171,8 +175,14 @@ def _pool_args(node: fx.Node, m: nn.MaxPool2d | None):
         return m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     given = dict(zip(names, node.args)) | dict(node.kwargs)
-    return (given["kernel_size"], given.get("stride") or given["kernel_size"], given.get("padding", 0),
-            given.get("dilation", 1), given.get("ceil_mode", False), given.get("return_indices", False))
+    return (
+        given["kernel_size"],
+        given.get("stride") or given["kernel_size"],
+        given.get("padding", 0),
+        given.get("dilation", 1),
+        given.get("ceil_mode", False),
+        given.get("return_indices", False),
+    )
 
 
 def _pair(v) -> tuple[int, int]:
@@ -212,8 +222,9 @@ def _convert(gm: fx.GraphModule) -> _Builder:
         kind = type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target))
         name = n.target if n.op == "call_module" else n.name
         if out_shape is None:  # sizes and their items feed a view's shape; anything else fails where used
-            if (n.op == "call_method" and n.target == "size") or (n.op == "call_function" and n.target in (
-                    operator.getitem, getattr)):
+            if (n.op == "call_method" and n.target == "size") or (
+                n.op == "call_function" and n.target in (operator.getitem, getattr)
+            ):
                 continue
             raise unsupported(name, kind)
         first = n.args[0] if n.args else None
@@ -235,8 +246,13 @@ def _convert(gm: fx.GraphModule) -> _Builder:
             s = src(n, first, name, kind)
             w, bias = _conv(m, shape(first), out_shape, name)
             fan_in = m.weight[0].numel()  # (in channels / groups) * kernel area
-            step = Step(_cpu(m.weight), bias, bias.abs(), fan_in + (m.bias is not None),
-                        conv=(shape(first), m.stride, m.padding, m.dilation, m.groups))
+            step = Step(
+                _cpu(m.weight),
+                bias,
+                bias.abs(),
+                fan_in + (m.bias is not None),
+                conv=(shape(first), m.stride, m.padding, m.dilation, m.groups),
+            )
             env[n] = b.add("affine", [s], out_shape, name, weight=w, bias=bias, steps=(step,))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             s = src(n, first, name, kind)
@@ -249,10 +265,19 @@ def _convert(gm: fx.GraphModule) -> _Builder:
             if m.bias is not None:
                 shift = shift + _cpu(m.bias)
                 const = const + _cpu(m.bias).abs()
-            env[n] = b.diag(s, out_shape, name, _channelwise(out_shape, scale), _channelwise(out_shape, shift),
-                            _channelwise(out_shape, const))
-        elif isinstance(m, nn.ReLU) or (n.op == "call_function" and n.target in _RELU) or (
-                n.op == "call_method" and n.target in ("relu", "relu_")):
+            env[n] = b.diag(
+                s,
+                out_shape,
+                name,
+                _channelwise(out_shape, scale),
+                _channelwise(out_shape, shift),
+                _channelwise(out_shape, const),
+            )
+        elif (
+            isinstance(m, nn.ReLU)
+            or (n.op == "call_function" and n.target in _RELU)
+            or (n.op == "call_method" and n.target in ("relu", "relu_"))
+        ):
             env[n] = b.add("relu", [src(n, first, name, kind)], out_shape, name)
         elif isinstance(m, nn.MaxPool2d) or (n.op == "call_function" and n.target in (F.max_pool2d, torch.max_pool2d)):
             s = src(n, first, name, kind)
@@ -263,8 +288,11 @@ def _convert(gm: fx.GraphModule) -> _Builder:
                 raise unsupported(name, kind, "is applied to something other than a CHW map")
             windows, pooled = _pool_windows(shape(first), _pair(k))
             env[n] = b.add("maxpool", [s], pooled, name, windows=windows)
-        elif isinstance(m, (nn.Flatten, nn.Identity)) or (n.op == "call_function" and n.target in _FLAT_FN) or (
-                n.op == "call_method" and n.target in _FLAT_METHODS):
+        elif (
+            isinstance(m, (nn.Flatten, nn.Identity))
+            or (n.op == "call_function" and n.target in _FLAT_FN)
+            or (n.op == "call_method" and n.target in _FLAT_METHODS)
+        ):
             s = src(n, first, name, kind)
             batch_kept = n.meta["tensor_meta"].shape[0] == first.meta["tensor_meta"].shape[0]
             if not batch_kept or (n.target != "contiguous" and not isinstance(m, nn.Identity) and len(out_shape) != 1):

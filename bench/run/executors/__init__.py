@@ -5,6 +5,7 @@ submission order); the driver commits each result as it arrives. A job that rais
 yields `bench.run.jobs.Failed` as its result. Executors are context managers: `close`
 stops what they started.
 """
+
 from __future__ import annotations
 
 from bench.errors import BenchError
@@ -16,8 +17,7 @@ EXECUTORS = ("local", "ray")
 __all__ = ["EXECUTORS", "LocalExecutor", "make_executor"]
 
 
-def make_executor(kind: str = "local", *, ray_address: str | None = None, threads: int = 1,
-                  gpus_per_task: float = 1.0):
+def make_executor(kind: str = "local", *, ray_address: str | None = None, threads: int = 1, gpus_per_task: float = 1.0):
     """`local` (this process, one job at a time) or `ray` (Ray tasks; `ray_address` None
     starts a local cluster, `auto` or host:port joins one)."""
     if kind == "local":

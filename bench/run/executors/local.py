@@ -1,4 +1,5 @@
 """The local executor: jobs run one after another in this process."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator

@@ -10,6 +10,7 @@ back to the driver in the order tasks finish (`ray.wait`); the driver alone writ
 store. A task whose worker dies (killed, out of memory, a lost node) is retried by Ray
 (`max_retries`); a job that raises is not retried, and comes back as `Failed`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,9 +61,11 @@ def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list, digest:
     into the job, fix the thread count, run. `refs` come in a list so that Ray hands over
     the references, not copies of the values."""
     if source_digest() != digest:
-        raise BenchError("this Ray worker runs other bench code than the driver (the source changed "
-                         "after the run started, or the cluster's machines have other versions); "
-                         "restart the run with one version everywhere")
+        raise BenchError(
+            "this Ray worker runs other bench code than the driver (the source changed "
+            "after the run started, or the cluster's machines have other versions); "
+            "restart the run with one version everywhere"
+        )
     torch.set_num_threads(threads)
     return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
 
@@ -89,9 +92,11 @@ def _check_reachable(address: str | None) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except OSError as exc:
-        raise BenchError(f"cannot reach a Ray cluster at {address!r} ({exc.strerror or exc}); start one "
-                         "with `ray start --head` there, or leave --ray-address unset for a local "
-                         "cluster") from exc
+        raise BenchError(
+            f"cannot reach a Ray cluster at {address!r} ({exc.strerror or exc}); start one "
+            "with `ray start --head` there, or leave --ray-address unset for a local "
+            "cluster"
+        ) from exc
 
 
 class RayExecutor:
@@ -102,8 +107,15 @@ class RayExecutor:
     (a test session, a notebook) is used as it is.
     """
 
-    def __init__(self, address: str | None = None, *, cpus_per_task: int = 1, gpus_per_task: float = 1.0,
-                 max_retries: int = 3, num_cpus: int | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        cpus_per_task: int = 1,
+        gpus_per_task: float = 1.0,
+        max_retries: int = 3,
+        num_cpus: int | None = None,
+    ):
         if cpus_per_task < 1:
             raise BenchError(f"CPUs per Ray task must be at least 1, got {cpus_per_task}")
         if gpus_per_task <= 0 or (gpus_per_task > 1 and not float(gpus_per_task).is_integer()):
@@ -119,12 +131,19 @@ class RayExecutor:
             try:
                 # "local" forces a fresh cluster of this machine's cores rather than
                 # attaching to one `ray start` left running here.
-                ray.init(address=address or "local", num_cpus=num_cpus if not address else None,
-                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+                ray.init(
+                    address=address or "local",
+                    num_cpus=num_cpus if not address else None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise BenchError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
-                                 "check --ray-address (auto, host:port) or leave it unset for a local "
-                                 "cluster") from exc
+                raise BenchError(
+                    f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
+                    "check --ray-address (auto, host:port) or leave it unset for a local "
+                    "cluster"
+                ) from exc
         self._task = ray.remote(_run_job)
 
     def slots(self) -> int:
@@ -154,10 +173,12 @@ class RayExecutor:
             names = tuple(job.SHARED)
             stub = dataclasses.replace(job, **{n: None for n in (*names, *job.LOCAL)})
             gpus = self.gpus_per_task if str(getattr(job, "device", "cpu")).startswith("cuda") else 0
-            task = self._task.options(num_cpus=self.cpus_per_task, num_gpus=gpus, max_retries=self.max_retries,
-                                      retry_exceptions=False)
-            inflight[task.remote(stub, names, self.cpus_per_task, [put(getattr(job, n)) for n in names],
-                                 source_digest())] = job
+            task = self._task.options(
+                num_cpus=self.cpus_per_task, num_gpus=gpus, max_retries=self.max_retries, retry_exceptions=False
+            )
+            inflight[
+                task.remote(stub, names, self.cpus_per_task, [put(getattr(job, n)) for n in names], source_digest())
+            ] = job
 
         while inflight or not exhausted:
             idle = False
