@@ -26,7 +26,8 @@ from sqlalchemy import insert
 from bench.reporting.site import build_site
 from bench.reporting.site.svg import svg_hist, svg_lines
 from bench.science.flags import FLAG_TEXT
-from bench.store.db import Checkpoint, Evaluation, Flag, Store, Transfer, pack_bits
+from bench.store.bits import pack_bits
+from bench.store.db import Checkpoint, Evaluation, Flag, Store, Transfer
 
 TEST_SIZE = 1000
 DEFENSES = ["natural", "label_smoothing", "logit_squeeze", "gaussian_noise", "alp", "lrm"]

@@ -23,7 +23,8 @@ from bench.plugin import seed_from
 from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.results import result_rows
 from bench.science.flags import compute_flags
-from bench.store.db import Checkpoint, Store, pack_bits
+from bench.store.bits import pack_bits
+from bench.store.db import Checkpoint, Store
 from bench.store.evidence import worst_case
 from bench.store.rows import CellRow
 

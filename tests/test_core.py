@@ -27,8 +27,8 @@ from bench.registry import ATTACKS, DEFENSES, Registry
 from bench.run.driver import run_defense
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.workspace import Workspace
+from bench.store.bits import pack_bits, unpack_bits
 from bench.store.checkpoints import checkpoint_key, load_checkpoint
-from bench.store.db import pack_bits, unpack_bits
 from bench.store.evidence import worst_case
 from bench.store.rows import CellRow
 

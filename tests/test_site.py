@@ -26,7 +26,8 @@ import pytest
 from bench.errors import BenchError
 from bench.reporting.site import MARKER, build_site, render
 from bench.reporting.site.names import factory_name
-from bench.store.db import Store, pack_bits
+from bench.store.bits import pack_bits
+from bench.store.db import Store
 from bench.store.evidence import worst_case
 
 N = 60  # test-set size of the synthetic store

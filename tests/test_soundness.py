@@ -23,8 +23,8 @@ from bench.engine.budget import BudgetError, check_budget
 from bench.plugin import Crafted, register_attack
 from bench.registry import ATTACKS
 from bench.reporting.results import result_rows
+from bench.store.bits import pack_bits
 from bench.store.bracket import bracket
-from bench.store.db import pack_bits
 from bench.verify import SearchConfig, Unsupported, certify, to_graph, verify_images
 from bench.verify.bounds import box, crown_bounds
 

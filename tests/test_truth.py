@@ -16,8 +16,9 @@ from bench.engine.verified import verified
 from bench.errors import BenchError
 from bench.reporting.results import result_rows
 from bench.science.flags import compute_flags, recompute_flags
+from bench.store.bits import pack_bits
 from bench.store.bracket import bracket
-from bench.store.db import Store, pack_bits
+from bench.store.db import Store
 from bench.verify import ibp_bounds
 from defenses.ibp import IBP, schedule, worst_logits
 

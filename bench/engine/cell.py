@@ -33,7 +33,7 @@ from bench.engine.outcome import CellOutcome
 from bench.engine.verdicts import EOT, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
-from bench.store.db import pack_bits
+from bench.store.bits import pack_bits
 
 
 def subset_indices(n: int, subset: int) -> np.ndarray | None:

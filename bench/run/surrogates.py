@@ -26,7 +26,8 @@ from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags
-from bench.store.db import Checkpoint, pack_bits
+from bench.store.bits import pack_bits
+from bench.store.db import Checkpoint
 from bench.store.meta import transfer_name
 
 

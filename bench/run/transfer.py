@@ -29,8 +29,9 @@ from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, adaptive_key
 from bench.science.admission import ensure_admission, is_randomized
 from bench.science.flags import recompute_flags
+from bench.store.bits import pack_bits
 from bench.store.claims import Claims, claimed, craft_claim
-from bench.store.db import Checkpoint, pack_bits
+from bench.store.db import Checkpoint
 from bench.store.select import select_checkpoints
 
 DEFAULT_ATTACK = "pgd:steps=10"  # PGD-10, as Summers & Dinneen Table 2, run to its last iterate
