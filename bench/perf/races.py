@@ -4,6 +4,7 @@ how time scales with images and steps."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -103,7 +104,7 @@ def precision_check(
         row = {}
         for name, fast in settings.items():
             t, outs = _median_times(
-                {name: lambda: craft(model, cell, x, y, device=ws.device, batch_size=batch_size, fast=fast)},
+                {name: functools.partial(craft, model, cell, x, y, device=ws.device, batch_size=batch_size, fast=fast)},
                 repeats,
                 ws.device,
             )
