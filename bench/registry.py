@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+import itertools
 import math
 import pkgutil
 import re
@@ -169,7 +170,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in zip(body, body[1:]):
+        for node, after in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)

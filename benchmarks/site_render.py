@@ -209,7 +209,10 @@ def time_handwritten(samples: int = 400) -> float:
     for i in range(samples):
         if i % 2:
             svg_lines(
-                [(loss, list(zip([5, 10, 20, 50, 200, 1000], rng.uniform(0, 1, 6)))) for loss in ("xent", "cw")],
+                [
+                    (loss, list(zip([5, 10, 20, 50, 200, 1000], rng.uniform(0, 1, 6), strict=True)))
+                    for loss in ("xent", "cw")
+                ],
                 xlabel="PGD steps",
                 ylabel="robust accuracy (%)",
                 logx=True,

@@ -375,5 +375,5 @@ def test_every_defense_trains_an_epoch_reproducibly(name):
     model_a, result = train_one_epoch(name, seed=0)
     assert len(result.losses) == 1 and math.isfinite(result.losses[0])
     model_b, _ = train_one_epoch(name, seed=0)
-    for (key, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+    for (key, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name}: {key} differs between two runs with seed 0"

@@ -160,7 +160,7 @@ def test_run_stores_diagnostics_once_and_rows_join_the_measured_cells(small_resu
     rows = api.diagnose("natural", where=where) + api.diagnose("pgd_at", where=where)
     assert [d.created_at for d in b.store.diagnostics()] == created  # not recomputed
     evals = {(e.checkpoint_id, e.cell_key): e.robust_acc for e in b.store.evaluations()}
-    for row, ck in zip(rows, [b.store.checkpoints(defense=d)[0] for d in ("natural", "pgd_at")]):
+    for row, ck in zip(rows, [b.store.checkpoints(defense=d)[0] for d in ("natural", "pgd_at")], strict=True):
         assert row["checkpoint"] == ck.key
         assert row["fgsm_acc"] == evals[(ck.id, "fgsm:eps=0.2,loss=xent")]
         pgd = [v for (cid, k), v in evals.items() if cid == ck.id and k.startswith("pgd:")]

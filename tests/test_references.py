@@ -75,7 +75,7 @@ def robust_acc(model, x_adv, x, y) -> float:
 
 
 def assert_never_weaker(mine: list[float], theirs: list[float], tolerance: float = TOLERANCE):
-    figures = ", ".join(f"{100 * a:.2f} vs {100 * b:.2f}" for a, b in zip(mine, theirs))
+    figures = ", ".join(f"{100 * a:.2f} vs {100 * b:.2f}" for a, b in zip(mine, theirs, strict=True))
     assert np.mean(mine) <= np.mean(theirs) + tolerance, f"ours vs reference per seed: {figures}"
 
 

@@ -920,7 +920,7 @@ def test_compare_page_puts_every_checkpoint_side_by_side(built, session):
     digits = [ck for ck in built.store.checkpoints(dataset="digits")]
     diagnosed = [ck for i, ck in enumerate(digits) if i in DIAGNOSED]
     assert [r["key"] for r in rows] == [ck.key for ck in diagnosed]
-    for r, ck in zip(rows, diagnosed):
+    for r, ck in zip(rows, diagnosed, strict=True):
         _check_diag_row(r["cells"], _expected_diag(built.store, ck))
     missing = page.inner_text("#table .note")
     assert "label_smoothing" in missing and "Not computed yet" in missing

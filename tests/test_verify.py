@@ -335,7 +335,9 @@ def test_the_milp_alone_finds_what_the_search_finds(mlp, digits_test):
     g = to_graph(mlp)
     with_search = verify_images(g, mlp, x, y, eps)
     alone = verify_images(g, mlp, x, y, eps, search=SearchConfig(steps=0, restarts=1))
-    decided = [(a.status, b.status) for a, b in zip(alone, with_search) if "unknown" not in (a.status, b.status)]
+    decided = [
+        (a.status, b.status) for a, b in zip(alone, with_search, strict=True) if "unknown" not in (a.status, b.status)
+    ]
     assert len(decided) >= len(x) - 2 and all(a == b for a, b in decided)
     assert sum(v.decided_by == "milp" and v.status == "not_robust" for v in alone) >= 5
     for i, v in enumerate(alone):

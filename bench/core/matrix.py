@@ -283,7 +283,7 @@ def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int |
                 "list at least one value or drop the key"
             )
         for combo in itertools.product(*lists.values()) if lists else [()]:
-            params = dict(table, **dict(zip(lists, combo)))
+            params = dict(table, **dict(zip(lists, combo, strict=True)))
             cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}", test_size=test_size)
             out.setdefault(cell.key, cell)
     return list(out.values())

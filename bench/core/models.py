@@ -105,7 +105,7 @@ class ResNet(nn.Module):
             nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
         layers, cin = [], widths[0]
-        for i, (n, w) in enumerate(zip(blocks, widths)):
+        for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
             for j in range(n):
                 layers.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
                 cin = w

@@ -49,7 +49,7 @@ def frozen(model: torch.nn.Module):
     try:
         yield model
     finally:
-        for p, f in zip(model.parameters(), flags):
+        for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
 

@@ -161,7 +161,8 @@ def _pool_args(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
     if node.op == "call_function" and node.target in _POOL_FNS:
         names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
         defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
-        vals = dict(defaults, **dict(zip(names, node.args)), **node.kwargs)
+        # Positional arguments name only a prefix of the signature: the rest are defaults or keywords.
+        vals = dict(defaults, **dict(zip(names, node.args, strict=False)), **node.kwargs)
         if vals["return_indices"] or "input" not in vals or "kernel_size" not in vals:
             return None
         return tuple(vals[k] for k in names[:-1])

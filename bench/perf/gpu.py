@@ -112,7 +112,7 @@ def train_timing(ws: Workspace, size: PerfSize, log: Log) -> tuple[dict, torch.n
             channels_last=ws.channels_last,
         )
         per_epoch = res.epoch_seconds
-        for e, (s, loss) in enumerate(zip(per_epoch, res.losses)):
+        for e, (s, loss) in enumerate(zip(per_epoch, res.losses, strict=True)):
             log(f"train resnet18 batch {batch}: epoch {e + 1} {s:.2f} s (loss {loss:.3f})")
         steady = per_epoch[1:] or per_epoch
         runs.append(

@@ -224,5 +224,6 @@ def stored_eps_l(samples: dict) -> np.ndarray:
     """εL from the stored per-sample lists, ±inf restored from the logit gap's sign."""
     gap = np.array([0.0 if v is None else v for v in samples["logit_gap"]])
     return np.array(
-        [(np.inf if g > 0 else -np.inf) if v is None else v for v, g in zip(samples["eps_l"], gap)], dtype=np.float64
+        [(np.inf if g > 0 else -np.inf) if v is None else v for v, g in zip(samples["eps_l"], gap, strict=True)],
+        dtype=np.float64,
     )

@@ -174,7 +174,8 @@ def _pool_args(node: fx.Node, m: nn.MaxPool2d | None):
     if m is not None:
         return m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
     names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    given = dict(zip(names, node.args)) | dict(node.kwargs)
+    # Positional arguments name only a prefix of the signature: the rest are defaults or keywords.
+    given = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     return (
         given["kernel_size"],
         given.get("stride") or given["kernel_size"],

@@ -67,7 +67,7 @@ def _run_job(job: Any, names: tuple[str, ...], threads: int, refs: list, digest:
             "restart the run with one version everywhere"
         )
     torch.set_num_threads(threads)
-    return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs)}).run()
+    return dataclasses.replace(job, **{n: _fetch(r) for n, r in zip(names, refs, strict=True)}).run()
 
 
 def _by_value(ray: Any, value: Any) -> None:
