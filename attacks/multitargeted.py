@@ -104,7 +104,7 @@ def run_multitargeted(model, x, y, cfg: MultiTargeted, generator=None) -> tuple[
         else:
             start = x
         idx = (~broken).nonzero().squeeze(1)
-        ys, ts, l, h, x_adv = y[idx], order[idx, j : j + 1], lo[idx], hi[idx], start[idx].clone()
+        ys, ts, low, high, x_adv = y[idx], order[idx, j : j + 1], lo[idx], hi[idx], start[idx].clone()
         for step in range(cfg.steps + 1):
             if len(idx) == 0:
                 break
@@ -126,11 +126,11 @@ def run_multitargeted(model, x, y, cfg: MultiTargeted, generator=None) -> tuple[
                 if bool(hit.any()):  # a hit is final: that sample leaves the batch
                     broken[idx[hit]] = True
                     keep = (~hit).nonzero().squeeze(1)
-                    idx, ys, ts, l, h, x_adv = idx[keep], ys[keep], ts[keep], l[keep], h[keep], x_adv[keep]
+                    idx, ys, ts, low, high, x_adv = idx[keep], ys[keep], ts[keep], low[keep], high[keep], x_adv[keep]
                     if not last:
                         grad = grad[keep]
                 if not last and len(idx):
-                    x_adv = x_adv.add_(grad.sign(), alpha=cfg.step_size).clamp_(min=l, max=h)
+                    x_adv = x_adv.add_(grad.sign(), alpha=cfg.step_size).clamp_(min=low, max=high)
     return best, broken
 
 

@@ -42,12 +42,12 @@ def box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (flat - eps).clamp(0, 1), (flat + eps).clamp(0, 1)
 
 
-def relu_relaxation(l: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def relu_relaxation(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lower slope, upper slope, upper intercept) of each ReLU, given its input bounds."""
-    unstable = (l < 0) & (u > 0)
-    chord = torch.where(unstable, u / (u - l).clamp(min=1e-300), (l >= 0).double())
-    lower = torch.where(unstable, (u >= -l).double(), (l >= 0).double())
-    return lower, chord, torch.where(unstable, -chord * l, torch.zeros_like(l))
+    unstable = (low < 0) & (high > 0)
+    chord = torch.where(unstable, high / (high - low).clamp(min=1e-300), (low >= 0).double())
+    lower = torch.where(unstable, (high >= -low).double(), (low >= 0).double())
+    return lower, chord, torch.where(unstable, -chord * low, torch.zeros_like(low))
 
 
 class _Coef:
@@ -84,12 +84,12 @@ def _times(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (a @ v[:, :, None]).squeeze(-1)
 
 
-def _pool(t: _Coef, windows: torch.Tensor, l: torch.Tensor, u: torch.Tensor) -> tuple[_Coef, torch.Tensor]:
+def _pool(t: _Coef, windows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[_Coef, torch.Tensor]:
     """(coefficients on the pool's input, constant) of a lower bound of t @ maxpool(z)."""
     a = t.coef
     n = a.shape[0]
     win = windows.expand(n, -1, -1) if t.idx is None else windows[t.idx]  # (n, r, k)
-    lw, uw = l.gather(1, win.flatten(1)).view(win.shape), u.gather(1, win.flatten(1)).view(win.shape)
+    lw, uw = low.gather(1, win.flatten(1)).view(win.shape), high.gather(1, win.flatten(1)).view(win.shape)
     best = lw.argmax(-1, keepdim=True)
     low = lw.gather(-1, best).squeeze(-1)
     others = uw.scatter(-1, best, float("-inf")).amax(-1)
@@ -152,10 +152,10 @@ def node_bounds(
     if k == 0:
         return lo.clone(), hi.clone()
     if node.op in ("relu", "maxpool"):  # monotone in an input whose bounds are known: exact from them
-        l, u = bounds[node.inputs[0]]
+        low, high = bounds[node.inputs[0]]
         if node.op == "relu":
-            return l.clamp(min=0), u.clamp(min=0)
-        return l[:, node.windows].amax(-1), u[:, node.windows].amax(-1)
+            return low.clamp(min=0), high.clamp(min=0)
+        return low[:, node.windows].amax(-1), high[:, node.windows].amax(-1)
     if node.op == "affine":
         a = torch.cat([node.weight, -node.weight]).expand(n, -1, -1)
         const = torch.cat([node.bias, -node.bias]).expand(n, -1)
@@ -173,10 +173,10 @@ def crown_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds | 
     for k in g.bound_nodes():
         if k <= after and k in out:
             continue
-        l, u = node_bounds(g, k, lo, hi, out)
+        low, high = node_bounds(g, k, lo, hi, out)
         if k in out:
-            l, u = torch.maximum(l, out[k][0]), torch.minimum(u, out[k][1])
-        out[k] = (l, u)
+            low, high = torch.maximum(low, out[k][0]), torch.minimum(high, out[k][1])
+        out[k] = (low, high)
     return out
 
 
@@ -241,24 +241,24 @@ def interval_bounds(
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for k, node in enumerate(g.nodes):
         if node.op == "input":
-            l, u = lo, hi
+            low, high = lo, hi
         elif node.op == "affine":
             c, r = (
                 (out[node.inputs[0]][0] + out[node.inputs[0]][1]) / 2,
                 (out[node.inputs[0]][1] - out[node.inputs[0]][0]) / 2,
             )
             c, r = c @ node.weight.T + node.bias, r @ node.weight.abs().T
-            l, u = c - r, c + r
+            low, high = c - r, c + r
         elif node.op == "relu":
-            l, u = (t.clamp(min=0) for t in out[node.inputs[0]])
+            low, high = (t.clamp(min=0) for t in out[node.inputs[0]])
         elif node.op == "maxpool":
-            l, u = (t[:, node.windows].amax(-1) for t in out[node.inputs[0]])
+            low, high = (t[:, node.windows].amax(-1) for t in out[node.inputs[0]])
         else:
             (la, ua), (lb, ub) = out[node.inputs[0]], out[node.inputs[1]]
-            l, u = la + lb, ua + ub
+            low, high = la + lb, ua + ub
         if known is not None and k in known:
-            l, u = torch.maximum(l, known[k][0]), torch.minimum(u, known[k][1])
-        out.append((l, u))
+            low, high = torch.maximum(low, known[k][0]), torch.minimum(high, known[k][1])
+        out.append((low, high))
     return out
 
 
@@ -272,8 +272,8 @@ def interval_margin(g: Graph, x: torch.Tensor, y: torch.Tensor, eps: float) -> t
 def interval_margins(g: Graph, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(n, K) IBP lower bounds of z_y - z_j over the boxes [lo, hi]; +inf at j = y."""
     last = g.nodes[-1]
-    l, u = interval_bounds(g, lo, hi)[last.inputs[0]]
+    low, high = interval_bounds(g, lo, hi)[last.inputs[0]]
     spec = margin_spec(y, g.num_classes)
     w, b = spec @ last.weight, spec @ last.bias
-    low = (w.clamp(min=0) @ l[:, :, None] + w.clamp(max=0) @ u[:, :, None]).squeeze(-1) + b
-    return low.scatter(1, y[:, None], float("inf"))
+    margins = (w.clamp(min=0) @ low[:, :, None] + w.clamp(max=0) @ high[:, :, None]).squeeze(-1) + b
+    return margins.scatter(1, y[:, None], float("inf"))

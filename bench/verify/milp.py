@@ -100,7 +100,7 @@ class Program:
 
     def _rows(self) -> tuple:
         if self.cache is None or self.cache[0].shape[1] != self.n_vars:
-            r, cc, v = (np.concatenate(t) for t in zip(*self.entries)) if self.entries else ([], [], [])
+            r, cc, v = (np.concatenate(t) for t in zip(*self.entries, strict=True)) if self.entries else ([], [], [])
             self.cache = (
                 sp.csr_matrix((v, (r, cc)), shape=(self.n_rows, self.n_vars)),
                 np.concatenate(self.row_lb or [np.zeros(0)]),
@@ -238,27 +238,27 @@ def build(
                 )
             p.offsets.append(z)
         elif node.op == "relu":
-            l, u = bounds[node.inputs[0]]
-            y = p.new_vars(np.maximum(l, 0), np.maximum(u, 0))
-            on = np.flatnonzero(l >= 0)
+            low, high = bounds[node.inputs[0]]
+            y = p.new_vars(np.maximum(low, 0), np.maximum(high, 0))
+            on = np.flatnonzero(low >= 0)
             if len(on):
                 i = np.arange(len(on))
                 p.rows(np.tile(i, 2), np.concatenate([y + on, src + on]), np.repeat([1.0, -1.0], len(on)), 0.0, 0.0)
-            mid = np.flatnonzero((l < 0) & (u > 0))
+            mid = np.flatnonzero((low < 0) & (high > 0))
             if len(mid):
                 a = p.new_vars(np.zeros(len(mid)), np.ones(len(mid)), integer=True)
                 i, m, ai = np.arange(len(mid)), len(mid), a + np.arange(len(mid))
                 # y - z >= 0;  y - u a <= 0;  y - z - l a <= -l
                 p.rows(np.tile(i, 2), np.concatenate([y + mid, src + mid]), np.repeat([1.0, -1.0], m), 0.0, np.inf)
                 p.rows(
-                    np.tile(i, 2), np.concatenate([y + mid, ai]), np.concatenate([np.ones(m), -u[mid]]), -np.inf, 0.0
+                    np.tile(i, 2), np.concatenate([y + mid, ai]), np.concatenate([np.ones(m), -high[mid]]), -np.inf, 0.0
                 )
                 p.rows(
                     np.tile(i, 3),
                     np.concatenate([y + mid, src + mid, ai]),
-                    np.concatenate([np.ones(m), -np.ones(m), -l[mid]]),
+                    np.concatenate([np.ones(m), -np.ones(m), -low[mid]]),
                     -np.inf,
-                    -l[mid],
+                    -low[mid],
                 )
             p.offsets.append(y)
         else:
@@ -266,8 +266,8 @@ def build(
     return p
 
 
-def _maxpool(p: Program, win: np.ndarray, src: int, l: np.ndarray, u: np.ndarray) -> int:
-    lw, uw = l[win], u[win]
+def _maxpool(p: Program, win: np.ndarray, src: int, low: np.ndarray, high: np.ndarray) -> int:
+    lw, uw = low[win], high[win]
     cand = uw >= lw.max(1, keepdims=True)
     o = p.new_vars(lw.max(1), uw.max(1))
     count = cand.sum(1)
@@ -280,7 +280,7 @@ def _maxpool(p: Program, win: np.ndarray, src: int, l: np.ndarray, u: np.ndarray
     if len(wi):
         z, m, i = win[wi, ki], len(wi), np.arange(len(wi))
         a = p.new_vars(np.zeros(m), np.ones(m), integer=True) + i
-        big = uw.max(1)[wi] - l[z]
+        big = uw.max(1)[wi] - low[z]
         p.rows(np.tile(i, 2), np.concatenate([o + wi, src + z]), np.repeat([1.0, -1.0], m), 0.0, np.inf)
         p.rows(
             np.tile(i, 3),
@@ -296,7 +296,7 @@ def _maxpool(p: Program, win: np.ndarray, src: int, l: np.ndarray, u: np.ndarray
 
 
 def numpy_bounds(bounds: Bounds, i: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    return {k: (to_numpy(l[i]), to_numpy(u[i])) for k, (l, u) in bounds.items()}
+    return {k: (to_numpy(low[i]), to_numpy(high[i])) for k, (low, high) in bounds.items()}
 
 
 def finite_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds) -> Bounds:
@@ -323,8 +323,8 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
         node = g.nodes[k]
         if k not in relu_in or node.op not in ("affine", "add") or (node.op == "affine" and node.inputs[0] == 0):
             continue  # outputs of the first affine op already have exact bounds
-        l, u = (t.clone() for t in bounds[k])
-        mid = torch.nonzero((l[0] < 0) & (u[0] > 0)).flatten().tolist()
+        low, high = (t.clone() for t in bounds[k])
+        mid = torch.nonzero((low[0] < 0) & (high[0] > 0)).flatten().tolist()
         if not mid:
             continue
         prog = build(g, lo_np, hi_np, numpy_bounds(finite_bounds(g, lo, hi, bounds)), upto=k)
@@ -332,19 +332,19 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
         for i in mid:
             for sign in (1.0, -1.0):
                 if time.perf_counter() >= deadline:
-                    bounds[k] = (l, u)
+                    bounds[k] = (low, high)
                     return crown_bounds(g, lo, hi, bounds, after=k)
-                if sign < 0 and l[0, i] >= 0:
+                if sign < 0 and low[0, i] >= 0:
                     continue  # stable now: its upper bound needs no LP
                 c[:] = 0
                 c[prog.offsets[k] + i] = sign
-                low = prog.lp_bound(c, deadline - time.perf_counter())
-                if low is None or not np.isfinite(low):
+                dual = prog.lp_bound(c, deadline - time.perf_counter())
+                if dual is None or not np.isfinite(dual):
                     continue
-                if sign > 0:  # min v_i >= low
-                    l[0, i] = max(float(l[0, i]), low)
-                else:  # min -v_i >= low: v_i <= -low
-                    u[0, i] = min(float(u[0, i]), -low)
-        bounds[k] = (l, u)
+                if sign > 0:  # min v_i >= dual
+                    low[0, i] = max(float(low[0, i]), dual)
+                else:  # min -v_i >= dual: v_i <= -dual
+                    high[0, i] = min(float(high[0, i]), -dual)
+        bounds[k] = (low, high)
         bounds = crown_bounds(g, lo, hi, bounds, after=k)
     return bounds

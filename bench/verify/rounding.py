@@ -79,29 +79,29 @@ def fp32_error(
     over = torch.zeros(len(lo), dtype=torch.bool)
     for k, node in enumerate(g.nodes):
         if node.op == "input":
-            l, u, e = lo.double(), hi.double(), torch.zeros_like(lo, dtype=torch.float64)
+            low, high, e = lo.double(), hi.double(), torch.zeros_like(lo, dtype=torch.float64)
         elif node.op == "affine":
-            (l, u), e = lu[node.inputs[0]], err[node.inputs[0]]
+            (low, high), e = lu[node.inputs[0]], err[node.inputs[0]]
             for step in node.steps:
-                sums = step.apply(_magnitude((l, u)) + e, absolute=True) + step.const
+                sums = step.apply(_magnitude((low, high)) + e, absolute=True) + step.const
                 over |= (sums >= OVERFLOW).any(1)
                 e = step.apply(e, absolute=True) + gamma(step.roundings) * sums + step.roundings * ETA32
-                c, r = step.apply((l + u) / 2), step.apply((u - l) / 2, absolute=True)
-                l, u = c - r, c + r
+                c, r = step.apply((low + high) / 2), step.apply((high - low) / 2, absolute=True)
+                low, high = c - r, c + r
         elif node.op == "relu":
-            (l, u), e = (t.clamp(min=0) for t in lu[node.inputs[0]]), err[node.inputs[0]]
+            (low, high), e = (t.clamp(min=0) for t in lu[node.inputs[0]]), err[node.inputs[0]]
         elif node.op == "maxpool":
-            (l, u) = (t[:, node.windows].amax(-1) for t in lu[node.inputs[0]])
+            (low, high) = (t[:, node.windows].amax(-1) for t in lu[node.inputs[0]])
             e = err[node.inputs[0]][:, node.windows].amax(-1)
         else:
             (la, ua), (lb, ub) = lu[node.inputs[0]], lu[node.inputs[1]]
             ea, eb = err[node.inputs[0]], err[node.inputs[1]]
-            l, u = la + lb, ua + ub
-            e = ea + eb + U32 * (_magnitude((l, u)) + ea + eb)
+            low, high = la + lb, ua + ub
+            e = ea + eb + U32 * (_magnitude((low, high)) + ea + eb)
         if bounds is not None and k in bounds:
-            l, u = torch.maximum(l, bounds[k][0]), torch.minimum(u, bounds[k][1])
-        over |= (_magnitude((l, u)) + e >= OVERFLOW).any(1)
-        lu.append((l, u))
+            low, high = torch.maximum(low, bounds[k][0]), torch.minimum(high, bounds[k][1])
+        over |= (_magnitude((low, high)) + e >= OVERFLOW).any(1)
+        lu.append((low, high))
         err.append(e)
     return torch.where(over[:, None], torch.full_like(err[-1], float("inf")), err[-1])
 
