@@ -49,6 +49,7 @@ def full_rows(complete: bool = True, sources: bool = True) -> list[dict]:
             "robust_acc": 0.11666,
             "n": c.subset or 360,
             "seconds": 12.345,
+            "forward_passes": 21.0,
             "kind": "attack",
             "label": cell_label(c.attack, vars(c.config)),
             "params": dict(vars(c.config)),
@@ -103,12 +104,13 @@ def render(monkeypatch, rows: list[dict], form: str = "table", width: int = 100)
 
 
 def cells_of(text: str) -> dict[str, list[str]]:
-    """The table's rows of checkpoint KEY by cell name: the words after the key."""
+    """The table's rows of checkpoint KEY by cell name: the numbers after its name (clean,
+    robust, n, seconds, forward passes per image)."""
     found = {}
     for line in text.splitlines():
         words = line.split()
         if len(words) > 2 and words[1] == KEY[:8]:
-            found[" ".join(words[2:-4])] = words[-4:]
+            found[" ".join(words[2:-5])] = words[-5:]
     return found
 
 
@@ -117,10 +119,10 @@ def test_the_table_fits_100_columns_with_a_pgd_row_on_one_line(monkeypatch):
     text = render(monkeypatch, full_rows())
     assert max(len(line) for line in text.splitlines()) <= 100, text
     cells = cells_of(text)
-    assert cells["cw20"] == ["96.7", "11.7", "360", "12.3"]  # one line: label, clean, robust, n, s
-    assert cells["pgd20_r10"] == ["96.7", "11.7", "360", "12.3"]
+    assert cells["cw20"] == ["96.7", "11.7", "360", "12.3", "21"]  # one line: label, clean, robust, n, s, passes
+    assert cells["pgd20_r10"] == ["96.7", "11.7", "360", "12.3", "21"]
     assert cells["pgd20 (l2-1)"] and cells["unbounded-0.4"] and cells["spsa"][2] == "100"
-    assert cells["transfer natural → pgd20"] == ["96.7", "83.6", "360", "0.0"]
+    assert cells["transfer natural → pgd20"] == ["96.7", "83.6", "360", "0.0", "–"]  # not counted: a dash
     assert cells["transfer pgd_at → cw20"]
     assert "transfer[" not in text and "eps=" not in text and "0.967" not in text
 
@@ -141,7 +143,7 @@ def test_the_worst_case_and_its_flags_come_first(monkeypatch):
     text = render(monkeypatch, full_rows())
     assert text.splitlines()[2].split()[:2] == ["logit_similarity", "3626cbc6"]
     assert first_cell(text) == "worst case linf-0.2 (flags: pgd_still_falling, restarts_matter)"
-    assert cells_of(text)["worst case linf-0.2"] == ["96.7", "4.2", "360", "–"]
+    assert cells_of(text)["worst case linf-0.2"] == ["96.7", "4.2", "360", "–", "–"]
     assert list(cells_of(text))[1] == "fgsm"  # then the cells, in stored order
 
 

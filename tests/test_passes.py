@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+import bench
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.engine.passes import Passes, counting
@@ -62,3 +63,34 @@ def test_a_query_attack_takes_no_backward_pass(natural_model, digits_test):
     x, y = digits_test
     passes = _run(natural_model, "square", x[:8], y[:8], queries=20)
     assert passes.backward == 0 and 1 < passes.forward <= 21
+
+
+MATRIX = """
+[[cell]]
+attack = "fgsm"
+
+[[cell]]
+attack = "pgd"
+steps = 5
+early_stop = false
+
+[[cell]]
+attack = "square"
+queries = 10
+subset = 36
+"""
+
+
+def test_every_stored_cell_counts_its_passes_and_the_worst_case_adds_them(natural_model, tmp_path):
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(MATRIX)
+    rows = bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    by = {r["attack"].split(":")[0]: r for r in rows if r["threat"] == THREAT.name}
+    assert by["pgd"]["backward_passes"] == 5 and 5 < by["pgd"]["forward_passes"] <= 6
+    assert by["fgsm"]["backward_passes"] == 1
+    assert by["square"]["backward_passes"] == 0 and by["square"]["n"] == 36
+    worst = by["worst_case"]
+    # Per test image: the subset cell's passes count in proportion to its 36 images of 360.
+    cells = [by[a] for a in ("fgsm", "pgd", "square")]
+    assert worst["forward_passes"] == pytest.approx(sum(c["forward_passes"] * c["n"] for c in cells) / 360)
+    assert worst["backward_passes"] == pytest.approx(1 + 5)

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cli.console import err, out, write
-from bench.reporting.format import fmt, pct
+from bench.reporting.format import MISSING, fmt, pct
 from bench.reporting.results import BRACKET, COLUMNS, WORST_CASE
 
 
@@ -102,8 +102,18 @@ def rows(result: list[dict], form: str) -> None:
         out.print("no results stored yet: run `bench run --defense NAME`", markup=False)
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
-    for col in ("defense", "checkpoint", "cell key" if form == "wide" else "cell", "clean %", "robust %", "n", "s"):
-        numeric = col in ("clean %", "robust %", "n", "s")
+    columns = (
+        "defense",
+        "checkpoint",
+        "cell key" if form == "wide" else "cell",
+        "clean %",
+        "robust %",
+        "n",
+        "s",
+        "fwd/img",
+    )
+    for col in columns:
+        numeric = col in ("clean %", "robust %", "n", "s", "fwd/img")
         table.add_column(
             col, justify="right" if numeric else "left", no_wrap=numeric or col == "checkpoint", overflow="fold"
         )
@@ -126,10 +136,20 @@ def rows(result: list[dict], form: str) -> None:
                 pct(r["robust_acc"], 1),
                 str(r["n"]),
                 fmt(r["seconds"], ".1f"),
+                passes(r.get("forward_passes")),
                 style="bold" if j < len(worst) else None,
                 end_section=rule,
             )
     out.print(table)
+
+
+def passes(value: float | None) -> str:
+    """Passes per image, short (`21`, `1.2k`, `56k`); a dash where they were not counted."""
+    if value is None:
+        return MISSING
+    if value < 1000:
+        return f"{value:.3g}"
+    return f"{value / 1000:.2g}k" if value < 10000 else f"{value / 1000:.0f}k"
 
 
 def _by_checkpoint(result: list[dict]) -> dict[str, list[dict]]:

@@ -30,6 +30,7 @@ from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_d
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.losses import cw_margin
 from bench.engine.outcome import CellOutcome
+from bench.engine.passes import PassCount, counting
 from bench.engine.verdicts import EOT, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
@@ -162,6 +163,7 @@ def craft(
     on_batch: Callable[[int], None] | None = None,
     fast: FastPath = PLAIN,
     verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None,
+    count: PassCount | None = None,
 ) -> torch.Tensor:
     """Adversarial examples for (x, y) from one cell, in batches, on `device`.
 
@@ -174,6 +176,8 @@ def craft(
     Every attack returns a `Crafted` (bench.core.contract); a verifier cell's carries
     per-image verdicts, which are appended to `verdicts` batch by batch, and its batches
     are at most `config.batch_limit` images, so its progress moves while it verifies.
+    `count` (bench.engine.passes), hooked on the model by the caller, is hooked on the
+    fast copy too where the attack runs on one.
     """
     perturb = ATTACKS.get(cell.attack).fn
     seed = cell.seed if seed is None else seed
@@ -186,9 +190,12 @@ def craft(
     gen = torch.Generator(device=device).manual_seed(seed)
     xd, yd = on_device(x, device, fast.channels_last), y.to(device)
     out = []
-    with frozen(model), fast_model(model, fast) as net:
-        if not faithful(model, net, xd[:FAITHFUL_BATCH], yd[:FAITHFUL_BATCH]):
-            net = model
+    with frozen(model), fast_model(model, fast) as net, contextlib.ExitStack() as hooks:
+        with count.pause() if count is not None else contextlib.nullcontext():
+            if not faithful(model, net, xd[:FAITHFUL_BATCH], yd[:FAITHFUL_BATCH]):
+                net = model
+        if count is not None and net is not model:  # a folded or compiled copy: its passes count too
+            hooks.enter_context(counting(net, count=count))
         # Only a folded or compiled copy computes other bits than the model: the exact
         # rewrites change no bit of any logit (bench.engine.rewrite), so a break on them is one.
         approximate = net is not model and fast.copies_model
@@ -254,7 +261,10 @@ def run_cell(
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
     verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] = []
-    with warnings.catch_warnings(record=True) as caught, noise:
+    # Every pass of the model while the cell crafts (the EOT passes, the extra rounds, a
+    # verifier's search), counted at the model itself; the verdicts below are not the
+    # attack's cost and are taken outside.
+    with warnings.catch_warnings(record=True) as caught, noise, counting(model) as count:
         warnings.simplefilter("always")
         x_adv = craft(
             target,
@@ -267,6 +277,7 @@ def run_cell(
             on_batch=on_batch,
             fast=fast,
             verdicts=verdicts,
+            count=count,
         )
     seconds = time.perf_counter() - start
     clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
@@ -287,9 +298,17 @@ def run_cell(
             left = robust.nonzero().squeeze(1)
             if len(left) == 0:
                 break
-            with seeded_noise(device, seed + extra):
+            with seeded_noise(device, seed + extra), counting(model, count=count):
                 again = craft(
-                    target, cell, x[left], y[left], device=device, batch_size=batch_size, seed=seed + extra, fast=fast
+                    target,
+                    cell,
+                    x[left],
+                    y[left],
+                    device=device,
+                    batch_size=batch_size,
+                    seed=seed + extra,
+                    fast=fast,
+                    count=count,
                 )
             x_adv[left] = again
             # Judged on the whole set with the verdict seed: every verdict of the cell
@@ -324,6 +343,8 @@ def run_cell(
         proven_bits=None if proven is None else pack_bits(proven.numpy()),
         indices=None if idx is None else idx.tolist(),
         test_size=test_size,
+        forward_passes=count.forward / len(y) if len(y) else 0.0,
+        backward_passes=count.backward / len(y) if len(y) else 0.0,
         extra=extra,
         device=device,
     )

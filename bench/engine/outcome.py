@@ -38,6 +38,10 @@ class CellOutcome:
     """Test-set indices of a subset cell; None: the whole test set in order."""
     test_size: int
     """Images of the test set the cell was drawn from."""
+    forward_passes: float | None
+    """The model's forward passes per image while the cell crafted (bench.engine.passes)."""
+    backward_passes: float | None
+    """Its backward passes per image."""
     extra: dict[str, Any]
     """Histograms, logit statistics, warnings, precision and a verifier's counts."""
     device: str

@@ -29,9 +29,20 @@ class PassCount:
     def __init__(self) -> None:
         self.forward = 0
         self.backward = 0
+        self.paused = False
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """Passes the harness makes to check itself (the fast copy held to the model) are
+        not the attack's cost: not counted while this is open."""
+        before, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = before
 
     def __call__(self, module: torch.nn.Module, inputs: tuple, output: object) -> None:
-        if not torch.is_tensor(output) or output.dim() == 0:
+        if self.paused or not torch.is_tensor(output) or output.dim() == 0:
             return
         images = int(output.shape[0])
         self.forward += images
@@ -40,7 +51,8 @@ class PassCount:
 
     def _backward(self, images: int):
         def hook(grad: torch.Tensor) -> None:
-            self.backward += images
+            if not self.paused:
+                self.backward += images
 
         return hook
 
@@ -58,10 +70,11 @@ class Passes:
 
 
 @contextlib.contextmanager
-def counting(*models: torch.nn.Module) -> Iterator[PassCount]:
+def counting(*models: torch.nn.Module, count: PassCount | None = None) -> Iterator[PassCount]:
     """Count the passes through each distinct model (the fast copy an attack calls and the
-    model itself, which has the last word) for as long as the context is open."""
-    count = PassCount()
+    model itself, which has the last word) for as long as the context is open, into
+    `count` (a new one, unset)."""
+    count = count if count is not None else PassCount()
     handles = [m.register_forward_hook(count) for m in {id(m): m for m in models}.values()]
     try:
         yield count

@@ -35,9 +35,13 @@ COLUMNS = [
     "ci_high",
     "n",
     "seconds",
+    "forward_passes",
+    "backward_passes",
 ]
 """The CSV's columns; `ci_low` and `ci_high` bound the robust accuracy's 95% exact binomial
-interval on the n images it was measured on."""
+interval on the n images it was measured on; `forward_passes` and `backward_passes` are the
+model's passes per image the cell cost (a worst case: its cells' together, per test image),
+empty where they were not counted."""
 BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed", "withheld"]
 """The worst case row's bracket fields (None where no verifier cell ran; `withheld` says
 why certified, exact and gap are None where a verifier cell did run)."""
@@ -71,6 +75,8 @@ def _cell_row(base: dict, c: CellRow, defense_of: dict[int, str]) -> dict:
         "ci_high": high,
         "n": c.n,
         "seconds": round(c.seconds, 3),
+        "forward_passes": c.forward_passes,
+        "backward_passes": c.backward_passes,
         "kind": c.kind,
         "label": cell_label(c.attack, c.params),
         "params": c.params,
@@ -97,6 +103,8 @@ def _worst_row(base: dict, ev: Evidence, wc: WorstCase) -> dict:
         "ci_high": high,
         "n": wc.n,
         "seconds": None,
+        "forward_passes": wc.forward_passes,
+        "backward_passes": wc.backward_passes,
         "kind": WORST_CASE,
         "cells": len(wc.cells),
         "complete": wc.complete,

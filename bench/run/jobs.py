@@ -24,6 +24,7 @@ from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.cell import craft, logit_stats, run_cell
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.outcome import CellOutcome
+from bench.engine.passes import Passes, counting
 from bench.engine.train import train_model
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
@@ -76,13 +77,32 @@ class EvalJob(AttackJob):
 
 
 @dataclass
+@dataclass(frozen=True)
+class Examples:
+    """Adversarial examples crafted on a source model for others, with what crafting them
+    cost on the source (None for examples cached before passes were counted)."""
+
+    x_adv: torch.Tensor
+    passes: Passes | None
+
+
 class CraftJob(AttackJob):
     """Adversarial examples of one cell on one (source) model; returns them on the CPU."""
 
-    def run(self) -> torch.Tensor:
-        return craft(
-            self.on_device(), self.cell, self.x, self.y, device=self.device, batch_size=self.batch_size, fast=self.fast
-        )
+    def run(self) -> Examples:
+        model = self.on_device()
+        with counting(model) as count:
+            x_adv = craft(
+                model,
+                self.cell,
+                self.x,
+                self.y,
+                device=self.device,
+                batch_size=self.batch_size,
+                fast=self.fast,
+                count=count,
+            )
+        return Examples(x_adv, Passes.per_image(count, len(self.x)))
 
 
 @dataclass

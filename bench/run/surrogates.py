@@ -21,7 +21,7 @@ from bench.core.matrix import Matrix
 from bench.run.attacking import expect
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
-from bench.run.transfer import correct, crafted_examples, transfer_key
+from bench.run.transfer import correct, crafted_examples, transfer_cost, transfer_key
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
@@ -82,7 +82,8 @@ def transfer_cells(
             if x is None:
                 x, y = load_dataset(row.dataset, "test", ws.data_root)
                 clean = correct(model(), x, y, ws, randomized)
-            x_adv, _ = crafted_examples(ws, source, cell, x, y)
+            examples, _ = crafted_examples(ws, source, cell, x, y)
+            x_adv = examples.x_adv
             robust = correct(model(), x_adv, y, ws, randomized) & clean
             ws.store.add_transfer(
                 source.id,
@@ -95,6 +96,7 @@ def transfer_cells(
                 robust_acc=float(robust.float().mean()),
                 n=len(y),
                 test_size=len(y),
+                **transfer_cost(examples),
                 seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()),
                 indices=None,

@@ -15,15 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
+from bench.engine.passes import Passes
 from bench.engine.verdicts import majority_correct, predict
 from bench.errors import BenchError
 from bench.run.executors import LocalExecutor
-from bench.run.jobs import CraftJob, Failed
+from bench.run.jobs import CraftJob, Examples, Failed
 from bench.run.training import load_model
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, adaptive_key
@@ -64,11 +66,13 @@ def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
     return results / "transfers" / source.dataset / source.key / f"{digest}.safetensors"
 
 
-def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> torch.Tensor | None:
+def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> Examples | None:
     """The cached examples of (source, cell), held to the cell's ball around x like any
     crafted batch: a file edited or written by other code is refused, never judged."""
     path = cache_path(ws.results, source, cell)
     if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            cost = f.metadata() or {}
         cached = load_file(str(path))
         if cached["x_adv"].shape == x.shape:
             try:
@@ -78,21 +82,43 @@ def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> torch.T
                     f"cached transfer examples {path} are outside the threat model ({exc}); "
                     "delete the file to craft them again"
                 ) from exc
-            return cached["x_adv"]
+            passes = (
+                Passes(float(cost["forward_passes"]), float(cost["backward_passes"]))
+                if "forward_passes" in cost and "backward_passes" in cost
+                else None
+            )
+            return Examples(cached["x_adv"], passes)
     return None
 
 
-def write_cache(ws: Workspace, source: Checkpoint, cell: Cell, x_adv: torch.Tensor) -> None:
+def write_cache(ws: Workspace, source: Checkpoint, cell: Cell, examples: Examples) -> None:
     path = cache_path(ws.results, source, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"x_adv": x_adv.contiguous()}, tmp, metadata={"cell": cell.key, "source": source.key})
+        cost = (
+            {"forward_passes": repr(examples.passes.forward), "backward_passes": repr(examples.passes.backward)}
+            if examples.passes is not None
+            else {}
+        )
+        save_file(
+            {"x_adv": examples.x_adv.contiguous()}, tmp, metadata={"cell": cell.key, "source": source.key, **cost}
+        )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def transfer_cost(examples: Examples) -> dict[str, float | None]:
+    """A transfer row's passes: what crafting its examples cost on the source, per image
+    (the target only judges them)."""
+    passes = examples.passes
+    return {
+        "forward_passes": passes.forward if passes else None,
+        "backward_passes": passes.backward if passes else None,
+    }
 
 
 def _craft_job(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
@@ -102,15 +128,15 @@ def _craft_job(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
     )
 
 
-def crafted_examples(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> tuple[torch.Tensor, bool]:
-    """(x_adv, reused?) for a source and cell: from the cache, or crafted in this process
-    and cached (the matrix's surrogate transfers, which the driver runs itself)."""
+def crafted_examples(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> tuple[Examples, bool]:
+    """(the examples, reused?) for a source and cell: from the cache, or crafted in this
+    process and cached (the matrix's surrogate transfers, which the driver runs itself)."""
     cached = cached_examples(ws, source, cell, x)
     if cached is not None:
         return cached, True
-    x_adv = _craft_job(ws, source, cell, x, y).run()
-    write_cache(ws, source, cell, x_adv)
-    return x_adv, False
+    examples = _craft_job(ws, source, cell, x, y).run()
+    write_cache(ws, source, cell, examples)
+    return examples, False
 
 
 def run_transfers(
@@ -142,7 +168,8 @@ def run_transfers(
         done = {k: ws.store.done_transfers(src.id, k) for k in set(keys.values())}
         return [t for t in targets if t.id not in done[keys[t.id]]]
 
-    def judge(src: Checkpoint, x_adv: torch.Tensor) -> None:
+    def judge(src: Checkpoint, examples: Examples) -> None:
+        x_adv = examples.x_adv
         for tgt in todo(src):
             if tgt.id not in models:
                 models[tgt.id] = load_model(tgt, ws.device)
@@ -159,6 +186,7 @@ def run_transfers(
                 robust_acc=float(robust.float().mean()),
                 n=len(y),
                 test_size=len(y),
+                **transfer_cost(examples),
                 seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()),
                 indices=None,
@@ -193,21 +221,21 @@ def run_transfers(
             for src in claimed(pending, claims, key=lambda s: craft_claim(s.key, cell.key), done=ready):
                 yield None if src is None else _craft_job(ws, src, cell, x, y)
 
-        for job, x_adv in executor.map(jobs()):
+        for job, examples in executor.map(jobs()):
             src = by_key[job.label]
-            if isinstance(x_adv, Failed):
+            if isinstance(examples, Failed):
                 claims.release(craft_claim(src.key, cell.key))
-                raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {x_adv.reason}")
-            write_cache(ws, src, cell, x_adv)
+                raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {examples.reason}")
+            write_cache(ws, src, cell, examples)
             claims.release(craft_claim(src.key, cell.key))
             report.crafted += 1
-            judge(src, x_adv)
+            judge(src, examples)
     for src in pending:  # crafted by another driver meanwhile
         if todo(src):
-            x_adv = cached_examples(ws, src, cell, x)
-            if x_adv is not None:
+            examples = cached_examples(ws, src, cell, x)
+            if examples is not None:
                 report.reused += 1
-                judge(src, x_adv)
+                judge(src, examples)
     for ck in targets:
         if ck.id in touched:
             recompute_flags(ws.store, ck)

@@ -106,6 +106,11 @@ class _CellResult:
     """Test-set indices of a subset cell; None means the whole test set in order."""
     test_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     """The size of the test set the cell ran on (or took its subset from)."""
+    forward_passes: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """The model's forward passes per image of the cell's while it crafted
+    (bench.engine.passes); None for a row stored before passes were counted."""
+    backward_passes: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Its backward passes per image."""
     extra: Mapped[dict] = mapped_column(JSON, default=dict)
     """What plots need (logit histograms) and what the attack warned about."""
     device: Mapped[str] = mapped_column(String(64), default="cpu")

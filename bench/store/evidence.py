@@ -17,7 +17,7 @@ Every reader (the result rows, the board, the checkpoint page, the flags, the CL
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -42,6 +42,11 @@ class WorstCase:
     """Per test image: left standing by every cell."""
     missing: tuple[str, ...] = ()
     """Cells the matrices asked for in this threat model that are not stored."""
+    forward_passes: float | None = None
+    """What the cells ANDed cost: the model's forward passes per test image, summed over
+    them (a subset cell's in proportion to its images); None where a cell was not counted."""
+    backward_passes: float | None = None
+    """Their backward passes per test image."""
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -104,7 +109,8 @@ def worst_case(threat: str, cells: Iterable[CellRow], test_size: int) -> WorstCa
     """The per-sample AND over the cells of `threat` whose kind breaks images; None when
     no cell counts."""
     robust = np.ones(test_size, dtype=bool)
-    keys = []
+    keys: list[str] = []
+    anded: list[CellRow] = []
     for cell in cells:
         if cell.threat != threat or not cell.cell_kind.breaks:
             continue
@@ -116,9 +122,20 @@ def worst_case(threat: str, cells: Iterable[CellRow], test_size: int) -> WorstCa
         else:
             robust[np.asarray(cell.indices, dtype=np.int64)] &= correct
         keys.append(cell.cell_key)
+        anded.append(cell)
     if not keys:
         return None
-    return WorstCase(threat, float(robust.mean()), test_size, tuple(keys), robust)
+    return WorstCase(threat, float(robust.mean()), test_size, tuple(keys), robust, (), *cost(anded, test_size))
+
+
+def cost(cells: list[CellRow], test_size: int) -> tuple[float | None, float | None]:
+    """(forward, backward) passes per test image of the cells together; None where any
+    cell's were not counted (a row stored before passes were)."""
+    if not cells or any(c.forward_passes is None or c.backward_passes is None for c in cells):
+        return None, None
+    forward = sum((c.forward_passes or 0.0) * c.n for c in cells) / test_size
+    backward = sum((c.backward_passes or 0.0) * c.n for c in cells) / test_size
+    return forward, backward
 
 
 def missing_cells(
@@ -152,7 +169,7 @@ def evidence(
             wc = worst_case(threat, (*cells, *transfers), size)
             if wc is not None:
                 missing = missing_cells(meta, ck.threat, threat, cells, transfers, defense_of)
-                worst[threat] = WorstCase(wc.threat, wc.robust_acc, wc.n, wc.cells, wc.bits, missing)
+                worst[threat] = replace(wc, missing=missing)
     b = bracket(ck.threat, cells, transfers, size) if size else None
     return Evidence(ck, meta, cells, transfers, size, worst, b)
 

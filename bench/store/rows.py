@@ -39,6 +39,9 @@ class CellRow:
     robust_acc: float
     n: int
     test_size: int | None
+    forward_passes: float | None
+    """The model's forward passes per image while the cell crafted; None where not counted."""
+    backward_passes: float | None
     seconds: float
     correct_bits: bytes
     proven_bits: bytes | None
@@ -65,6 +68,8 @@ class CellRow:
         clean_acc: float = 1.0,
         robust_acc: float = 0.0,
         test_size: int | None = None,
+        forward_passes: float | None = None,
+        backward_passes: float | None = None,
         seconds: float = 0.0,
         proven_bits: bytes | None = None,
         indices: list | None = None,
@@ -89,6 +94,8 @@ class CellRow:
             robust_acc,
             n,
             test_size,
+            forward_passes,
+            backward_passes,
             seconds,
             correct_bits,
             proven_bits,
@@ -153,6 +160,8 @@ def cell_query(table, transfer: bool):
         table.robust_acc,
         table.n,
         table.test_size,
+        table.forward_passes,
+        table.backward_passes,
         table.seconds,
         table.correct_bits,
         table.proven_bits,

@@ -1,7 +1,8 @@
 """Bringing a store written by an older bench up to the current schema, in place.
 
-A store made before cells carried their kind, their test-set size and their proven bits
-gets the three columns, filled from what the old rows said another way:
+A store made before cells carried their kind, their test-set size, their proven bits and
+their passes gets the columns; the first three are filled from what the old rows said
+another way (the passes of an old row were never counted and stay NULL):
 
 - a verifier cell was known by its attack's name and kept its proven bits as hex in
   its `extra` (`verify.robust_bits`); a certify cell counted toward a threat of its own,
@@ -22,7 +23,16 @@ from sqlalchemy.engine import Connection
 
 from bench.core.kinds import CellKind
 
-_COLUMNS = {"kind": "VARCHAR(16)", "test_size": "INTEGER", "proven_bits": "{blob}"}
+_COLUMNS = {
+    "kind": "VARCHAR(16)",
+    "test_size": "INTEGER",
+    "proven_bits": "{blob}",
+    "forward_passes": "DOUBLE PRECISION",
+    "backward_passes": "DOUBLE PRECISION",
+}
+"""Columns added since the first schema, with their SQL types; the passes of an old row stay
+NULL (not counted, shown as a dash), the others are filled from what the row said."""
+_FILLED = ("kind", "test_size", "proven_bits")
 _OLD_CERTIFIED = "certified-"
 
 
@@ -37,7 +47,8 @@ def upgrade(conn: Connection) -> None:
             continue
         for column in missing:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {_COLUMNS[column].format(blob=blob)}"))
-        _fill(conn, table, owner)
+        if any(c in missing for c in _FILLED):
+            _fill(conn, table, owner)
 
 
 def _fill(conn: Connection, table: str, owner: str) -> None:
