@@ -76,7 +76,6 @@ class EvalJob(AttackJob):
         )
 
 
-@dataclass
 @dataclass(frozen=True)
 class Examples:
     """Adversarial examples crafted on a source model for others, with what crafting them
@@ -86,6 +85,7 @@ class Examples:
     passes: Passes | None
 
 
+@dataclass
 class CraftJob(AttackJob):
     """Adversarial examples of one cell on one (source) model; returns them on the CPU."""
 
