@@ -1,4 +1,5 @@
 """index.html's boards: one per dataset and threat model, ranked by worst-case robust accuracy."""
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,10 @@ def boards(data: SiteData) -> list[dict]:
     pgd = pgd[pgd["label"].str.fullmatch(r"pgd\d+(_cos)?")]  # untargeted, on the model's own gradient
     longest = pgd.groupby(["checkpoint_id", "threat"])["steps"].max().to_dict()
     # The longest run's column label: pgd1000_cos where the long runs use the cosine schedule.
-    longest_label = {(c, t, int(steps)): label for c, t, steps, label
-                     in pgd[["checkpoint_id", "threat", "steps", "label"]].itertuples(index=False)}
+    longest_label = {
+        (c, t, int(steps)): label
+        for c, t, steps, label in pgd[["checkpoint_id", "threat", "steps", "label"]].itertuples(index=False)
+    }
     column_labels = {label for _, _, label in BOARD_COLUMNS if label}
     by_id = {ck.id: ck for ck in data.checkpoints}
 
@@ -82,8 +85,11 @@ def boards(data: SiteData) -> list[dict]:
                     continue
                 if label is None:
                     steps = longest.get((cid, threat))
-                    label = (longest_label.get((cid, threat, int(steps)))
-                             if steps is not None and not math.isnan(steps) else None)
+                    label = (
+                        longest_label.get((cid, threat, int(steps)))
+                        if steps is not None and not math.isnan(steps)
+                        else None
+                    )
                     note = f"{int(steps)} steps" if label else ""
                 v = value(cid, threat, label) if label else None
                 n = subset_n.get((cid, threat, label)) if label else None
@@ -98,8 +104,9 @@ def boards(data: SiteData) -> list[dict]:
                 note += f" · incomplete: {len(missing)} missing"
             b = ev.bracket if wc and threat == ck.threat else None
             if b and b.gap is not None:
-                note += f" · gap {b.gap:.1f} pts" + (f" · attacks missed {b.attacks_missed}"
-                                                     if b.attacks_missed else "")
+                note += f" · gap {b.gap:.1f} pts" + (
+                    f" · attacks missed {b.attacks_missed}" if b.attacks_missed else ""
+                )
             cols.append(_floor(b, ev.not_verifiable if threat == ck.threat else None))
             title = ""
             if wc:
@@ -107,27 +114,54 @@ def boards(data: SiteData) -> list[dict]:
                 note += f" · 95% {pct(low)}–{pct(high)}"
                 title = f"95% exact binomial interval on {wc.n} images: {pct(low)} to {pct(high)}"
             cols.append(_cell("worst", wc.robust_acc if wc else None, None, note, title))
-            rows.append({"key": ck.key, "href": page_path(ck), "defense": ck.defense,
-                         "preset": ck.preset or "", "seed": ck.seed, "short": ck.key[:8], "arch": ck.arch,
-                         "overrides": data.overrides.get(cid, ""),
-                         "outside": factory_name((meta.outside or {}).get("factory")),
-                         "surrogate": meta.surrogate, "id": cid,
-                         "cols": cols, "worst": wc.robust_acc if wc else None, "bits": wc.bits if wc else None, "missing": missing,
-                         "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
-                                   for f in data.flags[cid]] if threat == ck.threat else [],
-                         "cost": {"value": repr(float(ck.train_seconds)), "text": f"{ck.train_seconds:,.1f} s",
-                                  "device": ck.device}})
+            rows.append(
+                {
+                    "key": ck.key,
+                    "href": page_path(ck),
+                    "defense": ck.defense,
+                    "preset": ck.preset or "",
+                    "seed": ck.seed,
+                    "short": ck.key[:8],
+                    "arch": ck.arch,
+                    "overrides": data.overrides.get(cid, ""),
+                    "outside": factory_name((meta.outside or {}).get("factory")),
+                    "surrogate": meta.surrogate,
+                    "id": cid,
+                    "cols": cols,
+                    "worst": wc.robust_acc if wc else None,
+                    "bits": wc.bits if wc else None,
+                    "missing": missing,
+                    "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"} for f in data.flags[cid]]
+                    if threat == ck.threat
+                    else [],
+                    "cost": {
+                        "value": repr(float(ck.train_seconds)),
+                        "text": f"{ck.train_seconds:,.1f} s",
+                        "device": ck.device,
+                    },
+                }
+            )
         bracketed = any(c["col"] == "certified" and (c["value"] or c.get("withheld")) for r in rows for c in r["cols"])
         if not bracketed:  # no verifier cell on this board: no column of blanks
             for r in rows:
                 r["cols"] = [c for c in r["cols"] if c["col"] != "certified"]
         rows.sort(key=lambda r: (r["worst"] is None, -(r["worst"] or 0.0), r["defense"], r["key"]))
         rank_rows(rows)
-        out.append({"id": f"board-{dataset}-{threat}", "dataset": dataset, "threat": threat,
-                       "own": (dataset, threat) in own, "rows": rows, "plot": eps_plot(threat, rows, data),
-                       "surrogate": SURROGATE_TEXT if any(r["surrogate"] for r in rows) else "",
-                       "columns": [("clean", "Clean")] + [(c, h) for c, h, _ in BOARD_COLUMNS]
-                       + ([("certified", "Certified")] if bracketed else []) + [("worst", "Worst case")]})
+        out.append(
+            {
+                "id": f"board-{dataset}-{threat}",
+                "dataset": dataset,
+                "threat": threat,
+                "own": (dataset, threat) in own,
+                "rows": rows,
+                "plot": eps_plot(threat, rows, data),
+                "surrogate": SURROGATE_TEXT if any(r["surrogate"] for r in rows) else "",
+                "columns": [("clean", "Clean")]
+                + [(c, h) for c, h, _ in BOARD_COLUMNS]
+                + ([("certified", "Certified")] if bracketed else [])
+                + [("worst", "Worst case")],
+            }
+        )
     return out
 
 
@@ -157,8 +191,11 @@ def _transfer(cid: int, threat: str, data: SiteData, by_id: dict) -> dict:
     t = min(hits, key=lambda t: (t.robust_acc, t.source_id, t.cell_key))
     source = by_id.get(t.source_id)
     # The note names the surrogate by its defense, to keep the column narrow; the title in full.
-    title = (f"crafted on {checkpoint_name(source, data.overrides)} [{source.key[:8]}] with {t.cell_key}"
-             if source else f"crafted on checkpoint {t.source_id} with {t.cell_key}")
+    title = (
+        f"crafted on {checkpoint_name(source, data.overrides)} [{source.key[:8]}] with {t.cell_key}"
+        if source
+        else f"crafted on checkpoint {t.source_id} with {t.cell_key}"
+    )
     note = f"from {source.defense if source else f'checkpoint {t.source_id}'}"
     return _cell("transfer", t.robust_acc, None, note + ("" if t.indices is None else f" on {t.n} images"), title)
 
@@ -169,9 +206,16 @@ def _floor(b: Bracket | None, not_verifiable: str | None) -> dict:
     if not b:
         return _cell("certified", None, None, "not verifiable" if not_verifiable else "", not_verifiable or "")
     if b.withheld:
-        return {**_cell("certified", None, None, f"withheld: {b.withheld}",
-                        "a verifier and an attack (or two verifiers) contradict each other: no figure is shown"),
-                "withheld": True}
+        return {
+            **_cell(
+                "certified",
+                None,
+                None,
+                f"withheld: {b.withheld}",
+                "a verifier and an attack (or two verifiers) contradict each other: no figure is shown",
+            ),
+            "withheld": True,
+        }
     if b.exact is not None:
         return _cell("certified", b.exact, None, "exact", "every image decided by the complete verifier")
     note = f"{b.unknown} unknown" if b.unknown else ""
@@ -180,5 +224,11 @@ def _floor(b: Bracket | None, not_verifiable: str | None) -> dict:
 
 def _cell(col: str, value: float | None, paper: float | None, note: str = "", title: str = "") -> dict:
     # No paper number prints no note at all, not a dash (the template tests for the text).
-    return {"col": col, "value": "" if value is None else repr(float(value)), "text": pct(value),
-            "paper": "" if missing(paper) else pct(paper), "note": note, "title": title}
+    return {
+        "col": col,
+        "value": "" if value is None else repr(float(value)),
+        "text": pct(value),
+        "paper": "" if missing(paper) else pct(paper),
+        "note": note,
+        "title": title,
+    }

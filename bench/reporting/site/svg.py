@@ -2,6 +2,7 @@
 
 Nothing here knows about checkpoints or the store; callers pass plain numbers.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,9 +38,11 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 def _frame(xlabel: str, ylabel: str, xticks: list[tuple[float, str]], yticks: list[tuple[float, str]]) -> list[str]:
     x0, x1, y0, y1 = LEFT, W - RIGHT, H - BOTTOM, TOP
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
-           'font-family="sans-serif" font-size="11">',
-           f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="#fff" stroke="#999"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect x="{x0}" y="{y1}" width="{x1 - x0}" height="{y0 - y1}" fill="#fff" stroke="#999"/>',
+    ]
     last = -1e9
     for px, text in xticks:
         out.append(f'<line x1="{px:.1f}" y1="{y0}" x2="{px:.1f}" y2="{y0 + 4}" stroke="#999"/>')
@@ -50,8 +53,9 @@ def _frame(xlabel: str, ylabel: str, xticks: list[tuple[float, str]], yticks: li
         out.append(f'<line x1="{x0}" y1="{py:.1f}" x2="{x1}" y2="{py:.1f}" stroke="#eee"/>')
         out.append(f'<text x="{x0 - 5}" y="{py + 4:.1f}" text-anchor="end">{_esc(text)}</text>')
     out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{H - 6}" text-anchor="middle">{_esc(xlabel)}</text>')
-    out.append(f'<text transform="translate(12 {(y0 + y1) / 2:.1f}) rotate(-90)" text-anchor="middle">'
-               f'{_esc(ylabel)}</text>')
+    out.append(
+        f'<text transform="translate(12 {(y0 + y1) / 2:.1f}) rotate(-90)" text-anchor="middle">{_esc(ylabel)}</text>'
+    )
     return out
 
 
@@ -59,13 +63,22 @@ def _legend(out: list[str], names: list[str]) -> None:
     for i, name in enumerate(names):
         y = TOP + 14 + 14 * i
         color = COLORS[i % len(COLORS)]
-        out.append(f'<line x1="{W - RIGHT - 128}" y1="{y - 4}" x2="{W - RIGHT - 112}" y2="{y - 4}" '
-                   f'stroke="{color}" stroke-width="2"/>')
+        out.append(
+            f'<line x1="{W - RIGHT - 128}" y1="{y - 4}" x2="{W - RIGHT - 112}" y2="{y - 4}" '
+            f'stroke="{color}" stroke-width="2"/>'
+        )
         out.append(f'<text x="{W - RIGHT - 108}" y="{y}">{_esc(name)}</text>')
 
 
-def svg_lines(series: list[tuple[str, list[tuple]]], *, xlabel: str, ylabel: str,
-              logx: bool = False, mark: float | None = None, legend: bool = True) -> str:
+def svg_lines(
+    series: list[tuple[str, list[tuple]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    mark: float | None = None,
+    legend: bool = True,
+) -> str:
     """Lines with markers; y is an accuracy in [0, 1] drawn as a percentage.
 
     A point is (x, y), or (x, y, attributes) with a dict of attributes for its marker
@@ -92,13 +105,18 @@ def svg_lines(series: list[tuple[str, list[tuple]]], *, xlabel: str, ylabel: str
         return y0 - y * (y0 - y1)
 
     distinct = sorted(set(xs))
-    values = distinct if len(distinct) <= 8 else (
-        [10 ** k for k in range(math.ceil(lo), math.floor(hi) + 1)] if logx else _ticks(lo, hi))
-    out = _frame(xlabel, ylabel, [(px(v), f"{v:g}") for v in values],
-                 [(py(v / 100), f"{v:g}") for v in (0, 25, 50, 75, 100)])
+    values = (
+        distinct
+        if len(distinct) <= 8
+        else ([10**k for k in range(math.ceil(lo), math.floor(hi) + 1)] if logx else _ticks(lo, hi))
+    )
+    out = _frame(
+        xlabel, ylabel, [(px(v), f"{v:g}") for v in values], [(py(v / 100), f"{v:g}") for v in (0, 25, 50, 75, 100)]
+    )
     if mark is not None:
-        out.append(f'<line x1="{px(mark):.1f}" y1="{y0}" x2="{px(mark):.1f}" y2="{y1}" stroke="#666" '
-                   'stroke-dasharray="4 3"/>')
+        out.append(
+            f'<line x1="{px(mark):.1f}" y1="{y0}" x2="{px(mark):.1f}" y2="{y1}" stroke="#666" stroke-dasharray="4 3"/>'
+        )
     for i, (name, pts) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         pts = [p for p in pts if p[0] > 0 or not logx]
@@ -106,8 +124,10 @@ def svg_lines(series: list[tuple[str, list[tuple]]], *, xlabel: str, ylabel: str
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y, *more in pts:
             attrs = "".join(f' {k}="{_esc(str(v))}"' for k, v in (more[0] if more else {}).items())
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"{attrs}>'
-                       f'<title>{_esc(name)}: {x:g} → {100 * y:.2f}%</title></circle>')
+            out.append(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"{attrs}>'
+                f"<title>{_esc(name)}: {x:g} → {100 * y:.2f}%</title></circle>"
+            )
     if legend:
         _legend(out, [name for name, _ in series])
     out.append("</svg>")
@@ -127,16 +147,22 @@ def svg_hist(edges: list[float], series: list[tuple[str, list[int]]], *, xlabel:
         return y0 - y / top * (y0 - y1)
 
     yticks = [v for v in _ticks(0, top, 4) if v <= top]
-    out = _frame(xlabel, ylabel, [(px(v), f"{v:g}") for v in _ticks(lo, hi) if lo <= v <= hi],
-                 [(py(v), f"{v:g}") for v in yticks])
+    out = _frame(
+        xlabel,
+        ylabel,
+        [(px(v), f"{v:g}") for v in _ticks(lo, hi) if lo <= v <= hi],
+        [(py(v), f"{v:g}") for v in yticks],
+    )
     for i, (name, counts) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         pts = [f"{px(lo):.1f},{py(0):.1f}"]
-        for left, right, c in zip(edges, edges[1:], counts):
+        for left, right, c in zip(edges, edges[1:], counts, strict=False):  # edges has one more entry
             pts.append(f"{px(left):.1f},{py(c):.1f} {px(right):.1f},{py(c):.1f}")
         pts.append(f"{px(hi):.1f},{py(0):.1f}")
-        out.append(f'<polygon points="{" ".join(pts)}" fill="{color}" fill-opacity="0.18" stroke="{color}" '
-                   f'stroke-width="1.5"><title>{_esc(name)}</title></polygon>')
+        out.append(
+            f'<polygon points="{" ".join(pts)}" fill="{color}" fill-opacity="0.18" stroke="{color}" '
+            f'stroke-width="1.5"><title>{_esc(name)}</title></polygon>'
+        )
     _legend(out, [name for name, _ in series])
     out.append("</svg>")
     return "\n".join(out)
@@ -151,7 +177,7 @@ def _rgb(t: float) -> tuple[int, int, int]:
     t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
     i = min(int(t), len(PALETTE) - 2)
     f = t - i
-    r, g, b = (round(a + (c - a) * f) for a, c in zip(PALETTE[i], PALETTE[i + 1]))
+    r, g, b = (round(a + (c - a) * f) for a, c in zip(PALETTE[i], PALETTE[i + 1], strict=True))
     return r, g, b
 
 
@@ -174,6 +200,7 @@ def heatmap_png(loss: list[list[float | None]], lo: float, hi: float) -> str:
 def _png(rows: list[bytes], width: int, height: int) -> bytes:
     """An 8-bit RGB PNG from raw rows. Written out here (a signature and three chunks)
     rather than adding an imaging library as a dependency for one tiny picture type."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
