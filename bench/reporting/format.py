@@ -71,3 +71,14 @@ def duration(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s"
+
+
+def passes(value: float | None) -> str:
+    """A count of model passes per image in short form: "0.3", "20", "278", "21.3k", "1.2M";
+    MISSING when absent (a row stored before passes were counted), never a zero."""
+    if missing(value):
+        return MISSING
+    scale, suffix = next(((s, x) for s, x in ((1e6, "M"), (1e3, "k")) if value >= s), (1.0, ""))
+    short = value / scale
+    # Three significant figures at most: a cost is read for its size; a title has it in full.
+    return (f"{short:.0f}" if short >= 100 else f"{short:.1f}".removesuffix(".0")) + suffix
