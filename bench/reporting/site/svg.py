@@ -82,7 +82,9 @@ def svg_lines(
     """Lines with markers; y is an accuracy in [0, 1] drawn as a percentage.
 
     A point is (x, y), or (x, y, attributes) with a dict of attributes for its marker
-    (`{"data-eps": "0.2"}`, escaped here) that a page's script or test can read. Without
+    (`{"data-eps": "0.2"}`, escaped here) that a page's script or test can read, or
+    (x, y, attributes, title) with the hover text in place of "line: x → y%" (a point
+    that stands for something the axes do not show, the cell it added, say). Without
     `legend` the caller names the lines beside the plot, in the order of COLORS.
     """
     xs = [p[0] for _, pts in series for p in pts]
@@ -124,9 +126,10 @@ def svg_lines(
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y, *more in pts:
             attrs = "".join(f' {k}="{_esc(str(v))}"' for k, v in (more[0] if more else {}).items())
+            title = more[1] if len(more) > 1 else f"{name}: {x:g} → {100 * y:.2f}%"
             out.append(
                 f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"{attrs}>'
-                f"<title>{_esc(name)}: {x:g} → {100 * y:.2f}%</title></circle>"
+                f"<title>{_esc(title)}</title></circle>"
             )
     if legend:
         _legend(out, [name for name, _ in series])
