@@ -25,7 +25,10 @@ from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
-BUILTIN = ("quick", "full", "paper", "truth")
+BUILTIN = ("quick", "fast", "full", "paper", "truth")
+SCHEDULES = ("all", "cascade")
+"""How a matrix runs its cells: `all` on the whole test set each (or its subset), or
+`cascade`, in the matrix's order, each on what the earlier ones left standing."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class Cell:
     """A view of the model the attack crafts through, `view(model)` (such as
     bench.engine.mirror.ThroughForward), named in the key; the verdicts stay the model's
     own. None: the model itself."""
+    cascade: str = ""
+    """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`): it runs only
+    on the images every earlier cell of that cascade left standing (bench.run.cascade).
+    Empty: the cell runs on its whole test set (or its subset)."""
 
     @property
     def seed(self) -> int:
@@ -181,10 +188,28 @@ class Matrix:
     tables: tuple[dict, ...]
     """The `[[cell]]` tables, those of the included matrices first, as parsed."""
     transfer: TransferTable
+    schedule: str = "all"
+    """One of SCHEDULES."""
+    escalate: str | None = None
+    """The matrix (a built-in name or a path) a checkpoint faces in full when this one's
+    cells or admission checks signal masking (`fast` escalates to `full`); None: never."""
+
+    @property
+    def cascade(self) -> bool:
+        return self.schedule == "cascade"
 
     def cells(self, threat, test_size: int | None = None) -> list[Cell]:
-        """Every cell under `threat`; `test_size`, where the dataset is known, bounds subsets."""
-        return expand(list(self.tables), threat, where=f"matrix {self.source!r}", test_size=test_size)
+        """Every cell under `threat`; `test_size`, where the dataset is known, bounds subsets.
+        A cascade's cells come in its order, each keyed as one of this cascade's."""
+        cells = expand(list(self.tables), threat, where=f"matrix {self.source!r}", test_size=test_size)
+        if not self.cascade:
+            return cells
+        if any(c.subset for c in cells):
+            raise BenchError(
+                f"matrix {self.source!r}: a cascade runs each cell on what the earlier ones left "
+                "standing; drop subset= from its cells"
+            )
+        return [dataclasses.replace(c, key=f"{c.key},cascade={self.name}", cascade=self.name) for c in cells]
 
     def transfer_cells(self, threat) -> list[Cell]:
         """The cells that craft the transfer examples, as `transfer_cell` makes them."""
@@ -197,13 +222,31 @@ def load_matrix(name_or_path: str) -> Matrix:
     unless it has its own."""
     name, raw = _load_toml(name_or_path)
     included, included_transfer = _included(raw, name)
+    schedule = raw.get("schedule", "all")
+    if schedule not in SCHEDULES:
+        raise BenchError(f"matrix {name_or_path!r}: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     return Matrix(
         name=name,
         source=name_or_path,
         description=str(raw.get("description", "")),
         tables=(*included, *raw.get("cell", [])),
         transfer=_transfer_table(name, raw.get("transfer") or included_transfer),
+        schedule=schedule,
+        escalate=_escalation(raw.get("escalate"), name_or_path),
     )
+
+
+def _escalation(target: Any, source: str) -> str | None:
+    """The matrix to escalate to, checked now (it is read only if a model calls for it)."""
+    if target is None:
+        return None
+    if not isinstance(target, str) or target == source:
+        raise BenchError(f"matrix {source!r}: escalate must name another matrix (a built-in name or a path)")
+    if load_matrix(target).escalate is not None:
+        raise BenchError(
+            f"matrix {source!r}: it escalates to {target!r}, which escalates again; name a matrix that does not"
+        )
+    return target
 
 
 def _transfer_table(name: str, table: dict) -> TransferTable:

@@ -223,6 +223,30 @@ def craft(
     return torch.cat(out).cpu().contiguous()
 
 
+def _no_images(cell: Cell, test_size: int, device: str, fast: FastPath) -> CellOutcome:
+    """A cascade cell after the earlier ones broke every image: nothing to attack, no pass
+    spent. Its accuracies are 0 of 0 images (its n says so)."""
+    return CellOutcome(
+        cell_key=cell.key,
+        kind=cell.kind,
+        attack=cell.attack,
+        threat=cell.threat,
+        params=dataclasses.asdict(cell.config),
+        clean_acc=0.0,
+        robust_acc=0.0,
+        n=0,
+        seconds=0.0,
+        correct_bits=pack_bits(np.zeros(0, dtype=bool)),
+        proven_bits=None,
+        indices=[],
+        test_size=test_size,
+        forward_passes=0.0,
+        backward_passes=0.0,
+        extra={"warnings": [], "precision": fast.precision},
+        device=device,
+    )
+
+
 VERDICT_SEED = 0
 """The seed of the passes that judge a randomized model: one for every cell and transfer
 (bench.engine.verdicts.majority_correct), so that every verdict of a checkpoint comes from
@@ -240,13 +264,18 @@ def run_cell(
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     fast: FastPath = PLAIN,
+    images: np.ndarray | None = None,
 ) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
-    look broken by rounding). `seed` seeds the attack (unset: the cell's own seed)."""
+    look broken by rounding). `seed` seeds the attack (unset: the cell's own seed).
+    `images` (test-set indices) runs it on those alone: a cascade's cell, on what the
+    earlier cells left standing."""
     seed = cell.seed if seed is None else seed
     test_size = len(x)
-    idx = subset_indices(len(x), cell.subset)
+    idx = subset_indices(len(x), cell.subset) if images is None else np.asarray(images, dtype=np.int64)
+    if idx is not None and len(idx) == 0:
+        return _no_images(cell, test_size, device, fast)
     if idx is not None:
         x, y = x[idx], y[idx]
     target = model

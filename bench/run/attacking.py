@@ -15,6 +15,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, make_cell
 from bench.engine.verdicts import majority_correct
 from bench.errors import BenchError
+from bench.run.cascade import run_cascade
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import EvalJob, Failed
 from bench.run.progress import progress_bar
@@ -130,7 +131,8 @@ def attack_checkpoints(
     def missing():
         for row, cells, build in work:
             done = ws.store.done_cells(row.id)
-            yield from ((row, c, build) for c in cells if c.key not in done)
+            # A cascade's cells wait for the ones before them: they run below, in order.
+            yield from ((row, c, build) for c in cells if c.key not in done and not c.cascade)
 
     with Claims(ws.store) as claims:
 
@@ -146,7 +148,9 @@ def attack_checkpoints(
                     models[row.key] = build()
                     data.setdefault(row.dataset, load_dataset(row.dataset, "test", ws.data_root))
                     bars[row.key] = progress_bar(
-                        ws, f"attack {row.defense} [{row.key[:8]}]", sum(len(c) for r, c, _ in work if r.key == row.key)
+                        ws,
+                        f"attack {row.defense} [{row.key[:8]}]",
+                        sum(len(c) for r, c, _ in work if r.key == row.key),
                     )
                 x, y = data[row.dataset]
                 yield EvalJob(models[row.key], cell, x, y, ws.device, ws.batch_size(), fast=ws.fast, label=row.key)
@@ -166,6 +170,10 @@ def attack_checkpoints(
         finally:
             for _, finish in bars.values():
                 finish()
+        for row, cells, build in work:
+            done, failed = run_cascade(ws, row, [c for c in cells if c.cascade], build, claims)
+            ran[row.id].extend(done)
+            ran[row.id].failures.update(failed)
     for row, _, _ in work:
         recompute_flags(ws.store, row)
     return ran

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.core.matrix import Cell, Matrix
+from bench.core.matrix import Cell, Matrix, load_matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
 from bench.run.diagnosing import ensure_diagnostic
+from bench.run.escalation import escalate
 from bench.run.plan import checked_cells
 from bench.run.recipe import Recipe, TrainRequest, resolve
 from bench.run.surrogates import transfer_cells
@@ -69,6 +70,13 @@ def run_defenses(ws: Workspace, plans: list[Plan], matrix: Matrix, executor=None
     for row_id, extra in witness_after_black_box(ws, [(row, builds[row.key]) for row in unique], executor).items():
         ran[row_id].extend(extra)
         ran[row_id].failures.update(extra.failures)
+    if matrix.escalate is not None:
+        for row in unique:
+            escalated = escalate(ws, row, load_matrix(matrix.escalate), builds[row.key], executor)
+            if escalated is not None:
+                ran[row.id].extend(escalated)
+                ran[row.id].failures.update(escalated.failures)
+                cells[row.key] += escalated.cells
     # The surrogates get their diagnostics too: the checkpoint pages and the compare page
     # draw every defense against natural training on the same dataset.
     surrogates = {s.key: s for t in transfers.values() for s in t.surrogates if s.key not in builds}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from bench.core.data import load_dataset
@@ -62,6 +63,8 @@ class EvalJob(AttackJob):
 
     seed: int | None = None
     """The attack's seed; unset, the cell's own (derived from its key)."""
+    images: np.ndarray | None = None
+    """Test-set indices to run on (a cascade's cell); unset, the cell's own images."""
 
     def run(self) -> CellOutcome:
         return run_cell(
@@ -73,6 +76,7 @@ class EvalJob(AttackJob):
             batch_size=self.batch_size,
             seed=self.seed,
             fast=self.fast,
+            images=self.images,
         )
 
 

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 
 from bench.core.data import DatasetSpec, get_spec, load_dataset
-from bench.core.matrix import Cell, Matrix
+from bench.core.matrix import Cell, Matrix, load_matrix
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.run.attacking import attack_checkpoint, witness_after_black_box
+from bench.run.escalation import escalate
 from bench.run.plan import checked_cells
 from bench.run.surrogates import transfer_cells
 from bench.run.workspace import Workspace
@@ -233,4 +234,9 @@ def run_outside(ws: Workspace, plan: OutsidePlan, matrix: Matrix, executor=None)
     for extra in witness_after_black_box(ws, [(row, build)], executor).values():
         ran.extend(extra)
         ran.failures.update(extra.failures)
+    escalated = escalate(ws, row, load_matrix(matrix.escalate), build, executor) if matrix.escalate else None
+    if escalated is not None:
+        ran.extend(escalated)
+        ran.failures.update(escalated.failures)
+        cells += escalated.cells
     return EvalReport(row, added, [*ran, *transfers.ran], len(cells) + transfers.total, ran.failures, transfers.trained)

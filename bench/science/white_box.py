@@ -17,6 +17,7 @@ from bench.core.contract import hooks
 from bench.core.kinds import Role
 from bench.registry import ATTACKS
 from bench.store.db import Checkpoint
+from bench.store.evidence import test_size_of
 from bench.store.rows import CellRow
 
 POINT = 0.01
@@ -94,13 +95,15 @@ def broken_by(cell, size: int) -> np.ndarray:
 
 def beyond_white_box(ck: Checkpoint, cells: list[CellRow], roles: frozenset[Role], name: str) -> dict | None:
     """The numbers when cells of `roles` broke more than a point of samples no white-box
-    cell broke, compared sample by sample over the full test set."""
+    cell broke, compared sample by sample over the full test set (a cell that ran on some
+    of its images, a cascade's, breaks only those)."""
     white = of_role(cells, ck.threat, WHITE_BOX)
     black = of_role(cells, ck.threat, roles)
-    full = [c for c in white if c.indices is None]
-    if not full or not black:
+    if not white or not black:
         return None
-    size = full[0].n
+    size = test_size_of(white)
+    if not size:
+        return None
     by_white = np.zeros(size, dtype=bool)
     for c in white:
         by_white |= broken_by(c, size)

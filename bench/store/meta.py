@@ -30,6 +30,9 @@ class CheckpointMeta:
     """Why the verifier does not take the model, where it does not (its cells are skipped)."""
     surrogate: bool = False
     """Trained as the source of the full matrix's transfer cells."""
+    escalated: str | None = None
+    """Why a cascade (the `fast` matrix) escalated to the full matrix on this checkpoint:
+    the masking flags that called for it. None where it did not."""
     admission: Mapping[str, Any] | None = None
     """The admission checks measured before the first attack (bench.science.admission)."""
     outside: Mapping[str, Any] | None = None
