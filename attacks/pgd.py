@@ -138,6 +138,11 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
+def _rows(t, rows: torch.Tensor | None):
+    """The samples `rows` of t (None: t itself, not a copy); None stays None."""
+    return t if t is None or rows is None else t[rows]
+
+
 def _random_start(x, cfg: PGD, generator):
     if not cfg.random_start:
         return x.clone()
@@ -242,16 +247,15 @@ def run_pgd(model, x, y, cfg: PGD, generator=None):
         # Draw the start for the whole batch and then subset, so the random stream and
         # hence every result are the same with early stop on or off.
         start = _random_start(x, cfg, generator)
+        rows: torch.Tensor | None = None  # None: every sample, each tensor as it is (no copy)
         if cfg.early_stop and bool(broken.any()):
-            idx = (~broken).nonzero().squeeze(1)
-            if len(idx) == 0:
+            rows = (~broken).nonzero().squeeze(1)
+            if len(rows) == 0:
                 break
-            pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        else:
-            idx = torch.arange(n, device=x.device)
-            pick = lambda t: t  # noqa: E731
-        xs, ys, gs, lo, hi = pick(x), pick(y), pick(goals), pick(lo_all), pick(hi_all)
-        x_adv, w_best, w_loss, alive = pick(start), pick(best).clone(), pick(best_loss).clone(), ~pick(broken)
+        idx = torch.arange(n, device=x.device) if rows is None else rows
+        xs, ys, gs, lo, hi = (_rows(t, rows) for t in (x, y, goals, lo_all, hi_all))
+        x_adv, w_best, w_loss = _rows(start, rows), _rows(best, rows).clone(), _rows(best_loss, rows).clone()
+        alive = ~_rows(broken, rows)
         for step in range(cfg.steps + 1):
             last = step == cfg.steps
             with torch.enable_grad() if not last else torch.no_grad():

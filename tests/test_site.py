@@ -326,26 +326,28 @@ def make_store(folder: Path) -> Store:
     return store
 
 
+def _lowest(cells, match) -> float | None:
+    """The lowest robust accuracy of the cells that match; None when none does."""
+    hits = [e.robust_acc for e in cells if match(e)]
+    return min(hits) if hits else None
+
+
+def _pgd(cells, steps: int, loss: str = "xent") -> float | None:
+    """The lowest robust accuracy of PGD with `steps` steps, `loss` and one restart."""
+    return _lowest(
+        cells,
+        lambda e: (
+            e.attack == "pgd" and e.params["steps"] == steps and e.params["loss"] == loss and e.params["restarts"] == 1
+        ),
+    )
+
+
 def expected_rows(store: Store) -> dict[str, dict]:
     """What each checkpoint's row on its own board must show, from the stored rows alone."""
     out = {}
     for ck in store.checkpoints():
         cells = [e for e in store.evaluations([ck.id]) if e.threat == ck.threat]
         transfers = [t for t in store.transfers([ck.id]) if t.target_id == ck.id]
-
-        def lowest(match):
-            hits = [e.robust_acc for e in cells if match(e)]
-            return min(hits) if hits else None
-
-        def pgd(steps, loss="xent"):
-            return lowest(
-                lambda e: (
-                    e.attack == "pgd"
-                    and e.params["steps"] == steps
-                    and e.params["loss"] == loss
-                    and e.params["restarts"] == 1
-                )
-            )
 
         steps = [
             e.params["steps"]
@@ -359,14 +361,14 @@ def expected_rows(store: Store) -> dict[str, dict]:
         out[ck.key] = {
             "board": f"board-{ck.dataset}-{ck.threat}",
             "clean": ck.meta["clean_acc"],
-            "fgsm": lowest(lambda e: e.attack == "fgsm"),
-            "pgd20": pgd(20),
-            "pgd_longest": pgd(max(steps)) if steps else None,
-            "cw20": pgd(20, "cw"),
-            "apgd_t": lowest(lambda e: e.attack == "apgd_t"),
-            "spsa": lowest(lambda e: e.attack == "spsa"),
-            "autoattack": lowest(lambda e: e.attack == "autoattack"),
-            "square": lowest(lambda e: e.attack == "square"),
+            "fgsm": _lowest(cells, lambda e: e.attack == "fgsm"),
+            "pgd20": _pgd(cells, 20),
+            "pgd_longest": _pgd(cells, max(steps)) if steps else None,
+            "cw20": _pgd(cells, 20, "cw"),
+            "apgd_t": _lowest(cells, lambda e: e.attack == "apgd_t"),
+            "spsa": _lowest(cells, lambda e: e.attack == "spsa"),
+            "autoattack": _lowest(cells, lambda e: e.attack == "autoattack"),
+            "square": _lowest(cells, lambda e: e.attack == "square"),
             "transfer": transfer,
             "surrogates": {t.source_id for t in black_box if t.robust_acc == transfer},
             "worst": wc.robust_acc if wc else None,
