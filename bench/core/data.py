@@ -132,8 +132,8 @@ def _cifar(folder: str, train_files: list[str], test_files: list[str], label_key
             x, y = read_cifar_batch(path, label_key, spec.num_classes, spec.name, spec.files_hint)
             xs.append(x)
             ys.append(y)
-        x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
-        return x, torch.from_numpy(np.concatenate(ys))
+        images = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
+        return images, torch.from_numpy(np.concatenate(ys))
 
     return load
 

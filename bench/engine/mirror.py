@@ -78,7 +78,7 @@ class _Ctx:
         pass
 
 
-def _forward_of(fn: type, apply, args: tuple, kwargs: dict):
+def _forward_of(fn: type[torch.autograd.Function], apply, args: tuple, kwargs: dict):
     """`fn` applied to args with autograd differentiating its forward; `apply` (the
     Function as it is) where the forward leaves the graph or cannot run under autograd."""
     inputs = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
@@ -99,7 +99,7 @@ def _forward_of(fn: type, apply, args: tuple, kwargs: dict):
     return out
 
 
-def _dispatch(fn: type, *args, **kwargs):
+def _dispatch(fn: type[torch.autograd.Function], *args, **kwargs):
     apply = _previous.__get__(None, fn)
     mode = getattr(_state, "mode", None)
     if mode is None or not user_defined(fn):

@@ -33,6 +33,8 @@ import copy
 import functools
 import itertools
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.autograd.function as autograd_function
@@ -111,7 +113,7 @@ _APPLY = autograd_function.Function.__dict__["apply"]
 
 
 @functools.cache
-def _opaque_apply(fn: type) -> callable:
+def _opaque_apply(fn: type) -> Callable[..., Any]:
     """A plain function calling `fn.apply`: the graph node a custom Function becomes
     (torch.fx records calls of functions, not of classes)."""
 
@@ -167,16 +169,23 @@ def _pool_args(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
             return None
         return tuple(vals[k] for k in names[:-1])
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        mod = _module_of(node, gm)
         if type(mod) is nn.MaxPool2d and not mod.return_indices:
             return (node.args[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
     return None
 
 
+def _module_of(node: fx.Node, gm: fx.GraphModule) -> nn.Module:
+    """The submodule a call_module node calls, which fx names by its dotted path."""
+    if not isinstance(node.target, str):
+        raise TypeError(f"fx node {node.name} calls a module by {node.target!r}, not by its path")
+    return gm.get_submodule(node.target)
+
+
 def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_function" and node.target in _RELU_FNS:
         return True
-    return node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU
+    return node.op == "call_module" and type(_module_of(node, gm)) is nn.ReLU
 
 
 def _movable_relu(node, gm: fx.GraphModule) -> fx.Node | None:
@@ -212,7 +221,8 @@ def exact_rewrite(model: nn.Module) -> nn.Module:
             graph.erase_node(relu)
             with graph.inserting_after(pooled):
                 out = graph.call_function(F.relu, (pooled,))
-            pooled.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+            # B023 is silenced: replace_all_uses_with calls the lambda at once, within this iteration.
+            pooled.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)  # noqa: B023
         changed = True
     if not changed:
         return model
