@@ -8,10 +8,10 @@ The values are database strings: they never change.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class CellKind(str, Enum):
+class CellKind(StrEnum):
     """What a cell's per-sample bits say."""
 
     ATTACK = "attack"
@@ -36,7 +36,7 @@ class CellKind(str, Enum):
         return self in (CellKind.VERIFY, CellKind.CERTIFY)
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     """An attack's place among the attacks, as the masking checks and the board read it."""
 
     ONE_STEP = "one_step"
