@@ -42,6 +42,8 @@ a little, so a target whose MILP point does not reproduce is solved again asking
 margin <= -(TIE + tol) (see `verify_images`)."""
 STATUSES = ("robust", "not_robust", "unknown")
 DECIDERS = ("clean", "bound", "search", "milp", "timeout")
+DEFAULT_SEARCH = SearchConfig()
+"""The attack search before the MILP when a caller names none (frozen: one instance serves every call)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def verify_one(
     eps: float,
     time_limit: float,
     index: int,
-    cfg: SearchConfig = SearchConfig(),
+    cfg: SearchConfig = DEFAULT_SEARCH,
 ) -> Verdict:
     """The verdict for one image x (C, H, W); see `verify_images`."""
     t0 = time.perf_counter()
@@ -193,7 +195,7 @@ def verify_images(
     eps: float,
     time_limit: float = 10.0,
     on_image: Callable[[int], None] | None = None,
-    search: SearchConfig = SearchConfig(),
+    search: SearchConfig = DEFAULT_SEARCH,
 ) -> list[Verdict]:
     """Exact robustness of each image over [max(x - eps, 0), min(x + eps, 1)], for the model
     in fp32, within `time_limit` seconds per image: (0) the graph held to the model on
