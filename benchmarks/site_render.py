@@ -112,7 +112,7 @@ def synthetic_store(folder: Path, checkpoints: int = 1000, cells: int = 30, tran
         for ck, clean in cks:
             level = rng.uniform(0.0, 0.6)
             correct = rng.random(TEST_SIZE) < clean
-            for j, (attack, params, threat, subset) in enumerate(_cells(cells)):
+            for attack, params, threat, subset in _cells(cells):
                 strength = (0.5 + np.log10(params.get("steps", 1) + 1) / 6) if attack == "pgd" else 0.8
                 bits = correct & (rng.random(TEST_SIZE) < max(level, 1 - strength))
                 n = subset or TEST_SIZE

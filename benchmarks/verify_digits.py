@@ -57,7 +57,7 @@ def trained(dataset: str, arch: str, defense: str, seed: int, epochs: int | None
 
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, time_limit: float) -> dict:

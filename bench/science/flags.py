@@ -150,7 +150,7 @@ def spsa_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[C
     hit = _stronger_than_pgd(ck, cells, spsa)
     if hit is None:
         return None
-    gap, c, (pgd_acc, pgd_key) = hit
+    _gap, c, (pgd_acc, pgd_key) = hit
     return {"numbers": {"spsa": c.robust_acc, "pgd_same_images": pgd_acc, "n": c.n, "cells": [c.cell_key, pgd_key]}}
 
 
@@ -165,7 +165,7 @@ def transfer_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: li
     hit = _stronger_than_pgd(ck, cells, incoming)
     if hit is None:
         return None
-    gap, t, (pgd_acc, pgd_key) = hit
+    _gap, t, (pgd_acc, pgd_key) = hit
     return {
         "numbers": {
             "transfer": t.robust_acc,

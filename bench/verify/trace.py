@@ -319,7 +319,7 @@ def _fold(b: _Builder) -> list[dict]:
         for i in nd["inputs"]:
             readers[i] = readers.get(i, 0) + 1
     alive = [True] * len(b.nodes)
-    for k, nd in enumerate(b.nodes):
+    for nd in b.nodes:
         if nd["op"] != "affine":
             continue
         p = nd["inputs"][0]
