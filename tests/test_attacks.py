@@ -246,7 +246,7 @@ def test_autoattack_cell_equals_pyautoattack(robust_model, digits_test):
 def test_autoattack_checks_reach_the_warnings_and_the_flags(natural_model, sample, capfd):
     """A model that outputs probabilities trips pyautoattack's logits check. With every
     label wrong, nothing is left to attack, so only the checks run."""
-    x, y = sample
+    x, _ = sample
     probabilities = torch.nn.Sequential(copy.deepcopy(natural_model), torch.nn.Softmax(dim=1))
     cell = make_cell("autoattack", {}, THREAT)
     with torch.no_grad():

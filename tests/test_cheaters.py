@@ -97,7 +97,7 @@ def test_quantized_input_is_caught_and_judged_like_bpda(natural_model, digits_te
 def test_saturated_logits_are_caught_and_judged_like_a_margin_attack(natural_model, digits_test, matrix, results):
     x, y = digits_test
     cheat = Saturated(natural_model).eval()
-    wc, rows = judge(cheat, "zoo_saturated", matrix, results)
+    wc, _ = judge(cheat, "zoo_saturated", matrix, results)
     assert "zero_gradients" in masking(wc)
     adaptive = robust(cheat, pgd(cheat, x, y, margin), x, y)
     assert abs(wc["robust_acc"] - adaptive) <= 0.10, (wc["robust_acc"], adaptive)
@@ -215,7 +215,7 @@ def test_a_model_whose_gradients_say_nothing_gets_the_witness():
     (_, witness) = adapt_cells(cells, noisy, THREAT)
     assert (witness.eot, witness.votes, witness.rounds) == (1, 21, 3)
     # A matrix that already has the witness gets it once.
-    assert len(adapt_cells(cells + [make_cell("distill", {}, THREAT)], zero, THREAT)) == 2
+    assert len(adapt_cells([*cells, make_cell("distill", {}, THREAT)], zero, THREAT)) == 2
 
 
 def test_randomized_cells_are_reproducible(natural_model, digits_test):

@@ -149,7 +149,7 @@ def test_three_drivers_side_by_side_never_crash_duplicate_or_compute_twice(store
         "--db",
         store_url,
     ]
-    other = argv[:5] + ["epochs=3"] + argv[6:]
+    other = [*argv[:5], "epochs=3", *argv[6:]]
     runs = _drivers([argv, argv, other], plugin_env(bench_plugins, log))
     assert [r.returncode for r in runs] == [0, 0, 0], "".join(r.stderr for r in runs)
     store = Store(store_url)

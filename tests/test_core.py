@@ -37,7 +37,7 @@ DIGITS = get_spec("digits")
 
 # --- data ------------------------------------------------------------------------------
 def test_digits_split_is_fixed_and_in_unit_range():
-    x, y = load_dataset("digits", "train")
+    x, _ = load_dataset("digits", "train")
     xt, yt = load_dataset("digits", "test")
     assert x.shape == (1437, 1, 8, 8) and xt.shape == (360, 1, 8, 8)
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
@@ -160,7 +160,7 @@ def test_broken_entry_point_is_an_error_not_a_gap(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(ATTACKS, "_loaded", False)
-    with pytest.raises(BenchError, match="bench_plugin_broken.*boom"):
+    with pytest.raises(BenchError, match=r"bench_plugin_broken.*boom"):
         ATTACKS.load()
     monkeypatch.setattr(ATTACKS, "_loaded", True)
 
@@ -329,7 +329,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_store(tmp_path, monkeypa
         "{missing}": str(tmp_path / "nowhere"),
     }
     argv = [subst.get(a, a) for a in args] + ["--results", str(results)]
-    code, out, err = _cli(monkeypatch, capsys, *argv)
+    code, _, err = _cli(monkeypatch, capsys, *argv)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert _snapshot(results / "bench.db") == before

@@ -65,6 +65,7 @@ def test_linear_model_gaps_and_eps_l_are_the_hand_computed_values():
     assert (
         gap == pytest.approx(1.075)
         and s["logit_gap"][0] == pytest.approx(1.075)
+        and grad_gap == pytest.approx(8.5)
         and s["grad_gap"][0] == pytest.approx(8.5)
     )
     assert s["eps_l"][0] == pytest.approx(1.075 / 8.5)
@@ -92,7 +93,7 @@ def test_two_class_linear_model_eps_l_is_the_smallest_label_flip():
     for i in range(len(x)):
         yi = int(y[i])
         direction = torch.tensor(np.sign(w[yi] - w[1 - yi])).reshape(1, 1, 4, 4)
-        t = _flip_size(model, x[i : i + 1], yi, direction, lambda zz: int(zz.argmax()) != yi)
+        t = _flip_size(model, x[i : i + 1], yi, direction, lambda zz, yi=yi: int(zz.argmax()) != yi)
         assert t == pytest.approx(s["eps_l"][i], rel=1e-9)
 
 
@@ -201,7 +202,7 @@ def test_diagnose_cli_table_and_json(small_results, monkeypatch, capsys):
     ],
 )
 def test_diagnose_bad_input_exits_2_with_one_line(small_results, monkeypatch, capsys, args, message):
-    code, out, err = _cli(monkeypatch, capsys, "diagnose", *args, "--results", str(small_results))
+    code, _, err = _cli(monkeypatch, capsys, "diagnose", *args, "--results", str(small_results))
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
     ws = str(Path(sys.executable).with_name("bench"))  # the installed script beside this Python
     proc = subprocess.run(

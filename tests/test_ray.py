@@ -14,12 +14,11 @@ ray = pytest.importorskip("ray")
 # one per worker on the same two cores.
 pytestmark = pytest.mark.xdist_group("ray")
 
+# E402 is silenced below: the imports follow importorskip, so a machine without Ray
+# skips this module before the Ray executor is imported.
 from servers import read_log  # noqa: E402
 
-from bench.core.matrix import (
-    load_matrix,
-    make_cell,
-)
+from bench.core.matrix import load_matrix, make_cell  # noqa: E402
 from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.run.attacking import attack_checkpoint  # noqa: E402

@@ -174,7 +174,7 @@ def test_view_is_cached_follows_weights_and_is_retraced_on_a_mode_change():
     model = build_model("digits_cnn", DIGITS).eval()
     view = exact_view(model)
     assert exact_view(model) is view
-    x, y = _inputs(DIGITS.shape)
+    x, _ = _inputs(DIGITS.shape)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # in place, as an optimizer step

@@ -142,7 +142,7 @@ def test_a_cheating_plugin_fails_its_cell_and_the_worst_case_says_incomplete(che
 def test_evaluate_raises_with_the_rows_and_the_failures(cheat, natural_model, tmp_path):
     matrix = tmp_path / "m.toml"
     matrix.write_text(f'[[cell]]\nattack = "{cheat}"\n\n[[cell]]\nattack = "fgsm"\n')
-    with pytest.raises(api.IncompleteEvaluation, match="1 cell.s. failed, so the worst case is incomplete") as exc:
+    with pytest.raises(api.IncompleteEvaluation, match=r"1 cell\(s\) failed, so the worst case is incomplete") as exc:
         api.evaluate(natural_model, name="mine", matrix=str(matrix), results=tmp_path / "results", device="cpu")
     assert list(exc.value.failures) == [f"{cheat}:eps=0.2,factor=2"]
     worst = exc.value.rows[-1]

@@ -111,7 +111,6 @@ def test_bracket_counts_the_floor_the_doubt_and_what_the_attacks_missed(tmp_path
 def test_the_exact_figure_where_every_image_was_decided(tmp_path):
     store, ck = _store(tmp_path)
     _add(store, ck, "pgd:steps=20", "pgd", ATTACKS)
-    decided = np.zeros(N, dtype=bool)
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_ROBUST, proven=V_ROBUST)
     b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
     assert b.exact == pytest.approx(0.3) and b.unknown == 0 and b.gap == 0

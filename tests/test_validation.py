@@ -252,11 +252,11 @@ def test_corrupt_or_misshapen_svhn_files_are_refused(tmp_path):
 
     path = tmp_path / "test_32x32.mat"
     path.write_bytes(b"MATLAB 5.0 MAT-file" + bytes(40))
-    with pytest.raises(BenchError, match="test_32x32.mat' is corrupt or truncated"):
+    with pytest.raises(BenchError, match=r"test_32x32\.mat' is corrupt or truncated"):
         load_dataset("svhn", "test", root=str(tmp_path))
     savemat(path, {"X": np.zeros((28, 28, 3, 2), np.uint8), "y": np.array([[1], [2]])})
     with pytest.raises(BenchError, match=r"is not an SVHN file \(X \(28, 28, 3, 2\)"):
         load_dataset("svhn", "test", root=str(tmp_path))
     savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[11], [2]])})
-    with pytest.raises(BenchError, match="y \\(N labels in 1..10\\)"):
+    with pytest.raises(BenchError, match=r"y \(N labels in 1\.\.10\)"):
         load_dataset("svhn", "test", root=str(tmp_path))
