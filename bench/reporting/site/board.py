@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 
 from bench.core.stats import SIGNIFICANCE, mcnemar
-from bench.reporting.format import missing, pct
+from bench.reporting.format import missing, passes, pct
 from bench.reporting.site.board_plot import eps_plot
 from bench.reporting.site.load import SiteData
 from bench.reporting.site.names import (
@@ -16,6 +16,7 @@ from bench.reporting.site.names import (
     page_path,
 )
 from bench.store.bracket import Bracket
+from bench.store.evidence import WorstCase
 
 # Board columns after clean accuracy: (column id, header, cell label). The label is what
 # `cell_label` calls a cell, and also the key of the paper's number in a preset
@@ -134,6 +135,7 @@ def boards(data: SiteData) -> list[dict]:
                     "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"} for f in data.flags[cid]]
                     if threat == ck.threat
                     else [],
+                    "passes": _passes(wc),
                     "cost": {
                         "value": repr(float(ck.train_seconds)),
                         "text": f"{ck.train_seconds:,.1f} s",
@@ -198,6 +200,22 @@ def _transfer(cid: int, threat: str, data: SiteData, by_id: dict) -> dict:
     )
     note = f"from {source.defense if source else f'checkpoint {t.source_id}'}"
     return _cell("transfer", t.robust_acc, None, note + ("" if t.indices is None else f" on {t.n} images"), title)
+
+
+def _passes(wc: WorstCase | None) -> dict:
+    """What the worst case cost: the model's forward passes per test image over the cells it
+    ANDs (the sort value), the backward passes in the title; a dash where a cell was stored
+    before passes were counted."""
+    forward = wc.forward_passes if wc else None
+    backward = wc.backward_passes if wc else None
+    if wc is None or forward is None or backward is None:
+        title = "not counted: a cell of the worst case was stored before passes were counted" if wc else ""
+        return {"value": "", "text": passes(None), "title": title}
+    cells = f"{len(wc.cells)} cell{'' if len(wc.cells) == 1 else 's'}"
+    title = (
+        f"{forward:,.1f} forward and {backward:,.1f} backward passes per test image, over the {cells} of the worst case"
+    )
+    return {"value": repr(float(forward)), "text": passes(forward), "title": title}
 
 
 def _floor(b: Bracket | None, not_verifiable: str | None) -> dict:
