@@ -1,5 +1,6 @@
-"""ck/<key>.html: one page per checkpoint with its config, provenance, every cell, its
-flags explained, and four small plots drawn as inline SVG."""
+"""ck/<key>.html: one page per checkpoint with its config, provenance, every cell and
+what it cost, its flags explained, and small plots drawn as inline SVG (four here, and
+the budget view of budget.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from markupsafe import Markup
 from bench.core.kinds import Role
 from bench.core.presets import all_presets
 from bench.errors import BenchError
-from bench.reporting.format import duration, exact, num, pct
+from bench.reporting.format import duration, exact, missing, num, passes, pct
+from bench.reporting.site.budget import budget_plot
 from bench.reporting.site.diagnostics import checkpoint_section
 from bench.reporting.site.load import SiteData, cell_order
 from bench.reporting.site.names import (
@@ -118,11 +120,17 @@ def checkpoint_page(
             "anchor": cell_anchor(t.cell_key),
             "robust": pct(t.robust_acc),
             "n": t.n,
+            # What crafting the examples cost on the source, per image.
+            "forward": _passes(t.forward_passes),
+            "backward": _passes(t.backward_passes),
         }
 
     plots = _plots(ck, cells)
     name = checkpoint_name(ck, data.overrides)
     ev = data.evidence[ck.id]
+    # Only the sources of transfers onto this checkpoint are named: not every checkpoint for every page.
+    sources = {t.source_id: by_id[t.source_id] for t in data.incoming[ck.id] if t.source_id in by_id}
+    plots["list"].append(budget_plot(ev, {i: checkpoint_name(o, data.overrides) for i, o in sources.items()}))
     wc = ev.own
     b = ev.bracket if wc else None
     return {
@@ -134,6 +142,9 @@ def checkpoint_page(
             "cells": len(wc.cells),
             "complete": wc.complete,
             "missing": list(wc.missing),
+            "forward": _passes(wc.forward_passes),
+            "backward": _passes(wc.backward_passes),
+            "counted": wc.forward_passes is not None,
         }
         if wc
         else None,
@@ -176,6 +187,8 @@ def checkpoint_page(
                 "n": e.n,
                 "subset": e.indices is not None,
                 "seconds": f"{e.seconds:.2f}",
+                "forward": _passes(e.forward_passes),
+                "backward": _passes(e.backward_passes),
                 "device": e.device,
                 "warnings": "; ".join(e.warnings),
             }
@@ -325,6 +338,11 @@ def _plots(ck: Checkpoint, cells: list[CellRow]) -> dict:
         for k in dict.fromkeys([*clean_stats, *adv_stats])
     ]
     return {"list": listing, "logit_stats": stats}
+
+
+def _passes(value: float | None) -> dict:
+    """Passes per image as a table shows them: short, with the figure in full on hover."""
+    return {"text": passes(value), "title": "" if missing(value) else f"{value:,.2f} per image"}
 
 
 def _clip(text: str, limit: int = 400) -> str:
