@@ -196,7 +196,7 @@ def test_csv_and_json_keep_the_canonical_keys_and_fields(capsys):
     assert json.loads(capsys.readouterr().out) == rows
     output.rows(rows, "csv")
     read = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert list(read[0]) == COLUMNS + ["flags", *BRACKET]
+    assert list(read[0]) == [*COLUMNS, "flags", *BRACKET]
     assert [r["attack"] for r in read] == [r["attack"] for r in rows]  # worst case last, as stored
     assert read[-1]["flags"] == "pgd_still_falling;restarts_matter" and read[0]["robust_acc"] == "0.11666"
 

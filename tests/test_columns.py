@@ -95,7 +95,7 @@ def test_reloaded_transfer_examples_are_held_to_the_ball(tmp_path: Path, digits_
     save_file({"x_adv": (x + 0.01).clamp(0, 1).contiguous()}, str(path))
     assert torch.equal(cached_examples(bench, source, cell, x).x_adv, (x + 0.01).clamp(0, 1))
     save_file({"x_adv": (x + 0.5).clamp(0, 1).contiguous()}, str(path))  # outside eps 0.2
-    with pytest.raises(BenchError, match="outside the threat model.*delete the file"):
+    with pytest.raises(BenchError, match=r"outside the threat model.*delete the file"):
         cached_examples(bench, source, cell, x)
 
 
@@ -115,7 +115,7 @@ def _revisits(model, x, y, cfg: PGD) -> int:
     """Samples whose PGD path returns to an earlier iterate bit for bit."""
     rec = _Recorder(model)
     plain_pgd(rec, x, y, cfg, torch.Generator().manual_seed(0))
-    return sum(len(set(path)) < len(path) for path in zip(*rec.seen))
+    return sum(len(set(path)) < len(path) for path in zip(*rec.seen, strict=True))
 
 
 def test_long_pgd_of_the_full_matrix_never_revisits_an_iterate(pgd_at_model, digits_test):

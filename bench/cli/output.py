@@ -92,7 +92,7 @@ def rows(result: list[dict], form: str) -> None:
         return
     if form == "csv":
         text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=COLUMNS + ["flags", *BRACKET], extrasaction="ignore")
+        w = csv.DictWriter(text, fieldnames=[*COLUMNS, "flags", *BRACKET], extrasaction="ignore")
         w.writeheader()
         for r in result:
             w.writerow({**r, "flags": ";".join(r.get("flags", []))})
@@ -124,7 +124,7 @@ def rows(result: list[dict], form: str) -> None:
         worst = [r for r in group if r["attack"] == WORST_CASE][::-1]
         cells = [r for r in group if r["attack"] != WORST_CASE]
         names = [escape(r["attack"]) for r in cells] if form == "wide" else _cell_names(cells, _home(group))
-        shown = [*((w, _worst_name(w)) for w in worst), *zip(cells, names)]
+        shown = [*((w, _worst_name(w)) for w in worst), *zip(cells, names, strict=True)]
         for j, (r, name) in enumerate(shown):
             # A rule under the worst case, and between checkpoints.
             rule = (j == len(worst) - 1 and bool(cells)) or (j == len(shown) - 1 and i < len(groups) - 1)
@@ -277,7 +277,8 @@ def diagnosis(result: list[dict], fmt: str) -> None:
 def listing(entries: list[tuple[str, ...]], widths: tuple[int, ...]) -> None:
     """One line an entry, columns padded to `widths`; a long last column wraps under itself."""
     for entry in entries:
-        head = " ".join(f"{v:{w}}" if w else v for v, w in zip(entry[:-1], widths))
+        # Not strict: a kind without widths passes none, and its entries show their last column alone.
+        head = " ".join(f"{v:{w}}" if w else v for v, w in zip(entry[:-1], widths, strict=False))
         indent = " " * (len(head) + 1 if head else 0)
         text = textwrap.fill(
             entry[-1],
