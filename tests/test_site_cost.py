@@ -4,6 +4,7 @@ written by hand whose sums are worked out below."""
 
 from __future__ import annotations
 
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -250,3 +251,40 @@ def test_the_budget_says_how_many_cells_were_left_out_or_that_none_was_counted(s
 )
 def test_passes_read_short(value, text):
     assert passes(value) == text
+
+
+# --- what a browser shows ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    """A headless chromium (the site's browser tests need one; tests/test_site.py says how to install it)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if executable is None:
+        pytest.skip("no chromium executable on PATH")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, headless=True)
+        yield b
+        b.close()
+
+
+def test_a_browser_sorts_the_board_by_passes_and_hovers_the_budget_points(site, browser):
+    page = browser.new_page()
+    page.goto((site / "index.html").as_uri())
+    board = f"[id='board-digits-{THREAT}']"
+    page.locator(f"{board} th", has_text="Passes/img").click()  # cheapest first; the uncounted last
+    shown = page.eval_on_selector_all(
+        f"{board} tbody tr", "rs => rs.map(r => [r.dataset.key, r.querySelector('td.passes').innerText])"
+    )
+    assert shown[0] == ["0000countedabcd", "132"]
+    assert sorted(text for _, text in shown[1:]) == [MISSING, MISSING]
+    page.goto((site / "ck" / "0000countedabcd.html").as_uri())
+    box = page.locator("#plot-budget svg").bounding_box()
+    assert box and box["width"] > 100 and box["height"] > 60
+    titles = page.eval_on_selector_all("#plot-budget circle title", "ts => ts.map(t => t.textContent)")
+    assert [t.split(" (")[0] for t in titles] == [
+        "+ fgsm",
+        "+ transfer crafted on madry",
+        "+ pgd20",
+        "+ spsa",
+    ]
+    page.close()
