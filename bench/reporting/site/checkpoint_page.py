@@ -1,6 +1,6 @@
 """ck/<key>.html: one page per checkpoint with its config, provenance, every cell and
 what it cost, its flags explained, and small plots drawn as inline SVG (four here, and
-the budget view of budget.py)."""
+the budget view of budget_view.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bench.core.kinds import Role
 from bench.core.presets import all_presets
 from bench.errors import BenchError
 from bench.reporting.format import duration, exact, missing, num, passes, pct
-from bench.reporting.site.budget import budget_plot
+from bench.reporting.site.budget_view import budget_plot
 from bench.reporting.site.diagnostics import checkpoint_section
 from bench.reporting.site.load import SiteData, cell_order
 from bench.reporting.site.names import (
