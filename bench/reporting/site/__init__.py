@@ -1,16 +1,19 @@
 """The static leaderboard: `bench site` reads the store and writes a folder of HTML.
 
-Pages are computed in this package (pandas for the tables) and rendered by the jinja2
+Every number comes from each checkpoint's evidence (bench.store.evidence), built once
+when the store is read (load.py). Pages are computed in this package (pandas for the tables) and rendered by the jinja2
 templates in bench/templates with autoescape on; the templates only loop and print. The
 site is:
 
 - index.html: one board per dataset and threat model, checkpoints ranked by worst-case
-  robust accuracy, the paper's reported number beside ours where a preset carries one
-  (board.py), and under each board its checkpoints' accuracy against eps (board_plot.py);
-- ck/<key>.html: one page per checkpoint with its config, provenance, every cell, its
-  flags explained, four small plots drawn as inline SVG, and its stored diagnostics
-  (checkpoint_page.py, diagnostics.py); a key that is not a safe file name gets
-  ck/id-<id>.html instead;
+  robust accuracy (rows a McNemar test cannot tell apart share a rank), each worst case
+  with its 95% interval and the passes it cost, the paper's reported number beside ours
+  where a preset carries one (board.py), and under each board its checkpoints' accuracy
+  against eps (board_plot.py);
+- ck/<key>.html: one page per checkpoint with its config, provenance, every cell and
+  its cost, its flags explained, small plots drawn as inline SVG (the budget view among
+  them, budget_view.py), and its stored diagnostics (checkpoint_page.py,
+  diagnostics.py); a key that is not a safe file name gets ck/id-<id>.html instead;
 - compare-<dataset>.html: one page per dataset with a checkpoint, every diagnosed
   checkpoint of it side by side on the quantities of Shafahi et al.'s Table 1, with
   their Fig. 1 and Fig. 2 histograms (diagnostics.py);
@@ -29,6 +32,7 @@ records shows what a run leaves in a checkpoint's meta (admission checks, an out
 model's factory, flag numbers) without the folders of the machine that ran it, svg
 draws, render writes the pages; nothing here imports this __init__.
 """
+
 from __future__ import annotations
 
 import os
