@@ -332,7 +332,7 @@ def _lowest(cells, match) -> float | None:
     return min(hits) if hits else None
 
 
-def _pgd(cells, steps: int, loss: str = "xent") -> float | None:
+def _lowest_pgd(cells, steps: int, loss: str = "xent") -> float | None:
     """The lowest robust accuracy of PGD with `steps` steps, `loss` and one restart."""
     return _lowest(
         cells,
@@ -362,9 +362,9 @@ def expected_rows(store: Store) -> dict[str, dict]:
             "board": f"board-{ck.dataset}-{ck.threat}",
             "clean": ck.meta["clean_acc"],
             "fgsm": _lowest(cells, lambda e: e.attack == "fgsm"),
-            "pgd20": _pgd(cells, 20),
-            "pgd_longest": _pgd(cells, max(steps)) if steps else None,
-            "cw20": _pgd(cells, 20, "cw"),
+            "pgd20": _lowest_pgd(cells, 20),
+            "pgd_longest": _lowest_pgd(cells, max(steps)) if steps else None,
+            "cw20": _lowest_pgd(cells, 20, "cw"),
             "apgd_t": _lowest(cells, lambda e: e.attack == "apgd_t"),
             "spsa": _lowest(cells, lambda e: e.attack == "spsa"),
             "autoattack": _lowest(cells, lambda e: e.attack == "autoattack"),
