@@ -13,8 +13,9 @@ per-image verdicts (`CompleteVerdicts` or `CertifiedVerdicts`, as its kind says)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -26,6 +27,7 @@ class AttackConfig(Protocol):
 
     Required:
 
+    - to be a frozen dataclass: its fields are the cell's key and its stored `params`;
     - `with_threat(threat)`: the config with every unset budget filled from the dataset's
       threat model (bench.core.data.ThreatModel); a config with nothing to fill may leave
       it out and is used as it is.
@@ -48,6 +50,8 @@ class AttackConfig(Protocol):
     - `for_randomized()`: its own version for a randomized model, which averages over
       passes itself (default: none; the harness averages for it).
     """
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def with_threat(self, threat: Any) -> AttackConfig: ...
 

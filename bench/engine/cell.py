@@ -103,9 +103,10 @@ def fast_model(model: torch.nn.Module, fast: FastPath = PLAIN):
         net.eval().requires_grad_(False)
         if fast.channels_last:
             net = net.to(memory_format=torch.channels_last)
+        prepared: Callable = net
         if fast.compile:  # dynamic batch: early stop shrinks the working batch
-            net = torch.compile(net, dynamic=True)
-        cached = _PREPARED[model] = (key, net)
+            prepared = torch.compile(net, dynamic=True)
+        cached = _PREPARED[model] = (key, prepared)
     yield cached[1]
 
 
@@ -209,6 +210,8 @@ def craft(
                     "returns bench.plugin.Crafted(x_adv) (and a verifier its verdicts beside it)"
                 )
             if verifier and verdicts is not None:
+                if crafted.verdicts is None:
+                    raise RuntimeError(f"verifier {cell.attack!r} returned no verdicts with its inputs")
                 verdicts.append(crafted.verdicts)
             x_adv = crafted.x_adv.detach()
             if x_adv.shape != xb.shape:
@@ -323,11 +326,11 @@ def run_cell(
         # An attack stops at the first iterate its noisy view misclassifies, right at the
         # boundary, where the verdict is a coin flip; so what the verdict leaves standing
         # is attacked again (the craft with a fresh seed), `cell.rounds` times in all.
-        for extra in range(1, cell.rounds):
+        for again_round in range(1, cell.rounds):
             left = robust.nonzero().squeeze(1)
             if len(left) == 0:
                 break
-            with seeded_noise(device, seed + extra), counting(model, count=count):
+            with seeded_noise(device, seed + again_round), counting(model, count=count):
                 again = craft(
                     target,
                     cell,
@@ -335,7 +338,7 @@ def run_cell(
                     y[left],
                     device=device,
                     batch_size=batch_size,
-                    seed=seed + extra,
+                    seed=seed + again_round,
                     fast=fast,
                     count=count,
                 )

@@ -1,4 +1,5 @@
 """attacks.html: what every attack, parameter and stored cell key means."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,27 +39,56 @@ def attacks(data: SiteData) -> list[dict]:
         fields = []
         if entry:
             for f in dataclasses.fields(entry.config):
-                default = f.default if f.default is not dataclasses.MISSING else (
-                    "(computed)" if f.default_factory is not dataclasses.MISSING else "(required)")
-                fields.append({"name": f.name, "type": str(f.type),
-                               "default": "unset" if default is None else num(default),
-                               "doc": _runs(" ".join(docs.get(f.name, "").split())),
-                               "in_key": f.metadata.get("key", True)})
+                default = (
+                    f.default
+                    if f.default is not dataclasses.MISSING
+                    else ("(computed)" if f.default_factory is not dataclasses.MISSING else "(required)")
+                )
+                fields.append(
+                    {
+                        "name": f.name,
+                        "type": str(f.type),
+                        "default": "unset" if default is None else num(default),
+                        "doc": _runs(" ".join(docs.get(f.name, "").split())),
+                        "in_key": f.metadata.get("key", True),
+                    }
+                )
         cells = sorted(stored[name].values(), key=lambda info: cell_order(info["cell"]))
         parsed = [dict(_parse_key(info["cell"].cell_key)[1]) for info in cells]
         columns = list(dict.fromkeys([*(f["name"] for f in fields if f["in_key"]), *(k for p in parsed for k in p)]))
         columns = [c for c in columns if any(c in p for p in parsed)]
         if any("subset" in p for p in parsed) and not any(f["name"] == "subset" for f in fields):
-            fields.append({"name": "subset", "type": "int", "default": "0", "in_key": True,
-                           "doc": _runs(field_docs(Cell).get("subset", "") + " Set by the matrix, for any attack.")})
-        out.append({
-            "name": name, "registered": entry is not None,
-            "module_doc": _prose(module.__doc__ if module and module.__doc__ else ""),
-            "doc": _prose(entry.doc) if entry else [], "fields": fields, "columns": columns,
-            "cells": [{"key": breakable(info["cell"].cell_key), "anchor": cell_anchor(info["cell"].cell_key),
-                       "label": cell_label(name, info["cell"].params), "threat": info["cell"].threat,
-                       "n": info["cell"].n, "checkpoints": len(info["checkpoints"]),
-                       "params": [p.get(c, "") for c in columns]} for info, p in zip(cells, parsed)]})
+            fields.append(
+                {
+                    "name": "subset",
+                    "type": "int",
+                    "default": "0",
+                    "in_key": True,
+                    "doc": _runs(field_docs(Cell).get("subset", "") + " Set by the matrix, for any attack."),
+                }
+            )
+        out.append(
+            {
+                "name": name,
+                "registered": entry is not None,
+                "module_doc": _prose(module.__doc__ if module and module.__doc__ else ""),
+                "doc": _prose(entry.doc) if entry else [],
+                "fields": fields,
+                "columns": columns,
+                "cells": [
+                    {
+                        "key": breakable(info["cell"].cell_key),
+                        "anchor": cell_anchor(info["cell"].cell_key),
+                        "label": cell_label(name, info["cell"].params),
+                        "threat": info["cell"].threat,
+                        "n": info["cell"].n,
+                        "checkpoints": len(info["checkpoints"]),
+                        "params": [p.get(c, "") for c in columns],
+                    }
+                    for info, p in zip(cells, parsed, strict=True)
+                ],
+            }
+        )
     return out
 
 
@@ -67,8 +97,11 @@ def _prose(text: str) -> list[list[tuple[bool, str]]]:
 
     Source line breaks are dropped (the page reflows the text), except before a bullet.
     """
-    return [_runs(re.sub(r"\n(?!\s*[-*] )\s*", " ", para))
-            for para in re.split(r"\n\s*\n", inspect.cleandoc(text or "")) if para.strip()]
+    return [
+        _runs(re.sub(r"\n(?!\s*[-*] )\s*", " ", para))
+        for para in re.split(r"\n\s*\n", inspect.cleandoc(text or ""))
+        if para.strip()
+    ]
 
 
 def _runs(text: str) -> list[tuple[bool, str]]:

@@ -8,17 +8,18 @@ and, on an L-inf board, the lowest stored accuracy of the unbounded PGD sweep (a
 `unbounded`, one threat model `unbounded-<eps>` per budget) at each of its eps. Where two
 of these share an eps, the lower one is drawn.
 """
+
 from __future__ import annotations
 
 from markupsafe import Markup
 
 from bench.core.kinds import Role
-from bench.science.white_box import is_pgd, role_of
 from bench.reporting.format import missing
 from bench.reporting.site.load import SiteData
-from bench.store.rows import CellRow
 from bench.reporting.site.names import checkpoint_name, page_path
 from bench.reporting.site.svg import COLORS, svg_lines
+from bench.science.white_box import role_of
+from bench.store.rows import CellRow
 
 MAX_LINES = len(COLORS)
 """Lines drawn at most, the board's highest-ranked first, so that every line has its own colour."""
@@ -38,8 +39,9 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def curve(cells: list[CellRow], clean: float | None, worst: float | None, norm: str,
-          budget: float | None) -> dict[float, tuple[float, str]]:
+def curve(
+    cells: list[CellRow], clean: float | None, worst: float | None, norm: str, budget: float | None
+) -> dict[float, tuple[float, str]]:
     """eps -> (accuracy, what it is: "clean", "worst case" or the sweep cell's key)."""
     points: dict[float, tuple[float, str]] = {}
 
@@ -71,20 +73,40 @@ def eps_plot(threat: str, rows: list[dict], data: SiteData) -> dict | None:
     if not lines:
         return None
     drawn = lines[:MAX_LINES]
-    series = [(f"{checkpoint_name(ck, data.overrides)} [{ck.key[:8]}]",
-               [(eps, acc, {"data-key": ck.key, "data-eps": repr(eps), "data-acc": repr(acc), "data-what": what})
-                for eps, (acc, what) in points]) for ck, points in drawn]
+    series = [
+        (
+            f"{checkpoint_name(ck, data.overrides)} [{ck.key[:8]}]",
+            [
+                (eps, acc, {"data-key": ck.key, "data-eps": repr(eps), "data-acc": repr(acc), "data-what": what})
+                for eps, (acc, what) in points
+            ],
+        )
+        for ck, points in drawn
+    ]
     name = NORMS.get(norm, norm)
-    caption = (f"Accuracy as the {name} budget grows: clean accuracy at eps 0, the worst case over every cell "
-               f"of the threat model at the board's eps = {budget:g} (dashed)" if budget is not None
-               else "Accuracy as the budget grows: clean accuracy at eps 0")
+    caption = (
+        f"Accuracy as the {name} budget grows: clean accuracy at eps 0, the worst case over every cell "
+        f"of the threat model at the board's eps = {budget:g} (dashed)"
+        if budget is not None
+        else "Accuracy as the budget grows: clean accuracy at eps 0"
+    )
     if norm == "linf":
-        caption += (", and beyond it the lowest accuracy of the unbounded PGD sweep at each eps, which must "
-                    "reach 0% at the top; a line that levels off above zero is a sign of gradient masking")
+        caption += (
+            ", and beyond it the lowest accuracy of the unbounded PGD sweep at each eps, which must "
+            "reach 0% at the top; a line that levels off above zero is a sign of gradient masking"
+        )
     caption += ". Checkpoints with no attack stored are left out"
     caption += f"; the {MAX_LINES} highest-ranked of {len(lines)} are drawn." if len(lines) > MAX_LINES else "."
-    return {"svg": Markup(svg_lines(series, xlabel=f"eps ({name})", ylabel="accuracy (%)", mark=budget,
-                                    legend=False)),
-            "legend": [{"color": COLORS[i % len(COLORS)], "name": checkpoint_name(ck, data.overrides),
-                        "short": ck.key[:8], "href": page_path(ck)} for i, (ck, _) in enumerate(drawn)],
-            "caption": caption}
+    return {
+        "svg": Markup(svg_lines(series, xlabel=f"eps ({name})", ylabel="accuracy (%)", mark=budget, legend=False)),
+        "legend": [
+            {
+                "color": COLORS[i % len(COLORS)],
+                "name": checkpoint_name(ck, data.overrides),
+                "short": ck.key[:8],
+                "href": page_path(ck),
+            }
+            for i, (ck, _) in enumerate(drawn)
+        ],
+        "caption": caption,
+    }

@@ -12,6 +12,7 @@
 
 Plots are hand-written SVG from bench.reporting.site.svg (see the note there on why not matplotlib).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,14 +53,33 @@ def table_row(ck, diag, cells: list, href: str) -> dict:
     data-value attributes so a browser test can compare them with the store."""
     s = diag.summary
     m = measured(ck, cells, diag.eps)
-    cols = [{"col": key, "value": repr(s[key]["median"]) if s[key]["median"] is not None else "",
-             "text": fmt(s[key]["median"], spec)} for key, _, spec in QUANTITIES]
+    cols = [
+        {
+            "col": key,
+            "value": repr(s[key]["median"]) if s[key]["median"] is not None else "",
+            "text": fmt(s[key]["median"], spec),
+        }
+        for key, _, spec in QUANTITIES
+    ]
     cols.append({"col": "logit_variance", "value": repr(s["logit_variance"]), "text": fmt(s["logit_variance"], ".3g")})
-    for key, value in (("clean", s["clean_acc"]), ("predicted", s["predicted_acc"]),
-                       ("fgsm", m["fgsm_acc"]), ("pgd", m["pgd_acc"])):
+    for key, value in (
+        ("clean", s["clean_acc"]),
+        ("predicted", s["predicted_acc"]),
+        ("fgsm", m["fgsm_acc"]),
+        ("pgd", m["pgd_acc"]),
+    ):
         cols.append({"col": key, "value": "" if value is None else repr(float(value)), "text": pct(value)})
-    return {"key": ck.key, "short": ck.key[:8], "defense": ck.defense, "preset": ck.preset or "",
-            "href": href, "eps": f"{diag.eps:g}", "n": diag.n, "cols": cols, "pgd_cell": m["pgd_cell"] or ""}
+    return {
+        "key": ck.key,
+        "short": ck.key[:8],
+        "defense": ck.defense,
+        "preset": ck.preset or "",
+        "href": href,
+        "eps": f"{diag.eps:g}",
+        "n": diag.n,
+        "cols": cols,
+        "pgd_cell": m["pgd_cell"] or "",
+    }
 
 
 def _hist_svg(series: list[tuple[str, np.ndarray]], xlabel: str) -> str:
@@ -79,14 +99,18 @@ def _hist_svg(series: list[tuple[str, np.ndarray]], xlabel: str) -> str:
 def fig1_plots(ck, diag, natural, prefix: str = "diag") -> list[dict]:
     """Logit gap, gradient gap, εL and coherence: this checkpoint against natural training."""
     plots = []
-    for key, title, xlabel in (("logit_gap", "Logit gap z_y − z_ȳ", "logit gap"),
-                               ("grad_gap", "Gradient gap ‖∇z_y − ∇z_ȳ‖₁", "gradient gap"),
-                               ("eps_l", "εL = logit gap / gradient gap", "εL"),
-                               ("coherence", "Gradient coherence cos(∇z_y, ∇z_ȳ)", "cosine")):
+    for key, title, xlabel in (
+        ("logit_gap", "Logit gap z_y − z_ȳ", "logit gap"),
+        ("grad_gap", "Gradient gap ‖∇z_y − ∇z_ȳ‖₁", "gradient gap"),
+        ("eps_l", "εL = logit gap / gradient gap", "εL"),
+        ("coherence", "Gradient coherence cos(∇z_y, ∇z_ȳ)", "cosine"),
+    ):
         series = [(f"{ck.defense} [{ck.key[:6]}]", _values(diag, key))]
         if natural is not None and natural.checkpoint_id != diag.checkpoint_id:
             series.append(("natural", _values(natural, key)))
-        plots.append({"id": f"{prefix}-{key.replace('_', '-')}", "title": title, "svg": Markup(_hist_svg(series, xlabel))})
+        plots.append(
+            {"id": f"{prefix}-{key.replace('_', '-')}", "title": title, "svg": Markup(_hist_svg(series, xlabel))}
+        )
     return plots
 
 
@@ -100,8 +124,16 @@ def landscapes(diag) -> dict:
     images = []
     for i, g in enumerate(grids):
         centre = g[len(g) // 2][len(g) // 2]
-        images.append({"index": i, "centre": fmt(centre, ".3g"), "max": fmt(max(v for r in g for v in r if v is not None), ".3g"),
-                       "src": heatmap_png(g, lo, hi), "size": len(g) * HEAT_CELL, "points": len(g)})
+        images.append(
+            {
+                "index": i,
+                "centre": fmt(centre, ".3g"),
+                "max": fmt(max(v for r in g for v in r if v is not None), ".3g"),
+                "src": heatmap_png(g, lo, hi),
+                "size": len(g) * HEAT_CELL,
+                "points": len(g),
+            }
+        )
     values = land.get("values") or [0.0]
     return {"images": images, "lo": fmt(lo, ".3g"), "hi": fmt(hi, ".3g"), "span": fmt(values[-1], ".3g")}
 
@@ -112,11 +144,17 @@ def checkpoint_section(ck, diag, natural, cells: list, root: str) -> dict | None
         return None
     row = table_row(ck, diag, cells, "")
     s = diag.summary
-    stats = [(label, *(fmt(s[key][q], spec) for q in ("q25", "median", "q75", "mean")))
-             for key, label, spec in QUANTITIES]
-    return {"row": row, "stats": stats, "plots": fig1_plots(ck, diag, natural),
-            "landscape": landscapes(diag), "compare_href": f"{root}{compare_path(ck.dataset)}",
-            "natural": natural is not None and natural.checkpoint_id != diag.checkpoint_id}
+    stats = [
+        (label, *(fmt(s[key][q], spec) for q in ("q25", "median", "q75", "mean"))) for key, label, spec in QUANTITIES
+    ]
+    return {
+        "row": row,
+        "stats": stats,
+        "plots": fig1_plots(ck, diag, natural),
+        "landscape": landscapes(diag),
+        "compare_href": f"{root}{compare_path(ck.dataset)}",
+        "natural": natural is not None and natural.checkpoint_id != diag.checkpoint_id,
+    }
 
 
 def _adversary(ck) -> tuple[float, str, str] | None:
@@ -131,7 +169,11 @@ def _adversary(ck) -> tuple[float, str, str] | None:
     eps = cfg.get("attack_eps") or (threat.eps if threat else None)
     if step is None:
         return None
-    return steps * step, f"{ck.defense} PGD-{steps}×{step:g}", f"{ck.defense} [{ck.key[:6]}]: PGD-{steps}, step {step:g}, eps {eps:g}"
+    return (
+        steps * step,
+        f"{ck.defense} PGD-{steps}×{step:g}",
+        f"{ck.defense} [{ck.key[:6]}]: PGD-{steps}, step {step:g}, eps {eps:g}",
+    )
 
 
 def fig2_plot(cks, diags: dict) -> dict:
@@ -147,20 +189,39 @@ def fig2_plot(cks, diags: dict) -> dict:
             name = f"natural [{ck.key[:6]}]"
             series.append((adv[0], adv[1], adv[2], values) if adv else (0.0, "natural", name, values))
     series.sort(key=lambda s: s[0])
-    return {"svg": Markup(_hist_svg([(short, v) for _, short, _, v in series], "clean logit value")) if series else "",
-            "labels": [label for _, _, label, _ in series]}
+    return {
+        "svg": Markup(_hist_svg([(short, v) for _, short, _, v in series], "clean logit value")) if series else "",
+        "labels": [label for _, _, label, _ in series],
+    }
 
 
 def compare_page(dataset: str, cks: list, diags: dict, cells: dict, root: str) -> dict:
     """The template context of compare-<dataset>.html."""
-    rows = [table_row(ck, diags[ck.id], cells.get(ck.id, []), f"{root}{page_path(ck)}")
-            for ck in cks if ck.id in diags]
-    missing = [{"defense": ck.defense, "short": ck.key[:8], "href": f"{root}{page_path(ck)}"}
-               for ck in cks if ck.id not in diags]
+    rows = [table_row(ck, diags[ck.id], cells.get(ck.id, []), f"{root}{page_path(ck)}") for ck in cks if ck.id in diags]
+    missing = [
+        {"defense": ck.defense, "short": ck.key[:8], "href": f"{root}{page_path(ck)}"}
+        for ck in cks
+        if ck.id not in diags
+    ]
     natural = next((diags[ck.id] for ck in cks if ck.defense == "natural" and ck.id in diags), None)
     # Fig. 1 for every checkpoint: its logit gap and gradient gap against natural training.
-    figures = [{"key": ck.key, "short": ck.key[:8], "defense": ck.defense, "href": f"{root}{page_path(ck)}",
-                "plots": fig1_plots(ck, diags[ck.id], natural, f"cmp-{ck.key[:8]}")[:2]} for ck in cks if ck.id in diags]
-    return {"dataset": dataset, "rows": rows, "missing": missing, "figures": figures,
-            "fig2": fig2_plot(cks, diags), "eps": rows[0]["eps"] if rows else "",
-            "has_natural": natural is not None}
+    figures = [
+        {
+            "key": ck.key,
+            "short": ck.key[:8],
+            "defense": ck.defense,
+            "href": f"{root}{page_path(ck)}",
+            "plots": fig1_plots(ck, diags[ck.id], natural, f"cmp-{ck.key[:8]}")[:2],
+        }
+        for ck in cks
+        if ck.id in diags
+    ]
+    return {
+        "dataset": dataset,
+        "rows": rows,
+        "missing": missing,
+        "figures": figures,
+        "fig2": fig2_plot(cks, diags),
+        "eps": rows[0]["eps"] if rows else "",
+        "has_natural": natural is not None,
+    }

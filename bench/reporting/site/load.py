@@ -1,4 +1,5 @@
 """Reading the store into what the pages are computed from: one read per table, no ORM objects."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,13 +49,45 @@ def load_data(store: Store) -> SiteData:
     flags: dict[int, list] = defaultdict(list)
     for f in store.flags():
         flags[f.checkpoint_id].append(f)
-    rows = [(e.checkpoint_id, e.cell_key, e.attack, e.threat, cell_label(e.attack, e.params), pgd,
-             e.params.get("steps") if pgd else None, e.params.get("loss") if pgd else None,
-             e.params.get("restarts", 1) if pgd else None, e.robust_acc, e.n, e.indices is not None)
-            for group in cells.values() for e in group for pgd in (is_pgd(e),)]
-    frame = pd.DataFrame(rows, columns=["checkpoint_id", "cell_key", "attack", "threat", "label", "pgd", "steps",
-                                        "loss", "restarts", "robust_acc", "n", "subset"])
-    frame = frame.astype({"subset": bool, "pgd": bool, "robust_acc": float})  # typed even when empty (a mask, not labels)
+    rows = [
+        (
+            e.checkpoint_id,
+            e.cell_key,
+            e.attack,
+            e.threat,
+            cell_label(e.attack, e.params),
+            pgd,
+            e.params.get("steps") if pgd else None,
+            e.params.get("loss") if pgd else None,
+            e.params.get("restarts", 1) if pgd else None,
+            e.robust_acc,
+            e.n,
+            e.indices is not None,
+        )
+        for group in cells.values()
+        for e in group
+        for pgd in (is_pgd(e),)
+    ]
+    frame = pd.DataFrame(
+        rows,
+        columns=[
+            "checkpoint_id",
+            "cell_key",
+            "attack",
+            "threat",
+            "label",
+            "pgd",
+            "steps",
+            "loss",
+            "restarts",
+            "robust_acc",
+            "n",
+            "subset",
+        ],
+    )
+    frame = frame.astype(
+        {"subset": bool, "pgd": bool, "robust_acc": float}
+    )  # typed even when empty (a mask, not labels)
     diagnostics = {d.checkpoint_id: d for d in store.diagnostics()}
     defense_of = {c.id: c.defense for c in cks}
     evidence = {c.id: build_evidence(c, cells[c.id], incoming[c.id], defense_of) for c in cks}
@@ -71,8 +104,13 @@ def override_labels(cks: list[Checkpoint]) -> dict[int, str]:
     for members in groups.values():
         if len(members) < 2:
             continue
-        flat = {ck.id: {**{k: v for k, v in (ck.config or {}).items() if not isinstance(v, dict)},
-                        **(ck.train_config or {})} for ck in members}
+        flat = {
+            ck.id: {
+                **{k: v for k, v in (ck.config or {}).items() if not isinstance(v, dict)},
+                **(ck.train_config or {}),
+            }
+            for ck in members
+        }
         keys = sorted({k for f in flat.values() for k in f})
         differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1]
         for ck in members:
@@ -90,5 +128,12 @@ def cell_order(e: CellRow) -> tuple:
         v = p.get(k, default)
         return v if isinstance(v, (int, float)) else default
 
-    return (e.threat, e.attack, str(p.get("loss", "")), number("restarts", 1), number("steps"), number("eps"),
-            e.cell_key)
+    return (
+        e.threat,
+        e.attack,
+        str(p.get("loss", "")),
+        number("restarts", 1),
+        number("steps"),
+        number("eps"),
+        e.cell_key,
+    )

@@ -1,4 +1,5 @@
 """What the site calls things and where it puts them: cell labels, anchors, page paths."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +10,10 @@ from markupsafe import Markup, escape
 
 from bench.store.db import Checkpoint
 
-SURROGATE_TEXT = ("trained once per dataset as a source for the full matrix's black-box transfer cells: "
-                  "every other checkpoint is attacked with adversarial examples crafted on it")
+SURROGATE_TEXT = (
+    "trained once per dataset as a source for the full matrix's black-box transfer cells: "
+    "every other checkpoint is attacked with adversarial examples crafted on it"
+)
 """Why a checkpoint marked `meta["surrogate"]` (set by the run layer) is on the boards."""
 
 
@@ -25,10 +28,13 @@ def cell_label(attack: str, params: dict) -> str:
         return attack
     base = "cw" if params.get("loss") == "cw" else "pgd"
     restarts = params.get("restarts", 1)
-    return (f"{base}{params.get('steps')}" + ("_cos" if params.get("schedule") == "cosine" else "")
-            + ("_tgt" if params.get("targeted") == "random" else "")
-            + ("_last" if params.get("keep") == "last" else "")
-            + (f"_r{restarts}" if restarts and restarts > 1 else ""))
+    return (
+        f"{base}{params.get('steps')}"
+        + ("_cos" if params.get("schedule") == "cosine" else "")
+        + ("_tgt" if params.get("targeted") == "random" else "")
+        + ("_last" if params.get("keep") == "last" else "")
+        + (f"_r{restarts}" if restarts and restarts > 1 else "")
+    )
 
 
 def cell_anchor(cell_key: str) -> str:

@@ -3,6 +3,7 @@
 A failed build leaves the previous site as it was, and only a folder this package wrote
 (it holds MARKER) or an empty one is ever replaced.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ def check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {str(out)!r} is a file, not a folder; pass --out DIR")
     if out.is_dir() and not (out / MARKER).exists() and any(out.iterdir()):
-        raise BenchError(f"refusing to replace {str(out)!r}: it is not empty and was not written by "
-                         f"`bench site` (no {MARKER} file); pass --out with a new or empty folder")
+        raise BenchError(
+            f"refusing to replace {str(out)!r}: it is not empty and was not written by "
+            f"`bench site` (no {MARKER} file); pass --out with a new or empty folder"
+        )
 
 
 def staging(out: Path) -> Path:
@@ -37,8 +40,9 @@ def staging(out: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        raise BenchError(f"cannot write the site to {str(out)!r} ({exc.strerror}{where}); "
-                         "pass --out DIR with a folder you can write") from exc
+        raise BenchError(
+            f"cannot write the site to {str(out)!r} ({exc.strerror}{where}); pass --out DIR with a folder you can write"
+        ) from exc
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -54,5 +58,6 @@ def publish(tmp: Path, out: Path) -> None:
             os.replace(tmp, out)
         os.chmod(out, 0o755)  # mkdtemp makes 0700 folders; a static server needs to read it
     except OSError as exc:
-        raise BenchError(f"cannot move the site into {str(out)!r} ({exc.strerror}); "
-                         "pass --out DIR with a folder you can write") from exc
+        raise BenchError(
+            f"cannot move the site into {str(out)!r} ({exc.strerror}); pass --out DIR with a folder you can write"
+        ) from exc

@@ -5,6 +5,7 @@ Nothing shown names the machine that ran the bench: a .py factory and a weights 
 show by their file names (bench.reporting.site.names.factory_name), never the folders
 they lay in.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,9 +46,12 @@ def outside_line(info: dict | None) -> dict | None:
     if not isinstance(info, dict):
         return None
     out = portable_outside(info)
-    return {"factory": out.get("factory") or "", "weights_sha256": out.get("weights_sha256") or "",
-            "weights_file": out.get("weights_file") or "",
-            "source_copy": file_name(out["source_copy"]) if out.get("source_copy") else ""}
+    return {
+        "factory": out.get("factory") or "",
+        "weights_sha256": out.get("weights_sha256") or "",
+        "weights_file": out.get("weights_file") or "",
+        "source_copy": file_name(out["source_copy"]) if out.get("source_copy") else "",
+    }
 
 
 def portable(key: str, value: Any) -> Any:
@@ -99,11 +103,16 @@ def admission_rows(admission: dict | None) -> list[tuple[str, str]]:
     if "n" in a:
         rows.append(("test images checked", _n(a["n"])))
     if p := part("probabilities"):
-        rows += [("lowest output", _n(p.get("min"))), ("highest output", _n(p.get("max"))),
-                 ("largest row-sum error |Σ − 1|", _n(p.get("max_row_sum_error")))]
+        rows += [
+            ("lowest output", _n(p.get("min"))),
+            ("highest output", _n(p.get("max"))),
+            ("largest row-sum error |Σ − 1|", _n(p.get("max_row_sum_error"))),
+        ]
     if r := part("randomized"):
-        rows += [("forward passes compared", _n(r.get("passes"))),
-                 ("largest output difference between passes", _n(r.get("max_output_diff")))]
+        rows += [
+            ("forward passes compared", _n(r.get("passes"))),
+            ("largest output difference between passes", _n(r.get("max_output_diff"))),
+        ]
         if "max_relative_diff" in r:
             rows.append(("largest difference relative to the output's norm", _n(r["max_relative_diff"])))
         rows.append(("share of predictions changed between passes", percent(r.get("share_prediction_changed"))))
@@ -113,17 +122,35 @@ def admission_rows(admission: dict | None) -> list[tuple[str, str]]:
         rows.append(("samples with a zero input gradient", _of(z.get("count"), z.get("n"))))
     if "noise_flips" in a:
         f = part("noise_flips")
-        rows.append(("correct predictions flipped by tiny noise",
-                     f"{_of(f.get('flipped'), f.get('correct'))} at amplitude {_n(f.get('amplitude'))}" if f
-                     else "not measured: the forward passes vary"))
+        rows.append(
+            (
+                "correct predictions flipped by tiny noise",
+                f"{_of(f.get('flipped'), f.get('correct'))} at amplitude {_n(f.get('amplitude'))}"
+                if f
+                else "not measured: the forward passes vary",
+            )
+        )
     if t := part("loss_rising"):
-        rows += [("traced PGD", (f"{_n(t.get('steps'))} steps on {_n(t.get('n'))} images, "
-                                 f"last {_n(t.get('tail'))} steps compared")),
-                 ("mean loss before the last steps", _n(t.get("loss_before_tail"))),
-                 ("mean loss at the last step", _n(t.get("loss_last")))]
+        rows += [
+            (
+                "traced PGD",
+                (f"{_n(t.get('steps'))} steps on {_n(t.get('n'))} images, last {_n(t.get('tail'))} steps compared"),
+            ),
+            ("mean loss before the last steps", _n(t.get("loss_before_tail"))),
+            ("mean loss at the last step", _n(t.get("loss_last"))),
+        ]
     if c := part("config"):
         rows.append(("settings", ", ".join(f"{k}={num(v)}" for k, v in c.items())))
-    known = {"schema", "n", "probabilities", "randomized", "autograd_calls", "zero_gradient", "noise_flips",
-             "loss_rising", "config"}
+    known = {
+        "schema",
+        "n",
+        "probabilities",
+        "randomized",
+        "autograd_calls",
+        "zero_gradient",
+        "noise_flips",
+        "loss_rising",
+        "config",
+    }
     rows += [(k, num(v)) for k, v in a.items() if k not in known]
     return rows
