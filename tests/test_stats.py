@@ -69,3 +69,16 @@ def test_result_rows_carry_each_numbers_interval(tmp_path):
     assert (rows["fgsm:eps=0.2"]["ci_low"], rows["fgsm:eps=0.2"]["ci_high"]) == interval(7, N)
     # The worst case's interval is on its own AND: images 0-4 of 10.
     assert (rows["worst_case"]["ci_low"], rows["worst_case"]["ci_high"]) == interval(5, N)
+
+
+def test_ties_do_not_chain_past_the_first_row_of_a_rank():
+    # Each row breaks 5 more images than the one above: p = 2 / 2^5 = 0.0625 between
+    # neighbours (tied), p = 2 / 2^10 between rows two apart (not).
+    rows = []
+    for i, short in enumerate("abcd"):
+        bits = np.zeros(360, dtype=bool)
+        bits[: 120 - 5 * i] = True
+        rows.append(_row(short, bits))
+    rank_rows(rows)
+    assert [r["rank"] for r in rows] == [1, 1, 3, 3]  # adjacent tests alone would chain all four into 1
+    assert rows[1]["tied"]["with"] == "a" and rows[3]["tied"]["with"] == "c" and rows[2]["tied"] is None

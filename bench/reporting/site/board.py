@@ -168,18 +168,24 @@ def boards(data: SiteData) -> list[dict]:
 
 
 def rank_rows(rows: list[dict]) -> None:
-    """Ranks, in the rows' order, with ties: a row whose worst-case bits do not differ from
-    the row above at 5% (exact McNemar on the same test images) shares its rank, so 31.4
-    and 30.3 on 360 images read as one rank."""
+    """Ranks, in the rows' order, with ties: a row whose worst-case bits do not differ at 5%
+    (exact McNemar on the same test images) from the first row of the rank above shares
+    that rank, so 31.4 and 30.3 on 360 images read as one rank. Each row is tested against
+    its rank's first row, not merely the row above: adjacent tests would chain, and four
+    rows spanning four points, each close to its neighbour, would all read as first."""
+    leader: dict | None = None
     for i, r in enumerate(rows):
-        above = rows[i - 1] if i else None
-        bits, other = r.pop("bits", None), above and above.get("_bits")
+        bits = r.pop("bits", None)
         r["_bits"], r["tied"] = bits, None
-        if above is not None and bits is not None and other is not None and len(bits) == len(other):
+        other = leader.get("_bits") if leader is not None else None
+        if leader is not None and bits is not None and other is not None and len(bits) == len(other):
             p = mcnemar(other, bits)
             if p >= SIGNIFICANCE:
-                r["tied"] = {"p": f"{p:.2g}", "with": above["short"]}
-        r["rank"] = above["rank"] if r["tied"] else i + 1
+                r["tied"] = {"p": f"{p:.2g}", "with": leader["short"]}
+        if r["tied"]:
+            r["rank"] = leader["rank"]
+        else:
+            r["rank"], leader = i + 1, r
     for r in rows:
         r.pop("_bits", None)
 
