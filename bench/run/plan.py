@@ -5,15 +5,14 @@ trained or written."""
 
 from __future__ import annotations
 
-from bench.core.data import DatasetSpec, load_dataset
+from bench.core.data import DatasetSpec, test_size
 from bench.core.matrix import Cell, Matrix
 from bench.run.recipe import TrainRequest, resolve
 
 
 def checked_cells(matrix: Matrix, dataset: DatasetSpec, data_root: str | None) -> list[Cell]:
     """The matrix's cells on `dataset`, everything the matrix says checked."""
-    test_size = len(load_dataset(dataset.name, "test", data_root)[1])
-    cells = matrix.cells(dataset.threat, test_size=test_size)
+    cells = matrix.cells(dataset.threat, test_size=test_size(dataset, data_root))
     for name in matrix.transfer.surrogates:
         resolve(TrainRequest(name, dataset.name))
     matrix.transfer_cells(dataset.threat)

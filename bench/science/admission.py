@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.pgd import PGD, plain_pgd
-from bench.core.data import get_spec, load_dataset
+from bench.core.data import get_spec, load_dataset, test_size
 from bench.engine.device import frozen
 from bench.engine.mirror import custom_functions
 from bench.store.db import Checkpoint, Store
@@ -353,12 +353,13 @@ def ensure_admission(ws: AdmissionWorkspace, row: Checkpoint, model: Callable[[]
     when the workspace attacks in batches of a size they were not measured at (another
     device, another --batch-size), since a backward may answer differently there.
     """
-    x, y = load_dataset(row.dataset, "test", ws.data_root)
-    batches = attack_batches(len(x), ws.batch_size())
+    spec = get_spec(row.dataset)
+    batches = attack_batches(test_size(spec, ws.data_root), ws.batch_size())
     stored = row.admission
     if stored and _covers(stored, batches):
         return stored
+    x, y = load_dataset(row.dataset, "test", ws.data_root)
     cfg = AdmissionConfig(batch_sizes=batches)
-    result = admit(model(), x, y, get_spec(row.dataset).threat.eps, cfg)
+    result = admit(model(), x, y, spec.threat.eps, cfg)
     ws.store.update_meta(row, admission=result)
     return result

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bench.reporting.format import num
 from bench.reporting.site.names import cell_label
@@ -15,6 +14,9 @@ from bench.store.db import Checkpoint, Store
 from bench.store.evidence import Evidence
 from bench.store.evidence import evidence as build_evidence
 from bench.store.rows import CellRow
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclasses.dataclass
@@ -68,6 +70,10 @@ def load_data(store: Store) -> SiteData:
         for e in group
         for pgd in (is_pgd(e),)
     ]
+    # Imported here: pandas takes a quarter of a second to import, and only the site's
+    # tables use it; `bench run` and `bench results` load this package without them.
+    import pandas as pd
+
     frame = pd.DataFrame(
         rows,
         columns=[

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
-
 from bench.reporting.format import pct
 from bench.reporting.site.load import SiteData
 from bench.reporting.site.names import (
@@ -24,6 +22,8 @@ def transfer_grids(data: SiteData) -> list[dict]:
 
     def name(ck):
         return checkpoint_name(ck, data.overrides)
+
+    import pandas as pd  # only the site's tables use pandas (see load.py)
 
     frame = pd.DataFrame(
         [
