@@ -85,9 +85,10 @@ Matrix = Annotated[
     typer.Option(
         "--matrix",
         metavar="NAME|FILE",
-        help="quick, full, paper or a TOML file (`bench ls matrices` lists their cells). "
-        "Default full, for run and eval alike: the standard matrix the boards and "
-        "the worst case are meant for; quick (FGSM, PGD-10/20) is a smoke test "
+        help="quick, fast, full, paper, truth or a TOML file (`bench ls matrices` lists "
+        "their cells). Default full, for run and eval alike: the standard matrix the "
+        "boards and the worst case are meant for; fast is a cheap cascade for screening "
+        "that escalates to full on masking; quick (FGSM, PGD-10/20) is a smoke test "
         "that overstates robustness.",
     ),
 ]
