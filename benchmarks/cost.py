@@ -44,6 +44,7 @@ import torch
 import torchvision
 
 from bench.core.data import get_spec
+from bench.core.matrix import load_matrix
 from bench.core.models import build_model
 from bench.perf.gpu import DATASHEET_BF16_TFLOPS, flops_per_image
 from bench.reporting.site.names import cell_label
@@ -122,7 +123,12 @@ def escalation(ev: Evidence, fast: tuple[CellRow, ...], masking: bool) -> str:
     return "unknown" if masking else "no"
 
 
-def checkpoint_costs(store: Store, dataset: str, fast_marker: str) -> list[CheckpointCost]:
+def checkpoint_costs(
+    store: Store, dataset: str, fast_marker: str, fast_keys: set[str] | None = None
+) -> list[CheckpointCost]:
+    """Each checkpoint's cells split by schedule. `fast_keys`, where given, are the cascade's
+    cell keys today: rows of an earlier version of the matrix (same marker, other
+    settings) are then left out of both sides."""
     out = []
     cks = store.checkpoints(dataset=dataset)
     masked = {f.checkpoint_id for f in store.flags([c.id for c in cks]) if f.name in MASKING}
@@ -130,7 +136,7 @@ def checkpoint_costs(store: Store, dataset: str, fast_marker: str) -> list[Check
         if not ev.test_size:
             continue
         rows = ev.rows()
-        fast = tuple(r for r in rows if fast_marker in r.cell_key)
+        fast = tuple(r for r in rows if fast_marker in r.cell_key and (fast_keys is None or r.cell_key in fast_keys))
         full = tuple(r for r in rows if fast_marker not in r.cell_key)
         aa = next((r for r in full if is_autoattack(r, ev.threat)), None)
         out.append(
@@ -410,7 +416,11 @@ def main() -> int:
     torch.set_num_threads(1)
     marker = args.fast_suffix or f",cascade={args.matrix}"
     store = Store.for_results(Path(args.results))
-    costs = checkpoint_costs(store, args.dataset, marker)
+    # The cascade's cells as the matrix has them today, where --matrix names one (a store
+    # may hold an earlier version's under the same marker); with --fast-suffix, every row
+    # that carries it.
+    keys = None if args.fast_suffix else {c.key for c in load_matrix(args.matrix).cells(get_spec(args.dataset).threat)}
+    costs = checkpoint_costs(store, args.dataset, marker, keys)
     if not costs:
         print(f"no {args.dataset} checkpoint with stored cells in {args.results}")
         return 1

@@ -41,6 +41,7 @@ from cost import CASCADE_KEY, checkpoint_costs, per_test_image, total
 from worst_vs_autoattack import autoattack_runs, independent_seeds
 
 from bench.core.data import get_spec, load_dataset
+from bench.core.matrix import load_matrix
 from bench.run.training import load_model
 from bench.store.db import Store
 
@@ -71,7 +72,10 @@ def main() -> int:
     x, y = load_dataset(args.dataset, "test", args.data_root)
     seeds = independent_seeds(args.seeds)
     marker = f"{CASCADE_KEY}{args.matrix}"
-    costs = [c for c in checkpoint_costs(store, args.dataset, marker) if c.fast and c.autoattack]
+    # Only the cascade's cells as the matrix has them today: a store may hold an earlier
+    # version's beside them, under the same marker.
+    keys = {c.key for c in load_matrix(args.matrix).cells(spec.threat)}
+    costs = [c for c in checkpoint_costs(store, args.dataset, marker, keys) if c.fast and c.autoattack]
     if not costs:
         sys.exit(f"no checkpoint of {args.dataset} in {args.results} has both AutoAttack's cell and `{marker}` cells")
     print(
