@@ -165,18 +165,22 @@ def eval_outside(
     model: torch.nn.Module | str,
     *,
     name: str,
-    dataset: str = "digits",
+    dataset: str | None = None,
     matrix: str = "full",
     weights: str | None = None,
+    mean: str | tuple[float, ...] | None = None,
+    std: str | tuple[float, ...] | None = None,
+    robustbench_models: str | None = None,
     where: Where = Where(),
     progress: Any = None,
     workspace: Workspace | None = None,
 ) -> tuple[EvalReport, list[dict]]:
-    """`bench eval`: store an outside model by name and weights hash and run the matrix
-    cells it lacks; returns the report and its result rows, the `worst_case` row last."""
+    """`bench eval`: store an outside model by name and identity and run the matrix cells it
+    lacks; returns the report and its result rows, the `worst_case` row last. `dataset`
+    unset: the one a RobustBench entry names, else digits."""
     # Everything the user gave is checked before the results folder or store is touched.
     parsed = load_matrix(matrix)
-    plan = plan_outside(model, name, dataset, weights, where.data_root, parsed)
+    plan = plan_outside(model, name, dataset, weights, where.data_root, parsed, (mean, std), robustbench_models)
     ws = workspace or open_workspace(where, progress)
     with executor(where) as ex:
         report = run_outside(ws, plan, parsed, ex)
@@ -187,9 +191,12 @@ def evaluate(
     model: torch.nn.Module | str,
     *,
     name: str,
-    dataset: str = "digits",
+    dataset: str | None = None,
     matrix: str = "full",
     weights: str | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    robustbench_models: str | None = None,
     results: str | os.PathLike = "results",
     db: str | None = None,
     device: str = "auto",
@@ -198,8 +205,10 @@ def evaluate(
 ) -> list[dict]:
     """Judge your own model: store it by name and weights hash, run the matrix, return its rows.
 
-    `model` is an nn.Module taking [0, 1] inputs and returning logits, or a
-    'MODULE:FUNCTION' string. Returns the rows `bench results --format json` prints for
+    `model` is an nn.Module returning logits, or a reference as `bench eval --model`
+    takes it ('MODULE:FUNCTION', 'FILE.onnx', 'timm:NAME', 'torchvision:NAME',
+    'robustbench:DATASET/THREAT/NAME'). `mean`/`std` put it behind its input
+    normalization (one value per channel), so it is attacked on [0, 1] pixels. Returns the rows `bench results --format json` prints for
     it, the `worst_case` row of its own threat model last (an L2 worst case, where the
     matrix has L2 cells, just before it). Raises IncompleteEvaluation, carrying the rows and the
     failed cells, when any cell failed: an incomplete worst case is never returned as if
@@ -207,7 +216,16 @@ def evaluate(
     """
     where = Where(results=results, db=db, device=device, data_root=data_root, threads=torch.get_num_threads())
     report, rows = eval_outside(
-        model, name=name, dataset=dataset, matrix=matrix, weights=weights, where=where, workspace=workspace
+        model,
+        name=name,
+        dataset=dataset,
+        matrix=matrix,
+        weights=weights,
+        mean=mean,
+        std=std,
+        robustbench_models=robustbench_models,
+        where=where,
+        workspace=workspace,
     )
     if report.failures:
         raise IncompleteEvaluation(rows, report.failures)

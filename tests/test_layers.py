@@ -19,12 +19,22 @@ LAZY = {
     "bench/run/executors/ray.py",
     "bench/core/data.py",
     "bench/core/datafiles.py",
+    "bench/perf/gpu.py",
+    "bench/perf/races.py",
+    "bench/reporting/site/load.py",
+    "bench/reporting/site/transfer_page.py",
+    "bench/store/sources/hub.py",
+    "bench/store/sources/onnx_file.py",
+    "bench/store/sources/zoo.py",
 }
 """The only modules allowed imports inside functions, each with its reason in a comment:
 the package root and the CLI import the heavy parts only once the arguments are
 checked (--help answers at once); Ray is an optional extra; the dataset loaders import
 the third-party reader one dataset needs (scikit-learn, mlxtend, torchvision, scipy.io)
-when that dataset loads, so a command that touches no data does not pay for them."""
+when that dataset loads, so a command that touches no data does not pay for them; `bench
+perf` alone races torchattacks and counts FLOPs, and the site alone builds pandas tables,
+so a rerun that computes nothing imports neither; each shape of outside model imports its
+library (onnx and onnx2torch, timm, robustbench: optional extras) when it is used."""
 MAX_LINES = 400
 LONG: dict[str, str] = {}
 """Modules allowed past MAX_LINES, each with the reason it cannot be split (none today):

@@ -152,20 +152,50 @@ def eval_cmd(
         str,
         typer.Option(
             "--model",
-            metavar="MODULE:FUNCTION",
-            help="FUNCTION returns an nn.Module taking [0, 1] inputs and "
-            "returning logits. MODULE is a module name (found in the "
-            "current folder too, as python -m finds it) or a .py path.",
+            metavar="REF",
+            help="MODULE:FUNCTION (FUNCTION returns an nn.Module returning logits; MODULE "
+            "a module name, found in the current folder too, or a .py path), FILE.onnx, "
+            "timm:NAME or torchvision:NAME (with --weights), or "
+            "robustbench:DATASET/THREAT/NAME (weights from --robustbench-models).",
         ),
     ],
     name: Annotated[str, typer.Option("--name", metavar="NAME", help="The name your model goes by on the boards.")],
     weights: Annotated[
         str | None,
         typer.Option(
-            "--weights", metavar="FILE", help="A .safetensors file of the model's state_dict (never a pickle)."
+            "--weights",
+            metavar="FILE",
+            help="The model's state_dict: .safetensors, or a torch checkpoint read weights-only (never "
+            "a pickle that runs code).",
         ),
     ] = None,
-    dataset: DatasetOf = "digits",
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            "--mean",
+            metavar="M[,M...]",
+            help="Per-channel mean the network expects its inputs normalized by (with --std); "
+            "default: the library's own for timm/torchvision, none otherwise.",
+        ),
+    ] = None,
+    std: Annotated[str | None, typer.Option("--std", metavar="S[,S...]", help="Per-channel std, with --mean.")] = None,
+    robustbench_models: Annotated[
+        str | None,
+        typer.Option(
+            "--robustbench-models",
+            metavar="DIR",
+            help="RobustBench's models/ folder (<DIR>/<dataset>/<threat>/<NAME>.pt); default ./models.",
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            metavar="NAME",
+            help="digits, mnist5k, mnist, cifar10, cifar100, svhn (default: the one a "
+            "robustbench model names, else digits).",
+        ),
+    ] = None,
     matrix: Matrix = "full",
     results: Results = "results",
     db: Db = None,
@@ -176,12 +206,21 @@ def eval_cmd(
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
 ):
-    """Judge your own model with the same matrix; stored by name and weights hash."""
+    """Judge a model you hold (a factory, ONNX, timm, torchvision, RobustBench) with the same matrix."""
     api, output = _load()
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
         report, rows = api.eval_outside(
-            model, name=name, dataset=dataset, matrix=matrix, weights=weights, where=where, progress=progress
+            model,
+            name=name,
+            dataset=dataset,
+            matrix=matrix,
+            weights=weights,
+            mean=mean,
+            std=std,
+            robustbench_models=robustbench_models,
+            where=where,
+            progress=progress,
         )
     output.surrogates(report.surrogates_trained)
     output.summary(

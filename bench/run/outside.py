@@ -1,16 +1,21 @@
-"""Outside models: a user's own nn.Module judged by the same matrix as trained checkpoints.
+"""Outside models: a model the user already holds, judged by the same matrix as trained
+checkpoints.
 
-`bench eval --model MODULE:FUNCTION --name NAME [--weights FILE.safetensors]` and
-`bench.evaluate(model, name=...)`. FUNCTION returns an nn.Module taking [0, 1] inputs
-and returning logits. The model is known by NAME plus the sha256 of its weights and
-buffers (every state_dict tensor, in sorted key order, with its dtype and shape), so the
-same model is evaluated once and a changed one under the same name is a new entry
-beside the old. It is stored like a trained checkpoint (same folder layout, same store
-row, `defense` = NAME, `arch` = "outside"), with the factory reference, a copy of the
-factory's source file where one was given, and the weights as safetensors, so that
-`bench transfer` can rebuild it as a source or a target. Nothing is written before the
-model has been built, fed a batch of the dataset and found to answer with one logit per
-class; every user error is a one-line BenchError.
+`bench eval --model REF --name NAME` and `bench.evaluate(model, name=...)`, where REF is
+`MODULE:FUNCTION` (+ `--weights`), an `.onnx` file, `timm:NAME` or `torchvision:NAME`
+(+ `--weights`), or `robustbench:DATASET/THREAT/NAME` (bench.store.sources builds each).
+`--mean/--std` (or the library's own metadata) put the network behind its input
+normalization, so the attacks work on [0, 1] pixels and the budget stays in pixel units.
+The model is known by NAME plus its source's identity (the ONNX file's sha256, or the
+sha256 of the network's weights and buffers: every state_dict tensor, in sorted key
+order, with its dtype and shape) and its normalization, so the same model is evaluated
+once and a changed one under the same name is a new entry beside the old. It is stored
+like a trained checkpoint (same folder layout, same store row, `defense` = NAME, `arch` =
+"outside"), with its source's record, the files it keeps (a factory's .py, the ONNX
+file) and the weights as safetensors, so that `bench transfer` can rebuild it as a
+source or a target. Nothing is written before the model has been built, fed a batch of
+the dataset and found to answer with one logit per class; every user error is a
+one-line BenchError.
 """
 
 from __future__ import annotations
@@ -36,24 +41,20 @@ from bench.run.plan import checked_cells
 from bench.run.surrogates import transfer_cells
 from bench.run.workspace import Workspace
 from bench.store import checkpoints as ckpt
-from bench.store.factories import (
-    SOURCE_FILE,
-    Factory,
-    build,
-    class_factory,
-    first_line,
-    load_weights,
-    parse_factory,
-    weights_hash,
-)
+from bench.store.factories import SOURCE_FILE, first_line
+from bench.store.sources import Normalization, Source, dataset_of, parse_normalization, parse_source, wrapped
+from bench.store.sources.zoo import ZooSource
 
 ARCH = "outside"
 """The `arch` column of an outside model's row: what marks it as not trained here."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def outside_key(name: str, dataset: str, digest: str) -> str:
-    payload = ckpt.canonical({"schema": ckpt.KEY_SCHEMA, "outside": name, "dataset": dataset, "weights": digest})
+def outside_key(name: str, dataset: str, digest: str, normalization: Normalization | None = None) -> str:
+    fields = {"schema": ckpt.KEY_SCHEMA, "outside": name, "dataset": dataset, "weights": digest}
+    if normalization is not None:  # in the key only when set: a plain model keeps the key it always had
+        fields["normalize"] = {"mean": list(normalization.mean), "std": list(normalization.std)}
+    payload = ckpt.canonical(fields)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -86,46 +87,73 @@ def check_answers(model: torch.nn.Module, spec: DatasetSpec, x: torch.Tensor, wh
 
 @dataclass
 class Candidate:
-    """An outside model ready to store: built, checked, hashed."""
+    """An outside model ready to store: built, behind its normalization, checked, hashed."""
 
     model: torch.nn.Module
     name: str
     dataset: DatasetSpec
-    factory: Factory | None
+    source: Source
     digest: str
+    """The source's identity: the ONNX file's sha256, or the network's weights' hash."""
+    normalization: Normalization | None = None
     weights_file: str | None = None
 
     @property
     def key(self) -> str:
-        return outside_key(self.name, self.dataset.name, self.digest)
+        return outside_key(self.name, self.dataset.name, self.digest, self.normalization)
+
+    @property
+    def paper(self) -> dict[str, float]:
+        """A zoo's reported numbers, shown beside ours as a preset's paper numbers are."""
+        return self.source.paper() if isinstance(self.source, ZooSource) else {}
 
 
 def prepare(
     model: torch.nn.Module | str,
     name: str,
-    dataset: str = "digits",
+    dataset: str | None = None,
     weights: str | None = None,
     data_root: str | None = None,
+    mean: str | tuple[float, ...] | None = None,
+    std: str | tuple[float, ...] | None = None,
+    robustbench_models: str | None = None,
 ) -> Candidate:
-    """Build (from MODULE:FUNCTION) or take the model, load weights, check it on the data."""
+    """Build the model its source names (a factory, an ONNX file, a library name, a zoo
+    entry), put it behind its normalization, check it on the data."""
     check_name(name)
-    spec = get_spec(dataset)
-    factory = None
-    if isinstance(model, str):
-        factory = parse_factory(model)
-        model = build(factory)
-        where = f"the model of {factory.reference!r}"
-    elif isinstance(model, torch.nn.Module):
-        factory = class_factory(model)
-        where = f"model {name!r}"
-    else:
-        raise BenchError(f"model must be an nn.Module or 'MODULE:FUNCTION', got a {type(model).__name__}")
-    if weights:
-        load_weights(model, weights)
-    model = model.to("cpu").eval()
+    source = parse_source(model, weights, robustbench_models)
+    named = dataset_of(source)
+    if dataset is not None and named is not None and dataset != named:
+        raise BenchError(f"--dataset {dataset} but --model {source.reference} is a {named} model; drop --dataset")
+    spec = get_spec(dataset or named or "digits")
+    said = _normalization(mean, std)
+    raw = source.build(spec)
+    normalization = said or source.normalization(spec)
+    if normalization is not None:
+        normalization = normalization.checked(spec)
+    where = f"the model of {source.reference!r}" if isinstance(model, str) else f"model {name!r}"
+    candidate_model = wrapped(raw, normalization, spec).to("cpu").eval()
     x, _ = load_dataset(spec.name, "test", data_root)
-    check_answers(model, spec, x, where)
-    return Candidate(model, name, spec, factory, weights_hash(model), str(Path(weights).resolve()) if weights else None)
+    check_answers(candidate_model, spec, x, where)
+    return Candidate(
+        candidate_model,
+        name,
+        spec,
+        source,
+        source.digest(raw),
+        normalization,
+        str(Path(weights).resolve()) if weights else None,
+    )
+
+
+def _normalization(mean, std) -> Normalization | None:
+    """--mean/--std as text (the CLI) or numbers (the Python API)."""
+    if isinstance(mean, str) or isinstance(std, str) or mean is None or std is None:
+        return parse_normalization(
+            mean if mean is None or isinstance(mean, str) else ",".join(map(str, mean)),
+            std if std is None or isinstance(std, str) else ",".join(map(str, std)),
+        )
+    return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std), "mean/std")
 
 
 def record(ws: Workspace, candidate: Candidate):
@@ -140,7 +168,9 @@ def record(ws: Workspace, candidate: Candidate):
         x, y = load_dataset(candidate.dataset.name, "test", ws.data_root)
         logits = predict(candidate.model.to(ws.device), x, device=ws.device, batch_size=ws.batch_size())
         clean = float((logits.argmax(1) == y).float().mean())
-        source = candidate.factory.module if candidate.factory and candidate.factory.is_file else None
+        source = candidate.source
+        record = source.record()
+        files = source.files()
         meta = ckpt.save_checkpoint(
             candidate.model,
             directory,
@@ -156,19 +186,22 @@ def record(ws: Workspace, candidate: Candidate):
                 "train_seconds": 0.0,
                 "device": device_name(ws.device),
                 "preset": None,
-                "paper": {},
+                "paper": candidate.paper,
                 "clean_acc": clean,
                 "outside": {
-                    "factory": candidate.factory.reference if candidate.factory else None,
+                    "factory": record.get("factory"),
+                    "reference": source.reference,
+                    "source": record,
+                    "normalize": candidate.normalization.record() if candidate.normalization else None,
                     "weights_sha256": candidate.digest,
                     "weights_file": candidate.weights_file,
-                    "source_copy": SOURCE_FILE if candidate.factory and candidate.factory.is_file else None,
+                    "source_copy": SOURCE_FILE if SOURCE_FILE in files else None,
                 },
                 "package_version": package_version(),
                 "git_commit": git_commit(),
                 "torch_version": torch.__version__,
             },
-            files={SOURCE_FILE: Path(source)} if source else {},
+            files=files,
         )
     row = ws.store.add_checkpoint(
         key=key,
@@ -211,12 +244,20 @@ class OutsidePlan:
 
 
 def plan_outside(
-    model: torch.nn.Module | str, name: str, dataset: str, weights: str | None, data_root: str | None, matrix: Matrix
+    model: torch.nn.Module | str,
+    name: str,
+    dataset: str | None,
+    weights: str | None,
+    data_root: str | None,
+    matrix: Matrix,
+    normalization: tuple[Any, Any] = (None, None),
+    robustbench_models: str | None = None,
 ) -> OutsidePlan:
     """The candidate with everything the user gave checked (the model builds and answers,
     the matrix and its transfer table are valid, as `bench run` checks them), before any
     folder or store is touched."""
-    candidate = prepare(model, name, dataset, weights, data_root)
+    mean, std = normalization
+    candidate = prepare(model, name, dataset, weights, data_root, mean, std, robustbench_models)
     return OutsidePlan(candidate, tuple(checked_cells(matrix, candidate.dataset, data_root)))
 
 

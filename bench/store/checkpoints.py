@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from bench.core.data import get_spec
 from bench.core.models import build_model
 from bench.errors import BenchError
-from bench.store.factories import rebuild
+from bench.store.sources import rebuild
 
 KEY_SCHEMA = 1  # bump only if the key's ingredients change; old keys stay valid
 

@@ -146,29 +146,79 @@ def build(factory: Factory, source: Path | None = None) -> torch.nn.Module:
     return model
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a safetensors file into the model, strictly (every key, every shape)."""
+def read_state(path: str | os.PathLike, flag: str = "--weights") -> dict[str, torch.Tensor]:
+    """A state_dict from a safetensors file, or from a torch checkpoint (.pt, .pth, .bin)
+    read with `weights_only=True`: tensors and plain containers only, never a pickle that
+    runs code. A checkpoint that nests its weights under `state_dict` or `model` (as
+    training scripts and RobustBench's files do) is unwrapped, and a `module.` prefix
+    (DataParallel's) is dropped."""
     p = Path(path)
     if not p.is_file():
-        raise BenchError(f"--weights {str(p)!r}: no such file")
+        raise BenchError(f"{flag} {str(p)!r}: no such file")
+    if p.suffix == ".safetensors":
+        try:
+            return load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BenchError(
+                f"{flag} {str(p)!r} is not a safetensors file ({first_line(exc)}); save with "
+                "safetensors.torch.save_file(model.state_dict(), PATH)"
+            ) from exc
     try:
-        state = load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling refusal, a truncated zip: the file is the user's error
         raise BenchError(
-            f"--weights {str(p)!r} is not a safetensors file ({first_line(exc)}); save with "
-            "safetensors.torch.save_file(model.state_dict(), PATH)"
+            f"{flag} {str(p)!r} is neither safetensors nor a weights-only torch checkpoint "
+            f"({type(exc).__name__}: {first_line(exc)[:160]}); save the state_dict with torch.save or safetensors"
         ) from exc
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        missing = sorted(set(model.state_dict()) - set(state))
-        extra = sorted(set(state) - set(model.state_dict()))
-        detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {extra[:3]}" if extra else "")
-        raise BenchError(
-            f"--weights {str(p)!r} do not fit the model: "
-            f"{detail.strip() or first_line(exc).split(chr(9))[0][:200]}; "
-            "save them from the model FUNCTION builds"
-        ) from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BenchError(f"{flag} {str(p)!r} holds no state_dict of tensors; save model.state_dict()")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+"""Buffers that training computes (batch norm's): never taken from the architecture."""
+
+
+def load_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, hint: str, constants_from_code: bool = False
+) -> None:
+    """Load a state_dict into the model: every key and every shape must fit. With
+    `constants_from_code`, a constant buffer the file lacks (not a batch-norm statistic)
+    keeps the architecture's own value: the normalization constants some published
+    checkpoints leave out, which RobustBench's loader also lets the code supply."""
+    own = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+
+    def required(key: str) -> bool:
+        return not constants_from_code or key in params or key.rsplit(".", 1)[-1] in _STATISTICS
+
+    missing = sorted(k for k in set(own) - set(state) if required(k))
+    extra = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or extra or shapes:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {extra[:3]}" if extra else "",
+                f"{shapes[0]} is {tuple(state[shapes[0]].shape)} where the model has {tuple(own[shapes[0]].shape)}"
+                if shapes
+                else "",
+            )
+            if part
+        )
+        raise BenchError(f"{where} do not fit the model: {detail}; {hint}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a weights file into the model, strictly (every parameter, every shape)."""
+    load_state(model, read_state(path), f"--weights {str(path)!r}", "save them from the model FUNCTION builds")
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -187,19 +237,3 @@ def class_factory(model: torch.nn.Module) -> Factory | None:
     if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
         return None
     return Factory(cls.__module__, cls.__qualname__)
-
-
-def rebuild(meta: dict, directory: Path, device: str = "cpu") -> torch.nn.Module:
-    """An outside model from its checkpoint folder: the factory (its kept source copy
-    first), then the stored weights."""
-    info = meta["outside"]
-    if not info.get("factory"):
-        raise BenchError(
-            f"outside model {meta['defense']!r} was given as an object with no importable "
-            "factory, so it cannot be rebuilt; evaluate it with --model MODULE:FUNCTION"
-        )
-    factory = parse_factory(info["factory"])
-    source = directory / SOURCE_FILE
-    model = build(factory, source if source.is_file() else None)
-    model.load_state_dict(load_file(str(directory / "model.safetensors"), device="cpu"))
-    return model.to(device).eval()

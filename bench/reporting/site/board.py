@@ -12,7 +12,7 @@ from bench.reporting.site.load import SiteData
 from bench.reporting.site.names import (
     SURROGATE_TEXT,
     checkpoint_name,
-    factory_name,
+    outside_name,
     page_path,
 )
 from bench.store.bracket import Bracket
@@ -125,7 +125,7 @@ def boards(data: SiteData) -> list[dict]:
                     "short": ck.key[:8],
                     "arch": ck.arch,
                     "overrides": data.overrides.get(cid, ""),
-                    "outside": factory_name((meta.outside or {}).get("factory")),
+                    "outside": outside_name(meta.outside),
                     "surrogate": meta.surrogate,
                     "id": cid,
                     "cols": cols,

@@ -85,6 +85,20 @@ def factory_name(reference: str | None) -> str:
     return f"{file_name(module)}:{function}" if sep and module.endswith(".py") else reference
 
 
+def outside_name(info: Mapping | None) -> str:
+    """What an outside model was given as (meta["outside"]), as the site shows it: a
+    factory by factory_name, an ONNX file by its file's name, a library or zoo reference
+    (`timm:resnet18`, `robustbench:cifar10/Linf/...`) as it is; "" for none."""
+    if not info:
+        return ""
+    source = info.get("source") or {}
+    if source.get("kind") == "onnx":
+        return file_name(source.get("file_name") or info.get("reference") or "")
+    if source.get("kind") in ("hub", "robustbench"):
+        return str(info.get("reference") or "")
+    return factory_name(info.get("factory"))
+
+
 def checkpoint_folder(ck: Checkpoint) -> str:
     """A checkpoint's folder relative to its results folder, `checkpoints/<dataset>/<defense>/<key>`
     as bench.store.checkpoints lays it out; a folder laid out otherwise shows as `…/<its name>`.

@@ -18,6 +18,7 @@ from bench.reporting.site.names import (
     checkpoint_name,
     factory_name,
     file_name,
+    outside_name,
 )
 from bench.store.db import Checkpoint
 
@@ -46,8 +47,12 @@ def outside_line(info: dict | None) -> dict | None:
     if not isinstance(info, dict):
         return None
     out = portable_outside(info)
+    normalize = out.get("normalize") or {}
     return {
-        "factory": out.get("factory") or "",
+        "factory": outside_name(info),
+        "normalize": f"mean {normalize['mean']}, std {normalize['std']} ({normalize.get('origin', '')})"
+        if normalize
+        else "",
         "weights_sha256": out.get("weights_sha256") or "",
         "weights_file": out.get("weights_file") or "",
         "source_copy": file_name(out["source_copy"]) if out.get("source_copy") else "",
