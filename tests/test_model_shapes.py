@@ -284,3 +284,18 @@ def test_normalization_lengths_are_checked_against_the_dataset():
     assert Normalization((0.5,), (0.5,), "t").checked(spec).mean == (0.5,)
     with pytest.raises(BenchError, match=r"std .* must be positive"):
         Normalization((0.5,), (0.0,), "t").checked(spec)
+
+
+def test_the_verifier_takes_a_converted_relu_network_like_the_same_weights_in_torch(folder, natural_model):
+    """The exporter writes the model's Normalize as Sub and Div by constants; the converted
+    graph gets the bench's Normalize back, so the verifier encodes it exactly, and its
+    verdicts are those of the same weights in torch."""
+    from bench.store.sources.onnx_file import convert
+    from bench.verify import to_graph, verify_images
+
+    x, y = load_dataset("digits", "test")
+    converted = convert(folder / "cnn.onnx", "cnn.onnx")
+    ours = verify_images(to_graph(converted), converted, x[:6], y[:6], 0.05, time_limit=20)
+    theirs = verify_images(to_graph(natural_model), natural_model, x[:6], y[:6], 0.05, time_limit=20)
+    assert [v.status for v in ours] == [v.status for v in theirs]
+    assert {v.status for v in ours} & {"robust", "not_robust"}  # decided, not left unknown

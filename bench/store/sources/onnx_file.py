@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from bench.core.data import DatasetSpec
+from bench.core.models import Normalize
 from bench.errors import BenchError
 from bench.store.factories import first_line
 from bench.store.sources.base import Normalization
@@ -97,12 +99,77 @@ def convert(path: Path, reference: str) -> nn.Module:
             "export the network without them, or give it as a Python factory"
         )
     try:
-        return to_torch(proto).eval()
+        converted = to_torch(proto)
     except Exception as exc:  # a converter refusing an attribute it does not support
         raise BenchError(
             f"--model {reference!r} does not convert to torch ({type(exc).__name__}: {first_line(exc)[:160]}); "
             "give the network as a Python factory instead"
         ) from exc
+    return _normalize_at_input(converted).eval()
+
+
+def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor a node stands for where it is a constant of the graph (an initializer,
+    or onnx2torch's copy of one), else None."""
+    from onnx2torch.node_converters.identity import OnnxCopyIdentity
+
+    if (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and isinstance(gm.get_submodule(node.target), OnnxCopyIdentity)
+    ):
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _normalize_at_input(gm: fx.GraphModule) -> fx.GraphModule:
+    """`(x - mean) / std` on the graph's input, as exporters write a model's Normalize
+    (Sub and Div by per-channel constants), made the bench's Normalize again. The network
+    computes the same; the verifier, which encodes Normalize exactly and cannot trace
+    onnx2torch's Div (it branches on its inputs' dtype), can then take a converted ReLU
+    network like any other."""
+    from onnx2torch.node_converters.binary_math_operations import (
+        _TORCH_FUNCTION_FROM_ONNX_TYPE as FUNCTIONS,  # the functions its Sub and Div call
+    )
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    def op(node: fx.Node, fn) -> bool:
+        if node.op != "call_module":
+            return False
+        module = gm.get_submodule(str(node.target))
+        return (
+            isinstance(module, OnnxBinaryMathOperation) and module.math_op_function is fn and module.broadcast is None
+        )
+
+    for sub in list(gm.graph.nodes):
+        if not (op(sub, FUNCTIONS["Sub"]) and sub.args[0].op == "placeholder" and len(sub.users) == 1):
+            continue
+        (div,) = sub.users
+        mean, std = _constant(gm, sub.args[1]), _constant(gm, div.args[1]) if op(div, FUNCTIONS["Div"]) else None
+        if mean is None or std is None or div.args[0] is not sub:
+            continue
+        if (
+            mean.numel() != std.numel()
+            or mean.numel() != max(mean.shape, default=1)
+            or std.numel() != max(std.shape, default=1)
+        ):
+            continue  # not one value per channel
+        name = "bench_normalize"
+        gm.add_submodule(name, Normalize(tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())))
+        with gm.graph.inserting_before(sub):
+            normalized = gm.graph.call_module(name, (sub.args[0],))
+        div.replace_all_uses_with(normalized)
+        gm.graph.erase_node(div)
+        gm.graph.erase_node(sub)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        break
+    return gm
 
 
 @dataclass(frozen=True)
