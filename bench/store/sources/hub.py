@@ -6,8 +6,8 @@ Nothing is downloaded: the architecture is built with `pretrained=False` (timm) 
 a torch checkpoint read weights-only). The input normalization is the library's own
 metadata (timm's `pretrained_cfg`, torchvision's default weights' transforms) unless
 --mean/--std say otherwise. The images go in at the dataset's own size: the library's
-input size (224 for most ImageNet models) is recorded, not imposed, since resizing
-inside the model would change the geometry of the threat model.
+input size (224 for most ImageNet models) is not imposed, since resizing inside the
+model would change the geometry of the threat model.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _version(library: str) -> str:
 
 
 def library_normalization(library: str, name: str, model: nn.Module) -> tuple[Normalization | None, Any]:
-    """(the library's normalization, its input size) from its metadata."""
+    """(the library's normalization, its input size) from its metadata; the size is for
+    the user's eyes (bench.store.sources.hub's docstring says why it is not imposed)."""
     if library == "timm":
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean, std = cfg.get("mean"), cfg.get("std")
