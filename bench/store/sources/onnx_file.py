@@ -47,6 +47,26 @@ def _unsupported(proto) -> list[str]:
     return missing
 
 
+def _inline_constant_identities(proto) -> None:
+    """An Identity of an initializer made an initializer of its own, in place. PyTorch's
+    exporter writes one tensor shared by two layers (or equal to another) as an Identity
+    of it, and onnx2torch's Conv and Gemm converters read their weights from initializers
+    only; the graph computes the same."""
+    initializers = {t.name: t for t in proto.graph.initializer}
+    kept = []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in initializers:
+            copy = proto.graph.initializer.add()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            initializers[copy.name] = copy
+        else:
+            kept.append(node)
+    if len(kept) < len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+
+
 DOWNGRADES = (18, 17, 16, 13)
 """Opsets onnx's version converter may take a file down to when onnx2torch lacks the
 converter of an operator's newer version (exporters write opset 20 and later, where an
@@ -90,6 +110,7 @@ def convert(path: Path, reference: str) -> nn.Module:
             f"--model {reference!r} is not a valid ONNX model ({type(exc).__name__}: {first_line(exc)[:160]}); "
             "export it again (torch.onnx.export, tf2onnx, jax2onnx)"
         ) from exc
+    _inline_constant_identities(proto)
     missing = _unsupported(proto)
     if missing:
         proto, missing = _downgraded(proto, missing)
