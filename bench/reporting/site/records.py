@@ -36,6 +36,8 @@ def portable_outside(info: dict | None) -> dict:
         out["factory"] = factory_name(out["factory"])
     if out.get("weights_file"):
         out["weights_file"] = file_name(out["weights_file"])
+    if out.get("reference") and (out.get("source") or {}).get("kind") == "onnx":
+        out["reference"] = file_name(out["reference"])  # an ONNX file's path names a user's folder
     return out
 
 
