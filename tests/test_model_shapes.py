@@ -299,3 +299,15 @@ def test_the_verifier_takes_a_converted_relu_network_like_the_same_weights_in_to
     theirs = verify_images(to_graph(natural_model), natural_model, x[:6], y[:6], 0.05, time_limit=20)
     assert [v.status for v in ours] == [v.status for v in theirs]
     assert {v.status for v in ours} & {"robust", "not_robust"}  # decided, not left unknown
+
+
+def test_the_site_names_each_shape_without_the_users_folders():
+    from bench.reporting.site.names import outside_name
+    from bench.reporting.site.records import portable_outside
+
+    onnx_info = {"reference": "/home/me/nets/cnn.onnx", "source": {"kind": "onnx", "file_name": "cnn.onnx"}}
+    assert outside_name(onnx_info) == "cnn.onnx"
+    assert portable_outside(onnx_info)["reference"] == "cnn.onnx"
+    hub_info = {"reference": "timm:resnet10t", "source": {"kind": "hub"}}
+    assert outside_name(hub_info) == "timm:resnet10t"
+    assert outside_name({"factory": "/home/me/my_models.py:build"}) == "my_models.py:build"  # stored before sources
