@@ -36,8 +36,16 @@ def portable_outside(info: dict | None) -> dict:
         out["factory"] = factory_name(out["factory"])
     if out.get("weights_file"):
         out["weights_file"] = file_name(out["weights_file"])
-    if out.get("reference") and (out.get("source") or {}).get("kind") == "onnx":
+    source = dict(out.get("source") or {})
+    kind = source.get("kind") or "factory"
+    if out.get("reference") and kind == "onnx":
         out["reference"] = file_name(out["reference"])  # an ONNX file's path names a user's folder
+    if out.get("reference") and kind == "factory":
+        out["reference"] = factory_name(out["reference"])
+    if source.get("factory"):
+        source["factory"] = factory_name(source["factory"])
+    if source:
+        out["source"] = source
     return out
 
 

@@ -137,7 +137,7 @@ def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if (
         isinstance(node, fx.Node)
         and node.op == "call_module"
-        and isinstance(gm.get_submodule(node.target), OnnxCopyIdentity)
+        and isinstance(gm.get_submodule(str(node.target)), OnnxCopyIdentity)
     ):
         node = node.args[0]
     if isinstance(node, fx.Node) and node.op == "get_attr":
