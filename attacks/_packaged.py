@@ -54,9 +54,12 @@ def package_run(x: torch.Tensor) -> Iterator[list[str]]:
     package's warnings are collected into (filled as the run goes)."""
     logger = logging.getLogger(LOGGER)
     handler = _ToWarnings()
-    saved = (logger.handlers[:], logger.propagate, logger.level)
+    saved = (logger.handlers[:], logger.propagate, logger.level, logger.disabled)
     logger.handlers[:] = [handler]
     logger.propagate = False
+    # logging.config.dictConfig disables every logger that exists when it runs unless told
+    # otherwise (import-linter's CLI does so in-process): the checks must still be heard.
+    logger.disabled = False
     logger.setLevel(logging.WARNING)  # its progress lines are debug/info: skip them
     tracer = sys.gettrace()
     for name in checks.funcs:
@@ -69,6 +72,7 @@ def package_run(x: torch.Tensor) -> Iterator[list[str]]:
         sys.settrace(tracer)
         logger.handlers[:], logger.propagate = saved[0], saved[1]
         logger.setLevel(saved[2])
+        logger.disabled = saved[3]
 
 
 def reraise(messages: list[str]) -> None:
