@@ -340,6 +340,15 @@ def test_importing_the_cli_imports_nothing_heavy():
     )
 
 
+def test_what_a_run_loads_leaves_the_heavy_extras_alone():
+    """bench.api is what `bench run` and `bench eval` import before they know there is
+    nothing to compute: no attack library, table library, dataset reader or solver."""
+    heavy = ("scipy.optimize", "scipy.sparse", "scipy.stats", "torchattacks", "pandas", "sklearn", "mlxtend")
+    code = f"import sys, bench.api; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("args, status", [(["--help"], 0), (["run", "--help"], 0), (["run", "--defens", "x"], 2)])
 def test_help_and_usage_errors_answer_at_once(args, status):
     start = time.perf_counter()

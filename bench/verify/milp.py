@@ -37,12 +37,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-from scipy.optimize import Bounds as VarBounds
-from scipy.optimize import LinearConstraint, linprog, milp
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+# scipy.optimize and scipy.sparse are imported where a program is solved: bench.plugin
+# exports the verifier, and their import (a quarter of a second) would otherwise be paid
+# by every command, a rerun that computes nothing among them.
 
 from bench.verify.bounds import Bounds, crown_bounds, interval_bounds
 from bench.verify.graph import Graph
@@ -99,6 +104,10 @@ class Program:
         return int(sum(i.sum() for i in self.integer))
 
     def _rows(self) -> tuple:
+        # scipy where a program is solved (the module's note on its imports)
+        import scipy.sparse as sp
+        from scipy.optimize import Bounds as VarBounds
+
         if self.cache is None or self.cache[0].shape[1] != self.n_vars:
             r, cc, v = (np.concatenate(t) for t in zip(*self.entries, strict=True)) if self.entries else ([], [], [])
             self.cache = (
@@ -113,6 +122,9 @@ class Program:
     def solve(self, c: np.ndarray, *, integer: bool, time_limit: float, extra=None):
         """scipy.optimize.milp on this program with objective c (and one extra row
         (coefficients, lb, ub) if given)."""
+        import scipy.sparse as sp
+        from scipy.optimize import LinearConstraint, milp
+
         a, row_lb, row_ub, var_bounds, ints = self._rows()
         if extra is not None:
             a = sp.vstack([a, sp.csr_matrix(extra[0][None, :])], format="csr")
@@ -130,6 +142,9 @@ class Program:
         """A rigorous lower bound on min c.x over the LP relaxation (binaries in [0, 1]),
         from HiGHS's dual solution by weak duality (module docstring); None when HiGHS
         returned no dual (out of time, or it failed)."""
+        import scipy.sparse as sp
+        from scipy.optimize import linprog
+
         a, row_lb, row_ub, var_bounds, _ = self._rows()
         if self.lp_cache is None:
             eq = np.flatnonzero(row_lb == row_ub)
