@@ -57,6 +57,8 @@ def main() -> None:
             if not line.startswith("import time:") or "|" not in line:
                 continue
             _, cumulative, name = line.split("|")
+            if not cumulative.strip().isdigit():  # the header line
+                continue
             depth = len(name) - len(name.lstrip())
             if depth <= 1:  # a top-level import of the command
                 rows.append((int(cumulative.strip()), name.strip()))
