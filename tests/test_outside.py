@@ -131,6 +131,25 @@ def test_eval_stores_by_name_and_hash_and_reruns_nothing(workdir, tmp_path, monk
     assert len(store.evaluations([rows[0].id])) == 1 and len(store.evaluations([rows[1].id])) == 1
 
 
+def test_an_eval_that_finds_every_cell_loads_no_data(workdir, tmp_path, monkeypatch, capsys):
+    """The rerun checks the model's answers on a batch of the dataset's shape, not on test
+    images: it imports no dataset reader (scikit-learn reads digits) and loads nothing."""
+    results = tmp_path / "results"
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "argv", ["bench", *eval_args(results)])
+    cli.main()
+    assert "added, 1 of 1 cells run" in capsys.readouterr().err
+    code = (
+        "import sys\nfrom bench import cli\n"
+        f"sys.argv = ['bench', *{eval_args(results)!r}]\n"
+        "try:\n    cli.main()\nexcept SystemExit as e:\n    assert e.code in (None, 0), e.code\n"
+        "print(sorted(m for m in ('sklearn', 'mlxtend') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "found, 0 of 1 cells run" in proc.stderr, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 def test_results_show_the_name_and_transfer_rebuilds_outside_models(workdir, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     monkeypatch.chdir(workdir)
