@@ -2,6 +2,7 @@
 
     python benchmarks/cheating_zoo.py                   # every model (tens of minutes on 2 CPU cores)
     python benchmarks/cheating_zoo.py noisy natural     # some of them
+    python benchmarks/cheating_zoo.py --matrix fast     # judged by the fast cascade and its escalation
 
 The cheaters of tests/cheats.py wrap a trained digits model (rounded inputs, saturated
 logits, input noise, rounding under noise, straight-through and reversed custom
@@ -11,7 +12,9 @@ activation); the honest controls are a natural and a PGD-AT model. For each it p
 - before: the per-sample AND over the `full` matrix as it was without adaptive
   evaluation (AutoAttack on a 100-image subset, no Square cell, no transfers, every
   cell judged by one pass, no EOT);
-- after: the worst case `bench.evaluate(model, matrix="full")` stores, and its flags;
+- after: the worst case `bench.evaluate(model, matrix=...)` stores (`full` unless
+  --matrix says otherwise), and its flags; under `fast`, also whether it escalated and
+  why, and "before" is left out (it is the old `full`);
 - adaptive: the attack written for the cheat (tests/cheats.py names each), outside the
   bench, on all 360 images. For the honest controls: AutoAttack straight
   from pyautoattack at seeds the matrix never draws (standard at 1, 2 and 3, plus at 1;
@@ -24,6 +27,7 @@ activation); the honest controls are a natural and a PGD-AT model. For each it p
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -44,6 +48,7 @@ from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
 from bench.engine.cell import run_cell
 from bench.science.flags import MASKING
+from bench.store.db import Store
 from bench.store.evidence import worst_case
 from bench.store.rows import CellRow
 
@@ -70,6 +75,10 @@ def adaptive(kind: str, model, natural, x, y) -> float | list[tuple[str, int]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="the models to run (all when none)")
+    parser.add_argument("--matrix", default="full", help="the matrix that judges them (default: full)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     x, y = load_dataset("digits", "test")
     natural = train_digits("natural")
@@ -77,7 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     zoo = [(c.name, c.build(natural, robust_base)) for c in CHEATS]
     zoo += [("natural", natural), ("pgd_at", robust_base)]
-    only = set(sys.argv[1:])
+    only = set(args.models)
     zoo = [z for z in zoo if not only or z[0] in only]
     results = Path(tempfile.mkdtemp(prefix="zoo-"))
     print(f"{'model':10} {'before':>7} {'after':>7} {'adaptive':>9} {'s':>6}  masking flags")
@@ -85,16 +94,21 @@ def main() -> None:
     for kind, model in zoo:
         model.eval()
         start = time.perf_counter()
-        b = before(model, x, y)
-        rows = bench.evaluate(model, name=f"zoo_{kind}", matrix="full", results=results, device="cpu")
+        b = before(model, x, y) if args.matrix == "full" else None
+        rows = bench.evaluate(model, name=f"zoo_{kind}", matrix=args.matrix, results=results, device="cpu")
         (wc,) = [r for r in rows if r["attack"] == "worst_case"]
         a = runs = adaptive(kind, model, natural, x, y)
         if isinstance(runs, list):
             a = min(n for _, n in runs) / len(y)
         flags = sorted(set(wc["flags"]) & set(MASKING))
+        escalated = ""
+        if args.matrix != "full":
+            (ck,) = [c for c in Store.for_results(results).checkpoints() if c.defense == f"zoo_{kind}"]
+            escalated = f"  escalated: {ck.meta.get('escalated') or 'no'}"
+        shown_before = f"{100 * b:6.2f}%" if b is not None else f"{'-':>7}"
         print(
-            f"{kind:10} {100 * b:6.2f}% {100 * wc['robust_acc']:6.2f}% {100 * a:8.2f}% "
-            f"{time.perf_counter() - start:6.1f}  {', '.join(flags) or '-'}",
+            f"{kind:10} {shown_before} {100 * wc['robust_acc']:6.2f}% {100 * a:8.2f}% "
+            f"{time.perf_counter() - start:6.1f}  {', '.join(flags) or '-'}{escalated}",
             flush=True,
         )
         if isinstance(runs, list):  # compared in samples: accuracies are k/n through float32
