@@ -315,6 +315,25 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     assert not caplog.records and package_logger.handlers == []
 
 
+def test_a_randomized_cells_later_rounds_record_their_warnings_too(digits_test):
+    """The rounds that attack again what the majority verdict left standing warn into the
+    cell's record, as the first round does, and nothing reaches the caller."""
+    import dataclasses
+    import warnings
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):  # every gradient is zero, every prediction 9: all left standing
+            return torch.arange(10.0).expand(len(x), 10) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+    x, y = digits_test
+    cell = dataclasses.replace(make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), votes=3, rounds=3)
+    with warnings.catch_warnings(record=True) as leaked:
+        warnings.simplefilter("always")
+        result = run_cell(Constant(), cell, x[:8], torch.full_like(y[:8], 9), device="cpu", batch_size=1024, seed=0)
+    assert [str(w.message) for w in leaked] == []
+    assert any("zero gradient" in w for w in result.extra["warnings"])
+
+
 # --- under the GPU fast path's bf16 autocast ----------------------------------------------
 def under_autocast(model, attack, params, x, y, bf16: bool):
     cell = make_cell(attack, params, THREAT)

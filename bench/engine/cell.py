@@ -330,7 +330,12 @@ def run_cell(
             left = robust.nonzero().squeeze(1)
             if len(left) == 0:
                 break
-            with seeded_noise(device, seed + again_round), counting(model, count=count):
+            with (
+                warnings.catch_warnings(record=True) as again_caught,
+                seeded_noise(device, seed + again_round),
+                counting(model, count=count),
+            ):
+                warnings.simplefilter("always")  # recorded with the cell, as the first round's are
                 again = craft(
                     target,
                     cell,
@@ -342,6 +347,7 @@ def run_cell(
                     fast=fast,
                     count=count,
                 )
+            caught.extend(again_caught)
             x_adv[left] = again
             # Judged on the whole set with the verdict seed: every verdict of the cell
             # comes from the same passes (the noise a pass draws depends on a sample's
