@@ -410,16 +410,19 @@ def main() -> int:
     ap.add_argument("--results", required=True, help="a store filled by `bench run --defense all --matrix full`")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--matrix", default="fast", help="the cascade matrix whose rows are read beside the full ones")
-    ap.add_argument("--fast-suffix", help="what the cascade's cell keys contain (default `,cascade=<--matrix>`)")
+    ap.add_argument(
+        "--fast-suffix", help="what the cascade's cell keys contain (default `,cascade=<the matrix's name>`)"
+    )
     ap.add_argument("--no-projection", action="store_true", help="skip the FLOP counts and GPU hours")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    marker = args.fast_suffix or f",cascade={args.matrix}"
+    matrix = load_matrix(args.matrix)
+    marker = args.fast_suffix or f",cascade={matrix.name}"  # a TOML file's cells carry its name, not its path
     store = Store.for_results(Path(args.results))
     # The cascade's cells as the matrix has them today, where --matrix names one (a store
     # may hold an earlier version's under the same marker); with --fast-suffix, every row
     # that carries it.
-    keys = None if args.fast_suffix else {c.key for c in load_matrix(args.matrix).cells(get_spec(args.dataset).threat)}
+    keys = None if args.fast_suffix else {c.key for c in matrix.cells(get_spec(args.dataset).threat)}
     costs = checkpoint_costs(store, args.dataset, marker, keys)
     if not costs:
         print(f"no {args.dataset} checkpoint with stored cells in {args.results}")

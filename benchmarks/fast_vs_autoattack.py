@@ -71,10 +71,11 @@ def main() -> int:
     spec = get_spec(args.dataset)
     x, y = load_dataset(args.dataset, "test", args.data_root)
     seeds = independent_seeds(args.seeds)
-    marker = f"{CASCADE_KEY}{args.matrix}"
+    matrix = load_matrix(args.matrix)
+    marker = f"{CASCADE_KEY}{matrix.name}"  # a TOML file's cells carry its name, not its path
     # Only the cascade's cells as the matrix has them today: a store may hold an earlier
     # version's beside them, under the same marker.
-    keys = {c.key for c in load_matrix(args.matrix).cells(spec.threat)}
+    keys = {c.key for c in matrix.cells(spec.threat)}
     costs = [c for c in checkpoint_costs(store, args.dataset, marker, keys) if c.fast and c.autoattack]
     if not costs:
         sys.exit(f"no checkpoint of {args.dataset} in {args.results} has both AutoAttack's cell and `{marker}` cells")
