@@ -293,69 +293,66 @@ def run_cell(
     noise = seeded_noise(device, seed) if cell.votes > 1 else contextlib.nullcontext()
     start = time.perf_counter()
     verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] = []
-    # Every pass of the model while the cell crafts (the EOT passes, the extra rounds, a
-    # verifier's search), counted at the model itself; the verdicts below are not the
-    # attack's cost and are taken outside.
-    with warnings.catch_warnings(record=True) as caught, noise, counting(model) as count:
+    # Every warning of the cell's work (its craft, the later rounds of a randomized model,
+    # its verdicts) is recorded with the cell, not printed to the caller.
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        x_adv = craft(
-            target,
-            cell,
-            x,
-            y,
-            device=device,
-            batch_size=batch_size,
-            seed=seed,
-            on_batch=on_batch,
-            fast=fast,
-            verdicts=verdicts,
-            count=count,
-        )
-    seconds = time.perf_counter() - start
-    clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
-    adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
-    clean = clean_logits.argmax(1) == y
-    # A sample the model already gets wrong is not robust, whatever the attack returned.
-    robust = (adv_logits.argmax(1) == y) & clean
-    if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
-        clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED)
-        robust = (
-            majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED)
-            & clean
-        )
-        # An attack stops at the first iterate its noisy view misclassifies, right at the
-        # boundary, where the verdict is a coin flip; so what the verdict leaves standing
-        # is attacked again (the craft with a fresh seed), `cell.rounds` times in all.
-        for again_round in range(1, cell.rounds):
-            left = robust.nonzero().squeeze(1)
-            if len(left) == 0:
-                break
-            with (
-                warnings.catch_warnings(record=True) as again_caught,
-                seeded_noise(device, seed + again_round),
-                counting(model, count=count),
-            ):
-                warnings.simplefilter("always")  # recorded with the cell, as the first round's are
-                again = craft(
-                    target,
-                    cell,
-                    x[left],
-                    y[left],
-                    device=device,
-                    batch_size=batch_size,
-                    seed=seed + again_round,
-                    fast=fast,
-                    count=count,
-                )
-            caught.extend(again_caught)
-            x_adv[left] = again
-            # Judged on the whole set with the verdict seed: every verdict of the cell
-            # comes from the same passes (the noise a pass draws depends on a sample's
-            # place in the batch), and what is broken stays broken.
-            robust &= majority_correct(
-                model, x_adv, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED
+        # Every pass of the model while the cell crafts (the EOT passes, the extra rounds, a
+        # verifier's search), counted at the model itself; the verdicts below are not the
+        # attack's cost and are taken outside.
+        with noise, counting(model) as count:
+            x_adv = craft(
+                target,
+                cell,
+                x,
+                y,
+                device=device,
+                batch_size=batch_size,
+                seed=seed,
+                on_batch=on_batch,
+                fast=fast,
+                verdicts=verdicts,
+                count=count,
             )
         seconds = time.perf_counter() - start
+        clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
+        adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
+        clean = clean_logits.argmax(1) == y
+        # A sample the model already gets wrong is not robust, whatever the attack returned.
+        robust = (adv_logits.argmax(1) == y) & clean
+        if cell.votes > 1:  # a randomized model: each verdict is the majority of cell.votes passes
+            clean = majority_correct(model, x, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED)
+            robust = (
+                majority_correct(model, x_adv, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED)
+                & clean
+            )
+            # An attack stops at the first iterate its noisy view misclassifies, right at the
+            # boundary, where the verdict is a coin flip; so what the verdict leaves standing
+            # is attacked again (the craft with a fresh seed), `cell.rounds` times in all.
+            for again_round in range(1, cell.rounds):
+                left = robust.nonzero().squeeze(1)
+                if len(left) == 0:
+                    break
+                with seeded_noise(device, seed + again_round), counting(model, count=count):
+                    again = craft(
+                        target,
+                        cell,
+                        x[left],
+                        y[left],
+                        device=device,
+                        batch_size=batch_size,
+                        seed=seed + again_round,
+                        fast=fast,
+                        count=count,
+                    )
+                x_adv[left] = again
+                # Judged on the whole set with the verdict seed: every verdict of the cell
+                # comes from the same passes (the noise a pass draws depends on a sample's
+                # place in the batch), and what is broken stays broken.
+                robust &= majority_correct(
+                    model, x_adv, y, cell.votes, device=device, batch_size=batch_size, seed=VERDICT_SEED
+                )
+            seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
     extra = {
         "logit_hist": histogram(clean_logits, adv_logits),
