@@ -39,18 +39,6 @@ def timm_net():
     import timm
 
     return timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1)
-
-
-def wong():
-    from bench.store.sources.zoo import entry
-
-    return entry("cifar10", "Linf", "Wong2020Fast")["model"]()
-
-
-def vision_net():
-    from torchvision.models import get_model
-
-    return get_model("resnet18", weights=None, num_classes=10)
 """
 
 
@@ -184,7 +172,7 @@ def _cifar_folder(root: Path, per_batch: int = 12) -> Path:
     return root
 
 
-def test_a_robustbench_entry_from_its_folder_layout_matches_a_factory_with_its_reported_numbers(folder, tmp_path):
+def test_a_robustbench_entry_from_its_folder_layout_gives_its_weights_logits_and_reported_numbers(tmp_path):
     data = _cifar_folder(tmp_path / "data", per_batch=4)  # admission's traced PGD runs on every test image
     torch.manual_seed(2)
     net = zoo.entry("cifar10", "Linf", "Wong2020Fast")["model"]()

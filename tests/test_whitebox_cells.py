@@ -18,6 +18,7 @@ implementations, their keys and budgets, and what they hand the harness.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -282,24 +283,28 @@ def test_targets_are_capped_at_the_wrong_classes(digits_test, attack):
     assert torch.equal(*runs)
 
 
+class ConstantLogits(torch.nn.Module):
+    """Logits that ignore the input: every gradient is zero, every prediction 9, so an
+    attack leaves every image standing."""
+
+    def forward(self, x):
+        return torch.arange(10.0).expand(len(x), 10) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
 def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
     """pyautoattack's zero-gradient check (run with the DLR losses) is recorded with the
     cell, and nothing reaches the `auto-attack` logger's own handlers or the root."""
 
-    class Constant(torch.nn.Module):
-        def forward(self, x):  # logits that ignore the input: every gradient is zero
-            return torch.arange(10.0).expand(len(x), 10) + 0 * x.flatten(1).sum(1, keepdim=True)
-
     x, y = digits_test
     y = torch.full_like(y[:16], 9)  # the constant model's prediction: all correct, all attacked
     package_logger = logging.getLogger("auto-attack")
-    # as logging.config.dictConfig leaves every logger that existed before it (import-linter's
-    # CLI calls it in-process): the run must hear the checks all the same
+    # as logging.config.dictConfig leaves every logger that existed before it disabled
+    # (import-linter's CLI calls it in-process): the run must hear the checks all the same
     package_logger.disabled = True
     try:
         with caplog.at_level(logging.DEBUG):
             result = run_cell(
-                Constant(),
+                ConstantLogits(),
                 make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT),
                 x[:16],
                 y,
@@ -318,18 +323,13 @@ def test_zero_gradients_reach_the_cell_as_warnings(digits_test, caplog):
 def test_a_randomized_cells_later_rounds_record_their_warnings_too(digits_test):
     """The rounds that attack again what the majority verdict left standing warn into the
     cell's record, as the first round does, and nothing reaches the caller."""
-    import dataclasses
-    import warnings
-
-    class Constant(torch.nn.Module):
-        def forward(self, x):  # every gradient is zero, every prediction 9: all left standing
-            return torch.arange(10.0).expand(len(x), 10) + 0 * x.flatten(1).sum(1, keepdim=True)
-
     x, y = digits_test
-    cell = dataclasses.replace(make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), votes=3, rounds=3)
+    cell = replace(make_cell("apgd", {"loss": "dlr", "steps": 5}, THREAT), votes=3, rounds=3)
     with warnings.catch_warnings(record=True) as leaked:
         warnings.simplefilter("always")
-        result = run_cell(Constant(), cell, x[:8], torch.full_like(y[:8], 9), device="cpu", batch_size=1024, seed=0)
+        result = run_cell(
+            ConstantLogits(), cell, x[:8], torch.full_like(y[:8], 9), device="cpu", batch_size=1024, seed=0
+        )
     assert [str(w.message) for w in leaked] == []
     assert any("zero gradient" in w for w in result.extra["warnings"])
 
