@@ -75,3 +75,11 @@ def test_the_front_page_gives_the_readme_first_command():
     front_first = _code_blocks((ROOT / "docs" / "index.md").read_text())[0]
     assert readme_first == front_first
     assert "bench run --defense logit_squeeze --matrix full" in readme_first
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    """CI must run the very command a new user runs to test: the README's second command."""
+    readme_tests = _code_blocks((ROOT / "README.md").read_text())[1].strip()
+    assert readme_tests.startswith("pip install") and readme_tests.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert readme_tests in ci
