@@ -59,11 +59,8 @@ class MultiTargeted:
             positive("step_size", self.step_size)
 
     def with_threat(self, threat) -> MultiTargeted:
-        return replace(
-            self,
-            eps=self.eps if self.eps is not None else threat.eps,
-            step_size=self.step_size if self.step_size is not None else threat.step_size,
-        )
+        eps = self.eps if self.eps is not None else threat.eps
+        return replace(self, eps=eps, step_size=self.step_size if self.step_size is not None else threat.step_for(eps))
 
     def threat_key(self) -> str:
         return f"linf-{self.eps:g}"

@@ -66,7 +66,8 @@ class PGD:
     steps: int = 20
     """Gradient steps per restart."""
     step_size: float | None = None
-    """Step length; unset means the threat model's L-inf step, or 2.5 * eps / steps for L2."""
+    """Step length; unset means the threat model's L-inf step scaled to this cell's eps,
+    or 2.5 * eps / steps for L2."""
     loss: str = "xent"
     """Objective: `xent` (cross-entropy) or `cw` (Carlini-Wagner margin)."""
     norm: str = "linf"
@@ -102,7 +103,7 @@ class PGD:
         eps = self.eps if self.eps is not None else (threat.eps if self.norm == "linf" else threat.l2_eps)
         step = self.step_size
         if step is None:
-            step = threat.step_size if self.norm == "linf" else 2.5 * eps / self.steps
+            step = threat.step_for(eps) if self.norm == "linf" else 2.5 * eps / self.steps
         return replace(self, eps=eps, step_size=step)
 
     def threat_key(self) -> str:

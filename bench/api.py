@@ -25,6 +25,7 @@ from bench.errors import BenchError
 from bench.perf import SIZES, run_perf
 from bench.registry import ATTACKS, DEFENSES
 from bench.reporting.diagnosis import diagnosis_rows
+from bench.reporting.export import Export, worst_case_inputs
 from bench.reporting.results import result_rows
 from bench.reporting.site import build_site
 from bench.reporting.site.names import cell_label
@@ -39,6 +40,7 @@ from bench.run.workspace import Workspace
 from bench.science.adaptive import BPDA
 from bench.store.checkpoints import load_checkpoint
 from bench.store.db import Checkpoint
+from bench.store.evidence import load_evidence
 
 __all__ = ["BPDA", "evaluate", "load_checkpoint", "load_dataset"]
 
@@ -137,10 +139,16 @@ def train(request: TrainRequest, where: Where = Where(), progress: Any = None) -
 
 
 def run(
-    defense: str, matrix: str, request: TrainRequest, where: Where = Where(), progress: Any = None
+    defense: str,
+    matrix: str,
+    request: TrainRequest,
+    where: Where = Where(),
+    progress: Any = None,
+    eps: float | None = None,
 ) -> tuple[list[RunReport], list[dict]]:
     """`bench run`: train what is missing and run every missing cell for one defense or
-    `all`; returns the reports and the result rows of their checkpoints."""
+    `all`; returns the reports and the result rows of their checkpoints. `eps` is the
+    run's own L-inf radius (`--eps`), over the matrix's and the dataset's."""
     names = DEFENSES.names() if defense == "all" else [DEFENSES.get(defense).name]
     requests = [
         TrainRequest(
@@ -153,7 +161,7 @@ def run(
         )
         for name in names
     ]
-    parsed = load_matrix(matrix)
+    parsed = load_matrix(matrix, eps=eps)
     plans = [plan_run(r, parsed, where.data_root) for r in requests]  # checked before the store is opened
     ws = open_workspace(where, progress)
     with executor(where) as ex:
@@ -174,12 +182,14 @@ def eval_outside(
     where: Where = Where(),
     progress: Any = None,
     workspace: Workspace | None = None,
+    eps: float | None = None,
 ) -> tuple[EvalReport, list[dict]]:
     """`bench eval`: store an outside model by name and identity and run the matrix cells it
     lacks; returns the report and its result rows, the `worst_case` row last. `dataset`
-    unset: the one a RobustBench entry names, else digits."""
+    unset: the one a RobustBench entry names, else digits; `eps`: the run's own L-inf
+    radius, as for `run`."""
     # Everything the user gave is checked before the results folder or store is touched.
-    parsed = load_matrix(matrix)
+    parsed = load_matrix(matrix, eps=eps)
     plan = plan_outside(model, name, dataset, weights, where.data_root, parsed, (mean, std), robustbench_models)
     ws = workspace or open_workspace(where, progress)
     with executor(where) as ex:
@@ -202,6 +212,7 @@ def evaluate(
     device: str = "auto",
     data_root: str | None = None,
     workspace: Workspace | None = None,
+    eps: float | None = None,
 ) -> list[dict]:
     """Judge your own model: store it by name and weights hash, run the matrix, return its rows.
 
@@ -210,7 +221,8 @@ def evaluate(
     'robustbench:DATASET/THREAT/NAME'). `mean`/`std` put it behind its input
     normalization (one value per channel), so it is attacked on [0, 1] pixels. Returns the rows `bench results --format json` prints for
     it, the `worst_case` row of its own threat model last (an L2 worst case, where the
-    matrix has L2 cells, just before it). Raises IncompleteEvaluation, carrying the rows and the
+    matrix has L2 cells, and one at `eps`, the run's own L-inf radius, where given, just
+    before it). Raises IncompleteEvaluation, carrying the rows and the
     failed cells, when any cell failed: an incomplete worst case is never returned as if
     it were whole.
     """
@@ -226,6 +238,7 @@ def evaluate(
         robustbench_models=robustbench_models,
         where=where,
         workspace=workspace,
+        eps=eps,
     )
     if report.failures:
         raise IncompleteEvaluation(rows, report.failures)
@@ -246,6 +259,32 @@ def results(where: Where = Where(), defense: str | None = None, dataset: str | N
             f"{', '.join(sorted({c.dataset for c in stored}))}"
         )
     return rows
+
+
+def export(checkpoint: str, out: str | os.PathLike, threat: str | None = None, where: Where = Where()) -> Export:
+    """`bench export`: the worst case's adversarial inputs of one checkpoint (a key or key
+    prefix), written with torch.save as one (N, C, H, W) float32 tensor index-aligned with
+    the test set (RobustBench's layout for an outside evaluation). Written atomically:
+    nothing is left half-written, and nothing is written when a cell kept no examples."""
+    target = Path(out)
+    if target.suffix != ".pt" or not target.parent.is_dir():
+        raise BenchError(f"--out {str(out)!r} must be a .pt file in an existing folder")
+    store = open_workspace(replace(where, device="cpu")).store
+    chosen = [c for c in store.checkpoints() if checkpoint and c.key.startswith(checkpoint)]
+    if len(chosen) != 1:
+        found = f"{len(chosen)} checkpoints match" if chosen else "none matches"
+        raise BenchError(
+            f"--checkpoint {checkpoint!r} must name one stored checkpoint by its key or a prefix of it "
+            f"({found}); `bench results` lists them"
+        )
+    (ck,) = chosen
+    ev = load_evidence(store, [ck])[ck.id]
+    x, _ = load_dataset(ck.dataset, "test", where.data_root)
+    exported = worst_case_inputs(ev, x, {c.id: c.key for c in store.checkpoints()}, threat)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    torch.save(exported.inputs, tmp)
+    os.replace(tmp, target)
+    return exported
 
 
 def diagnose(name: str, dataset: str | None = None, where: Where = Where()) -> list[dict]:

@@ -30,6 +30,7 @@ USAGE_ERRORS = [
     (["ls", "nothing"], "cannot list 'nothing'"),
     (["train", "--defense", "natural", "--threads", "0"], "--threads must be between 1 and 1024, got 0"),
     (["run", "--defense", "natural", "--threads", "99999999999"], "--threads must be between 1 and 1024"),
+    (["run", "--defense", "natural", "--eps", "abc"], "invalid value for '--eps'"),
 ]
 
 
@@ -117,6 +118,10 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
 
     for name, eps in (("nan", "nan"), ("seven", "7.0"), ("negative", "-0.1")):
         (tmp / f"{name}.toml").write_text(f'[[cell]]\nattack = "fgsm"\n\n[[cell]]\nattack = "pgd"\neps = {eps}\n')
+    (tmp / "unpaired.toml").write_text(
+        '[[cell]]\nattack = "pgd"\neps = [0.1, 0.2]\nstep_size = [0.01]\npaired = ["eps", "step_size"]\n'
+    )
+    (tmp / "radius.toml").write_text('eps = 1.5\n\n[[cell]]\nattack = "fgsm"\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -131,6 +136,8 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{nan}": str(tmp / "nan.toml"),
         "{seven}": str(tmp / "seven.toml"),
         "{negative}": str(tmp / "negative.toml"),
+        "{unpaired}": str(tmp / "unpaired.toml"),
+        "{radius}": str(tmp / "radius.toml"),
         "{cifar}": str(tmp / "cifar"),
         "{mnist}": str(tmp / "mnist"),
     }
@@ -162,6 +169,13 @@ ISSUE_CASES = [
     (["results", "--db", "not a url"], "check --db (an SQLAlchemy URL"),
     (["run", "--defense", "natural", "--set", "lr=nan"], "lr must be a finite number, got nan"),
     (["run", "--defense", "natural", "--seed", "-5"], "--seed must be an integer in [0, 2147483648)"),
+    (["run", "--defense", "natural", "--eps", "2"], "--eps must be an L-inf radius in (0, 1] pixel units"),
+    (["run", "--defense", "natural", "--eps", "nan"], "--eps must be an L-inf radius in (0, 1] pixel units"),
+    (["run", "--defense", "natural", "--matrix", "{radius}"], "radius.toml': eps must be an L-inf radius in (0, 1]"),
+    (
+        ["run", "--defense", "natural", "--matrix", "{unpaired}"],
+        "paired lists must be as long as each other (eps has 2, step_size has 1)",
+    ),
 ]
 
 

@@ -181,7 +181,8 @@ def test_cells_that_would_share_a_name_show_the_settings_that_differ(monkeypatch
         {**base, "attack": f"fgsm:eps=0.2,loss={loss}", "label": "fgsm", "params": {"eps": 0.2, "loss": loss}}
         for loss in ("xent", "cw")
     ]
-    assert set(cells_of(render(monkeypatch, rows))) == {"fgsm loss=xent", "fgsm loss=cw"}
+    # No worst case above them names their radius: each name carries it.
+    assert set(cells_of(render(monkeypatch, rows))) == {"fgsm (linf-0.2) loss=xent", "fgsm (linf-0.2) loss=cw"}
 
 
 def test_wide_shows_the_canonical_keys(monkeypatch):

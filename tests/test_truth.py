@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binomtest
 
 from bench.core.contract import CertifiedVerdicts, CompleteVerdicts
 from bench.core.data import get_spec
@@ -114,6 +115,34 @@ def test_the_exact_figure_where_every_image_was_decided(tmp_path):
     _add(store, ck, "verify:eps=0.2,method=milp,time_limit=10", "verify", V_ROBUST, proven=V_ROBUST)
     b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
     assert b.exact == pytest.approx(0.3) and b.unknown == 0 and b.gap == 0
+
+
+def test_a_verify_cell_reads_as_its_verdicts_and_never_counts_unknown_as_robust(tmp_path):
+    store, ck = _bracketed(tmp_path)
+    (row,) = [r for r in result_rows(store) if r["attack"].startswith("verify:")]
+    # Images 0-2 proven, 3 unknown, 4-9 not robust: 30%, not the 40% it left standing.
+    assert row["robust_acc"] == pytest.approx(0.3)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(binomtest(3, N).proportion_ci(method="exact"))
+    assert row["verdicts"] == {
+        "robust": 3,
+        "not_robust": 6,
+        "unknown": 1,
+        "images": {"robust": [0, 1, 2], "not_robust": [4, 5, 6, 7, 8, 9], "unknown": [3]},
+    }
+    (worst,) = [r for r in result_rows(store) if r["attack"] == "worst_case"]
+    assert worst["robust_acc"] == pytest.approx(0.4)  # its counterexamples break; an unknown image stands
+    assert worst["unknown_images"] == [3]
+
+
+def test_an_image_an_attack_broke_is_not_unknown_in_the_bracket(tmp_path):
+    store, ck = _bracketed(tmp_path)
+    broke_3 = ATTACKS.copy()
+    broke_3[3] = False
+    _add(store, ck, "fgsm:eps=0.2", "fgsm", broke_3)
+    b = bracket(THREAT.name, tuple(store.evaluations([ck.id])), (), N)
+    # The verifier ran out of time on image 3, FGSM broke it: every image is decided.
+    assert b.unknown == 0 and b.unknown_indices == ()
+    assert b.exact == pytest.approx(0.3) and b.gap == 0
 
 
 def test_no_verifier_cell_no_bracket(tmp_path):
@@ -245,6 +274,7 @@ def test_the_site_shows_the_floor_beside_the_worst_case(tmp_path):
     assert "gap 10.0 pts · attacks missed 1" in index
     page = next(p for p in out.parent.rglob("*.html") if ck.key[:8] in p.name).read_text()
     assert "Certified floor <strong>30.00%</strong>, 1 image unknown" in page
+    assert '<span class="unknown-images">3</span>' in page
     assert "The verifier broke 1 image that every attack left standing (images 4)" in page
 
 

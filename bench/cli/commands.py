@@ -17,6 +17,7 @@ from bench.cli.options import (
     Db,
     Defense,
     Device,
+    Eps,
     Executor,
     Matrix,
     Preset,
@@ -107,6 +108,7 @@ def train_cmd(
 def run_cmd(
     defense: Defense,
     matrix: Matrix = "full",
+    eps: Eps = None,
     preset: Preset = None,
     set_: Set = None,
     dataset: Dataset = None,
@@ -126,7 +128,7 @@ def run_cmd(
     request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed)
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
-        reports, rows = api.run(defense, matrix, request, where, progress)
+        reports, rows = api.run(defense, matrix, request, where, progress, eps=eps)
     output.surrogates(reports[0].surrogates_trained if reports else [])
     failed = 0
     for report in reports:
@@ -197,6 +199,7 @@ def eval_cmd(
         ),
     ] = None,
     matrix: Matrix = "full",
+    eps: Eps = None,
     results: Results = "results",
     db: Db = None,
     data_root: DataRoot = None,
@@ -221,6 +224,7 @@ def eval_cmd(
             robustbench_models=robustbench_models,
             where=where,
             progress=progress,
+            eps=eps,
         )
     output.surrogates(report.surrogates_trained)
     output.summary(
@@ -283,6 +287,32 @@ def diagnose_cmd(
         raise BenchError(f"--format must be table or json, got {format!r}")
     api, output = _load()
     output.diagnosis(api.diagnose(defense, dataset, _where(results, db, data_root, device, threads)), format)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", metavar="KEY", help="The checkpoint's key, or a prefix of it.")
+    ],
+    path: Annotated[str, typer.Option("--out", metavar="FILE.pt", help="Where to write the tensor (torch.save).")],
+    threat: Annotated[
+        str | None,
+        typer.Option(
+            "--threat", metavar="THREAT", help="The worst case's threat model (default the checkpoint's own)."
+        ),
+    ] = None,
+    results: Results = "results",
+    db: Db = None,
+    data_root: DataRoot = None,
+):
+    """Write a worst case's adversarial inputs, index-aligned with the test set (RobustBench's layout)."""
+    api, _ = _load()
+    done = api.export(checkpoint, path, threat, _where(results, db, data_root, "cpu", 1))
+    out.print(
+        f"wrote {path}: {tuple(done.inputs.shape)} float32, {done.replaced} adversarial inputs; "
+        f"worst case {done.threat} {100 * done.robust_acc:.2f}%",
+        highlight=False,
+    )
 
 
 @app.command("transfer")

@@ -52,6 +52,16 @@ DatasetFilter = Annotated[
     ),
 ]
 Arch = Annotated[str | None, typer.Option("--arch", metavar="NAME", help="Architecture (default: the dataset's).")]
+Eps = Annotated[
+    float | None,
+    typer.Option(
+        "--eps",
+        metavar="EPS",
+        help="The run's own L-inf radius in [0, 1] pixel units (e.g. 0.1): every cell that sets "
+        "no eps attacks at it, its step scaled with it; the worst case, bracket and flags "
+        "of that radius sit beside the dataset's. Default: the matrix's eps, else the dataset's.",
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", metavar="N", help="Seed of initialization, data order and noise.")]
 Executor = Annotated[
     str,

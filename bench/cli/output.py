@@ -120,10 +120,10 @@ def rows(result: list[dict], form: str) -> None:
     groups = list(_by_checkpoint(result).values())
     for i, group in enumerate(groups):
         # The checkpoint's own worst case (the last row of its group) on top, then any other
-        # threat model's (the L2 one).
+        # threat model's (another radius a run chose, the L2 one).
         worst = [r for r in group if r["attack"] == WORST_CASE][::-1]
         cells = [r for r in group if r["attack"] != WORST_CASE]
-        names = [escape(r["attack"]) for r in cells] if form == "wide" else _cell_names(cells, _home(group))
+        names = [escape(r["attack"]) for r in cells] if form == "wide" else _cell_names(cells, worst)
         shown = [*((w, _worst_name(w)) for w in worst), *zip(cells, names, strict=True)]
         for j, (r, name) in enumerate(shown):
             # A rule under the worst case, and between checkpoints.
@@ -159,13 +159,6 @@ def _by_checkpoint(result: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _home(group: list[dict]) -> str:
-    """The checkpoint's threat model: its own worst case's (the last), else the one most of
-    its cells share."""
-    worst = [r["threat"] for r in group if r["attack"] == WORST_CASE]
-    return worst[-1] if worst else Counter(r["threat"] for r in group).most_common(1)[0][0]
-
-
 def _worst_name(row: dict) -> str:
     """`worst case THREAT`, then a line for what it lacks and one for its flags, so that
     these widen the cell column no more than they must."""
@@ -197,11 +190,17 @@ def bracket_note(row: dict) -> str:
     return ", ".join(parts)
 
 
-def _cell_names(cells: list[dict], home: str) -> list[str]:
+def _cell_names(cells: list[dict], worst: list[dict]) -> list[str]:
     """Short names of one checkpoint's cells: the site's cell_label (pgd20, cw20, pgd20_r5,
-    fgsm), the threat model where it is not the checkpoint's (`pgd20 (l2-1)`,
-    `unbounded-0.4`), `transfer SOURCE → ` before a transfer's, and the settings that
-    differ between cells that would otherwise share a name (`fgsm loss=cw`)."""
+    fgsm) with its threat model (`pgd20 (l2-1)`, `unbounded-0.4`, `verify (linf-0.05)`),
+    `transfer SOURCE → ` before a transfer's, the settings that differ between cells that
+    would otherwise share a name (`fgsm loss=cw`), and under a complete verifier's its
+    verdict counts. Only where every L-inf cell is at the one radius the worst case above
+    them names do its cells go without it (the table stays within 100 columns); cells at
+    two radii always name theirs, so two verify rows are never confused."""
+    radii = {r["threat"] for r in cells if r["threat"].startswith("linf-")}
+    heads = {w["threat"] for w in worst if w["threat"].startswith("linf-")}
+    home = next(iter(heads)) if len(heads) == 1 and radii <= heads else None
     names, params = [], []
     for r in cells:
         name, p = r["label"], r["params"]
@@ -218,6 +217,10 @@ def _cell_names(cells: list[dict], home: str) -> list[str]:
             differ = [k for k in keys if len({str(params[i].get(k)) for i in same}) > 1]
             for i in same:
                 names[i] = " ".join([name, *(f"{k}={params[i].get(k, '')}" for k in differ)])
+    for i, r in enumerate(cells):
+        if r.get("verdicts"):
+            v = r["verdicts"]
+            names[i] += f"\n({v['robust']} robust, {v['not_robust']} not robust, {v['unknown']} unknown)"
     return [escape(n) for n in names]
 
 

@@ -10,6 +10,7 @@ as a pair of tensors on the CPU with x in [0, 1] (N, C, H, W) float32 and y int6
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -37,6 +38,17 @@ class ThreatModel:
     @property
     def name(self) -> str:
         return f"linf-{self.eps:g}"
+
+    def step_for(self, eps: float) -> float:
+        """The default L-inf step at radius `eps`: the threat model's step scaled with the
+        radius, so that a cell at another radius crosses its ball in as many steps."""
+        # At its own radius, its own step exactly: the keys of its cells name the step.
+        return self.step_size if eps == self.eps else self.step_size * eps / self.eps
+
+    def at(self, eps: float) -> ThreatModel:
+        """This threat model at another L-inf radius (a run's `--eps`): the step scaled with
+        it (`step_for`), the L2 radius kept."""
+        return dataclasses.replace(self, eps=eps, step_size=self.step_for(eps))
 
 
 @dataclass(frozen=True)

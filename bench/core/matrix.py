@@ -1,7 +1,8 @@
 """Attack matrices: TOML files expanded into cells with canonical keys.
 
 A matrix is a list of `[[cell]]` tables, each naming an attack and its parameters; a
-list value expands into one cell per element (a product across lists). Unset budgets
+list value expands into one cell per element (a product across lists, except the lists
+a table's `paired` names, which go together element by element). Unset budgets
 are filled from the dataset's threat model, so every cell is concrete, and its key is
 `attack:k=v,...` over every config field in sorted order, the way HELM names runs: the
 same string is the CLI argument, the log line and the database key. A cell may also
@@ -193,15 +194,29 @@ class Matrix:
     escalate: str | None = None
     """The matrix (a built-in name or a path) a checkpoint faces in full when this one's
     cells or admission checks signal masking (`fast` escalates to `full`); None: never."""
+    eps: float | None = None
+    """The run's own L-inf radius (`eps = 0.1` in the TOML, or `--eps`): the budget of every
+    cell that sets none, its default step scaled with it; None: the dataset's threat model."""
 
     @property
     def cascade(self) -> bool:
         return self.schedule == "cascade"
 
+    def threat(self, threat):
+        """The threat model the cells are filled from: the dataset's, at the run's radius."""
+        return threat if self.eps is None else threat.at(self.eps)
+
+    def escalation(self) -> Matrix | None:
+        """The matrix it escalates to, at the same radius."""
+        if self.escalate is None:
+            return None
+        target = load_matrix(self.escalate)
+        return target if self.eps is None else dataclasses.replace(target, eps=self.eps)
+
     def cells(self, threat, test_size: int | None = None) -> list[Cell]:
         """Every cell under `threat`; `test_size`, where the dataset is known, bounds subsets.
         A cascade's cells come in its order, each keyed as one of this cascade's."""
-        cells = expand(list(self.tables), threat, where=f"matrix {self.source!r}", test_size=test_size)
+        cells = expand(list(self.tables), self.threat(threat), where=f"matrix {self.source!r}", test_size=test_size)
         if not self.cascade:
             return cells
         if any(c.subset for c in cells):
@@ -213,14 +228,18 @@ class Matrix:
 
     def transfer_cells(self, threat) -> list[Cell]:
         """The cells that craft the transfer examples, as `transfer_cell` makes them."""
-        return [transfer_cell(k, threat) for k in self.transfer.cells]
+        return [transfer_cell(k, self.threat(threat)) for k in self.transfer.cells]
 
 
-def load_matrix(name_or_path: str) -> Matrix:
+def load_matrix(name_or_path: str, eps: float | None = None) -> Matrix:
     """A built-in matrix or a TOML file; a matrix that says `include = ["full"]` has the
     included built-in matrices' cells first, then its own, and their [transfer] table
-    unless it has its own."""
+    unless it has its own. `eps`, where given, is the run's radius (`--eps`), over the
+    file's own `eps`."""
     name, raw = _load_toml(name_or_path)
+    radius = _radius(raw["eps"], f"matrix {name_or_path!r}: eps") if eps is None and "eps" in raw else None
+    if eps is not None:
+        radius = _radius(eps, "--eps")
     included, included_transfer = _included(raw, name)
     schedule = raw.get("schedule", "all")
     if schedule not in SCHEDULES:
@@ -233,7 +252,17 @@ def load_matrix(name_or_path: str) -> Matrix:
         transfer=_transfer_table(name, raw.get("transfer") or included_transfer),
         schedule=schedule,
         escalate=_escalation(raw.get("escalate"), name_or_path),
+        eps=radius,
     )
+
+
+def _radius(eps: Any, what: str) -> float:
+    """The run's L-inf radius, checked: a number in (0, 1] pixel units."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps <= 1:
+        raise BenchError(
+            f"{what} must be an L-inf radius in (0, 1] pixel units, e.g. 0.1 (or 0.0314 for 8/255); got {eps!r}"
+        )
+    return float(eps)
 
 
 def _escalation(target: Any, source: str) -> str | None:
@@ -318,6 +347,7 @@ def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int |
         attack = table.pop("attack", None)
         if not isinstance(attack, str):
             raise BenchError(f'{where}: cell {i + 1} has no attack = "name"')
+        paired = table.pop("paired", [])
         lists = {k: v for k, v in table.items() if isinstance(v, list)}
         empty = [k for k, v in lists.items() if not v]
         if empty:
@@ -325,11 +355,37 @@ def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int |
                 f"{where}: cell {i + 1} ({attack}): {empty[0]} = [] gives no cells; "
                 "list at least one value or drop the key"
             )
-        for combo in itertools.product(*lists.values()) if lists else [()]:
-            params = dict(table, **dict(zip(lists, combo, strict=True)))
+        for params in _combinations(table, lists, paired, f"{where}: cell {i + 1} ({attack})"):
             cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}", test_size=test_size)
             out.setdefault(cell.key, cell)
     return list(out.values())
+
+
+def _combinations(table: dict, lists: dict[str, list], paired: Any, where: str) -> list[dict]:
+    """The parameters of each cell a table expands into: a product over its lists, except
+    that the lists `paired` names go together, element by element (`eps = [0.1, 0.2]`,
+    `step_size = [0.01, 0.02]`, `paired = ["eps", "step_size"]`: two cells, not four)."""
+    if not (isinstance(paired, list) and all(isinstance(k, str) for k in paired)):
+        raise BenchError(f'{where}: paired takes the names of list values, e.g. paired = ["eps", "step_size"]')
+    unlisted = [k for k in paired if k not in lists]
+    if unlisted:
+        raise BenchError(f"{where}: paired names {unlisted[0]!r}, which is not a list in the cell; give it a list")
+    lengths = {len(lists[k]) for k in paired}
+    if len(lengths) > 1:
+        sizes = ", ".join(f"{k} has {len(lists[k])}" for k in paired)
+        raise BenchError(f"{where}: paired lists must be as long as each other ({sizes}); give each the same count")
+    groups: list[list[dict]] = []
+    if paired:
+        rows = zip(*(lists[k] for k in paired), strict=True)  # as long as each other: checked above
+        groups.append([dict(zip(paired, values, strict=True)) for values in rows])
+    groups += [[{k: v} for v in values] for k, values in lists.items() if k not in paired]
+    out = []
+    for combo in itertools.product(*groups):
+        params = dict(table)
+        for part in combo:
+            params.update(part)
+        out.append(params)
+    return out
 
 
 def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> list[Cell]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.core import contract
+from bench.core.kinds import CellKind
 from bench.core.matrix import Cell
 from bench.engine import rewrite
 from bench.engine.budget import check_budget
@@ -35,6 +36,7 @@ from bench.engine.verdicts import EOT, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
 from bench.store.bits import pack_bits
+from bench.store.examples import Breaks
 
 
 def subset_indices(n: int, subset: int) -> np.ndarray | None:
@@ -226,7 +228,7 @@ def craft(
     return torch.cat(out).cpu().contiguous()
 
 
-def _no_images(cell: Cell, test_size: int, device: str, fast: FastPath) -> CellOutcome:
+def _no_images(cell: Cell, test_size: int, shape: tuple[int, ...], device: str, fast: FastPath) -> CellOutcome:
     """A cascade cell after the earlier ones broke every image: nothing to attack, no pass
     spent. Its accuracies are 0 of 0 images (its n says so)."""
     return CellOutcome(
@@ -247,6 +249,7 @@ def _no_images(cell: Cell, test_size: int, device: str, fast: FastPath) -> CellO
         backward_passes=0.0,
         extra={"warnings": [], "precision": fast.precision},
         device=device,
+        breaks=Breaks(torch.zeros(0, dtype=torch.long), torch.zeros(0, *shape)) if cell.kind.breaks else None,
     )
 
 
@@ -278,7 +281,7 @@ def run_cell(
     test_size = len(x)
     idx = subset_indices(len(x), cell.subset) if images is None else np.asarray(images, dtype=np.int64)
     if idx is not None and len(idx) == 0:
-        return _no_images(cell, test_size, device, fast)
+        return _no_images(cell, test_size, tuple(x.shape[1:]), device, fast)
     if idx is not None:
         x, y = x[idx], y[idx]
     target = model
@@ -364,6 +367,15 @@ def run_cell(
     if verdicts:  # a verifier cell: its per-image verdicts, held to what the model does
         robust, proven, verdict_extra = verified(cell.kind, verdicts, clean, robust)
         extra.update(verdict_extra)
+    # A complete verifier's figure is what it proved: an unknown image is not robust.
+    figure = proven if proven is not None and cell.kind is CellKind.VERIFY else robust
+    # The inputs that broke what the cell broke (a verifier's counterexamples); an image the
+    # model already gets wrong is its own example. A certified bound breaks nothing.
+    breaks = None
+    if cell.kind.breaks:
+        broke = (clean & ~robust).nonzero().squeeze(1)
+        at = broke if idx is None else torch.as_tensor(idx, dtype=torch.long)[broke]
+        breaks = Breaks(at, x_adv[broke].detach().float().cpu())
     return CellOutcome(
         cell_key=cell.key,
         kind=cell.kind,
@@ -371,7 +383,7 @@ def run_cell(
         threat=cell.threat,
         params=dataclasses.asdict(cell.config),
         clean_acc=float(clean.float().mean()),
-        robust_acc=float(robust.float().mean()),
+        robust_acc=float(figure.float().mean()),
         n=len(y),
         seconds=seconds,
         correct_bits=pack_bits(robust.numpy()),
@@ -382,4 +394,5 @@ def run_cell(
         backward_passes=count.backward / len(y) if len(y) else 0.0,
         extra=extra,
         device=device,
+        breaks=breaks,
     )

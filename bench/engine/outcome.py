@@ -7,10 +7,11 @@ pickles like any frozen dataclass), and the driver hands `row_fields()` to the s
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.core.kinds import CellKind
+from bench.store.examples import Breaks
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,11 @@ class CellOutcome:
     extra: dict[str, Any]
     """Histograms, logit statistics, warnings, precision and a verifier's counts."""
     device: str
+    breaks: Breaks | None = field(default=None, repr=False, compare=False)
+    """The inputs that broke the images it broke, kept beside the checkpoint (bench.store.examples)."""
 
     def row_fields(self) -> dict[str, Any]:
         """The store row's fields (bench.store.db.Evaluation), the kind as its database string."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "breaks"}
         fields["kind"] = self.kind.value
         return fields

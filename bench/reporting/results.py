@@ -1,24 +1,28 @@
 """Result rows from the store: one per stored cell, plus a `worst_case` row per checkpoint
-and threat model shown (the dataset's L2 ball, then the checkpoint's own, which stays
-last), all read from the checkpoint's evidence (bench.store.evidence).
+and threat model shown (the dataset's L2 ball, each other L-inf radius a run chose with
+`--eps` or its matrix, then the checkpoint's own, which stays last), all read from the
+checkpoint's evidence (bench.store.evidence).
 
 A worst case row says whether it covers every cell the checkpoint's matrices asked for
 (`complete`) and which are `missing` (failed or never run). Beside the worst case (an
 upper bound) the own row carries its bracket: the certified floor, the exact figure
 where the verifier decided every image, the images still unknown, the gap and the
-images the attacks missed.
+images the attacks missed. A complete verifier's row carries its `verdicts`: how many
+images it proved robust, broke and left unknown, and which (its robust accuracy is the
+proven share: an unknown image is not robust).
 
 This is what `bench results` prints, `bench run` shows and `bench.evaluate` returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 from bench.core.data import DATASETS
 from bench.reporting.site.names import cell_label
 from bench.store.bracket import Bracket
-from bench.store.db import Checkpoint, Store
+from bench.store.db import Checkpoint, Flag, Store
 from bench.store.evidence import Evidence, WorstCase, load_evidence
 from bench.store.rows import CellRow
 
@@ -49,15 +53,18 @@ WORST_CASE = "worst_case"
 """The `attack` of a checkpoint's worst case row."""
 
 
-def bracket_fields(ev: Evidence) -> dict:
-    """The worst case row's bracket: `certified` (the floor), `exact` (where every image
-    was decided), `unknown` (images in doubt), `gap` (worst case minus floor, in points),
+def bracket_fields(ev: Evidence, threat: str | None = None) -> dict:
+    """The bracket of a worst case row at `threat` (the checkpoint's own, unset):
+    `certified` (the floor), `exact` (where every image was decided), `unknown` (images in
+    doubt; `unknown_images` lists them), `gap` (worst case minus floor, in points),
     `attacks_missed`, `withheld` ("unsound" where a verifier and an attack or another
     verifier contradict each other: then no certified, exact or gap figure); None where
     no verifier cell ran, and `not_verifiable` saying why where the verifier does not
     take the model."""
-    b: Bracket | None = ev.bracket
+    b: Bracket | None = ev.bracket_of(threat)
     out = {k: getattr(b, k) if b is not None else None for k in BRACKET}
+    if b is not None and b.verified:
+        out["unknown_images"] = list(b.unknown_indices)
     if ev.not_verifiable:
         out["not_verifiable"] = ev.not_verifiable
     return out
@@ -81,6 +88,9 @@ def _cell_row(base: dict, c: CellRow, defense_of: dict[int, str]) -> dict:
         "label": cell_label(c.attack, c.params),
         "params": c.params,
     }
+    verdicts = c.verdicts()
+    if verdicts is not None:  # a complete verifier: its counts, and each image's verdict by index
+        row["verdicts"] = {**verdicts.counts(), "images": {k: list(v) for k, v in dataclasses.asdict(verdicts).items()}}
     if c.source_id is not None:  # a transfer: named by its source as well as its key
         row.update(
             attack=f"transfer[{c.source_id}]:{c.cell_key}",
@@ -123,22 +133,26 @@ def result_rows(
     if not cks:
         return []
     evidence = load_evidence(store, cks)
-    flags: dict[int, list[str]] = defaultdict(list)
+    flags: dict[int, list[Flag]] = defaultdict(list)
     for f in store.flags([c.id for c in cks]):
-        flags[f.checkpoint_id].append(f.name)
+        flags[f.checkpoint_id].append(f)
     defense_of = {c.id: c.defense for c in store.checkpoints()}
     rows = []
     for ck in cks:
         ev = evidence[ck.id]
         base = {"defense": ck.defense, "preset": ck.preset, "dataset": ck.dataset, "checkpoint": ck.key}
         rows += [_cell_row(base, c, defense_of) for c in (*ev.cells, *ev.transfers)]
-        # The L2 worst case first: the checkpoint's own threat model's row stays last.
+        # The L2 worst case first, then each other L-inf radius a run chose, each with its
+        # bracket and flags; the checkpoint's own threat model's row stays last.
         l2 = l2_threat(ck)
         wc = ev.worst_case(l2) if l2 and l2 != ck.threat else None
         if wc:
             rows.append(_worst_row(base, ev, wc))
-        if ev.own:
-            rows.append({**_worst_row(base, ev, ev.own), "flags": sorted(flags[ck.id]), **bracket_fields(ev)})
+        for threat in [*ev.radii[1:], ck.threat]:
+            wc = ev.worst_case(threat)
+            if wc:
+                raised = sorted(f.name for f in flags[ck.id] if f.threat(ck.threat) == threat)
+                rows.append({**_worst_row(base, ev, wc), "flags": raised, **bracket_fields(ev, threat)})
     return rows
 
 

@@ -161,7 +161,7 @@ def attack_checkpoints(
                 if isinstance(result, Failed):
                     ran[row.id].failures[job.cell.key] = result.reason
                 else:
-                    ws.store.add_evaluation(row.id, **result.row_fields())
+                    ws.commit_cell(row, result)
                     ran[row.id].append(job.cell.key)
                 claims.release(eval_claim(row.key, job.cell.key))
                 on_step = bars[row.key][0]
@@ -189,7 +189,11 @@ def witness_after_black_box(
     checkpoint's expected cells, so its worst case is complete only with them."""
     todo = []
     for row, build in work:
-        if {f.name for f in ws.store.flags([row.id])} & CALLS_WITNESS:
-            threat = get_spec(row.dataset).threat
-            todo.append((row, [make_cell(name, {}, threat) for name in WITNESS], build))
+        # At each radius a black-box cell beat the white-box ones (a flag names one other
+        # than the checkpoint's own, bench.science.flags).
+        threat = get_spec(row.dataset).threat
+        radii = {f.threat(row.threat) for f in ws.store.flags([row.id]) if f.name in CALLS_WITNESS}
+        if radii:
+            at = [threat if t == row.threat else threat.at(float(t.removeprefix("linf-"))) for t in sorted(radii)]
+            todo.append((row, [make_cell(name, {}, t) for t in at for name in WITNESS], build))
     return attack_checkpoints(ws, todo, executor) if todo else {}

@@ -70,7 +70,7 @@ def run_cascade(
             except Exception as exc:
                 claims.release(eval_claim(row.key, cell.key))
                 return ran, {cell.key: Failed.of(exc).reason}
-            ws.store.add_evaluation(row.id, **outcome.row_fields())
+            ws.commit_cell(row, outcome)
             claims.release(eval_claim(row.key, cell.key))
             ran.append(cell.key)
     return ran, {}

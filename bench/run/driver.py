@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.core.matrix import Cell, Matrix, load_matrix
+from bench.core.matrix import Cell, Matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
 from bench.run.diagnosing import ensure_diagnostic
 from bench.run.escalation import escalate
@@ -70,9 +70,10 @@ def run_defenses(ws: Workspace, plans: list[Plan], matrix: Matrix, executor=None
     for row_id, extra in witness_after_black_box(ws, [(row, builds[row.key]) for row in unique], executor).items():
         ran[row_id].extend(extra)
         ran[row_id].failures.update(extra.failures)
-    if matrix.escalate is not None:
+    full = matrix.escalation()
+    if full is not None:
         for row in unique:
-            escalated = escalate(ws, row, load_matrix(matrix.escalate), builds[row.key], executor)
+            escalated = escalate(ws, row, full, builds[row.key], executor)
             if escalated is not None:
                 ran[row.id].extend(escalated)
                 ran[row.id].failures.update(escalated.failures)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from bench.core.data import DatasetSpec, get_spec, load_dataset
-from bench.core.matrix import Cell, Matrix, load_matrix
+from bench.core.matrix import Cell, Matrix
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
@@ -275,7 +275,8 @@ def run_outside(ws: Workspace, plan: OutsidePlan, matrix: Matrix, executor=None)
     for extra in witness_after_black_box(ws, [(row, build)], executor).values():
         ran.extend(extra)
         ran.failures.update(extra.failures)
-    escalated = escalate(ws, row, load_matrix(matrix.escalate), build, executor) if matrix.escalate else None
+    full = matrix.escalation()
+    escalated = escalate(ws, row, full, build, executor) if full is not None else None
     if escalated is not None:
         ran.extend(escalated)
         ran.failures.update(escalated.failures)

@@ -28,6 +28,7 @@ from bench.science.admission import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.bits import pack_bits
 from bench.store.db import Checkpoint
+from bench.store.examples import broken_by, transfer_examples_key, write_examples
 from bench.store.meta import transfer_name
 
 
@@ -85,6 +86,8 @@ def transfer_cells(
             examples, _ = crafted_examples(ws, source, cell, x, y)
             x_adv = examples.x_adv
             robust = correct(model(), x_adv, y, ws, randomized) & clean
+            kept = broken_by(robust, clean, x_adv)
+            write_examples(row.path, transfer_examples_key(source.key, key), cell.threat, kept)
             ws.store.add_transfer(
                 source.id,
                 row.id,

@@ -34,6 +34,7 @@ from bench.science.flags import recompute_flags
 from bench.store.bits import pack_bits
 from bench.store.claims import Claims, claimed, craft_claim
 from bench.store.db import Checkpoint
+from bench.store.examples import broken_by, transfer_examples_key, write_examples
 from bench.store.select import select_checkpoints
 
 DEFAULT_ATTACK = "pgd:steps=10"  # PGD-10, as Summers & Dinneen Table 2, run to its last iterate
@@ -175,6 +176,8 @@ def run_transfers(
                 models[tgt.id] = load_model(tgt, ws.device)
                 clean[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id])
             robust = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id]) & clean[tgt.id]
+            kept = broken_by(robust, clean[tgt.id], x_adv)
+            write_examples(tgt.path, transfer_examples_key(src.key, keys[tgt.id]), cell.threat, kept)
             report.evaluated += ws.store.add_transfer(
                 src.id,
                 tgt.id,

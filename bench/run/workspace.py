@@ -11,8 +11,10 @@ from typing import Any
 
 from bench.engine.device import check_precision, default_precision, resolve_device
 from bench.engine.fast import FastPath
+from bench.engine.outcome import CellOutcome
 from bench.errors import BenchError
-from bench.store.db import Store
+from bench.store.db import Checkpoint, Store
+from bench.store.examples import write_examples
 
 
 @dataclass
@@ -90,6 +92,14 @@ class Workspace:
                 "pass --results DIR or set BENCH_RESULTS to a folder you can write"
             ) from exc
         return cls(path, Store.for_results(path, db), resolve_device(device), data_root, progress, **fast)
+
+    def commit_cell(self, row: Checkpoint, outcome: CellOutcome) -> None:
+        """Store one cell of a checkpoint: the inputs that broke its images beside the
+        checkpoint first (bench.store.examples), then its row, so that no stored row lacks
+        the examples it kept."""
+        if outcome.breaks is not None:
+            write_examples(row.path, outcome.cell_key, outcome.threat, outcome.breaks)
+        self.store.add_evaluation(row.id, **outcome.row_fields())
 
     def batch_size(self) -> int:
         return self.eval_batch or (4096 if self.device.startswith("cuda") else 1024)

@@ -125,28 +125,36 @@ def through(cell: Cell, view=FORWARD_VIEW) -> Cell:
     return dataclasses.replace(cell, key=f"{cell.key},{view.TAG}", view=view)
 
 
-def _follows_gradients(c: Cell, threat) -> bool:
+def _follows_gradients(c: Cell, radii: list | None) -> bool:
     """A cell that follows the model's gradients (no `queries_only`, no verifier), on the
-    model as it is, toward the threat model (when given)."""
+    model as it is, toward one of the threat models `radii` (when given)."""
     return (
         c.view is None
         and not contract.hooks(c.config).queries_only
         and not c.verifier
-        and (threat is None or c.threat == threat.name)
+        and (radii is None or c.threat in {t.name for t in radii})
     )
+
+
+def run_radii(cells: list[Cell], threat) -> list:
+    """The dataset's threat model at each L-inf radius the cells run at (its own, or a
+    run's `--eps`); its own where none does."""
+    eps = sorted({float(c.threat.removeprefix("linf-")) for c in cells if c.threat.startswith("linf-")})
+    return [threat if e == threat.eps else threat.at(e) for e in eps] or [threat]
 
 
 def adapt_cells(cells: list[Cell], admission: dict | None, threat=None) -> list[Cell]:
     """The cells as this model needs them: the witness cells if its gradients say nothing
-    (given the dataset's `threat`, which fills their budgets); its gradient cells (of
-    that threat model) again through the forward's own gradient if a custom backward
+    (given the dataset's `threat`, which fills their budgets at each radius the cells run
+    at); its gradient cells (of those L-inf radii) again through the forward's own gradient if a custom backward
     disagrees with its forward; then EOT crafting and majority votes if it is randomized."""
     keys = {c.key for c in cells}
-    if threat is not None and gradients_say_nothing(admission):
-        extra = [make_cell(name, {}, threat) for name in WITNESS]
+    radii = run_radii(cells, threat) if threat is not None else None
+    if radii is not None and gradients_say_nothing(admission):
+        extra = [make_cell(name, {}, t) for t in radii for name in WITNESS]
         cells = cells + [c for c in extra if c.key not in keys]
     if forward_differentiable(admission):
-        mirrored = [through(c) for c in cells if _follows_gradients(c, threat)]
+        mirrored = [through(c) for c in cells if _follows_gradients(c, radii)]
         cells = cells + [c for c in mirrored if c.key not in keys]
     if not is_randomized(admission):
         return cells

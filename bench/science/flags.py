@@ -32,7 +32,7 @@ from bench.science.white_box import (
     white_box,
 )
 from bench.store.db import Checkpoint, Store
-from bench.store.evidence import evidence
+from bench.store.evidence import evidence, radii
 from bench.store.rows import CellRow
 
 
@@ -53,11 +53,11 @@ def _variant(c: CellRow, *fields: str) -> tuple:
     "Accuracy keeps falling from PGD-20 to the longest PGD run: the shorter attacks had not "
     "converged, so short-PGD numbers overstate robustness.",
 )
-def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
     # PGD-20 and the longest run of the same loss and base step, whatever their schedules
     # (the full matrix runs its long PGD with a decaying step); targeted runs apart.
     groups: dict[tuple, dict[int, CellRow]] = defaultdict(dict)
-    for c in _pgd(cells, ck.threat):
+    for c in _pgd(cells, threat):
         if c.params.get("restarts", 1) == 1:
             groups[_variant(c, "loss", "step_size", "random_start", "targeted")][c.params["steps"]] = c
     worst = None
@@ -83,9 +83,9 @@ def pgd_still_falling(ck: Checkpoint, cells: list[CellRow], transfers: list[Cell
     "Random restarts lower accuracy by more than a point: single-start PGD is not finding the "
     "worst case, a sign of a rugged or masked loss surface.",
 )
-def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
     groups: dict[tuple, list[CellRow]] = defaultdict(list)
-    for c in _pgd(cells, ck.threat):
+    for c in _pgd(cells, threat):
         groups[_variant(c, "loss", "steps", "step_size", "random_start")].append(c)
     worst = None
     for runs in groups.values():
@@ -113,9 +113,9 @@ def restarts_matter(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRo
     "iterative attacks are being misled, a classic sign of gradient masking.",
     masking=True,
 )
-def fgsm_beats_iterative(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    fgsm = white_box(cells, ck.threat, frozenset({Role.ONE_STEP}))
-    pgd = white_box(cells, ck.threat, ITERATIVE)
+def fgsm_beats_iterative(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
+    fgsm = white_box(cells, threat, frozenset({Role.ONE_STEP}))
+    pgd = white_box(cells, threat, ITERATIVE)
     if not fgsm or not pgd:
         return None
     f = min(fgsm, key=lambda c: c.robust_acc)
@@ -125,11 +125,11 @@ def fgsm_beats_iterative(ck: Checkpoint, cells: list[CellRow], transfers: list[C
     return None
 
 
-def _stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], rivals: list) -> dict | None:
+def _stronger_than_pgd(cells: list[CellRow], rivals: list, threat: str) -> dict | None:
     """The rival cell that beats the strongest white-box cell on its own images by the most."""
     worst = None
     for r in rivals:
-        pgd = strongest_white_box_on(cells, ck.threat, r.indices)
+        pgd = strongest_white_box_on(cells, threat, r.indices)
         if pgd is None:
             return None
         gap = pgd[0] - r.robust_acc
@@ -145,9 +145,9 @@ def _stronger_than_pgd(ck: Checkpoint, cells: list[CellRow], rivals: list) -> di
     masking=True,
     calls_witness=True,
 )
-def spsa_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    spsa = of_role(cells, ck.threat, frozenset({Role.GRADIENT_ESTIMATE}))
-    hit = _stronger_than_pgd(ck, cells, spsa)
+def spsa_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
+    spsa = of_role(cells, threat, frozenset({Role.GRADIENT_ESTIMATE}))
+    hit = _stronger_than_pgd(cells, spsa, threat)
     if hit is None:
         return None
     _gap, c, (pgd_acc, pgd_key) = hit
@@ -160,9 +160,11 @@ def spsa_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[C
     masking=True,
     calls_witness=True,
 )
-def transfer_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    incoming = [t for t in transfers if t.target_id == ck.id and t.threat == ck.threat and t.source_id != ck.id]
-    hit = _stronger_than_pgd(ck, cells, incoming)
+def transfer_beats_white_box(
+    ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str
+) -> dict | None:
+    incoming = [t for t in transfers if t.target_id == ck.id and t.threat == threat and t.source_id != ck.id]
+    hit = _stronger_than_pgd(cells, incoming, threat)
     if hit is None:
         return None
     _gap, t, (pgd_acc, pgd_key) = hit
@@ -182,8 +184,9 @@ def transfer_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: li
     "PGD with an unbounded budget does not drive accuracy to zero: the attack cannot follow "
     "the model's gradients (Athalye et al.'s sanity check).",
     masking=True,
+    every_radius=False,  # the sweep's radii are multiples of the checkpoint's own
 )
-def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
     sweep = [c for c in cells if role_of(c) is Role.SWEEP]
     if not sweep:
         return None
@@ -199,8 +202,8 @@ def unbounded_not_zero(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
     return None
 
 
-@flag("autoattack_warning", "AutoAttack's own checks warned about this model.")
-def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
+@flag("autoattack_warning", "AutoAttack's own checks warned about this model.", every_radius=False)
+def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
     raised = [c for c in cells if role_of(c) is Role.ENSEMBLE and c.warnings]
     if not raised:
         return None
@@ -216,8 +219,8 @@ def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
     masking=True,
     calls_witness=True,
 )
-def square_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    return beyond_white_box(ck, cells, BLACK_BOX, "square")
+def square_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
+    return beyond_white_box(cells, BLACK_BOX, "square", threat)
 
 
 @flag(
@@ -228,8 +231,8 @@ def square_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list
     "(Papernot et al.'s substitute; Athalye et al.'s obfuscated gradients).",
     masking=True,
 )
-def witness_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    return beyond_white_box(ck, cells, frozenset({Role.WITNESS}), "distill")
+def witness_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
+    return beyond_white_box(cells, frozenset({Role.WITNESS}), "distill", threat)
 
 
 @flag(
@@ -238,8 +241,8 @@ def witness_beats_white_box(ck: Checkpoint, cells: list[CellRow], transfers: lis
     "that every attack cell left standing: the attacks' worst case was above the truth by "
     "that many images (the count and the image indices are kept).",
 )
-def attacks_missed(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    return _in_bracket(ck, cells, transfers, "attacks_missed", "missed_indices")
+def attacks_missed(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
+    return _in_bracket(ck, cells, transfers, threat, "attacks_missed", "missed_indices")
 
 
 @flag(
@@ -249,16 +252,16 @@ def attacks_missed(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow
     "and a correct attack can never disagree so: this is a bug in one of them, the run "
     "fails, and the exact and certified figures are withheld.",
 )
-def unsound(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> dict | None:
-    return _in_bracket(ck, cells, transfers, "unsound", "unsound_indices")
+def unsound(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
+    return _in_bracket(ck, cells, transfers, threat, "unsound", "unsound_indices")
 
 
 def _in_bracket(
-    ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], count: str, indices: str
+    ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str, count: str, indices: str
 ) -> dict | None:
-    """A flag's numbers from the checkpoint's bracket: the images it counts, if any."""
+    """A flag's numbers from the checkpoint's bracket at `threat`: the images it counts, if any."""
     ev = evidence(ck, cells, transfers, {})
-    b = ev.bracket
+    b = ev.bracket_of(threat)
     if b and getattr(b, count):
         return {"numbers": {"count": getattr(b, count), "n": ev.test_size, "indices": list(getattr(b, indices))}}
     return None
@@ -273,11 +276,20 @@ every white-box one, so the model's gradients hide what its answers give away.""
 
 
 def compute_flags(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow]) -> list[dict]:
+    """Every flag the checkpoint raises: at its own radius, then at each other L-inf radius
+    some cell ran at (a run's `--eps`, a matrix's eps), where a flag's numbers name the
+    radius (`threat`). Checks of the model itself, and of cells that belong to no one
+    radius, run once."""
     flags = []
-    for f in FLAGS:
-        hit = f.check(ck, cells, transfers)
-        if hit:
-            flags.append({"name": f.name, "message": f.text, "numbers": hit["numbers"]})
+    for threat in radii(ck.threat, (*cells, *transfers)):
+        own = threat == ck.threat
+        for f in FLAGS:
+            if not (own or f.every_radius):
+                continue
+            hit = f.check(ck, cells, transfers, threat)
+            if hit:
+                numbers = hit["numbers"] if own else {**hit["numbers"], "threat": threat}
+                flags.append({"name": f.name, "message": f.text, "numbers": numbers})
     return flags
 
 

@@ -16,7 +16,6 @@ import numpy as np
 from bench.core.contract import hooks
 from bench.core.kinds import Role
 from bench.registry import ATTACKS
-from bench.store.db import Checkpoint
 from bench.store.evidence import test_size_of
 from bench.store.rows import CellRow
 
@@ -93,12 +92,12 @@ def broken_by(cell, size: int) -> np.ndarray:
     return out
 
 
-def beyond_white_box(ck: Checkpoint, cells: list[CellRow], roles: frozenset[Role], name: str) -> dict | None:
+def beyond_white_box(cells: list[CellRow], roles: frozenset[Role], name: str, threat: str) -> dict | None:
     """The numbers when cells of `roles` broke more than a point of samples no white-box
     cell broke, compared sample by sample over the full test set (a cell that ran on some
     of its images, a cascade's, breaks only those)."""
-    white = of_role(cells, ck.threat, WHITE_BOX)
-    black = of_role(cells, ck.threat, roles)
+    white = of_role(cells, threat, WHITE_BOX)
+    black = of_role(cells, threat, roles)
     if not white or not black:
         return None
     size = test_size_of(white)

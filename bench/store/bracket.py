@@ -6,8 +6,8 @@ accuracy: an attack that fails proves nothing. Beside it:
 - the certified floor: images proven robust, by a certify cell's sound bound or by the
   complete verifier; a lower bound;
 - the exact robust accuracy, where the verifier decided every image of the test set;
-- the images still in doubt: `unknown` (the verifier's time ran out) and never counted
-  as robust or broken;
+- the images still in doubt: `unknown` (the verifier's time ran out and no attack broke
+  them either) and never counted as robust or broken;
 - `attacks_missed`: images the verifier broke (with a counterexample that reproduced)
   that every attack cell left standing;
 - `unsound`: images proven robust (certified, or verified) that some attack cell broke,
@@ -38,11 +38,14 @@ class Bracket:
     certified: float | None
     """The floor: images proven robust; None where withheld."""
     exact: float | None
-    """The exact robust accuracy, where the complete verifier decided every image."""
+    """The exact robust accuracy, where the complete verifier and the attacks together
+    decided every image."""
     withheld: str | None
     """Why certified, exact and gap are None where a verifier cell did run ("unsound")."""
     unknown: int | None
-    """Images the complete verifier left undecided; None without a complete verifier."""
+    """Images the complete verifier left undecided and no attack broke; None without a
+    complete verifier."""
+    unknown_indices: tuple[int, ...] = field(repr=False)
     gap: float | None
     """Worst case minus floor, in points."""
     attacks_only: float
@@ -96,6 +99,9 @@ def bracket(threat: str, cells: tuple[CellRow, ...], transfers: tuple[CellRow, .
         else:
             standing[np.asarray(c.indices, dtype=np.int64)] &= c.correct()
     missed = broken_by_verifier & standing
+    # An image an attack broke is decided, not robust, whatever the verifier said: its time
+    # may have run out on it (or it proved it robust, which `unsound` below reports).
+    decided |= ~standing
     # Proven robust, yet broken: by an attack, or by a counterexample of the verifier itself
     # (a certify cell, or another verify cell, against a verify cell).
     unsound = proven & (~standing | broken_by_verifier)
@@ -108,6 +114,7 @@ def bracket(threat: str, cells: tuple[CellRow, ...], transfers: tuple[CellRow, .
         exact=floor if exact else None,
         withheld=withheld,
         unknown=int((~decided).sum()) if verify else None,
+        unknown_indices=tuple(np.flatnonzero(~decided).tolist()) if verify else (),
         gap=round(100 * (worst - floor), 2) if withheld is None else None,
         attacks_only=float(standing.mean()),
         attacks_missed=int(missed.sum()),

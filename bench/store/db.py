@@ -155,6 +155,11 @@ class Flag(Base):
     numbers: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[str] = mapped_column(String(32), default=_now)
 
+    def threat(self, own: str) -> str:
+        """The radius it was raised at, `own` being its checkpoint's threat model: a flag
+        raised at another radius names it in its numbers (bench.science.flags)."""
+        return (self.numbers or {}).get("threat") or own
+
 
 class Diagnostic(Base):
     """Shafahi et al.'s linearized robustness of one checkpoint on its test set

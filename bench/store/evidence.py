@@ -11,7 +11,9 @@ Every reader (the result rows, the board, the checkpoint page, the flags, the CL
   its meta by the run layer) is stored, and says which are **missing** otherwise.
 - The **bracket** (bench.store.bracket) is what the verifier cells prove beside it: a
   certified floor, the exact figure where every image was decided, and the
-  contradictions that withhold both.
+  contradictions that withhold both; one per threat model a verifier cell ran at.
+- Its **radii**: its own threat model first, then every other L-inf radius its cells ran
+  at (`bench run --eps`, a matrix's eps); each has a worst case, a bracket and flags.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class Evidence:
     """The size of its test set; 0 while no whole-set cell is stored."""
     worst: Mapping[str, WorstCase]
     """The worst case of each threat model some cell counts toward."""
-    bracket: Bracket | None
-    """What the verifier cells prove in the checkpoint's own threat model; None without one."""
+    brackets: Mapping[str, Bracket]
+    """What the verifier cells prove, per threat model some verifier cell ran at."""
 
     @property
     def threat(self) -> str:
@@ -89,6 +91,19 @@ class Evidence:
         return self.worst.get(threat or self.threat)
 
     @property
+    def bracket(self) -> Bracket | None:
+        """What the verifier cells prove in the checkpoint's own threat model; None without one."""
+        return self.brackets.get(self.threat)
+
+    def bracket_of(self, threat: str | None = None) -> Bracket | None:
+        return self.brackets.get(threat or self.threat)
+
+    @property
+    def radii(self) -> list[str]:
+        """The L-inf radii its cells ran at, its own first (see `radii`)."""
+        return radii(self.threat, (*self.cells, *self.transfers))
+
+    @property
     def not_verifiable(self) -> str | None:
         """Why the verifier does not take the model, where it does not."""
         return self.meta.not_verifiable
@@ -96,6 +111,14 @@ class Evidence:
     def rows(self, threat: str | None = None) -> list[CellRow]:
         """The cells (own, then transfers onto it) of a threat model; all, unset."""
         return [c for c in (*self.cells, *self.transfers) if threat is None or c.threat == threat]
+
+
+def radii(own: str, cells: Iterable[CellRow]) -> list[str]:
+    """The checkpoint's own threat model, then every other L-inf radius some cell that
+    breaks images ran at (a run's `--eps`, a matrix's eps), in increasing order: each has
+    its worst case, its bracket and its flags."""
+    others = {c.threat for c in cells if c.cell_kind.breaks and c.threat.startswith("linf-") and c.threat != own}
+    return [own, *sorted(others, key=lambda t: float(t.removeprefix("linf-")))]
 
 
 def test_size_of(cells: Iterable[CellRow]) -> int:
@@ -170,8 +193,13 @@ def evidence(
             if wc is not None:
                 missing = missing_cells(meta, ck.threat, threat, cells, transfers, defense_of)
                 worst[threat] = replace(wc, missing=missing)
-    b = bracket(ck.threat, cells, transfers, size) if size else None
-    return Evidence(ck, meta, cells, transfers, size, worst, b)
+    brackets: dict[str, Bracket] = {}
+    if size:
+        for threat in dict.fromkeys(c.threat for c in cells if c.cell_kind.proves):
+            b = bracket(threat, cells, transfers, size)
+            if b is not None:
+                brackets[threat] = b
+    return Evidence(ck, meta, cells, transfers, size, worst, brackets)
 
 
 def load_evidence(store: Store, checkpoints: Iterable[Checkpoint]) -> dict[int, Evidence]:

@@ -20,6 +20,20 @@ from bench.core.stats import interval
 from bench.store.bits import unpack_bits
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdicts:
+    """A complete verifier cell's verdict on each of its images, as indices into them:
+    proven robust, not robust (a counterexample the model misclassifies, or an image it
+    already gets wrong) and unknown (the verifier's time ran out)."""
+
+    robust: tuple[int, ...]
+    not_robust: tuple[int, ...]
+    unknown: tuple[int, ...]
+
+    def counts(self) -> dict[str, int]:
+        return {"robust": len(self.robust), "not_robust": len(self.not_robust), "unknown": len(self.unknown)}
+
+
 @dataclasses.dataclass(slots=True)
 class CellRow:
     """One stored cell: an evaluation of a checkpoint, or a transfer onto one."""
@@ -50,6 +64,14 @@ class CellRow:
     device: str
     created_at: str
     _extra: dict | None = None
+
+    def __post_init__(self):
+        # A complete verifier's robust accuracy is what it proved: an unknown image is not
+        # robust. Its correct bits stay what it left standing (unknown images among them),
+        # which is what it adds to the worst case. Rows written before this counted unknown
+        # images as robust; the proven bits say how many were proven.
+        if self.kind == CellKind.VERIFY.value and self.proven_bits is not None:
+            self.robust_acc = float(self.proven().mean()) if self.n else 0.0
 
     @classmethod
     def build(
@@ -118,8 +140,25 @@ class CellRow:
         return unpack_bits(self.correct_bits, self.n)
 
     def interval(self) -> tuple[float, float]:
-        """The 95% exact binomial interval of its robust accuracy, on the images it ran on."""
-        return interval(int(self.correct().sum()), self.n)
+        """The 95% exact binomial interval of its robust accuracy, on the images it ran on
+        (for a verifier cell, on the images it proved)."""
+        proven = self.proven()
+        return interval(int((self.correct() if proven is None else proven).sum()), self.n)
+
+    def verdicts(self) -> Verdicts | None:
+        """A complete verifier cell's per-image verdicts; None for any other cell."""
+        proven = self.proven()
+        if self.cell_kind is not CellKind.VERIFY or proven is None:
+            return None
+        standing = self.correct()
+        images = None if self.indices is None else np.asarray(self.indices, dtype=np.int64)
+
+        def where(bits: np.ndarray) -> tuple[int, ...]:
+            """Test-set indices (a subset cell's bits are in its own images' order)."""
+            at = np.flatnonzero(bits)
+            return tuple((at if images is None else images[at]).tolist())
+
+        return Verdicts(where(proven), where(~standing), where(standing & ~proven))
 
     def proven(self) -> np.ndarray | None:
         """Per sample: proven robust by a verifier cell; None for an attack."""

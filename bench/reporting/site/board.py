@@ -103,7 +103,7 @@ def boards(data: SiteData) -> list[dict]:
             missing = list(wc.missing) if wc else []
             if missing:
                 note += f" · incomplete: {len(missing)} missing"
-            b = ev.bracket if wc and threat == ck.threat else None
+            b = ev.bracket_of(threat) if wc else None
             if b and b.gap is not None:
                 note += f" · gap {b.gap:.1f} pts" + (
                     f" · attacks missed {b.attacks_missed}" if b.attacks_missed else ""
@@ -132,9 +132,11 @@ def boards(data: SiteData) -> list[dict]:
                     "worst": wc.robust_acc if wc else None,
                     "bits": wc.bits if wc else None,
                     "missing": missing,
-                    "flags": [{"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"} for f in data.flags[cid]]
-                    if threat == ck.threat
-                    else [],
+                    "flags": [
+                        {"name": f.name, "href": f"{page_path(ck)}#flag-{f.name}"}
+                        for f in data.flags[cid]
+                        if f.threat(ck.threat) == threat
+                    ],
                     "passes": _passes(wc),
                     "cost": {
                         "value": repr(float(ck.train_seconds)),

@@ -154,6 +154,7 @@ def checkpoint_page(
             "withheld": b.withheld or "",
             "unsound": b.unsound,
             "unknown": b.unknown,
+            "unknown_indices": list(b.unknown_indices),
             "gap": f"{b.gap:.1f}" if b.gap is not None else "",
             "missed": b.attacks_missed,
             "missed_indices": list(b.missed_indices),

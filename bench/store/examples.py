@@ -1,0 +1,84 @@
+"""The adversarial inputs a cell broke images with, kept beside its checkpoint.
+
+A cell's per-sample bits say which images it broke; its `Breaks` are the inputs that
+broke them (an attack's adversarial images, a complete verifier's counterexamples), so a
+reader can check a break against the model without running the attack again. They are
+written as safetensors in the checkpoint's folder, `examples/<digest of the cell key>.safetensors`,
+with two tensors (`indices`: test-set indices, int64; `inputs`: the inputs in [0, 1],
+float32, one per index) and the cell's key and threat model in the file's metadata.
+Images the model already misclassifies are not among them: the clean image is their
+example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FOLDER = "examples"
+
+
+@dataclass(frozen=True)
+class Breaks:
+    """The images one cell broke: their test-set indices and the inputs that broke them."""
+
+    indices: torch.Tensor
+    """(k,) int64 test-set indices, increasing."""
+    inputs: torch.Tensor
+    """(k, C, H, W) float32: the input the model misclassifies, for each index."""
+
+    def __post_init__(self):
+        if len(self.indices) != len(self.inputs):
+            raise ValueError(f"examples: {len(self.indices)} indices for {len(self.inputs)} inputs")
+
+
+def transfer_examples_key(source_key: str, cell_key: str) -> str:
+    """The name a transfer's examples are kept under in its target's folder: its source
+    checkpoint's key and the transfer's cell key."""
+    return f"transfer[{source_key}]:{cell_key}"
+
+
+def broken_by(correct: torch.Tensor, clean: torch.Tensor, inputs: torch.Tensor) -> Breaks:
+    """The breaks of a cell run on the whole test set in order: the images the model got
+    right (`clean`) that its inputs made it get wrong (`correct` False)."""
+    at = (clean & ~correct).nonzero().squeeze(1)
+    return Breaks(at, inputs[at].detach().float().cpu())
+
+
+def examples_path(checkpoint_dir: str | os.PathLike, cell_key: str) -> Path:
+    """Where a cell's examples are kept (a key holds ':', '=' and ',': the file is named by its digest)."""
+    digest = hashlib.sha256(cell_key.encode()).hexdigest()[:24]
+    return Path(checkpoint_dir) / FOLDER / f"{digest}.safetensors"
+
+
+def write_examples(checkpoint_dir: str | os.PathLike, cell_key: str, threat: str, breaks: Breaks) -> Path:
+    """Write a cell's examples atomically (a reader never sees half a file); returns the path."""
+    from safetensors.torch import save_file  # only a run that keeps examples needs it
+
+    path = examples_path(checkpoint_dir, cell_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tensors = {
+        "indices": breaks.indices.to(torch.int64).contiguous().cpu(),
+        "inputs": breaks.inputs.to(torch.float32).contiguous().cpu(),
+    }
+    save_file(tensors, str(tmp), metadata={"cell_key": cell_key, "threat": threat})
+    os.replace(tmp, path)
+    return path
+
+
+def read_examples(checkpoint_dir: str | os.PathLike, cell_key: str) -> Breaks | None:
+    """A cell's kept examples; None where none were kept (a row stored before they were)."""
+    from safetensors import safe_open
+
+    path = examples_path(checkpoint_dir, cell_key)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("cell_key") != cell_key:
+            raise ValueError(f"examples: {path} holds another cell's inputs")
+        return Breaks(f.get_tensor("indices"), f.get_tensor("inputs"))
