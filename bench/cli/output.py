@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cli.console import err, out, write
+from bench.core.data import DATASETS
 from bench.reporting.format import MISSING, fmt, pct
 from bench.reporting.results import BRACKET, COLUMNS, WORST_CASE
 
@@ -102,18 +103,21 @@ def rows(result: list[dict], form: str) -> None:
         out.print("no results stored yet: run `bench run --defense NAME`", markup=False)
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    # Top-5 beside top-1 where some dataset shown has more than ten classes (Kannan et al.'s tables).
+    top5 = any(getattr(DATASETS.get(r["dataset"]), "num_classes", 0) > 10 for r in result)
     columns = (
         "defense",
         "checkpoint",
         "cell key" if form == "wide" else "cell",
         "clean %",
         "robust %",
+        *(("top-5 %",) if top5 else ()),
         "n",
         "s",
         "fwd/img",
     )
     for col in columns:
-        numeric = col in ("clean %", "robust %", "n", "s", "fwd/img")
+        numeric = col in ("clean %", "robust %", "top-5 %", "n", "s", "fwd/img")
         table.add_column(
             col, justify="right" if numeric else "left", no_wrap=numeric or col == "checkpoint", overflow="fold"
         )
@@ -134,6 +138,7 @@ def rows(result: list[dict], form: str) -> None:
                 name,
                 pct(r["clean_acc"], 1),
                 pct(r["robust_acc"], 1),
+                *((pct(r.get("robust_top5"), 1),) if top5 else ()),
                 str(r["n"]),
                 fmt(r["seconds"], ".1f"),
                 passes(r.get("forward_passes")),

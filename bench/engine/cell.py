@@ -17,6 +17,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from bench.engine.fast import PLAIN, FastPath
 from bench.engine.losses import cw_margin
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import PassCount, counting
-from bench.engine.verdicts import EOT, majority_correct, predict
+from bench.engine.verdicts import EOT, in_top5, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
 from bench.store.bits import pack_bits
@@ -249,6 +250,7 @@ def _no_images(cell: Cell, test_size: int, shape: tuple[int, ...], device: str, 
         backward_passes=0.0,
         extra={"warnings": [], "precision": fast.precision},
         device=device,
+        top5_bits=None if cell.verifier or cell.votes > 1 else pack_bits(np.zeros(0, dtype=bool)),
         breaks=Breaks(torch.zeros(0, dtype=torch.long), torch.zeros(0, *shape)) if cell.kind.breaks else None,
     )
 
@@ -357,7 +359,7 @@ def run_cell(
                 )
             seconds = time.perf_counter() - start
     messages = sorted({str(w.message) for w in caught})
-    extra = {
+    extra: dict[str, Any] = {
         "logit_hist": histogram(clean_logits, adv_logits),
         "adv_logit_stats": logit_stats(adv_logits, y),
         "warnings": messages,
@@ -369,6 +371,12 @@ def run_cell(
         extra.update(verdict_extra)
     # A complete verifier's figure is what it proved: an unknown image is not robust.
     figure = proven if proven is not None and cell.kind is CellKind.VERIFY else robust
+    # Top-5 beside top-1 (Kannan et al.'s tables), where the verdict is one pass's logits.
+    top5 = None
+    if cell.votes <= 1 and not verdicts:
+        clean5 = in_top5(clean_logits, y)
+        top5 = in_top5(adv_logits, y) & clean5
+        extra["clean_top5"] = float(clean5.float().mean()) if len(y) else 0.0
     # The inputs that broke what the cell broke (a verifier's counterexamples); an image the
     # model already gets wrong is its own example. A certified bound breaks nothing.
     breaks = None
@@ -394,5 +402,6 @@ def run_cell(
         backward_passes=count.backward / len(y) if len(y) else 0.0,
         extra=extra,
         device=device,
+        top5_bits=None if top5 is None else pack_bits(top5.numpy()),
         breaks=breaks,
     )

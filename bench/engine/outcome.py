@@ -46,6 +46,9 @@ class CellOutcome:
     extra: dict[str, Any]
     """Histograms, logit statistics, warnings, precision and a verifier's counts."""
     device: str
+    top5_bits: bytes | None = None
+    """Packed per-image top-5 verdicts (the label among the five largest logits, before and
+    after the cell); None for a verifier's and a randomized model's cells."""
     breaks: Breaks | None = field(default=None, repr=False, compare=False)
     """The inputs that broke the images it broke, kept beside the checkpoint (bench.store.examples)."""
 

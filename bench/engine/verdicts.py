@@ -24,6 +24,13 @@ def predict(
     return torch.cat(logits).cpu()
 
 
+def in_top5(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether the label is among the five largest logits (all of them, with
+    five classes or fewer): the top-5 verdict of Kannan et al.'s ImageNet tables."""
+    k = min(5, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == y[:, None]).any(1)
+
+
 class EOT(torch.nn.Module):
     """The mean logits of `passes` forward passes of a randomized model."""
 

@@ -41,11 +41,13 @@ COLUMNS = [
     "seconds",
     "forward_passes",
     "backward_passes",
+    "robust_top5",
 ]
 """The CSV's columns; `ci_low` and `ci_high` bound the robust accuracy's 95% exact binomial
 interval on the n images it was measured on; `forward_passes` and `backward_passes` are the
 model's passes per image the cell cost (a worst case: its cells' together, per test image),
-empty where they were not counted."""
+empty where they were not counted; `robust_top5` the share whose label stayed among the
+five largest logits (Kannan et al.'s top-5), empty where not kept."""
 BRACKET = ["certified", "exact", "unknown", "gap", "attacks_missed", "withheld"]
 """The worst case row's bracket fields (None where no verifier cell ran; `withheld` says
 why certified, exact and gap are None where a verifier cell did run)."""
@@ -87,6 +89,8 @@ def _cell_row(base: dict, c: CellRow, defense_of: dict[int, str]) -> dict:
         "kind": c.kind,
         "label": cell_label(c.attack, c.params),
         "params": c.params,
+        "robust_top5": c.top5_acc,
+        "clean_top5": c.extra.get("clean_top5") if c.top5_bits is not None else None,
     }
     verdicts = c.verdicts()
     if verdicts is not None:  # a complete verifier: its counts, and each image's verdict by index
@@ -116,6 +120,7 @@ def _worst_row(base: dict, ev: Evidence, wc: WorstCase) -> dict:
         "forward_passes": wc.forward_passes,
         "backward_passes": wc.backward_passes,
         "kind": WORST_CASE,
+        "robust_top5": wc.top5_acc,
         "cells": len(wc.cells),
         "complete": wc.complete,
         "missing": list(wc.missing),

@@ -21,7 +21,7 @@ from bench.core.matrix import Matrix
 from bench.run.attacking import expect
 from bench.run.recipe import TrainRequest, resolve
 from bench.run.training import ensure_checkpoint
-from bench.run.transfer import correct, crafted_examples, transfer_cost, transfer_key
+from bench.run.transfer import correct, crafted_examples, top5_bits, transfer_cost, transfer_key
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES
 from bench.science.admission import is_randomized
@@ -63,7 +63,7 @@ def transfer_cells(
 
     cells = matrix.transfer_cells(get_spec(row.dataset).threat)
     randomized = is_randomized(row.admission)
-    x = y = clean = None
+    x = y = clean = clean5 = None
     ran = done.ran
     for name in surrogates:
         # The bench's own checkpoint of the surrogate's default recipe (trained on first use).
@@ -82,10 +82,11 @@ def transfer_cells(
                 continue
             if x is None:
                 x, y = load_dataset(row.dataset, "test", ws.data_root)
-                clean = correct(model(), x, y, ws, randomized)
+                clean, clean5 = correct(model(), x, y, ws, randomized)
             examples, _ = crafted_examples(ws, source, cell, x, y)
             x_adv = examples.x_adv
-            robust = correct(model(), x_adv, y, ws, randomized) & clean
+            after, after5 = correct(model(), x_adv, y, ws, randomized)
+            robust = after & clean
             kept = broken_by(robust, clean, x_adv)
             write_examples(row.path, transfer_examples_key(source.key, key), cell.threat, kept)
             ws.store.add_transfer(
@@ -102,6 +103,7 @@ def transfer_cells(
                 **transfer_cost(examples),
                 seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()),
+                top5_bits=top5_bits(after5, clean5),
                 indices=None,
                 extra={"surrogate": name, "votes": VOTES if randomized else 1},
                 device=ws.device,

@@ -22,7 +22,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
 from bench.engine.passes import Passes
-from bench.engine.verdicts import majority_correct, predict
+from bench.engine.verdicts import in_top5, majority_correct, predict
 from bench.errors import BenchError
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import CraftJob, Examples, Failed
@@ -54,12 +54,19 @@ def transfer_key(cell_key: str, randomized: bool) -> str:
     return adaptive_key(cell_key, 0, VOTES) if randomized else cell_key
 
 
-def correct(model, x, y, ws: Workspace, randomized: bool) -> torch.Tensor:
-    """Per sample, whether the target classifies it correctly: one pass, or the seeded
-    majority of VOTES passes for a randomized target (the same passes as its cells')."""
+def correct(model, x, y, ws: Workspace, randomized: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per sample, whether the target classifies it correctly (one pass, or the seeded
+    majority of VOTES passes for a randomized target: the same passes as its cells'), and
+    whether the label is among its five largest logits (None for a randomized target)."""
     if randomized:
-        return majority_correct(model, x, y, VOTES, device=ws.device, batch_size=ws.batch_size())
-    return predict(model, x, device=ws.device, batch_size=ws.batch_size()).argmax(1) == y
+        return majority_correct(model, x, y, VOTES, device=ws.device, batch_size=ws.batch_size()), None
+    logits = predict(model, x, device=ws.device, batch_size=ws.batch_size())
+    return logits.argmax(1) == y, in_top5(logits, y)
+
+
+def top5_bits(adv: torch.Tensor | None, clean: torch.Tensor | None) -> bytes | None:
+    """A transfer row's packed top-5 verdicts: the label in the top five before and after."""
+    return None if adv is None or clean is None else pack_bits((adv & clean).numpy())
 
 
 def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
@@ -157,6 +164,7 @@ def run_transfers(
     report = TransferReport()
     models: dict[int, torch.nn.Module] = {}
     clean: dict[int, torch.Tensor] = {}
+    clean5: dict[int, torch.Tensor | None] = {}
     touched: set[int] = set()
     task = ws.progress.add_task("transfer", total=len(sources) * len(targets)) if ws.progress else None
 
@@ -174,8 +182,9 @@ def run_transfers(
         for tgt in todo(src):
             if tgt.id not in models:
                 models[tgt.id] = load_model(tgt, ws.device)
-                clean[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id])
-            robust = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id]) & clean[tgt.id]
+                clean[tgt.id], clean5[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id])
+            after, after5 = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id])
+            robust = after & clean[tgt.id]
             kept = broken_by(robust, clean[tgt.id], x_adv)
             write_examples(tgt.path, transfer_examples_key(src.key, keys[tgt.id]), cell.threat, kept)
             report.evaluated += ws.store.add_transfer(
@@ -192,6 +201,7 @@ def run_transfers(
                 **transfer_cost(examples),
                 seconds=0.0,
                 correct_bits=pack_bits(robust.numpy()),
+                top5_bits=top5_bits(after5, clean5[tgt.id]),
                 indices=None,
                 extra={"votes": VOTES if randomized[tgt.id] else 1},
                 device=ws.device,

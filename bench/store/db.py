@@ -102,6 +102,10 @@ class _CellResult:
     what the cell left standing (a certify cell's: what it certified, see CellKind)."""
     proven_bits: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     """A verifier cell's images proven robust, packed like `correct_bits`; None for an attack."""
+    top5_bits: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    """Packed like `correct_bits`: the true label still among the five largest logits after
+    the cell (and before it); None for a row stored before top-5 was kept, a verifier's,
+    and a randomized model's (judged by majority votes of the top-1 label)."""
     indices: Mapped[list | None] = mapped_column(JSON, nullable=True)
     """Test-set indices of a subset cell; None means the whole test set in order."""
     test_size: Mapped[int | None] = mapped_column(Integer, nullable=True)

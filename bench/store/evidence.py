@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from bench.core.kinds import CellKind
 from bench.core.stats import interval
 from bench.store.bracket import Bracket, bracket
 from bench.store.db import Checkpoint, Store
@@ -49,6 +50,15 @@ class WorstCase:
     them (a subset cell's in proportion to its images); None where a cell was not counted."""
     backward_passes: float | None = None
     """Their backward passes per test image."""
+    top5: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Per test image: the label still among the top five logits after every cell that
+    kept top-5 verdicts; None where an attack or transfer cell kept none (a row stored
+    before they were kept, a randomized model's). A verifier's counterexamples are top-1
+    claims and stay out of it."""
+
+    @property
+    def top5_acc(self) -> float | None:
+        return None if self.top5 is None else float(self.top5.mean())
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -132,23 +142,40 @@ def worst_case(threat: str, cells: Iterable[CellRow], test_size: int) -> WorstCa
     """The per-sample AND over the cells of `threat` whose kind breaks images; None when
     no cell counts."""
     robust = np.ones(test_size, dtype=bool)
+    top5: np.ndarray | None = np.ones(test_size, dtype=bool)
+    judged5 = False  # some cell kept top-5 verdicts
     keys: list[str] = []
     anded: list[CellRow] = []
     for cell in cells:
         if cell.threat != threat or not cell.cell_kind.breaks:
             continue
-        correct = cell.correct()
+        correct, kept5 = cell.correct(), cell.top5()
         if cell.indices is None:
             if len(correct) != test_size:
                 continue
-            robust &= correct
+            at: slice | np.ndarray = slice(None)
         else:
-            robust[np.asarray(cell.indices, dtype=np.int64)] &= correct
+            at = np.asarray(cell.indices, dtype=np.int64)
+        robust[at] &= correct
+        if kept5 is not None and top5 is not None:
+            top5[at] &= kept5
+            judged5 = True
+        elif cell.cell_kind is not CellKind.VERIFY:
+            top5 = None
         keys.append(cell.cell_key)
         anded.append(cell)
     if not keys:
         return None
-    return WorstCase(threat, float(robust.mean()), test_size, tuple(keys), robust, (), *cost(anded, test_size))
+    return WorstCase(
+        threat,
+        float(robust.mean()),
+        test_size,
+        tuple(keys),
+        robust,
+        (),
+        *cost(anded, test_size),
+        top5 if judged5 else None,
+    )
 
 
 def cost(cells: list[CellRow], test_size: int) -> tuple[float | None, float | None]:

@@ -59,6 +59,8 @@ class CellRow:
     seconds: float
     correct_bits: bytes
     proven_bits: bytes | None
+    top5_bits: bytes | None
+    """Per sample: the label still among the top five logits; None where not kept."""
     indices: list | None
     raw_extra: str | None
     device: str
@@ -94,6 +96,7 @@ class CellRow:
         backward_passes: float | None = None,
         seconds: float = 0.0,
         proven_bits: bytes | None = None,
+        top5_bits: bytes | None = None,
         indices: list | None = None,
         extra: dict | None = None,
         device: str = "cpu",
@@ -121,6 +124,7 @@ class CellRow:
             seconds,
             correct_bits,
             proven_bits,
+            top5_bits,
             indices,
             json.dumps(extra or {}),
             device,
@@ -159,6 +163,16 @@ class CellRow:
             return tuple((at if images is None else images[at]).tolist())
 
         return Verdicts(where(proven), where(~standing), where(standing & ~proven))
+
+    def top5(self) -> np.ndarray | None:
+        """Per sample: the true label still among the five largest logits; None where not kept."""
+        return None if self.top5_bits is None else unpack_bits(self.top5_bits, self.n)
+
+    @property
+    def top5_acc(self) -> float | None:
+        """The share of its images whose label stayed in the top five; None where not kept."""
+        bits = self.top5()
+        return None if bits is None else (float(bits.mean()) if self.n else 0.0)
 
     def proven(self) -> np.ndarray | None:
         """Per sample: proven robust by a verifier cell; None for an attack."""
@@ -204,6 +218,7 @@ def cell_query(table, transfer: bool):
         table.seconds,
         table.correct_bits,
         table.proven_bits,
+        table.top5_bits,
         table.indices,
         type_coerce(table.extra, Text),
         table.device,

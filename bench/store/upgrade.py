@@ -29,9 +29,11 @@ _COLUMNS = {
     "proven_bits": "{blob}",
     "forward_passes": "DOUBLE PRECISION",
     "backward_passes": "DOUBLE PRECISION",
+    "top5_bits": "{blob}",
 }
-"""Columns added since the first schema, with their SQL types; the passes of an old row stay
-NULL (not counted, shown as a dash), the others are filled from what the row said."""
+"""Columns added since the first schema, with their SQL types; the passes and top-5 bits of
+an old row stay NULL (not counted or not kept, shown as a dash), the others are filled from
+what the row said."""
 _FILLED = ("kind", "test_size", "proven_bits")
 _OLD_CERTIFIED = "certified-"
 

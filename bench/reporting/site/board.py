@@ -12,6 +12,7 @@ from bench.reporting.site.load import SiteData
 from bench.reporting.site.names import (
     SURROGATE_TEXT,
     checkpoint_name,
+    many_classes,
     outside_name,
     page_path,
 )
@@ -115,6 +116,8 @@ def boards(data: SiteData) -> list[dict]:
                 note += f" · 95% {pct(low)}–{pct(high)}"
                 title = f"95% exact binomial interval on {wc.n} images: {pct(low)} to {pct(high)}"
             cols.append(_cell("worst", wc.robust_acc if wc else None, None, note, title))
+            if many_classes(dataset):  # top-5 beside top-1, as Kannan et al.'s ImageNet tables
+                cols.append(_cell("worst_top5", wc.top5_acc if wc else None, None))
             rows.append(
                 {
                     "key": ck.key,
@@ -163,7 +166,8 @@ def boards(data: SiteData) -> list[dict]:
                 "columns": [("clean", "Clean")]
                 + [(c, h) for c, h, _ in BOARD_COLUMNS]
                 + ([("certified", "Certified")] if bracketed else [])
-                + [("worst", "Worst case")],
+                + [("worst", "Worst case")]
+                + ([("worst_top5", "Worst top\u20115")] if many_classes(dataset) else []),
             }
         )
     return out

@@ -23,6 +23,7 @@ from bench.reporting.site.names import (
     cell_label,
     checkpoint_folder,
     checkpoint_name,
+    many_classes,
     page_path,
 )
 from bench.reporting.site.records import (
@@ -136,6 +137,7 @@ def checkpoint_page(
     return {
         "worst": {
             "robust": pct(wc.robust_acc),
+            "top5": pct(wc.top5_acc) if many_classes(ck.dataset) and wc.top5_acc is not None else "",
             "low": pct(wc.interval[0]),
             "high": pct(wc.interval[1]),
             "n": wc.n,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from markupsafe import Markup, escape
 
+from bench.core.data import DATASETS
 from bench.store.db import Checkpoint
 
 SURROGATE_TEXT = (
@@ -35,6 +36,13 @@ def cell_label(attack: str, params: dict) -> str:
         + ("_last" if params.get("keep") == "last" else "")
         + (f"_r{restarts}" if restarts and restarts > 1 else "")
     )
+
+
+def many_classes(dataset: str) -> bool:
+    """More than ten classes: the board and the checkpoint page show the worst case's top-5
+    beside its top-1 (Kannan et al.'s ImageNet tables)."""
+    spec = DATASETS.get(dataset)
+    return spec is not None and spec.num_classes > 10
 
 
 def cell_anchor(cell_key: str) -> str:
