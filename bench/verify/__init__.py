@@ -7,8 +7,10 @@ certified floor.
 - `certify(g, x, y, eps)`: CROWN's linear-relaxation bound on the margin, batched
   (bounds.py); `interval_margin` is plain IBP's, for comparison;
 - `verify_images(g, model, x, y, eps)`: a complete verifier (clean check, CROWN, a seeded
-  PGD search, LP-tightened bounds, then Tjeng et al.'s MILP on HiGHS), one `Verdict` per
-  image (complete.py, milp.py, search.py);
+  PGD search, then LP-tightened bounds and Tjeng et al.'s MILP on HiGHS, or, for chains of
+  Linear and ReLU layers with many unstable ReLUs, branch and bound on optimized
+  alpha-beta-CROWN bounds), one `Verdict` per image (complete.py, milp.py, search.py,
+  bab.py, alpha.py);
 - `ibp_bounds(model, x, eps)`: differentiable interval bounds for IBP training, on the
   model's traced forward pass (interval.py).
 
@@ -21,6 +23,7 @@ No maintained verifier installs beside torch 2.14 (auto_LiRPA on PyPI pins torch
 so the encodings are written here, on torch, numpy and scipy's HiGHS.
 """
 
+from bench.verify.bab import BaBConfig
 from bench.verify.bounds import certify, interval_margin
 from bench.verify.complete import Verdict, verify_images
 from bench.verify.graph import Graph, Node, Unsupported
@@ -29,6 +32,7 @@ from bench.verify.search import SearchConfig
 from bench.verify.trace import to_graph
 
 __all__ = [
+    "BaBConfig",
     "Graph",
     "Node",
     "SearchConfig",

@@ -1,6 +1,7 @@
-"""The complete verifier: per image, the clean check, CROWN, a seeded PGD search, LP
-tightening, then one MILP per open target class (bench.verify.milp's encoding on HiGHS),
-each image's answer a `Verdict`.
+"""The complete verifier: per image, the clean check, CROWN, a seeded PGD search, then
+either branch and bound (bab.py: chains of affine ops and ReLUs with at least
+BaBConfig.min_unstable unstable ReLUs) or LP tightening and one MILP per open target
+class (bench.verify.milp's encoding on HiGHS), each image's answer a `Verdict`.
 
 "Robust" is a claim about the model as it runs, in fp32: every exit that concludes it
 (CROWN's bound, the LP-tightened bound, a MILP that finds no point) needs each target's
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 
 from bench.engine.device import frozen
-from bench.verify.bounds import box, crown_bounds, target_margins
+from bench.verify.alpha import Chain, chain_of
+from bench.verify.bab import BaBConfig, Problem, branch_and_bound, root_bounds
+from bench.verify.bounds import Bounds, box, crown_bounds, target_margins
 from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
 from bench.verify.milp import (
@@ -41,9 +44,11 @@ TIE = 1e-4
 a little, so a target whose MILP point does not reproduce is solved again asking for
 margin <= -(TIE + tol) (see `verify_images`)."""
 STATUSES = ("robust", "not_robust", "unknown")
-DECIDERS = ("clean", "bound", "search", "milp", "timeout")
+DECIDERS = ("clean", "bound", "search", "milp", "bab", "timeout")
 DEFAULT_SEARCH = SearchConfig()
 """The attack search before the MILP when a caller names none (frozen: one instance serves every call)."""
+DEFAULT_BAB = BaBConfig()
+"""Branch and bound for chains with many unstable ReLUs, when a caller names no config."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class Verdict:
     binaries: int
     """Binary variables of the MILP; 0 if it never ran."""
     decided_by: str
-    """clean, bound (CROWN), search (PGD), milp (tightening or the MILP), timeout."""
+    """clean, bound (CROWN), search (PGD), milp (tightening or the MILP), bab (branch and
+    bound: its bounds, or a counterexample found in a subdomain), timeout."""
     lower: float
     """Best proven lower bound on min_{j != y} z_y - z_j over the box, for the graph in exact
     arithmetic (-inf if none)."""
@@ -82,6 +88,7 @@ def verify_one(
     time_limit: float,
     index: int,
     cfg: SearchConfig = DEFAULT_SEARCH,
+    bab: BaBConfig | None = DEFAULT_BAB,
 ) -> Verdict:
     """The verdict for one image x (C, H, W); see `verify_images`."""
     t0 = time.perf_counter()
@@ -105,6 +112,11 @@ def verify_one(
     found = pgd_search(model, xb, y, eps, index, cfg)
     if found is not None:
         return verdict("not_robust", "search", low.min(), x_adv=found, unstable=unstable_count(g, bounds))
+    chain = chain_of(g) if bab is not None else None
+    if bab is not None and chain is not None and unstable_count(g, bounds) >= bab.min_unstable:
+        problem = Problem(chain, lo[0], hi[0], _layer_bounds(chain, bounds), model, y, box32(xb, eps))
+        status, by, adv = _branch_and_bound(problem, low, tol, bab, deadline)
+        return verdict(status, by, low.min(), x_adv=adv, unstable=unstable_count(g, bounds))
     now = time.perf_counter()
     bounds = tighten(g, lo, hi, bounds, now + 0.5 * (deadline - now))
     low = torch.maximum(low, target_margins(g, lo, hi, yt, bounds)[0])
@@ -117,6 +129,32 @@ def verify_one(
     scale = float(torch.maximum(full[g.output][0].abs(), full[g.output][1].abs()).max())
     status, by, adv = _solve_targets(prog, g, model, xb, y, eps, low, tol, MILP_PAD * (1 + scale), deadline, index)
     return verdict(status, by, low.min(), x_adv=adv, unstable=unstable, binaries=prog.binaries)
+
+
+def _layer_bounds(chain: Chain, bounds: Bounds) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [bounds[k][0] for k in chain.relus], [bounds[k][1] for k in chain.relus]
+
+
+def _branch_and_bound(
+    p: Problem, low: torch.Tensor, tol: torch.Tensor, cfg: BaBConfig, deadline: float
+) -> tuple[str, str, torch.Tensor | None]:
+    """(status, decided_by, x_adv) from alpha-CROWN on every open target at once, then
+    branch and bound on each target still open, the lowest bound first (a not robust
+    image is most likely settled there, and one unknown target makes the image unknown
+    anyway). `low` is raised in place to each target's proven bound."""
+    targets = [j for j in torch.argsort(low - tol).tolist() if low[j] <= tol[j]]
+    start = root_bounds(p, targets, cfg, deadline, tol[targets])
+    for r, j in enumerate(targets):
+        low[j] = max(float(low[j]), float(start.result.bound[r]))
+    for r in torch.argsort(start.result.bound - tol[targets]).tolist():
+        j = targets[r]
+        out = branch_and_bound(p, j, float(tol[j]), start, r, cfg, deadline)
+        low[j] = max(float(low[j]), out.lower)
+        if out.status == "not_robust":
+            return "not_robust", "bab", out.x_adv
+        if out.status == "unknown":
+            return "unknown", "timeout" if time.perf_counter() >= deadline else "bab", None
+    return "robust", "bab", None
 
 
 def _solve_targets(
@@ -196,6 +234,7 @@ def verify_images(
     time_limit: float = 10.0,
     on_image: Callable[[int], None] | None = None,
     search: SearchConfig = DEFAULT_SEARCH,
+    bab: BaBConfig | None = DEFAULT_BAB,
 ) -> list[Verdict]:
     """Exact robustness of each image over [max(x - eps, 0), min(x + eps, 1)], for the model
     in fp32, within `time_limit` seconds per image: (0) the graph held to the model on
@@ -208,12 +247,20 @@ def verify_images(
     a bug (RuntimeError), and otherwise the target is solved again asking for margin <=
     -(TIE + tol_j): a point then must reproduce, and none leaves the image "unknown"
     (decided_by "milp"): its margin is too close to 0 to call in fp32. A target ruled out
-    by infeasibility is proven to have margin > tol_j, which `lower` records."""
+    by infeasibility is proven to have margin > tol_j, which `lower` records.
+
+    With `bab` (the default), a graph that is one chain input -> affine -> relu -> ...
+    -> affine and has at least bab.min_unstable unstable ReLUs after CROWN takes branch
+    and bound instead of (4) and (5): alpha-CROWN on every open target, then for each
+    target still open, best-first splitting of unstable ReLUs (bab.py), each domain
+    done once its bound exceeds tol_j (decided_by "bab"). `bab=None` keeps the MILP path
+    for every graph. Either path stops at the time limit: each loop checks the deadline,
+    each solver call gets only the time left."""
     out = []
     with frozen(model):
         check_box(g, model, x, eps)
         for i in range(len(x)):
-            out.append(verify_one(g, model, x[i], int(y[i]), eps, time_limit, i, search))
+            out.append(verify_one(g, model, x[i], int(y[i]), eps, time_limit, i, search, bab))
             if on_image is not None:
                 on_image(i)
     return out
