@@ -1,6 +1,8 @@
 """Complete verification as a cell: per image, robust, not robust (with a counterexample)
-or unknown (the per-image time limit ran out), by Tjeng, Xiao & Tedrake (2019)'s MILP
-encoding solved with HiGHS (bench.verify).
+or unknown (the per-image time limit ran out): CROWN, a PGD search, then branch and
+bound on optimized linear bounds (alpha- and beta-CROWN style) for a chain of affine ops
+and ReLUs with many unstable ReLUs, or Tjeng, Xiao & Tedrake (2019)'s MILP encoding
+solved with HiGHS for the rest (bench.verify).
 
 A counterexample is an input like any attack's: it is returned as the cell's adversarial
 example, held to the ball by the harness, judged by the model in fp32, and so enters the

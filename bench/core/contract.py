@@ -116,7 +116,7 @@ class CompleteVerdicts:
     status: tuple[str, ...]
     """`robust`, `not_robust` (its counterexample is the returned input) or `unknown`."""
     decided_by: tuple[str, ...]
-    """What settled each image (the bounds, the search, the MILP, the time limit)."""
+    """What settled each image (the bounds, the search, the MILP, branch and bound, the time limit)."""
     seconds: torch.Tensor
     """float64: time spent on each image."""
     unstable: torch.Tensor

@@ -30,7 +30,7 @@ from bench.engine import rewrite
 from bench.engine.budget import check_budget
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 from bench.engine.fast import PLAIN, FastPath
-from bench.engine.losses import cw_margin
+from bench.engine.logits import histogram, logit_stats
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import PassCount, counting
 from bench.engine.verdicts import EOT, in_top5, majority_correct, predict
@@ -46,29 +46,6 @@ def subset_indices(n: int, subset: int) -> np.ndarray | None:
         return None
     rng = np.random.default_rng(0)
     return np.sort(rng.permutation(n)[:subset])
-
-
-def logit_stats(logits: torch.Tensor, y: torch.Tensor) -> dict:
-    """Summary statistics of logits: the quantities the seeds explain robustness by."""
-    return {
-        "mean": float(logits.mean()),
-        "variance": float(logits.var()),
-        "dynamic_range": float((logits.amax(1) - logits.amin(1)).mean()),
-        # The logit gap (true logit minus the best other) is the CW margin, negated.
-        "mean_gap": float(-cw_margin(logits, y).mean()),
-    }
-
-
-def histogram(clean: torch.Tensor, adv: torch.Tensor, bins: int = 40) -> dict:
-    lo = float(min(clean.min(), adv.min()))
-    hi = float(max(clean.max(), adv.max()))
-    hi = hi if hi > lo else lo + 1.0
-    edges = np.linspace(lo, hi, bins + 1)
-    return {
-        "edges": [round(e, 5) for e in edges.tolist()],
-        "clean": np.histogram(clean.numpy().ravel(), edges)[0].tolist(),
-        "adv": np.histogram(adv.numpy().ravel(), edges)[0].tolist(),
-    }
 
 
 FAITHFUL_BATCH = 8

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 FOLDER = "examples"
 
@@ -57,8 +59,6 @@ def examples_path(checkpoint_dir: str | os.PathLike, cell_key: str) -> Path:
 
 def write_examples(checkpoint_dir: str | os.PathLike, cell_key: str, threat: str, breaks: Breaks) -> Path:
     """Write a cell's examples atomically (a reader never sees half a file); returns the path."""
-    from safetensors.torch import save_file  # only a run that keeps examples needs it
-
     path = examples_path(checkpoint_dir, cell_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -73,8 +73,6 @@ def write_examples(checkpoint_dir: str | os.PathLike, cell_key: str, threat: str
 
 def read_examples(checkpoint_dir: str | os.PathLike, cell_key: str) -> Breaks | None:
     """A cell's kept examples; None where none were kept (a row stored before they were)."""
-    from safetensors import safe_open
-
     path = examples_path(checkpoint_dir, cell_key)
     if not path.is_file():
         return None
