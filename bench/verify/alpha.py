@@ -27,6 +27,13 @@ intermediate bounds with alpha of their own, layer by layer, was measured on 784
 MNIST nets at eps 0.05: it made 1 of about 120 unstable ReLUs stable, for 0.3-2.8 s, so
 the intermediate bounds are CROWN's.)
 
+Floating point (bounds.py's module docstring): with `radii`, r_k (1 or n, width) per
+ReLU layer, the pre-activation z_k the model computes in fp32 is W_k h_{k-1} + b_k +
+delta_k with |delta_k| <= r_k (its local rounding), and the coefficient on z_k lowers the
+bound by |coef| . r_k; the last op's perturbation is a constant the caller folds into
+spec_b (bab.Problem.spec). The root bounds must then be bounds of the fp32 values
+(bounds.crown_bounds'), and the bound is one on the fp32 model's margin.
+
 Soundness does not rest on the optimizer: the loop may run in float32 (it is only a
 search for good alpha and beta), and the bound a verdict reads is computed once more in
 float64 (the repo's convention for bounds) with the tuned alpha clamped to [0, 1] and
@@ -135,10 +142,12 @@ def linear_bound(
     r: Relaxed,
     alpha: list[torch.Tensor],
     beta: list[torch.Tensor],
+    radii: list[torch.Tensor] | None = None,
 ) -> Linear:
     """Lower bounds (n,) of spec_w . h_{L-1} + spec_b (the margin row, folded into the last
     op) over each domain, by back-substitution through the relaxation `r` with lower
-    slopes `alpha` and split multipliers `beta` (module docstring). Differentiable in
+    slopes `alpha` and split multipliers `beta` (module docstring), each pre-activation
+    perturbed by up to `radii` (per layer, none: exact arithmetic). Differentiable in
     alpha and beta; every tensor in one dtype, the box lo, hi (d,)."""
     dtype = spec_w.dtype
     a, const = spec_w, spec_b
@@ -152,6 +161,8 @@ def linear_bound(
         neg = a.clamp(max=0)
         const = const + (neg * torch.where(mid, -chord * low, torch.zeros_like(low))).sum(-1)
         coef = torch.where(a >= 0, a * below, a * chord) - beta[k] * r.split[k]
+        if radii is not None:
+            const = const - (coef.abs() * radii[k].to(dtype)).sum(-1)
         w, b = chain.weights[k].to(dtype), chain.biases[k].to(dtype)
         const = const + coef @ b
         a = coef @ w
@@ -199,6 +210,7 @@ def optimize(
     cfg: OptimizeConfig,
     deadline: float,
     enough: torch.Tensor | None = None,
+    radii: list[torch.Tensor] | None = None,
 ) -> Optimized:
     """Adam on alpha and beta from the given start (n domains: float64 spec rows spec_w
     (n, width), spec_b (n,), root bounds (1, width) per layer, split signs (n, width)),
@@ -219,7 +231,7 @@ def optimize(
     )
     with torch.enable_grad():
         for step in range(cfg.steps + 1):
-            res = linear_bound(chain, *box, sw, sb, r, params[:n_alpha], params[n_alpha:])
+            res = linear_bound(chain, *box, sw, sb, r, params[:n_alpha], params[n_alpha:], radii)
             bound = res.bound.detach()
             better = bound > best
             best = torch.where(better, bound, best)
@@ -237,7 +249,7 @@ def optimize(
                     p.clamp_(0, 1)
                 for p in params[n_alpha:]:
                     p.clamp_(min=0)
-    return finish(chain, lo, hi, spec_w, spec_b, root, split, best_a, best_b)
+    return finish(chain, lo, hi, spec_w, spec_b, root, split, best_a, best_b, radii)
 
 
 def finish(
@@ -250,11 +262,12 @@ def finish(
     split: list[torch.Tensor],
     alpha: list[torch.Tensor],
     beta: list[torch.Tensor],
+    radii: list[torch.Tensor] | None = None,
 ) -> Optimized:
     """The sound float64 bound with alpha clamped to [0, 1] and beta to >= 0."""
     r = relax(root[0], root[1], split, torch.float64)
     a64 = [t.detach().double().clamp(0, 1) for t in alpha]
     b64 = [t.detach().double().clamp(min=0) for t in beta]
     with torch.no_grad():
-        res = linear_bound(chain, lo.double(), hi.double(), spec_w, spec_b, r, a64, b64)
+        res = linear_bound(chain, lo.double(), hi.double(), spec_w, spec_b, r, a64, b64, radii)
     return Optimized([t.detach() for t in alpha], [t.detach() for t in beta], res)

@@ -5,7 +5,9 @@ piecewise linear neural network verification") and beta-CROWN (Wang et al. 2021)
 One target class j at a time, hardest first: the box is the root domain. A domain is
 bounded by alpha-CROWN with beta multipliers for its splits (alpha.py); one whose bound
 on z_y - z_j exceeds the target's fp32 tolerance tol_j is done (it is a subset of the
-box, so the tolerance computed once over the box holds on it). The others are split, the
+box, so the tolerance computed once over the box holds on it). complete.py runs it on the
+fp32 model instead: the Problem carries the local rounding radii (times SAFETY), every
+bound is then one on the perturbed family (alpha.py), and the tolerance is 0. The others are split, the
 domain with the lowest bound first (best first: the global lower bound is the smallest
 open domain's, and raising it is what proves the target), a batch of them at a time:
 one unstable, unsplit ReLU of each becomes two children, z >= 0 (the ReLU is the
@@ -105,12 +107,27 @@ class Problem:
     y: int
     box32: tuple[torch.Tensor, torch.Tensor]
     """The fp32 box (1, *input shape), rounded inward (search.box32)."""
+    radii: tuple[list[torch.Tensor], torch.Tensor] | None = None
+    """For bounds on the fp32 model (complete.py): the local rounding radii
+    (rounding.local_radii) of each ReLU layer's pre-activation, (1, width), and of the
+    logits, (classes,), each already multiplied by rounding.SAFETY, so that a bound > 0
+    proves the model's margin (`root` then bounds the fp32 values). None: the bounds
+    are the graph's in exact arithmetic."""
 
     def spec(self, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w, b): the margins z_y - z_j of `targets` folded into the last op."""
+        """(w, b): the margins z_y - z_j of `targets` folded into the last op (less the
+        logits' perturbation r_y + r_j, with `radii`)."""
         w, b = self.chain.weights[-1], self.chain.biases[-1]
         t = torch.tensor(targets)
-        return w[self.y][None] - w[t], b[self.y] - b[t]
+        const = b[self.y] - b[t]
+        if self.radii is not None:
+            last = self.radii[1]
+            const = const - (last[self.y] + last[t])
+        return w[self.y][None] - w[t], const
+
+    @property
+    def layer_radii(self) -> list[torch.Tensor] | None:
+        return None if self.radii is None else self.radii[0]
 
     def no_split(self, n: int) -> list[torch.Tensor]:
         return [torch.zeros(n, m, dtype=torch.int8) for m in self.chain.widths]
@@ -127,7 +144,19 @@ def root_bounds(p: Problem, targets: list[int], cfg: BaBConfig, deadline: float,
     alpha = [(u >= -low).double().expand(n, -1) for low, u in zip(r.lower, r.upper, strict=True)]
     w, b = p.spec(targets)
     return optimize(
-        p.chain, p.lo, p.hi, w, b, p.root, split, alpha, p.zeros(n, torch.float64), cfg.root, deadline, enough
+        p.chain,
+        p.lo,
+        p.hi,
+        w,
+        b,
+        p.root,
+        split,
+        alpha,
+        p.zeros(n, torch.float64),
+        cfg.root,
+        deadline,
+        enough,
+        p.layer_radii,
     )
 
 
@@ -236,7 +265,7 @@ def _branch(
         worst = None
         for sign in (1, -1):
             s = _set([t[rows] for t in split], flat, sign, widths)
-            res = finish(p.chain, p.lo, p.hi, sw, sb, p.root, s, alpha, beta).result.bound
+            res = finish(p.chain, p.lo, p.hi, sw, sb, p.root, s, alpha, beta, p.layer_radii).result.bound
             worst = res if worst is None else torch.minimum(worst, res)
         assert worst is not None
         valid = torch.isfinite(torch.cat([babsr.gather(1, cand[:, :k]), icpt.gather(1, cand[:, k:])], 1))
@@ -301,7 +330,9 @@ def branch_and_bound(
         alpha = [t.repeat(2, 1) for t in parents["alpha"]]
         beta = [t.repeat(2, 1) for t in parents["beta"]]
         enough = torch.full((2 * n,), tol, dtype=torch.float64)
-        opt = optimize(p.chain, p.lo, p.hi, *spec, p.root, split, alpha, beta, cfg.child, deadline, enough)
+        opt = optimize(
+            p.chain, p.lo, p.hi, *spec, p.root, split, alpha, beta, cfg.child, deadline, enough, p.layer_radii
+        )
         domains += 2 * n
         bound = torch.maximum(opt.result.bound, parents["bound"].repeat(2))  # a child is a subset of its parent
         order = torch.argsort(bound)[: cfg.attack_starts]

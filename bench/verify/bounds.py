@@ -13,9 +13,22 @@ pool reads gets its bounds the same way (a = [I; -I] at that node), layer by lay
 bounds are CROWN's throughout, not interval ones. The final specification is the margin
 matrix (e_y - e_j for each j), so the bound is on z_y - z_j directly.
 
-These bounds are about the graph in exact arithmetic. `certify` calls an image certified
-only where each bound on z_y - z_j exceeds the fp32 tolerance of that pair (rounding.py),
-so that the claim holds for the model as it runs.
+Floating point (DeepPoly's sound handling, Singh et al. 2019): the model runs in fp32,
+and is, at every fp32 point of the box, the graph with a perturbation delta_k in
+[-r_k, r_k] added at the output of each affine and add node, r_k that op's LOCAL rounding
+bound (rounding.local_radii: relative to the fp32 values of its inputs, with no error
+carried from earlier nodes). Every bound here is over that family (which holds the exact
+graph too, delta = 0): at an affine or add node a coefficient matrix Lambda meets
+delta_k, which lowers the bound by at most |Lambda| r_k. So the intermediate bounds
+(`crown_bounds`) bound the fp32 values, which keeps the ReLU relaxations valid for them,
+and a margin's bound splits into B0 - T: B0 what the relaxation proves with the
+perturbations left out (a lower bound of the graph's exact margin), T = sum_k |Lambda_k|
+r_k the perturbations' worst case on that margin (`fp32_margins`), so B0 - T bounds the
+fp32 model's margin from below. An image is certified where B0 > SAFETY T for every j
+(rounding.SAFETY = 2: the second T covers this module's own float64 arithmetic, whose
+error is the same sums at u = 2^-53, some 2^-29 of T times the depth). T grows with the
+width and depth of the net only as the margin's own coefficients do, where
+`fp32_error`'s E (products of |W|, signs ignored) grew some 13x per 256-wide layer.
 
 All arithmetic is float64 on the CPU, batched over images; memory is kept near
 CHUNK_BYTES by working through the images in chunks.
@@ -27,7 +40,7 @@ import torch
 
 from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
-from bench.verify.rounding import fp32_error, margin_tolerance, robust_beyond
+from bench.verify.rounding import SAFETY, fp32_error, local_radii, margin_tolerance, robust_beyond
 
 CHUNK_BYTES = 256 * 2**20
 """Peak size of one back-substitution's coefficient tensor (images x rows x values)."""
@@ -108,15 +121,37 @@ def back_substitute(
     hi: torch.Tensor,
     bounds: Bounds,
     const: torch.Tensor | None = None,
+    radii: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A sound lower bound (n, s) of a @ v_start (+ const) over the box, a (n, s, size of start)."""
+    """A sound lower bound (n, s) of a @ v_start (+ const) over the box, a (n, s, size of start);
+    with `radii` (rounding.local_radii), over the perturbed family (module docstring)."""
+    low, pert = _back_substitute(g, start, a, lo, hi, bounds, const, radii)
+    return low - pert
+
+
+def _back_substitute(
+    g: Graph,
+    start: int,
+    a: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bounds: Bounds,
+    const: torch.Tensor | None = None,
+    radii: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B0, T) (n, s) each: B0 the lower bound of a @ v_start (+ const) with the
+    perturbations left out, T = sum_k |Lambda_k| r_k over the affine and add nodes in
+    `radii` (none: T = 0)."""
     acc = {start: _Coef(a)}
     const = torch.zeros(a.shape[:2], dtype=torch.float64) if const is None else const
+    pert = torch.zeros(a.shape[:2], dtype=torch.float64)
     for k in range(start, -1, -1):
         term = acc.pop(k, None)
         if term is None:
             continue
         node, ak = g.nodes[k], term.coef
+        if radii is not None and k in radii:
+            pert = pert + _times(term.take(radii[k]), ak.abs())
         if node.op == "input":
             const = const + _times(term.take(lo), ak.clamp(min=0)) + _times(term.take(hi), ak.clamp(max=0))
         elif node.op == "affine":
@@ -138,15 +173,17 @@ def back_substitute(
         else:
             for i in node.inputs:
                 _add(acc, i, term, g.nodes[i].size)
-    return const
+    return const, pert
 
 
 def node_bounds(
-    g: Graph, k: int, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds
+    g: Graph, k: int, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, radii: dict[int, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CROWN bounds (n, m) of node k's values. An affine node starts from [W; -W] on its
-    input (the identity never multiplies anything); a ReLU or pool output takes its
-    input's bounds through the op, which is what back-substitution would give."""
+    """CROWN bounds (n, m) of node k's values (with `radii`, of the perturbed family's:
+    the fp32 values). An affine node starts from [W; -W] on its input (the identity never
+    multiplies anything), and its own perturbation widens the result by r_k; a ReLU or
+    pool output takes its input's bounds through the op, which is what
+    back-substitution would give."""
     n, node = len(lo), g.nodes[k]
     m = node.size
     if k == 0:
@@ -159,21 +196,29 @@ def node_bounds(
     if node.op == "affine":
         a = torch.cat([node.weight, -node.weight]).expand(n, -1, -1)
         const = torch.cat([node.bias, -node.bias]).expand(n, -1)
-        res = back_substitute(g, node.inputs[0], a, lo, hi, bounds, const)
+        res = back_substitute(g, node.inputs[0], a, lo, hi, bounds, const, radii)
+        if radii is not None and k in radii:
+            return res[:, :m] - radii[k], -res[:, m:] + radii[k]
     else:
         eye = torch.eye(m, dtype=torch.float64)
-        res = back_substitute(g, k, torch.cat([eye, -eye]).expand(n, -1, -1), lo, hi, bounds)
+        res = back_substitute(g, k, torch.cat([eye, -eye]).expand(n, -1, -1), lo, hi, bounds, radii=radii)
     return res[:, :m], -res[:, m:]
 
 
-def crown_bounds(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds | None = None, after: int = -1) -> Bounds:
+def crown_bounds(
+    g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds | None = None, after: int = -1, fp32: bool = True
+) -> Bounds:
     """Bounds of every node a ReLU or a pool reads, computed layer by layer; those in
-    `bounds` are kept where tighter (only nodes past `after` are recomputed)."""
+    `bounds` are kept where tighter (only nodes past `after` are recomputed). With `fp32`
+    (the default) they bound the perturbed family (module docstring): the model's fp32
+    values, and the exact ones too; `bounds` given must hold for the values the caller
+    needs (LP-tightened ones, milp.tighten's, hold for the exact values only)."""
     out = dict(bounds or {})
     for k in g.bound_nodes():
         if k <= after and k in out:
             continue
-        low, high = node_bounds(g, k, lo, hi, out)
+        radii = local_radii(g, lo, hi, out, upto=k) if fp32 else None
+        low, high = node_bounds(g, k, lo, hi, out, radii)
         if k in out:
             low, high = torch.maximum(low, out[k][0]), torch.minimum(high, out[k][1])
         out[k] = (low, high)
@@ -187,9 +232,28 @@ def margin_spec(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def target_margins(g: Graph, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    """(n, K) lower bounds of z_y - z_j over the box; +inf at j = y."""
+    """(n, K) lower bounds of z_y - z_j over the box for the graph in exact arithmetic
+    (B0, given bounds that hold for its values); +inf at j = y."""
     low = back_substitute(g, g.output, margin_spec(y, g.num_classes), lo, hi, bounds)
     return low.scatter(1, y[:, None], float("inf"))
+
+
+def fp32_margins(
+    g: Graph, lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, bounds: Bounds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B0, T) (n, K) each, from one back-substitution of the margins with `bounds` on
+    the fp32 values (crown_bounds'): B0 is `target_margins`' bound of the exact margin
+    z_y - z_j (+inf at j = y), T the perturbations' worst case on it (0 at j = y), so
+    B0 - T is a lower bound of the fp32 model's margin over the box, and the pair is
+    proven for the model where B0 > SAFETY T (`fp32_tolerance`)."""
+    radii = local_radii(g, lo, hi, bounds)
+    low, pert = _back_substitute(g, g.output, margin_spec(y, g.num_classes), lo, hi, bounds, radii=radii)
+    return low.scatter(1, y[:, None], float("inf")), pert.scatter(1, y[:, None], 0.0)
+
+
+def fp32_tolerance(pert: torch.Tensor) -> torch.Tensor:
+    """What B0 must exceed: SAFETY T (rounding.SAFETY covers the verifier's own float64)."""
+    return SAFETY * pert
 
 
 def _chunk(g: Graph) -> int:
@@ -210,7 +274,9 @@ def certify(
     """(certified, margin): margin (n,) float64 is the lower bound of min_{j != y} z_y - z_j
     over the box for the graph in exact arithmetic, CROWN's (or plain intervals', `method`
     "ibp"); an image is certified when, for every j, the bound on z_y - z_j exceeds the
-    pair's fp32 tolerance (rounding.py), and the clean image is classified correctly.
+    pair's fp32 tolerance, and the clean image is classified correctly. CROWN's tolerance
+    is SAFETY T, T the worst case of the model's local roundings on that margin
+    (`fp32_margins`); intervals' is rounding.py's SAFETY (E_y + E_j).
     With `model`, the graph is first held to it on points of the boxes (faithful.py)."""
     if model is not None:
         check_box(g, model, x, eps)
@@ -222,11 +288,13 @@ def certify(
         yi = y[i : i + step]
         if method == "crown":
             bounds = crown_bounds(g, lo, hi)
-            low = target_margins(g, lo, hi, yi, bounds)
+            low, pert = fp32_margins(g, lo, hi, yi, bounds)
+            tol = fp32_tolerance(pert)
         else:
-            bounds, low = None, interval_margins(g, lo, hi, yi)
+            low = interval_margins(g, lo, hi, yi)
+            tol = margin_tolerance(fp32_error(g, lo, hi, None), yi)
         margins.append(low.amin(1))
-        bits.append(robust_beyond(low, margin_tolerance(fp32_error(g, lo, hi, bounds), yi)))
+        bits.append(robust_beyond(low, tol))
     if not margins:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
     clean = g.forward(x.cpu()).argmax(1) == y

@@ -4,10 +4,15 @@ BaBConfig.min_unstable unstable ReLUs) or LP tightening and one MILP per open ta
 class (bench.verify.milp's encoding on HiGHS), each image's answer a `Verdict`.
 
 "Robust" is a claim about the model as it runs, in fp32: every exit that concludes it
-(CROWN's bound, the LP-tightened bound, a MILP that finds no point) needs each target's
-proven margin to exceed that pair's fp32 tolerance (rounding.py: twice the bound on both
-logits' rounding over the box), and the graph is first held to the model on points of
-each box (faithful.py). "Not robust" always comes with a point the model itself
+needs each target's proven margin to exceed that pair's fp32 tolerance, and the graph is
+first held to the model on points of each box (faithful.py). CROWN and branch and bound
+bound the model's fp32 margin directly, the graph perturbed by each op's local rounding
+(bounds.py, rounding.local_radii): CROWN's bound B0 must exceed SAFETY T, T the
+perturbations' worst case on that margin, and a BaB domain's bound, with the
+perturbations (times SAFETY) inside, must exceed 0. The LP tightening and the MILP are
+about the graph in exact arithmetic (their bounds hold for the exact values only), so
+they compare with rounding.py's tolerance SAFETY (E_y + E_j), which bounds how far the
+fp32 logits are from the exact ones; a target proven either way is proven. "Not robust" always comes with a point the model itself
 misclassifies in fp32, so it needs no tolerance."""
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from bench.engine.device import frozen
 from bench.verify.alpha import Chain, chain_of
 from bench.verify.bab import BaBConfig, Problem, branch_and_bound, root_bounds
-from bench.verify.bounds import Bounds, box, crown_bounds, target_margins
+from bench.verify.bounds import Bounds, box, crown_bounds, fp32_margins, fp32_tolerance, target_margins
 from bench.verify.faithful import check_box
 from bench.verify.graph import Graph
 from bench.verify.milp import (
@@ -36,7 +41,7 @@ from bench.verify.milp import (
     to_numpy,
     unstable_count,
 )
-from bench.verify.rounding import fp32_error, margin_tolerance
+from bench.verify.rounding import SAFETY, fp32_error, local_radii, margin_tolerance
 from bench.verify.search import SearchConfig, box32, misclassified, pgd_search, reproduce
 
 TIE = 1e-4
@@ -69,8 +74,10 @@ class Verdict:
     """Best proven lower bound on min_{j != y} z_y - z_j over the box, for the graph in exact
     arithmetic (-inf if none)."""
     tolerance: float = 0.0
-    """The largest fp32 tolerance a target's margin had to exceed (rounding.py); 0 where
-    no bound was computed."""
+    """The largest fp32 tolerance a target's margin had to exceed: SAFETY T of CROWN's
+    bound (bounds.fp32_margins) where CROWN, the search or branch and bound decided,
+    rounding.py's SAFETY (E_y + E_j) of the targets left to the MILP path where it ran;
+    0 where no bound was computed."""
 
 
 def _margin_row(n_vars: int, out: int, y: int, j: int) -> np.ndarray:
@@ -104,9 +111,9 @@ def verify_one(
         return verdict("not_robust", "clean", -np.inf, x_adv=xb[0].clone())
     lo, hi = box(xb, eps)
     yt = torch.tensor([y])
-    bounds = crown_bounds(g, lo, hi)
-    low = target_margins(g, lo, hi, yt, bounds)[0]
-    tol = margin_tolerance(fp32_error(g, lo, hi, bounds), yt)[0]
+    bounds = crown_bounds(g, lo, hi)  # on the fp32 values (and the exact ones)
+    low, pert = fp32_margins(g, lo, hi, yt, bounds)
+    low, tol = low[0], fp32_tolerance(pert)[0]
     if bool((low > tol).all()):
         return verdict("robust", "bound", low.min(), unstable=unstable_count(g, bounds))
     found = pgd_search(model, xb, y, eps, index, cfg)
@@ -114,20 +121,28 @@ def verify_one(
         return verdict("not_robust", "search", low.min(), x_adv=found, unstable=unstable_count(g, bounds))
     chain = chain_of(g) if bab is not None else None
     if bab is not None and chain is not None and unstable_count(g, bounds) >= bab.min_unstable:
-        problem = Problem(chain, lo[0], hi[0], _layer_bounds(chain, bounds), model, y, box32(xb, eps))
+        radii = local_radii(g, lo, hi, bounds)
+        scaled = ([SAFETY * radii[k] for k in chain.relus], SAFETY * radii[g.output][0])
+        problem = Problem(chain, lo[0], hi[0], _layer_bounds(chain, bounds), model, y, box32(xb, eps), scaled)
         status, by, adv = _branch_and_bound(problem, low, tol, bab, deadline)
         return verdict(status, by, low.min(), x_adv=adv, unstable=unstable_count(g, bounds))
+    # From here on the bounds are the exact graph's (an LP-tightened bound holds for the
+    # exact values only), so the tolerance is rounding.py's E; the targets CROWN already
+    # proved for the fp32 model stay proven.
+    done = low > tol
     now = time.perf_counter()
     bounds = tighten(g, lo, hi, bounds, now + 0.5 * (deadline - now))
     low = torch.maximum(low, target_margins(g, lo, hi, yt, bounds)[0])
-    tol = torch.minimum(tol, margin_tolerance(fp32_error(g, lo, hi, bounds), yt)[0])
+    tol = torch.where(done, 0.0, margin_tolerance(fp32_error(g, lo, hi, bounds), yt)[0])
     unstable = unstable_count(g, bounds)
-    if bool((low > tol).all()):
+    if bool((done | (low > tol)).all()):
         return verdict("robust", "milp", low.min(), unstable=unstable)
     full = finite_bounds(g, lo, hi, bounds)
     prog = build(g, to_numpy(lo[0]), to_numpy(hi[0]), numpy_bounds(full))
     scale = float(torch.maximum(full[g.output][0].abs(), full[g.output][1].abs()).max())
-    status, by, adv = _solve_targets(prog, g, model, xb, y, eps, low, tol, MILP_PAD * (1 + scale), deadline, index)
+    status, by, adv = _solve_targets(
+        prog, g, model, xb, y, eps, low, tol, MILP_PAD * (1 + scale), deadline, index, done
+    )
     return verdict(status, by, low.min(), x_adv=adv, unstable=unstable, binaries=prog.binaries)
 
 
@@ -138,17 +153,21 @@ def _layer_bounds(chain: Chain, bounds: Bounds) -> tuple[list[torch.Tensor], lis
 def _branch_and_bound(
     p: Problem, low: torch.Tensor, tol: torch.Tensor, cfg: BaBConfig, deadline: float
 ) -> tuple[str, str, torch.Tensor | None]:
-    """(status, decided_by, x_adv) from alpha-CROWN on every open target at once, then
-    branch and bound on each target still open, the lowest bound first (a not robust
-    image is most likely settled there, and one unknown target makes the image unknown
-    anyway). `low` is raised in place to each target's proven bound."""
+    """(status, decided_by, x_adv) from alpha-CROWN on every open target at once (those
+    whose CROWN bound `low` is not beyond `tol`), then branch and bound on each target
+    still open, the lowest bound first (a not robust image is most likely settled there,
+    and one unknown target makes the image unknown anyway). With `p.radii` (the fp32
+    model's perturbations, times SAFETY, inside every bound) a domain is done once its
+    bound exceeds 0; without, once it exceeds tol_j. `low` is raised in place to each
+    target's proven bound (a perturbed bound is one of the exact margin too)."""
     targets = [j for j in torch.argsort(low - tol).tolist() if low[j] <= tol[j]]
-    start = root_bounds(p, targets, cfg, deadline, tol[targets])
+    need = torch.zeros_like(tol) if p.radii is not None else tol
+    start = root_bounds(p, targets, cfg, deadline, need[targets])
     for r, j in enumerate(targets):
         low[j] = max(float(low[j]), float(start.result.bound[r]))
-    for r in torch.argsort(start.result.bound - tol[targets]).tolist():
+    for r in torch.argsort(start.result.bound - need[targets]).tolist():
         j = targets[r]
-        out = branch_and_bound(p, j, float(tol[j]), start, r, cfg, deadline)
+        out = branch_and_bound(p, j, float(need[j]), start, r, cfg, deadline)
         low[j] = max(float(low[j]), out.lower)
         if out.status == "not_robust":
             return "not_robust", "bab", out.x_adv
@@ -169,14 +188,16 @@ def _solve_targets(
     pad: float,
     deadline: float,
     index: int,
+    done: torch.Tensor | None = None,
 ) -> tuple[str, str, torch.Tensor | None]:
     """(status, decided_by, x_adv) from one MILP per target j that `low` (raised in
-    place as targets are ruled out) leaves within its tolerance `tol`."""
+    place as targets are ruled out) leaves within its tolerance `tol`, except those
+    `done` (proven already)."""
     lo32, hi32 = box32(xb, eps)
     out, d = prog.offsets[g.output], g.nodes[0].size
     tie = False
     for j in torch.argsort(low - tol).tolist():
-        if low[j] > tol[j]:
+        if low[j] > tol[j] or (done is not None and bool(done[j])):
             continue
         c = _margin_row(prog.n_vars, out, y, j)
         near = float(tol[j]) + TIE
@@ -212,7 +233,7 @@ def exact_margins(
     optimality), by MILP without any cap, and the minimizing inputs: a check of the
     encoding against brute force on tiny networks."""
     lo, hi = box(x[None].float(), eps)
-    bounds = crown_bounds(g, lo, hi)
+    bounds = crown_bounds(g, lo, hi, fp32=False)  # the exact graph's: the tightest that hold for it
     prog = build(g, to_numpy(lo[0]), to_numpy(hi[0]), numpy_bounds(bounds))
     values, points = torch.full((g.num_classes,), float("inf"), dtype=torch.float64), []
     for j in range(g.num_classes):

@@ -330,7 +330,10 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
     maximized over the LP relaxation of everything before it, node by node; after each
     node the later ones get CROWN bounds again from the tighter ones. Stops at `deadline`
     (time.perf_counter()), keeping what it has: every bound stays sound, each LP's being a
-    rigorous dual bound (`Program.lp_bound`), not its primal optimum."""
+    rigorous dual bound (`Program.lp_bound`), not its primal optimum. The LPs encode the
+    graph in exact arithmetic, so the bounds returned hold for its exact values, not for
+    the model's fp32 ones (bounds.py): they serve the exact analysis (the MILP, with
+    rounding.py's tolerance E), never the perturbed one."""
     bounds = dict(bounds)
     lo_np, hi_np = to_numpy(lo[0]), to_numpy(hi[0])
     relu_in = set(g.relu_inputs())
@@ -348,7 +351,7 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
             for sign in (1.0, -1.0):
                 if time.perf_counter() >= deadline:
                     bounds[k] = (low, high)
-                    return crown_bounds(g, lo, hi, bounds, after=k)
+                    return crown_bounds(g, lo, hi, bounds, after=k, fp32=False)
                 if sign < 0 and low[0, i] >= 0:
                     continue  # stable now: its upper bound needs no LP
                 c[:] = 0
@@ -361,5 +364,5 @@ def tighten(g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: Bounds, deadli
                 else:  # min -v_i >= dual: v_i <= -dual
                     high[0, i] = min(float(high[0, i]), -dual)
         bounds[k] = (low, high)
-        bounds = crown_bounds(g, lo, hi, bounds, after=k)
+        bounds = crown_bounds(g, lo, hi, bounds, after=k, fp32=False)
     return bounds

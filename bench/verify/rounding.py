@@ -38,6 +38,20 @@ doubling: tol_j = SAFETY (E_y + E_j), SAFETY = 2. Robust and certified need ever
 proven lower bound on z_y - z_j to exceed its tol_j, so the bound is chosen per image
 and per pair, sized by the box, rather than one fixed number: a fixed tolerance is
 either unsound for logits near 60 or throws away margins of 1e-4 on logits near 1.
+
+E carries each op's input error through |W|, so on wide, deep nets it grows with the
+products of |W| (some 13x per 256-wide layer of a 784-256xk MLP: tol ~0.4 at k = 2, ~40 at
+k = 4, ~4000 at k = 6, where margins are O(1-10)). CROWN and branch and bound therefore
+use `local_radii` instead (DeepPoly's floating-point handling, Singh et al. 2019): each
+affine and add op's LOCAL rounding r_k only, the same bound as above with no input error
+(e = 0) and |x| bounded by bounds on the fp32 values themselves. The fp32 model is then,
+at every fp32 point of the box, the graph with a perturbation delta_k in [-r_k, r_k] at
+the output of each such op, and bounds.py bounds that family's margin directly: B0 - T,
+T = sum_k |Lambda_k| r_k, with the signs of the margin's own coefficients; a pair is
+proven where B0 > SAFETY T (SAFETY covering the verifier's float64 the same way, its
+error being the same sums at u = 2^-53). E (`fp32_error`, `margin_tolerance`) stays for
+what works on the exact graph only: the LP-tightened bounds and the MILP (complete.py),
+intervals (`certify(method="ibp")`), and the graph's fidelity check (faithful.py).
 """
 
 from __future__ import annotations
@@ -104,6 +118,67 @@ def fp32_error(
         lu.append((low, high))
         err.append(e)
     return torch.where(over[:, None], torch.full_like(err[-1], float("inf")), err[-1])
+
+
+def local_radii(
+    g: Graph,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    upto: int | None = None,
+) -> dict[int, torch.Tensor]:
+    """r_k (n, size) float64 for each affine and add node k <= `upto` (all by default): the
+    LOCAL rounding of that op, |fl(op(x_hat)) - op(x_hat)| <= r_k, for the fp32 values
+    x_hat of its inputs (DeepPoly's floating-point handling, Singh et al. 2019). So the
+    model in fp32 is, at every fp32 point of the box, the graph with a perturbation
+    delta_k in [-r_k, r_k] added at the output of each affine and add node
+    (bounds.py bounds that family). Unlike `fp32_error`, no error is carried from one
+    node to the next: |x_hat| is bounded by the bounds of the fp32 values themselves,
+    intervals widened by the radii before them, intersected with `bounds` (node -> (l, u),
+    bounds on the fp32 values: perturbed CROWN's) where given. Inside one folded affine
+    node the model's steps still run one after the other, so a step's error passes
+    through the node's later steps as in `fp32_error` (a Normalize or BatchNorm folded
+    next to a Linear or convolution: one |W| at most, never the network's depth).
+    An identity node the model never computes (no steps) has r = 0. Where some partial
+    sum may overflow fp32, every radius of that image is OVERFLOW (finite, so the
+    bounds built on it stay numbers; no margin survives a perturbation that large)."""
+    upto = g.output if upto is None else upto
+    lu: list[tuple[torch.Tensor, torch.Tensor]] = []
+    radii: dict[int, torch.Tensor] = {}
+    over = torch.zeros(len(lo), dtype=torch.bool)
+    for k, node in enumerate(g.nodes[: upto + 1]):
+        if node.op == "input":
+            low, high = lo.double(), hi.double()
+        elif node.op == "affine":
+            low, high = lu[node.inputs[0]]
+            e = torch.zeros_like(low)
+            for step in node.steps:
+                sums = step.apply(_magnitude((low, high)) + e, absolute=True) + step.const
+                over |= (sums >= OVERFLOW).any(1)
+                e = step.apply(e, absolute=True) + gamma(step.roundings) * sums + step.roundings * ETA32
+                c, r = step.apply((low + high) / 2), step.apply((high - low) / 2, absolute=True)
+                low, high = c - r, c + r
+            if not node.steps:
+                e = torch.zeros(len(lo), node.size, dtype=torch.float64)
+            radii[k] = e
+            low, high = low - e, high + e
+        elif node.op == "relu":
+            low, high = (t.clamp(min=0) for t in lu[node.inputs[0]])
+        elif node.op == "maxpool":
+            low, high = (t[:, node.windows].amax(-1) for t in lu[node.inputs[0]])
+        else:
+            (la, ua), (lb, ub) = lu[node.inputs[0]], lu[node.inputs[1]]
+            low, high = la + lb, ua + ub
+            e = U32 * _magnitude((low, high))
+            radii[k] = e
+            low, high = low - e, high + e
+        if bounds is not None and k in bounds:
+            low, high = torch.maximum(low, bounds[k][0]), torch.minimum(high, bounds[k][1])
+        over |= (_magnitude((low, high)) >= OVERFLOW).any(1)
+        lu.append((low, high))
+    if bool(over.any()):
+        radii = {k: torch.where(over[:, None], torch.full_like(r, OVERFLOW), r) for k, r in radii.items()}
+    return radii
 
 
 def margin_tolerance(err: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
