@@ -169,7 +169,7 @@ def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_tes
     assert len(cells) == 2
     rows = [_row(c, run_cell(pgd_at_model, c, x, y, device="cpu", batch_size=1024)) for c in cells]
     ck = SimpleNamespace(threat=THREAT.name)
-    hit = pgd_still_falling(ck, rows, [])
+    hit = pgd_still_falling(ck, rows, [], ck.threat)
     assert hit is not None and hit["numbers"]["steps"] == 1000 and hit["numbers"]["drop"] > 0.01, hit
 
 
