@@ -29,6 +29,7 @@ from bench.reporting.export import Export, worst_case_inputs
 from bench.reporting.results import result_rows
 from bench.reporting.site import build_site
 from bench.reporting.site.names import cell_label
+from bench.run import distributed
 from bench.run.diagnosing import ensure_diagnostics
 from bench.run.driver import RunReport, plan_run, run_defenses
 from bench.run.executors import make_executor
@@ -131,10 +132,12 @@ def listing(what: str) -> list[tuple[str, ...]]:
 
 
 def train(request: TrainRequest, where: Where = Where(), progress: Any = None) -> tuple[Checkpoint, bool]:
-    """`bench train`: the stored checkpoint of one recipe, trained if missing. (row, trained?)"""
+    """`bench train`: the stored checkpoint of one recipe, trained if missing. (row, trained?)
+    `request.workers` > 1 trains it data-parallel on Ray Train: on the cluster of
+    `--executor ray --ray-address`, else on a local Ray cluster started for the call."""
     recipe = resolve(request)
     ws = open_workspace(where, progress)
-    with executor(where) as ex:
+    with executor(where) as ex, distributed.cluster(recipe.workers):
         return ensure_checkpoint(ws, recipe, ex)
 
 
@@ -148,7 +151,8 @@ def run(
 ) -> tuple[list[RunReport], list[dict]]:
     """`bench run`: train what is missing and run every missing cell for one defense or
     `all`; returns the reports and the result rows of their checkpoints. `eps` is the
-    run's own L-inf radius (`--eps`), over the matrix's and the dataset's."""
+    run's own L-inf radius (`--eps`), over the matrix's and the dataset's. Each missing
+    checkpoint trains on `request.workers` data-parallel workers (see `train`)."""
     names = DEFENSES.names() if defense == "all" else [DEFENSES.get(defense).name]
     requests = [
         TrainRequest(
@@ -158,13 +162,14 @@ def run(
             request.overrides,
             request.arch,
             request.seed,
+            request.workers,
         )
         for name in names
     ]
     parsed = load_matrix(matrix, eps=eps)
     plans = [plan_run(r, parsed, where.data_root) for r in requests]  # checked before the store is opened
     ws = open_workspace(where, progress)
-    with executor(where) as ex:
+    with executor(where) as ex, distributed.cluster(request.workers):
         reports = run_defenses(ws, plans, parsed, ex)
     return reports, result_rows(ws.store, checkpoint_keys={r.checkpoint.key for r in reports})
 

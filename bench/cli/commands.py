@@ -27,6 +27,7 @@ from bench.cli.options import (
     Seed,
     Set,
     Threads,
+    Workers,
 )
 from bench.errors import BenchError
 
@@ -90,17 +91,19 @@ def train_cmd(
     executor: Executor = "local",
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
+    workers: Workers = 1,
 ):
     """Train (or find) the checkpoint of one recipe."""
     api, output = _load()
-    request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed)
+    request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed, workers)
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
         row, trained = api.train(request, where, progress)
     verb = "trained" if trained else "found"
-    out.print(
+    out.print(  # no markup: rich would take a key like [fe3fc99c662cc70f] for a style tag
         f"{verb} {row.defense} [{row.key}] clean accuracy {row.meta['clean_acc']:.4f} "
-        f"({row.train_seconds:.1f} s training) at {row.path}"
+        f"({row.train_seconds:.1f} s training) at {row.path}",
+        markup=False,
     )
 
 
@@ -122,10 +125,11 @@ def run_cmd(
     executor: Executor = "local",
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
+    workers: Workers = 1,
 ):
     """Train what is missing, run every missing cell of the matrix, print the results."""
     api, output = _load()
-    request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed)
+    request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed, workers)
     where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
     with output.progress() as progress:
         reports, rows = api.run(defense, matrix, request, where, progress, eps=eps)
@@ -194,7 +198,7 @@ def eval_cmd(
         typer.Option(
             "--dataset",
             metavar="NAME",
-            help="digits, mnist5k, mnist, cifar10, cifar100, svhn (default: the one a "
+            help="digits, mnist5k, mnist, cifar10, cifar100, svhn, imagenet (default: the one a "
             "robustbench model names, else digits).",
         ),
     ] = None,

@@ -28,6 +28,16 @@ Threads = Annotated[
         "raise it for large models on a CPU).",
     ),
 ]
+Workers = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        metavar="N",
+        help="Train each checkpoint data-parallel on N Ray Train workers (one GPU each on "
+        "cuda): each step's global batch is N times the batch size, and N enters the "
+        "checkpoint key (default 1: one process, as always).",
+    ),
+]
 Defense = Annotated[
     str, typer.Option("--defense", metavar="NAME", help="Defense name (`bench ls defenses`), or `all` for run.")
 ]
@@ -37,7 +47,7 @@ Preset = Annotated[
 Set = Annotated[
     list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a setting: key=value (repeatable).")
 ]
-DATASET_NAMES = "digits, mnist5k, mnist, cifar10, cifar100, svhn"
+DATASET_NAMES = "digits, mnist5k, mnist, cifar10, cifar100, svhn, imagenet"
 """Every dataset of bench.core.data.DATASETS, written out because importing that module
 imports torch, and `--help` must answer at once (tests/test_cli_output.py checks the list)."""
 Dataset = Annotated[

@@ -10,16 +10,25 @@ On a GPU the caller (the training job, bench.run.jobs, from the Workspace) turns
 weights and inputs, and the loss (the training adversary included) under bf16 autocast,
 with fp32 weights, optimizer and backward accumulation, so no loss scaling is needed.
 Neither is on by default, and the CPU never uses them: its results stay bit for bit.
+
+Data-parallel training (bench.run.distributed starts the processes) runs this same loop
+in each of `workers` processes, synchronously, like Kannan et al.'s 53 workers: every
+process draws the same seeded permutation, takes its slice of each global batch of
+`batch_size * workers` images, and the gradients are averaged over the processes
+before each step, so the step is that of one process at the global batch (up to the
+order of float sums). One process is the default and is the loop above, bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from bench.core.data import DatasetSpec, ThreatModel
 from bench.core.models import build_model
@@ -34,7 +43,8 @@ class TrainConfig:
     epochs: int = 30
     """Passes over the training set."""
     batch_size: int = 64
-    """Minibatch size."""
+    """Minibatch size of each process: trained on N workers (`--workers N`), each step
+    sees a global batch of batch_size * N images."""
     optimizer: str = "adam"
     """`sgd` (with momentum, Nesterov off) or `adam`."""
     lr: float = 0.003
@@ -67,6 +77,39 @@ class TrainConfig:
             at_least("each milestone", m, 1)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which process of a data-parallel training this is (the default: the only one)."""
+
+    rank: int = 0
+    """This process's place among the workers, 0 to workers - 1; rank 0's weights are kept."""
+    workers: int = 1
+    """Processes training one model together; each global batch is split among them."""
+
+    def __post_init__(self):
+        at_least("workers", self.workers, 1)
+        in_range("rank", self.rank, 0, self.workers, high_open=True)
+
+
+SINGLE = Shard()
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """The seed of one worker's own random numbers (noise, crops, training adversaries'
+    starts): derived from (seed, rank) so that workers draw independent numbers and a
+    rerun draws the same ones. The permutation of the data is not among them: every
+    worker draws that from `seed` itself, so they agree on each global batch."""
+    return int.from_bytes(hashlib.sha256(f"bench-worker:{seed}:{rank}".encode()).digest()[:8], "little") >> 1
+
+
+def steps_per_epoch(n: int, batch_size: int, workers: int = 1) -> int:
+    """Optimizer steps in an epoch over n images at `batch_size` per worker. A last global
+    batch too small to give every worker an image is dropped (no worker may step on
+    nothing while the others wait on it); a single process drops nothing."""
+    full, rest = divmod(n, batch_size * workers)
+    return full + (rest >= workers)
+
+
 @dataclass
 class TrainContext:
     """What a defense's loss may need besides the model and the batch."""
@@ -75,10 +118,32 @@ class TrainContext:
     threat: ThreatModel
     generator: torch.Generator
     """Seeded; draw every random number of a loss from it (noise, mixup, adversaries)."""
+    order: torch.Generator | None = None
+    """The generator of each epoch's permutation, where it is not `generator`: a
+    data-parallel worker's, seeded alike on every worker while `generator` is its own.
+    A single process draws both from `generator`, as every checkpoint before did."""
     epoch: int = 0
     step: int = 0
     total_steps: int = 0
     """Optimizer steps the whole training takes (set by `train`), for losses with schedules."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a training stands at the end of an epoch: enough to go on from there and
+    compute what an unbroken run computes. The tensors are the live ones (save them
+    before the next step changes them)."""
+
+    epochs_done: int
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    generator: torch.Tensor
+    """The state of the context's generator (a data-parallel worker's own)."""
+    order: torch.Tensor | None
+    """The state of the permutation's generator, where it is its own."""
+    losses: tuple[float, ...]
+    epoch_seconds: tuple[float, ...]
 
 
 @dataclass
@@ -123,6 +188,21 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Ten
     return out
 
 
+def _average_gradients(params: list[torch.nn.Parameter], workers: int) -> None:
+    """The mean of every gradient over the workers, with one all-reduce of all of them
+    (what DistributedDataParallel computes; see bench.run.distributed for why the loop
+    does it itself). Every worker runs the same loss on the same model, so the same
+    parameters have gradients on each."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= workers
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -135,11 +215,17 @@ def train(
     *,
     precision: str = "fp32",
     channels_last: bool = False,
+    shard: Shard = SINGLE,
+    resume: TrainState | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
     """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over (x, y) for train_cfg.epochs.
 
     `precision` `bf16` runs the loss under bf16 autocast; `channels_last` keeps weights
     and inputs NHWC while training (the weights are handed back in the default layout).
+    `shard` makes this one worker of a data-parallel training (torch.distributed's
+    process group open). `resume` goes on from an epoch's end; `on_epoch` is handed
+    each epoch's end.
     """
     check_precision(precision)
     if channels_last:
@@ -152,41 +238,77 @@ def train(
     else:
         opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
-    n = len(x)
-    per_epoch = math.ceil(n / train_cfg.batch_size)
+    n, workers = len(x), shard.workers
+    global_batch = train_cfg.batch_size * workers
+    per_epoch = steps_per_epoch(n, train_cfg.batch_size, workers)
     total = per_epoch * train_cfg.epochs
     ctx.total_steps = total
+    order_generator = ctx.order or ctx.generator
     result = TrainResult(seconds=0.0)
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        ctx.generator.set_state(resume.generator)
+        if resume.order is not None:
+            order_generator.set_state(resume.order)
+        ctx.step = resume.step
+        result.losses, result.epoch_seconds = list(resume.losses), list(resume.epoch_seconds)
     start = time.perf_counter()
     model.train()
-    for epoch in range(train_cfg.epochs):
+    for epoch in range(len(result.losses), train_cfg.epochs):
         ctx.epoch = epoch
         epoch_start = time.perf_counter()
-        order = torch.randperm(n, generator=ctx.generator, device=x.device)
+        order = torch.randperm(n, generator=order_generator, device=x.device)
         running = torch.zeros((), device=x.device)
         for i in range(per_epoch):
-            idx = order[i * train_cfg.batch_size : (i + 1) * train_cfg.batch_size]
+            batch = order[i * global_batch : (i + 1) * global_batch]
+            # As even as can be; a short last batch leaves some workers one image fewer.
+            idx = batch if workers == 1 else batch.tensor_split(workers)[shard.rank]
             xb = augment(x[idx], train_cfg.augment, ctx.generator)
             for group in opt.param_groups:
                 group["lr"] = lr_at(train_cfg, epoch + i / per_epoch)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = loss_fn(model, xb, y[idx], cfg, ctx)
+            # The loss is a mean over this worker's images; weighted by its share of the
+            # global batch, the workers' mean gradient is that of the global batch's mean.
+            share = len(idx) * workers / len(batch)
+            if share != 1:
+                loss = loss * share
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if workers > 1:
+                _average_gradients(params, workers)
             opt.step()
             running += loss.detach()
             ctx.step += 1
             if on_step is not None:
                 on_step(ctx.step, total)
+        if workers > 1:  # the epoch's loss is that of all workers' images
+            dist.all_reduce(running)
+            running /= workers
         epoch_loss = float(running) / per_epoch
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"training loss became {epoch_loss} in epoch {epoch + 1}")
         result.losses.append(epoch_loss)
         result.epoch_seconds.append(time.perf_counter() - epoch_start)
+        if on_epoch is not None:
+            on_epoch(
+                TrainState(
+                    epoch + 1,
+                    ctx.step,
+                    model.state_dict(),
+                    opt.state_dict(),
+                    ctx.generator.get_state(),
+                    ctx.order.get_state() if ctx.order is not None else None,
+                    tuple(result.losses),
+                    tuple(result.epoch_seconds),
+                )
+            )
     model.eval()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
-    result.seconds = time.perf_counter() - start
+    # A resumed training counts the epochs before the restart too.
+    result.seconds = time.perf_counter() - start + sum(result.epoch_seconds[: len(resume.losses) if resume else 0])
     return result
 
 
@@ -204,15 +326,28 @@ def train_model(
     on_step: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
+    shard: Shard = SINGLE,
+    resume: TrainState | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """The one way a training run opens: seed torch, build the architecture, seed the
     loss's generator, train on (x, y) moved to `device`. Returns the eval-mode model.
 
     The seed fixes the initialization (torch's global generator, drawn by the layers'
-    constructors) and every random number of the loop (the context's generator)."""
+    constructors) and every random number of the loop (the context's generator). A
+    data-parallel worker (`shard`) builds the same initial weights and permutations from
+    the seed, and draws its own random numbers from `worker_seed(seed, rank)`."""
     torch.manual_seed(seed)
     model = build_model(arch, spec).to(device)
-    ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator(device=device).manual_seed(seed))
+    if shard.workers == 1:
+        ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator(device=device).manual_seed(seed))
+    else:
+        ctx = TrainContext(
+            spec.num_classes,
+            spec.threat,
+            torch.Generator(device=device).manual_seed(worker_seed(seed, shard.rank)),
+            order=torch.Generator(device=device).manual_seed(seed),
+        )
     result = train(
         model,
         loss_fn,
@@ -224,5 +359,8 @@ def train_model(
         on_step=on_step,
         precision=precision,
         channels_last=channels_last,
+        shard=shard,
+        resume=resume,
+        on_epoch=on_epoch,
     )
     return model.eval(), result

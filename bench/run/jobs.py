@@ -11,6 +11,7 @@ commits.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from bench.engine.train import train_model
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
+from bench.run.distributed import DataParallelTraining, train_data_parallel
 from bench.run.recipe import Recipe
 from bench.store import checkpoints as ckpt
 
@@ -115,7 +117,9 @@ class TrainJob:
 
     The folder is the only thing a worker writes (atomically, see
     bench.store.checkpoints.save_checkpoint), so with several machines it must be a folder they
-    all share; the driver records the checkpoint in the store.
+    all share; the driver records the checkpoint in the store. A recipe of several workers
+    trains on Ray Train (bench.run.distributed) from wherever this job runs, which is the
+    driver (bench.run.training), and the checkpoint is written here as any other.
     """
 
     SHARED: ClassVar[tuple[str, ...]] = ()
@@ -140,23 +144,41 @@ class TrainJob:
         recipe, device = self.recipe, self.device
         ds = recipe.dataset
         entry = DEFENSES.get(recipe.defense)
-        x, y = load_dataset(ds.name, "train", self.data_root)
         x_test, y_test = load_dataset(ds.name, "test", self.data_root)
         try:
-            model, result = train_model(
-                recipe.arch,
-                ds,
-                entry.fn,
-                recipe.config,
-                recipe.train_config,
-                x,
-                y,
-                seed=recipe.seed,
-                device=device,
-                on_step=self.on_step,
-                precision=self.precision,
-                channels_last=self.channels_last,
-            )
+            if recipe.workers == 1:
+                x, y = load_dataset(ds.name, "train", self.data_root)
+                model, result = train_model(
+                    recipe.arch,
+                    ds,
+                    entry.fn,
+                    recipe.config,
+                    recipe.train_config,
+                    x,
+                    y,
+                    seed=recipe.seed,
+                    device=device,
+                    on_step=self.on_step,
+                    precision=self.precision,
+                    channels_last=self.channels_last,
+                )
+            else:
+                training = DataParallelTraining(
+                    recipe.arch,
+                    ds,
+                    entry.fn,
+                    recipe.config,
+                    recipe.train_config,
+                    recipe.seed,
+                    recipe.workers,
+                    device,
+                    # Ray Train moves each worker into a folder of its own: a relative path would miss.
+                    os.path.abspath(self.data_root) if self.data_root else None,
+                    threads=torch.get_num_threads(),
+                    precision=self.precision,
+                    channels_last=self.channels_last,
+                )
+                model, result = train_data_parallel(training, self.directory, self.on_step)
         except FloatingPointError as exc:
             raise BenchError(
                 f"training {recipe.defense!r} diverged: {exc}; lower lr or the regularization weight with --set"
@@ -166,7 +188,7 @@ class TrainJob:
             "key": recipe.key,
             "defense": recipe.defense,
             "config": dataclasses.asdict(recipe.config),
-            "train": dataclasses.asdict(recipe.train_config),
+            "train": recipe.train_record(),
             "dataset": ds.name,
             "arch": recipe.arch,
             "seed": recipe.seed,
@@ -187,6 +209,8 @@ class TrainJob:
             "torch_version": torch.__version__,
             "precision": self.precision,
         }
+        if recipe.workers > 1:  # absent for one process, so its meta stays what it was
+            meta["workers"] = recipe.workers
         return ckpt.save_checkpoint(model, self.directory, meta)
 
 

@@ -2,12 +2,15 @@
 
 A defense's config is its dataclass defaults, then a preset, then `--set key=value`
 overrides; the canonical JSON of the result, with dataset, architecture and seed,
-hashes to the checkpoint key.
+hashes to the checkpoint key. A recipe trained data-parallel on N > 1 workers is another
+checkpoint (its global batch is N times the per-worker batch, and its random draws are
+split among the workers), so N enters its key; one worker keeps the keys it always had.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,9 @@ class TrainRequest:
     """`key=value` strings; keys of the defense config or of TrainConfig."""
     arch: str | None = None
     seed: int = 0
+    workers: int = 1
+    """Processes that train the one checkpoint data-parallel (`--workers`), each on
+    train_config.batch_size images of every step."""
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,23 @@ class Recipe:
     arch: str
     seed: int
     preset: Preset | None
+    workers: int = 1
+    """Data-parallel workers (bench.run.distributed); 1 trains in one process."""
 
     @property
     def key(self) -> str:
-        return ckpt.checkpoint_key(
-            self.defense, self.config, self.train_config, self.dataset.name, self.arch, self.seed
-        )
+        key = ckpt.checkpoint_key(self.defense, self.config, self.train_config, self.dataset.name, self.arch, self.seed)
+        if self.workers == 1:
+            return key
+        # The one-process key with the worker count hashed in: a new ingredient that
+        # leaves every one-process key as it was.
+        return hashlib.sha256(f"{key}:workers={self.workers}".encode()).hexdigest()[:16]
+
+    def train_record(self) -> dict:
+        """The training settings as stored (the checkpoint's `train` config): TrainConfig's
+        fields, and the worker count where it is more than one."""
+        record = dataclasses.asdict(self.train_config)
+        return record if self.workers == 1 else {**record, "workers": self.workers}
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -66,11 +83,18 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 SEED_LIMIT = 2**31
 """Seeds are stored in a 32-bit integer column (PostgreSQL's INTEGER)."""
+MAX_WORKERS = 1024
+"""More data-parallel workers than any cluster here holds; a bound to catch typos."""
 
 
 def resolve(spec: TrainRequest) -> Recipe:
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < SEED_LIMIT:
         raise BenchError(f"--seed must be an integer in [0, {SEED_LIMIT}), got {spec.seed!r}")
+    if isinstance(spec.workers, bool) or not isinstance(spec.workers, int) or not 1 <= spec.workers <= MAX_WORKERS:
+        raise BenchError(
+            f"--workers must be an integer between 1 and {MAX_WORKERS}, got {spec.workers!r} "
+            "(1 trains in one process; N trains one checkpoint data-parallel on N Ray Train workers)"
+        )
     entry = DEFENSES.get(spec.defense)
     preset = get_preset(spec.preset) if spec.preset else None
     if preset and preset.defense != spec.defense:
@@ -106,7 +130,7 @@ def resolve(spec: TrainRequest) -> Recipe:
     train_cfg = build_config(TrainConfig, train_values, what=f"training ({source})")
     arch = spec.arch or (preset.arch if preset and preset.arch else ds.default_arch)
     _check_fits(arch, ds)  # fail early on an unknown architecture or one the images do not fit
-    return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset)
+    return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset, spec.workers)
 
 
 def _check_fits(arch: str, ds: DatasetSpec) -> None:

@@ -3,7 +3,9 @@
 Trainings run as jobs on the executor (in parallel where it runs several), each under a
 claim, so that a second driver on the same store waits for a training and reads its row
 instead of training it again. A checkpoint folder written by a run killed before it
-recorded the row is adopted, not retrained.
+recorded the row is adopted, not retrained. A recipe of several workers is one training
+spread over a Ray cluster by Ray Train itself (bench.run.distributed), so those run from
+this process, one after another, whatever the executor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.core.data import load_dataset
+from bench.engine.train import steps_per_epoch
 from bench.errors import BenchError
 from bench.run.executors import LocalExecutor
 from bench.run.jobs import Failed, TrainJob
@@ -38,8 +41,11 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
     each under a claim, so that a second driver on the same store waits for the training
     and reads its row instead of training it again.
     """
-    executor = executor or LocalExecutor()
     unique = {r.key: r for r in recipes}
+    # A data-parallel training holds many of the cluster's slots by itself; as a task of
+    # the executor it would also wait for the slot its own task holds.
+    if executor is None or any(r.workers > 1 for r in unique.values()):
+        executor = LocalExecutor()
     trained: set[str] = set()
     failures: list[Failed] = []
     bars: dict[str, Callable[[], None]] = {}
@@ -64,7 +70,8 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
                     record_checkpoint(ws, recipe, directory(recipe), meta)
                     claims.release(train_claim(recipe.key))
                     continue
-                steps = recipe.train_config.epochs * -(-_train_size(recipe, ws) // recipe.train_config.batch_size)
+                cfg = recipe.train_config
+                steps = cfg.epochs * steps_per_epoch(_train_size(recipe, ws), cfg.batch_size, recipe.workers)
                 on_step, bars[recipe.key] = progress_bar(ws, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
                 yield TrainJob(
                     recipe,
