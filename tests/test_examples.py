@@ -87,7 +87,7 @@ def test_each_cell_keeps_the_inputs_that_broke_its_images(stored):
 
 
 def test_an_exported_worst_case_is_judged_back_by_a_fresh_load(stored):
-    root, results, store, ck = stored
+    root, results, _store, ck = stored
     out = root / "adv.pt"
     done = _bench("export", "--checkpoint", ck.key[:8], "--out", str(out), "--results", str(results))
     assert done.returncode == 0, done.stderr
@@ -107,7 +107,10 @@ def test_export_refuses_what_it_cannot_write_in_one_line(stored):
     for args, message in (
         (["--checkpoint", "zzzz", "--out", str(root / "a.pt")], "--checkpoint 'zzzz' must name one stored checkpoint"),
         (["--checkpoint", ck.key[:8], "--out", str(root / "a.npy")], "must be a .pt file in an existing folder"),
-        (["--checkpoint", ck.key[:8], "--out", str(root / "a.pt"), "--threat", "linf-0.3"], "has no worst case at linf-0.3"),
+        (
+            ["--checkpoint", ck.key[:8], "--out", str(root / "a.pt"), "--threat", "linf-0.3"],
+            "has no worst case at linf-0.3",
+        ),
     ):
         proc = _bench("export", *args, "--results", str(results))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

@@ -118,7 +118,7 @@ def test_the_exact_figure_where_every_image_was_decided(tmp_path):
 
 
 def test_a_verify_cell_reads_as_its_verdicts_and_never_counts_unknown_as_robust(tmp_path):
-    store, ck = _bracketed(tmp_path)
+    store, _ck = _bracketed(tmp_path)
     (row,) = [r for r in result_rows(store) if r["attack"].startswith("verify:")]
     # Images 0-2 proven, 3 unknown, 4-9 not robust: 30%, not the 40% it left standing.
     assert row["robust_acc"] == pytest.approx(0.3)
