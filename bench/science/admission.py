@@ -29,6 +29,7 @@ pass that varies gets EOT cells judged by a majority of passes.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,9 +44,10 @@ from bench.engine.device import frozen
 from bench.engine.mirror import custom_functions
 from bench.store.db import Checkpoint, Store
 
-SCHEMA = 4
+SCHEMA = 5
 """Bumped when a check changes, so stored checks are measured again (4: the gradient check
-at the attacks' batch sizes and inside the threat balls, and the custom Functions)."""
+at the attacks' batch sizes and inside the threat balls, and the custom Functions; 5: its
+finite differences in float64)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,22 @@ def attack_batches(test_size: int, batch_size: int) -> tuple[int, ...]:
     return tuple(sorted({full, rest} - {0}))
 
 
-def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfig, generator) -> dict:
+def float64_copy(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module | None:
+    """A float64 copy of the model, for the finite differences of the gradient check: in
+    fp32 a directional derivative of a confident model on a large input (ImageNet's
+    150,528 pixels, where |g . v| is near 1e-5 for a unit direction) sinks below the
+    rounding of the loss, and an honest network's gradient would read as wrong. None where
+    the model will not run in float64 (its differences are then taken in fp32)."""
+    try:
+        double = copy.deepcopy(model).double()
+        with torch.no_grad():
+            double(x[:1].double())
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None
+    return double
+
+
+def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfig, generator, double=None) -> dict:
     """One gradient check: autograd's input gradient of the cross-entropy on a batch of
     `batch` inputs (the test images in turn, tiled past their number), against central
     finite differences of the same loss along random unit directions, on `fd_images` rows
@@ -157,10 +174,12 @@ def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfi
     v = v / v.flatten(2).norm(dim=2).view(len(xs), k, *([1] * (xs.dim() - 1)))
     analytic = (grad[:, None] * v).flatten(2).sum(2)
     yy = ys.repeat_interleave(k)
+    forward, dtype = (model, torch.float32) if double is None else (double, torch.float64)
+    xd, vd = xs.to(dtype), v.to(dtype)
     with torch.no_grad():
-        up = F.cross_entropy(model((xs[:, None] + cfg.fd_step * v).flatten(0, 1)).float(), yy, reduction="none")
-        down = F.cross_entropy(model((xs[:, None] - cfg.fd_step * v).flatten(0, 1)).float(), yy, reduction="none")
-    numeric = ((up - down) / (2 * cfg.fd_step)).view(len(xs), k)
+        up = F.cross_entropy(forward((xd[:, None] + cfg.fd_step * vd).flatten(0, 1)).to(dtype), yy, reduction="none")
+        down = F.cross_entropy(forward((xd[:, None] - cfg.fd_step * vd).flatten(0, 1)).to(dtype), yy, reduction="none")
+    numeric = ((up - down) / (2 * cfg.fd_step)).view(len(xs), k).float()
     cos = _cosine(analytic, numeric)
     signs = (torch.sign(analytic) == torch.sign(numeric)).float().mean(1)
     return {
@@ -175,7 +194,8 @@ def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfi
 
 
 def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) -> dict:
-    """autograd's gradient against finite differences of the forward pass (`_probe`) at
+    """autograd's gradient against finite differences of the forward pass (`_probe`, in
+    float64 where the model runs in it: `float64_copy`) at
     every batch size the attacks use and the check's own, on clean images and on points
     of their threat balls. A custom backward that lies (a straight-through estimator, a
     negated or rescaled gradient), everywhere or only at some batch sizes or away from
@@ -185,7 +205,8 @@ def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) ->
     `probes` has each one, `custom_functions` the user-defined autograd.Functions the
     forward applies (whose forward bench.engine.mirror can differentiate instead)."""
     sizes = sorted({cfg.fd_images, *cfg.batch_sizes})
-    probes = [_probe(model, x, y, b, p, eps, cfg, generator) for b in sizes for p in POINTS]
+    double = float64_copy(model, x)
+    probes = [_probe(model, x, y, b, p, eps, cfg, generator, double) for b in sizes for p in POINTS]
     worst = min(probes, key=lambda p: p["median_cosine"])
     return {
         **worst,
