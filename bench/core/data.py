@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.core.datafiles import read_cifar_batch, read_idx, read_svhn_mat
+from bench.core.folders import CROP, ImageSet, class_names, decode_all, evaluation_files, image_files
 from bench.errors import BenchError, did_you_mean
 
 
@@ -68,6 +69,12 @@ class DatasetSpec:
     embedded_test_size: int | None = None
     """An embedded dataset's test-set size, the same on every machine; None for a dataset
     read from --data-root, whose size is what its files hold."""
+    cached: bool = True
+    """Whether `load_dataset` keeps the float32 tensors it loaded (the small datasets);
+    ImageNet keeps its uint8 images itself (bench.core.folders) and converts per load."""
+    eval_ids: Callable[[str | None], ImageSet] | None = None
+    """The decoded evaluation set with its image ids, for a dataset whose test set is a
+    seeded subset of a folder (ImageNet's val/): the run records which images it judged."""
 
 
 def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +170,38 @@ def _svhn(split: str, root: str | None):
     return x, y.masked_fill_(y == 10, 0)  # SVHN stores the digit 0 as label 10
 
 
+IMAGENET_HINT = (
+    "put ILSVRC-2012 under it as train/ and val/, one folder per class named by its synset "
+    "(train/n01440764/*.JPEG, val/n01440764/*.JPEG: the layout torchvision's ImageFolder reads)"
+)
+TRAIN_LIMIT = 50_000
+"""Training images a folder dataset loads into memory; more need a streaming loader."""
+
+
+@functools.lru_cache(maxsize=2)
+def _imagenet_set(split: str, root: str | None) -> ImageSet:
+    base = _require_root("imagenet", root)
+    classes = class_names(base, IMAGENET_HINT)
+    files = image_files(base, "train" if split == "train" else "val", classes, IMAGENET_HINT)
+    if split == "train" and len(files) > TRAIN_LIMIT:
+        raise BenchError(
+            f"dataset 'imagenet': train/ holds {len(files):,} images, more than the {TRAIN_LIMIT:,} "
+            "this bench loads into memory to train on; evaluate outside models on it with `bench eval` "
+            "(its evaluation set is a 5,000-image subset of val/), or train on a smaller folder"
+        )
+    return decode_all(base, files if split == "train" else evaluation_files(files))
+
+
+def _imagenet(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded split as float32 in [0, 1], made from the uint8 images held once."""
+    held = _imagenet_set(split, root)
+    return held.images.float().div_(255.0), held.labels
+
+
+def _imagenet_eval(root: str | None) -> ImageSet:
+    return _imagenet_set("test", root)
+
+
 _NAMES = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -244,6 +283,21 @@ DATASETS: dict[str, DatasetSpec] = {
         _svhn,
         "put train_32x32.mat and test_32x32.mat under it",
     ),
+    # ImageNet at RobustBench's 4/255 (step 1/255); Kannan et al.'s 16/255 is the paper
+    # matrix's (`--eps` or a matrix's eps gives any other radius).
+    "imagenet": DatasetSpec(
+        "imagenet",
+        1000,
+        (3, CROP, CROP),
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        "resnet50",
+        ThreatModel(eps=4 / 255, step_size=1 / 255, l2_eps=3.0),
+        _imagenet,
+        IMAGENET_HINT,
+        cached=False,
+        eval_ids=_imagenet_eval,
+    ),
 }
 
 
@@ -278,4 +332,6 @@ def load_dataset(
     """(x, y) for one split: x float32 in [0, 1] shaped (N, C, H, W), y int64."""
     if split not in ("train", "test"):
         raise BenchError(f"split must be 'train' or 'test', got {split!r}")
-    return _cached(name, split, root if root is not None else default_root())
+    root = root if root is not None else default_root()
+    spec = get_spec(name)
+    return _cached(name, split, root) if spec.cached else spec.loader(split, root)

@@ -158,6 +158,38 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class PatchCNN(nn.Module):
+    """A net small enough to train and attack at ImageNet's 224 pixels on a CPU in seconds:
+    8x8 patches (a stride-8 convolution), one more convolution, global average pooling and
+    a linear head. For smoke tests and tutorials of the ImageNet path, not for ranking."""
+
+    def __init__(self, in_ch: int, num_classes: int, width: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(in_ch, width, 8, stride=8)
+        self.conv = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv(F.relu(self.patch(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _torchvision(name: str, **settings) -> Callable[[int, int], nn.Module]:
+    """An ImageNet architecture as torchvision defines it, freshly initialized (weights are
+    never downloaded: `bench eval --weights` gives trained ones)."""
+
+    def build(channels: int, num_classes: int) -> nn.Module:
+        if channels != 3:
+            raise BenchError(f"architecture {name!r} takes RGB images (3 channels), not {channels}; use it on imagenet")
+        # torchvision's model zoo (a second to import) serves these architectures alone:
+        # imported when one is built, so a command on the small datasets does not pay for it.
+        from torchvision import models
+
+        return getattr(models, name)(weights=None, num_classes=num_classes, **settings)
+
+    return build
+
+
 ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
     "digits_cnn": digits_cnn,
     "digits_mlp": digits_mlp,
@@ -167,6 +199,12 @@ ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet8": lambda c, k: ResNet(c, k, (1, 1, 1), (16, 32, 64)),
     "wrn28_10": lambda c, k: WideResNet(c, k, 28, 10),
     "wrn34_10": lambda c, k: WideResNet(c, k, 34, 10),
+    # ImageNet: RobustBench's ResNet-50, Kannan et al.'s ResNet-101 and InceptionV3 (at the
+    # evaluation crop of 224, not the 299 Kannan et al. fed it; without the auxiliary head).
+    "imagenet_tiny": PatchCNN,
+    "resnet50": _torchvision("resnet50"),
+    "resnet101": _torchvision("resnet101"),
+    "inception_v3": _torchvision("inception_v3", aux_logits=False, init_weights=True),
 }
 
 

@@ -7,7 +7,9 @@ its own transaction as it arrives; the checkpoint's flags are recomputed at the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -81,6 +83,30 @@ def majority_clean(ws: Workspace, row: Checkpoint, model: Callable[[], torch.nn.
     ws.store.update_meta(row, clean_acc=float(clean.float().mean()), clean_votes=VOTES)
 
 
+EVAL_IDS = "eval_ids.json"
+
+
+def record_eval_set(ws: Workspace, row: Checkpoint) -> None:
+    """Which images a checkpoint's cells judge, where the test set is a seeded subset of a
+    folder (ImageNet's val/): their count and digest in its meta (`eval_set`), their ids
+    beside it (eval_ids.json), so two runs are comparable. A folder that now gives other
+    images is refused: the checkpoint's stored cells are about the ones recorded."""
+    spec = get_spec(row.dataset)
+    if spec.eval_ids is None:
+        return
+    held = spec.eval_ids(ws.data_root)
+    recorded = (row.meta or {}).get("eval_set")
+    if recorded is None:
+        (Path(row.path) / EVAL_IDS).write_text(json.dumps(list(held.ids)))
+        ws.store.update_meta(row, eval_set={"size": len(held.ids), "sha256": held.digest, "ids": EVAL_IDS})
+    elif recorded["sha256"] != held.digest:
+        raise BenchError(
+            f"checkpoint {row.key[:8]} was judged on another evaluation set of {row.dataset} "
+            f"({recorded['size']} images, sha256 {recorded['sha256'][:12]}; --data-root now gives {len(held.ids)}, "
+            f"{held.digest[:12]}): point --data-root at the folder it was judged on, or use a fresh --results folder"
+        )
+
+
 class CellsRun(list):
     """The keys of the cells run (a list, in the order they finished), and the cells that
     failed: `failures`, cell key -> one-line reason."""
@@ -116,6 +142,7 @@ def attack_checkpoints(
     for row, cells, build in work:
         # The attacks make the worst case; a verifier's cells bracket it, and one that
         # fails leaves the bracket open, not the worst case incomplete.
+        record_eval_set(ws, row)
         expect(ws, row, [c.key for c in cells if not c.verifier], {c.key: c.threat for c in cells})
         majority_clean(ws, row, build)
     executor = executor or LocalExecutor()

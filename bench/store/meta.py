@@ -33,6 +33,10 @@ class CheckpointMeta:
     escalated: str | None = None
     """Why a cascade (the `fast` matrix) escalated to the full matrix on this checkpoint:
     the masking flags that called for it. None where it did not."""
+    eval_set: Mapping[str, Any] | None = None
+    """Which images its cells judge, where the test set is a seeded subset of a folder
+    (ImageNet's val/): `size`, the `sha256` of their ids in order, and the file beside the
+    checkpoint that lists them (`ids`, eval_ids.json)."""
     admission: Mapping[str, Any] | None = None
     """The admission checks measured before the first attack (bench.science.admission)."""
     outside: Mapping[str, Any] | None = None

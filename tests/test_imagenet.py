@@ -1,0 +1,145 @@
+"""ImageNet read from disk: a tiny folder of real JPEG files in the ILSVRC-2012 layout,
+run end to end through the installed script with a small architecture, the quick matrix,
+a targeted cell (Kannan et al.'s protocol: toward a seeded random class per image) and
+top-5; the evaluation set's ids recorded with the checkpoint; the layout's errors in one
+line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.core.folders import CROP, decode, evaluation_files
+from bench.store.db import Store
+
+BENCH = Path(sys.executable).parent / "bench"
+CLASSES = ("n01440764", "n01443537", "n01484850")
+MATRIX = """include = ["quick"]
+
+[[cell]]
+attack = "pgd"
+steps = 10
+targeted = "random"
+"""
+
+
+def _write_imagenet(root: Path, train: int = 3, val: int = 2) -> Path:
+    """Real JPEG files of several sizes, one folder per class, as ILSVRC-2012 is laid out."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", train), ("val", val)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in rng.integers(230, 330, 2))
+                pixels = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+                pixels[..., c] += 150  # each class its own dominant channel
+                Image.fromarray(pixels).save(folder / f"{split}_{name}_{i}.JPEG", quality=90)
+    return root
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
+    return subprocess.run(
+        [str(BENCH), *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "160"}
+    )
+
+
+def test_decode_is_the_reference_evaluation_transform(tmp_path):
+    from torchvision import transforms
+
+    data = _write_imagenet(tmp_path / "in", train=1, val=1)
+    path = next((data / "val").rglob("*.JPEG"))
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()])
+    expected = reference(Image.open(path).convert("RGB"))
+    got = decode(path)
+    assert got.shape == (3, CROP, CROP) and got.dtype == torch.uint8
+    assert (got.int() - expected.int()).abs().max() <= 1  # antialiasing on tensors vs PIL: rounding apart
+
+
+def test_the_evaluation_subset_is_fixed_and_seeded():
+    files = [(f"val/c/{i:05d}.JPEG", i % 3) for i in range(20)]
+    picked = evaluation_files(files, size=7)
+    assert picked == evaluation_files(files, size=7) and len(picked) == 7
+    assert picked == sorted(picked) and set(picked) <= set(files)
+    assert evaluation_files(files, size=50) == files
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    data, results = _write_imagenet(root / "data"), root / "res"
+    (root / "m.toml").write_text(MATRIX)
+    done = _bench(
+        "run", "--defense", "natural", "--dataset", "imagenet", "--data-root", str(data), "--arch", "imagenet_tiny",
+        "--set", "epochs=20", "--set", "batch_size=9", "--matrix", str(root / "m.toml"), "--results", str(results),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return root, data, results, done.stdout
+
+
+def test_a_run_on_imagenet_judges_top1_top5_and_a_targeted_cell(run):
+    _, _, results, table = run
+    assert "top-5 %" in table and "pgd10_tgt" in table
+    rows = json.loads(_bench("results", "--results", str(results), "--format", "json").stdout)
+    (worst,) = [r for r in rows if r["attack"] == "worst_case"]
+    cells = {r["label"]: r for r in rows if r["attack"] != "worst_case"}
+    assert set(cells) == {"fgsm", "pgd10", "pgd20", "pgd10_tgt"}
+    assert cells["pgd10_tgt"]["params"]["targeted"] == "random"
+    assert all(r["n"] == len(CLASSES) * 2 for r in [*cells.values(), worst])  # every val image
+    assert worst["cells"] == 4 and worst["threat"] == "linf-0.0156863"  # RobustBench's 4/255
+    for r in [*cells.values(), worst]:
+        assert r["robust_top5"] is not None and r["robust_top5"] >= r["robust_acc"]
+
+
+def test_the_evaluation_set_is_recorded_with_the_checkpoint(run):
+    _, data, results, _ = run
+    (ck,) = Store.for_results(results).checkpoints()
+    ids = json.loads((Path(ck.path) / "eval_ids.json").read_text())
+    assert ids == sorted(str(p.relative_to(data)) for p in (data / "val").rglob("*.JPEG"))
+    assert ck.meta["eval_set"] == {
+        "size": len(ids),
+        "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "ids": "eval_ids.json",
+    }
+
+
+def test_another_val_folder_is_refused_for_a_judged_checkpoint(run, tmp_path):
+    root, _data, results, _ = run
+    other = _write_imagenet(tmp_path / "other", train=3, val=1)
+    done = _bench(
+        "run", "--defense", "natural", "--dataset", "imagenet", "--data-root", str(other), "--arch", "imagenet_tiny",
+        "--set", "epochs=20", "--set", "batch_size=9", "--matrix", str(root / "m.toml"), "--results", str(results),
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "was judged on another evaluation set of imagenet (6 images" in done.stderr
+
+
+def test_a_missing_or_wrong_layout_is_one_line(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.JPEG").write_bytes(b"")
+    for root, message in (
+        (tmp_path / "absent", "is not a folder; put ILSVRC-2012 under it as train/ and val/"),
+        (tmp_path / "flat", "has no train/ or val/ class folders"),
+    ):
+        done = _bench(
+            "run",
+            "--defense",
+            "natural",
+            "--dataset",
+            "imagenet",
+            "--data-root",
+            str(root),
+            "--results",
+            str(tmp_path / "r"),
+        )
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
