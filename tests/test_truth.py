@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -331,3 +333,15 @@ def test_evaluate_brackets_a_verifiable_model(tmp_path, digits_test):
     assert worst["robust_acc"] == pytest.approx(worst["exact"])
     assert by["verify"]["robust_acc"] == pytest.approx(worst["exact"])
     assert by["certify"]["threat"] == THREAT.name
+
+
+def test_a_row_whose_extra_comes_back_parsed_keeps_its_warnings():
+    # PostgreSQL's driver hands the JSON column back parsed; SQLite as text. Both read the same.
+    import dataclasses
+
+    from bench.store.rows import CellRow
+
+    row = CellRow.build(cell_key="k", attack="pgd", threat="linf-0.2", n=1, correct_bits=pack_bits(np.ones(1, bool)))
+    extra = {"warnings": ["zero gradients"], "logit_hist": {}}
+    for raw in (extra, json.dumps(extra)):
+        assert dataclasses.replace(row, raw_extra=raw).warnings == ["zero gradients"]

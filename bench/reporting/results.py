@@ -90,7 +90,6 @@ def _cell_row(base: dict, c: CellRow, defense_of: dict[int, str]) -> dict:
         "label": cell_label(c.attack, c.params),
         "params": c.params,
         "robust_top5": c.top5_acc,
-        "clean_top5": c.extra.get("clean_top5") if c.top5_bits is not None else None,
     }
     verdicts = c.verdicts()
     if verdicts is not None:  # a complete verifier: its counts, and each image's verdict by index

@@ -62,7 +62,7 @@ class CellRow:
     top5_bits: bytes | None
     """Per sample: the label still among the top five logits; None where not kept."""
     indices: list | None
-    raw_extra: str | None
+    raw_extra: str | dict | None
     device: str
     created_at: str
     _extra: dict | None = None
@@ -181,14 +181,17 @@ class CellRow:
     @property
     def extra(self) -> dict:
         if self._extra is None:
-            self._extra = json.loads(self.raw_extra) if self.raw_extra else {}
+            raw = self.raw_extra
+            # SQLite hands the column back as text; PostgreSQL's driver may hand back the
+            # parsed JSON itself.
+            self._extra = raw if isinstance(raw, dict) else (json.loads(raw) if raw else {})
         return self._extra
 
     @property
     def warnings(self) -> list[str]:
         # Most cells warn of nothing; seeing that in the text spares parsing the histograms.
         raw = self.raw_extra or ""
-        if '"warnings"' not in raw or _NO_WARNINGS.search(raw):
+        if isinstance(raw, str) and ('"warnings"' not in raw or _NO_WARNINGS.search(raw)):
             return []
         return [str(w) for w in self.extra.get("warnings") or []]
 
