@@ -21,6 +21,7 @@ from bench.store.db import Store
 from bench.store.examples import examples_path, read_examples
 
 BENCH = Path(sys.executable).parent / "bench"
+pytestmark = pytest.mark.xdist_group("examples")  # one module fixture, run once
 EPS = 0.1
 MATRIX = """
 [[cell]]

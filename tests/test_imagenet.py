@@ -22,6 +22,7 @@ from bench.core.folders import CROP, decode, evaluation_files
 from bench.store.db import Store
 
 BENCH = Path(sys.executable).parent / "bench"
+pytestmark = pytest.mark.xdist_group("imagenet")  # one module fixture, run once
 CLASSES = ("n01440764", "n01443537", "n01484850")
 MATRIX = """include = ["quick"]
 

@@ -23,6 +23,7 @@ from bench.store.checkpoints import load_checkpoint
 from bench.store.db import Store
 
 BENCH = Path(sys.executable).parent / "bench"
+pytestmark = pytest.mark.xdist_group("top5")  # one module fixture, run once
 
 
 def test_in_top5_by_hand():

@@ -194,8 +194,8 @@ def _probe(model, x, y, batch: int, points: str, eps: float, cfg: AdmissionConfi
 
 
 def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) -> dict:
-    """autograd's gradient against finite differences of the forward pass (`_probe`, in
-    float64 where the model runs in it: `float64_copy`) at
+    """autograd's gradient against finite differences of the forward pass (`_probe`; again
+    in float64, where the model runs in it, when fp32's disagree: `float64_copy`) at
     every batch size the attacks use and the check's own, on clean images and on points
     of their threat balls. A custom backward that lies (a straight-through estimator, a
     negated or rescaled gradient), everywhere or only at some batch sizes or away from
@@ -205,8 +205,16 @@ def _gradient_check(model, x, y, eps: float, cfg: AdmissionConfig, generator) ->
     `probes` has each one, `custom_functions` the user-defined autograd.Functions the
     forward applies (whose forward bench.engine.mirror can differentiate instead)."""
     sizes = sorted({cfg.fd_images, *cfg.batch_sizes})
-    double = float64_copy(model, x)
-    probes = [_probe(model, x, y, b, p, eps, cfg, generator, double) for b in sizes for p in POINTS]
+    state = generator.get_state()
+    probes = [_probe(model, x, y, b, p, eps, cfg, generator) for b in sizes for p in POINTS]
+    if min(p["median_cosine"] for p in probes) < GRADIENT_COSINE:
+        # Disagreement in fp32 may be the loss's rounding (a large input, a confident model):
+        # taken again in float64 from the same draws, where a model runs in it, only then,
+        # since float64 convolutions on a CPU cost tens of times fp32's.
+        double = float64_copy(model, x)
+        if double is not None:
+            generator.set_state(state)
+            probes = [_probe(model, x, y, b, p, eps, cfg, generator, double) for b in sizes for p in POINTS]
     worst = min(probes, key=lambda p: p["median_cosine"])
     return {
         **worst,
