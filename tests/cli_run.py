@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +20,16 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         raise SystemExit(0)
     cap = capsys.readouterr()
     return exc.value.code, cap.out, cap.err
+
+
+BENCH = Path(sys.executable).parent / "bench"
+"""The installed console script, beside the interpreter the tests run under."""
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """`bench ARGS` through the installed console script, in a subprocess (what a user
+    types), its tables 200 columns wide."""
+    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
+    return subprocess.run(
+        [str(BENCH), *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}
+    )

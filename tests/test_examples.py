@@ -6,13 +6,10 @@ model judges back to the worst case's robust accuracy."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_bench
 from safetensors import safe_open
 
 from bench.core.data import load_dataset
@@ -20,7 +17,6 @@ from bench.store.checkpoints import load_checkpoint
 from bench.store.db import Store
 from bench.store.examples import examples_path, read_examples
 
-BENCH = Path(sys.executable).parent / "bench"
 pytestmark = pytest.mark.xdist_group("examples")  # one module fixture, run once
 EPS = 0.1
 MATRIX = """
@@ -38,17 +34,12 @@ subset = 24
 """
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
-    return subprocess.run([str(BENCH), *args], capture_output=True, text=True, timeout=300, env={**os.environ})
-
-
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     (root / "m.toml").write_text(MATRIX)
     results = root / "res"
-    run = _bench(
+    run = run_bench(
         "run", "--defense", "natural", "--arch", "digits_mlp", "--set", "epochs=5",
         "--matrix", str(root / "m.toml"), "--eps", str(EPS), "--results", str(results),
     )  # fmt: skip
@@ -90,7 +81,7 @@ def test_each_cell_keeps_the_inputs_that_broke_its_images(stored):
 def test_an_exported_worst_case_is_judged_back_by_a_fresh_load(stored):
     root, results, _store, ck = stored
     out = root / "adv.pt"
-    done = _bench("export", "--checkpoint", ck.key[:8], "--out", str(out), "--results", str(results))
+    done = run_bench("export", "--checkpoint", ck.key[:8], "--out", str(out), "--results", str(results))
     assert done.returncode == 0, done.stderr
     assert "adversarial inputs; worst case linf-0.1" in done.stdout
     inputs = torch.load(out)
@@ -98,7 +89,7 @@ def test_an_exported_worst_case_is_judged_back_by_a_fresh_load(stored):
     assert inputs.shape == x.shape and inputs.dtype == torch.float32
     assert (inputs - x).abs().max() <= EPS + 1e-6
     model = load_checkpoint(ck.path).eval()  # a fresh load of the weights
-    rows = json.loads(_bench("results", "--results", str(results), "--format", "json").stdout)
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
     (worst,) = [r for r in rows if r["attack"] == "worst_case"]
     assert float((_judge(model, inputs) == y).float().mean()) == pytest.approx(worst["robust_acc"])
 
@@ -113,6 +104,6 @@ def test_export_refuses_what_it_cannot_write_in_one_line(stored):
             "has no worst case at linf-0.3",
         ),
     ):
-        proc = _bench("export", *args, "--results", str(results))
+        proc = run_bench("export", *args, "--results", str(results))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
         assert not (root / "a.pt").exists()

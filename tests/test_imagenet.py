@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run_bench
 from PIL import Image
 
 from bench.core.folders import CROP, decode, evaluation_files
 from bench.store.db import Store
 
-BENCH = Path(sys.executable).parent / "bench"
 pytestmark = pytest.mark.xdist_group("imagenet")  # one module fixture, run once
 CLASSES = ("n01440764", "n01443537", "n01484850")
 MATRIX = """include = ["quick"]
@@ -46,13 +43,6 @@ def _write_imagenet(root: Path, train: int = 3, val: int = 2) -> Path:
                 pixels[..., c] += 150  # each class its own dominant channel
                 Image.fromarray(pixels).save(folder / f"{split}_{name}_{i}.JPEG", quality=90)
     return root
-
-
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
-    return subprocess.run(
-        [str(BENCH), *args], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "160"}
-    )
 
 
 def test_decode_is_the_reference_evaluation_transform(tmp_path):
@@ -80,7 +70,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     data, results = _write_imagenet(root / "data"), root / "res"
     (root / "m.toml").write_text(MATRIX)
-    done = _bench(
+    done = run_bench(
         "run", "--defense", "natural", "--dataset", "imagenet", "--data-root", str(data), "--arch", "imagenet_tiny",
         "--set", "epochs=20", "--set", "batch_size=9", "--matrix", str(root / "m.toml"), "--results", str(results),
     )  # fmt: skip
@@ -91,7 +81,7 @@ def run(tmp_path_factory):
 def test_a_run_on_imagenet_judges_top1_top5_and_a_targeted_cell(run):
     _, _, results, table = run
     assert "top-5 %" in table and "pgd10_tgt" in table
-    rows = json.loads(_bench("results", "--results", str(results), "--format", "json").stdout)
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
     (worst,) = [r for r in rows if r["attack"] == "worst_case"]
     cells = {r["label"]: r for r in rows if r["attack"] != "worst_case"}
     assert set(cells) == {"fgsm", "pgd10", "pgd20", "pgd10_tgt"}
@@ -117,7 +107,7 @@ def test_the_evaluation_set_is_recorded_with_the_checkpoint(run):
 def test_another_val_folder_is_refused_for_a_judged_checkpoint(run, tmp_path):
     root, _data, results, _ = run
     other = _write_imagenet(tmp_path / "other", train=3, val=1)
-    done = _bench(
+    done = run_bench(
         "run", "--defense", "natural", "--dataset", "imagenet", "--data-root", str(other), "--arch", "imagenet_tiny",
         "--set", "epochs=20", "--set", "batch_size=9", "--matrix", str(root / "m.toml"), "--results", str(results),
     )  # fmt: skip
@@ -132,7 +122,7 @@ def test_a_missing_or_wrong_layout_is_one_line(tmp_path):
         (tmp_path / "absent", "is not a folder; put ILSVRC-2012 under it as train/ and val/"),
         (tmp_path / "flat", "has no train/ or val/ class folders"),
     ):
-        done = _bench(
+        done = run_bench(
             "run",
             "--defense",
             "natural",

@@ -6,19 +6,15 @@ radius."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_run import run_bench
 
 from bench.core.data import get_spec
 from bench.core.matrix import expand, load_matrix
 from bench.errors import BenchError
 
 THREAT = get_spec("digits").threat  # linf-0.2, step 0.05
-BENCH = Path(sys.executable).parent / "bench"
 
 
 def test_a_cells_default_step_follows_its_own_eps():
@@ -86,30 +82,23 @@ attack = "certify"
 """
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
-    return subprocess.run(
-        [str(BENCH), *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"}
-    )
-
-
 def test_a_run_at_its_own_radius_has_its_worst_case_bracket_and_flags(tmp_path):
     matrix = tmp_path / "m.toml"
     matrix.write_text(MATRIX)
     results = tmp_path / "res"
     common = ["--defense", "natural", "--arch", "digits_mlp", "--set", "epochs=5", "--results", str(results)]
-    run = _bench("run", *common, "--matrix", str(matrix), "--eps", "0.05")
+    run = run_bench("run", *common, "--matrix", str(matrix), "--eps", "0.05")
     assert run.returncode == 0, run.stderr
     assert "worst case linf-0.05" in run.stdout and " unknown)" in run.stdout  # the verifier's counts
-    again = _bench("run", *common, "--matrix", "quick")  # the dataset's own radius beside it
+    again = run_bench("run", *common, "--matrix", "quick")  # the dataset's own radius beside it
     assert again.returncode == 0, again.stderr
     # Two radii: every label names its own, the two worst cases theirs.
-    table = _bench("results", "--results", str(results)).stdout
+    table = run_bench("results", "--results", str(results)).stdout
     for label in ("worst case linf-0.2", "worst case linf-0.05", "fgsm (linf-0.2)", "fgsm (linf-0.05)"):
         assert label in table, table
     for label in ("pgd10 (linf-0.05)", "verify (linf-0.05)", "certify (linf-0.05)", "pgd20 (linf-0.2)"):
         assert label in table, table
-    rows = json.loads(_bench("results", "--results", str(results), "--format", "json").stdout)
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
     worst = {r["threat"]: r for r in rows if r["attack"] == "worst_case"}
     assert list(worst) == ["linf-0.05", "linf-0.2"]  # the checkpoint's own radius last
     small, own = worst["linf-0.05"], worst["linf-0.2"]

@@ -6,23 +6,20 @@ classes (Kannan et al.'s ImageNet tables report both)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchattacks
+from cli_run import run_bench
 
 from bench.core.data import load_dataset
 from bench.engine.verdicts import in_top5
 from bench.store.checkpoints import load_checkpoint
 from bench.store.db import Store
 
-BENCH = Path(sys.executable).parent / "bench"
 pytestmark = pytest.mark.xdist_group("top5")  # one module fixture, run once
 
 
@@ -45,18 +42,11 @@ def _cifar100(root: Path, n: int = 48) -> Path:
     return root
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    assert BENCH.exists(), f"no console script at {BENCH}: install the package (pip install -e .)"
-    return subprocess.run(
-        [str(BENCH), *args], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"}
-    )
-
-
 @pytest.fixture(scope="module")
 def cifar100_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("top5")
     data, results = _cifar100(root / "data"), root / "res"
-    run = _bench(
+    run = run_bench(
         "run", "--defense", "natural", "--dataset", "cifar100", "--arch", "resnet8", "--set", "epochs=1",
         "--matrix", "quick", "--data-root", str(data), "--results", str(results),
     )  # fmt: skip
@@ -83,23 +73,23 @@ def test_a_cell_stores_top5_as_an_independent_fgsm_finds_it(cifar100_run):
 def test_results_the_table_the_board_and_the_page_show_top5(cifar100_run):
     _, _, results, table = cifar100_run
     assert "top-5 %" in table
-    rows = json.loads(_bench("results", "--results", str(results), "--format", "json").stdout)
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
     (worst,) = [r for r in rows if r["attack"] == "worst_case"]
     cells = [r for r in rows if r["attack"] != "worst_case"]
     # A label that stays first stays in the top five: top-5 is never below top-1, per cell and ANDed.
     for r in [*cells, worst]:
         assert r["robust_top5"] is not None and r["robust_top5"] >= r["robust_acc"]
     assert worst["robust_top5"] <= min(r["robust_top5"] for r in cells)
-    csv = _bench("results", "--results", str(results), "--format", "csv").stdout
+    csv = run_bench("results", "--results", str(results), "--format", "csv").stdout
     assert csv.splitlines()[0].split(",").count("robust_top5") == 1
     site = results.parent / "site"
-    assert _bench("site", "--results", str(results), "--out", str(site)).returncode == 0
+    assert run_bench("site", "--results", str(results), "--out", str(site)).returncode == 0
     assert "Worst top\u20115" in (site / "index.html").read_text()
     page = next((site / "ck").glob("*.html")).read_text()
     assert 'top-5 <strong class="top5">' in page
 
 
 def test_ten_classes_show_no_top5_column(tmp_path):
-    run = _bench("run", "--defense", "natural", "--set", "epochs=1", "--matrix", "quick", "--results", str(tmp_path))
+    run = run_bench("run", "--defense", "natural", "--set", "epochs=1", "--matrix", "quick", "--results", str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert "top-5" not in run.stdout

@@ -82,6 +82,19 @@ def _magnitude(lu: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.maximum(lu[0].abs(), lu[1].abs())
 
 
+def _through_steps(node, low: torch.Tensor, high: torch.Tensor, e: torch.Tensor, over: torch.Tensor):
+    """An affine node's steps one after the other, as the model runs them: the interval
+    (low, high) of its exact values, and the error bound e grown by each step's rounding of
+    an input already off by e. `over` (n,) is set, in place, where a partial sum may overflow."""
+    for step in node.steps:
+        sums = step.apply(_magnitude((low, high)) + e, absolute=True) + step.const
+        over |= (sums >= OVERFLOW).any(1)
+        e = step.apply(e, absolute=True) + gamma(step.roundings) * sums + step.roundings * ETA32
+        c, r = step.apply((low + high) / 2), step.apply((high - low) / 2, absolute=True)
+        low, high = c - r, c + r
+    return low, high, e
+
+
 def fp32_error(
     g: Graph, lo: torch.Tensor, hi: torch.Tensor, bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 ) -> torch.Tensor:
@@ -96,12 +109,7 @@ def fp32_error(
             low, high, e = lo.double(), hi.double(), torch.zeros_like(lo, dtype=torch.float64)
         elif node.op == "affine":
             (low, high), e = lu[node.inputs[0]], err[node.inputs[0]]
-            for step in node.steps:
-                sums = step.apply(_magnitude((low, high)) + e, absolute=True) + step.const
-                over |= (sums >= OVERFLOW).any(1)
-                e = step.apply(e, absolute=True) + gamma(step.roundings) * sums + step.roundings * ETA32
-                c, r = step.apply((low + high) / 2), step.apply((high - low) / 2, absolute=True)
-                low, high = c - r, c + r
+            low, high, e = _through_steps(node, low, high, e, over)
         elif node.op == "relu":
             (low, high), e = (t.clamp(min=0) for t in lu[node.inputs[0]]), err[node.inputs[0]]
         elif node.op == "maxpool":
@@ -152,12 +160,7 @@ def local_radii(
         elif node.op == "affine":
             low, high = lu[node.inputs[0]]
             e = torch.zeros_like(low)
-            for step in node.steps:
-                sums = step.apply(_magnitude((low, high)) + e, absolute=True) + step.const
-                over |= (sums >= OVERFLOW).any(1)
-                e = step.apply(e, absolute=True) + gamma(step.roundings) * sums + step.roundings * ETA32
-                c, r = step.apply((low + high) / 2), step.apply((high - low) / 2, absolute=True)
-                low, high = c - r, c + r
+            low, high, e = _through_steps(node, low, high, e, over)
             if not node.steps:
                 e = torch.zeros(len(lo), node.size, dtype=torch.float64)
             radii[k] = e
