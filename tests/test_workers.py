@@ -29,8 +29,11 @@ BATCH = 32
 """Per worker: two workers step on 64 images, as one process at batch 64."""
 
 
-def _request(defense: str = "natural", workers: int = 2, batch: int = BATCH) -> TrainRequest:
-    return TrainRequest(defense, overrides=(f"epochs={EPOCHS}", f"batch_size={batch}"), workers=workers)
+def _request(
+    defense: str = "natural", workers: int = 2, batch: int = BATCH, marker: Path | None = None
+) -> TrainRequest:
+    marked = (f"marker={marker!s}",) if marker else ()
+    return TrainRequest(defense, overrides=(f"epochs={EPOCHS}", f"batch_size={batch}", *marked), workers=workers)
 
 
 # --- without Ray -----------------------------------------------------------------------------
@@ -87,48 +90,6 @@ def test_bad_workers_on_the_command_line_exit_2_with_one_line(tmp_path, value, m
 on_ray = pytest.mark.xdist_group("ray")
 
 
-@pytest.fixture(scope="module")
-def parallel(ray_cluster, tmp_path_factory):
-    """digits trained once on two workers (the session's cluster: 2 CPUs, one each)."""
-    pytest.importorskip("ray.train", exc_type=ImportError)  # it needs pyarrow (the `ray` extra)
-    results = tmp_path_factory.mktemp("workers") / "results"
-    row, trained = api.train(_request(), api.Where(results=results))
-    assert trained
-    return results, row
-
-
-@on_ray
-def test_two_workers_follow_one_process_at_the_global_batch(parallel, tmp_path):
-    _, row = parallel
-    one, _ = api.train(_request(workers=1, batch=2 * BATCH), api.Where(results=tmp_path))
-    two_losses, one_losses = row.meta["train_losses"], one.meta["train_losses"]
-    assert len(two_losses) == len(one_losses) == EPOCHS
-    # The same steps up to the order of float sums (the gradients are summed over the two
-    # halves, then averaged): measured 1e-7 relative; 1e-5 leaves room, while one step of
-    # another batch moves the first epoch's loss by about 1e-2.
-    assert two_losses == pytest.approx(one_losses, rel=1e-5)
-    two_model = api.load_checkpoint(row.path)
-    one_model = api.load_checkpoint(one.path)
-    for (name, a), b in zip(two_model.state_dict().items(), one_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-    # The worker count is in the stored recipe; the one-process recipe has none.
-    assert row.train_config["workers"] == 2 == row.meta["workers"]
-    assert row.train_config["batch_size"] == BATCH
-    assert "workers" not in one.train_config and "workers" not in one.meta
-    assert row.key == resolve(_request()).key != one.key
-    assert not list(Path(row.path).parent.glob(".train-*"))  # Ray Train's epoch checkpoints are gone
-
-
-@on_ray
-def test_a_data_parallel_checkpoint_is_attacked_like_any_other(parallel):
-    results, row = parallel
-    reports, rows = api.run("natural", "quick", _request(), api.Where(results=results))
-    (report,) = reports
-    assert not report.trained and report.checkpoint.key == row.key  # found, not trained again
-    assert report.cells_run and len(report.cells_run) == report.cells_total and not report.failures
-    assert rows and {r["checkpoint"] for r in rows} == {row.key}
-
-
 @dataclass(frozen=True)
 class Killer:
     """Cross-entropy, but rank 1 kills its own process in epoch 2 while `marker` is absent."""
@@ -144,7 +105,7 @@ def _killing_loss(model, x, y, cfg: Killer, ctx):
     return F.cross_entropy(model(x), y)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def killer():
     """The killing defense registered here, its code shipped to the workers by value (they
     cannot import this test module)."""
@@ -160,15 +121,59 @@ def killer():
         DEFENSES.unregister("killer_natural")
 
 
+@pytest.fixture(scope="module")
+def parallel(ray_cluster, killer, tmp_path_factory):
+    """digits trained once on two workers (the session's cluster: 2 CPUs, one each), with
+    rank 1 killing itself in epoch 2 of the first attempt. One training serves all three
+    tests below: a Ray Train start costs 25 to 40 s on this machine, and a resume that lost
+    or repeated anything would show in the parity with one process (one step of another
+    batch moves the first epoch's loss by about 1e-2, a thousand times the tolerance)."""
+    pytest.importorskip("ray.train", exc_type=ImportError)  # it needs pyarrow (the `ray` extra)
+    root = tmp_path_factory.mktemp("workers")
+    marker = root / "killed-once"
+    request = _request("killer_natural", marker=marker)
+    row, trained = api.train(request, api.Where(results=root / "results"))
+    assert trained
+    return root / "results", row, marker
+
+
 @on_ray
-def test_a_worker_killed_mid_training_is_replaced_and_the_training_goes_on(parallel, killer, tmp_path):
-    _, unbroken = parallel
-    marker = tmp_path / "killed-once"
-    request = dataclasses.replace(_request("killer_natural"), overrides=(*_request().overrides, f"marker={marker!s}"))
-    row, trained = api.train(request, api.Where(results=tmp_path / "results"))
-    assert trained and marker.exists()  # rank 1 died in epoch 2 of its first attempt
-    # Every worker went on from the end of epoch 1 with the weights, optimizer and
-    # generators it had there: the same numbers as the training nobody killed.
-    assert row.meta["train_losses"] == unbroken.meta["train_losses"]
-    assert row.sha256 == unbroken.sha256
+def test_a_worker_killed_mid_training_is_replaced_and_the_training_goes_on(parallel):
+    _, row, marker = parallel
+    assert marker.exists()  # rank 1 died in epoch 2 of its first attempt
     assert len(row.meta["train_losses"]) == EPOCHS
+    assert not list(Path(row.path).parent.glob(".train-*"))  # Ray Train's epoch checkpoints are gone
+
+
+@on_ray
+def test_two_workers_follow_one_process_at_the_global_batch(parallel, tmp_path):
+    """Every worker went on from the end of epoch 1 with the weights, optimizer and
+    generators it had there, so the killed training still follows one process."""
+    _, row, _ = parallel
+    one, _ = api.train(_request("killer_natural", workers=1, batch=2 * BATCH), api.Where(results=tmp_path))
+    two_losses, one_losses = row.meta["train_losses"], one.meta["train_losses"]
+    assert len(two_losses) == len(one_losses) == EPOCHS
+    # The same steps up to the order of float sums (the gradients are summed over the two
+    # halves, then averaged): measured 1e-7 relative; 1e-5 leaves room.
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+    two_model = api.load_checkpoint(row.path)
+    one_model = api.load_checkpoint(one.path)
+    for (name, a), b in zip(two_model.state_dict().items(), one_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # The worker count is in the stored recipe; the one-process recipe has none.
+    assert row.train_config["workers"] == 2 == row.meta["workers"]
+    assert row.train_config["batch_size"] == BATCH
+    assert "workers" not in one.train_config and "workers" not in one.meta
+    assert row.key != one.key
+
+
+@on_ray
+def test_a_data_parallel_checkpoint_is_attacked_like_any_other(parallel):
+    results, row, marker = parallel
+    reports, rows = api.run(
+        "killer_natural", "quick", _request("killer_natural", marker=marker), api.Where(results=results)
+    )
+    (report,) = reports
+    assert not report.trained and report.checkpoint.key == row.key  # found, not trained again
+    assert report.cells_run and len(report.cells_run) == report.cells_total and not report.failures
+    assert rows and {r["checkpoint"] for r in rows} == {row.key}

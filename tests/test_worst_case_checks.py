@@ -4,13 +4,14 @@ The matrix's AutoAttack cell is one of the cells the worst case ANDs over, so a 
 that reruns AutoAttack with that cell's own seed cannot fail. Here a PGD-AT digits model
 is trained and attacked through the bench (a small matrix: FGSM, PGD-20 on cross-entropy
 and CW, PGD-20 with 5 restarts, AutoAttack standard), and its stored worst case is held
-against AutoAttack from pyautoattack at seeds 1 and 2, which `independent_seeds` proves
+against AutoAttack from pyautoattack at seed 1, which `independent_seeds` proves
 differ from every seed the matrix can draw, and against the `plus` version. The plus
 version runs on the first PLUS_SUBSET of the worst case's surviving samples, the only
 samples where it could show the worst case too weak (25 s of CPU on all 57 of them, 17 s
 on 20: its time is mostly per-iteration overhead); benchmarks/worst_vs_autoattack.py runs
-it on every image. About 75 s on one core: the bench run 23 s (its AutoAttack cell 15 s),
-each standard run 14 s, plus 17 s.
+it on every image. About 55 s on one core: the bench run 23 s (its AutoAttack cell 15 s),
+the standard run 14 s, plus 17 s (a second standard seed added 14 s and never decided
+anything the first did not: the seed spread below is the test's tolerance).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def judged(tmp_path_factory):
     bits = torch.from_numpy(worst_case(ck.threat, evaluations, len(y)).bits)
     model = load_model(ck, "cpu").eval()
     threat = get_spec("digits").threat
-    seeds = independent_seeds(2)
+    seeds = independent_seeds(1)
     standard = autoattack_runs(model, x, y, threat, seeds, plus=False)
     survivors = bits.nonzero().squeeze(1)[:PLUS_SUBSET]
     (plus,) = autoattack_runs(model, x[survivors], y[survivors], threat, seeds[:1], plus=True)[1:]
