@@ -29,7 +29,12 @@ class Preset:
     config: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
-    """Reported numbers, by leaderboard column (clean, fgsm, pgd20, cw20, ...), in [0, 1]."""
+    """Reported numbers, by leaderboard column (clean, fgsm, pgd20, cw20, ...), in [0, 1];
+    `<label>_top5` is a column's top-5 accuracy."""
+    paper_eps: float | None = None
+    """The L-inf radius the paper's numbers were measured at, where it is not the dataset's
+    (Kannan et al.'s ImageNet tables at 16/255 against RobustBench's 4/255): the checkpoint's
+    cells at that radius stand beside them (a run at `--eps`, or a matrix's `eps`)."""
 
 
 def _read(path: Path) -> Preset:
@@ -42,7 +47,7 @@ def _read(path: Path) -> Preset:
     for key in ("defense", "dataset"):
         if key not in raw:
             raise BenchError(f"preset {str(path)!r} lacks the top-level key {key!r}")
-    known = {"defense", "dataset", "arch", "description", "source", "config", "train", "paper"}
+    known = {"defense", "dataset", "arch", "description", "source", "config", "train", "paper", "paper_eps"}
     extra = sorted(set(raw) - known)
     if extra:
         raise BenchError(f"preset {str(path)!r} has unknown key {extra[0]!r} (keys: {', '.join(sorted(known))})")
@@ -57,6 +62,7 @@ def _read(path: Path) -> Preset:
         config=dict(raw.get("config", {})),
         train=dict(raw.get("train", {})),
         paper={k: float(v) for k, v in raw.get("paper", {}).items()},
+        paper_eps=float(raw["paper_eps"]) if "paper_eps" in raw else None,
     )
 
 
@@ -71,6 +77,9 @@ def _check_types(path: Path, raw: dict[str, Any]) -> None:
     for key in ("config", "train", "paper"):
         if key in raw and not isinstance(raw[key], dict):
             raise BenchError(f"{where}: {key} must be a table ([{key}]), got {raw[key]!r}")
+    eps = raw.get("paper_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1):
+        raise BenchError(f"{where}: paper_eps must be an L-inf radius in (0, 1], got {eps!r}")
     for column, value in raw.get("paper", {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise BenchError(f"{where}: paper.{column} must be an accuracy in [0, 1], got {value!r}")
@@ -94,5 +103,8 @@ def get_preset(name: str) -> Preset:
 
 
 def default_preset(defense: str, dataset: str) -> Preset | None:
-    """`<defense>_<dataset>` when it exists (the digits presets), else none."""
-    return all_presets().get(f"{defense}_{dataset}")
+    """`<defense>_<dataset>` when it exists (the digits presets), else none. Only that file
+    is read: every run resolves its recipe here, and parsing all the presets took about a
+    tenth of a second of a rerun that computes nothing."""
+    path = PRESET_DIR / f"{defense}_{dataset}.toml"
+    return _read(path) if path.is_file() else None
