@@ -34,6 +34,7 @@ from torch import nn
 from bench.core.data import get_spec, load_dataset
 from bench.core.models import Normalize
 from bench.core.presets import default_preset
+from bench.core.trainsets import InMemory
 from bench.engine.train import TrainConfig, TrainContext, train
 from bench.registry import DEFENSES
 from bench.verify import to_graph, verify_images
@@ -69,7 +70,7 @@ def trained(depth: int, defense: str, seed: int, cache: Path) -> nn.Module:
     x, y = load_dataset(DATASET, "train")
     ctx = TrainContext(spec.num_classes, spec.threat, torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    train(model, entry.fn, entry.make_config(config), TrainConfig(**schedule), x, y, ctx)
+    train(model, entry.fn, entry.make_config(config), TrainConfig(**schedule), InMemory(x, y), ctx)
     print(f"  trained mlp{depth} with {defense} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

@@ -134,3 +134,70 @@ def test_a_missing_or_wrong_layout_is_one_line(tmp_path):
             str(tmp_path / "r"),
         )
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+# --- training streams train/ from disk ---------------------------------------------------------
+def test_a_streamed_batch_is_the_reference_training_transform_whatever_the_decoding_processes(tmp_path):
+    """Each image's random resized crop and flip is torchvision's, drawn from the image's own
+    seed: the batches are the same decoded in the loop's process or in two workers, and the
+    next epoch draws other crops."""
+    from torchvision.transforms import v2
+
+    from bench.core.folders import StreamedFolder, image_seed
+    from bench.core.trainsets import TrainSet
+
+    data = _write_imagenet(tmp_path / "in", train=4, val=1)
+    files = tuple(
+        (str(p.relative_to(data)), CLASSES.index(p.parent.name))
+        for p in sorted((data / "train").rglob("*"))
+        if p.is_file()
+    )
+    order = [torch.tensor([5, 0, 7]), torch.tensor([11, 2])]
+    here: TrainSet = StreamedFolder(data, files, seed=3, workers=0)
+    inline = list(here.batches(order, epoch=0, device=torch.device("cpu")))
+    pooled = list(StreamedFolder(data, files, seed=3, workers=2).batches(order, epoch=0, device=torch.device("cpu")))
+    for (xa, ya), (xb, yb), idx in zip(inline, pooled, order, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.dtype == torch.float32 and xa.shape == (len(idx), 3, CROP, CROP) and 0 <= xa.min() <= xa.max() <= 1
+        assert ya.tolist() == [files[i][1] for i in idx.tolist()]
+    # Image 5 of epoch 0, by torchvision's transforms seeded as the loader seeds them.
+    torch.manual_seed(image_seed(3, 0, 5))
+    pil = Image.open(data / files[5][0]).convert("RGB")
+    expected = v2.RandomHorizontalFlip()(v2.RandomResizedCrop(CROP, antialias=True)(v2.functional.pil_to_tensor(pil)))
+    assert torch.equal((inline[0][0][0] * 255).round().to(torch.uint8), expected)
+    later = next(here.batches(order[:1], epoch=1, device=torch.device("cpu")))[0]
+    assert not torch.equal(later, inline[0][0])  # another epoch, other crops
+    assert here.to("cpu") is here  # nothing held to move
+
+
+def test_training_streams_a_train_folder_larger_than_memory_holds(tmp_path, monkeypatch):
+    """With the in-memory limit at 2 images, loading train/ whole is refused, and training
+    on it still runs: the loop reads it batch by batch from disk."""
+    import bench.core.data as data_module
+    from bench.engine.train import TrainConfig, train_set_model
+    from bench.errors import BenchError
+    from bench.registry import DEFENSES
+
+    data = _write_imagenet(tmp_path / "in", train=4, val=1)
+    monkeypatch.setattr(data_module, "TRAIN_LIMIT", 2)
+    data_module._imagenet_set.cache_clear()
+    with pytest.raises(BenchError, match="training streams them from disk"):
+        data_module.load_dataset("imagenet", "train", str(data))
+    streamed = data_module.training_set("imagenet", str(data), seed=0)
+    assert len(streamed) == 4 * len(CLASSES) and streamed.augments
+    entry, spec = DEFENSES.get("natural"), data_module.get_spec("imagenet")
+    config = TrainConfig(epochs=2, batch_size=5, lr=0.01)
+    _, result = train_set_model("imagenet_tiny", spec, entry.fn, entry.make_config({}), config, streamed, seed=0)
+    again = train_set_model("imagenet_tiny", spec, entry.fn, entry.make_config({}), config, streamed, seed=0)[1]
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert result.losses == again.losses  # the seed fixes the crops as it fixes the order
+    with pytest.raises(ValueError, match="leave augment at 'none'"):
+        train_set_model(
+            "imagenet_tiny",
+            spec,
+            entry.fn,
+            entry.make_config({}),
+            TrainConfig(epochs=1, augment="crop"),
+            streamed,
+            seed=0,
+        )

@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from bench.core.datafiles import read_cifar_batch, read_idx, read_svhn_mat
-from bench.core.folders import CROP, ImageSet, class_names, decode_all, evaluation_files, image_files
+from bench.core.folders import (
+    CROP,
+    ImageSet,
+    StreamedFolder,
+    class_names,
+    decode_all,
+    evaluation_files,
+    image_files,
+)
+from bench.core.trainsets import InMemory, TrainSet
 from bench.errors import BenchError, did_you_mean
 
 
@@ -75,6 +84,9 @@ class DatasetSpec:
     eval_ids: Callable[[str | None], ImageSet] | None = None
     """The decoded evaluation set with its image ids, for a dataset whose test set is a
     seeded subset of a folder (ImageNet's val/): the run records which images it judged."""
+    streamed: Callable[[str | None, int], StreamedFolder] | None = None
+    """The training split streamed from disk (root, seed), for a dataset too large to hold
+    (ImageNet's train/); None: training reads the split held in memory."""
 
 
 def _load_digits(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +187,8 @@ IMAGENET_HINT = (
     "(train/n01440764/*.JPEG, val/n01440764/*.JPEG: the layout torchvision's ImageFolder reads)"
 )
 TRAIN_LIMIT = 50_000
-"""Training images a folder dataset loads into memory; more need a streaming loader."""
+"""Training images a folder dataset loads into memory at once; training itself streams
+them (`training_set`), whatever their number."""
 
 
 @functools.lru_cache(maxsize=2)
@@ -186,8 +199,8 @@ def _imagenet_set(split: str, root: str | None) -> ImageSet:
     if split == "train" and len(files) > TRAIN_LIMIT:
         raise BenchError(
             f"dataset 'imagenet': train/ holds {len(files):,} images, more than the {TRAIN_LIMIT:,} "
-            "this bench loads into memory to train on; evaluate outside models on it with `bench eval` "
-            "(its evaluation set is a 5,000-image subset of val/), or train on a smaller folder"
+            "this bench loads into memory at once; training streams them from disk instead "
+            "(bench.core.data.training_set)"
         )
     return decode_all(base, files if split == "train" else evaluation_files(files))
 
@@ -200,6 +213,12 @@ def _imagenet(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]
 
 def _imagenet_eval(root: str | None) -> ImageSet:
     return _imagenet_set("test", root)
+
+
+def _imagenet_streamed(root: str | None, seed: int) -> StreamedFolder:
+    base = _require_root("imagenet", root)
+    files = image_files(base, "train", class_names(base, IMAGENET_HINT), IMAGENET_HINT)
+    return StreamedFolder(base, tuple(files), seed)
 
 
 _NAMES = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
@@ -297,6 +316,7 @@ DATASETS: dict[str, DatasetSpec] = {
         IMAGENET_HINT,
         cached=False,
         eval_ids=_imagenet_eval,
+        streamed=_imagenet_streamed,
     ),
 }
 
@@ -335,3 +355,18 @@ def load_dataset(
     root = root if root is not None else default_root()
     spec = get_spec(name)
     return _cached(name, split, root) if spec.cached else spec.loader(split, root)
+
+
+def training_set(name: str, root: str | None = None, seed: int = 0) -> TrainSet:
+    """What a training reads: the split held in memory, or streamed from disk where the
+    dataset streams (ImageNet), its augmentation drawn from `seed`."""
+    root = root if root is not None else default_root()
+    spec = get_spec(name)
+    if spec.streamed is not None:
+        return spec.streamed(root, seed)
+    return InMemory(*load_dataset(name, "train", root))
+
+
+def train_size(name: str, root: str | None = None) -> int:
+    """Images in the training split, without decoding a streamed one."""
+    return len(training_set(name, root))

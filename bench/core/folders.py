@@ -8,13 +8,18 @@ RobustBench judges ImageNet), decoded with the standard evaluation transform (re
 shorter side to 256, center crop 224) and held as uint8, 150 KB an image; the float32 the
 attacks read is made from it when a command loads the set. Its image ids (paths relative
 to the data root) are the record of which images a number is about.
+
+Training streams `train/` from disk instead (StreamedFolder): worker processes decode the
+JPEG files of each minibatch as the loop asks for it, with the standard training
+transform (random resized crop to 224, scale 0.08 to 1, and a horizontal flip), so
+ImageNet's 1.28 million images never sit in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,8 @@ RESIZE, CROP = 256, 224
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 LOADER_WORKERS_FROM = 256
 """Decode in worker processes from this many images on (fewer decode faster in-process)."""
+MAX_LOADER_WORKERS = 8
+"""Decoding processes at most (a training's own, per data-parallel worker)."""
 
 
 @dataclass(frozen=True)
@@ -106,16 +113,10 @@ class _Decoded(torch.utils.data.Dataset):
 def decode(path: Path) -> torch.Tensor:
     """One image file as uint8 (3, CROP, CROP): RGB, shorter side resized to RESIZE
     (bilinear, antialiased), center crop CROP; torchvision's reference evaluation transform."""
-    # PIL and torchvision's transforms serve the folder datasets alone: imported when one loads.
-    from PIL import Image, UnidentifiedImageError
+    # torchvision's transforms serve the folder datasets alone: imported when one loads.
     from torchvision.transforms.v2 import functional as TF
 
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise BenchError(f"dataset 'imagenet': {str(path)!r} is not a readable image ({exc})") from exc
-    out = TF.center_crop(TF.resize(TF.pil_to_tensor(rgb), RESIZE, antialias=True), [CROP, CROP])
+    out = TF.center_crop(TF.resize(TF.pil_to_tensor(_open_rgb(path)), RESIZE, antialias=True), [CROP, CROP])
     return out.contiguous()
 
 
@@ -127,3 +128,91 @@ def decode_all(root: Path, files: list[tuple[str, int]], workers: int | None = N
     images = torch.cat(list(loader)) if files else torch.zeros(0, 3, CROP, CROP, dtype=torch.uint8)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageSet(images, labels, tuple(name for name, _ in files))
+
+
+def _open_rgb(path: Path):
+    # PIL serves the folder datasets alone: imported when one loads.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BenchError(f"dataset 'imagenet': {str(path)!r} is not a readable image ({exc})") from exc
+
+
+def image_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch: the same whichever process
+    decodes it and in whatever order, so a training's images do not depend on how many
+    decoding processes or data-parallel workers it runs on."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def augmented(path: Path, seed: int) -> torch.Tensor:
+    """One training image as uint8 (3, CROP, CROP): torchvision's RandomResizedCrop (scale
+    0.08 to 1, aspect 3/4 to 4/3, bilinear, antialiased) and RandomHorizontalFlip, the
+    reference ImageNet training transform, drawing from `seed` alone."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    image = TF.pil_to_tensor(_open_rgb(path))
+    # torchvision's transforms draw from torch's global generator: seeded per image inside
+    # fork_rng, so the process's own generator (a loss's noise, the next image) is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = v2.RandomHorizontalFlip()(v2.RandomResizedCrop(CROP, antialias=True)(image))
+    return out.contiguous()
+
+
+class _Augmented(torch.utils.data.Dataset):
+    def __init__(self, root: Path, files: Sequence[tuple[str, int]], seed: int, epoch: int):
+        self.root, self.files, self.seed, self.epoch = root, files, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        name, label = self.files[i]
+        return augmented(self.root / name, image_seed(self.seed, self.epoch, i)), label
+
+
+@dataclass(frozen=True)
+class StreamedFolder:
+    """The training images of a folder dataset, decoded and augmented per minibatch in
+    DataLoader worker processes (bench.core.trainsets.TrainSet). Batches cross from the
+    workers as uint8, a quarter of float32's bytes, and become float32 on the device."""
+
+    root: Path
+    files: tuple[tuple[str, int], ...]
+    seed: int
+    workers: int | None = None
+    """Decoding processes; None: up to MAX_LOADER_WORKERS of the machine's cores, none for a
+    folder under LOADER_WORKERS_FROM images."""
+    augments = True
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def to(self, device: torch.device | str) -> StreamedFolder:
+        return self  # each batch moves to the device as it comes
+
+    def loader_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        if len(self.files) < LOADER_WORKERS_FROM:
+            return 0
+        return min(MAX_LOADER_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+    def batches(
+        self, indices: Sequence[torch.Tensor], epoch: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        workers = self.loader_workers()
+        loader = torch.utils.data.DataLoader(
+            _Augmented(self.root, self.files, self.seed, epoch),
+            batch_sampler=[idx.tolist() for idx in indices],
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True).float().div_(255.0), labels.to(device)

@@ -1,7 +1,7 @@
 """The one training loop every defense shares.
 
-The data sits on the device as two tensors; each epoch draws a seeded permutation and
-walks it in minibatches; the defense's `loss(model, x, y, cfg, ctx)` gives the scalar to
+The data sits on the device as two tensors, or streams to it from disk
+(bench.core.trainsets); each epoch draws a seeded permutation and walks it in minibatches; the defense's `loss(model, x, y, cfg, ctx)` gives the scalar to
 minimize. Schedule, optimizer and augmentation are the shared TrainConfig below, so two
 defenses differ only in their loss. The same seed gives the same weights on the same
 machine.
@@ -32,49 +32,10 @@ import torch.distributed as dist
 
 from bench.core.data import DatasetSpec, ThreatModel
 from bench.core.models import build_model
+from bench.core.trainsets import InMemory, TrainSet
 from bench.engine.device import check_precision
-from bench.validate import at_least, in_range, non_negative, one_of, positive
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Schedule fields shared by every defense (defaults suit digits: seconds on a CPU)."""
-
-    epochs: int = 30
-    """Passes over the training set."""
-    batch_size: int = 64
-    """Minibatch size of each process: trained on N workers (`--workers N`), each step
-    sees a global batch of batch_size * N images."""
-    optimizer: str = "adam"
-    """`sgd` (with momentum, Nesterov off) or `adam`."""
-    lr: float = 0.003
-    """Peak learning rate."""
-    momentum: float = 0.9
-    """SGD momentum (ignored by Adam)."""
-    weight_decay: float = 0.0
-    """L2 weight decay."""
-    schedule: str = "cosine"
-    """`cosine` to zero, `step` (x0.1 at each milestone epoch) or `constant`."""
-    milestones: tuple[int, ...] = ()
-    """Epochs at which `step` divides the learning rate by 10."""
-    warmup_epochs: float = 0.0
-    """Linear warm-up from 0 over this many epochs (Summers & Dinneen use 5)."""
-    augment: str = "none"
-    """`none`, `crop` (4-pixel pad and random crop) or `crop_flip` (plus horizontal flips)."""
-
-    def __post_init__(self):
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        one_of("optimizer", self.optimizer, ("sgd", "adam"))
-        one_of("schedule", self.schedule, ("cosine", "step", "constant"))
-        one_of("augment", self.augment, ("none", "crop", "crop_flip"))
-        at_least("epochs", self.epochs, 1)
-        at_least("batch_size", self.batch_size, 1)
-        positive("lr", self.lr)
-        in_range("momentum", self.momentum, 0, 1, high_open=True)
-        non_negative("weight_decay", self.weight_decay)
-        non_negative("warmup_epochs", self.warmup_epochs)
-        for m in self.milestones:
-            at_least("each milestone", m, 1)
+from bench.engine.schedule import TrainConfig, lr_at, optimizer
+from bench.validate import at_least, in_range
 
 
 @dataclass(frozen=True)
@@ -155,17 +116,6 @@ class TrainResult:
     """Wall time of each epoch (each ends by reading its loss, which waits for the device)."""
 
 
-def lr_at(cfg: TrainConfig, progress: float) -> float:
-    """Learning rate at `progress` epochs into training (fractional)."""
-    if cfg.warmup_epochs and progress < cfg.warmup_epochs:
-        return cfg.lr * progress / cfg.warmup_epochs
-    if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress / cfg.epochs))
-    if cfg.schedule == "step":
-        return cfg.lr * 0.1 ** sum(progress >= m for m in cfg.milestones)
-    return cfg.lr
-
-
 def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """Random 4-pixel-padded crops (and flips) done on the whole batch at once."""
     if kind == "none":
@@ -208,8 +158,7 @@ def train(
     loss_fn: Callable,
     cfg,
     train_cfg: TrainConfig,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: TrainSet,
     ctx: TrainContext,
     on_step: Callable[[int, int], None] | None = None,
     *,
@@ -219,7 +168,7 @@ def train(
     resume: TrainState | None = None,
     on_epoch: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
-    """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over (x, y) for train_cfg.epochs.
+    """Minimize `loss_fn(model, xb, yb, cfg, ctx)` over `data` for train_cfg.epochs.
 
     `precision` `bf16` runs the loss under bf16 autocast; `channels_last` keeps weights
     and inputs NHWC while training (the weights are handed back in the default layout).
@@ -228,17 +177,18 @@ def train(
     each epoch's end.
     """
     check_precision(precision)
+    if data.augments and train_cfg.augment != "none":
+        raise ValueError(
+            f"augment={train_cfg.augment!r}: this training set crops and flips its images as it decodes them; "
+            "leave augment at 'none'"
+        )
     if channels_last:
         model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer
-    if train_cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    opt = optimizer(params, train_cfg)
 
-    n, workers = len(x), shard.workers
+    n, workers = len(data), shard.workers
     global_batch = train_cfg.batch_size * workers
     per_epoch = steps_per_epoch(n, train_cfg.batch_size, workers)
     total = per_epoch * train_cfg.epochs
@@ -258,20 +208,22 @@ def train(
     for epoch in range(len(result.losses), train_cfg.epochs):
         ctx.epoch = epoch
         epoch_start = time.perf_counter()
-        order = torch.randperm(n, generator=order_generator, device=x.device)
-        running = torch.zeros((), device=x.device)
-        for i in range(per_epoch):
-            batch = order[i * global_batch : (i + 1) * global_batch]
-            # As even as can be; a short last batch leaves some workers one image fewer.
-            idx = batch if workers == 1 else batch.tensor_split(workers)[shard.rank]
-            xb = augment(x[idx], train_cfg.augment, ctx.generator)
+        order = torch.randperm(n, generator=order_generator, device=device)
+        running = torch.zeros((), device=device)
+        batches = [order[i * global_batch : (i + 1) * global_batch] for i in range(per_epoch)]
+        # As even as can be; a short last batch leaves some workers one image fewer.
+        shards = batches if workers == 1 else [b.tensor_split(workers)[shard.rank] for b in batches]
+        for i, (xb, yb) in enumerate(data.batches(shards, epoch, device)):
+            xb = augment(xb, train_cfg.augment, ctx.generator)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             for group in opt.param_groups:
                 group["lr"] = lr_at(train_cfg, epoch + i / per_epoch)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = loss_fn(model, xb, y[idx], cfg, ctx)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(model, xb, yb, cfg, ctx)
             # The loss is a mean over this worker's images; weighted by its share of the
             # global batch, the workers' mean gradient is that of the global batch's mean.
-            share = len(idx) * workers / len(batch)
+            share = len(yb) * workers / len(batches[i])
             if share != 1:
                 loss = loss * share
             opt.zero_grad(set_to_none=True)
@@ -323,6 +275,24 @@ def train_model(
     *,
     seed: int,
     device: str = "cpu",
+    **kw,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """`train_set_model` on images held in memory: (x, y) moved to `device` once."""
+    return train_set_model(
+        arch, spec, loss_fn, cfg, train_cfg, InMemory(x, y).to(device), seed=seed, device=device, **kw
+    )
+
+
+def train_set_model(
+    arch: str,
+    spec: DatasetSpec,
+    loss_fn: Callable,
+    cfg,
+    train_cfg: TrainConfig,
+    data: TrainSet,
+    *,
+    seed: int,
+    device: str = "cpu",
     on_step: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
@@ -331,7 +301,8 @@ def train_model(
     on_epoch: Callable[[TrainState], None] | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
     """The one way a training run opens: seed torch, build the architecture, seed the
-    loss's generator, train on (x, y) moved to `device`. Returns the eval-mode model.
+    loss's generator, train on `data` (in memory on `device`, or streamed to it). Returns
+    the eval-mode model.
 
     The seed fixes the initialization (torch's global generator, drawn by the layers'
     constructors) and every random number of the loop (the context's generator). A
@@ -353,8 +324,7 @@ def train_model(
         loss_fn,
         cfg,
         train_cfg,
-        x.to(device),
-        y.to(device),
+        data,
         ctx,
         on_step=on_step,
         precision=precision,

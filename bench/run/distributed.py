@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from bench.core.data import DatasetSpec, load_dataset
+from bench.core.data import DatasetSpec, train_size, training_set
 from bench.core.models import build_model
 from bench.core.provenance import source_digest
-from bench.engine.train import Shard, TrainConfig, TrainResult, TrainState, steps_per_epoch, train_model
+from bench.engine.train import Shard, TrainConfig, TrainResult, TrainState, steps_per_epoch, train_set_model
 from bench.errors import BenchError
 
 MAX_FAILURES = 3
@@ -220,7 +220,7 @@ def _epoch_progress(
 
 
 def _train_size(training: DataParallelTraining) -> int:
-    return len(load_dataset(training.dataset.name, "train", training.data_root)[1])
+    return train_size(training.dataset.name, training.data_root)
 
 
 # --- in each worker -----------------------------------------------------------------------
@@ -237,9 +237,9 @@ def _worker(loop_config: dict) -> None:
     shard = Shard(context.get_world_rank(), context.get_world_size())
     torch.set_num_threads(training.threads)
     device = str(train.torch.get_device()) if training.device != "cpu" else "cpu"
-    x, y = load_dataset(training.dataset.name, "train", training.data_root)
-    if steps_per_epoch(len(x), training.train_config.batch_size, shard.workers) == 0:
-        raise BenchError(f"{len(x)} training images cannot be shared among {shard.workers} workers")
+    data = training_set(training.dataset.name, training.data_root, training.seed).to(device)
+    if steps_per_epoch(len(data), training.train_config.batch_size, shard.workers) == 0:
+        raise BenchError(f"{len(data)} training images cannot be shared among {shard.workers} workers")
 
     def on_epoch(state: TrainState) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -264,14 +264,13 @@ def _worker(loop_config: dict) -> None:
             )
 
     try:
-        train_model(
+        train_set_model(
             training.arch,
             training.dataset,
             training.loss_fn,
             training.config,
             training.train_config,
-            x,
-            y,
+            data,
             seed=training.seed,
             device=device,
             precision=training.precision,

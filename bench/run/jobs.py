@@ -20,14 +20,14 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from bench.core.data import load_dataset
+from bench.core.data import load_dataset, training_set
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.cell import craft, logit_stats, run_cell
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import Passes, counting
-from bench.engine.train import train_model
+from bench.engine.train import train_set_model
 from bench.engine.verdicts import predict
 from bench.errors import BenchError
 from bench.registry import DEFENSES
@@ -147,15 +147,13 @@ class TrainJob:
         x_test, y_test = load_dataset(ds.name, "test", self.data_root)
         try:
             if recipe.workers == 1:
-                x, y = load_dataset(ds.name, "train", self.data_root)
-                model, result = train_model(
+                model, result = train_set_model(
                     recipe.arch,
                     ds,
                     entry.fn,
                     recipe.config,
                     recipe.train_config,
-                    x,
-                    y,
+                    training_set(ds.name, self.data_root, recipe.seed).to(device),
                     seed=recipe.seed,
                     device=device,
                     on_step=self.on_step,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.core.data import load_dataset
+from bench.core.data import train_size
 from bench.engine.train import steps_per_epoch
 from bench.errors import BenchError
 from bench.run.executors import LocalExecutor
@@ -102,7 +102,7 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
 
 
 def _train_size(recipe: Recipe, ws: Workspace) -> int:
-    return len(load_dataset(recipe.dataset.name, "train", ws.data_root)[1])
+    return train_size(recipe.dataset.name, ws.data_root)
 
 
 def record_checkpoint(ws: Workspace, recipe: Recipe, directory: Path, meta: dict) -> Checkpoint:
