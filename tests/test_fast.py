@@ -64,7 +64,7 @@ def test_the_fast_matrix_is_a_cascade_that_escalates_to_full():
     fast = load_matrix("fast")
     assert fast.cascade and fast.escalate == "full"
     keys = [c.key for c in fast.cells(THREAT)]
-    assert [k.split(":")[0] for k in keys] == ["fgsm", "pgd", "apgd", "apgd_t", "square"]
+    assert [k.split(":")[0] for k in keys] == ["fgsm", "pgd", "apgd", "apgd_t", "apgd_t", "square"]
     assert all(k.endswith(",cascade=fast") for k in keys)
 
 

@@ -201,3 +201,36 @@ def test_training_streams_a_train_folder_larger_than_memory_holds(tmp_path, monk
             streamed,
             seed=0,
         )
+
+
+def test_a_kannan_preset_stands_its_paper_numbers_beside_ours_at_16_255(tmp_path):
+    """Kannan et al.'s M-PGD preset, trained briefly on the tiny folder (a patch CNN in place
+    of InceptionV3) and judged by the `kannan_imagenet` matrix: the checkpoint page puts
+    Table 3's targeted PGD numbers, top-1 and top-5, beside its own cells at 16/255, the
+    radius the preset names, not the dataset's 4/255."""
+    import re
+
+    data, results = _write_imagenet(tmp_path / "data", train=3, val=2), tmp_path / "res"
+    done = run_bench(
+        "run", "--defense", "pgd_at", "--preset", "kannan_imagenet_mpgd", "--dataset", "imagenet",
+        "--data-root", str(data), "--arch", "imagenet_tiny", "--set", "epochs=1", "--set", "batch_size=9",
+        "--set", "attack_steps=2", "--matrix", "kannan_imagenet", "--results", str(results),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
+    (ck,) = Store.for_results(results).checkpoints()
+    assert ck.meta["paper_threat"] == "linf-0.0627451" != ck.threat == "linf-0.0156863"
+    (tgt,) = [r for r in rows if r.get("label") == "pgd10_tgt"]
+    assert tgt["threat"] == "linf-0.0627451" and tgt["params"]["targeted"] == "random"
+    site = tmp_path / "site"
+    assert run_bench("site", "--results", str(results), "--out", str(site)).returncode == 0
+    page = (site / "ck" / f"{ck.key}.html").read_text()
+    paper = page[page.index('id="paper"') :]
+    paper = paper[: paper.index("</section>")]
+    assert "At linf-0.0627451, the radius the paper measured at." in paper
+    found = dict(
+        re.findall(r'<th scope="row">(\w+)</th><td class="num paper">[\d.]+</td><td class="num">([^<]+)</td>', paper)
+    )
+    assert found["pgd10_tgt"] == f"{100 * tgt['robust_acc']:.2f}"
+    assert found["pgd10_tgt_top5"] == f"{100 * tgt['robust_top5']:.2f}"
+    assert found["blackbox"] == "–"  # no column of ours is their transfer attack

@@ -36,7 +36,9 @@ PAPER_COLUMNS = {
     "spsa",
     "blackbox",
     "restarts10",
+    "pgd10_tgt",  # Kannan et al.'s ImageNet white box: targeted PGD toward a random class
 }
+PAPER_COLUMNS |= {f"{c}_top5" for c in ("pgd10_tgt", "blackbox")}  # and their top-5
 PRESETS = all_presets()
 
 

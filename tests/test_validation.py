@@ -84,7 +84,7 @@ def test_subset_within_the_test_set_is_accepted(tmp_path):
         ("weight_decay=-inf", "weight_decay must be a finite number, got -inf"),
         ("milestones=[10, inf]", "milestones[1] must be int, got inf"),
         ("milestones=[0]", "each milestone must be an integer of at least 1"),
-        ('optimizer="adamw"', "optimizer must be one of sgd, adam, got 'adamw'; did you mean adam?"),
+        ('optimizer="adamw"', "optimizer must be one of sgd, adam, rmsprop, got 'adamw'; did you mean adam?"),
         ("beta=nan", "beta must be a finite number, got nan"),
         ("sigma=inf", "sigma must be a finite number, got inf"),
     ],

@@ -26,7 +26,7 @@ from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
-BUILTIN = ("quick", "fast", "full", "paper", "truth")
+BUILTIN = ("quick", "fast", "full", "paper", "truth", "kannan_imagenet", "robustbench")
 SCHEDULES = ("all", "cascade")
 """How a matrix runs its cells: `all` on the whole test set each (or its subset), or
 `cascade`, in the matrix's order, each on what the earlier ones left standing."""

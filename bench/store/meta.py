@@ -42,7 +42,10 @@ class CheckpointMeta:
     outside: Mapping[str, Any] | None = None
     """An outside model's factory, weights file and weights hash."""
     paper: Mapping[str, float] = field(default_factory=dict)
-    """The paper's numbers a preset quotes, by cell label."""
+    """The paper's numbers a preset quotes, by cell label (`<label>_top5` for top-5)."""
+    paper_threat: str | None = None
+    """The threat model the paper's numbers are at, where it is not the checkpoint's own
+    (a preset's `paper_eps`)."""
     preset_description: str | None = None
     preset_source: str | None = None
     train_losses: tuple[float, ...] = ()

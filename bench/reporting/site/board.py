@@ -75,8 +75,9 @@ def boards(data: SiteData) -> list[dict]:
         for cid in members[(dataset, threat)]:
             ck = by_id[cid]
             meta = data.evidence[cid].meta
-            # The paper's numbers are for the checkpoint's own threat model only.
-            paper = meta.paper if threat == ck.threat else {}
+            # The paper's numbers are for the threat model they were measured at: the
+            # checkpoint's own unless its preset names another radius.
+            paper = meta.paper if threat == (meta.paper_threat or ck.threat) else {}
             ev = data.evidence[cid]
             wc = ev.worst_case(threat)
             cols = [_cell("clean", meta.clean_acc, paper.get("clean"))]

@@ -62,6 +62,7 @@ def checkpoint_page(
         "device",
         "preset",
         "paper",
+        "paper_threat",
         "clean_acc",
         "logit_stats",
         "package_version",
@@ -97,11 +98,16 @@ def checkpoint_page(
     # Whatever else the sidecar holds, so provenance added later shows without a code change.
     provenance += [(k, _clip(exact(portable(k, v)))) for k, v in sorted(meta.items()) if k not in shown]
 
+    # Ours beside each paper number: the strongest cell of its label at the radius the paper
+    # measured (the checkpoint's own unless the preset named another), top-5 as `_top5`.
+    paper_threat = meta.get("paper_threat") or ck.threat
     labels: dict[str, float] = {}
     for e in cells:
-        if e.threat == ck.threat:
+        if e.threat == paper_threat:
             label = cell_label(e.attack, e.params)
             labels[label] = min(labels.get(label, 1.0), e.robust_acc)
+            if e.top5_acc is not None:
+                labels[f"{label}_top5"] = min(labels.get(f"{label}_top5", 1.0), e.top5_acc)
     paper = [
         {
             "label": k,
@@ -179,6 +185,7 @@ def checkpoint_page(
         "config": [(k, exact(portable(k, v))) for k, v in sorted((ck.config or {}).items())],
         "train_config": [(k, exact(v)) for k, v in sorted((ck.train_config or {}).items())],
         "paper": paper,
+        "paper_threat": paper_threat,
         "cells": [
             {
                 "key": breakable(e.cell_key),
