@@ -163,7 +163,7 @@ def test_a_streamed_batch_is_the_reference_training_transform_whatever_the_decod
     # Image 5 of epoch 0, by torchvision's transforms seeded as the loader seeds them.
     torch.manual_seed(image_seed(3, 0, 5))
     pil = Image.open(data / files[5][0]).convert("RGB")
-    expected = v2.RandomHorizontalFlip()(v2.RandomResizedCrop(CROP, antialias=True)(v2.functional.pil_to_tensor(pil)))
+    expected = v2.functional.pil_to_tensor(v2.RandomHorizontalFlip()(v2.RandomResizedCrop(CROP, antialias=True)(pil)))
     assert torch.equal((inline[0][0][0] * 255).round().to(torch.uint8), expected)
     later = next(here.batches(order[:1], epoch=1, device=torch.device("cpu")))[0]
     assert not torch.equal(later, inline[0][0])  # another epoch, other crops
