@@ -217,13 +217,15 @@ def test_a_kannan_preset_stands_its_paper_numbers_beside_ours_at_16_255(tmp_path
         "--set", "attack_steps=2", "--matrix", "kannan_imagenet", "--results", str(results),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
+    from bench import api
+
+    # The results and the site in this process: the installed script's are tested above.
+    rows = api.results(api.Where(results))
     (ck,) = Store.for_results(results).checkpoints()
     assert ck.meta["paper_threat"] == "linf-0.0627451" != ck.threat == "linf-0.0156863"
     (tgt,) = [r for r in rows if r.get("label") == "pgd10_tgt"]
     assert tgt["threat"] == "linf-0.0627451" and tgt["params"]["targeted"] == "random"
-    site = tmp_path / "site"
-    assert run_bench("site", "--results", str(results), "--out", str(site)).returncode == 0
+    site = api.site(tmp_path / "site", api.Where(results)).parent  # it returns the index page
     page = (site / "ck" / f"{ck.key}.html").read_text()
     paper = page[page.index('id="paper"') :]
     paper = paper[: paper.index("</section>")]
