@@ -78,9 +78,6 @@ class DatasetSpec:
     embedded_test_size: int | None = None
     """An embedded dataset's test-set size, the same on every machine; None for a dataset
     read from --data-root, whose size is what its files hold."""
-    cached: bool = True
-    """Whether `load_dataset` keeps the float32 tensors it loaded, so that every caller in
-    a process shares one copy (ImageNet's evaluation set too: 3 GB at 5,000 images)."""
     eval_ids: Callable[[str | None], ImageSet] | None = None
     """The decoded evaluation set with its image ids, for a dataset whose test set is a
     seeded subset of a folder (ImageNet's val/): the run records which images it judged."""
@@ -191,11 +188,19 @@ TRAIN_LIMIT = 50_000
 them (`training_set`), whatever their number."""
 
 
+@functools.lru_cache(maxsize=4)
+def _imagenet_files(folder: str, root: str | None) -> tuple[Path, tuple[tuple[str, int], ...]]:
+    """The data root and every image of `train` or `val` with its class index, listed once
+    per process: a training's step count and its stream both read train/'s 1.28 million
+    names."""
+    base = _require_root("imagenet", root)
+    return base, tuple(image_files(base, folder, class_names(base, IMAGENET_HINT), IMAGENET_HINT))
+
+
 @functools.lru_cache(maxsize=2)
 def _imagenet_set(split: str, root: str | None) -> ImageSet:
-    base = _require_root("imagenet", root)
-    classes = class_names(base, IMAGENET_HINT)
-    files = image_files(base, "train" if split == "train" else "val", classes, IMAGENET_HINT)
+    base, listed = _imagenet_files("train" if split == "train" else "val", root)
+    files = list(listed)
     if split == "train" and len(files) > TRAIN_LIMIT:
         raise BenchError(
             f"dataset 'imagenet': train/ holds {len(files):,} images, more than the {TRAIN_LIMIT:,} "
@@ -216,9 +221,7 @@ def _imagenet_eval(root: str | None) -> ImageSet:
 
 
 def _imagenet_streamed(root: str | None, seed: int) -> StreamedFolder:
-    base = _require_root("imagenet", root)
-    files = image_files(base, "train", class_names(base, IMAGENET_HINT), IMAGENET_HINT)
-    return StreamedFolder(base, tuple(files), seed)
+    return StreamedFolder(*_imagenet_files("train", root), seed)
 
 
 _NAMES = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
@@ -334,6 +337,8 @@ def default_root() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _cached(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # Kept, so that every caller in a process shares one copy of a split (ImageNet's
+    # evaluation set as float32 is 3 GB at 5,000 images).
     return get_spec(name).loader(split, root)
 
 
@@ -351,9 +356,7 @@ def load_dataset(
     """(x, y) for one split: x float32 in [0, 1] shaped (N, C, H, W), y int64."""
     if split not in ("train", "test"):
         raise BenchError(f"split must be 'train' or 'test', got {split!r}")
-    root = root if root is not None else default_root()
-    spec = get_spec(name)
-    return _cached(name, split, root) if spec.cached else spec.loader(split, root)
+    return _cached(name, split, root if root is not None else default_root())
 
 
 def training_set(name: str, root: str | None = None, seed: int = 0) -> TrainSet:

@@ -37,7 +37,7 @@ EXTENSIONS = (".jpeg", ".jpg", ".png")
 LOADER_WORKERS_FROM = 256
 """Decode in worker processes from this many images on (fewer decode faster in-process)."""
 MAX_LOADER_WORKERS = 8
-"""Decoding processes at most (a training's own, per data-parallel worker)."""
+"""Decoding processes at most (an evaluation set's, or a training's per data-parallel worker)."""
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,19 @@ def decode(path: Path) -> torch.Tensor:
     return out.contiguous()
 
 
+def loader_workers(images: int) -> int:
+    """DataLoader worker processes for decoding `images` files: none for a few (decoding
+    in-process is faster than starting processes), else up to MAX_LOADER_WORKERS of the
+    cores this process may use."""
+    if images < LOADER_WORKERS_FROM:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_LOADER_WORKERS, cores)
+
+
 def decode_all(root: Path, files: list[tuple[str, int]], workers: int | None = None) -> ImageSet:
     """Decode `files` into an ImageSet, in worker processes where there are many."""
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if len(files) >= LOADER_WORKERS_FROM else 0
+    workers = loader_workers(len(files)) if workers is None else workers
     loader = torch.utils.data.DataLoader(_Decoded(root, files), batch_size=64, num_workers=workers)
     # Filled in place: a list of batches and their concatenation held the set twice.
     images = torch.empty(len(files), 3, CROP, CROP, dtype=torch.uint8)
@@ -209,17 +218,10 @@ class StreamedFolder:
     def to(self, device: torch.device | str) -> StreamedFolder:
         return self  # each batch moves to the device as it comes
 
-    def loader_workers(self) -> int:
-        if self.workers is not None:
-            return self.workers
-        if len(self.files) < LOADER_WORKERS_FROM:
-            return 0
-        return min(MAX_LOADER_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-
     def batches(
         self, indices: Sequence[torch.Tensor], epoch: int, device: torch.device
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        workers = self.loader_workers()
+        workers = loader_workers(len(self.files)) if self.workers is None else self.workers
         loader = torch.utils.data.DataLoader(
             _Augmented(self.root, self.files, self.seed, epoch),
             batch_sampler=[idx.tolist() for idx in indices],
