@@ -1,9 +1,10 @@
 """The one training loop every defense shares.
 
 The data sits on the device as two tensors, or streams to it from disk
-(bench.core.trainsets); each epoch draws a seeded permutation and walks it in minibatches; the defense's `loss(model, x, y, cfg, ctx)` gives the scalar to
-minimize. Schedule, optimizer and augmentation are the shared TrainConfig below, so two
-defenses differ only in their loss. The same seed gives the same weights on the same
+(bench.core.trainsets); each epoch draws a seeded permutation and walks it in
+minibatches; the defense's `loss(model, x, y, cfg, ctx)` gives the scalar to minimize.
+Schedule, optimizer and augmentation are the shared TrainConfig (bench.engine.schedule),
+so two defenses differ only in their loss. The same seed gives the same weights on the same
 machine.
 
 On a GPU the caller (the training job, bench.run.jobs, from the Workspace) turns on the fast path: channels-last

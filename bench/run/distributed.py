@@ -202,7 +202,7 @@ def _epoch_progress(
         yield
         return
     cfg = training.train_config
-    per_epoch = steps_per_epoch(_train_size(training), cfg.batch_size, training.workers)
+    per_epoch = steps_per_epoch(train_size(training.dataset.name, training.data_root), cfg.batch_size, training.workers)
     stop = threading.Event()
 
     def poll() -> None:
@@ -217,10 +217,6 @@ def _epoch_progress(
     finally:
         stop.set()
         watcher.join()
-
-
-def _train_size(training: DataParallelTraining) -> int:
-    return train_size(training.dataset.name, training.data_root)
 
 
 # --- in each worker -----------------------------------------------------------------------

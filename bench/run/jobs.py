@@ -111,12 +111,6 @@ class CraftJob(AttackJob):
         return Examples(x_adv, Passes.per_image(count, len(self.x)))
 
 
-def paper_threat(recipe: Recipe) -> str | None:
-    """The threat model a preset's paper numbers are at, where it names its own radius."""
-    eps = recipe.preset.paper_eps if recipe.preset else None
-    return recipe.dataset.threat.at(eps).name if eps is not None else None
-
-
 @dataclass
 class TrainJob:
     """Train one recipe and write its checkpoint folder; returns the folder's meta.
@@ -202,7 +196,7 @@ class TrainJob:
             "device": device_name(device),
             "preset": recipe.preset.name if recipe.preset else None,
             "paper": recipe.preset.paper if recipe.preset else {},
-            "paper_threat": paper_threat(recipe),
+            "paper_threat": recipe.paper_threat,
             "preset_description": recipe.preset.description if recipe.preset else "",
             "preset_source": recipe.preset.source if recipe.preset else "",
             # The intra-op thread count changes float summation order, hence the weights.

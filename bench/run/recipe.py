@@ -63,6 +63,13 @@ class Recipe:
         # leaves every one-process key as it was.
         return hashlib.sha256(f"{key}:workers={self.workers}".encode()).hexdigest()[:16]
 
+    @property
+    def paper_threat(self) -> str | None:
+        """The threat model its preset's paper numbers are at, where the preset names a
+        radius of its own (`paper_eps`); None: the checkpoint's own."""
+        eps = self.preset.paper_eps if self.preset else None
+        return self.dataset.threat.at(eps).name if eps is not None else None
+
     def train_record(self) -> dict:
         """The training settings as stored (the checkpoint's `train` config): TrainConfig's
         fields, and the worker count where it is more than one."""

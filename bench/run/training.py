@@ -71,7 +71,9 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
                     claims.release(train_claim(recipe.key))
                     continue
                 cfg = recipe.train_config
-                steps = cfg.epochs * steps_per_epoch(_train_size(recipe, ws), cfg.batch_size, recipe.workers)
+                steps = cfg.epochs * steps_per_epoch(
+                    train_size(recipe.dataset.name, ws.data_root), cfg.batch_size, recipe.workers
+                )
                 on_step, bars[recipe.key] = progress_bar(ws, f"train {recipe.defense} [{recipe.key[:8]}]", steps)
                 yield TrainJob(
                     recipe,
@@ -99,10 +101,6 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
     if failures:  # the other trainings are recorded; the first failure stops the run
         raise failures[0].error or BenchError(f"training failed: {failures[0].reason}")
     return [ws.store.checkpoint(r.key) for r in recipes], trained
-
-
-def _train_size(recipe: Recipe, ws: Workspace) -> int:
-    return train_size(recipe.dataset.name, ws.data_root)
 
 
 def record_checkpoint(ws: Workspace, recipe: Recipe, directory: Path, meta: dict) -> Checkpoint:
