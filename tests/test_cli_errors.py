@@ -122,6 +122,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         '[[cell]]\nattack = "pgd"\neps = [0.1, 0.2]\nstep_size = [0.01]\npaired = ["eps", "step_size"]\n'
     )
     (tmp / "radius.toml").write_text('eps = 1.5\n\n[[cell]]\nattack = "fgsm"\n')
+    (tmp / "paper_eps.toml").write_text('defense = "natural"\ndataset = "digits"\npaper_eps = 2.0\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -138,6 +139,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{negative}": str(tmp / "negative.toml"),
         "{unpaired}": str(tmp / "unpaired.toml"),
         "{radius}": str(tmp / "radius.toml"),
+        "{paper_eps}": str(tmp / "paper_eps.toml"),
         "{cifar}": str(tmp / "cifar"),
         "{mnist}": str(tmp / "mnist"),
     }
@@ -175,6 +177,14 @@ ISSUE_CASES = [
     (
         ["run", "--defense", "natural", "--matrix", "{unpaired}"],
         "paired lists must be as long as each other (eps has 2, step_size has 1)",
+    ),
+    (
+        ["run", "--defense", "natural", "--preset", "{paper_eps}"],
+        "paper_eps must be an L-inf radius in (0, 1], got 2.0",
+    ),
+    (
+        ["run", "--defense", "natural", "--dataset", "imagenet", "--set", "augment=crop"],
+        "imagenet's training images are cropped and flipped as they stream from disk",
     ),
 ]
 

@@ -118,22 +118,19 @@ def test_another_val_folder_is_refused_for_a_judged_checkpoint(run, tmp_path):
 def test_a_missing_or_wrong_layout_is_one_line(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.JPEG").write_bytes(b"")
-    for root, message in (
-        (tmp_path / "absent", "is not a folder; put ILSVRC-2012 under it as train/ and val/"),
-        (tmp_path / "flat", "has no train/ or val/ class folders"),
+    data = _write_imagenet(tmp_path / "data", train=1, val=1)
+    for root, extra, message in (
+        (tmp_path / "absent", (), "is not a folder; put ILSVRC-2012 under it as train/ and val/"),
+        (tmp_path / "flat", (), "has no train/ or val/ class folders"),
+        # The stream crops and flips: the loop's own augmentation is refused before anything runs.
+        (data, ("--set", "augment=crop"), "imagenet's training images are cropped and flipped as they stream"),
     ):
         done = run_bench(
-            "run",
-            "--defense",
-            "natural",
-            "--dataset",
-            "imagenet",
-            "--data-root",
-            str(root),
-            "--results",
-            str(tmp_path / "r"),
-        )
+            "run", "--defense", "natural", "--dataset", "imagenet", "--data-root", str(root), *extra,
+            "--results", str(tmp_path / "r"),
+        )  # fmt: skip
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+        assert not (tmp_path / "r").exists()  # nothing written
 
 
 # --- training streams train/ from disk ---------------------------------------------------------

@@ -140,6 +140,8 @@ def test_every_config_refuses_non_finite_values_in_every_float_field(bad):
         ('defense = "logit_squeeze"\ndataset = "digits"\n[paper]\nclean = "high"', "paper.clean must be an accuracy"),
         ('defense = "logit_squeeze"\ndataset = "digits"\n[paper]\nclean = 1.5', "paper.clean must be an accuracy"),
         ('defense = 3\ndataset = "digits"', "defense must be a string"),
+        ('defense = "logit_squeeze"\ndataset = "digits"\npaper_eps = 0', "paper_eps must be an L-inf radius"),
+        ('defense = "logit_squeeze"\ndataset = "digits"\npaper_eps = "16/255"', "paper_eps must be an L-inf radius"),
         ('defense = "logit_squeeze"\ndataset = "digits"\n[config]\nbeta = nan', "beta must be a finite number"),
         (
             'defense = "logit_squeeze"\ndataset = "digits"\n[train]\nepochs = 0',

@@ -135,6 +135,12 @@ def resolve(spec: TrainRequest) -> Recipe:
     source = f"preset {preset.name!r} or --set" if preset else "--set"
     cfg = entry.make_config(defense_values, what=f"{spec.defense} ({source})")
     train_cfg = build_config(TrainConfig, train_values, what=f"training ({source})")
+    if ds.streamed is not None and train_cfg.augment != "none":
+        # The loop refuses it too (bench.engine.train); here it is one line before anything runs.
+        raise BenchError(
+            f"augment={train_cfg.augment!r} ({source}): {ds.name}'s training images are cropped and flipped "
+            "as they stream from disk (random resized crop); leave augment at 'none'"
+        )
     arch = spec.arch or (preset.arch if preset and preset.arch else ds.default_arch)
     _check_fits(arch, ds)  # fail early on an unknown architecture or one the images do not fit
     return Recipe(spec.defense, cfg, train_cfg, ds, arch, spec.seed, preset, spec.workers)
