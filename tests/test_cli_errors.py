@@ -122,6 +122,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         '[[cell]]\nattack = "pgd"\neps = [0.1, 0.2]\nstep_size = [0.01]\npaired = ["eps", "step_size"]\n'
     )
     (tmp / "radius.toml").write_text('eps = 1.5\n\n[[cell]]\nattack = "fgsm"\n')
+    (tmp / "nearest.toml").write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.2\n')
     (tmp / "paper_eps.toml").write_text('defense = "natural"\ndataset = "digits"\npaper_eps = 2.0\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
@@ -139,6 +140,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{negative}": str(tmp / "negative.toml"),
         "{unpaired}": str(tmp / "unpaired.toml"),
         "{radius}": str(tmp / "radius.toml"),
+        "{nearest}": str(tmp / "nearest.toml"),
         "{paper_eps}": str(tmp / "paper_eps.toml"),
         "{cifar}": str(tmp / "cifar"),
         "{mnist}": str(tmp / "mnist"),
@@ -174,6 +176,10 @@ ISSUE_CASES = [
     (["run", "--defense", "natural", "--eps", "2"], "--eps must be an L-inf radius in (0, 1] pixel units"),
     (["run", "--defense", "natural", "--eps", "nan"], "--eps must be an L-inf radius in (0, 1] pixel units"),
     (["run", "--defense", "natural", "--matrix", "{radius}"], "radius.toml': eps must be an L-inf radius in (0, 1]"),
+    (
+        ["run", "--defense", "natural", "--matrix", "{nearest}"],
+        'nearest= picks among the images a cascade left standing; set schedule = "cascade"',
+    ),
     (
         ["run", "--defense", "natural", "--matrix", "{unpaired}"],
         "paired lists must be as long as each other (eps has 2, step_size has 1)",

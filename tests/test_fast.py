@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from cheats import Quantized
 
 import bench
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import load_matrix
+from bench.errors import BenchError
 from bench.store.db import Store
 
 THREAT = get_spec("digits").threat
@@ -58,6 +60,61 @@ def test_each_cell_runs_on_what_the_earlier_left_standing(natural_model, tmp_pat
     # Its cost: FGSM on every image, PGD-10 on the few left (per test image).
     assert worst["forward_passes"] == pytest.approx(fgsm.forward_passes + pgd.forward_passes * pgd.n / 360)
     assert store.checkpoints()[0].meta.get("escalated") is None  # an honest model: no escalation
+
+
+NEAREST = """
+schedule = "cascade"
+
+[[cell]]
+attack = "fgsm"
+eps = 0.02
+
+[[cell]]
+attack = "pgd"
+steps = 5
+early_stop = false
+nearest = 0.25
+"""
+
+
+def test_a_nearest_cell_attacks_the_standing_images_of_smallest_margin(natural_model, tmp_path):
+    matrix = tmp_path / "near.toml"
+    matrix.write_text(NEAREST)
+    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    store = Store.for_results(tmp_path / "r")
+    (ck,) = store.checkpoints()
+    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    fgsm, pgd = cells["fgsm"], cells["pgd"]
+    assert ",nearest=0.25," in pgd.cell_key and pgd.cell_key.endswith(",cascade=near")
+    standing = np.flatnonzero(fgsm.correct())
+    # The margins, taken here from the model itself: label logit less the largest other.
+    x, y = load_dataset("digits", "test")
+    with torch.no_grad():
+        z = natural_model(x[standing]).double()
+    label = z.gather(1, y[standing][:, None]).squeeze(1)
+    other = z.scatter(1, y[standing][:, None], float("-inf")).amax(1)
+    k = -(-len(standing) // 4)
+    nearest = np.sort(standing[np.argsort((label - other).numpy(), kind="stable")[:k]])
+    assert 40 < len(standing) and pgd.indices == nearest.tolist() and pgd.n == k
+    # Its cost: one forward pass over every standing image to choose, then PGD-5 without
+    # early stop on the k chosen: 5 forward and 5 backward passes each, and one more forward
+    # to judge the last iterate of those still standing (tests/test_passes.py); per image attacked.
+    left = int(pgd.correct().sum())
+    assert pgd.forward_passes == pytest.approx((len(standing) + 5 * k + left) / k)
+    assert pgd.backward_passes == pytest.approx(5)
+
+
+def test_nearest_outside_a_cascade_or_outside_0_1_is_refused(tmp_path):
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.5\n')
+    with pytest.raises(
+        BenchError, match='nearest= picks among the images a cascade left standing; set schedule = "cascade"'
+    ):
+        load_matrix(str(plain)).cells(THREAT)
+    wide = tmp_path / "wide.toml"
+    wide.write_text('schedule = "cascade"\n[[cell]]\nattack = "fgsm"\nnearest = 1.5\n')
+    with pytest.raises(BenchError, match=r"nearest must be a share in \(0, 1\).*got 1\.5"):
+        load_matrix(str(wide)).cells(THREAT)
 
 
 def test_the_fast_matrix_is_a_cascade_that_escalates_to_full():

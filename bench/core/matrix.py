@@ -6,7 +6,9 @@ a table's `paired` names, which go together element by element). Unset budgets
 are filled from the dataset's threat model, so every cell is concrete, and its key is
 `attack:k=v,...` over every config field in sorted order, the way HELM names runs: the
 same string is the CLI argument, the log line and the database key. A cell may also
-set `subset = N` to run on a fixed, seeded subset of N test images.
+set `subset = N` to run on a fixed, seeded subset of N test images, and a cascade's cell
+`nearest = F` to attack only the share F of the images left standing before it that lie
+nearest the decision boundary.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class Cell:
     """A view of the model the attack crafts through, `view(model)` (such as
     bench.engine.mirror.ThroughForward), named in the key; the verdicts stay the model's
     own. None: the model itself."""
+    nearest: float = 0.0
+    """A cascade's cell only: the share of the images standing before it that it attacks,
+    those with the smallest clean margin (bench.engine.cell.nearest_images); 0: all."""
     cascade: str = ""
     """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`): it runs only
     on the images every earlier cell of that cascade left standing (bench.run.cascade).
@@ -97,10 +102,12 @@ def _in_key(f: dataclasses.Field, config: Any) -> bool:
     return bool(mark)
 
 
-def cell_key(attack: str, config: Any, subset: int = 0) -> str:
+def cell_key(attack: str, config: Any, subset: int = 0, nearest: float = 0.0) -> str:
     parts = [f"{f.name}={_fmt(getattr(config, f.name))}" for f in dataclasses.fields(config) if _in_key(f, config)]
     if subset:
         parts.append(f"subset={subset}")
+    if nearest:
+        parts.append(f"nearest={_fmt(float(nearest))}")
     return f"{attack}:" + ",".join(sorted(parts))
 
 
@@ -111,6 +118,12 @@ def make_cell(
     `test_size`, where the dataset is known, bounds its subset."""
     params = dict(params)
     subset = params.pop("subset", 0)
+    nearest = params.pop("nearest", 0.0)
+    if isinstance(nearest, bool) or not isinstance(nearest, int | float) or not 0 <= nearest < 1:
+        raise BenchError(
+            f"{where} ({attack}): nearest must be a share in (0, 1) of the images a cascade left "
+            f"standing, got {nearest!r} (0 or no nearest attacks all of them)"
+        )
     if not isinstance(subset, int) or isinstance(subset, bool) or subset < 0:
         raise BenchError(f"{where} ({attack}): subset must be a non-negative integer, got {subset!r}")
     if test_size is not None and subset > test_size:
@@ -127,8 +140,8 @@ def make_cell(
         cfg = contract.with_threat(cfg, threat)
     except (TypeError, ValueError) as exc:
         raise BenchError(f"{where} ({attack}): {exc}") from exc
-    key = cell_key(attack, cfg, subset)
-    return Cell(attack, cfg, key, cfg.threat_key(), subset)
+    key = cell_key(attack, cfg, subset, nearest)
+    return Cell(attack, cfg, key, cfg.threat_key(), subset, nearest=float(nearest))
 
 
 def parse_cell_key(key: str, threat) -> Cell:
@@ -218,6 +231,11 @@ class Matrix:
         A cascade's cells come in its order, each keyed as one of this cascade's."""
         cells = expand(list(self.tables), self.threat(threat), where=f"matrix {self.source!r}", test_size=test_size)
         if not self.cascade:
+            if any(c.nearest for c in cells):
+                raise BenchError(
+                    f"matrix {self.source!r}: nearest= picks among the images a cascade left standing; "
+                    'set schedule = "cascade" or drop nearest= from its cells'
+                )
             return cells
         if any(c.subset for c in cells):
             raise BenchError(
