@@ -15,7 +15,9 @@ robust / unknown, per-image seconds (median, p90, max), the median unstable ReLU
 what decided the images. "milp" is today's path (BaB disabled); "bab" the verifier as
 it now is, which takes the BaB path for chains with at least BaBConfig.min_unstable
 unstable ReLUs. Any disagreement between the two methods' decided verdicts is printed
-and counted as wrong.
+and counted as wrong; with --verdicts each row is followed by its per-image verdicts (r,
+n or ? an image) as an HTML comment, so that runs made apart (one method per core) can be
+held to each other the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from bench.verify.complete import Verdict
 
 DATASET = "mnist5k"
 WIDTH = 256
+LETTER = {"robust": "r", "not_robust": "n", "unknown": "?"}
 
 
 def mlp(depth: int) -> nn.Module:
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         "--min-unstable", type=int, default=BaBConfig.min_unstable, help="unstable ReLUs from which BaB runs"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--verdicts", action="store_true", help="print each row's per-image verdicts (r, n, ?) as an HTML comment"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "bench-bab-models")
     args = parser.parse_args(argv)
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                     bab = BaBConfig(min_unstable=args.min_unstable) if method == "bab" else None
                     runs[method] = verify_images(g, model, x, y, eps, time_limit=limit, bab=bab)
                     print(row(method, runs[method], limit), flush=True)
+                    if args.verdicts:  # one letter an image, to hold separate runs to each other
+                        print(f"<!-- {method} verdicts: {''.join(LETTER[v.status] for v in runs[method])} -->")
                 if len(runs) == 2:
                     for i, (a, b) in enumerate(zip(*runs.values(), strict=True)):
                         if "unknown" not in (a.status, b.status) and a.status != b.status:
