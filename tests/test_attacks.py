@@ -15,9 +15,10 @@ from conftest import train_digits
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell, matrix_cells
 from bench.core.presets import default_preset
-from bench.engine.cell import craft, run_cell, subset_indices
+from bench.engine.cell import craft, run_cell
 from bench.engine.device import frozen
 from bench.engine.outcome import CellOutcome
+from bench.engine.selection import subset_indices
 from bench.errors import BenchError
 from bench.plugin import seed_from
 from bench.registry import ATTACKS, DEFENSES

@@ -21,7 +21,7 @@ from cli_run import run_cli as _cli
 import bench
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import cell_key, load_matrix, make_cell, matrix_cells
-from bench.engine.cell import subset_indices
+from bench.engine.selection import subset_indices
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DEFENSES, Registry
 from bench.run.driver import run_defense

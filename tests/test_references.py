@@ -40,8 +40,9 @@ from attacks.spsa import _spsa_gradient
 from bench.core.data import get_spec
 from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
-from bench.engine.cell import run_cell, subset_indices
+from bench.engine.cell import run_cell
 from bench.engine.device import frozen
+from bench.engine.selection import subset_indices
 from bench.registry import ATTACKS
 from bench.science.adaptive import adapt_cells
 

@@ -32,8 +32,9 @@ from bench.core.data import get_spec
 from bench.core.matrix import make_cell, parse_cell_key
 from bench.core.presets import default_preset
 from bench.engine.budget import ball, check_budget
-from bench.engine.cell import craft, run_cell, subset_indices
+from bench.engine.cell import craft, run_cell
 from bench.engine.device import frozen
+from bench.engine.selection import subset_indices
 from bench.errors import BenchError
 from bench.plugin import seed_from
 from bench.registry import ATTACKS

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.core import contract
+from bench.core.expansion import combinations
 from bench.core.kinds import CellKind
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -56,7 +56,7 @@ class Cell:
     own. None: the model itself."""
     nearest: float = 0.0
     """A cascade's cell only: the share of the images standing before it that it attacks,
-    those with the smallest clean margin (bench.engine.cell.nearest_images); 0: all."""
+    those with the smallest clean margin (bench.engine.selection.nearest_images); 0: all."""
     cascade: str = ""
     """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`): it runs only
     on the images every earlier cell of that cascade left standing (bench.run.cascade).
@@ -373,37 +373,10 @@ def expand(cells: list[dict], threat, *, where: str = "matrix", test_size: int |
                 f"{where}: cell {i + 1} ({attack}): {empty[0]} = [] gives no cells; "
                 "list at least one value or drop the key"
             )
-        for params in _combinations(table, lists, paired, f"{where}: cell {i + 1} ({attack})"):
+        for params in combinations(table, lists, paired, f"{where}: cell {i + 1} ({attack})"):
             cell = make_cell(attack, params, threat, where=f"{where}: cell {i + 1}", test_size=test_size)
             out.setdefault(cell.key, cell)
     return list(out.values())
-
-
-def _combinations(table: dict, lists: dict[str, list], paired: Any, where: str) -> list[dict]:
-    """The parameters of each cell a table expands into: a product over its lists, except
-    that the lists `paired` names go together, element by element (`eps = [0.1, 0.2]`,
-    `step_size = [0.01, 0.02]`, `paired = ["eps", "step_size"]`: two cells, not four)."""
-    if not (isinstance(paired, list) and all(isinstance(k, str) for k in paired)):
-        raise BenchError(f'{where}: paired takes the names of list values, e.g. paired = ["eps", "step_size"]')
-    unlisted = [k for k in paired if k not in lists]
-    if unlisted:
-        raise BenchError(f"{where}: paired names {unlisted[0]!r}, which is not a list in the cell; give it a list")
-    lengths = {len(lists[k]) for k in paired}
-    if len(lengths) > 1:
-        sizes = ", ".join(f"{k} has {len(lists[k])}" for k in paired)
-        raise BenchError(f"{where}: paired lists must be as long as each other ({sizes}); give each the same count")
-    groups: list[list[dict]] = []
-    if paired:
-        rows = zip(*(lists[k] for k in paired), strict=True)  # as long as each other: checked above
-        groups.append([dict(zip(paired, values, strict=True)) for values in rows])
-    groups += [[{k: v} for v in values] for k, values in lists.items() if k not in paired]
-    out = []
-    for combo in itertools.product(*groups):
-        params = dict(table)
-        for part in combo:
-            params.update(part)
-        out.append(params)
-    return out
 
 
 def matrix_cells(name_or_path: str, threat, test_size: int | None = None) -> list[Cell]:
