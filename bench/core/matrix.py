@@ -1,14 +1,13 @@
 """Attack matrices: TOML files expanded into cells with canonical keys.
 
-A matrix is a list of `[[cell]]` tables, each naming an attack and its parameters; a
-list value expands into one cell per element (a product across lists, except the lists
-a table's `paired` names, which go together element by element). Unset budgets
-are filled from the dataset's threat model, so every cell is concrete, and its key is
-`attack:k=v,...` over every config field in sorted order, the way HELM names runs: the
-same string is the CLI argument, the log line and the database key. A cell may also
-set `subset = N` to run on a fixed, seeded subset of N test images, and a cascade's cell
-`nearest = F` to attack only the share F of the images left standing before it that lie
-nearest the decision boundary.
+A matrix is a list of `[[cell]]` tables, each naming an attack and its parameters; a list value
+expands into one cell per element (a product across lists, except the lists a table's `paired`
+names, which go together element by element). Unset budgets are filled from the dataset's threat
+model, so every cell is concrete, and its key is `attack:k=v,...` over every config field in sorted
+order, the way HELM names runs: the same string is the CLI argument, the log line and the database
+key. A cell may also set `subset = N` to run on a fixed, seeded subset of N test images, and a
+cascade's cell `nearest = F` to attack only the share F of the images left standing before it that
+lie nearest the decision boundary.
 """
 
 from __future__ import annotations
@@ -58,9 +57,8 @@ class Cell:
     """A cascade's cell only: the share of the images standing before it that it attacks,
     those with the smallest clean margin (bench.engine.selection.nearest_images); 0: all."""
     cascade: str = ""
-    """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`): it runs only
-    on the images every earlier cell of that cascade left standing (bench.run.cascade).
-    Empty: the cell runs on its whole test set (or its subset)."""
+    """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`, `cascade_keyed`):
+    it runs on what every earlier cell left standing. Empty: its whole test set (or subset)."""
 
     @property
     def seed(self) -> int:
@@ -227,8 +225,7 @@ class Matrix:
         return target if self.eps is None else dataclasses.replace(target, eps=self.eps)
 
     def cells(self, threat, test_size: int | None = None) -> list[Cell]:
-        """Every cell under `threat`; `test_size`, where the dataset is known, bounds subsets.
-        A cascade's cells come in its order, each keyed as one of this cascade's."""
+        """Every cell under `threat` (a cascade's in its order); `test_size` bounds subsets."""
         cells = expand(list(self.tables), self.threat(threat), where=f"matrix {self.source!r}", test_size=test_size)
         if not self.cascade:
             if any(c.nearest for c in cells):
@@ -242,11 +239,23 @@ class Matrix:
                 f"matrix {self.source!r}: a cascade runs each cell on what the earlier ones left "
                 "standing; drop subset= from its cells"
             )
-        return [dataclasses.replace(c, key=f"{c.key},cascade={self.name}", cascade=self.name) for c in cells]
+        return cascade_keyed(cells, self.name)
 
     def transfer_cells(self, threat) -> list[Cell]:
         """The cells that craft the transfer examples, as `transfer_cell` makes them."""
         return [transfer_cell(k, self.threat(threat)) for k in self.transfer.cells]
+
+
+def cascade_keyed(cells: list[Cell], name: str) -> list[Cell]:
+    """The cells as the cascade `name` runs them. A cell's images are those the cells before
+    it left standing, so every cell after the first names them in its key (`after=`, a
+    digest of their keys): a changed cell, order or same-named file re-keys every later one,
+    whose old rows ran on other images and are never read as the new cascade's."""
+    out: list[Cell] = []
+    for c in cells:
+        after = f",after={hashlib.sha256(chr(10).join(o.key for o in out).encode()).hexdigest()[:12]}" if out else ""
+        out.append(dataclasses.replace(c, key=f"{c.key}{after},cascade={name}", cascade=name))
+    return out
 
 
 def load_matrix(name_or_path: str, eps: float | None = None) -> Matrix:
