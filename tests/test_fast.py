@@ -11,8 +11,9 @@ from cheats import Quantized
 
 import bench
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import load_matrix
+from bench.core.matrix import load_matrix, make_cell
 from bench.errors import BenchError
+from bench.registry import ATTACKS
 from bench.store.db import Store
 
 THREAT = get_spec("digits").threat
@@ -123,6 +124,41 @@ def test_the_fast_matrix_is_a_cascade_that_escalates_to_full():
     keys = [c.key for c in fast.cells(THREAT)]
     assert [k.split(":")[0] for k in keys] == ["fgsm", "pgd", "apgd", "apgd_t", "apgd_t", "square"]
     assert all(k.endswith(",cascade=fast") for k in keys)
+    assert "after=" not in keys[0] and all(",after=" in k for k in keys[1:])
+
+
+def test_a_changed_cell_rekeys_every_later_cell_of_its_cascade(tmp_path):
+    """A cascade cell runs on what the cells before it left standing, so its key names them:
+    a store holding the old cascade's rows must not hand them to the new one."""
+    first = tmp_path / "one" / "c.toml"
+    second = tmp_path / "two" / "c.toml"
+    for path, steps in ((first, 10), (second, 11)):
+        path.parent.mkdir()
+        cascade = CASCADE.format(escalate="").replace("steps = 10", f"steps = {steps}")
+        path.write_text(cascade + '\n[[cell]]\nattack = "square"\nqueries = 20\n')
+    a, b = (load_matrix(str(p)).cells(THREAT) for p in (first, second))
+    assert a[0].key == b[0].key and "after=" not in a[0].key  # FGSM: nothing before it
+    assert a[1].key != b[1].key  # the changed cell itself
+    assert a[2].key != b[2].key and a[2].config == b[2].config  # Square: same config, other images
+    assert all(c.key.endswith(",cascade=c") for c in a + b)
+    assert load_matrix(str(first)).cells(THREAT)[2].key == a[2].key  # the same cascade, the same keys
+
+
+def test_a_step_fraction_resolves_to_the_step_it_names():
+    """The fast cascade's PGD takes its step as a share of eps on every dataset: on digits
+    the dataset's own step (a quarter of 0.2), on mnist5k 0.075 where Madry et al.'s 0.01
+    would leave twenty steps short of the ball's corners."""
+    (pgd,) = [c for c in load_matrix("fast").cells(THREAT) if c.attack == "pgd"]
+    assert pgd.config.step_size == THREAT.step_size == 0.05 and pgd.config.step_fraction is None
+    mnist = get_spec("mnist5k").threat
+    (pgd,) = [c for c in load_matrix("fast").cells(mnist) if c.attack == "pgd"]
+    assert pgd.config.step_size == pytest.approx(0.075) and mnist.step_size == 0.01
+    plain = ATTACKS.get("pgd")
+    assert make_cell("pgd", {"step_fraction": 0.25}, THREAT).key == make_cell("pgd", {"step_size": 0.05}, THREAT).key
+    with pytest.raises(BenchError, match=r"step_size 0\.05 and step_fraction 0\.25 both given: keep one"):
+        plain.make_config({"step_size": 0.05, "step_fraction": 0.25})
+    with pytest.raises(BenchError, match="step_fraction must be a finite number above zero, got -1"):
+        plain.make_config({"step_fraction": -1})
 
 
 def test_a_zero_gradient_model_escalates(natural_model, tmp_path):
