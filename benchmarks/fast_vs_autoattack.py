@@ -19,7 +19,9 @@ seed-to-seed spread in samples on that checkpoint. It prints one row per checkpo
   the full matrix's come on top and the row says so), and AutoAttack / `fast`;
 - `at or below`: `fast`'s surviving samples at most AutoAttack's plus the spread;
 - `tenth`: the ratio at least 10;
-- whether `fast` escalated, and why.
+- whether `fast` escalated, and why;
+- what AutoAttack's own checks said on its cell: its Square breaking images its white-box
+  attacks left is the package's own sign of masking, which `fast`'s short Square cannot see.
 
 Exit status 1 if an honest checkpoint misses either target. A checkpoint whose cascade
 escalated is not honest by the bench's own judgement: its row is printed and left out of
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -47,6 +50,23 @@ from bench.store.db import Store
 
 TENTH = 10.0
 """AutoAttack's forward passes over `fast`'s must be at least this."""
+
+
+SQUARE_CHECK = re.compile(r"Square Attack has decreased the robust accuracy of ([0-9.]+)%")
+"""pyautoattack's words when its Square broke images its white-box attacks left (it warns
+from 0.2 points on): the package's sign of masking. It gives no code for its warnings, so
+its sentence is matched."""
+
+
+def own_checks(row) -> str:
+    """What AutoAttack's own checks said on its cell: `square -P pts` for its Square check,
+    a count of any other warning, or `none`."""
+    said = row.extra.get("warnings", []) if row.warnings else []
+    square = [m.group(1) for m in map(SQUARE_CHECK.search, said) if m]
+    words = [f"square -{square[0]} pts"] if square else []
+    if len(said) > len(square):
+        words.append(f"{len(said) - len(square)} other")
+    return ", ".join(words) or "none"
 
 
 def main() -> int:
@@ -94,6 +114,7 @@ def main() -> int:
         "at or below",
         "tenth",
         "escalated",
+        "AA's own checks",
     ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -126,7 +147,7 @@ def main() -> int:
             f"| {c.defense} | {100 * aa_n / c.test_size:.2f} | {aa_fwd:,.1f} | {spread} ({min(runs)}–{max(runs)} "
             f"at seeds {','.join(map(str, seeds))}) | {100 * fast_n / c.test_size:.2f} | {fast_fwd:,.1f} "
             f"| {ratio:.1f}x | {'yes' if at_or_below else f'NO (+{fast_n - aa_n} samples)'} "
-            f"| {'yes' if tenth else 'NO'} | {c.escalated} |",
+            f"| {'yes' if tenth else 'NO'} | {c.escalated} | {own_checks(c.autoattack)} |",
             flush=True,
         )
     print(f"\n{misses} honest checkpoint(s) miss a target (at or below AutoAttack within its spread; a tenth)")
