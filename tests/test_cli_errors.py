@@ -123,6 +123,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
     )
     (tmp / "radius.toml").write_text('eps = 1.5\n\n[[cell]]\nattack = "fgsm"\n')
     (tmp / "nearest.toml").write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.2\n')
+    (tmp / "probe.toml").write_text('schedule = "cascade"\n[[cell]]\nattack = "square"\nprobe = 10\n')
     (tmp / "paper_eps.toml").write_text('defense = "natural"\ndataset = "digits"\npaper_eps = 2.0\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
@@ -141,6 +142,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{unpaired}": str(tmp / "unpaired.toml"),
         "{radius}": str(tmp / "radius.toml"),
         "{nearest}": str(tmp / "nearest.toml"),
+        "{probe}": str(tmp / "probe.toml"),
         "{paper_eps}": str(tmp / "paper_eps.toml"),
         "{cifar}": str(tmp / "cifar"),
         "{mnist}": str(tmp / "mnist"),
@@ -179,6 +181,10 @@ ISSUE_CASES = [
     (
         ["run", "--defense", "natural", "--matrix", "{nearest}"],
         'nearest= picks among the images a cascade left standing; set schedule = "cascade"',
+    ),
+    (
+        ["run", "--defense", "natural", "--matrix", "{probe}"],
+        "cell 1 (square): probe ranks the images nearest= chooses; set nearest = 0.1 or drop probe",
     ),
     (
         ["run", "--defense", "natural", "--matrix", "{unpaired}"],

@@ -12,6 +12,7 @@ from cheats import Quantized
 import bench
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import load_matrix, make_cell
+from bench.engine.selection import probe_cell
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 from bench.store.db import Store
@@ -103,6 +104,43 @@ def test_a_nearest_cell_attacks_the_standing_images_of_smallest_margin(natural_m
     left = int(pgd.correct().sum())
     assert pgd.forward_passes == pytest.approx((len(standing) + 5 * k + left) / k)
     assert pgd.backward_passes == pytest.approx(5)
+
+
+def test_a_probed_cell_attacks_the_images_nearest_after_its_probe(natural_model, tmp_path):
+    """With `probe = K` the margins that choose are taken at the end of a K-step PGD probe
+    on the CW margin, whose passes count toward the cell's cost."""
+    matrix = tmp_path / "probed.toml"
+    matrix.write_text(
+        NEAREST.replace("nearest = 0.25", "nearest = 0.25\nprobe = 3").replace("eps = 0.02", "eps = 0.01")
+    )
+    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    store = Store.for_results(tmp_path / "r")
+    (ck,) = store.checkpoints()
+    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    fgsm, pgd = cells["fgsm"], cells["pgd"]
+    assert ",nearest=0.25," in pgd.cell_key and ",probe=3," in pgd.cell_key
+    standing = np.flatnonzero(fgsm.correct())
+    # The probe, run here as its own PGD (CW margin, cosine step of eps / 4, 3 steps) from
+    # its key's seed, and its final margins ranked in the test.
+    x, y = load_dataset("digits", "test")
+    xs, ys = x[standing], y[standing]
+    probe = make_cell("pgd", {"steps": 3, "loss": "cw", "schedule": "cosine", "step_size": 0.05}, THREAT)
+    assert probe.key == probe_cell(make_cell("pgd", {"steps": 5, "nearest": 0.25, "probe": 3}, THREAT)).key
+    adv = ATTACKS.get("pgd").fn(
+        natural_model, xs, ys, probe.config, generator=torch.Generator().manual_seed(probe.seed)
+    )
+    with torch.no_grad():
+        z = natural_model(adv.x_adv).double()
+    margin = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
+    k = -(-len(standing) // 4)
+    chosen = np.sort(standing[np.argsort(margin.numpy(), kind="stable")[:k]])
+    assert 40 < len(standing) and pgd.indices == chosen.tolist() and pgd.n == k
+    with torch.no_grad():
+        z = natural_model(xs).double()
+    clean = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
+    assert chosen.tolist() != np.sort(standing[np.argsort(clean.numpy(), kind="stable")[:k]]).tolist()
+    # The probe's backward passes (at most 3 a standing image) come on top of PGD-5's 5.
+    assert 5 < pgd.backward_passes <= 5 + 3 * len(standing) / k
 
 
 def test_nearest_outside_a_cascade_or_outside_0_1_is_refused(tmp_path):

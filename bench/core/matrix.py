@@ -7,7 +7,7 @@ model, so every cell is concrete, and its key is `attack:k=v,...` over every con
 order, the way HELM names runs: the same string is the CLI argument, the log line and the database
 key. A cell may also set `subset = N` to run on a fixed, seeded subset of N test images, and a
 cascade's cell `nearest = F` to attack only the share F of the images left standing before it that
-lie nearest the decision boundary.
+lie nearest the decision boundary (bench.core.nearest).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 from bench.core import contract
 from bench.core.expansion import combinations
 from bench.core.kinds import CellKind
+from bench.core.nearest import Nearest, nearest_from
 from bench.errors import BenchError
 from bench.registry import ATTACKS
 
@@ -53,9 +54,9 @@ class Cell:
     """A view of the model the attack crafts through, `view(model)` (such as
     bench.engine.mirror.ThroughForward), named in the key; the verdicts stay the model's
     own. None: the model itself."""
-    nearest: float = 0.0
-    """A cascade's cell only: the share of the images standing before it that it attacks,
-    those with the smallest clean margin (bench.engine.selection.nearest_images); 0: all."""
+    nearest: Nearest | None = None
+    """A cascade's cell only: it attacks the share of the images standing before it nearest
+    the boundary (bench.core.nearest); None: all."""
     cascade: str = ""
     """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`, `cascade_keyed`):
     it runs on what every earlier cell left standing. Empty: its whole test set (or subset)."""
@@ -100,12 +101,12 @@ def _in_key(f: dataclasses.Field, config: Any) -> bool:
     return bool(mark)
 
 
-def cell_key(attack: str, config: Any, subset: int = 0, nearest: float = 0.0) -> str:
+def cell_key(attack: str, config: Any, subset: int = 0, nearest: Nearest | None = None) -> str:
     parts = [f"{f.name}={_fmt(getattr(config, f.name))}" for f in dataclasses.fields(config) if _in_key(f, config)]
     if subset:
         parts.append(f"subset={subset}")
     if nearest:
-        parts.append(f"nearest={_fmt(float(nearest))}")
+        parts += nearest.key_parts()
     return f"{attack}:" + ",".join(sorted(parts))
 
 
@@ -116,12 +117,7 @@ def make_cell(
     `test_size`, where the dataset is known, bounds its subset."""
     params = dict(params)
     subset = params.pop("subset", 0)
-    nearest = params.pop("nearest", 0.0)
-    if isinstance(nearest, bool) or not isinstance(nearest, int | float) or not 0 <= nearest < 1:
-        raise BenchError(
-            f"{where} ({attack}): nearest must be a share in (0, 1) of the images a cascade left "
-            f"standing, got {nearest!r} (0 or no nearest attacks all of them)"
-        )
+    nearest = nearest_from(params, attack, where)
     if not isinstance(subset, int) or isinstance(subset, bool) or subset < 0:
         raise BenchError(f"{where} ({attack}): subset must be a non-negative integer, got {subset!r}")
     if test_size is not None and subset > test_size:
@@ -139,7 +135,7 @@ def make_cell(
     except (TypeError, ValueError) as exc:
         raise BenchError(f"{where} ({attack}): {exc}") from exc
     key = cell_key(attack, cfg, subset, nearest)
-    return Cell(attack, cfg, key, cfg.threat_key(), subset, nearest=float(nearest))
+    return Cell(attack, cfg, key, cfg.threat_key(), subset, nearest=nearest)
 
 
 def parse_cell_key(key: str, threat) -> Cell:

@@ -33,7 +33,7 @@ from bench.engine.fast import PLAIN, FastPath
 from bench.engine.logits import histogram, logit_stats
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import PassCount, counting
-from bench.engine.selection import nearest_images, subset_indices
+from bench.engine.selection import nearest_images, probe_cell, subset_indices
 from bench.engine.verdicts import EOT, in_top5, majority_correct, predict
 from bench.engine.verified import verified
 from bench.registry import ATTACKS
@@ -275,9 +275,19 @@ def run_cell(
         # verifier's search), counted at the model itself; the verdicts below are not the
         # attack's cost and are taken outside.
         with noise, counting(model) as count:
-            if cell.nearest:  # its selection pass counts toward the cell's cost
+            if cell.nearest:  # its selection passes (a forward pass, a probe's) count toward its cost
+                at = x
+                if cell.nearest.probe:
+                    probe = probe_cell(cell)
+                    at = craft(target, probe, x, y, device=device, batch_size=batch_size, fast=fast, count=count)
                 pick = nearest_images(
-                    model, cell.nearest, x, y, device=device, batch_size=batch_size, channels_last=fast.channels_last
+                    model,
+                    cell.nearest.share,
+                    at,
+                    y,
+                    device=device,
+                    batch_size=batch_size,
+                    channels_last=fast.channels_last,
                 )
                 idx = (np.arange(test_size) if idx is None else idx)[pick]
                 x, y = x[torch.from_numpy(pick)], y[torch.from_numpy(pick)]

@@ -1,6 +1,6 @@
 """Which test images a cell runs on: a fixed, seeded subset (`subset = N`), or, for a
 cascade's cell, the share of the images standing before it nearest the boundary
-(`nearest = F`)."""
+(`nearest = F`, ranked at the clean images or after a PGD probe: bench.core.nearest)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+from bench.core.matrix import Cell, make_cell
 from bench.engine.verdicts import predict
 
 
@@ -24,7 +25,8 @@ def nearest_images(
     model, share: float, x: torch.Tensor, y: torch.Tensor, *, device: str, batch_size: int, channels_last: bool
 ) -> np.ndarray:
     """Positions in (x, y), ascending, of the ceil(share * len(x)) images with the smallest
-    clean margin (the label's logit less the largest other). A cascade's costly cell spends
+    margin at x (the label's logit less the largest other): the clean images, or a probe's
+    adversaries for them (`probe_cell`). A cascade's costly cell spends
     its passes there: on mnist5k's PGD-AT checkpoint, three of the four images AutoAttack
     broke beyond `fast` were in the lowest fifth of its survivors' margins (A3, Liu et al.
     2022, spends its budget by the same reasoning, with statistics taken during the attack).
@@ -35,3 +37,9 @@ def nearest_images(
     keep = math.ceil(share * len(x))
     order = torch.sort(label - others, stable=True).indices[:keep]
     return np.sort(order.cpu().numpy())
+
+
+def probe_cell(cell: Cell) -> Cell:
+    """The PGD probe whose final margins rank the images of a cell with `probe = K`."""
+    assert cell.nearest is not None and cell.nearest.probe
+    return make_cell("pgd", cell.nearest.probe_params(cell.config), None, where=f"{cell.key}: its probe")
