@@ -4,7 +4,8 @@ at the end of a K-step PGD probe on the CW margin (bench.engine.selection).
 
 The clean margin says little about where an attack will succeed on a robust model: on
 mnist5k's IBP checkpoint the four images only AutoAttack's Square broke beyond `fast`
-ranked 0, 69, 79 and 180 of 430 by it, and 1, 6, 13 and 16 by the margin after PGD-20.
+ranked 0, 69, 79 and 180 of 430 by it, and 1, 6, 13 and 16 by the margin after 20 steps
+of PGD on the CW margin (a cosine step of eps / 4, from a random start).
 A3 (Liu et al. 2022) discards images by statistics taken during the attack for the same
 reason; a probe is the cell-local form of it, seeded and counted like the cell's own
 passes, so a resumed cascade chooses the same images.
