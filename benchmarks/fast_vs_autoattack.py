@@ -61,7 +61,7 @@ its sentence is matched."""
 def own_checks(row) -> str:
     """What AutoAttack's own checks said on its cell: `square -P pts` for its Square check,
     a count of any other warning, or `none`."""
-    said = row.extra.get("warnings", []) if row.warnings else []
+    said = row.warnings
     square = [m.group(1) for m in map(SQUARE_CHECK.search, said) if m]
     words = [f"square -{square[0]} pts"] if square else []
     if len(said) > len(square):

@@ -207,7 +207,7 @@ def autoattack_warning(ck: Checkpoint, cells: list[CellRow], transfers: list[Cel
     raised = [c for c in cells if role_of(c) is Role.ENSEMBLE and c.warnings]
     if not raised:
         return None
-    messages = sorted({m for c in raised for m in c.extra["warnings"]})
+    messages = sorted({m for c in raised for m in c.warnings})
     return {"numbers": {"warnings": messages, "cells": [c.cell_key for c in raised]}}
 
 
