@@ -249,7 +249,8 @@ def cascade_keyed(cells: list[Cell], name: str) -> list[Cell]:
     whose old rows ran on other images and are never read as the new cascade's."""
     out: list[Cell] = []
     for c in cells:
-        after = f",after={hashlib.sha256(chr(10).join(o.key for o in out).encode()).hexdigest()[:12]}" if out else ""
+        before = "\n".join(o.key for o in out)
+        after = f",after={hashlib.sha256(before.encode()).hexdigest()[:12]}" if out else ""
         out.append(dataclasses.replace(c, key=f"{c.key}{after},cascade={name}", cascade=name))
     return out
 
