@@ -124,6 +124,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
     (tmp / "radius.toml").write_text('eps = 1.5\n\n[[cell]]\nattack = "fgsm"\n')
     (tmp / "nearest.toml").write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.2\n')
     (tmp / "probe.toml").write_text('schedule = "cascade"\n[[cell]]\nattack = "square"\nprobe = 10\n')
+    (tmp / "two_steps.toml").write_text('[[cell]]\nattack = "pgd"\nstep_size = 0.05\nstep_fraction = 0.25\n')
     (tmp / "paper_eps.toml").write_text('defense = "natural"\ndataset = "digits"\npaper_eps = 2.0\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
     cifar.mkdir(parents=True)
@@ -143,6 +144,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{radius}": str(tmp / "radius.toml"),
         "{nearest}": str(tmp / "nearest.toml"),
         "{probe}": str(tmp / "probe.toml"),
+        "{two_steps}": str(tmp / "two_steps.toml"),
         "{paper_eps}": str(tmp / "paper_eps.toml"),
         "{cifar}": str(tmp / "cifar"),
         "{mnist}": str(tmp / "mnist"),
@@ -187,6 +189,10 @@ ISSUE_CASES = [
         "cell 1 (square): probe ranks the images nearest= chooses; set nearest = 0.1 or drop probe",
     ),
     (
+        ["run", "--defense", "natural", "--matrix", "{two_steps}"],
+        "cell 1 (pgd): step_size 0.05 and step_fraction 0.25 both given: keep one",
+    ),
+    (
         ["run", "--defense", "natural", "--matrix", "{unpaired}"],
         "paired lists must be as long as each other (eps has 2, step_size has 1)",
     ),
@@ -209,6 +215,22 @@ def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path
     assert code == 2 and _one_line(err) and message in err, err
     assert _store_state(store) == before
     assert not (tmp_path / "planted").exists()
+
+
+@pytest.mark.parametrize("name", ["{probe}", "{two_steps}"])
+def test_a_bad_cascade_cell_through_the_installed_script(store, tmp_path, name):
+    """The cell settings `fast` brought (`probe`, `step_fraction`), refused as a user meets them."""
+    args, message = next(case for case in ISSUE_CASES if name in case[0])
+    path = _issue_inputs(tmp_path)[name]
+    before = _store_state(store)
+    proc = subprocess.run(
+        [str(BENCH), *[path if a == name else a for a in args], "--results", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and _one_line(proc.stderr) and message in proc.stderr, proc.stderr
+    assert _store_state(store) == before
 
 
 def test_defense_all_checks_every_recipe_before_training_any(store, monkeypatch, capsys):
