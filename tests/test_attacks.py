@@ -214,18 +214,32 @@ def test_fgsm_equals_torchattacks(natural_model, robust_model, digits_test, whic
 @pytest.mark.parametrize("which", ["natural", "robust"])
 @pytest.mark.parametrize("steps", [10, 20])
 def test_pgd_is_never_weaker_than_torchattacks(natural_model, robust_model, digits_test, which, steps):
+    """From the same random start, image by image: torchattacks' PGD draws its start from
+    torch's global generator seeded s, the bench's from a generator seeded s, which is the
+    same uniform stream. The bench stops each image at its first break where torchattacks
+    returns the last iterate, so nothing torchattacks breaks may stand under the bench's.
+    (Compared as totals at unpaired starts instead, one start of PGD-10 on the PGD-AT model
+    moves by up to 19 samples of 360 from seed to seed, and the models differ from one
+    processor to another.) One image is allowed for the last bits of the start, which the
+    two round differently."""
     import torchattacks
 
     model = natural_model if which == "natural" else robust_model
     x, y = digits_test
-    ours = run(model, make_cell("pgd", {"steps": steps}, THREAT), x, y).robust_acc
-    torch.manual_seed(0)  # torchattacks draws its random start from the global generator
-    with frozen(model):
-        x_adv = torchattacks.PGD(model, eps=THREAT.eps, alpha=THREAT.step_size, steps=steps, random_start=True)(x, y)
-    theirs = robust_acc(model, x_adv, x, y)
-    assert ours <= theirs + 0.01, (ours, theirs)
-    if which == "robust":
-        assert theirs > 0.2  # the comparison means something only on a model PGD does not break
+    cell = make_cell("pgd", {"steps": steps}, THREAT)
+    for seed in (0, 1):
+        ours = correct_of(run(model, cell, x, y, seed=seed))
+        torch.manual_seed(seed)
+        with frozen(model):
+            x_adv = torchattacks.PGD(model, eps=THREAT.eps, alpha=THREAT.step_size, steps=steps, random_start=True)(
+                x, y
+            )
+        with torch.no_grad():
+            theirs = ((model(x_adv).argmax(1) == y) & (model(x).argmax(1) == y)).numpy()
+        assert int((ours & ~theirs).sum()) <= 1, (seed, int(ours.sum()), int(theirs.sum()))
+        assert ours.sum() <= theirs.sum() + 1
+        if which == "robust":
+            assert theirs.mean() > 0.2  # the comparison means something only on a model PGD does not break
 
 
 def test_autoattack_cell_equals_pyautoattack(robust_model, digits_test):

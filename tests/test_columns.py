@@ -9,9 +9,11 @@ PGD, and a black-box attack beating PGD added no witness unless admission had as
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,25 +154,51 @@ def _row(cell, result) -> CellRow:
     )
 
 
-def test_pgd_still_falling_fires_on_a_pgd_trained_model(pgd_at_model, digits_test):
-    """PGD-20 against the full matrix's PGD-1000 on PGD-AT: the long run finds more than a
-    point that PGD-20 missed (before, every run from 50 steps on gave the same number)."""
+def test_long_pgd_keeps_climbing_and_pgd_still_falling_reads_it(pgd_at_model, digits_test):
+    """The full matrix's PGD-1000 (cosine step) against PGD-20 on PGD-AT, on both losses:
+    from the same three random starts, the long run leaves fewer images standing (before,
+    every run from 50 steps on gave PGD-20's number). `pgd_still_falling` reads the pooled
+    rows: it fires with the hand-computed drop exactly where that drop is over a point.
+
+    Pooled over seeds, and not held to the flag firing: how much the long run gains is the
+    model's own, and the model differs in its last bits from one processor to another
+    (tests/test_digest.py). On one it gained 1.4 points at a single seed; on another, from
+    the same start, 0 to 3 points on the cross-entropy (PGD-20's one start moves by up to
+    fifteen samples of 360) and 0.6 to 1.1 on the CW margin."""
     x, y = digits_test
     cells = [
         c
         for c in matrix_cells("full", THREAT)
         if c.attack == "pgd"
-        and c.config.loss == "xent"
         and c.config.steps in (20, 1000)
         and c.config.restarts == 1
         and c.config.targeted == "none"
         and c.threat == THREAT.name
     ]
-    assert len(cells) == 2
-    rows = [_row(c, run_cell(pgd_at_model, c, x, y, device="cpu", batch_size=1024)) for c in cells]
+    assert sorted((c.config.loss, c.config.steps) for c in cells) == [
+        ("cw", 20), ("cw", 1000), ("xent", 20), ("xent", 1000)
+    ]  # fmt: skip
+    rows, standing = [], {}
+    for c in cells:
+        runs = [run_cell(pgd_at_model, c, x, y, device="cpu", batch_size=1024, seed=s) for s in range(3)]
+        bits = np.concatenate([np.unpackbits(np.frombuffer(r.correct_bits, dtype=np.uint8), count=r.n) for r in runs])
+        standing[c.config.loss, c.config.steps] = int(bits.sum())
+        pooled = dataclasses.replace(
+            runs[0], n=len(bits), robust_acc=float(bits.mean()), correct_bits=np.packbits(bits).tobytes()
+        )
+        rows.append(_row(c, pooled))
+    for loss in ("xent", "cw"):
+        assert standing[loss, 1000] < standing[loss, 20], standing
+    drops = {loss: (standing[loss, 20] - standing[loss, 1000]) / (3 * len(y)) for loss in ("xent", "cw")}
+    loss, drop = max(drops.items(), key=lambda kv: kv[1])
     ck = SimpleNamespace(threat=THREAT.name)
     hit = pgd_still_falling(ck, rows, [], ck.threat)
-    assert hit is not None and hit["numbers"]["steps"] == 1000 and hit["numbers"]["drop"] > 0.01, hit
+    if drop > 0.01 + 1e-6:
+        assert hit is not None, drops
+        assert hit["numbers"]["loss"] == loss and hit["numbers"]["steps"] == 1000
+        assert hit["numbers"]["drop"] == pytest.approx(drop, abs=1e-6)
+    else:
+        assert hit is None, (drops, hit)
 
 
 def test_targeted_pgd_matches_torchattacks_toward_the_same_targets(pgd_at_model, digits_test):
