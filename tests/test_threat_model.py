@@ -18,9 +18,10 @@ from bench import api
 from bench.core.data import get_spec, load_dataset
 from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
-from bench.engine.cell import craft, faithful
+from bench.engine.cell import craft
 from bench.engine.device import full_fp32
 from bench.engine.fast import FastPath
+from bench.engine.fastmodel import faithful
 from bench.engine.rewrite import exact_view, fold_bn
 from bench.engine.verdicts import majority_correct
 from bench.plugin import Crafted, radius, register_attack

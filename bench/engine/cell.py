@@ -1,35 +1,37 @@
 """Crafting (`craft`) and running (`run_cell`) one cell: the path every stored number takes.
 
-Attacks keep their data on the device for the whole call, run in large batches with the
-model frozen (eval mode, no weight gradients), and, where the caller asks (the Workspace sets
-it from the device), in NHWC memory, in bf16 autocast, on a copy with batch norm folded
-into the convolutions, or compiled. On the CPU none of these is on by default, so fp32
-results stay what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).
+Attacks run in large batches with the model frozen (eval mode, no weight gradients), and,
+where the caller asks (the Workspace sets it from the device), in NHWC memory, in bf16
+autocast, on a copy with batch norm folded into the convolutions, or compiled
+(bench.engine.fastmodel). On the CPU none of these is on by default, so fp32 results stay
+what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).
+
+A set given as a tensor stays on the device for the whole call. Held images
+(bench.core.images: ImageNet's evaluation set, uint8) move a batch at a time, and a plain
+cell judges each crafted batch as it comes, keeping only the inputs that broke an image:
+the set's float32 is never whole, nor is its adversarial copy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import itertools
 import time
 import warnings
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.core import contract
+from bench.core.images import Images, as_tensor
 from bench.core.kinds import CellKind
 from bench.core.matrix import Cell
-from bench.engine import rewrite
 from bench.engine.budget import check_budget
-from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
+from bench.engine.device import autocast, frozen, on_device, seeded_noise
 from bench.engine.fast import PLAIN, FastPath
+from bench.engine.fastmodel import FAITHFUL_BATCH, faithful, fast_model, last_word
 from bench.engine.logits import histogram, logit_stats
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import PassCount, counting
@@ -40,94 +42,11 @@ from bench.registry import ATTACKS
 from bench.store.bits import pack_bits
 from bench.store.examples import Breaks
 
-FAITHFUL_BATCH = 8
-"""Inputs on which the fast model is compared with the model before a cell uses it."""
-
-_PREPARED: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
-
-
-def _weights_key(model: torch.nn.Module) -> tuple:
-    """Changes whenever a weight or buffer is replaced or updated in place."""
-    return tuple(
-        (t.data_ptr(), t._version, tuple(t.stride())) for t in itertools.chain(model.parameters(), model.buffers())
-    )
-
-
-@contextlib.contextmanager
-def fast_model(model: torch.nn.Module, fast: FastPath = PLAIN):
-    """The frozen model as the fast path runs it, built once and kept per model.
-
-    Plain, channels-last or exactly rewritten only: the model itself or a traced graph
-    that shares its parameters (weights converted to channels-last for the duration).
-    With folding or compiling: a private copy, rebuilt when the model's weights change.
-    """
-    if not fast.copies_model:
-        net = rewrite.exact_view(model) if fast.exact_rewrites else model
-        with memory_format(model, fast.channels_last):
-            yield net
-        return
-    key = (fast.channels_last, fast.fold_bn, fast.compile, fast.exact_rewrites, _weights_key(model))
-    cached = _PREPARED.get(model)
-    if cached is None or cached[0] != key:
-        net = rewrite.fold_bn(model) if fast.fold_bn else copy.deepcopy(model)
-        if fast.exact_rewrites:
-            net = rewrite.exact_rewrite(net)
-        net.eval().requires_grad_(False)
-        if fast.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        prepared: Callable = net
-        if fast.compile:  # dynamic batch: early stop shrinks the working batch
-            prepared = torch.compile(net, dynamic=True)
-        cached = _PREPARED[model] = (key, prepared)
-    yield cached[1]
-
-
-FAITHFUL_RTOL, FAITHFUL_ATOL = 1e-4, 1e-5
-"""How close the fast model's logits and input gradients must stay to the model's own
-(batch norm folding changes them in the last bits only)."""
-
-
-def faithful(model, net, x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether `net` (the fast path's copy or rewrite of `model`) computes the model's own
-    logits and input gradients on a batch. A graph rewrite can silently drop what torch.fx
-    cannot see, a custom autograd.Function's backward among them: the attack would then
-    follow a gradient the model never gives."""
-    if net is model:
-        return True
-
-    def logits_and_grad(m):
-        xg = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False), full_fp32():
-            z = m(xg).float()
-            (g,) = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum"), xg)
-        return z.detach(), g
-
-    (z0, g0), (z1, g1) = logits_and_grad(model), logits_and_grad(net)
-    return bool(
-        torch.allclose(z1, z0, rtol=FAITHFUL_RTOL, atol=FAITHFUL_ATOL)
-        and torch.allclose(g1, g0, rtol=FAITHFUL_RTOL * 10, atol=FAITHFUL_ATOL)
-    )
-
-
-def last_word(model, net, perturb, cell: Cell, x, y, x_adv, generator) -> torch.Tensor:
-    """x_adv with the reported model's last word: a sample the fast model misclassifies
-    but the model itself classifies correctly (in true fp32) was let go by the attack on a
-    break that is not one, so it is attacked again on the model itself."""
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), full_fp32():
-        redo = (net(x_adv).argmax(1) != y) & (model(x_adv).argmax(1) == y)
-    idx = redo.nonzero().squeeze(1)
-    if len(idx):
-        with torch.autocast(x.device.type, enabled=False), full_fp32():
-            x_adv = x_adv.index_put(
-                (idx,), perturb(model, x[idx], y[idx], cell.config, generator=generator).x_adv.detach().float()
-            )
-    return x_adv
-
 
 def craft(
     model,
     cell: Cell,
-    x,
+    x: Images,
     y,
     *,
     device: str,
@@ -138,10 +57,45 @@ def craft(
     verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None,
     count: PassCount | None = None,
 ) -> torch.Tensor:
-    """Adversarial examples for (x, y) from one cell, in batches, on `device`.
+    """Adversarial examples for (x, y) from one cell, in batches, on `device`, returned
+    whole on the CPU: `crafted_batches`, joined."""
+    batches = crafted_batches(
+        model,
+        cell,
+        x,
+        y,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        on_batch=on_batch,
+        fast=fast,
+        verdicts=verdicts,
+        count=count,
+    )
+    return torch.cat([x_adv for _, x_adv in batches]).cpu().contiguous()
 
-    The whole set moves to the device once and comes back once. `fast` selects the fast
-    path (bench.engine.fast); the default is the plain fp32 path. The fast model is used
+
+def crafted_batches(
+    model,
+    cell: Cell,
+    x: Images,
+    y,
+    *,
+    device: str,
+    batch_size: int,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    fast: FastPath = PLAIN,
+    verdicts: list[contract.CompleteVerdicts | contract.CertifiedVerdicts] | None = None,
+    count: PassCount | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, adversarial examples of x[start : start + batch]) for one cell, batch after
+    batch, on `device`.
+
+    A tensor moves to the device once and comes back once; held images (bench.core.images)
+    move a batch at a time, so a caller that keeps only what it needs of each batch never
+    holds the set's float32. `fast` selects the fast path (bench.engine.fast); the default
+    is the plain fp32 path. The fast model is used
     only where it computes the model's own logits and gradients (`faithful`); every batch gets the
     reported model's last word (`last_word`) and is held to the cell's threat model by
     the harness itself (bench.engine.budget), whatever the attack plugin did.
@@ -161,11 +115,12 @@ def craft(
         # Verification is exact arithmetic on the model as it is: no fast copy.
         fast = PLAIN
     gen = torch.Generator(device=device).manual_seed(seed)
-    xd, yd = on_device(x, device, fast.channels_last), y.to(device)
-    out = []
+    xd = on_device(x, device, fast.channels_last) if isinstance(x, torch.Tensor) else x
+    yd = y.to(device)
     with frozen(model), fast_model(model, fast) as net, contextlib.ExitStack() as hooks:
         with count.pause() if count is not None else contextlib.nullcontext():
-            if not faithful(model, net, xd[:FAITHFUL_BATCH], yd[:FAITHFUL_BATCH]):
+            first = on_device(xd[:FAITHFUL_BATCH], device, fast.channels_last)
+            if not faithful(model, net, first, yd[:FAITHFUL_BATCH]):
                 net = model
         if count is not None and net is not model:  # a folded or compiled copy: its passes count too
             hooks.enter_context(counting(net, count=count))
@@ -173,7 +128,7 @@ def craft(
         # rewrites change no bit of any logit (bench.engine.rewrite), so a break on them is one.
         approximate = net is not model and fast.copies_model
         for i in range(0, len(x), batch_size):
-            xb, yb = xd[i : i + batch_size], yd[i : i + batch_size]
+            xb, yb = on_device(xd[i : i + batch_size], device, fast.channels_last), yd[i : i + batch_size]
             with autocast(device, fast.precision):
                 crafted = perturb(net, xb, yb, cell.config, generator=gen)
             if not isinstance(crafted, contract.Crafted):  # the plugin contract, held like the budget below
@@ -192,10 +147,36 @@ def craft(
             if approximate:
                 x_adv = last_word(model, net, perturb, cell, xb, yb, x_adv, gen)
             check_budget(cell, xb, x_adv)
-            out.append(x_adv)
             if on_batch:
                 on_batch(len(xb))
-    return torch.cat(out).cpu().contiguous()
+            yield i, x_adv
+
+
+def _judged(
+    model, batches: Iterator[tuple[int, torch.Tensor]], x: Images, y, *, device: str, channels_last: bool, count
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], float]:
+    """Each crafted batch judged as it comes: the clean and adversarial logits of the whole
+    set, and per batch (rows it broke, their inputs). One model call per batch, on the
+    rows a whole-set `predict` in batches of the same size would have given it, so the
+    verdicts are the same bits. The passes are not the attack's: they are kept out of its
+    count, and the seconds they took are returned to be kept out of its time."""
+    clean, adv, kept = [], [], []
+    judging = 0.0
+    for i, x_adv in batches:
+        start = time.perf_counter()
+        n = len(x_adv)
+        with count.pause():
+            zc = predict(model, x[i : i + n], device=device, batch_size=n, channels_last=channels_last)
+            za = predict(model, x_adv, device=device, batch_size=n, channels_last=channels_last)
+        yb = y[i : i + n]
+        broke = ((zc.argmax(1) == yb) & (za.argmax(1) != yb)).nonzero().squeeze(1)
+        kept.append((broke + i, x_adv[broke.to(x_adv.device)].detach().float().cpu()))
+        clean.append(zc)
+        adv.append(za)
+        judging += time.perf_counter() - start
+    if not clean:
+        return torch.zeros(0), torch.zeros(0), [], judging
+    return torch.cat(clean), torch.cat(adv), kept, judging
 
 
 def _no_images(cell: Cell, test_size: int, shape: tuple[int, ...], device: str, fast: FastPath) -> CellOutcome:
@@ -250,6 +231,9 @@ def run_cell(
     earlier cells left standing."""
     seed = cell.seed if seed is None else seed
     test_size = len(x)
+    # A plain cell judges each crafted batch as it comes and keeps only the inputs that
+    # broke an image, so held images (ImageNet's) are never whole in float32.
+    streamed = cell.votes <= 1 and cell.eot <= 1 and not cell.verifier
     idx = subset_indices(len(x), cell.subset) if images is None else np.asarray(images, dtype=np.int64)
     if idx is not None and len(idx) == 0:
         return _no_images(cell, test_size, tuple(x.shape[1:]), device, fast)
@@ -291,7 +275,9 @@ def run_cell(
                 )
                 idx = (np.arange(test_size) if idx is None else idx)[pick]
                 x, y = x[torch.from_numpy(pick)], y[torch.from_numpy(pick)]
-            x_adv = craft(
+            if not streamed:  # the rounds of a randomized model and a verifier's verdicts read x_adv whole
+                x = as_tensor(x)
+            batches = crafted_batches(
                 target,
                 cell,
                 x,
@@ -304,9 +290,18 @@ def run_cell(
                 verdicts=verdicts,
                 count=count,
             )
+            if streamed:
+                clean_logits, adv_logits, kept, judging = _judged(
+                    model, batches, x, y, device=device, channels_last=fast.channels_last, count=count
+                )
+            else:
+                x_adv = torch.cat([x_adv for _, x_adv in batches]).cpu().contiguous()
         seconds = time.perf_counter() - start
-        clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
-        adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
+        if streamed:
+            seconds -= judging
+        else:
+            clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
+            adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
         clean = clean_logits.argmax(1) == y
         # A sample the model already gets wrong is not robust, whatever the attack returned.
         robust = (adv_logits.argmax(1) == y) & clean
@@ -366,9 +361,14 @@ def run_cell(
     # model already gets wrong is its own example. A certified bound breaks nothing.
     breaks = None
     if cell.kind.breaks:
-        broke = (clean & ~robust).nonzero().squeeze(1)
+        if streamed:
+            broke = torch.cat([rows for rows, _ in kept])
+            inputs = torch.cat([inputs for _, inputs in kept])
+        else:
+            broke = (clean & ~robust).nonzero().squeeze(1)
+            inputs = x_adv[broke].detach().float().cpu()
         at = broke if idx is None else torch.as_tensor(idx, dtype=torch.long)[broke]
-        breaks = Breaks(at, x_adv[broke].detach().float().cpu())
+        breaks = Breaks(at, inputs)
     return CellOutcome(
         cell_key=cell.key,
         kind=cell.kind,

@@ -8,19 +8,24 @@ import contextlib
 
 import torch
 
+from bench.core.images import Images
 from bench.engine.device import autocast, frozen, full_fp32, memory_format, on_device, seeded_noise
 
 
 @torch.no_grad()
 def predict(
-    model, x: torch.Tensor, *, device: str, batch_size: int, precision: str = "fp32", channels_last: bool = False
+    model, x: Images, *, device: str, batch_size: int, precision: str = "fp32", channels_last: bool = False
 ) -> torch.Tensor:
     """Logits (fp32, on the CPU) for x, in batches on `device`; the model's mode is restored.
-    In fp32 they are true fp32 (no TF32 on CUDA), as every verdict must be."""
-    xd = on_device(x, device, channels_last)
+    In fp32 they are true fp32 (no TF32 on CUDA), as every verdict must be. A tensor moves
+    to the device whole, held images (bench.core.images) a batch at a time."""
+    xd = on_device(x, device, channels_last) if isinstance(x, torch.Tensor) else x
     arithmetic = full_fp32() if precision == "fp32" else contextlib.nullcontext()
     with frozen(model), memory_format(model, channels_last), autocast(device, precision), arithmetic:
-        logits = [model(xd[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        logits = [
+            model(on_device(xd[i : i + batch_size], device, channels_last)).float()
+            for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(logits).cpu()
 
 

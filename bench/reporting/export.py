@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.core.images import Images, as_tensor
 from bench.errors import BenchError
 from bench.store.evidence import Evidence
 from bench.store.examples import read_examples, transfer_examples_key
@@ -34,7 +35,7 @@ class Export:
     """Images whose input is an adversarial one (the rest are clean)."""
 
 
-def worst_case_inputs(ev: Evidence, x: torch.Tensor, source_keys: dict[int, str], threat: str | None = None) -> Export:
+def worst_case_inputs(ev: Evidence, x: Images, source_keys: dict[int, str], threat: str | None = None) -> Export:
     """The export of the checkpoint's worst case at `threat` (unset: its own radius, or the
     one radius its cells ran at), given its clean test images `x` and the keys of the
     checkpoints transfers onto it came from."""
@@ -52,7 +53,7 @@ def worst_case_inputs(ev: Evidence, x: torch.Tensor, source_keys: dict[int, str]
         )
     if len(x) != wc.n:
         raise BenchError(f"the test set has {len(x)} images but the worst case was measured on {wc.n}")
-    out = x.detach().float().clone()
+    out = as_tensor(x).detach().float().clone()
     broken = ~wc.bits
     filled = np.zeros(wc.n, dtype=bool)
     unkept = []

@@ -40,7 +40,7 @@ def _ray():
 _WORKER_CACHE: OrderedDict[str, Any] = OrderedDict()
 """In each worker process: the shared values it fetched last, by object id. A model is
 then deserialized once per worker rather than once per cell, and the fast path's per-model
-preparation (bench.engine.cell.fast_model) is reused across its cells."""
+preparation (bench.engine.fastmodel.fast_model) is reused across its cells."""
 _WORKER_CACHE_SIZE = 8
 
 
