@@ -16,7 +16,10 @@ import torch
 from cli_run import run_bench
 from PIL import Image
 
+from bench import load_checkpoint
+from bench.core.data import load_dataset
 from bench.core.folders import CROP, decode, evaluation_files
+from bench.core.images import HeldImages
 from bench.store.db import Store
 
 pytestmark = pytest.mark.xdist_group("imagenet")  # one module fixture, run once
@@ -233,3 +236,26 @@ def test_a_kannan_preset_stands_its_paper_numbers_beside_ours_at_16_255(tmp_path
     assert found["pgd10_tgt"] == f"{100 * tgt['robust_acc']:.2f}"
     assert found["pgd10_tgt_top5"] == f"{100 * tgt['robust_top5']:.2f}"
     assert found["blackbox"] == "–"  # no column of ours is their transfer attack
+
+
+def test_an_imagenet_worst_case_exports_from_the_held_set_and_judges_back(run):
+    """The evaluation set is held as uint8 (bench.core.images); the export reads it whole,
+    once, and a fresh load of the weights gets the worst case's accuracy from the file."""
+    root, data, results, _ = run
+    (ck,) = Store.for_results(results).checkpoints()
+    out = root / "adv.pt"
+    done = run_bench(
+        "export", "--checkpoint", ck.key[:8], "--out", str(out), "--results", str(results), "--data-root", str(data)
+    )
+    assert done.returncode == 0, done.stderr
+    inputs = torch.load(out)
+    x, y = load_dataset("imagenet", "test", str(data))
+    assert isinstance(x, HeldImages)
+    assert inputs.shape == x.shape and inputs.dtype == torch.float32
+    assert (inputs - x[:]).abs().max() <= 4 / 255 + 1e-6
+    model = load_checkpoint(ck.path).eval()
+    with torch.no_grad():
+        judged = float((model(inputs).argmax(1) == y).float().mean())
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
+    (worst,) = [r for r in rows if r["attack"] == "worst_case"]
+    assert judged == pytest.approx(worst["robust_acc"])
