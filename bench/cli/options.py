@@ -15,7 +15,9 @@ Db = Annotated[
 ]
 DataRoot = Annotated[
     str | None,
-    typer.Option("--data-root", envvar="BENCH_DATA", metavar="DIR", help="Folder holding MNIST, CIFAR, SVHN or ImageNet files."),
+    typer.Option(
+        "--data-root", envvar="BENCH_DATA", metavar="DIR", help="Folder holding MNIST, CIFAR, SVHN or ImageNet files."
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")]
 Threads = Annotated[

@@ -85,7 +85,7 @@ def matrix_in_fp32(ws: Workspace, matrix: dict, log: Log) -> dict:
     for cell in matrix_cells(matrix["matrix"], spec.threat):
         if cell.key not in matrix["robust_acc"]:
             continue
-        r = run_cell(model, cell, x, y, device=ws.device, batch_size=ws.batch_size())
+        r = run_cell(model, cell, x, y, device=ws.device, batch_size=ws.batch_size(row.dataset))
         fast = matrix["robust_acc"].get(cell.key)
         cells[cell.key] = {
             "fp32": r.robust_acc,

@@ -79,7 +79,7 @@ def majority_clean(ws: Workspace, row: Checkpoint, model: Callable[[], torch.nn.
     if not is_randomized(row.admission) or meta.get("clean_votes") == VOTES:
         return
     x, y = load_dataset(row.dataset, "test", ws.data_root)
-    clean = majority_correct(model(), x, y, VOTES, device=ws.device, batch_size=ws.batch_size())
+    clean = majority_correct(model(), x, y, VOTES, device=ws.device, batch_size=ws.batch_size(row.dataset))
     ws.store.update_meta(row, clean_acc=float(clean.float().mean()), clean_votes=VOTES)
 
 
@@ -180,7 +180,9 @@ def attack_checkpoints(
                         sum(len(c) for r, c, _ in work if r.key == row.key),
                     )
                 x, y = data[row.dataset]
-                yield EvalJob(models[row.key], cell, x, y, ws.device, ws.batch_size(), fast=ws.fast, label=row.key)
+                yield EvalJob(
+                    models[row.key], cell, x, y, ws.device, ws.batch_size(row.dataset), fast=ws.fast, label=row.key
+                )
 
         try:
             for job, result in executor.map(jobs()):

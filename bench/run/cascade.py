@@ -63,7 +63,9 @@ def run_cascade(
             images = np.flatnonzero(standing_after(stored, len(y)))
             if not built:
                 built.append(model())
-            job = EvalJob(built[0], cell, x, y, ws.device, ws.batch_size(), fast=ws.fast, label=row.key, images=images)
+            job = EvalJob(
+                built[0], cell, x, y, ws.device, ws.batch_size(row.dataset), fast=ws.fast, label=row.key, images=images
+            )
             try:
                 outcome = job.run()
             # Any exception of the attack fails its cell, reported like every cell's (LocalExecutor).

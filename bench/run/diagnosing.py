@@ -23,7 +23,7 @@ def ensure_diagnostic(ws: Workspace, row: Checkpoint, model: Callable[[], torch.
     x, y = load_dataset(row.dataset, "test", ws.data_root)
     eps = get_spec(row.dataset).threat.eps
     start = time.perf_counter()
-    found = diagnose(model(), x, y, eps, device=ws.device, batch_size=ws.batch_size())
+    found = diagnose(model(), x, y, eps, device=ws.device, batch_size=ws.batch_size(row.dataset))
     ws.store.add_diagnostic(
         row.id,
         eps=eps,

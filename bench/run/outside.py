@@ -166,7 +166,9 @@ def record(ws: Workspace, candidate: Candidate):
     meta = ckpt.read_meta(directory)
     if meta is None:
         x, y = load_dataset(candidate.dataset.name, "test", ws.data_root)
-        logits = predict(candidate.model.to(ws.device), x, device=ws.device, batch_size=ws.batch_size())
+        logits = predict(
+            candidate.model.to(ws.device), x, device=ws.device, batch_size=ws.batch_size(candidate.dataset.name)
+        )
         clean = float((logits.argmax(1) == y).float().mean())
         source = candidate.source
         record = source.record()

@@ -82,10 +82,10 @@ def transfer_cells(
                 continue
             if x is None:
                 x, y = load_dataset(row.dataset, "test", ws.data_root)
-                clean, clean5 = correct(model(), x, y, ws, randomized)
+                clean, clean5 = correct(model(), x, y, ws, randomized, row.dataset)
             examples, _ = crafted_examples(ws, source, cell, x, y)
             x_adv = examples.x_adv
-            after, after5 = correct(model(), x_adv, y, ws, randomized)
+            after, after5 = correct(model(), x_adv, y, ws, randomized, row.dataset)
             robust = after & clean
             kept = broken_by(robust, clean, x_adv)
             write_examples(row.path, transfer_examples_key(source.key, key), cell.threat, kept)

@@ -80,7 +80,7 @@ def ensure_checkpoints(ws: Workspace, recipes: list[Recipe], executor=None) -> t
                     directory(recipe),
                     ws.device,
                     ws.data_root,
-                    ws.batch_size(),
+                    ws.batch_size(recipe.dataset.name),
                     precision=ws.precision,
                     channels_last=ws.channels_last,
                     on_step=on_step,

@@ -54,13 +54,13 @@ def transfer_key(cell_key: str, randomized: bool) -> str:
     return adaptive_key(cell_key, 0, VOTES) if randomized else cell_key
 
 
-def correct(model, x, y, ws: Workspace, randomized: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def correct(model, x, y, ws: Workspace, randomized: bool, dataset: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per sample, whether the target classifies it correctly (one pass, or the seeded
     majority of VOTES passes for a randomized target: the same passes as its cells'), and
     whether the label is among its five largest logits (None for a randomized target)."""
     if randomized:
-        return majority_correct(model, x, y, VOTES, device=ws.device, batch_size=ws.batch_size()), None
-    logits = predict(model, x, device=ws.device, batch_size=ws.batch_size())
+        return majority_correct(model, x, y, VOTES, device=ws.device, batch_size=ws.batch_size(dataset)), None
+    logits = predict(model, x, device=ws.device, batch_size=ws.batch_size(dataset))
     return logits.argmax(1) == y, in_top5(logits, y)
 
 
@@ -132,7 +132,14 @@ def transfer_cost(examples: Examples) -> dict[str, float | None]:
 def _craft_job(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
     # Crafted on the fast path (bf16 on a GPU); targets are always judged in fp32.
     return CraftJob(
-        load_model(source, ws.device), cell, x, y, ws.device, ws.batch_size(), fast=ws.fast, label=source.key
+        load_model(source, ws.device),
+        cell,
+        x,
+        y,
+        ws.device,
+        ws.batch_size(source.dataset),
+        fast=ws.fast,
+        label=source.key,
     )
 
 
@@ -182,8 +189,8 @@ def run_transfers(
         for tgt in todo(src):
             if tgt.id not in models:
                 models[tgt.id] = load_model(tgt, ws.device)
-                clean[tgt.id], clean5[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id])
-            after, after5 = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id])
+                clean[tgt.id], clean5[tgt.id] = correct(models[tgt.id], x, y, ws, randomized[tgt.id], dataset)
+            after, after5 = correct(models[tgt.id], x_adv, y, ws, randomized[tgt.id], dataset)
             robust = after & clean[tgt.id]
             kept = broken_by(robust, clean[tgt.id], x_adv)
             write_examples(tgt.path, transfer_examples_key(src.key, keys[tgt.id]), cell.threat, kept)
