@@ -40,7 +40,7 @@ from bench.run.distributed import DataParallelTraining, train_data_parallel
 
 def _measure(args, workers: int, batch: int, root: Path) -> tuple[float, float, list[float]]:
     """(images/s over the epochs after the first, wall seconds of the whole training, losses)."""
-    spec = get_spec("digits")
+    spec = get_spec(args.dataset)
     entry = DEFENSES.get("natural")
     device = resolve_device(args.device)
     training = DataParallelTraining(
@@ -57,7 +57,7 @@ def _measure(args, workers: int, batch: int, root: Path) -> tuple[float, float, 
         precision=default_precision(device),
         channels_last=device.startswith("cuda"),
     )
-    n = len(load_dataset("digits", "train")[1])
+    n = len(load_dataset(args.dataset, "train")[1])
     full, rest = divmod(n, batch * workers)
     images = full * batch * workers + (rest if steps_per_epoch(n, batch, workers) > full else 0)
     start = time.perf_counter()
@@ -69,9 +69,8 @@ def _measure(args, workers: int, batch: int, root: Path) -> tuple[float, float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--arch", default="resnet18", help="a digits-sized architecture (resnet18, resnet8, digits_cnn)"
-    )
+    parser.add_argument("--dataset", default="digits", help="an embedded dataset: digits (8 x 8) or mnist5k (28 x 28)")
+    parser.add_argument("--arch", default="resnet18", help="an architecture for it (resnet18, resnet8, digits_cnn)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per training (the first is not timed)")
     parser.add_argument("--batch", type=int, default=128, help="per-worker batch B")
     parser.add_argument("--workers", type=int, default=2)
@@ -90,7 +89,7 @@ def main() -> None:
         configure_logging=False,
     )
     print(
-        f"natural digits, {args.arch}, {args.epochs} epochs, batch {args.batch} per worker, "
+        f"natural {args.dataset}, {args.arch}, {args.epochs} epochs, batch {args.batch} per worker, "
         f"{args.threads} thread(s) per worker, device {args.device}; load average now "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
         flush=True,

@@ -50,7 +50,7 @@ from bench.plugin import seed_from
 from bench.reporting.results import result_rows
 from bench.run.training import load_model
 from bench.science.adaptive import adapt_cells
-from bench.science.admission import is_randomized
+from bench.science.admitted import is_randomized
 from bench.store.db import Store
 from bench.store.evidence import worst_case
 

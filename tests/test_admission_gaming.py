@@ -26,7 +26,8 @@ from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
 from bench.engine.mirror import ThroughForward, custom_functions
 from bench.science.adaptive import BPDA, adapt_cells
-from bench.science.admission import AdmissionConfig, admit, attack_batches, gradient_disagrees
+from bench.science.admission import AdmissionConfig, admit, attack_batches
+from bench.science.admitted import gradient_disagrees
 
 THREAT = get_spec("digits").threat
 MATRIX = """

@@ -30,7 +30,7 @@ from bench.core.folders import (
     evaluation_files,
     image_files,
 )
-from bench.core.images import HeldImages, Images
+from bench.core.images import HeldImages, Images, as_tensor
 from bench.core.trainsets import InMemory, TrainSet
 from bench.errors import BenchError, did_you_mean
 
@@ -370,7 +370,8 @@ def training_set(name: str, root: str | None = None, seed: int = 0) -> TrainSet:
     spec = get_spec(name)
     if spec.streamed is not None:
         return spec.streamed(root, seed)
-    return InMemory(*load_dataset(name, "train", root))
+    x, y = load_dataset(name, "train", root)
+    return InMemory(as_tensor(x), y)
 
 
 def train_size(name: str, root: str | None = None) -> int:

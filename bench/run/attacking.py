@@ -24,7 +24,8 @@ from bench.run.progress import progress_bar
 from bench.run.training import once
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, WITNESS, adapt_cells
-from bench.science.admission import ensure_admission, is_randomized
+from bench.science.admission import ensure_admission
+from bench.science.admitted import is_randomized
 from bench.science.flags import CALLS_WITNESS, recompute_flags
 from bench.store.claims import Claims, claimed, eval_claim
 from bench.store.db import Checkpoint

@@ -24,7 +24,7 @@ from bench.run.training import ensure_checkpoint
 from bench.run.transfer import correct, crafted_examples, top5_bits, transfer_cost, transfer_key
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES
-from bench.science.admission import is_randomized
+from bench.science.admitted import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.bits import pack_bits
 from bench.store.db import Checkpoint

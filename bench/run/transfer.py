@@ -29,7 +29,8 @@ from bench.run.jobs import CraftJob, Examples, Failed
 from bench.run.training import load_model
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, adaptive_key
-from bench.science.admission import ensure_admission, is_randomized
+from bench.science.admission import ensure_admission
+from bench.science.admitted import is_randomized
 from bench.science.flags import recompute_flags
 from bench.store.bits import pack_bits
 from bench.store.claims import Claims, claimed, craft_claim

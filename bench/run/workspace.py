@@ -107,11 +107,11 @@ class Workspace:
         self.store.add_evaluation(row.id, **outcome.row_fields())
 
     def batch_size(self, dataset: str | None = None) -> int:
-        """The evaluation batch: --batch-size, else one for the device, set for images of
-        CIFAR's size or smaller and shrunk in proportion for larger ones (ImageNet's 224 px:
-        20 on the CPU, 83 on a GPU). At 1,024 images of 224 px a batch's every tensor is
-        0.6 GB, and an attack and its admission checks hold several at once: a one-FGSM
-        evaluation of 5,000 images peaked at 4.8 GiB (benchmarks/imagenet_io.py)."""
+        """The evaluation batch: `eval_batch` where set, else one for the device, whole up
+        to CIFAR's image size and shrunk in proportion above it (ImageNet's 224 px: 20 on
+        the CPU, 83 on a GPU). At 1,024 images of 224 px each tensor of a batch is 0.6 GB,
+        and an attack and its admission checks hold several at once: a one-FGSM evaluation
+        of 5,000 images peaked at 4.8 GiB (benchmarks/imagenet_io.py)."""
         if self.eval_batch:
             return self.eval_batch
         base = 4096 if self.device.startswith("cuda") else 1024

@@ -43,7 +43,7 @@ import torch
 from bench.core import contract
 from bench.core.matrix import Cell, cell_key, make_cell
 from bench.engine.mirror import ThroughForward
-from bench.science.admission import forward_differentiable, gradients_say_nothing, is_randomized
+from bench.science.admitted import forward_differentiable, gradients_say_nothing, is_randomized
 
 EOT_PASSES = 8
 """Forward passes averaged per gradient step on a randomized model."""

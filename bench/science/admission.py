@@ -42,6 +42,7 @@ from attacks.pgd import PGD, plain_pgd
 from bench.core.data import get_spec, load_dataset, test_size
 from bench.engine.device import frozen
 from bench.engine.mirror import custom_functions
+from bench.science.admitted import GRADIENT_COSINE, varies
 from bench.store.db import Checkpoint, Store
 
 SCHEMA = 5
@@ -282,7 +283,7 @@ def admit(
         zero, n = _zero_grad_share(model, x, y, parts)
         calls = count_autograd_calls(model, x[:8])
         noise = None
-        if not _varies(randomized):
+        if not varies(randomized):
             amp = cfg.noise_fraction * eps
             # Drawn part by part, in order: one part (every small dataset) is one draw.
             with torch.no_grad():
@@ -300,7 +301,7 @@ def admit(
         sub = slice(0, min(100, len(x)))
         trace = _traced_pgd(model, x[sub], y[sub], eps, cfg.trace_steps, gen)
         # Finite differences of a randomized forward are its noise: not measured there.
-        gradient = None if _varies(randomized) else _gradient_check(model, x, y, eps, cfg, gen)
+        gradient = None if varies(randomized) else _gradient_check(model, x, y, eps, cfg, gen)
     tail = max(2, cfg.trace_steps // 10)
     return {
         "schema": SCHEMA,
@@ -321,56 +322,6 @@ def admit(
             "trace": [round(v, 5) for v in trace[:: max(1, cfg.trace_steps // 20)]],
         },
     }
-
-
-RELATIVE_TOLERANCE = 1e-4
-"""Outputs that move by more than this fraction of their norm between passes, or any
-prediction that changes, make a model randomized (AutoAttack's check uses 1e-4)."""
-
-
-def _varies(r: dict) -> bool:
-    relative = r.get("max_relative_diff", r["max_output_diff"])
-    return r["share_prediction_changed"] > 0 or relative > RELATIVE_TOLERANCE
-
-
-def is_randomized(admission: dict | None) -> bool:
-    return bool(admission) and _varies(admission["randomized"])
-
-
-GRADIENT_COSINE = 0.8
-"""A median cosine between autograd's and the finite-difference directional derivatives
-under this means the gradient disagrees with the function (honest ReLU networks give
-about 0.99); it raises gradient_disagrees."""
-
-
-def zero_gradients(admission: dict | None) -> dict | None:
-    """The zero-gradient check's numbers when some sample's input gradient is exactly zero."""
-    z = (admission or {}).get("zero_gradient")
-    return dict(z) if z and z["count"] > 0 else None
-
-
-def gradient_disagrees(admission: dict | None) -> dict | None:
-    """The gradient check's numbers when autograd's gradient disagrees with finite
-    differences of the forward pass: those of the probe that agrees least (without the
-    list of every probe, which the admission record keeps)."""
-    g = (admission or {}).get("gradient_check")
-    if not g or g["median_cosine"] >= GRADIENT_COSINE:
-        return None
-    return {k: v for k, v in g.items() if k != "probes"}
-
-
-def forward_differentiable(admission: dict | None) -> bool:
-    """The gradient disagrees with the forward pass, and the forward applies custom
-    autograd.Functions: their backward is the suspect, and their forward can be
-    differentiated instead (bench.engine.mirror)."""
-    g = gradient_disagrees(admission)
-    return bool(g and g.get("custom_functions"))
-
-
-def gradients_say_nothing(admission: dict | None) -> bool:
-    """Some sample's input gradient is exactly zero, or autograd's gradient disagrees with
-    the model's own forward pass: gradient attacks have nothing true to follow."""
-    return bool(zero_gradients(admission) or gradient_disagrees(admission))
 
 
 def _covers(stored: dict, batches: tuple[int, ...]) -> bool:

@@ -7,8 +7,8 @@ flags come first wherever flags are listed."""
 
 from __future__ import annotations
 
-from bench.science import admission
-from bench.science.admission import is_randomized
+from bench.science import admitted
+from bench.science.admitted import is_randomized
 from bench.science.flag_registry import flag
 from bench.store.db import Checkpoint
 from bench.store.rows import CellRow
@@ -78,7 +78,7 @@ def autograd_in_forward(ck: Checkpoint, cells: list[CellRow], transfers: list[Ce
     masking=True,
 )
 def zero_gradients(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
-    z = admission.zero_gradients(ck.admission)
+    z = admitted.zero_gradients(ck.admission)
     return {"numbers": z} if z else None
 
 
@@ -91,7 +91,7 @@ def zero_gradients(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow
     masking=True,
 )
 def gradient_disagrees(ck: Checkpoint, cells: list[CellRow], transfers: list[CellRow], threat: str) -> dict | None:
-    g = admission.gradient_disagrees(ck.admission)
+    g = admitted.gradient_disagrees(ck.admission)
     return {"numbers": g} if g else None
 
 
