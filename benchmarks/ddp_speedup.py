@@ -1,13 +1,15 @@
 """How much faster one training runs data-parallel on two workers than in one.
 
     python benchmarks/ddp_speedup.py                         # resnet18 on digits, CPU
+    python benchmarks/ddp_speedup.py --dataset mnist5k --arch resnet8 --epochs 3   # compute-bound steps
     python benchmarks/ddp_speedup.py --arch resnet8 --epochs 2   # a smoke test
     python benchmarks/ddp_speedup.py --device cuda --workers 8   # a GPU node or cluster
 
-Trains natural digits with the given architecture (default resnet18: 11M weights, a few
-hundred milliseconds per step on one core, so the steps are compute-bound) three ways,
-each through bench.run.distributed as `bench train --workers N` does, on a local Ray
-cluster (or `--ray-address`):
+Trains natural digits (or `--dataset mnist5k`) with the given architecture (default
+resnet18: 11M weights, a few hundred milliseconds per step on one core; on 8 x 8 digits
+its all-reduce weighs as much as its compute, while resnet8's steps on 28 x 28 mnist5k are
+compute-bound) three ways, each through bench.run.distributed as `bench train --workers N`
+does, on a local Ray cluster (or `--ray-address`):
 
 - one worker at the per-worker batch B (the same work per step and per worker),
 - one worker at the global batch B * N (the same steps as N workers take),
