@@ -62,6 +62,8 @@ class Where:
     executor: str = "local"
     ray_address: str | None = None
     ray_gpus: float = 1.0
+    batch_size: int = 0
+    """Images per attack batch; 0 picks one for the device and the image size."""
 
 
 class IncompleteEvaluation(RuntimeError):
@@ -84,8 +86,17 @@ def open_workspace(where: Where, progress: Any = None) -> Workspace:
     # other made a digits run twenty times slower (see tests/conftest.py).
     if not 1 <= where.threads <= MAX_THREADS:
         raise BenchError(f"--threads must be between 1 and {MAX_THREADS}, got {where.threads}")
+    if where.batch_size < 0:
+        raise BenchError(f"--batch-size must be at least 1 (or 0 for the default), got {where.batch_size}")
     torch.set_num_threads(where.threads)
-    return Workspace.open(where.results, db=where.db, device=where.device, data_root=where.data_root, progress=progress)
+    return Workspace.open(
+        where.results,
+        db=where.db,
+        device=where.device,
+        data_root=where.data_root,
+        progress=progress,
+        eval_batch=where.batch_size,
+    )
 
 
 def executor(where: Where):

@@ -31,6 +31,8 @@ USAGE_ERRORS = [
     (["train", "--defense", "natural", "--threads", "0"], "--threads must be between 1 and 1024, got 0"),
     (["run", "--defense", "natural", "--threads", "99999999999"], "--threads must be between 1 and 1024"),
     (["run", "--defense", "natural", "--eps", "abc"], "invalid value for '--eps'"),
+    (["run", "--defense", "natural", "--batch-size", "-3"], "--batch-size must be at least 1 (or 0 for the default)"),
+    (["eval", "--model", "m.py:build", "--batch-size", "many"], "invalid value for '--batch-size'"),
 ]
 
 

@@ -1,14 +1,17 @@
 """Held images (bench.core.images): an evaluation set kept as uint8 and read as float32 a
 batch at a time gives every cell the very bits the float32 tensor gives, and a plain cell
-never asks it for more than one batch."""
+never asks it for more than one batch; the batch itself shrinks with the image, or is
+what --batch-size says."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run_bench
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.images import HeldImages, as_tensor
@@ -99,3 +102,24 @@ def test_a_cell_that_reads_the_set_whole_takes_its_float32_copy(natural_model, d
     on_tensor = run_cell(natural_model, voted, whole, y, device="cpu", batch_size=64)
     assert held.most == len(pixels)
     assert on_held.correct_bits == on_tensor.correct_bits
+
+
+def test_the_default_batch_shrinks_with_the_image_and_batch_size_sets_it(tmp_path):
+    from bench.run.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "ws", device="cpu")
+    assert [ws.batch_size(d) for d in ("digits", "mnist5k", "cifar10", "imagenet")] == [1024, 1024, 1024, 20]
+    assert ws.batch_size() == 1024
+    results = tmp_path / "res"
+    done = run_bench(
+        "run", "--defense", "natural", "--set", "epochs=1", "--matrix", "quick", "--batch-size", "100",
+        "--results", str(results),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
+    assert {r["label"] for r in rows if r["attack"] != "worst_case"} >= {"fgsm", "pgd10", "pgd20"}
+    from bench.store.db import Store
+
+    (ck,) = Store.for_results(results).checkpoints()
+    # The admission checks ran at the attacks' batches: 100, and the 60 left of 360.
+    assert ck.admission["config"]["batch_sizes"] == [60, 100]

@@ -10,6 +10,7 @@ from bench.cli.app import app
 from bench.cli.console import err, out
 from bench.cli.options import (
     Arch,
+    BatchSize,
     DataRoot,
     Dataset,
     DatasetFilter,
@@ -59,9 +60,10 @@ def _where(
     executor="local",
     ray_address=None,
     ray_gpus=1.0,
+    batch_size=0,
 ):
     api, _ = _load()
-    return api.Where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
+    return api.Where(results, db, data_root, device, threads, executor, ray_address, ray_gpus, batch_size)
 
 
 @app.command("ls")
@@ -91,12 +93,13 @@ def train_cmd(
     executor: Executor = "local",
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
+    batch_size: BatchSize = 0,
     workers: Workers = 1,
 ):
     """Train (or find) the checkpoint of one recipe."""
     api, output = _load()
     request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed, workers)
-    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
+    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus, batch_size)
     with output.progress() as progress:
         row, trained = api.train(request, where, progress)
     verb = "trained" if trained else "found"
@@ -125,12 +128,13 @@ def run_cmd(
     executor: Executor = "local",
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
+    batch_size: BatchSize = 0,
     workers: Workers = 1,
 ):
     """Train what is missing, run every missing cell of the matrix, print the results."""
     api, output = _load()
     request = api.TrainRequest(defense, dataset, preset, tuple(set_ or ()), arch, seed, workers)
-    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
+    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus, batch_size)
     with output.progress() as progress:
         reports, rows = api.run(defense, matrix, request, where, progress, eps=eps)
     output.surrogates(reports[0].surrogates_trained if reports else [])
@@ -212,10 +216,11 @@ def eval_cmd(
     executor: Executor = "local",
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
+    batch_size: BatchSize = 0,
 ):
     """Judge a model you hold (a factory, ONNX, timm, torchvision, RobustBench) with the same matrix."""
     api, output = _load()
-    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
+    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus, batch_size)
     with output.progress() as progress:
         report, rows = api.eval_outside(
             model,
@@ -339,10 +344,11 @@ def transfer_cmd(
     executor: Executor = "local",
     ray_address: RayAddress = None,
     ray_gpus: RayGpus = 1.0,
+    batch_size: BatchSize = 0,
 ):
     """Black-box transfer: craft on each source checkpoint, evaluate every target on it."""
     api, output = _load()
-    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus)
+    where = _where(results, db, data_root, device, threads, executor, ray_address, ray_gpus, batch_size)
     with output.progress() as progress:
         report = api.transfer(source, target, attack, dataset, where, progress)
     err.print(

@@ -20,6 +20,15 @@ DataRoot = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        metavar="N",
+        help="Images per attack batch (default: 1024 on the CPU, 4096 on a GPU, fewer for images "
+        "larger than CIFAR's: 20 and 83 for ImageNet).",
+    ),
+]
 Threads = Annotated[
     int,
     typer.Option(

@@ -34,7 +34,7 @@ class Workspace:
     progress: Any = None
     """A rich Progress (or None) to show training and attack progress on."""
     eval_batch: int = 0
-    """Evaluation batch size; 0 picks one for the device."""
+    """Evaluation batch size (--batch-size); 0 picks one for the device and the image size."""
     precision: str = ""
     """The fast path's arithmetic for crafting attacks and for training: `fp32`, or `bf16`
     (autocast; weights and the attack's iterates stay fp32). Empty picks the device's
@@ -107,11 +107,11 @@ class Workspace:
         self.store.add_evaluation(row.id, **outcome.row_fields())
 
     def batch_size(self, dataset: str | None = None) -> int:
-        """The evaluation batch: `eval_batch` where set, else one for the device, whole up
-        to CIFAR's image size and shrunk in proportion above it (ImageNet's 224 px: 20 on
-        the CPU, 83 on a GPU). At 1,024 images of 224 px each tensor of a batch is 0.6 GB,
-        and an attack and its admission checks hold several at once: a one-FGSM evaluation
-        of 5,000 images peaked at 4.8 GiB (benchmarks/imagenet_io.py)."""
+        """The evaluation batch: `eval_batch` (--batch-size) where set, else one for the
+        device, whole up to CIFAR's image size and shrunk in proportion above it (ImageNet's
+        224 px: 20 on the CPU, 83 on a GPU). At 1,024 images of 224 px each tensor of a
+        batch is 0.6 GB, and an attack and its admission checks hold several at once: a
+        one-FGSM evaluation of 5,000 images peaked at 4.8 GiB (benchmarks/imagenet_io.py)."""
         if self.eval_batch:
             return self.eval_batch
         base = 4096 if self.device.startswith("cuda") else 1024
