@@ -259,3 +259,28 @@ def test_an_imagenet_worst_case_exports_from_the_held_set_and_judges_back(run):
     rows = json.loads(run_bench("results", "--results", str(results), "--format", "json").stdout)
     (worst,) = [r for r in rows if r["attack"] == "worst_case"]
     assert judged == pytest.approx(worst["robust_acc"])
+
+
+def test_a_transfer_on_imagenet_crafts_judges_and_rereads_its_cache_from_the_held_set(run):
+    """`bench transfer` on ImageNet through the installed script, then its cached examples
+    read back against the held uint8 set (held to the ball a batch at a time)."""
+    from bench.core.data import get_spec
+    from bench.core.matrix import transfer_cell
+    from bench.run.transfer import DEFAULT_ATTACK, cached_examples
+    from bench.run.workspace import Workspace
+
+    _, data, results, _ = run
+    done = run_bench(
+        "transfer", "--source", "natural", "--target", "all", "--dataset", "imagenet",
+        "--data-root", str(data), "--results", str(results),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "crafted 1 source set(s)" in done.stderr
+    ws = Workspace.open(results, data_root=str(data))
+    (source,) = ws.store.checkpoints(dataset="imagenet")
+    x, _ = load_dataset("imagenet", "test", str(data))
+    assert isinstance(x, HeldImages)
+    cell = transfer_cell(DEFAULT_ATTACK, get_spec("imagenet").threat)
+    examples = cached_examples(ws, source, cell, x)
+    assert examples is not None and examples.x_adv.shape == x.shape
+    assert (examples.x_adv - x[:]).abs().max() <= cell.config.eps + 1e-6
