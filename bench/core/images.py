@@ -20,8 +20,6 @@ import torch
 class HeldImages:
     """uint8 pixels (N, C, H, W) read as float32 in [0, 1] by indexing, like a tensor."""
 
-    dtype = torch.float32
-
     def __init__(self, pixels: torch.Tensor):
         if pixels.dtype != torch.uint8 or pixels.dim() != 4:
             raise ValueError(f"held images are uint8 (N, C, H, W), got {pixels.dtype} {tuple(pixels.shape)}")
@@ -33,13 +31,6 @@ class HeldImages:
     @property
     def shape(self) -> torch.Size:
         return self.pixels.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixels.device
-
-    def dim(self) -> int:
-        return 4
 
     def __getitem__(self, index) -> torch.Tensor:
         rows = self.pixels[index]

@@ -72,6 +72,11 @@ def craft(
         verdicts=verdicts,
         count=count,
     )
+    return _joined(batches)
+
+
+def _joined(batches: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Crafted batches as one tensor on the CPU."""
     return torch.cat([x_adv for _, x_adv in batches]).cpu().contiguous()
 
 
@@ -174,8 +179,6 @@ def _judged(
         clean.append(zc)
         adv.append(za)
         judging += time.perf_counter() - start
-    if not clean:
-        return torch.zeros(0), torch.zeros(0), [], judging
     return torch.cat(clean), torch.cat(adv), kept, judging
 
 
@@ -295,7 +298,7 @@ def run_cell(
                     model, batches, x, y, device=device, channels_last=fast.channels_last, count=count
                 )
             else:
-                x_adv = torch.cat([x_adv for _, x_adv in batches]).cpu().contiguous()
+                x_adv = _joined(batches)
         seconds = time.perf_counter() - start
         if streamed:
             seconds -= judging
