@@ -51,7 +51,7 @@ class EOT(torch.nn.Module):
 
 @torch.no_grad()
 def majority_correct(
-    model, x: torch.Tensor, y: torch.Tensor, votes: int, *, device: str, batch_size: int, seed: int = 0
+    model, x: Images, y: torch.Tensor, votes: int, *, device: str, batch_size: int, seed: int = 0
 ) -> torch.Tensor:
     """Per sample: more than half of `votes` forward passes classify it correctly (on the CPU).
 

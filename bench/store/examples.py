@@ -19,9 +19,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from bench.core.images import Images, Picked
+from bench.store.streamed import Streamed, write_streamed
 
 FOLDER = "examples"
+WRITE_ROWS = 64
+"""Inputs read and written at a time."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,9 @@ class Breaks:
 
     indices: torch.Tensor
     """(k,) int64 test-set indices, increasing."""
-    inputs: torch.Tensor
-    """(k, C, H, W) float32: the input the model misclassifies, for each index."""
+    inputs: Images
+    """(k, C, H, W) float32: the input the model misclassifies, for each index (a tensor,
+    or rows of a crafted file read only as they are written: bench.core.images)."""
 
     def __post_init__(self):
         if len(self.indices) != len(self.inputs):
@@ -44,11 +49,11 @@ def transfer_examples_key(source_key: str, cell_key: str) -> str:
     return f"transfer[{source_key}]:{cell_key}"
 
 
-def broken_by(correct: torch.Tensor, clean: torch.Tensor, inputs: torch.Tensor) -> Breaks:
+def broken_by(correct: torch.Tensor, clean: torch.Tensor, inputs: Images) -> Breaks:
     """The breaks of a cell run on the whole test set in order: the images the model got
     right (`clean`) that its inputs made it get wrong (`correct` False)."""
     at = (clean & ~correct).nonzero().squeeze(1)
-    return Breaks(at, inputs[at].detach().float().cpu())
+    return Breaks(at, Picked(inputs, at))
 
 
 def examples_path(checkpoint_dir: str | os.PathLike, cell_key: str) -> Path:
@@ -58,17 +63,18 @@ def examples_path(checkpoint_dir: str | os.PathLike, cell_key: str) -> Path:
 
 
 def write_examples(checkpoint_dir: str | os.PathLike, cell_key: str, threat: str, breaks: Breaks) -> Path:
-    """Write a cell's examples atomically (a reader never sees half a file); returns the path."""
-    path = examples_path(checkpoint_dir, cell_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tensors = {
-        "indices": breaks.indices.to(torch.int64).contiguous().cpu(),
-        "inputs": breaks.inputs.to(torch.float32).contiguous().cpu(),
-    }
-    save_file(tensors, str(tmp), metadata={"cell_key": cell_key, "threat": threat})
-    os.replace(tmp, path)
-    return path
+    """Write a cell's examples atomically (a reader never sees half a file), the inputs
+    WRITE_ROWS at a time; returns the path."""
+    k, inputs = len(breaks.indices), breaks.inputs
+    tensors = [
+        Streamed("indices", torch.int64, (k,), [breaks.indices]),
+        Streamed(
+            "inputs", torch.float32, tuple(inputs.shape), (inputs[j : j + WRITE_ROWS] for j in range(0, k, WRITE_ROWS))
+        ),
+    ]
+    return write_streamed(
+        examples_path(checkpoint_dir, cell_key), tensors, lambda: {"cell_key": cell_key, "threat": threat}
+    )
 
 
 def read_examples(checkpoint_dir: str | os.PathLike, cell_key: str) -> Breaks | None:
