@@ -95,7 +95,7 @@ def test_reloaded_transfer_examples_are_held_to_the_ball(tmp_path: Path, digits_
     path = cache_path(tmp_path, source, cell)
     path.parent.mkdir(parents=True)
     save_file({"x_adv": (x + 0.01).clamp(0, 1).contiguous()}, str(path))
-    assert torch.equal(cached_examples(bench, source, cell, x).x_adv, (x + 0.01).clamp(0, 1))
+    assert torch.equal(cached_examples(bench, source, cell, x).x_adv[:], (x + 0.01).clamp(0, 1))
     save_file({"x_adv": (x + 0.5).clamp(0, 1).contiguous()}, str(path))  # outside eps 0.2
     with pytest.raises(BenchError, match=r"outside the threat model.*delete the file"):
         cached_examples(bench, source, cell, x)

@@ -19,7 +19,7 @@ from PIL import Image
 from bench import load_checkpoint
 from bench.core.data import load_dataset
 from bench.core.folders import CROP, decode, evaluation_files
-from bench.core.images import HeldImages
+from bench.core.images import HeldImages, StoredImages
 from bench.store.db import Store
 
 pytestmark = pytest.mark.xdist_group("imagenet")  # one module fixture, run once
@@ -283,4 +283,5 @@ def test_a_transfer_on_imagenet_crafts_judges_and_rereads_its_cache_from_the_hel
     cell = transfer_cell(DEFAULT_ATTACK, get_spec("imagenet").threat)
     examples = cached_examples(ws, source, cell, x)
     assert examples is not None and examples.x_adv.shape == x.shape
-    assert (examples.x_adv - x[:]).abs().max() <= cell.config.eps + 1e-6
+    assert isinstance(examples.x_adv, StoredImages)  # read from its file a batch at a time
+    assert (examples.x_adv[:] - x[:]).abs().max() <= cell.config.eps + 1e-6

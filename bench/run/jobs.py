@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from bench.core.data import load_dataset, training_set
+from bench.core.images import StoredImages
 from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
-from bench.engine.cell import craft, logit_stats, run_cell
+from bench.engine.cell import crafted_batches, logit_stats, run_cell
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import Passes, counting
@@ -34,6 +35,7 @@ from bench.registry import DEFENSES
 from bench.run.distributed import DataParallelTraining, train_data_parallel
 from bench.run.recipe import Recipe
 from bench.store import checkpoints as ckpt
+from bench.store.streamed import Streamed, write_streamed
 
 
 @dataclass
@@ -84,21 +86,48 @@ class EvalJob(AttackJob):
 
 @dataclass(frozen=True)
 class Examples:
-    """Adversarial examples crafted on a source model for others, with what crafting them
-    cost on the source (None for examples cached before passes were counted)."""
+    """Adversarial examples crafted on a source model for others, read from the file they
+    were written to, with what crafting them cost on the source (None for examples cached
+    before passes were counted)."""
 
-    x_adv: torch.Tensor
+    x_adv: StoredImages
     passes: Passes | None
+
+
+EXAMPLES = "x_adv"
+"""The tensor a crafted file holds its examples under."""
+
+
+def examples_cost(passes: Passes) -> dict[str, str]:
+    """A crafted file's metadata for what crafting it cost, per image."""
+    return {"forward_passes": repr(passes.forward), "backward_passes": repr(passes.backward)}
+
+
+def read_cost(metadata: dict[str, str]) -> Passes | None:
+    """What crafting a file's examples cost, from its metadata (None for a file written
+    before passes were counted)."""
+    if "forward_passes" in metadata and "backward_passes" in metadata:
+        return Passes(float(metadata["forward_passes"]), float(metadata["backward_passes"]))
+    return None
 
 
 @dataclass
 class CraftJob(AttackJob):
-    """Adversarial examples of one cell on one (source) model; returns them on the CPU."""
+    """Adversarial examples of one cell on one (source) model, written batch by batch to
+    the safetensors file `into` as they are crafted (never whole in memory: ImageNet's are
+    3 GB), atomically. Like a TrainJob's folder, `into` is the one thing it writes: with
+    several machines it must be on a folder they all share. Returns the examples as read
+    from that file."""
+
+    into: Path | None = None
 
     def run(self) -> Examples:
+        if self.into is None:
+            raise ValueError("a CraftJob writes its examples to a file: give it `into`")
         model = self.on_device()
+        n = len(self.x)
         with counting(model) as count:
-            x_adv = craft(
+            batches = crafted_batches(
                 model,
                 self.cell,
                 self.x,
@@ -108,7 +137,16 @@ class CraftJob(AttackJob):
                 fast=self.fast,
                 count=count,
             )
-        return Examples(x_adv, Passes.per_image(count, len(self.x)))
+            passes = Passes(0.0, 0.0)
+
+            def cost() -> dict[str, str]:  # called once the last batch is written
+                nonlocal passes
+                passes = Passes.per_image(count, n)
+                return {"cell": self.cell.key, "source": self.label, **examples_cost(passes)}
+
+            crafted = Streamed(EXAMPLES, torch.float32, (n, *self.x.shape[1:]), (x_adv for _, x_adv in batches))
+            write_streamed(self.into, [crafted], cost)
+        return Examples(StoredImages(self.into, EXAMPLES), passes)
 
 
 @dataclass

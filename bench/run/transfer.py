@@ -1,7 +1,10 @@
 """Black-box transfer grids: craft on a source checkpoint, evaluate targets on it.
 
 Adversarial examples are crafted once per (source checkpoint, cell) and cached as
-safetensors under results/transfers/, so a rerun or a new target never recrafts. Each
+safetensors under results/transfers/, so a rerun or a new target never recrafts. They are
+written batch by batch as they are crafted and read back a batch at a time as they are
+judged (bench.run.jobs.CraftJob, bench.core.images.StoredImages): an ImageNet set is
+never whole in float32. Each
 (source, target, cell) result is one row committed in its own transaction. The
 diagonal of a grid is the source attacking itself, i.e. white-box, kept for reference.
 """
@@ -9,23 +12,20 @@ diagonal of a grid is the source attacking itself, i.e. white-box, kept for refe
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from bench.core.data import get_spec, load_dataset
+from bench.core.images import StoredImages
 from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
-from bench.engine.passes import Passes
 from bench.engine.verdicts import in_top5, majority_correct, predict
 from bench.errors import BenchError
 from bench.run.executors import LocalExecutor
-from bench.run.jobs import CraftJob, Examples, Failed
+from bench.run.jobs import EXAMPLES, CraftJob, Examples, Failed, read_cost
 from bench.run.training import load_model
 from bench.run.workspace import Workspace
 from bench.science.adaptive import VOTES, adaptive_key
@@ -75,55 +75,30 @@ def cache_path(results: Path, source: Checkpoint, cell: Cell) -> Path:
     return results / "transfers" / source.dataset / source.key / f"{digest}.safetensors"
 
 
-BUDGET_ROWS = 256
+BUDGET_ROWS = 64
 """Rows of a cached set held to the cell's ball at a time."""
 
 
 def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> Examples | None:
-    """The cached examples of (source, cell), held to the cell's ball around x like any
-    crafted batch: a file edited or written by other code is refused, never judged."""
+    """The cached examples of (source, cell), read from their file a batch at a time and
+    held to the cell's ball around x like any crafted batch: a file edited or written by
+    other code is refused, never judged."""
     path = cache_path(ws.results, source, cell)
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            cost = f.metadata() or {}
-        cached = load_file(str(path))
-        if cached["x_adv"].shape == x.shape:
-            try:
-                # A batch at a time: held images (ImageNet's) are never whole in float32.
-                for i in range(0, len(x), BUDGET_ROWS):
-                    check_budget(cell, x[i : i + BUDGET_ROWS], cached["x_adv"][i : i + BUDGET_ROWS])
-            except BudgetError as exc:
-                raise BenchError(
-                    f"cached transfer examples {path} are outside the threat model ({exc}); "
-                    "delete the file to craft them again"
-                ) from exc
-            passes = (
-                Passes(float(cost["forward_passes"]), float(cost["backward_passes"]))
-                if "forward_passes" in cost and "backward_passes" in cost
-                else None
-            )
-            return Examples(cached["x_adv"], passes)
-    return None
-
-
-def write_cache(ws: Workspace, source: Checkpoint, cell: Cell, examples: Examples) -> None:
-    path = cache_path(ws.results, source, cell)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    stored = StoredImages(path, EXAMPLES)
+    if stored.shape != x.shape:
+        return None
     try:
-        cost = (
-            {"forward_passes": repr(examples.passes.forward), "backward_passes": repr(examples.passes.backward)}
-            if examples.passes is not None
-            else {}
-        )
-        save_file(
-            {"x_adv": examples.x_adv.contiguous()}, tmp, metadata={"cell": cell.key, "source": source.key, **cost}
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for i in range(0, len(x), BUDGET_ROWS):
+            check_budget(cell, x[i : i + BUDGET_ROWS], stored[i : i + BUDGET_ROWS])
+    except BudgetError as exc:
+        raise BenchError(
+            f"cached transfer examples {path} are outside the threat model ({exc}); delete the file to craft them again"
+        ) from exc
+    return Examples(stored, read_cost(metadata))
 
 
 def transfer_cost(examples: Examples) -> dict[str, float | None]:
@@ -147,18 +122,17 @@ def _craft_job(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> CraftJob:
         ws.batch_size(source.dataset),
         fast=ws.fast,
         label=source.key,
+        into=cache_path(ws.results, source, cell),
     )
 
 
 def crafted_examples(ws: Workspace, source: Checkpoint, cell: Cell, x, y) -> tuple[Examples, bool]:
-    """(the examples, reused?) for a source and cell: from the cache, or crafted in this
-    process and cached (the matrix's surrogate transfers, which the driver runs itself)."""
+    """(the examples, reused?) for a source and cell: from the cache, or crafted into it in
+    this process (the matrix's surrogate transfers, which the driver runs itself)."""
     cached = cached_examples(ws, source, cell, x)
     if cached is not None:
         return cached, True
-    examples = _craft_job(ws, source, cell, x, y).run()
-    write_cache(ws, source, cell, examples)
-    return examples, False
+    return _craft_job(ws, source, cell, x, y).run(), False
 
 
 def run_transfers(
@@ -253,7 +227,6 @@ def run_transfers(
             if isinstance(examples, Failed):
                 claims.release(craft_claim(src.key, cell.key))
                 raise BenchError(f"crafting {cell.key} on {src.defense} [{src.key[:8]}] failed: {examples.reason}")
-            write_cache(ws, src, cell, examples)
             claims.release(craft_claim(src.key, cell.key))
             report.crafted += 1
             judge(src, examples)
