@@ -4,6 +4,7 @@ much memory judging a 5,000-image evaluation set takes.
     python benchmarks/imagenet_io.py throughput                 # 2,000 training JPEGs, this machine's cores
     python benchmarks/imagenet_io.py throughput --images 500 --workers 0 2
     python benchmarks/imagenet_io.py memory                     # 5,000 val images, a quick eval
+    python benchmarks/imagenet_io.py memory --transfer          # ... then a transfer grid on them
 
 `throughput` writes a folder of real JPEG files (random sizes around ImageNet's mean of
 about 400 x 350 px) in the ILSVRC-2012 layout, then reads one epoch of it two ways with
@@ -16,14 +17,16 @@ across processes). It prints images per second for each worker count and the rat
 `memory` writes a 5,000-image `val/` (and a small `train/`), then runs `bench eval` on a
 small patch CNN with a one-FGSM matrix in a subprocess and prints its peak resident
 memory, beside the 3.0 GB the 5,000 images would take as float32 and the 0.75 GB they
-take as uint8. Nothing here is a test: nothing fails when it is slow or large.
+take as uint8. With `--transfer` it then runs `bench transfer --source all --target all`
+on the same set (PGD-10 crafted on the patch CNN, cached on disk, judged) in a subprocess
+of its own and prints that one's peak. Nothing here is a test: nothing fails when it is
+slow or large.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -107,21 +110,33 @@ def memory(args) -> None:
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, 16), torch.nn.ReLU(), torch.nn.Flatten(),\n"
         "                               torch.nn.Linear(8 * 14 * 14, 1000))\n"
     )
-    command = [
-        sys.executable, "-m", "bench.cli", "eval", "--model", f"{model}:build", "--name", "tiny",
-        "--dataset", "imagenet", "--data-root", str(root), "--matrix", str(matrix),
-        "--results", str(root / "results"), "--device", "cpu",
-    ]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=root)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"bench eval failed: {done.stderr.strip().splitlines()[-1:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+    common = ["--dataset", "imagenet", "--data-root", str(root), "--results", str(root / "results"), "--device", "cpu"]
     n = args.images
     as_float, as_uint8 = n * 3 * CROP * CROP * 4 / 2**30, n * 3 * CROP * CROP / 2**30
+    seconds, peak = _peak(
+        ["eval", "--model", f"{model}:build", "--name", "tiny", "--matrix", str(matrix), *common], root
+    )
     print(f"bench eval on {n} val images at {CROP} px, one FGSM cell: {seconds:.0f} s")
     print(f"peak resident memory {peak:.2f} GiB; the set as float32 {as_float:.2f} GiB, as uint8 {as_uint8:.2f} GiB")
+    if args.transfer:
+        seconds, peak = _peak(["transfer", "--source", "all", "--target", "all", *common], root)
+        print(f"bench transfer on the same {n} images, PGD-10 crafted, cached and judged: {seconds:.0f} s")
+        print(f"peak resident memory {peak:.2f} GiB; the crafted set as float32 {as_float:.2f} GiB")
+
+
+def _peak(arguments: list[str], cwd: Path) -> tuple[float, float]:
+    """(seconds, peak resident GiB) of one `bench` command in a child process of its own."""
+    start = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", *arguments], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert child.stderr is not None
+    stderr = child.stderr.read().decode()
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not every child's
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench {arguments[0]} failed: {stderr.strip().splitlines()[-1:]}")
+    return seconds, usage.ru_maxrss / 2**20  # KiB on Linux
 
 
 def main() -> None:
@@ -133,6 +148,7 @@ def main() -> None:
     t.add_argument("--workers", type=int, nargs="+", default=[0, os.cpu_count() or 1])
     m = sub.add_parser("memory")
     m.add_argument("--images", type=int, default=5000)
+    m.add_argument("--transfer", action="store_true", help="then a transfer grid on the same set, measured apart")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"throughput": throughput, "memory": memory}[args.what](args)
