@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,13 @@ import torch
 from safetensors import safe_open
 
 from bench.core.images import Images, Picked
-from bench.store.streamed import Streamed, write_streamed
+from bench.store.streamed import ANY_ROWS, Streamed, write_streamed
 
 FOLDER = "examples"
 WRITE_ROWS = 64
 """Inputs read and written at a time."""
+INPUTS, INDICES = "inputs", "indices"
+"""The names of a file's two tensors."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class Breaks:
     inputs: Images
     """(k, C, H, W) float32: the input the model misclassifies, for each index (a tensor,
     or rows of a crafted file read only as they are written: bench.core.images)."""
+
+    kept: Path | None = None
+    """The file they are kept in already (a plain cell writes its breaks as it judges
+    them), or None where whoever stores the cell writes them (`write_examples`)."""
 
     def __post_init__(self):
         if len(self.indices) != len(self.inputs):
@@ -65,16 +72,49 @@ def examples_path(checkpoint_dir: str | os.PathLike, cell_key: str) -> Path:
 def write_examples(checkpoint_dir: str | os.PathLike, cell_key: str, threat: str, breaks: Breaks) -> Path:
     """Write a cell's examples atomically (a reader never sees half a file), the inputs
     WRITE_ROWS at a time; returns the path."""
-    k, inputs = len(breaks.indices), breaks.inputs
-    tensors = [
-        Streamed("indices", torch.int64, (k,), [breaks.indices]),
-        Streamed(
-            "inputs", torch.float32, tuple(inputs.shape), (inputs[j : j + WRITE_ROWS] for j in range(0, k, WRITE_ROWS))
-        ),
-    ]
-    return write_streamed(
-        examples_path(checkpoint_dir, cell_key), tensors, lambda: {"cell_key": cell_key, "threat": threat}
+    inputs = breaks.inputs
+    return stream_examples(
+        checkpoint_dir,
+        cell_key,
+        threat,
+        tuple(inputs.shape[1:]),
+        (inputs[j : j + WRITE_ROWS] for j in range(0, len(inputs), WRITE_ROWS)),
+        lambda: breaks.indices,
     )
+
+
+def stream_examples(
+    checkpoint_dir: str | os.PathLike,
+    cell_key: str,
+    threat: str,
+    shape: tuple[int, ...],
+    inputs: Iterable[torch.Tensor],
+    indices: Callable[[], torch.Tensor],
+) -> Path:
+    """Write a cell's examples atomically as its inputs come, batch after batch (each
+    (k, *shape)), then their test-set indices, asked for once the last batch is in;
+    returns the path."""
+
+    rows = 0
+
+    def counted() -> Iterator[torch.Tensor]:
+        nonlocal rows
+        for batch in inputs:
+            rows += len(batch)
+            yield batch
+
+    def later() -> Iterator[torch.Tensor]:
+        at = indices()
+        if len(at) != rows:
+            raise ValueError(f"examples: {len(at)} indices for {rows} inputs")
+        yield at
+
+    tensors = [
+        Streamed(INPUTS, torch.float32, (ANY_ROWS, *shape), counted()),
+        Streamed(INDICES, torch.int64, (ANY_ROWS,), later()),
+    ]
+    path = examples_path(checkpoint_dir, cell_key)
+    return write_streamed(path, tensors, lambda: {"cell_key": cell_key, "threat": threat})
 
 
 def read_examples(checkpoint_dir: str | os.PathLike, cell_key: str) -> Breaks | None:
@@ -85,4 +125,4 @@ def read_examples(checkpoint_dir: str | os.PathLike, cell_key: str) -> Breaks | 
     with safe_open(str(path), framework="pt") as f:
         if (f.metadata() or {}).get("cell_key") != cell_key:
             raise ValueError(f"examples: {path} holds another cell's inputs")
-        return Breaks(f.get_tensor("indices"), f.get_tensor("inputs"))
+        return Breaks(f.get_tensor(INDICES), f.get_tensor(INPUTS), kept=path)

@@ -28,6 +28,11 @@ as safetensors aligns the data that follows."""
 _DTYPES = {torch.float32: "F32", torch.int64: "I64"}
 
 
+ANY_ROWS = -1
+"""A `Streamed` first dimension: as many rows as its batches give (a cell's breaks, whose
+number is known when the last batch is judged)."""
+
+
 @dataclass(frozen=True)
 class Streamed:
     """One tensor of a streamed file: its name, dtype, shape, and its rows in order."""
@@ -35,37 +40,43 @@ class Streamed:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    """The tensor's shape; its first dimension may be ANY_ROWS."""
     batches: Iterable[torch.Tensor]
-    """Consecutive slices along the first dimension, together exactly `shape`."""
+    """Consecutive slices along the first dimension, together exactly `shape`. They are
+    consumed after the batches of the tensors before this one, so a later tensor's may be
+    made from what the earlier ones' gave."""
 
 
 def write_streamed(path: Path, tensors: list[Streamed], metadata: Callable[[], dict[str, str]]) -> Path:
     """Write `tensors` as one safetensors file at `path`, atomically (a reader never sees
     half a file): each tensor's batches are consumed in order and written as they come.
     `metadata` is called once every batch is in. Returns `path`."""
-    entries, offset = {}, 0
     for t in tensors:
         if t.dtype not in _DTYPES:
             raise ValueError(f"streamed tensors are {sorted(map(str, _DTYPES))}, got {t.dtype}")
-        size = int(torch.Size(t.shape).numel()) * t.dtype.itemsize
-        entries[t.name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    reserved = len(_header(entries, {})) + HEADER_RESERVE
+    # Room for the largest header these tensors could need (every row count and offset at
+    # 20 digits), then the metadata's.
+    widest = {t.name: _entry(t, [2**63] * len(t.shape), 2**63, 2**63) for t in tensors}
+    reserved = len(_header(widest, {})) + HEADER_RESERVE
     reserved += -reserved % 8
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * (8 + reserved))
+            entries, offset = {}, 0
             for t in tensors:
-                rows = 0
+                rows, size = 0, 0
                 for batch in t.batches:
-                    if batch.shape[1:] != t.shape[1:]:
+                    if tuple(batch.shape[1:]) != tuple(t.shape[1:]):
                         raise ValueError(f"{t.name}: a batch of shape {tuple(batch.shape)} in a tensor of {t.shape}")
-                    f.write(batch.detach().to("cpu", t.dtype).contiguous().numpy().tobytes())
-                    rows += len(batch)
-                if rows != t.shape[0]:
+                    data = batch.detach().to("cpu", t.dtype).contiguous().numpy().tobytes()
+                    f.write(data)
+                    rows, size = rows + len(batch), size + len(data)
+                if t.shape[0] not in (rows, ANY_ROWS):
                     raise ValueError(f"{t.name}: batches gave {rows} rows of {t.shape[0]}")
+                entries[t.name] = _entry(t, [rows, *t.shape[1:]], offset, offset + size)
+                offset += size
             header = _header(entries, metadata())
             if len(header) > reserved:
                 raise ValueError(f"streamed file {path}: metadata of {len(header)} bytes over the {reserved} reserved")
@@ -76,6 +87,10 @@ def write_streamed(path: Path, tensors: list[Streamed], metadata: Callable[[], d
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _entry(t: Streamed, shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": _DTYPES[t.dtype], "shape": shape, "data_offsets": [begin, end]}
 
 
 def _header(entries: dict, metadata: dict[str, str]) -> bytes:
