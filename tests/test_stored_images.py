@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from bench.core.data import get_spec
 from bench.core.images import Picked, StoredImages
 from bench.core.matrix import make_cell
-from bench.engine.cell import craft
+from bench.engine.cell import craft, run_cell
 from bench.engine.passes import counting
 from bench.run.jobs import EXAMPLES, CraftJob, read_cost
-from bench.store.examples import Breaks, broken_by, read_examples, write_examples
+from bench.store.examples import Breaks, broken_by, examples_path, read_examples, write_examples
 from bench.store.streamed import HEADER_RESERVE, Streamed, write_streamed
 
 THREAT = get_spec("digits").threat
@@ -130,3 +130,27 @@ def test_breaks_of_stored_examples_are_written_a_batch_at_a_time(tmp_path):
     # A cell's breaks in memory are written as before.
     write_examples(tmp_path / "ck", "fgsm", "linf-0.2", Breaks(at, x[at]))
     assert torch.equal(read_examples(tmp_path / "ck", "fgsm").inputs, x[at])
+
+
+def test_a_plain_cell_writes_its_breaks_as_it_judges_them(natural_model, digits_test, tmp_path):
+    """Given the checkpoint's folder, a plain cell's breaks go to their file batch by batch
+    and come back as that file's rows: the same bits, indices and inputs as in memory, for
+    the whole set and for a cascade's images alike."""
+    x, y = digits_test
+    cell = make_cell("pgd", {"steps": 5}, THREAT)
+    for images, folder in ((None, tmp_path / "all"), (np.arange(0, len(x), 3), tmp_path / "some")):
+        memory = run_cell(natural_model, cell, x, y, device="cpu", batch_size=50, images=images)
+        written = run_cell(natural_model, cell, x, y, device="cpu", batch_size=50, images=images, keep=folder)
+        assert memory.breaks.kept is None and written.breaks.kept == examples_path(folder, cell.key)
+        assert isinstance(written.breaks.inputs, StoredImages)
+        assert written.correct_bits == memory.correct_bits and written.top5_bits == memory.top5_bits
+        kept = read_examples(folder, cell.key)
+        assert len(kept.indices) > 10
+        assert torch.equal(kept.indices, memory.breaks.indices) and torch.equal(kept.inputs, memory.breaks.inputs)
+        assert torch.equal(written.breaks.indices, kept.indices)
+        if images is not None:
+            assert set(kept.indices.tolist()) <= set(images.tolist())
+    # A cell whose kind breaks nothing writes nothing.
+    bound = make_cell("certify", {"method": "ibp"}, THREAT)
+    assert run_cell(natural_model, bound, x, y, device="cpu", batch_size=50, keep=tmp_path / "ibp").breaks is None
+    assert not (tmp_path / "ibp").exists()

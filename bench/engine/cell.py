@@ -8,8 +8,9 @@ what they were. Verdicts are always taken in fp32 (bench.engine.verdicts).
 
 A set given as a tensor stays on the device for the whole call. Held images
 (bench.core.images: ImageNet's evaluation set, uint8) move a batch at a time, and a plain
-cell judges each crafted batch as it comes, keeping only the inputs that broke an image:
-the set's float32 is never whole, nor is its adversarial copy.
+cell judges each crafted batch as it comes, keeping only the inputs that broke an image,
+and writes even those as they come where it is given the checkpoint's folder
+(bench.engine.judged): the set's float32 is never whole, nor is its adversarial copy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from bench.engine.budget import check_budget
 from bench.engine.device import autocast, frozen, on_device, seeded_noise
 from bench.engine.fast import PLAIN, FastPath
 from bench.engine.fastmodel import FAITHFUL_BATCH, faithful, fast_model, last_word
+from bench.engine.judged import judge_plain
 from bench.engine.logits import histogram, logit_stats
 from bench.engine.outcome import CellOutcome
 from bench.engine.passes import PassCount, counting
@@ -157,31 +160,6 @@ def crafted_batches(
             yield i, x_adv
 
 
-def _judged(
-    model, batches: Iterator[tuple[int, torch.Tensor]], x: Images, y, *, device: str, channels_last: bool, count
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], float]:
-    """Each crafted batch judged as it comes: the clean and adversarial logits of the whole
-    set, and per batch (rows it broke, their inputs). One model call per batch, on the
-    rows a whole-set `predict` in batches of the same size would have given it, so the
-    verdicts are the same bits. The passes are not the attack's: they are kept out of its
-    count, and the seconds they took are returned to be kept out of its time."""
-    clean, adv, kept = [], [], []
-    judging = 0.0
-    for i, x_adv in batches:
-        start = time.perf_counter()
-        n = len(x_adv)
-        with count.pause():
-            zc = predict(model, x[i : i + n], device=device, batch_size=n, channels_last=channels_last)
-            za = predict(model, x_adv, device=device, batch_size=n, channels_last=channels_last)
-        yb = y[i : i + n]
-        broke = ((zc.argmax(1) == yb) & (za.argmax(1) != yb)).nonzero().squeeze(1)
-        kept.append((broke + i, x_adv[broke.to(x_adv.device)].detach().float().cpu()))
-        clean.append(zc)
-        adv.append(za)
-        judging += time.perf_counter() - start
-    return torch.cat(clean), torch.cat(adv), kept, judging
-
-
 def _no_images(cell: Cell, test_size: int, shape: tuple[int, ...], device: str, fast: FastPath) -> CellOutcome:
     """A cascade cell after the earlier ones broke every image: nothing to attack, no pass
     spent. Its accuracies are 0 of 0 images (its n says so)."""
@@ -226,16 +204,20 @@ def run_cell(
     on_batch: Callable[[int], None] | None = None,
     fast: FastPath = PLAIN,
     images: np.ndarray | None = None,
+    keep: Path | None = None,
 ) -> CellOutcome:
     """One cell on (x, y): crafted on the fast path, verified in fp32 (so a low-precision
     craft can only make the attack weaker, which `bench perf` measures, never the model
     look broken by rounding). `seed` seeds the attack (unset: the cell's own seed).
     `images` (test-set indices) runs it on those alone: a cascade's cell, on what the
-    earlier cells left standing."""
+    earlier cells left standing. `keep` (the checkpoint's folder) is where a plain cell
+    writes the inputs that broke an image as it judges them (its `Breaks` say so); the
+    others' breaks are returned in memory for the caller to write."""
     seed = cell.seed if seed is None else seed
     test_size = len(x)
     # A plain cell judges each crafted batch as it comes and keeps only the inputs that
-    # broke an image, so held images (ImageNet's) are never whole in float32.
+    # broke an image (bench.engine.judged), so held images (ImageNet's) are never whole in
+    # float32.
     streamed = cell.votes <= 1 and cell.eot <= 1 and not cell.verifier
     idx = subset_indices(len(x), cell.subset) if images is None else np.asarray(images, dtype=np.int64)
     if idx is not None and len(idx) == 0:
@@ -294,14 +276,24 @@ def run_cell(
                 count=count,
             )
             if streamed:
-                clean_logits, adv_logits, kept, judging = _judged(
-                    model, batches, x, y, device=device, channels_last=fast.channels_last, count=count
+                judged = judge_plain(
+                    model,
+                    cell,
+                    batches,
+                    x,
+                    y,
+                    device=device,
+                    channels_last=fast.channels_last,
+                    count=count,
+                    idx=idx,
+                    keep=keep,
                 )
+                clean_logits, adv_logits = judged.clean_logits, judged.adv_logits
             else:
                 x_adv = _joined(batches)
         seconds = time.perf_counter() - start
         if streamed:
-            seconds -= judging
+            seconds -= judged.seconds
         else:
             clean_logits = predict(model, x, device=device, batch_size=batch_size, channels_last=fast.channels_last)
             adv_logits = predict(model, x_adv, device=device, batch_size=batch_size, channels_last=fast.channels_last)
@@ -363,15 +355,12 @@ def run_cell(
     # The inputs that broke what the cell broke (a verifier's counterexamples); an image the
     # model already gets wrong is its own example. A certified bound breaks nothing.
     breaks = None
-    if cell.kind.breaks:
-        if streamed:
-            broke = torch.cat([rows for rows, _ in kept])
-            inputs = torch.cat([inputs for _, inputs in kept])
-        else:
-            broke = (clean & ~robust).nonzero().squeeze(1)
-            inputs = x_adv[broke].detach().float().cpu()
+    if streamed:
+        breaks = judged.breaks
+    elif cell.kind.breaks:
+        broke = (clean & ~robust).nonzero().squeeze(1)
         at = broke if idx is None else torch.as_tensor(idx, dtype=torch.long)[broke]
-        breaks = Breaks(at, inputs)
+        breaks = Breaks(at, x_adv[broke].detach().float().cpu())
     return CellOutcome(
         cell_key=cell.key,
         kind=cell.kind,

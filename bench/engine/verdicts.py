@@ -21,12 +21,14 @@ def predict(
     to the device whole, held images (bench.core.images) a batch at a time."""
     xd = on_device(x, device, channels_last) if isinstance(x, torch.Tensor) else x
     arithmetic = full_fp32() if precision == "fp32" else contextlib.nullcontext()
+    logits: torch.Tensor | None = None
     with frozen(model), memory_format(model, channels_last), autocast(device, precision), arithmetic:
-        logits = [
-            model(on_device(xd[i : i + batch_size], device, channels_last)).float()
-            for i in range(0, len(x), batch_size)
-        ]
-    return torch.cat(logits).cpu()
+        for i in range(0, len(x), batch_size):
+            z = model(on_device(xd[i : i + batch_size], device, channels_last)).float()
+            if logits is None:  # one tensor for the set, filled batch by batch (bench.engine.judged says why)
+                logits = torch.empty(len(x), *z.shape[1:], device=z.device)
+            logits[i : i + len(z)] = z
+    return torch.empty(0, 0) if logits is None else logits.cpu()
 
 
 def in_top5(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
