@@ -182,7 +182,15 @@ def attack_checkpoints(
                     )
                 x, y = data[row.dataset]
                 yield EvalJob(
-                    models[row.key], cell, x, y, ws.device, ws.batch_size(row.dataset), fast=ws.fast, label=row.key
+                    models[row.key],
+                    cell,
+                    x,
+                    y,
+                    ws.device,
+                    ws.batch_size(row.dataset),
+                    fast=ws.fast,
+                    label=row.key,
+                    keep=Path(row.path),
                 )
 
         try:

@@ -15,6 +15,7 @@ twice nor disagree on what stood.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,7 +65,16 @@ def run_cascade(
             if not built:
                 built.append(model())
             job = EvalJob(
-                built[0], cell, x, y, ws.device, ws.batch_size(row.dataset), fast=ws.fast, label=row.key, images=images
+                built[0],
+                cell,
+                x,
+                y,
+                ws.device,
+                ws.batch_size(row.dataset),
+                fast=ws.fast,
+                label=row.key,
+                images=images,
+                keep=Path(row.path),
             )
             try:
                 outcome = job.run()

@@ -69,6 +69,10 @@ class EvalJob(AttackJob):
     """The attack's seed; unset, the cell's own (derived from its key)."""
     images: np.ndarray | None = None
     """Test-set indices to run on (a cascade's cell); unset, the cell's own images."""
+    keep: Path | None = None
+    """The checkpoint's folder, where a plain cell writes the inputs that broke an image as
+    it judges them (bench.engine.judged); like a TrainJob's, with several machines it must
+    be on a folder they all share. Unset, they come back in the outcome."""
 
     def run(self) -> CellOutcome:
         return run_cell(
@@ -81,6 +85,7 @@ class EvalJob(AttackJob):
             seed=self.seed,
             fast=self.fast,
             images=self.images,
+            keep=self.keep,
         )
 
 

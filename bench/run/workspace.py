@@ -16,7 +16,7 @@ from bench.engine.fast import FastPath
 from bench.engine.outcome import CellOutcome
 from bench.errors import BenchError
 from bench.store.db import Checkpoint, Store
-from bench.store.examples import write_examples
+from bench.store.examples import examples_path, write_examples
 
 BATCH_PIXELS = 3 * 32 * 32
 """The image size (CIFAR's) up to which the default batches hold their whole size."""
@@ -102,7 +102,8 @@ class Workspace:
         """Store one cell of a checkpoint: the inputs that broke its images beside the
         checkpoint first (bench.store.examples), then its row, so that no stored row lacks
         the examples it kept."""
-        if outcome.breaks is not None:
+        # A plain cell run with the folder to keep them in wrote them as it judged.
+        if outcome.breaks is not None and outcome.breaks.kept != examples_path(row.path, outcome.cell_key):
             write_examples(row.path, outcome.cell_key, outcome.threat, outcome.breaks)
         self.store.add_evaluation(row.id, **outcome.row_fields())
 
