@@ -5,6 +5,7 @@ much memory judging a 5,000-image evaluation set takes.
     python benchmarks/imagenet_io.py throughput --images 500 --workers 0 2
     python benchmarks/imagenet_io.py memory                     # 5,000 val images, a quick eval
     python benchmarks/imagenet_io.py memory --transfer          # ... then a transfer grid on them
+    python benchmarks/imagenet_io.py memory --breaks            # a cell that breaks all 5,000
 
 `throughput` writes a folder of real JPEG files (random sizes around ImageNet's mean of
 about 400 x 350 px) in the ILSVRC-2012 layout, then reads one epoch of it two ways with
@@ -16,7 +17,8 @@ across processes). It prints images per second for each worker count and the rat
 
 `memory` writes a 5,000-image `val/` (and a small `train/`), then runs `bench eval` on a
 small patch CNN with a one-FGSM matrix in a subprocess and prints its peak resident
-memory, beside the 3.0 GB the 5,000 images would take as float32 and the 0.75 GB they
+memory (with `--breaks`, on images shaded by class and a model that reads the shade, which
+the FGSM cell at 16/255 breaks every one of, so it keeps 5,000 inputs), beside the 3.0 GB the 5,000 images would take as float32 and the 0.75 GB they
 take as uint8. With `--transfer` it then runs `bench transfer --source all --target all`
 on the same set (PGD-10 crafted on the patch CNN, cached on disk, judged) in a subprocess
 of its own and prints that one's peak. Nothing here is a test: nothing fails when it is
@@ -41,8 +43,15 @@ from bench.core.folders import CROP, StreamedFolder, class_names, image_files
 CLASSES = 10
 
 
-def write_folder(root: Path, split: str, images: int, seed: int = 0, size: tuple[int, int] = (400, 350)) -> Path:
-    """`images` JPEG files under root/split/<synset>/, round robin over CLASSES folders."""
+SHADE = 20
+"""Grey levels between two classes' images in a folder written `shaded`."""
+
+
+def write_folder(
+    root: Path, split: str, images: int, seed: int = 0, size: tuple[int, int] = (400, 350), shaded: bool = False
+) -> Path:
+    """`images` JPEG files under root/split/<synset>/, round robin over CLASSES folders;
+    `shaded`, class c's images are noise around grey level c * SHADE."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -51,7 +60,8 @@ def write_folder(root: Path, split: str, images: int, seed: int = 0, size: tuple
     for i in range(images):
         w, h = (int(v * rng.uniform(0.8, 1.2)) for v in size)
         # Smooth noise compresses like a photograph more than white noise does.
-        small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        low, high = ((i % CLASSES) * SHADE, (i % CLASSES) * SHADE + 4) if shaded else (0, 256)
+        small = rng.integers(low, high, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
         pixels = np.kron(small, np.ones((8, 8, 1), dtype=np.uint8))[:h, :w]
         Image.fromarray(pixels).save(root / split / f"n{i % CLASSES:08d}" / f"{split}_{i:06d}.JPEG", quality=90)
     return root
@@ -99,7 +109,7 @@ def throughput(args) -> None:
 def memory(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="imagenet-mem-"))
     print(f"writing {args.images} val and 20 train JPEG files under {root} ...", file=sys.stderr)
-    write_folder(root, "val", args.images, size=(300, 260))
+    write_folder(root, "val", args.images, size=(300, 260), shaded=args.breaks)
     write_folder(root, "train", 20, seed=1, size=(300, 260))
     matrix = root / "fgsm.toml"
     matrix.write_text('[[cell]]\nattack = "fgsm"\n')
@@ -108,15 +118,23 @@ def memory(args) -> None:
         "import torch\n\n"
         "def build():\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, 16), torch.nn.ReLU(), torch.nn.Flatten(),\n"
-        "                               torch.nn.Linear(8 * 14 * 14, 1000))\n"
+        "                               torch.nn.Linear(8 * 14 * 14, 1000))\n\n\n"
+        "class Shade(torch.nn.Module):\n"
+        "    # The class whose grey level is nearest the image's mean: right on every shaded\n"
+        "    # image, and wrong once FGSM at 16/255 has moved every pixel away from it.\n"
+        "    def forward(self, x):\n"
+        f"        level = x.mean((1, 2, 3)) * 255 / {SHADE}\n"
+        "        return -((level[:, None] - torch.arange(1000, dtype=x.dtype)) ** 2)\n\n\n"
+        "def shade():\n"
+        "    return Shade()\n"
     )
     common = ["--dataset", "imagenet", "--data-root", str(root), "--results", str(root / "results"), "--device", "cpu"]
     n = args.images
     as_float, as_uint8 = n * 3 * CROP * CROP * 4 / 2**30, n * 3 * CROP * CROP / 2**30
-    seconds, peak = _peak(
-        ["eval", "--model", f"{model}:build", "--name", "tiny", "--matrix", str(matrix), *common], root
-    )
-    print(f"bench eval on {n} val images at {CROP} px, one FGSM cell: {seconds:.0f} s")
+    judged = ["--model", f"{model}:shade", "--eps", "0.0627"] if args.breaks else ["--model", f"{model}:build"]
+    seconds, peak = _peak(["eval", *judged, "--name", "tiny", "--matrix", str(matrix), *common], root)
+    what = ", which breaks every image" if args.breaks else ""
+    print(f"bench eval on {n} val images at {CROP} px, one FGSM cell{what}: {seconds:.0f} s")
     print(f"peak resident memory {peak:.2f} GiB; the set as float32 {as_float:.2f} GiB, as uint8 {as_uint8:.2f} GiB")
     if args.transfer:
         seconds, peak = _peak(["transfer", "--source", "all", "--target", "all", *common], root)
@@ -149,6 +167,7 @@ def main() -> None:
     m = sub.add_parser("memory")
     m.add_argument("--images", type=int, default=5000)
     m.add_argument("--transfer", action="store_true", help="then a transfer grid on the same set, measured apart")
+    m.add_argument("--breaks", action="store_true", help="images and a model FGSM at 16/255 breaks all of")
     args = ap.parse_args()
     torch.set_num_threads(1)
     {"throughput": throughput, "memory": memory}[args.what](args)
