@@ -4,8 +4,11 @@ A job is a plain dataclass that can be pickled to a worker. Two class attributes
 executor how to move it: `SHARED` names fields many jobs hold the same object in (a
 model, the test set), which a distributed executor ships once and lets every job read;
 `LOCAL` names fields that only make sense in the driver's process (progress callbacks),
-which such an executor drops. Jobs never touch the store: they return what the driver
-commits.
+which such an executor drops. Jobs never touch the database: they return what the driver
+commits. What they write is files, each atomically, under the results folder (which
+several machines must share): a TrainJob its checkpoint folder, an EvalJob the inputs
+that broke its images, a CraftJob its examples, so that a set larger than memory never
+passes back whole.
 """
 
 from __future__ import annotations
