@@ -25,7 +25,7 @@ from bench.engine.verdicts import predict
 from bench.store.examples import INPUTS, Breaks, stream_examples
 
 
-@dataclass
+@dataclass(frozen=True)
 class Judged:
     """What judging a plain cell's batches gave: the clean and adversarial logits of the
     whole set, the breaks, and the seconds judging took (kept out of the attack's time)."""
