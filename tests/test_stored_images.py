@@ -26,11 +26,13 @@ THREAT = get_spec("digits").threat
 class Counted(StoredImages):
     """A stored set that remembers the most rows one read returned."""
 
-    most = 0
+    def __init__(self, path, name: str):
+        super().__init__(path, name)
+        self.most = 0
 
     def __getitem__(self, index):
         rows = super().__getitem__(index)
-        Counted.most = max(Counted.most, len(rows) if rows.dim() == 4 else 1)
+        self.most = max(self.most, len(rows) if rows.dim() == 4 else 1)
         return rows
 
 
@@ -121,9 +123,9 @@ def test_breaks_of_stored_examples_are_written_a_batch_at_a_time(tmp_path):
     clean[::7] = False
     correct = torch.rand(300, generator=torch.Generator().manual_seed(0)) > 0.2
     breaks = broken_by(correct, clean, stored)
-    assert Counted.most == 0  # picking the breaks reads nothing
+    assert stored.most == 0  # picking the breaks reads nothing
     write_examples(tmp_path / "ck", "transfer[src]:pgd", "linf-0.2", breaks)
-    assert 0 < Counted.most <= 2 * StoredImages.READ_ROWS
+    assert 0 < stored.most <= 2 * StoredImages.READ_ROWS
     kept = read_examples(tmp_path / "ck", "transfer[src]:pgd")
     at = (clean & ~correct).nonzero().squeeze(1)
     assert torch.equal(kept.indices, at) and torch.equal(kept.inputs, x[at])
