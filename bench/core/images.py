@@ -62,6 +62,8 @@ class StoredImages:
             if name not in f.keys():
                 raise ValueError(f"{self.path} holds no tensor {name!r}")
             self._shape = torch.Size(f.get_slice(name).get_shape())
+            self.metadata: dict[str, str] = f.metadata() or {}
+            """The file's metadata (what wrote it, and what that cost)."""
 
     def __len__(self) -> int:
         return self._shape[0]

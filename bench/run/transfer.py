@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from bench.core.data import get_spec, load_dataset
 from bench.core.images import StoredImages
@@ -86,8 +85,6 @@ def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> Example
     path = cache_path(ws.results, source, cell)
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
     stored = StoredImages(path, EXAMPLES)
     if stored.shape != x.shape:
         return None
@@ -98,7 +95,7 @@ def cached_examples(ws: Workspace, source: Checkpoint, cell: Cell, x) -> Example
         raise BenchError(
             f"cached transfer examples {path} are outside the threat model ({exc}); delete the file to craft them again"
         ) from exc
-    return Examples(stored, read_cost(metadata))
+    return Examples(stored, read_cost(stored.metadata))
 
 
 def transfer_cost(examples: Examples) -> dict[str, float | None]:
