@@ -7,18 +7,24 @@ decide what CROWN alone cannot, within its time limit."""
 from __future__ import annotations
 
 import itertools
+import sys
 import time
+from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 from bench.core.models import Normalize
 from bench.verify import SearchConfig, to_graph, verify_images
-from bench.verify.alpha import chain_of, linear_bound, relax
+from bench.verify.alpha import Chain, chain_of, linear_bound, relax
 from bench.verify.bab import BaBConfig, Problem, branch_and_bound, root_bounds
 from bench.verify.bounds import box, crown_bounds, target_margins
 from bench.verify.complete import DECIDERS, exact_margins
+from bench.verify.rounding import local_radii
 from bench.verify.search import box32
 
 CLASSES = 3
@@ -201,3 +207,79 @@ def test_the_time_limit_holds_on_a_hard_instance():
     assert time.perf_counter() - start <= limit + 1.0
     assert v.seconds <= limit + 1.0
     assert (v.status, v.decided_by) == ("unknown", "timeout")
+
+
+class Placed(TorchFunctionMode):
+    """Records each tensor factory that bab.py or alpha.py calls without naming a device:
+    on a GPU such a tensor would land on the CPU beside the search's CUDA tensors. The
+    factories are those torch's default device applies to (torch.utils._device), the
+    same set that would put a tensor on the wrong device."""
+
+    FILES = ("bab.py", "alpha.py")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unplaced: list[str] = []
+        self.factories = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.factories and kwargs.get("device") is None:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and Path(frame.f_code.co_filename).parent.name == "verify":
+                if Path(frame.f_code.co_filename).name in self.FILES:
+                    self.unplaced.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {func.__name__}")
+        return func(*args, **kwargs)
+
+
+def test_branch_and_bound_makes_every_tensor_on_the_problems_device():
+    # Only a CPU here: the placement is checked where it is decided, at each factory call,
+    # over full searches that split, bound and attack (both verdicts among them).
+    placed, verdicts = Placed(), []
+    for seed in (1, 3, 4):  # of test_verdicts_agree_with_the_exact_margins' seeds, those BaB decides
+        model = chain_net(seed, 4, (16, 16, 12))
+        x = torch.rand(1, 1, 1, 4, generator=torch.Generator().manual_seed(200 + seed))
+        g = to_graph(model, (1, 1, 4))
+        y = g.forward(x).argmax(1)
+        with placed:
+            verdicts += verify_images(
+                g,
+                model,
+                x,
+                y,
+                0.4,
+                time_limit=20,
+                search=SearchConfig(steps=0, restarts=1),
+                bab=BaBConfig(min_unstable=0),
+            )
+    assert [(v.status, v.decided_by) for v in verdicts] == [("robust", "bab"), ("not_robust", "bab"), ("robust", "bab")]
+    assert placed.unplaced == []
+
+
+def test_a_problem_moves_every_tensor_it_holds():
+    model = chain_net(0, 4, (8, 8))
+    p, _, _ = problem(model, torch.full((1, 1, 1, 4), 0.5), 0.3)
+    g = to_graph(model, (1, 1, 4))
+    lo, hi = box(torch.full((1, 1, 1, 4), 0.5), 0.3)
+    radii = local_radii(g, lo, hi, crown_bounds(g, lo, hi))
+    p = replace(p, radii=([radii[k] for k in p.chain.relus], radii[g.output][0]))
+
+    def tensors(value) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in tensors(v)]
+        if isinstance(value, Chain):
+            return tensors((value.weights, value.biases))
+        return []
+
+    held = [f.name for f in fields(Problem) if tensors(getattr(p, f.name))]
+    assert held == ["chain", "lo", "hi", "root", "box32", "radii"]
+    moved = p.to(torch.device("meta"))
+    assert all(t.device.type == "meta" for name in held for t in tensors(getattr(moved, name)))
+    assert moved.device.type == "meta" and all(
+        t.device.type == "meta" for t in moved.no_split(2) + moved.zeros(2, torch.float64)
+    )
+    assert moved.spec([0])[0].device.type == "meta"

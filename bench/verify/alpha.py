@@ -35,6 +35,10 @@ bound by |coef| . r_k; the last op's perturbation is a constant the caller folds
 spec_b (bab.Problem.spec). The root bounds must then be bounds of the fp32 values
 (bounds.crown_bounds'), and the bound is one on the fp32 model's margin.
 
+Every tensor is made on the device of the box and the chain (bab.Problem.to puts them on
+the model's), so the whole search runs there: a batch of domains is a batch of matrix
+products, which is what a GPU is for.
+
 Soundness does not rest on the optimizer: the loop may run in float32 (it is only a
 search for good alpha and beta), and the bound a verdict reads is computed once more in
 float64 (the repo's convention for bounds) with the tuned alpha clamped to [0, 1] and
@@ -67,6 +71,10 @@ class Chain:
     def widths(self) -> list[int]:
         """Neurons of each ReLU layer."""
         return [len(b) for b in self.biases[:-1]]
+
+    def to(self, device: torch.device) -> Chain:
+        """The same chain with its matrices on `device`."""
+        return Chain(tuple(w.to(device) for w in self.weights), tuple(b.to(device) for b in self.biases), self.relus)
 
 
 def chain_of(g: Graph) -> Chain | None:
@@ -224,7 +232,7 @@ def optimize(
     sw, sb = spec_w.to(dtype), spec_b.to(dtype)
     best_a = [t.detach().to(dtype).clone() for t in alpha]
     best_b = [t.detach().to(dtype).clone() for t in beta]
-    best = torch.full((len(spec_w),), -torch.inf, dtype=dtype)
+    best = torch.full((len(spec_w),), -torch.inf, dtype=dtype, device=spec_w.device)
     params = [t.clone().requires_grad_(True) for t in best_a + best_b]
     n_alpha = len(best_a)
     opt = torch.optim.Adam(
@@ -240,7 +248,7 @@ def optimize(
                 dst[better] = src.detach()[better]
             if step == cfg.steps or time.perf_counter() >= deadline:
                 break
-            if enough is not None and bool((best > enough.to(dtype)).all()):
+            if enough is not None and bool((best > enough.to(best.device, dtype)).all()):
                 break
             opt.zero_grad(set_to_none=True)
             (-res.bound.sum()).backward()

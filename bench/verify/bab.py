@@ -29,6 +29,10 @@ then a few sign-gradient steps from the lowest ones, so that a not robust target
 usually settled long before its tree is. A counterexample must reproduce in the model
 (search.py's `reproduce`) like any other.
 
+The search runs where the Problem's tensors are (complete.py puts them on the model's
+device, `Problem.to`): every tensor it makes is made there, and a round's domains are
+bounded as one batch of matrix products.
+
 A domain whose unstable ReLUs are all split is linear on its region; if its bound is still
 not beyond tol_j (a margin within the fp32 tolerance, or beta not converged), it cannot
 be split further and the target ends unknown unless a counterexample turns up. The
@@ -38,8 +42,9 @@ domain's bound as its proven lower bound.
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -88,7 +93,7 @@ class Outcome:
     lower: float
     """A proven lower bound on z_y - z_j over the box (exact arithmetic)."""
     x_adv: torch.Tensor | None
-    """For not_robust: an input of the box the model misclassifies in fp32."""
+    """For not_robust: an input of the box the model misclassifies in fp32, on the CPU."""
     domains: int
     """Domains bounded (the root included)."""
 
@@ -118,7 +123,7 @@ class Problem:
         """(w, b): the margins z_y - z_j of `targets` folded into the last op (less the
         logits' perturbation r_y + r_j, with `radii`)."""
         w, b = self.chain.weights[-1], self.chain.biases[-1]
-        t = torch.tensor(targets)
+        t = torch.tensor(targets, device=self.device)
         const = b[self.y] - b[t]
         if self.radii is not None:
             last = self.radii[1]
@@ -129,11 +134,33 @@ class Problem:
     def layer_radii(self) -> list[torch.Tensor] | None:
         return None if self.radii is None else self.radii[0]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the search runs: every tensor it makes is made here."""
+        return self.lo.device
+
+    def to(self, device: torch.device) -> Problem:
+        """The problem with every tensor the search reads on `device`."""
+
+        def move(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device) for t in ts]
+
+        radii = None if self.radii is None else (move(self.radii[0]), self.radii[1].to(device))
+        return replace(
+            self,
+            chain=self.chain.to(device),
+            lo=self.lo.to(device),
+            hi=self.hi.to(device),
+            root=(move(self.root[0]), move(self.root[1])),
+            box32=(self.box32[0].to(device), self.box32[1].to(device)),
+            radii=radii,
+        )
+
     def no_split(self, n: int) -> list[torch.Tensor]:
-        return [torch.zeros(n, m, dtype=torch.int8) for m in self.chain.widths]
+        return [torch.zeros(n, m, dtype=torch.int8, device=self.device) for m in self.chain.widths]
 
     def zeros(self, n: int, dtype) -> list[torch.Tensor]:
-        return [torch.zeros(n, m, dtype=dtype) for m in self.chain.widths]
+        return [torch.zeros(n, m, dtype=dtype, device=self.device) for m in self.chain.widths]
 
 
 def root_bounds(p: Problem, targets: list[int], cfg: BaBConfig, deadline: float, enough: torch.Tensor) -> Optimized:
@@ -192,7 +219,7 @@ class _Pool:
         allb = torch.cat([c["bound"] for c in self.chunks])
         take = torch.topk(allb, min(k, len(self)), largest=False).indices
         take = take[torch.isfinite(allb[take])]
-        start = torch.tensor([0, *sizes]).cumsum(0)
+        start = [0, *itertools.accumulate(sizes)]
         out: dict = {key: [] for key in ("split", "alpha", "beta", "bound", "branch")}
         for ci, c in enumerate(self.chunks):
             rows = take[(take >= start[ci]) & (take < start[ci + 1])] - start[ci]
@@ -235,7 +262,7 @@ def _scores(p: Problem, res: Linear, split: list[torch.Tensor]) -> tuple[torch.T
 def _set(split: list[torch.Tensor], flat: torch.Tensor, sign: int, widths: list[int]) -> list[torch.Tensor]:
     """Copies of `split` with neuron flat[i] (an index over all layers) of row i set to sign."""
     out, start = [], 0
-    rows = torch.arange(len(flat))
+    rows = torch.arange(len(flat), device=flat.device)
     for s, m in zip(split, widths, strict=True):
         s = s.clone()
         inside = (flat >= start) & (flat < start + m)
@@ -257,7 +284,7 @@ def _branch(
         k = min(cfg.candidates, babsr.shape[1])
         cand = torch.cat([babsr.topk(k, 1).indices, icpt.topk(k, 1).indices], 1)  # (n, 2k)
         c = cand.shape[1]
-        rows = torch.arange(n).repeat_interleave(c)
+        rows = torch.arange(n, device=babsr.device).repeat_interleave(c)
         flat = cand.flatten()
         alpha = [t.double()[rows] for t in opt.alpha]
         beta = [t.double()[rows] for t in opt.beta]
@@ -329,7 +356,7 @@ def branch_and_bound(
         spec = (spec1[0].expand(2 * n, -1), spec1[1].expand(2 * n))
         alpha = [t.repeat(2, 1) for t in parents["alpha"]]
         beta = [t.repeat(2, 1) for t in parents["beta"]]
-        enough = torch.full((2 * n,), tol, dtype=torch.float64)
+        enough = torch.full((2 * n,), tol, dtype=torch.float64, device=p.device)
         opt = optimize(
             p.chain, p.lo, p.hi, *spec, p.root, split, alpha, beta, cfg.child, deadline, enough, p.layer_radii
         )
@@ -338,7 +365,8 @@ def branch_and_bound(
         order = torch.argsort(bound)[: cfg.attack_starts]
         found = _attack(p, opt.result.point[order], cfg.attack_steps)
         if found is not None:
-            return Outcome("not_robust", min(proven, pool.lowest(), float(bound.min()), stuck), found, domains)
+            lower = min(proven, pool.lowest(), float(bound.min()), stuck)
+            return Outcome("not_robust", lower, found.cpu(), domains)
         done = bound > tol
         if bool(done.any()):
             proven = min(proven, float(bound[done].min()))

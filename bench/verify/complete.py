@@ -42,7 +42,7 @@ from bench.verify.milp import (
     unstable_count,
 )
 from bench.verify.rounding import SAFETY, fp32_error, local_radii, margin_tolerance
-from bench.verify.search import SearchConfig, box32, misclassified, pgd_search, reproduce
+from bench.verify.search import SearchConfig, box32, misclassified, model_device, pgd_search, reproduce
 
 TIE = 1e-4
 """A MILP point is float64 and the model's input fp32: rounding the point moves the margin
@@ -124,6 +124,7 @@ def verify_one(
         radii = local_radii(g, lo, hi, bounds)
         scaled = ([SAFETY * radii[k] for k in chain.relus], SAFETY * radii[g.output][0])
         problem = Problem(chain, lo[0], hi[0], _layer_bounds(chain, bounds), model, y, box32(xb, eps), scaled)
+        problem = problem.to(model_device(model))  # the bounds above are the CPU's; the search runs beside the model
         status, by, adv = _branch_and_bound(problem, low, tol, bab, deadline)
         return verdict(status, by, low.min(), x_adv=adv, unstable=unstable_count(g, bounds))
     # From here on the bounds are the exact graph's (an LP-tightened bound holds for the
@@ -165,7 +166,7 @@ def _branch_and_bound(
     start = root_bounds(p, targets, cfg, deadline, need[targets])
     for r, j in enumerate(targets):
         low[j] = max(float(low[j]), float(start.result.bound[r]))
-    for r in torch.argsort(start.result.bound - need[targets]).tolist():
+    for r in torch.argsort(start.result.bound.cpu() - need[targets]).tolist():
         j = targets[r]
         out = branch_and_bound(p, j, float(need[j]), start, r, cfg, deadline)
         low[j] = max(float(low[j]), out.lower)
