@@ -3,6 +3,7 @@
 
     python benchmarks/bab_mlp.py --limit-images 30
     python benchmarks/bab_mlp.py --depth 6 --training natural --eps 0.05 --limit-images 10 --method bab
+    python benchmarks/bab_mlp.py --method bab --device cuda --batch 1024   # the search on a GPU
 
 Each net is trained with the bench's own loop (bench.engine.train.train, seeded as
 train_model seeds it) and the defense's mnist5k preset (`natural_mnist5k`,
@@ -37,6 +38,7 @@ from bench.core.data import get_spec, load_dataset
 from bench.core.models import Normalize
 from bench.core.presets import default_preset
 from bench.core.trainsets import InMemory
+from bench.engine.device import resolve_device
 from bench.engine.train import TrainConfig, TrainContext, train
 from bench.registry import DEFENSES
 from bench.verify import to_graph, verify_images
@@ -116,9 +118,16 @@ def main(argv: list[str] | None = None) -> None:
         "--verdicts", action="store_true", help="print each row's per-image verdicts (r, n, ?) as an HTML comment"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--device", default="cpu", help="auto, cpu or cuda: where the model runs, and so the search (default cpu)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=BaBConfig.batch, help="domains split per round (a GPU takes many more)"
+    )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "bench-bab-models")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     x, y = load_dataset(DATASET, "test")
     x, y = x[: args.limit_images], y[: args.limit_images]
     wrong = 0
@@ -127,13 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         for defense in args.training:
             model = trained(depth, defense, args.seed, args.cache)
             g = to_graph(model, tuple(x.shape[1:]))
+            model.to(device)
             with torch.no_grad():
-                clean = float((model(x).argmax(1) == y).float().mean())
+                clean = float((model(x.to(device)).argmax(1).cpu() == y).float().mean())
             for eps in args.eps:
                 print(
                     f"\n### 784-{WIDTH}x{depth}-10, {defense} (clean {clean:.1%}), eps {eps:g}, {limit:g} s per image"
                 )
-                print(f"{len(x)} images\n")
+                print(f"{len(x)} images, on {device}, {args.batch} domains a round\n")
                 print(
                     "| method | decided | robust / not robust / unknown | s per image: median / p90 / max "
                     "| unstable (median) | decided by |"
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 print("|---|---|---|---|---|---|")
                 runs = {}
                 for method in args.method:
-                    bab = BaBConfig(min_unstable=args.min_unstable) if method == "bab" else None
+                    bab = BaBConfig(min_unstable=args.min_unstable, batch=args.batch) if method == "bab" else None
                     runs[method] = verify_images(g, model, x, y, eps, time_limit=limit, bab=bab)
                     print(row(method, runs[method], limit), flush=True)
                     if args.verdicts:  # one letter an image, to hold separate runs to each other
