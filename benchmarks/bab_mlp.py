@@ -40,6 +40,7 @@ from bench.core.presets import default_preset
 from bench.core.trainsets import InMemory
 from bench.engine.device import resolve_device
 from bench.engine.train import TrainConfig, TrainContext, train
+from bench.errors import BenchError
 from bench.registry import DEFENSES
 from bench.verify import to_graph, verify_images
 from bench.verify.bab import BaBConfig
@@ -126,8 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "bench-bab-models")
     args = parser.parse_args(argv)
+    # One line and exit status 2 for a value the run cannot take (no usage block above it).
+    if args.batch < 1:
+        parser.exit(2, f"{parser.prog}: --batch must be at least 1 (domains split per round), got {args.batch}\n")
+    try:
+        device = resolve_device(args.device)
+    except BenchError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
     x, y = load_dataset(DATASET, "test")
     x, y = x[: args.limit_images], y[: args.limit_images]
     wrong = 0

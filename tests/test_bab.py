@@ -283,3 +283,21 @@ def test_a_problem_moves_every_tensor_it_holds():
         t.device.type == "meta" for t in moved.no_split(2) + moved.zeros(2, torch.float64)
     )
     assert moved.spec([0])[0].device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--batch", "0"], "--batch must be at least 1 (domains split per round), got 0"),
+        (["--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
+    ],
+)
+def test_the_benchmark_refuses_bad_options_in_one_line(argv, says, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bab_mlp import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip().endswith(says)
