@@ -24,7 +24,7 @@ package's last misclassified iterate), x itself where nothing broke it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -81,8 +81,14 @@ class APGDT:
     restarts: int = 1
     """Random starts per target class (AutoAttack's 1)."""
     n_target_classes: int = 9
-    """Target classes, by clean logit from the highest wrong one down (AutoAttack's 9);
-    at most the number of classes less one are attacked."""
+    """The last target class, as a rank by clean logit from the highest wrong one down
+    (AutoAttack's 9): with `first_target` 1, the number of targets. At most the number
+    of classes less one are attacked."""
+    first_target: int = field(default=1, metadata={"key": "set"})
+    """The first target class's rank (1: the likeliest wrong class, as AutoAttack). A
+    cascade whose earlier cell ran APGD-T toward the likeliest class for more steps
+    starts at 2 rather than run that target again for fewer (`fast`). Only in the key
+    where set, so the cells that never set it keep their keys."""
 
     def __post_init__(self):
         one_of("norm", self.norm, NORMS)
@@ -90,6 +96,12 @@ class APGDT:
         at_least("steps", self.steps, 1)
         at_least("restarts", self.restarts, 1)
         at_least("n_target_classes", self.n_target_classes, 1)
+        at_least("first_target", self.first_target, 1)
+        if self.first_target > self.n_target_classes:
+            raise ValueError(
+                f"first_target must be at most n_target_classes ({self.n_target_classes}), the last "
+                f"rank attacked; got {self.first_target}"
+            )
 
     def with_threat(self, threat) -> APGDT:
         if self.eps is not None:
@@ -141,8 +153,39 @@ def run_apgd_t(model, x, y, cfg: APGDT, seed: int) -> tuple[torch.Tensor, list[s
             device=x.device,
             logger=logging.getLogger(LOGGER),
         )
-        x_adv = attack.perturb(x.float(), y)
+        if cfg.first_target == 1:
+            x_adv = attack.perturb(x.float(), y)
+        else:
+            x_adv = _from_rank(attack, x.float(), y, cfg.first_target)
     return x_adv, messages
+
+
+def _from_rank(attack: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, first: int) -> torch.Tensor:
+    """The package's `perturb` loop, from the `first`-ranked wrong class on: it has no
+    start rank of its own, so its loop is written again here around its own single run.
+    As there: the seed set once before the targets, each target (and restart) run only
+    on the samples still standing, the target chosen by sorting their clean logits
+    again, and a broken sample keeping the adversary that broke it."""
+    attack.init_hyperparam(x)
+    y = y.to(attack.device)
+    with torch.no_grad():
+        standing = attack.model(x).argmax(1) == y
+    adv = x.clone()
+    torch.random.manual_seed(attack.seed)
+    # The package's own ranks: column -1 of the ascending sort is the true class (only
+    # correctly classified samples are attacked), -2 the likeliest wrong one.
+    for rank in range(first + 1, attack.n_target_classes + 2):
+        for _ in range(attack.n_restarts):
+            todo = standing.nonzero().flatten()
+            if not len(todo):
+                return adv
+            with torch.no_grad():
+                attack.y_target = attack.model(x[todo]).sort(dim=1)[1][:, -rank]
+            _, still, _, found = attack.attack_single_run(x[todo].clone(), y[todo].clone())
+            broke = (still == 0).nonzero().flatten()
+            standing[todo[broke]] = False
+            adv[todo[broke]] = found[broke].clone()
+    return adv
 
 
 @register_attack("apgd", config=APGD)

@@ -118,6 +118,59 @@ def test_apgd_t_equals_torchattacks_at_the_same_seed(pgd_at_model, digits_test):
     assert np.mean(figures) < np.mean(apgd) - 0.05, (figures, apgd)
 
 
+# --- APGD-T from a later rank ---------------------------------------------------------------
+def test_apgd_t_from_the_first_rank_is_the_packages_own_loop(pgd_at_model, digits_test):
+    """The loop `first_target` runs (attacks.apgd._from_rank) is the package's `perturb`
+    written again: from rank 1 it gives the package's adversaries, bit for bit."""
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    from attacks.apgd import _from_rank
+
+    x, y = digits_test
+    runs = []
+    for perturb in (lambda a: a.perturb(x, y), lambda a: _from_rank(a, x, y, 1)):
+        attack = APGDAttack_targeted(pgd_at_model, n_iter=10, eps=THREAT.eps, seed=3, n_target_classes=4, device="cpu")
+        with torch.random.fork_rng(), frozen(pgd_at_model):
+            runs.append(perturb(attack))
+    assert torch.equal(*runs)
+    assert 0 < int((runs[0] != x).flatten(1).any(1).sum()) < len(x)  # some broke, some stood
+
+
+def test_apgd_t_from_a_later_rank_attacks_those_targets_on_what_stands(pgd_at_model, digits_test, monkeypatch):
+    """first_target = 2, n_target_classes = 4: three runs, toward each sample's 2nd, 3rd
+    and 4th likeliest wrong class by its clean logits, each on the samples no earlier run
+    broke; a sample's adversary is the one that broke it."""
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    x, y = digits_test
+    seen = []
+    single = APGDAttack_targeted.attack_single_run
+
+    def spy(self, x_to_fool, y_to_fool, x_init=None):
+        result = single(self, x_to_fool, y_to_fool, x_init)
+        seen.append((x_to_fool.clone(), self.y_target.clone(), result[1].clone()))
+        return result
+
+    monkeypatch.setattr(APGDAttack_targeted, "attack_single_run", spy)
+    cell = make_cell("apgd_t", {"steps": 10, "n_target_classes": 4, "first_target": 2}, THREAT)
+    x_adv = craft(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=0)
+    assert len(seen) == 3
+    with torch.no_grad():
+        logits = pgd_at_model(x)
+    standing = logits.argmax(1) == y
+    for rank, (attacked, target, still) in zip((2, 3, 4), seen, strict=True):
+        idx = standing.nonzero().flatten()
+        assert torch.equal(attacked, x[idx])
+        # Only correct samples are attacked, so column 0 of the descending sort is y.
+        assert torch.equal(target, logits[idx].argsort(1, descending=True)[:, rank])
+        standing[idx[still == 0]] = False
+    broken = ~standing & (logits.argmax(1) == y)
+    assert int(broken.sum()) > 0 and int(standing.sum()) > 0
+    with torch.no_grad():
+        assert bool((pgd_at_model(x_adv[broken]).argmax(1) != y[broken]).all())
+    assert torch.equal(x_adv[standing], x[standing])
+
+
 # --- multi-targeted PGD against a reference loop ------------------------------------------
 def reference_multitargeted(model, x, y, eps, alpha, steps, targets):
     """Gowal et al.'s multi-targeted PGD written as torchattacks writes PGD (uniform start
@@ -197,6 +250,10 @@ KEYS = {
     ("apgd", (("norm", "l2"),)): "apgd:eps=1,loss=ce,norm=l2,restarts=1,steps=100",
     ("apgd_t", ()): "apgd_t:eps=0.2,n_target_classes=9,norm=linf,restarts=1,steps=100",
     ("apgd_t", (("norm", "l2"),)): "apgd_t:eps=1,n_target_classes=9,norm=l2,restarts=1,steps=100",
+    (
+        "apgd_t",
+        (("first_target", 2),),
+    ): "apgd_t:eps=0.2,first_target=2,n_target_classes=9,norm=linf,restarts=1,steps=100",
     ("multitargeted", ()): "multitargeted:eps=0.2,random_start=true,step_size=0.05,steps=100,targets=9",
 }
 
@@ -232,6 +289,8 @@ def test_keys_threats_and_budgets(natural_model, digits_test, attack, params):
         ("apgd", {"norm": "l1"}),
         ("apgd_t", {"n_target_classes": 0}),
         ("apgd_t", {"eps": -0.1}),
+        ("apgd_t", {"first_target": 0}),
+        ("apgd_t", {"first_target": 5, "n_target_classes": 4}),
         ("multitargeted", {"targets": 0}),
         ("multitargeted", {"step_size": 0.0}),
         ("multitargeted", {"norm": "l2"}),
