@@ -185,6 +185,29 @@ def test_cells_that_would_share_a_name_show_the_settings_that_differ(monkeypatch
     assert set(cells_of(render(monkeypatch, rows))) == {"fgsm (linf-0.2) loss=xent", "fgsm (linf-0.2) loss=cw"}
 
 
+def test_a_setting_keyed_only_where_set_is_not_named_where_absent(monkeypatch):
+    """`fast`'s two APGD-T cells: one sets first_target, the other keeps the default and
+    its key (and params) lack it. The default is not shown as an empty `first_target=`."""
+    base = {
+        "defense": "natural",
+        "preset": None,
+        "dataset": "digits",
+        "checkpoint": KEY,
+        "threat": "linf-0.2",
+        "clean_acc": 0.9,
+        "robust_acc": 0.5,
+        "n": 360,
+        "seconds": 0.1,
+    }
+    one = {"eps": 0.2, "n_target_classes": 1, "steps": 100}
+    rest = {"eps": 0.2, "first_target": 2, "n_target_classes": 9, "steps": 40}
+    rows = [{**base, "attack": "apgd_t", "label": "apgd_t", "params": p} for p in (one, rest)]
+    assert set(cells_of(render(monkeypatch, rows, width=140))) == {  # wide enough not to wrap
+        "apgd_t (linf-0.2) n_target_classes=1 steps=100",
+        "apgd_t (linf-0.2) first_target=2 n_target_classes=9 steps=40",
+    }
+
+
 def test_wide_shows_the_canonical_keys(monkeypatch):
     text = render(monkeypatch, full_rows(), "wide", width=200)
     assert "pgd:eps=0.2,loss=cw,norm=linf,random_start=true,restarts=1,step_size=0.05,steps=20" in text

@@ -220,8 +220,9 @@ def _cell_names(cells: list[dict], worst: list[dict]) -> list[str]:
             same = [i for i, n in enumerate(names) if n == name]
             keys = sorted({k for i in same for k in params[i]})
             differ = [k for k in keys if len({str(params[i].get(k)) for i in same}) > 1]
+            # A setting keyed only where set (`first_target`) is absent from the others: not `k=`.
             for i in same:
-                names[i] = " ".join([name, *(f"{k}={params[i].get(k, '')}" for k in differ)])
+                names[i] = " ".join([name, *(f"{k}={params[i][k]}" for k in differ if k in params[i])])
     for i, r in enumerate(cells):
         if r.get("verdicts"):
             v = r["verdicts"]
