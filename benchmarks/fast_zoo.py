@@ -36,6 +36,15 @@ LIMIT = 0.10
 
 
 def main() -> None:
+    names = [c.name for c in CHEATS] + ["natural", "pgd_at"]
+    only = set(sys.argv[1:])
+    if only - set(names):
+        # Checked before the two trainings, so a typo costs nothing.
+        print(
+            f"fast_zoo.py: no model named {', '.join(sorted(only - set(names)))}; choose from {', '.join(names)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     torch.set_num_threads(1)
     x, y = load_dataset("digits", "test")
     natural = train_digits("natural")
@@ -43,7 +52,6 @@ def main() -> None:
     torch.manual_seed(0)
     zoo = [(c.name, c.build(natural, robust_base)) for c in CHEATS]
     zoo += [("natural", natural), ("pgd_at", robust_base)]
-    only = set(sys.argv[1:])
     zoo = [z for z in zoo if not only or z[0] in only]
     results = Path(tempfile.mkdtemp(prefix="fast-zoo-"))
     print("| model | fast | truth | fast - truth (pts) | within 10 | escalated | fwd/img | s |")

@@ -4,6 +4,8 @@ gradients say nothing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,17 @@ def test_a_zero_gradient_model_escalates(natural_model, tmp_path):
     for r in cascade:
         standing[np.asarray(r.indices)] &= r.correct()
     assert worst["robust_acc"] < standing.mean() - 0.1
+
+
+def test_the_cheating_zoo_benchmark_refuses_a_model_it_does_not_have(capsys, monkeypatch):
+    """A misspelt name exits 2 with one line naming the models, before any training; it
+    used to run nothing and report no miss."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.setattr("sys.argv", ["fast_zoo.py", "natural", "quantised"])
+    from fast_zoo import main
+
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fast_zoo.py: no model named quantised; choose from quantized, ")
