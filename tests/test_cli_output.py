@@ -165,20 +165,24 @@ def test_a_transfer_without_its_source_name_shows_the_id(monkeypatch):
     assert "transfer #2 → pgd20" in cells_of(render(monkeypatch, full_rows(sources=False)))
 
 
+BARE_CELL = {
+    "defense": "natural",
+    "preset": None,
+    "dataset": "digits",
+    "checkpoint": KEY,
+    "threat": "linf-0.2",
+    "clean_acc": 0.9,
+    "robust_acc": 0.5,
+    "n": 360,
+    "seconds": 0.1,
+}
+"""A cell row of checkpoint KEY at L-inf 0.2 without its attack, label or params, and with
+no worst case above it."""
+
+
 def test_cells_that_would_share_a_name_show_the_settings_that_differ(monkeypatch):
-    base = {
-        "defense": "natural",
-        "preset": None,
-        "dataset": "digits",
-        "checkpoint": KEY,
-        "threat": "linf-0.2",
-        "clean_acc": 0.9,
-        "robust_acc": 0.5,
-        "n": 360,
-        "seconds": 0.1,
-    }
     rows = [
-        {**base, "attack": f"fgsm:eps=0.2,loss={loss}", "label": "fgsm", "params": {"eps": 0.2, "loss": loss}}
+        {**BARE_CELL, "attack": f"fgsm:eps=0.2,loss={loss}", "label": "fgsm", "params": {"eps": 0.2, "loss": loss}}
         for loss in ("xent", "cw")
     ]
     # No worst case above them names their radius: each name carries it.
@@ -188,20 +192,9 @@ def test_cells_that_would_share_a_name_show_the_settings_that_differ(monkeypatch
 def test_a_setting_keyed_only_where_set_is_not_named_where_absent(monkeypatch):
     """`fast`'s two APGD-T cells: one sets first_target, the other keeps the default and
     its key (and params) lack it. The default is not shown as an empty `first_target=`."""
-    base = {
-        "defense": "natural",
-        "preset": None,
-        "dataset": "digits",
-        "checkpoint": KEY,
-        "threat": "linf-0.2",
-        "clean_acc": 0.9,
-        "robust_acc": 0.5,
-        "n": 360,
-        "seconds": 0.1,
-    }
     one = {"eps": 0.2, "n_target_classes": 1, "steps": 100}
     rest = {"eps": 0.2, "first_target": 2, "n_target_classes": 9, "steps": 40}
-    rows = [{**base, "attack": "apgd_t", "label": "apgd_t", "params": p} for p in (one, rest)]
+    rows = [{**BARE_CELL, "attack": "apgd_t", "label": "apgd_t", "params": p} for p in (one, rest)]
     assert set(cells_of(render(monkeypatch, rows, width=140))) == {  # wide enough not to wrap
         "apgd_t (linf-0.2) n_target_classes=1 steps=100",
         "apgd_t (linf-0.2) first_target=2 n_target_classes=9 steps=40",
