@@ -38,11 +38,11 @@ LIMIT = 0.10
 def main() -> None:
     names = [c.name for c in CHEATS] + ["natural", "pgd_at"]
     only = set(sys.argv[1:])
-    if only - set(names):
+    unknown = only - set(names)
+    if unknown:
         # Checked before the two trainings, so a typo costs nothing.
         print(
-            f"fast_zoo.py: no model named {', '.join(sorted(only - set(names)))}; choose from {', '.join(names)}",
-            file=sys.stderr,
+            f"fast_zoo.py: no model named {', '.join(sorted(unknown))}; choose from {', '.join(names)}", file=sys.stderr
         )
         sys.exit(2)
     torch.set_num_threads(1)
