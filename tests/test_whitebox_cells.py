@@ -118,6 +118,28 @@ def test_apgd_t_equals_torchattacks_at_the_same_seed(pgd_at_model, digits_test):
     assert np.mean(figures) < np.mean(apgd) - 0.05, (figures, apgd)
 
 
+def test_apgd_best_loss_is_the_packages_highest_loss_iterate(pgd_at_model, digits_test):
+    """`best_loss = true` hands back every sample's highest-loss iterate, as the package's
+    `perturb(best_loss=True)` seeded as our cell seeds it, bit for bit; the package seeds
+    nothing on that path itself, so two runs agree only because the cell does."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    x, y = digits_test
+    cell = make_cell("apgd", {"steps": 10, "best_loss": True}, THREAT)
+    mine = craft(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=4)
+    assert torch.equal(mine, craft(pgd_at_model, cell, x, y, device="cpu", batch_size=1024, seed=4))
+    attack = APGDAttack(pgd_at_model, n_iter=10, eps=THREAT.eps, seed=cell_seed(4), loss="ce", device="cpu")
+    with torch.random.fork_rng(), frozen(pgd_at_model):
+        torch.random.manual_seed(cell_seed(4))
+        theirs = attack.perturb(x, y, best_loss=True)
+    assert torch.equal(mine, theirs)
+    # Every sample moved, the ones that stand included (the adversarial path leaves those at x).
+    plain = craft(pgd_at_model, make_cell("apgd", {"steps": 10}, THREAT), x, y, device="cpu", batch_size=1024, seed=4)
+    standing = torch.from_numpy(robust(pgd_at_model, plain, x, y))
+    assert 0 < int(standing.sum()) < len(x)
+    assert bool((mine != x).flatten(1).any(1).all()) and not bool((plain[standing] != x[standing]).any())
+
+
 # --- APGD-T from a later rank ---------------------------------------------------------------
 def test_apgd_t_from_the_first_rank_is_the_packages_own_loop(pgd_at_model, digits_test):
     """The loop `first_target` runs (attacks.apgd._from_rank) is the package's `perturb`
@@ -254,6 +276,7 @@ KEYS = {
         "apgd_t",
         (("first_target", 2),),
     ): "apgd_t:eps=0.2,first_target=2,n_target_classes=9,norm=linf,restarts=1,steps=100",
+    ("apgd", (("best_loss", True),)): "apgd:best_loss=true,eps=0.2,loss=ce,norm=linf,restarts=1,steps=100",
     ("multitargeted", ()): "multitargeted:eps=0.2,random_start=true,step_size=0.05,steps=100,targets=9",
 }
 
@@ -266,7 +289,8 @@ def test_keys_threats_and_budgets(natural_model, digits_test, attack, params):
     cell = make_cell(attack, dict(params), THREAT)
     assert cell.key == KEYS[attack, params]
     assert parse_cell_key(cell.key, THREAT) == cell
-    assert parse_cell_key(f"{attack}:" + ",".join(f"{k}={v}" for k, v in params), THREAT).key == cell.key
+    short = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params)
+    assert parse_cell_key(f"{attack}:{short}", THREAT).key == cell.key
     norm = dict(params).get("norm", "linf")
     eps = THREAT.l2_eps if norm == "l2" else THREAT.eps
     assert cell.threat == f"{norm}-{eps:g}" and ball(cell) == (norm, eps)
@@ -287,6 +311,7 @@ def test_keys_threats_and_budgets(natural_model, digits_test, attack, params):
         ("apgd", {"steps": 0}),
         ("apgd", {"restarts": 0}),
         ("apgd", {"norm": "l1"}),
+        ("apgd", {"best_loss": "yes"}),
         ("apgd_t", {"n_target_classes": 0}),
         ("apgd_t", {"eps": -0.1}),
         ("apgd_t", {"first_target": 0}),
