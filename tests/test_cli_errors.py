@@ -126,6 +126,9 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
     (tmp / "radius.toml").write_text('eps = 1.5\n\n[[cell]]\nattack = "fgsm"\n')
     (tmp / "nearest.toml").write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.2\n')
     (tmp / "probe.toml").write_text('schedule = "cascade"\n[[cell]]\nattack = "square"\nprobe = 10\n')
+    (tmp / "probe_attack.toml").write_text(
+        'schedule = "cascade"\n[[cell]]\nattack = "square"\nnearest = 0.1\nprobe = 10\nprobe_attack = "square"\n'
+    )
     (tmp / "two_steps.toml").write_text('[[cell]]\nattack = "pgd"\nstep_size = 0.05\nstep_fraction = 0.25\n')
     (tmp / "paper_eps.toml").write_text('defense = "natural"\ndataset = "digits"\npaper_eps = 2.0\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
@@ -146,6 +149,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{radius}": str(tmp / "radius.toml"),
         "{nearest}": str(tmp / "nearest.toml"),
         "{probe}": str(tmp / "probe.toml"),
+        "{probe_attack}": str(tmp / "probe_attack.toml"),
         "{two_steps}": str(tmp / "two_steps.toml"),
         "{paper_eps}": str(tmp / "paper_eps.toml"),
         "{cifar}": str(tmp / "cifar"),
@@ -191,6 +195,10 @@ ISSUE_CASES = [
         "cell 1 (square): probe ranks the images nearest= chooses; set nearest = 0.1 or drop probe",
     ),
     (
+        ["run", "--defense", "natural", "--matrix", "{probe_attack}"],
+        "cell 1 (square): probe_attack must be one of pgd, apgd, got 'square'",
+    ),
+    (
         ["run", "--defense", "natural", "--matrix", "{two_steps}"],
         "cell 1 (pgd): step_size 0.05 and step_fraction 0.25 both given: keep one",
     ),
@@ -219,9 +227,10 @@ def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path
     assert not (tmp_path / "planted").exists()
 
 
-@pytest.mark.parametrize("name", ["{probe}", "{two_steps}"])
+@pytest.mark.parametrize("name", ["{probe}", "{probe_attack}", "{two_steps}"])
 def test_a_bad_cascade_cell_through_the_installed_script(store, tmp_path, name):
-    """The cell settings `fast` brought (`probe`, `step_fraction`), refused as a user meets them."""
+    """The cell settings `fast` brought (`probe`, `probe_attack`, `step_fraction`), refused
+    as a user meets them."""
     args, message = next(case for case in ISSUE_CASES if name in case[0])
     path = _issue_inputs(tmp_path)[name]
     before = _store_state(store)

@@ -145,6 +145,64 @@ def test_a_probed_cell_attacks_the_images_nearest_after_its_probe(natural_model,
     assert 5 < pgd.backward_passes <= 5 + 3 * len(standing) / k
 
 
+def test_an_apgd_probe_ranks_by_each_images_highest_loss_iterate(natural_model, tmp_path):
+    """With `probe_attack = "apgd"` the margins that choose are taken at APGD-CE's
+    highest-loss iterate of each standing image: here the package's own run, seeded from
+    the probe's key as the cell seeds it."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from bench.plugin import seed_from
+
+    matrix = tmp_path / "probed.toml"
+    matrix.write_text(
+        NEAREST.replace("nearest = 0.25", 'nearest = 0.25\nprobe = 3\nprobe_attack = "apgd"').replace(
+            "eps = 0.02", "eps = 0.01"
+        )
+    )
+    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    store = Store.for_results(tmp_path / "r")
+    (ck,) = store.checkpoints()
+    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    fgsm, pgd = cells["fgsm"], cells["pgd"]
+    assert ",probe=3,probe_attack=apgd," in pgd.cell_key
+    probe = make_cell("apgd", {"steps": 3, "best_loss": True}, THREAT)
+    assert probe.key == probe_cell(make_cell("pgd", {"nearest": 0.25, "probe": 3, "probe_attack": "apgd"}, THREAT)).key
+    standing = np.flatnonzero(fgsm.correct())
+    x, y = load_dataset("digits", "test")
+    xs, ys = x[standing], y[standing]
+    seed = seed_from(torch.Generator().manual_seed(probe.seed))
+    with torch.random.fork_rng():
+        torch.random.manual_seed(seed)
+        at = APGDAttack(natural_model, n_iter=3, eps=THREAT.eps, seed=seed, loss="ce", device="cpu").perturb(
+            xs, ys, best_loss=True
+        )
+    with torch.no_grad():
+        z = natural_model(at).double()
+    margin = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
+    k = -(-len(standing) // 4)
+    chosen = np.sort(standing[np.argsort(margin.numpy(), kind="stable")[:k]])
+    assert 40 < len(standing) and pgd.indices == chosen.tolist() and pgd.n == k
+    # A PGD probe of as many steps would have chosen other images.
+    other = make_cell("pgd", {"steps": 3, "loss": "cw", "schedule": "cosine", "step_size": 0.05}, THREAT)
+    adv = ATTACKS.get("pgd").fn(natural_model, xs, ys, other.config, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = natural_model(adv.x_adv).double()
+    by_pgd = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
+    assert chosen.tolist() != np.sort(standing[np.argsort(by_pgd.numpy(), kind="stable")[:k]]).tolist()
+
+
+def test_a_probe_attack_is_named_in_the_key_only_where_it_is_not_pgd():
+    plain = make_cell("square", {"nearest": 0.1, "probe": 20}, THREAT)
+    apgd = make_cell("square", {"nearest": 0.1, "probe": 20, "probe_attack": "apgd"}, THREAT)
+    assert (
+        "probe_attack" not in plain.key
+        and plain.key == make_cell("square", {"nearest": 0.1, "probe": 20, "probe_attack": "pgd"}, THREAT).key
+    )
+    assert apgd.key == plain.key.replace(",probe=20,", ",probe=20,probe_attack=apgd,")
+    with pytest.raises(BenchError, match="probe_attack names the attack of a probe; set probe = 10"):
+        make_cell("square", {"nearest": 0.1, "probe_attack": "apgd"}, THREAT)
+
+
 def test_nearest_outside_a_cascade_or_outside_0_1_is_refused(tmp_path):
     plain = tmp_path / "plain.toml"
     plain.write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.5\n')

@@ -1,6 +1,6 @@
 """Which test images a cell runs on: a fixed, seeded subset (`subset = N`), or, for a
 cascade's cell, the share of the images standing before it nearest the boundary
-(`nearest = F`, ranked at the clean images or after a PGD probe: bench.core.nearest)."""
+(`nearest = F`, ranked at the clean images or after a probe: bench.core.nearest)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def nearest_images(
 
 
 def probe_cell(cell: Cell) -> Cell:
-    """The PGD probe whose final margins rank the images of a cell with `probe = K`."""
+    """The probe whose adversaries' margins rank the images of a cell with `probe = K`."""
     assert cell.nearest is not None and cell.nearest.probe
-    return make_cell("pgd", cell.nearest.probe_params(cell.config), None, where=f"{cell.key}: its probe")
+    near = cell.nearest
+    return make_cell(near.probe_attack, near.probe_params(cell.config), None, where=f"{cell.key}: its probe")
