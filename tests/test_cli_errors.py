@@ -129,6 +129,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
     (tmp / "probe_attack.toml").write_text(
         'schedule = "cascade"\n[[cell]]\nattack = "square"\nnearest = 0.1\nprobe = 10\nprobe_attack = "square"\n'
     )
+    (tmp / "gate.toml").write_text('schedule = "cascade"\n[[cell]]\nattack = "pgd"\nwhen = "black_box_won"\n')
     (tmp / "two_steps.toml").write_text('[[cell]]\nattack = "pgd"\nstep_size = 0.05\nstep_fraction = 0.25\n')
     (tmp / "paper_eps.toml").write_text('defense = "natural"\ndataset = "digits"\npaper_eps = 2.0\n')
     cifar = tmp / "cifar" / "cifar-10-batches-py"
@@ -150,6 +151,7 @@ def _issue_inputs(tmp: Path) -> dict[str, str]:
         "{nearest}": str(tmp / "nearest.toml"),
         "{probe}": str(tmp / "probe.toml"),
         "{probe_attack}": str(tmp / "probe_attack.toml"),
+        "{gate}": str(tmp / "gate.toml"),
         "{two_steps}": str(tmp / "two_steps.toml"),
         "{paper_eps}": str(tmp / "paper_eps.toml"),
         "{cifar}": str(tmp / "cifar"),
@@ -199,6 +201,10 @@ ISSUE_CASES = [
         "cell 1 (square): probe_attack must be one of pgd, apgd, got 'square'",
     ),
     (
+        ["run", "--defense", "natural", "--matrix", "{gate}"],
+        "pgd runs when a black-box cell before it broke an image, and none comes before it; put a square cell",
+    ),
+    (
         ["run", "--defense", "natural", "--matrix", "{two_steps}"],
         "cell 1 (pgd): step_size 0.05 and step_fraction 0.25 both given: keep one",
     ),
@@ -227,10 +233,10 @@ def test_reported_cases_exit_2_with_one_line_and_leave_the_store(store, tmp_path
     assert not (tmp_path / "planted").exists()
 
 
-@pytest.mark.parametrize("name", ["{probe}", "{probe_attack}", "{two_steps}"])
+@pytest.mark.parametrize("name", ["{probe}", "{probe_attack}", "{gate}", "{two_steps}"])
 def test_a_bad_cascade_cell_through_the_installed_script(store, tmp_path, name):
-    """The cell settings `fast` brought (`probe`, `probe_attack`, `step_fraction`), refused
-    as a user meets them."""
+    """The cell settings `fast` brought (`probe`, `probe_attack`, `when`, `step_fraction`),
+    refused as a user meets them."""
     args, message = next(case for case in ISSUE_CASES if name in case[0])
     path = _issue_inputs(tmp_path)[name]
     before = _store_state(store)

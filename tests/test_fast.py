@@ -203,6 +203,61 @@ def test_a_probe_attack_is_named_in_the_key_only_where_it_is_not_pgd():
         make_cell("square", {"nearest": 0.1, "probe_attack": "apgd"}, THREAT)
 
 
+GATED = """
+schedule = "cascade"
+
+[[cell]]
+attack = "square"
+eps = {eps}
+queries = {queries}
+
+[[cell]]
+attack = "pgd"
+steps = 3
+when = "black_box_won"
+"""
+
+
+@pytest.mark.parametrize("eps, queries, opens", [(0.1, 20, True), (0.0001, 5, False)], ids=["broke", "broke_none"])
+def test_a_gated_cell_runs_only_where_a_black_box_cell_broke_an_image(natural_model, tmp_path, eps, queries, opens):
+    """`when = "black_box_won"`: the cell runs on what stands where the Square cell before it
+    broke an image, and on no image, for no pass, where it broke none."""
+    matrix = tmp_path / "gated.toml"
+    matrix.write_text(GATED.format(eps=eps, queries=queries))
+    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+    store = Store.for_results(tmp_path / "r")
+    (ck,) = store.checkpoints()
+    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    square, pgd = cells["square"], cells["pgd"]
+    assert ",when=black_box_won," in pgd.cell_key
+    x, y = load_dataset("digits", "test")
+    with torch.no_grad():
+        clean = (natural_model(x).argmax(1) == y).numpy()
+    broke = int((clean & ~square.correct()).sum())
+    standing = np.flatnonzero(square.correct())
+    if opens:
+        assert broke > 0 and 0 < len(standing) < 360
+        assert pgd.indices == standing.tolist() and pgd.n == len(standing) and pgd.forward_passes > 0
+    else:
+        assert broke == 0 and len(standing) > 300
+        assert pgd.indices == [] and pgd.n == 0 and pgd.forward_passes == 0 and pgd.backward_passes == 0
+
+
+def test_a_gate_outside_a_cascade_or_without_a_black_box_cell_before_it_is_refused(tmp_path):
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[[cell]]\nattack = "square"\n\n[[cell]]\nattack = "pgd"\nwhen = "black_box_won"\n')
+    with pytest.raises(BenchError, match='when= reads what a cascade\'s earlier cells broke; set schedule = "cascade"'):
+        load_matrix(str(plain)).cells(THREAT)
+    first = tmp_path / "first.toml"
+    first.write_text(
+        'schedule = "cascade"\n[[cell]]\nattack = "pgd"\nwhen = "black_box_won"\n\n[[cell]]\nattack = "square"\n'
+    )
+    with pytest.raises(BenchError, match="pgd runs when a black-box cell before it broke an image, and none comes"):
+        load_matrix(str(first)).cells(THREAT)
+    with pytest.raises(BenchError, match="when must be one of black_box_won, got 'always'"):
+        make_cell("pgd", {"when": "always"}, THREAT)
+
+
 def test_nearest_outside_a_cascade_or_outside_0_1_is_refused(tmp_path):
     plain = tmp_path / "plain.toml"
     plain.write_text('[[cell]]\nattack = "fgsm"\nnearest = 0.5\n')

@@ -7,7 +7,8 @@ model, so every cell is concrete, and its key is `attack:k=v,...` over every con
 order, the way HELM names runs: the same string is the CLI argument, the log line and the database
 key. A cell may also set `subset = N` to run on a fixed, seeded subset of N test images, and a
 cascade's cell `nearest = F` to attack only the share F of the images left standing before it that
-lie nearest the decision boundary (bench.core.nearest).
+lie nearest the decision boundary (bench.core.nearest), and `when = "black_box_won"` to run only
+where an earlier black-box cell of the cascade broke an image (bench.core.gate).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 from bench.core import contract
 from bench.core.expansion import combinations
-from bench.core.kinds import CellKind
+from bench.core.gate import Gate, gate_from
+from bench.core.kinds import CellKind, Role
 from bench.core.nearest import Nearest, nearest_from
 from bench.errors import BenchError
 from bench.registry import ATTACKS
@@ -57,6 +59,9 @@ class Cell:
     nearest: Nearest | None = None
     """A cascade's cell only: it attacks the share of the images standing before it nearest
     the boundary (bench.core.nearest); None: all."""
+    when: Gate | None = None
+    """A cascade's cell only: it runs only where the cascade showed this sign (bench.core.gate),
+    and on no image elsewhere; None: always."""
     cascade: str = ""
     """The cascade matrix the cell belongs to (its key ends `,cascade=<name>`, `cascade_keyed`):
     it runs on what every earlier cell left standing. Empty: its whole test set (or subset)."""
@@ -101,12 +106,16 @@ def _in_key(f: dataclasses.Field, config: Any) -> bool:
     return bool(mark)
 
 
-def cell_key(attack: str, config: Any, subset: int = 0, nearest: Nearest | None = None) -> str:
+def cell_key(
+    attack: str, config: Any, subset: int = 0, nearest: Nearest | None = None, when: Gate | None = None
+) -> str:
     parts = [f"{f.name}={_fmt(getattr(config, f.name))}" for f in dataclasses.fields(config) if _in_key(f, config)]
     if subset:
         parts.append(f"subset={subset}")
     if nearest:
         parts += nearest.key_parts()
+    if when:
+        parts.append(f"when={when.value}")
     return f"{attack}:" + ",".join(sorted(parts))
 
 
@@ -118,6 +127,7 @@ def make_cell(
     params = dict(params)
     subset = params.pop("subset", 0)
     nearest = nearest_from(params, attack, where)
+    when = gate_from(params, attack, where)
     if not isinstance(subset, int) or isinstance(subset, bool) or subset < 0:
         raise BenchError(f"{where} ({attack}): subset must be a non-negative integer, got {subset!r}")
     if test_size is not None and subset > test_size:
@@ -134,8 +144,8 @@ def make_cell(
         cfg = contract.with_threat(cfg, threat)
     except (TypeError, ValueError) as exc:
         raise BenchError(f"{where} ({attack}): {exc}") from exc
-    key = cell_key(attack, cfg, subset, nearest)
-    return Cell(attack, cfg, key, cfg.threat_key(), subset, nearest=nearest)
+    key = cell_key(attack, cfg, subset, nearest, when)
+    return Cell(attack, cfg, key, cfg.threat_key(), subset, nearest=nearest, when=when)
 
 
 def parse_cell_key(key: str, threat) -> Cell:
@@ -229,7 +239,18 @@ class Matrix:
                     f"matrix {self.source!r}: nearest= picks among the images a cascade left standing; "
                     'set schedule = "cascade" or drop nearest= from its cells'
                 )
+            if any(c.when for c in cells):
+                raise BenchError(
+                    f"matrix {self.source!r}: when= reads what a cascade's earlier cells broke; "
+                    'set schedule = "cascade" or drop when= from its cells'
+                )
             return cells
+        for i, c in enumerate(cells):
+            if c.when is Gate.BLACK_BOX_WON and not any(contract.hooks(o.config).role is Role.QUERY for o in cells[:i]):
+                raise BenchError(
+                    f"matrix {self.source!r}: {c.attack} runs when a black-box cell before it broke an image, "
+                    "and none comes before it; put a square cell earlier or drop when="
+                )
         if any(c.subset for c in cells):
             raise BenchError(
                 f"matrix {self.source!r}: a cascade runs each cell on what the earlier ones left "

@@ -161,8 +161,9 @@ def crafted_batches(
 
 
 def _no_images(cell: Cell, test_size: int, shape: tuple[int, ...], device: str, fast: FastPath) -> CellOutcome:
-    """A cascade cell after the earlier ones broke every image: nothing to attack, no pass
-    spent. Its accuracies are 0 of 0 images (its n says so)."""
+    """A cascade cell after the earlier ones broke every image, or one whose gate stayed shut
+    (bench.core.gate): nothing to attack, no pass spent. Its accuracies are 0 of 0 images
+    (its n says so)."""
     return CellOutcome(
         cell_key=cell.key,
         kind=cell.kind,

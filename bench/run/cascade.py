@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 from bench.core.data import load_dataset
+from bench.core.gate import Gate
+from bench.core.kinds import Role
 from bench.core.matrix import Cell
 from bench.run.jobs import EvalJob, Failed
 from bench.run.workspace import Workspace
+from bench.science.white_box import role_of
 from bench.store.claims import Claims, claimed, eval_claim
 from bench.store.db import Checkpoint
 from bench.store.rows import CellRow
@@ -38,6 +41,15 @@ def standing_after(rows: list[CellRow], test_size: int) -> np.ndarray:
         else:
             standing[np.asarray(r.indices, dtype=np.int64)] &= r.correct()
     return standing
+
+
+def gate_open(when: Gate, earlier: list[CellRow]) -> bool:
+    """Whether the cascade's earlier cells showed the sign a gated cell waits for
+    (bench.core.gate): a query-based cell (Square) broke an image, one the cells before it
+    had left standing. Broken: classified right clean, wrong under attack (the first cell
+    also runs on the images the model gets wrong; its clean accuracy counts them)."""
+    assert when is Gate.BLACK_BOX_WON
+    return any(role_of(r) is Role.QUERY and round(r.clean_acc * r.n) > int(r.correct().sum()) for r in earlier)
 
 
 def run_cascade(
@@ -62,6 +74,8 @@ def run_cascade(
                 continue
             stored = [r for r in ws.store.evaluations([row.id]) if r.cell_key in earlier]
             images = np.flatnonzero(standing_after(stored, len(y)))
+            if cell.when is not None and not gate_open(cell.when, stored):
+                images = images[:0]  # stored as a cell on no image: no passes, nothing broken
             if not built:
                 built.append(model())
             job = EvalJob(
