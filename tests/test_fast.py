@@ -13,6 +13,7 @@ from cheats import Quantized
 
 import bench
 from bench.core.data import get_spec, load_dataset
+from bench.core.gate import Gate
 from bench.core.matrix import load_matrix, make_cell
 from bench.engine.selection import probe_cell
 from bench.errors import BenchError
@@ -275,7 +276,8 @@ def test_the_fast_matrix_is_a_cascade_that_escalates_to_full():
     fast = load_matrix("fast")
     assert fast.cascade and fast.escalate == "full"
     keys = [c.key for c in fast.cells(THREAT)]
-    assert [k.split(":")[0] for k in keys] == ["fgsm", "pgd", "apgd", "apgd_t", "apgd_t", "square"]
+    assert [k.split(":")[0] for k in keys] == ["fgsm", "pgd", "apgd", "apgd_t", "apgd_t", "square", "apgd_t"]
+    assert [c.when for c in fast.cells(THREAT)] == [None] * 6 + [Gate.BLACK_BOX_WON]
     assert all(k.endswith(",cascade=fast") for k in keys)
     assert "after=" not in keys[0] and all(",after=" in k for k in keys[1:])
 
