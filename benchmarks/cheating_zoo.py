@@ -43,8 +43,9 @@ from conftest import train_digits
 from worst_vs_autoattack import autoattack_runs, independent_seeds
 
 import bench
+from bench.core.cells import make_cell
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import make_cell, matrix_cells
+from bench.core.matrix import matrix_cells
 from bench.core.presets import default_preset
 from bench.engine.cell import run_cell
 from bench.science.flags import MASKING

@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 from attacks.autoattack import run_autoattack
+from bench.core.cells import make_cell
 from bench.core.data import DATASETS, get_spec, load_dataset
-from bench.core.matrix import BUILTIN, make_cell, matrix_cells
+from bench.core.matrix import BUILTIN, matrix_cells
 from bench.plugin import seed_from
 from bench.reporting.results import result_rows
 from bench.run.training import load_model

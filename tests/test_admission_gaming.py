@@ -21,8 +21,8 @@ from conftest import train_digits
 from custom_backward import Reversed, Wrapped
 
 import bench
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
 from bench.engine.mirror import ThroughForward, custom_functions
 from bench.science.adaptive import BPDA, adapt_cells

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import train_digits
 
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell, matrix_cells
+from bench.core.matrix import matrix_cells
 from bench.core.presets import default_preset
 from bench.engine.cell import craft, run_cell
 from bench.engine.device import frozen

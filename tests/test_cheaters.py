@@ -177,7 +177,7 @@ def test_eot_view_averages_passes():
 
 
 def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
-    from bench.core.matrix import make_cell
+    from bench.core.cells import make_cell
     from bench.science.adaptive import adapt_cells
 
     noisy = {"randomized": {"share_prediction_changed": 0.2, "max_relative_diff": 0.3, "max_output_diff": 1.0}}
@@ -194,7 +194,7 @@ def test_randomized_models_get_eot_for_gradients_and_autoattack_rand():
 
 
 def test_a_model_whose_gradients_say_nothing_gets_the_witness():
-    from bench.core.matrix import make_cell
+    from bench.core.cells import make_cell
     from bench.science.adaptive import adapt_cells
 
     steady = {"randomized": {"share_prediction_changed": 0.0, "max_relative_diff": 0.0, "max_output_diff": 0.0}}
@@ -221,7 +221,7 @@ def test_a_model_whose_gradients_say_nothing_gets_the_witness():
 def test_randomized_cells_are_reproducible(natural_model, digits_test):
     import dataclasses
 
-    from bench.core.matrix import make_cell
+    from bench.core.cells import make_cell
     from bench.engine.cell import run_cell
 
     x, y = digits_test

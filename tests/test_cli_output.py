@@ -26,8 +26,9 @@ from rich.console import Console
 from bench.cli import output
 from bench.cli.app import app
 from bench.cli.options import DATASET_NAMES
+from bench.core.cells import parse_cell_key
 from bench.core.data import DATASETS, get_spec
-from bench.core.matrix import load_matrix, matrix_cells, matrix_transfer, parse_cell_key
+from bench.core.matrix import load_matrix, matrix_cells, matrix_transfer
 from bench.reporting.results import BRACKET, COLUMNS
 from bench.reporting.site.names import cell_label
 

@@ -22,8 +22,9 @@ from conftest import train_digits
 from safetensors.torch import save_file
 
 from attacks.pgd import PGD, plain_pgd
+from bench.core.cells import make_cell, parse_cell_key, transfer_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell, matrix_cells, matrix_transfer, parse_cell_key, transfer_cell
+from bench.core.matrix import matrix_cells, matrix_transfer
 from bench.core.presets import default_preset
 from bench.engine.cell import craft, run_cell
 from bench.errors import BenchError

@@ -19,8 +19,9 @@ import torch
 from cli_run import run_cli as _cli
 
 import bench
+from bench.core.cells import cell_key, make_cell
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import cell_key, load_matrix, make_cell, matrix_cells
+from bench.core.matrix import load_matrix, matrix_cells
 from bench.engine.selection import subset_indices
 from bench.errors import BenchError
 from bench.registry import ATTACKS, DEFENSES, Registry

@@ -12,9 +12,10 @@ import torch
 from cheats import Quantized
 
 import bench
+from bench.core.cells import make_cell
 from bench.core.data import get_spec, load_dataset
 from bench.core.gate import Gate
-from bench.core.matrix import load_matrix, make_cell
+from bench.core.matrix import load_matrix
 from bench.engine.selection import probe_cell
 from bench.errors import BenchError
 from bench.registry import ATTACKS

@@ -13,9 +13,9 @@ import pytest
 import torch
 from cli_run import run_bench
 
+from bench.core.cells import make_cell
 from bench.core.data import get_spec, load_dataset
 from bench.core.images import HeldImages, as_tensor
-from bench.core.matrix import make_cell
 from bench.engine.cell import craft, run_cell
 from bench.engine.verdicts import predict
 

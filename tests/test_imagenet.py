@@ -264,8 +264,8 @@ def test_an_imagenet_worst_case_exports_from_the_held_set_and_judges_back(run):
 def test_a_transfer_on_imagenet_crafts_judges_and_rereads_its_cache_from_the_held_set(run):
     """`bench transfer` on ImageNet through the installed script, then its cached examples
     read back against the held uint8 set (held to the ball a batch at a time)."""
+    from bench.core.cells import transfer_cell
     from bench.core.data import get_spec
-    from bench.core.matrix import transfer_cell
     from bench.run.transfer import DEFAULT_ATTACK, cached_examples
     from bench.run.workspace import Workspace
 

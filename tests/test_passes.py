@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import bench
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell
 from bench.engine.passes import Passes, counting
 from bench.registry import ATTACKS
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from attacks.pgd import PGD, run_pgd
+from bench.core.cells import make_cell
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.engine.cell import craft
 from bench.engine.device import default_precision, frozen

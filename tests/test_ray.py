@@ -18,7 +18,8 @@ pytestmark = pytest.mark.xdist_group("ray")
 # skips this module before the Ray executor is imported.
 from servers import read_log  # noqa: E402
 
-from bench.core.matrix import load_matrix, make_cell  # noqa: E402
+from bench.core.cells import make_cell  # noqa: E402
+from bench.core.matrix import load_matrix  # noqa: E402
 from bench.core.provenance import source_digest  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.run.attacking import attack_checkpoint  # noqa: E402

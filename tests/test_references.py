@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from conftest import train_digits
 
 from attacks.spsa import _spsa_gradient
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell
 from bench.core.presets import default_preset
 from bench.engine.cell import run_cell
 from bench.engine.device import frozen

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import defenses._parts as parts
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell
 from bench.core.models import build_model
 from bench.engine.cell import craft
 from bench.engine.device import frozen

@@ -16,8 +16,8 @@ from torch import nn
 from attacks.certify import Certify
 from attacks.verify import Verify
 from bench import api
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell
 from bench.core.models import Normalize, build_model
 from bench.engine.budget import BudgetError, check_budget
 from bench.plugin import Crafted, register_attack

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from bench.core.cells import make_cell
 from bench.core.data import get_spec
 from bench.core.images import Picked, StoredImages
-from bench.core.matrix import make_cell
 from bench.engine.cell import craft, run_cell
 from bench.engine.passes import counting
 from bench.run.jobs import EXAMPLES, CraftJob, read_cost

@@ -15,8 +15,8 @@ from torch import nn
 
 from attacks.pgd import BAND, _confirmed, _near_boundary
 from bench import api
+from bench.core.cells import make_cell
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import make_cell
 from bench.engine.budget import LINF_TOLERANCE, BudgetError, check_budget
 from bench.engine.cell import craft
 from bench.engine.device import full_fp32

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from conftest import train_digits
 
 from attacks.multitargeted import run_multitargeted
+from bench.core.cells import make_cell, parse_cell_key
 from bench.core.data import get_spec
-from bench.core.matrix import make_cell, parse_cell_key
 from bench.core.presets import default_preset
 from bench.engine.budget import ball, check_budget
 from bench.engine.cell import craft, run_cell

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from bench.core import contract
-from bench.core.matrix import Cell
+from bench.core.cells import Cell
 
 LINF_TOLERANCE = 1e-6
 """Largest |x_adv - x| beyond eps that fp32 rounding explains (pixel units)."""

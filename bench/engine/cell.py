@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from bench.core import contract
+from bench.core.cells import Cell
 from bench.core.images import Images, as_tensor
 from bench.core.kinds import CellKind
-from bench.core.matrix import Cell
 from bench.engine.budget import check_budget
 from bench.engine.device import autocast, frozen, on_device, seeded_noise
 from bench.engine.fast import PLAIN, FastPath

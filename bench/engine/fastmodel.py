@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.core.matrix import Cell
+from bench.core.cells import Cell
 from bench.engine import rewrite
 from bench.engine.device import full_fp32, memory_format
 from bench.engine.fast import PLAIN, FastPath

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.core.cells import Cell
 from bench.core.images import Images, StoredImages
-from bench.core.matrix import Cell
 from bench.engine.passes import PassCount
 from bench.engine.verdicts import predict
 from bench.store.examples import INPUTS, Breaks, stream_examples

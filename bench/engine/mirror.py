@@ -15,7 +15,7 @@ operations the forward really performs, and the hand-written backward is never c
   in-place change of an input that needs a gradient), the Function runs as it is, with
   its own backward: the forward's gradient is taken only where it exists.
 - `ThroughForward`: the view of a model as a module; a cell crafted through it
-  (bench.core.matrix.Cell.view) records `TAG` in its key, and is judged, like every cell,
+  (bench.core.cells.Cell.view) records `TAG` in its key, and is judged, like every cell,
   on the model itself (bench.engine.cell).
 - `custom_functions`: the user-defined Functions one forward pass applies, by name.
 

@@ -17,7 +17,7 @@ from bench.store.examples import Breaks
 @dataclass(frozen=True)
 class CellOutcome:
     cell_key: str
-    """The cell's canonical key (bench.core.matrix.cell_key), with any adaptive suffix."""
+    """The cell's canonical key (bench.core.cells.cell_key), with any adaptive suffix."""
     kind: CellKind
     """What `correct_bits` and `proven_bits` say."""
     attack: str

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from bench.core.matrix import Cell, make_cell
+from bench.core.cells import Cell, make_cell
 from bench.engine.verdicts import predict
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from bench.core.matrix import make_cell
+from bench.core.cells import make_cell
 from bench.engine.cell import craft
 from bench.engine.device import frozen
 from bench.engine.fast import FastPath

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from bench.core.cells import Cell, make_cell
 from bench.core.data import get_spec, load_dataset
-from bench.core.matrix import Cell, make_cell
 from bench.engine.verdicts import majority_correct
 from bench.errors import BenchError
 from bench.run.cascade import run_cascade

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.core.cells import Cell
 from bench.core.data import load_dataset
 from bench.core.gate import Gate
 from bench.core.kinds import Role
-from bench.core.matrix import Cell
 from bench.run.jobs import EvalJob, Failed
 from bench.run.workspace import Workspace
 from bench.science.white_box import role_of

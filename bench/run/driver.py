@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.core.matrix import Cell, Matrix
+from bench.core.cells import Cell
+from bench.core.matrix import Matrix
 from bench.run.attacking import attack_checkpoints, witness_after_black_box
 from bench.run.diagnosing import ensure_diagnostic
 from bench.run.escalation import escalate

@@ -8,8 +8,9 @@ worst case is only as good as the gradients it follows.
 
 from __future__ import annotations
 
+from bench.core.cells import Cell, make_cell
 from bench.core.data import get_spec
-from bench.core.matrix import Cell, Matrix, make_cell
+from bench.core.matrix import Matrix
 from bench.run.attacking import CellsRun, attack_checkpoints
 from bench.run.plan import checked_cells
 from bench.run.surrogates import transfer_cells

@@ -23,9 +23,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from bench.core.cells import Cell
 from bench.core.data import load_dataset, training_set
 from bench.core.images import StoredImages
-from bench.core.matrix import Cell
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.cell import crafted_batches, logit_stats, run_cell
 from bench.engine.fast import PLAIN, FastPath

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from bench.core.cells import Cell
 from bench.core.data import DatasetSpec, get_spec, load_dataset
-from bench.core.matrix import Cell, Matrix
+from bench.core.matrix import Matrix
 from bench.core.provenance import device_name, git_commit, package_version
 from bench.engine.verdicts import predict
 from bench.errors import BenchError

@@ -5,8 +5,9 @@ trained or written."""
 
 from __future__ import annotations
 
+from bench.core.cells import Cell
 from bench.core.data import DatasetSpec, test_size
-from bench.core.matrix import Cell, Matrix
+from bench.core.matrix import Matrix
 from bench.run.recipe import TrainRequest, resolve
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from bench.core.cells import Cell, transfer_cell
 from bench.core.data import get_spec, load_dataset
 from bench.core.images import StoredImages
-from bench.core.matrix import Cell, transfer_cell
 from bench.engine.budget import BudgetError, check_budget
 from bench.engine.verdicts import in_top5, majority_correct, predict
 from bench.errors import BenchError

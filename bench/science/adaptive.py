@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from bench.core import contract
-from bench.core.matrix import Cell, cell_key, make_cell
+from bench.core.cells import Cell, cell_key, make_cell
 from bench.engine.mirror import ThroughForward
 from bench.science.admitted import forward_differentiable, gradients_say_nothing, is_randomized
 

@@ -8,7 +8,7 @@ import re
 import sys
 from collections import defaultdict
 
-from bench.core.matrix import Cell
+from bench.core.cells import Cell
 from bench.registry import ATTACKS, field_docs
 from bench.reporting.format import num
 from bench.reporting.site.load import SiteData, cell_order
