@@ -83,24 +83,33 @@ nearest = 0.25
 """
 
 
-def test_a_nearest_cell_attacks_the_standing_images_of_smallest_margin(natural_model, tmp_path):
-    matrix = tmp_path / "near.toml"
-    matrix.write_text(NEAREST)
-    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
+def _cascade_cells(model, tmp_path, name: str, text: str) -> dict:
+    """The stored rows, by attack, of the cascade `text` run on `model` from a matrix file
+    `name`.toml (its cells' keys end `,cascade=<name>`)."""
+    matrix = tmp_path / f"{name}.toml"
+    matrix.write_text(text)
+    bench.evaluate(model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
     store = Store.for_results(tmp_path / "r")
     (ck,) = store.checkpoints()
-    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    return {r.attack: r for r in store.evaluations([ck.id])}
+
+
+def _margins(model, x, y) -> np.ndarray:
+    """Per image, taken from the model itself: the label's logit less the largest other."""
+    with torch.no_grad():
+        z = model(x).double()
+    return (z.gather(1, y[:, None]).squeeze(1) - z.scatter(1, y[:, None], float("-inf")).amax(1)).numpy()
+
+
+def test_a_nearest_cell_attacks_the_standing_images_of_smallest_margin(natural_model, tmp_path):
+    cells = _cascade_cells(natural_model, tmp_path, "near", NEAREST)
     fgsm, pgd = cells["fgsm"], cells["pgd"]
     assert ",nearest=0.25," in pgd.cell_key and pgd.cell_key.endswith(",cascade=near")
     standing = np.flatnonzero(fgsm.correct())
-    # The margins, taken here from the model itself: label logit less the largest other.
     x, y = load_dataset("digits", "test")
-    with torch.no_grad():
-        z = natural_model(x[standing]).double()
-    label = z.gather(1, y[standing][:, None]).squeeze(1)
-    other = z.scatter(1, y[standing][:, None], float("-inf")).amax(1)
     k = -(-len(standing) // 4)
-    nearest = np.sort(standing[np.argsort((label - other).numpy(), kind="stable")[:k]])
+    margins = _margins(natural_model, x[standing], y[standing])
+    nearest = np.sort(standing[np.argsort(margins, kind="stable")[:k]])
     assert 40 < len(standing) and pgd.indices == nearest.tolist() and pgd.n == k
     # Its cost: one forward pass over every standing image to choose, then PGD-5 without
     # early stop on the k chosen: 5 forward and 5 backward passes each, and one more forward
@@ -113,14 +122,8 @@ def test_a_nearest_cell_attacks_the_standing_images_of_smallest_margin(natural_m
 def test_a_probed_cell_attacks_the_images_nearest_after_its_probe(natural_model, tmp_path):
     """With `probe = K` the margins that choose are taken at the end of a K-step PGD probe
     on the CW margin, whose passes count toward the cell's cost."""
-    matrix = tmp_path / "probed.toml"
-    matrix.write_text(
-        NEAREST.replace("nearest = 0.25", "nearest = 0.25\nprobe = 3").replace("eps = 0.02", "eps = 0.01")
-    )
-    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
-    store = Store.for_results(tmp_path / "r")
-    (ck,) = store.checkpoints()
-    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    text = NEAREST.replace("nearest = 0.25", "nearest = 0.25\nprobe = 3").replace("eps = 0.02", "eps = 0.01")
+    cells = _cascade_cells(natural_model, tmp_path, "probed", text)
     fgsm, pgd = cells["fgsm"], cells["pgd"]
     assert ",nearest=0.25," in pgd.cell_key and ",probe=3," in pgd.cell_key
     standing = np.flatnonzero(fgsm.correct())
@@ -133,16 +136,11 @@ def test_a_probed_cell_attacks_the_images_nearest_after_its_probe(natural_model,
     adv = ATTACKS.get("pgd").fn(
         natural_model, xs, ys, probe.config, generator=torch.Generator().manual_seed(probe.seed)
     )
-    with torch.no_grad():
-        z = natural_model(adv.x_adv).double()
-    margin = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
     k = -(-len(standing) // 4)
-    chosen = np.sort(standing[np.argsort(margin.numpy(), kind="stable")[:k]])
+    chosen = np.sort(standing[np.argsort(_margins(natural_model, adv.x_adv, ys), kind="stable")[:k]])
     assert 40 < len(standing) and pgd.indices == chosen.tolist() and pgd.n == k
-    with torch.no_grad():
-        z = natural_model(xs).double()
-    clean = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
-    assert chosen.tolist() != np.sort(standing[np.argsort(clean.numpy(), kind="stable")[:k]]).tolist()
+    clean = _margins(natural_model, xs, ys)
+    assert chosen.tolist() != np.sort(standing[np.argsort(clean, kind="stable")[:k]]).tolist()
     # The probe's backward passes (at most 3 a standing image) come on top of PGD-5's 5.
     assert 5 < pgd.backward_passes <= 5 + 3 * len(standing) / k
 
@@ -155,16 +153,10 @@ def test_an_apgd_probe_ranks_by_each_images_highest_loss_iterate(natural_model, 
 
     from bench.plugin import seed_from
 
-    matrix = tmp_path / "probed.toml"
-    matrix.write_text(
-        NEAREST.replace("nearest = 0.25", 'nearest = 0.25\nprobe = 3\nprobe_attack = "apgd"').replace(
-            "eps = 0.02", "eps = 0.01"
-        )
+    text = NEAREST.replace("nearest = 0.25", 'nearest = 0.25\nprobe = 3\nprobe_attack = "apgd"').replace(
+        "eps = 0.02", "eps = 0.01"
     )
-    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
-    store = Store.for_results(tmp_path / "r")
-    (ck,) = store.checkpoints()
-    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    cells = _cascade_cells(natural_model, tmp_path, "probed", text)
     fgsm, pgd = cells["fgsm"], cells["pgd"]
     assert ",probe=3,probe_attack=apgd," in pgd.cell_key
     probe = make_cell("apgd", {"steps": 3, "best_loss": True}, THREAT)
@@ -178,19 +170,14 @@ def test_an_apgd_probe_ranks_by_each_images_highest_loss_iterate(natural_model, 
         at = APGDAttack(natural_model, n_iter=3, eps=THREAT.eps, seed=seed, loss="ce", device="cpu").perturb(
             xs, ys, best_loss=True
         )
-    with torch.no_grad():
-        z = natural_model(at).double()
-    margin = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
     k = -(-len(standing) // 4)
-    chosen = np.sort(standing[np.argsort(margin.numpy(), kind="stable")[:k]])
+    chosen = np.sort(standing[np.argsort(_margins(natural_model, at, ys), kind="stable")[:k]])
     assert 40 < len(standing) and pgd.indices == chosen.tolist() and pgd.n == k
     # A PGD probe of as many steps would have chosen other images.
     other = make_cell("pgd", {"steps": 3, "loss": "cw", "schedule": "cosine", "step_size": 0.05}, THREAT)
     adv = ATTACKS.get("pgd").fn(natural_model, xs, ys, other.config, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        z = natural_model(adv.x_adv).double()
-    by_pgd = z.gather(1, ys[:, None]).squeeze(1) - z.scatter(1, ys[:, None], float("-inf")).amax(1)
-    assert chosen.tolist() != np.sort(standing[np.argsort(by_pgd.numpy(), kind="stable")[:k]]).tolist()
+    by_pgd = _margins(natural_model, adv.x_adv, ys)
+    assert chosen.tolist() != np.sort(standing[np.argsort(by_pgd, kind="stable")[:k]]).tolist()
 
 
 def test_a_probe_attack_is_named_in_the_key_only_where_it_is_not_pgd():
@@ -224,12 +211,7 @@ when = "black_box_won"
 def test_a_gated_cell_runs_only_where_a_black_box_cell_broke_an_image(natural_model, tmp_path, eps, queries, opens):
     """`when = "black_box_won"`: the cell runs on what stands where the Square cell before it
     broke an image, and on no image, for no pass, where it broke none."""
-    matrix = tmp_path / "gated.toml"
-    matrix.write_text(GATED.format(eps=eps, queries=queries))
-    bench.evaluate(natural_model, name="mlp", matrix=str(matrix), results=tmp_path / "r", device="cpu")
-    store = Store.for_results(tmp_path / "r")
-    (ck,) = store.checkpoints()
-    cells = {r.attack: r for r in store.evaluations([ck.id])}
+    cells = _cascade_cells(natural_model, tmp_path, "gated", GATED.format(eps=eps, queries=queries))
     square, pgd = cells["square"], cells["pgd"]
     assert ",when=black_box_won," in pgd.cell_key
     x, y = load_dataset("digits", "test")
